@@ -1,0 +1,151 @@
+"""Named environments: ``environments/NAME.env`` plus an optional ``NAME.local.env``.
+
+Keys come only from those files; the process environment never replaces one. It feeds
+only ``${VAR}`` references inside values (``$$`` writes a literal ``$``).
+"""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Mapping
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from dotenv import dotenv_values
+from sqlalchemy.engine import URL, make_url
+from sqlalchemy.exc import ArgumentError
+
+from db.errors import ConfigError
+
+ENV_DIR = "environments"
+SECRET_KEYS = ("DATABASE_URL", "DATABASE_PASSWORD")
+SUPPORTED_DRIVERS = ("sqlite", "sqlite+pysqlite", "postgresql+asyncpg")
+_NAME = re.compile(r"[A-Za-z0-9_-]+")
+_REFERENCE = re.compile(r"\$\$|\$\{([A-Za-z_][A-Za-z0-9_]*)\}")
+
+
+@dataclass(frozen=True)
+class Environment:
+    """One loaded environment: its expanded values and where each came from."""
+
+    name: str
+    root: Path
+    values: Mapping[str, str]
+    sources: Mapping[str, Path]
+    missing: Mapping[str, str] = field(default_factory=dict)  # key -> unset variable
+
+    def get(self, key: str, default: str = "") -> str:
+        return self.values.get(key, default)
+
+    def seconds(self, key: str, default: float) -> float:
+        """A duration setting such as ``CONNECT_TIMEOUT``, in seconds."""
+        text = self.get(key)
+        try:
+            value = float(text) if text else default
+        except ValueError:
+            value = -1.0
+        if value <= 0:
+            where = self.relative(self.sources[key])
+            raise ConfigError(f"{where}: {key} must be a positive number of seconds, not {text!r}")
+        return value
+
+    def relative(self, path: Path) -> str:
+        return str(path.relative_to(self.root)) if path.is_relative_to(self.root) else str(path)
+
+    def url(self, *, need_secrets: bool = True) -> URL:
+        """The database URL; with ``need_secrets=False`` unset variables count as empty."""
+        if need_secrets:
+            for key in SECRET_KEYS:
+                if key in self.missing:
+                    raise ConfigError(
+                        f"{self.relative(self.sources[key])}: {key} uses ${{{self.missing[key]}}}, "
+                        f"which is not set; export it, or set it in "
+                        f"{ENV_DIR}/{self.name}.local.env"
+                    )
+        return _database_url(self)
+
+
+def known_environments(root: Path) -> list[str]:
+    """Names of the environments defined under ``root/environments``."""
+    files = (root / ENV_DIR).glob("*.env")
+    return sorted(p.name[: -len(".env")] for p in files if not p.name.endswith(".local.env"))
+
+
+def load_environment(root: Path, name: str, environ: Mapping[str, str]) -> Environment:
+    """Read ``NAME.env`` and ``NAME.local.env`` under ``root``, expanding ``${VAR}``."""
+    base = root / ENV_DIR / f"{name}.env"
+    if not _NAME.fullmatch(name) or not base.is_file():
+        known = ", ".join(known_environments(root)) or "none"
+        raise ConfigError(
+            f"unknown environment {name!r}: known environments are {known} "
+            f"(add {ENV_DIR}/{name}.env to create it)"
+        )
+    raw: dict[str, tuple[str, Path]] = {}
+    for path in (base, base.with_name(f"{name}.local.env")):
+        if path == base or path.exists():
+            raw.update({k: (v, path) for k, v in _read(root, path).items()})
+    values: dict[str, str] = {}
+    missing: dict[str, str] = {}
+    for key, (text, _path) in raw.items():
+        values[key], unset = _expand(text, values, environ)
+        if unset:
+            missing[key] = unset[0]
+    sources = {key: path for key, (_text, path) in raw.items()}
+    return Environment(name, root, values, sources, missing)
+
+
+def mask(url: URL) -> str:
+    """The URL as text with its password replaced by ``***``."""
+    return url.render_as_string(hide_password=True)
+
+
+def _read(root: Path, path: Path) -> dict[str, str]:
+    try:
+        with path.open(encoding="utf-8") as stream:
+            parsed = dotenv_values(stream=stream, interpolate=False)
+    except (OSError, UnicodeDecodeError) as exc:
+        reason = exc.strerror if isinstance(exc, OSError) else "not UTF-8 text"
+        raise ConfigError(f"cannot read {path.relative_to(root)}: {reason}") from None
+    return {key: value or "" for key, value in parsed.items()}
+
+
+def _expand(
+    text: str, defined: Mapping[str, str], environ: Mapping[str, str]
+) -> tuple[str, list[str]]:
+    unset: list[str] = []
+
+    def replace(match: re.Match[str]) -> str:
+        var = match.group(1)
+        if var is None:
+            return "$"
+        value = defined.get(var, environ.get(var))
+        if value is None:
+            unset.append(var)
+            return ""
+        return value
+
+    return _REFERENCE.sub(replace, text), unset
+
+
+def _database_url(env: Environment) -> URL:
+    if not env.get("DATABASE_URL"):
+        raise ConfigError(f"{ENV_DIR}/{env.name}.env does not set DATABASE_URL")
+    where = env.relative(env.sources["DATABASE_URL"])
+    try:
+        url = make_url(env.get("DATABASE_URL"))
+    except (ArgumentError, ValueError):
+        # never echo the value: it may hold a password
+        raise ConfigError(
+            f"{where}: DATABASE_URL is not a valid database URL "
+            "(expected e.g. postgresql+asyncpg://user@host:5432/name or sqlite:///var/dev.sqlite3)"
+        ) from None
+    if url.drivername not in SUPPORTED_DRIVERS:
+        raise ConfigError(
+            f"{where}: unsupported driver {url.drivername!r} in DATABASE_URL; "
+            f"use one of {', '.join(d + '://' for d in SUPPORTED_DRIVERS)}"
+        )
+    if "DATABASE_PASSWORD" in env.values:
+        url = url.set(password=env.get("DATABASE_PASSWORD"))
+    if url.get_backend_name() == "sqlite" and url.database not in (None, "", ":memory:"):
+        url = url.set(database=str(env.root / url.database))  # absolute paths stay as they are
+    return url

@@ -1,0 +1,124 @@
+"""The one place that builds Alembic's Config, and runs env.py with clear errors."""
+
+from __future__ import annotations
+
+import io
+import time
+from argparse import Namespace
+from collections.abc import Callable
+from dataclasses import dataclass, field
+from typing import Any
+
+from alembic import util
+from alembic.config import Config
+from alembic.runtime.environment import EnvironmentContext
+from alembic.script import Script, ScriptDirectory
+from alembic.util import CommandError
+from sqlalchemy.exc import DBAPIError
+
+from db.engines import CONNECT_TIMEOUT
+from db.environments import Environment, mask
+from db.errors import DbError, MigrationFailed, RevisionError
+
+
+@dataclass(frozen=True)
+class Step:
+    """One revision applied (``up``) or rolled back (``down``), and how long it took."""
+
+    revision: str
+    message: str
+    direction: str
+    seconds: float
+
+
+StepCallback = Callable[[Step], None]
+
+
+def make_config(
+    env: Environment, *, offline: bool = False, output: io.StringIO | None = None
+) -> Config:
+    """Alembic's Config for ``env``; the URL goes in ``attributes``, never through ConfigParser.
+
+    ``offline`` needs no secrets: only the dialect matters for printing SQL.
+    """
+    quiet = Namespace(quiet=True)  # progress is the caller's to report
+    config = Config(str(env.root / "alembic.ini"), output_buffer=output, cmd_opts=quiet)
+    config.attributes["url"] = env.url(need_secrets=not offline)
+    config.attributes["connect_timeout"] = env.seconds("CONNECT_TIMEOUT", CONNECT_TIMEOUT)
+    config.attributes["environment"] = env.name
+    return config
+
+
+@dataclass
+class Progress:
+    """What a run planned and applied, so a failure can name its revision."""
+
+    on_step: StepCallback | None = None
+    plan: list[Any] = field(default_factory=list)  # alembic RevisionSteps
+    applied: list[Step] = field(default_factory=list)
+    _clock: float = field(default_factory=time.perf_counter)
+
+    def planned(self, steps: list[Any]) -> list[Any]:
+        self.plan, self._clock = steps, time.perf_counter()
+        return steps
+
+    def on_version_apply(self, step: Any, **_kw: Any) -> None:
+        now = time.perf_counter()
+        done = Step(
+            step.up_revision_id,
+            step.up_revision.doc or "",
+            "up" if step.is_upgrade else "down",
+            now - self._clock,
+        )
+        self._clock = now
+        self.applied.append(done)
+        if self.on_step is not None:
+            self.on_step(done)
+
+    def failed(self, exc: BaseException) -> MigrationFailed | None:
+        """The failure of the step that was running, or None if no step was."""
+        if len(self.applied) >= len(self.plan):
+            return None
+        step = self.plan[len(self.applied)]
+        running: Script = step.revision
+        if step.is_upgrade:
+            verb, at = "upgrade", ", ".join(util.to_tuple(running.down_revision)) or "base"
+        else:
+            verb, at = "downgrade", running.revision
+        return MigrationFailed(
+            f"{verb} of revision {running.revision} ({running.doc}) failed: {describe(exc)}\n"
+            f"the database is still at {at}, without any of that revision's changes; "
+            "fix it and run the task again"
+        )
+
+
+def run_env(
+    config: Config, fn: Callable[..., Any], progress: Progress | None = None, **kw: Any
+) -> None:
+    """Run env.py with ``fn`` deciding the steps; turn expected failures into DbError."""
+    script = ScriptDirectory.from_config(config)
+    if progress is not None:
+        config.attributes["on_version_apply"] = [progress.on_version_apply]
+    try:
+        with EnvironmentContext(config, script, fn=fn, **kw):
+            script.run_env()
+    except Exception as exc:
+        failed = progress.failed(exc) if progress is not None else None
+        if failed is not None:
+            raise failed from exc
+        if isinstance(exc, DbError):
+            raise
+        if isinstance(exc, CommandError):
+            name = config.attributes["environment"]
+            raise RevisionError(f"{exc}; see `invoke history --env={name}`") from exc
+        if isinstance(exc, DBAPIError):
+            url = mask(config.attributes["url"])
+            raise DbError(f"database error on {url}: {describe(exc)}") from exc
+        raise
+
+
+def describe(exc: BaseException) -> str:
+    """The first line of a failure, as the database or the revision said it."""
+    reason = exc.orig if isinstance(exc, DBAPIError) and exc.orig is not None else exc
+    lines = str(reason).strip().splitlines()
+    return f"{type(reason).__name__}: {lines[0] if lines else ''}".rstrip(": ")
