@@ -14,7 +14,7 @@ from alembic.util import CommandError
 
 from db.environments import Environment
 from db.errors import DbError, RevisionError
-from db.runner import Progress, Step, StepCallback, make_config, run_env
+from db.runner import Progress, Step, StepCallback, make_config, revision_error, run_env
 
 
 @dataclass(frozen=True)
@@ -117,7 +117,7 @@ def offline_sql(env: Environment, start: str | None = None, to: str = "head") ->
     try:
         command.upgrade(config, f"{start}:{to}" if start else to, sql=True)
     except CommandError as exc:
-        raise RevisionError(f"{exc}; see `invoke history --env={env.name}`") from exc
+        raise revision_error(exc, env.name) from exc
     return output.getvalue()
 
 
@@ -139,7 +139,7 @@ def make_migration(env: Environment, message: str, *, empty: bool = False) -> Pa
         with redirect_stdout(io.StringIO()):  # Alembic's "Running post write hook" chatter
             written = command.revision(config, message=message.strip(), autogenerate=not empty)
     except CommandError as exc:
-        raise RevisionError(str(exc)) from exc
+        raise revision_error(exc, env.name) from exc
     return Path(written.path) if isinstance(written, Script) else None
 
 

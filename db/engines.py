@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import asyncio
 import concurrent.futures
+import os
+import socket
 import sqlite3
 from collections.abc import AsyncIterator, Coroutine, Iterator
 from contextlib import asynccontextmanager, contextmanager
@@ -71,9 +73,14 @@ def _sqlite_transactions(engine: Engine, *, foreign_keys: bool) -> None:
 def connect_error(url: URL, exc: BaseException) -> ConnectError:
     """A one-line ConnectError naming the masked URL and the driver's reason."""
     reason = exc.orig if isinstance(exc, DBAPIError) and exc.orig is not None else exc
-    text = str(reason).strip().splitlines()[0] if str(reason).strip() else type(reason).__name__
+    lines = str(reason).strip().splitlines()
+    text = lines[0] if lines else type(reason).__name__
     if isinstance(reason, (asyncio.TimeoutError, TimeoutError)):
         text = "timed out (raise CONNECT_TIMEOUT in the env file if the server is slow)"
+    elif isinstance(reason, socket.gaierror):
+        text = f"unknown host ({reason.strerror})"
+    elif isinstance(reason, OSError) and reason.errno:
+        text = f"{os.strerror(reason.errno)} (is the server running on that host and port?)"
     if url.password:
         text = text.replace(url.password, "***")
     return ConnectError(f"cannot connect to {mask(url)}: {text}")
@@ -98,8 +105,10 @@ async def connect_async(engine: AsyncEngine) -> AsyncIterator[AsyncConnection]:
             connection = await engine.connect()
         except _CONNECT_ERRORS as exc:
             raise connect_error(engine.url, exc) from exc
-        async with connection:
+        try:
             yield connection
+        finally:
+            await connection.close()
     finally:
         await engine.dispose()
 

@@ -13,6 +13,7 @@ from alembic import util
 from alembic.config import Config
 from alembic.runtime.environment import EnvironmentContext
 from alembic.script import Script, ScriptDirectory
+from alembic.script.revision import ResolutionError
 from alembic.util import CommandError
 from sqlalchemy.exc import DBAPIError
 
@@ -109,12 +110,17 @@ def run_env(
         if isinstance(exc, DbError):
             raise
         if isinstance(exc, CommandError):
-            name = config.attributes["environment"]
-            raise RevisionError(f"{exc}; see `invoke history --env={name}`") from exc
+            raise revision_error(exc, config.attributes["environment"]) from exc
         if isinstance(exc, DBAPIError):
             url = mask(config.attributes["url"])
             raise DbError(f"database error on {url}: {describe(exc)}") from exc
         raise
+
+
+def revision_error(exc: CommandError, env_name: str) -> RevisionError:
+    """Alembic's message, with the precise cause it sometimes hides, and where to look."""
+    cause = exc.__cause__ if isinstance(exc.__cause__, ResolutionError) else exc
+    return RevisionError(f"{cause}; see `invoke history --env={env_name}`")
 
 
 def describe(exc: BaseException) -> str:

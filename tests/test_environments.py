@@ -1,0 +1,103 @@
+"""Unit tests of environment loading: precedence, ${VAR}, URLs, masking."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+
+from db.environments import known_environments, load_environment, mask
+from db.errors import ConfigError
+
+
+@pytest.fixture
+def root(tmp_path: Path) -> Path:
+    (tmp_path / "environments").mkdir()
+    return tmp_path
+
+
+def write(root: Path, name: str, text: str) -> None:
+    (root / "environments" / name).write_text(text)
+
+
+def test_known_environments_ignore_local_files(root: Path) -> None:
+    for name in ("dev.env", "prod.env", "dev.local.env"):
+        write(root, name, "")
+    assert known_environments(root) == ["dev", "prod"]
+
+
+def test_variables_come_from_the_given_environ(root: Path) -> None:
+    write(root, "x.env", "DATABASE_URL=postgresql+asyncpg://u@${HOST}/db\n")
+    env = load_environment(root, "x", {"HOST": "db.example"})
+    assert env.url().host == "db.example"
+
+
+def test_process_environment_never_replaces_a_file_key(root: Path) -> None:
+    write(root, "x.env", "DATABASE_URL=sqlite:///var/x.sqlite3\n")
+    env = load_environment(root, "x", {"DATABASE_URL": "sqlite:///elsewhere.sqlite3"})
+    assert env.url().database == str(root / "var" / "x.sqlite3")
+
+
+def test_local_file_overrides_and_may_define_the_secret(root: Path) -> None:
+    write(
+        root,
+        "x.env",
+        ("DATABASE_URL=postgresql+asyncpg://u@h/db\nDATABASE_PASSWORD=${X_PASSWORD}\n"),
+    )
+    write(
+        root, "x.local.env", "X_PASSWORD=from-local\nDATABASE_URL=postgresql+asyncpg://u@other/db\n"
+    )
+    url = load_environment(root, "x", {"X_PASSWORD": "from-process"}).url()
+    assert url.host == "other"
+    assert url.password == "from-process"  # X_PASSWORD is defined below the key that uses it
+
+
+def test_a_key_defined_above_feeds_a_reference(root: Path) -> None:
+    write(root, "x.env", "PW=from-file\nDATABASE_URL=sqlite:///a\nDATABASE_PASSWORD=${PW}\n")
+    assert load_environment(root, "x", {"PW": "process"}).get("DATABASE_PASSWORD") == "from-file"
+
+
+def test_double_dollar_is_a_literal_dollar(root: Path) -> None:
+    write(root, "x.env", "DATABASE_URL=sqlite:///a\nDATABASE_PASSWORD='pa$$${NOT}'\n")
+    env = load_environment(root, "x", {})
+    assert env.missing == {"DATABASE_PASSWORD": "NOT"}
+    write(root, "x.env", "DATABASE_URL=sqlite:///a\nDATABASE_PASSWORD='pa$$$$word'\n")
+    assert load_environment(root, "x", {}).get("DATABASE_PASSWORD") == "pa$$word"
+
+
+def test_missing_variable_is_an_error_only_when_secrets_are_needed(root: Path) -> None:
+    write(root, "x.env", "DATABASE_URL=postgresql+asyncpg://u@h/db\nDATABASE_PASSWORD=${PW}\n")
+    env = load_environment(root, "x", {})
+    with pytest.raises(ConfigError, match=r"environments/x.env: DATABASE_PASSWORD uses \$\{PW\}"):
+        env.url()
+    assert env.url(need_secrets=False).get_backend_name() == "postgresql"
+
+
+def test_password_with_url_syntax_survives_and_is_masked(root: Path) -> None:
+    nasty = "p%40 @:/?#'\"x%"
+    write(root, "x.env", "DATABASE_URL=postgresql+asyncpg://u@h:5432/db\nDATABASE_PASSWORD=${PW}\n")
+    url = load_environment(root, "x", {"PW": nasty}).url()
+    assert url.password == nasty
+    assert url.host == "h" and url.port == 5432 and url.database == "db"
+    assert mask(url) == "postgresql+asyncpg://u:***@h:5432/db"
+
+
+def test_relative_sqlite_paths_resolve_against_the_root(root: Path) -> None:
+    write(root, "x.env", "DATABASE_URL=sqlite:///var/dev.sqlite3\n")
+    write(root, "y.env", "DATABASE_URL=sqlite:////abs/y.sqlite3\n")
+    assert load_environment(root, "x", {}).url().database == str(root / "var/dev.sqlite3")
+    assert load_environment(root, "y", {}).url().database == "/abs/y.sqlite3"
+
+
+@pytest.mark.parametrize(
+    ("line", "message"),
+    [
+        ("DATABASE_URL=mysql://u@h/db", "unsupported driver 'mysql'"),
+        ("DATABASE_URL=not a url", "not a valid database URL"),
+        ("CONNECT_TIMEOUT=1", "does not set DATABASE_URL"),
+    ],
+)
+def test_bad_urls(root: Path, line: str, message: str) -> None:
+    write(root, "x.env", line + "\n")
+    with pytest.raises(ConfigError, match=message):
+        load_environment(root, "x", {}).url()

@@ -1,0 +1,185 @@
+"""Acceptance: every expected failure ends in one clear message, a non-zero exit, no traceback."""
+
+from __future__ import annotations
+
+from conftest import Project, head_revision
+from test_tasks_sqlite import tables, version
+
+
+def revision(
+    rev: str, down: str | None, upgrade: str = "pass", message: str = "hand written"
+) -> str:
+    return f'''"""{message}"""
+
+from alembic import op
+import sqlalchemy as sa
+
+revision = "{rev}"
+down_revision = {down!r}
+branch_labels = None
+depends_on = None
+
+
+def upgrade() -> None:
+    {upgrade}
+
+
+def downgrade() -> None:
+    pass
+'''
+
+
+def test_unknown_environment_lists_the_known_ones(project: Project) -> None:
+    error = project.fails("migrate", "--env=qa")
+    assert "unknown environment 'qa'" in error
+    assert "dev, prod, staging" in error
+    assert "environments/qa.env" in error
+
+
+def test_environment_name_cannot_escape_the_directory(project: Project) -> None:
+    error = project.fails("status", "--env=../tasks")
+    assert "unknown environment" in error
+
+
+def test_unreadable_env_file(project: Project) -> None:
+    (project.root / "environments" / "dev.env").write_bytes(b"DATABASE_URL=\xff\xfe\n")
+    error = project.fails("migrate")
+    assert "cannot read environments/dev.env: not UTF-8 text" in error
+
+
+def test_local_env_file_that_cannot_be_read(project: Project) -> None:
+    (project.root / "environments" / "dev.local.env").mkdir()
+    error = project.fails("migrate")
+    assert "cannot read environments/dev.local.env" in error
+
+
+def test_missing_variable_names_the_variable_and_the_file(project: Project) -> None:
+    error = project.fails("migrate", "--env=staging")
+    assert "environments/staging.env" in error
+    assert "${STAGING_DB_PASSWORD}" in error
+    assert "staging.local.env" in error
+
+
+def test_missing_database_url(project: Project) -> None:
+    project.write_env("empty", "# nothing here\n")
+    error = project.fails("status", "--env=empty")
+    assert "environments/empty.env does not set DATABASE_URL" in error
+
+
+def test_malformed_url_is_reported_without_echoing_it(project: Project) -> None:
+    project.write_env("broken", "DATABASE_URL=postgresql+asyncpg://shop:Hunter2pw@db:port/shop\n")
+    error = project.fails("migrate", "--env=broken")
+    assert "environments/broken.env: DATABASE_URL is not a valid database URL" in error
+    assert "Hunter2pw" not in error
+
+
+def test_unsupported_driver(project: Project) -> None:
+    project.write_env("sync", "DATABASE_URL=postgresql://shop@db/shop\n")
+    error = project.fails("migrate", "--env=sync")
+    assert "unsupported driver 'postgresql'" in error
+    assert "postgresql+asyncpg://" in error
+
+
+def test_bad_connect_timeout(project: Project) -> None:
+    project.write_env("slow", "DATABASE_URL=sqlite:///var/x.sqlite3\nCONNECT_TIMEOUT=soon\n")
+    error = project.fails("status", "--env=slow")
+    assert "CONNECT_TIMEOUT must be a positive number of seconds" in error
+
+
+def test_unknown_revision(project: Project) -> None:
+    error = project.fails("migrate", "--to=zzz")
+    assert "No such revision or branch 'zzz'" in error
+    assert "invoke history --env=dev" in error
+    assert not (project.root / "var" / "dev.sqlite3").exists() or tables(project) == set()
+
+
+def test_ambiguous_revision_prefix(project: Project) -> None:
+    project.add_revision("a1", revision("abcd11", head_revision()))
+    project.add_revision("a2", revision("abcd22", "abcd11"))
+    error = project.fails("migrate", "--to=abcd")
+    assert "Multiple revisions start with 'abcd'" in error
+    assert tables(project) == set()
+
+
+def test_database_at_a_revision_the_scripts_do_not_have(project: Project) -> None:
+    project.ok("migrate")
+    with project.sqlite() as connection:
+        connection.execute("update alembic_version set version_num = 'deadbeef0000'")
+
+    for task in ("migrate", "status", "rollback", "history"):
+        error = project.fails(task)
+        assert "at revision deadbeef0000, which is not in db/migrations/versions" in error
+    assert version(project) == ["deadbeef0000"]
+
+
+def test_multiple_heads(project: Project) -> None:
+    project.add_revision("h1", revision("head1", head_revision()))
+    project.add_revision("h2", revision("head2", head_revision()))
+
+    error = project.fails("migrate")
+    assert "2 heads (head1, head2)" in error
+    assert "merge" in error
+    assert "2 heads" in project.fails("makemigration", "more")
+    assert "2 heads" in project.fails("offline-sql", "--env=prod")
+    assert "head:    head1 (hand written), head2 (hand written)" in project.ok("status").stdout
+
+    project.ok("migrate", "--to=head1")
+    assert version(project) == ["head1"]
+
+
+def test_failing_migration_names_the_revision_and_leaves_nothing_behind(project: Project) -> None:
+    project.ok("migrate")
+    project.add_revision(
+        "good",
+        revision(
+            "good01",
+            head_revision(),
+            'op.create_table("notes", sa.Column("id", sa.Integer))',
+            message="add notes",
+        ),
+    )
+    project.add_revision(
+        "bad",
+        revision(
+            "bad001",
+            "good01",
+            'op.create_table("coupons", sa.Column("id", sa.Integer))\n'
+            '    op.add_column("users", sa.Column("coupon", sa.Integer))\n'
+            '    raise RuntimeError("boom in the middle")',
+            message="add coupons",
+        ),
+    )
+
+    result = project.invoke("migrate")
+
+    assert result.returncode == 1
+    assert "Traceback" not in result.stderr
+    assert "applied good01  add notes" in result.stderr
+    assert "upgrade of revision bad001 (add coupons) failed: RuntimeError: boom in the middle" in (
+        result.stderr
+    )
+    assert "still at good01" in result.stderr
+    assert version(project) == ["good01"]
+    assert "notes" in tables(project)
+    assert "coupons" not in tables(project)
+    with project.sqlite() as connection:
+        columns = {row[1] for row in connection.execute("pragma table_info(users)")}
+    assert "coupon" not in columns
+
+    again = project.invoke("migrate")  # the retry hits the same, real error
+    assert "boom in the middle" in again.stderr and version(project) == ["good01"]
+
+
+def test_failing_sql_in_a_migration(project: Project) -> None:
+    project.add_revision(
+        "bad",
+        revision(
+            "bad002",
+            head_revision(),
+            'op.execute("insert into no_such_table values (1)")',
+            message="bad sql",
+        ),
+    )
+    error = project.fails("migrate")
+    assert "upgrade of revision bad002 (bad sql) failed: OperationalError: no such table" in error
+    assert version(project) == [head_revision()]

@@ -1,0 +1,102 @@
+"""Unit tests of the db library: env.py called by code, from event loops, the app's sessions."""
+
+from __future__ import annotations
+
+import asyncio
+from pathlib import Path
+
+import pytest
+from alembic import command
+from conftest import REPO, PgDatabase, head_revision
+from sqlalchemy import create_engine, inspect, select, text
+
+from db import commands
+from db.environments import Environment, load_environment
+from db.models import Category
+from db.runner import make_config
+from db.session import session_factory
+
+
+def sqlite_env(tmp_path: Path) -> Environment:
+    (tmp_path / "environments").mkdir()
+    (tmp_path / "environments" / "t.env").write_text("DATABASE_URL=sqlite:///t.sqlite3\n")
+    for name in ("alembic.ini", "db"):
+        (tmp_path / name).symlink_to(REPO / name)
+    return load_environment(tmp_path, "t", {})
+
+
+def test_env_py_accepts_a_callers_engine(tmp_path: Path) -> None:
+    env = sqlite_env(tmp_path)
+    engine = create_engine(f"sqlite:///{tmp_path / 'given.sqlite3'}")
+    config = make_config(env)
+    config.attributes["connection"] = engine
+
+    command.upgrade(config, "head")
+
+    assert "users" in inspect(engine).get_table_names()
+    assert not (tmp_path / "t.sqlite3").exists()  # the env's own URL was not used
+
+
+def test_env_py_accepts_a_callers_connection(tmp_path: Path) -> None:
+    env = sqlite_env(tmp_path)
+    engine = create_engine(f"sqlite:///{tmp_path / 'given.sqlite3'}")
+    with engine.begin() as connection:
+        config = make_config(env)
+        config.attributes["connection"] = connection
+        command.upgrade(config, "head")
+        assert connection.execute(text("select version_num from alembic_version")).scalar() == (
+            head_revision()
+        )
+
+
+def test_migrate_from_inside_a_running_event_loop(tmp_path: Path) -> None:
+    env = sqlite_env(tmp_path)
+
+    async def app_startup() -> list[str]:
+        return [step.revision for step in commands.migrate(env)]
+
+    assert asyncio.run(app_startup()) == [head_revision()]
+
+
+@pytest.mark.postgres
+def test_migrate_postgres_from_inside_a_running_event_loop(
+    tmp_path: Path, pg_database: PgDatabase
+) -> None:
+    env = sqlite_env(tmp_path)
+    (tmp_path / "environments" / "pg.env").write_text(f"DATABASE_URL={pg_database.url}\n")
+    pg = load_environment(tmp_path, "pg", {})
+
+    async def app_startup() -> tuple[str, ...]:
+        commands.migrate(pg)
+        return commands.current_revisions(pg)
+
+    assert asyncio.run(app_startup()) == (head_revision(),)
+    assert env.name == "t"
+
+
+def use_the_shop(env: Environment) -> list[str]:
+    async def scenario() -> list[str]:
+        Session = session_factory(env)
+        async with Session() as session, session.begin():
+            session.add(Category(name="e-books"))
+        async with Session() as session:
+            names = list(await session.scalars(select(Category.name)))
+        await Session.kw["bind"].dispose()
+        return names
+
+    return asyncio.run(scenario())
+
+
+def test_app_sessions_on_sqlite_use_aiosqlite(tmp_path: Path) -> None:
+    env = sqlite_env(tmp_path)
+    commands.migrate(env)
+    assert use_the_shop(env) == ["e-books"]
+
+
+@pytest.mark.postgres
+def test_app_sessions_on_postgres_use_asyncpg(tmp_path: Path, pg_database: PgDatabase) -> None:
+    sqlite_env(tmp_path)
+    (tmp_path / "environments" / "pg.env").write_text(f"DATABASE_URL={pg_database.url}\n")
+    pg = load_environment(tmp_path, "pg", {})
+    commands.migrate(pg)
+    assert use_the_shop(pg) == ["e-books"]

@@ -1,0 +1,167 @@
+"""Passwords: a throwaway PostgreSQL cluster that really checks them (scram-sha-256).
+
+The shared test server trusts every local connection, so wrong passwords and passwords
+full of URL syntax can only be tested against a server of our own.
+"""
+
+from __future__ import annotations
+
+import glob
+import os
+import shutil
+import socket
+import subprocess
+import tempfile
+from collections.abc import Iterator
+from pathlib import Path
+from urllib.parse import quote
+
+import pytest
+from conftest import Project, head_revision, pg_execute, pg_fetch
+
+pytestmark = pytest.mark.postgres
+
+NASTY = "p%40 @:/?#'\"x%"  # every character that breaks a URL or a quoted string
+ADMIN_PASSWORD = "admin-pw-1"
+
+
+def _tool(name: str) -> str | None:
+    found = shutil.which(name) or sorted(glob.glob(f"/usr/lib/postgresql/*/bin/{name}"))
+    return found if isinstance(found, str) else (found[-1] if found else None)
+
+
+def _as_postgres(command: list[str]) -> list[str]:
+    """initdb refuses to run as root: run it (and the server) as the postgres user."""
+    return ["runuser", "-u", "postgres", "--", *command] if os.geteuid() == 0 else command
+
+
+def _free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return int(probe.getsockname()[1])
+
+
+@pytest.fixture(scope="session")
+def scram_server(pg_server: str) -> Iterator[int]:
+    """Start a cluster with scram-sha-256 auth on a free port; stop and delete it after."""
+    initdb, pg_ctl = _tool("initdb"), _tool("pg_ctl")
+    if not (initdb and pg_ctl):
+        if os.environ.get("CI", "").lower() == "true":
+            pytest.fail("CI requires initdb and pg_ctl for the password tests")
+        pytest.skip("initdb/pg_ctl not found: cannot start a password-checking server")
+    base = Path(tempfile.mkdtemp(prefix="scram-"))
+    (base / "pw").write_text(ADMIN_PASSWORD)
+    if os.geteuid() == 0:
+        shutil.chown(base, "postgres", "postgres")
+        shutil.chown(base / "pw", "postgres", "postgres")
+    port = _free_port()
+    data = base / "data"
+    subprocess.run(
+        _as_postgres(
+            [
+                initdb,
+                "-D",
+                str(data),
+                "--auth=scram-sha-256",
+                "-U",
+                "postgres",
+                f"--pwfile={base / 'pw'}",
+                "--no-sync",
+            ]
+        ),
+        check=True,
+        capture_output=True,
+    )
+    options = f"-p {port} -c listen_addresses=127.0.0.1 -k {base} -c fsync=off"
+    subprocess.run(
+        _as_postgres(
+            [pg_ctl, "-D", str(data), "-o", options, "-l", str(base / "log"), "-w", "start"]
+        ),
+        check=True,
+        capture_output=True,
+    )
+    try:
+        yield port
+    finally:
+        subprocess.run(
+            _as_postgres([pg_ctl, "-D", str(data), "-m", "immediate", "stop"]), capture_output=True
+        )
+        shutil.rmtree(base, ignore_errors=True)
+
+
+@pytest.fixture
+def shop_role(scram_server: int) -> Iterator[int]:
+    """A role ``shop`` with the NASTY password, owning a fresh database ``shop``."""
+    admin = f"postgresql://postgres:{ADMIN_PASSWORD}@127.0.0.1:{scram_server}/postgres"
+    literal = NASTY.replace("'", "''")
+    pg_execute(
+        admin, f"CREATE ROLE shop LOGIN PASSWORD '{literal}'", "CREATE DATABASE shop OWNER shop"
+    )
+    yield scram_server
+    pg_execute(admin, "DROP DATABASE shop WITH (FORCE)", "DROP ROLE shop")
+
+
+def test_the_server_really_checks_passwords(shop_role: int) -> None:
+    import asyncpg
+
+    with pytest.raises(asyncpg.InvalidPasswordError):
+        pg_fetch(f"postgresql://shop:wrong@127.0.0.1:{shop_role}/shop", "select 1")
+
+
+def test_password_full_of_url_syntax_migrates_and_never_prints(
+    project: Project, shop_role: int
+) -> None:
+    project.write_env(
+        "secure",
+        (
+            f"DATABASE_URL=postgresql+asyncpg://shop@127.0.0.1:{shop_role}/shop\n"
+            "DATABASE_PASSWORD=${SHOP_PASSWORD}\n"
+        ),
+    )
+    tasks = [
+        ("migrate", "--env=secure"),
+        ("status", "--env=secure"),
+        ("history", "--env=secure"),
+        ("envs",),
+    ]
+    outputs = [project.ok(*task, SHOP_PASSWORD=NASTY) for task in tasks]
+
+    assert f"shop:***@127.0.0.1:{shop_role}/shop" in outputs[0].stderr
+    for result in outputs:
+        printed = result.stdout + result.stderr
+        assert NASTY not in printed and quote(NASTY, safe="") not in printed
+    dsn = f"postgresql://shop:{quote(NASTY, safe='')}@127.0.0.1:{shop_role}/shop"
+    rows = pg_fetch(dsn, "select version_num from alembic_version")
+    assert [row["version_num"] for row in rows] == [head_revision()]
+
+
+def test_percent_encoded_password_inside_the_url(project: Project, shop_role: int) -> None:
+    """A URL-encoded password is full of % signs, which ConfigParser would choke on."""
+    project.write_env(
+        "inline",
+        (
+            f"DATABASE_URL=postgresql+asyncpg://shop:${{SHOP_PASSWORD_QUOTED}}@127.0.0.1:{shop_role}/shop\n"
+        ),
+    )
+    quoted = quote(NASTY, safe="")
+    result = project.ok("migrate", "--env=inline", SHOP_PASSWORD_QUOTED=quoted)
+
+    assert quoted not in result.stderr and NASTY not in result.stderr
+    assert f"applied {head_revision()}" in result.stderr
+
+
+def test_wrong_password_is_a_clear_error_without_the_password(
+    project: Project, shop_role: int
+) -> None:
+    project.write_env(
+        "wrong",
+        (
+            f"DATABASE_URL=postgresql+asyncpg://shop@127.0.0.1:{shop_role}/shop\n"
+            "DATABASE_PASSWORD=Not-The-Pa55word\n"
+        ),
+    )
+    error = project.fails("migrate", "--env=wrong")
+
+    assert f"cannot connect to postgresql+asyncpg://shop:***@127.0.0.1:{shop_role}/shop" in error
+    assert 'password authentication failed for user "shop"' in error
+    assert "Not-The-Pa55word" not in error

@@ -1,0 +1,196 @@
+"""Acceptance: the invoke tasks against a real PostgreSQL server, through asyncpg."""
+
+from __future__ import annotations
+
+import re
+import shutil
+import socket
+import subprocess
+import threading
+import time
+from collections.abc import Iterator
+
+import pytest
+from conftest import PgDatabase, Project, head_revision, pg_execute, pg_fetch
+from test_errors import revision
+
+pytestmark = pytest.mark.postgres
+
+SHOP_TABLES = {"users", "categories", "products", "purchases"}
+
+
+def pg_tables(database: PgDatabase) -> set[str]:
+    rows = pg_fetch(database.dsn, "select tablename from pg_tables where schemaname = 'public'")
+    return {row["tablename"] for row in rows} - {"alembic_version"}
+
+
+def pg_version(database: PgDatabase) -> list[str]:
+    if "alembic_version" not in {
+        r["tablename"] for r in pg_fetch(database.dsn, "select tablename from pg_tables")
+    }:
+        return []
+    return [row["version_num"] for row in pg_fetch(database.dsn, "select * from alembic_version")]
+
+
+@pytest.fixture
+def pg_project(project: Project, pg_database: PgDatabase) -> Project:
+    project.write_env("ci", f"DATABASE_URL={pg_database.url}\nCONNECT_TIMEOUT=5\n")
+    return project
+
+
+def test_up_to_head_down_to_base_and_up_again(pg_project: Project, pg_database: PgDatabase) -> None:
+    up = pg_project.ok("migrate", "--env=ci")
+    assert up.stderr.startswith(f"[ci] {pg_database.url}")
+    assert f"applied {head_revision()}" in up.stderr
+    # a new connection sees head: the run really committed
+    assert pg_tables(pg_database) == SHOP_TABLES
+    assert pg_version(pg_database) == [head_revision()]
+
+    pg_project.ok("rollback", "--env=ci", "--to=base")
+    assert pg_tables(pg_database) == set()
+    assert pg_version(pg_database) == []
+
+    pg_project.ok("migrate", "--env=ci")
+    assert pg_tables(pg_database) == SHOP_TABLES
+
+
+def test_status_history_and_makemigration_on_postgres(pg_project: Project) -> None:
+    assert "pending: 1" in pg_project.ok("status", "--env=ci").stdout
+    pg_project.ok("migrate", "--env=ci")
+
+    status = pg_project.ok("status", "--env=ci").stdout
+    assert f"current: {head_revision()}" in status and "pending: none" in status
+    assert "applied" in pg_project.ok("history", "--env=ci").stdout
+    # the models and the PostgreSQL schema agree: autogenerate finds nothing to write
+    assert "no changes" in pg_project.ok("makemigration", "noop", "--env=ci").stderr
+
+
+def test_failing_migration_leaves_postgres_at_the_last_good_revision(
+    pg_project: Project, pg_database: PgDatabase
+) -> None:
+    pg_project.add_revision(
+        "good",
+        revision(
+            "good01",
+            head_revision(),
+            'op.create_table("notes", sa.Column("id", sa.Integer))',
+            message="add notes",
+        ),
+    )
+    pg_project.add_revision(
+        "bad",
+        revision(
+            "bad001",
+            "good01",
+            'op.create_table("coupons", sa.Column("id", sa.Integer))\n    op.execute("select 1/0")',
+            message="add coupons",
+        ),
+    )
+
+    error = pg_project.fails("migrate", "--env=ci")
+
+    assert "upgrade of revision bad001 (add coupons) failed" in error
+    assert "division by zero" in error
+    assert pg_version(pg_database) == ["good01"]
+    assert pg_tables(pg_database) == SHOP_TABLES | {"notes"}
+
+
+def schema_dump(database: PgDatabase) -> str:
+    dump = subprocess.run(
+        ["pg_dump", "--schema-only", "--no-owner", "--no-privileges", database.dsn],
+        capture_output=True,
+        text=True,
+        check=True,
+    ).stdout
+    # comments and pg_dump's per-run \restrict key differ between any two dumps
+    return "\n".join(
+        line
+        for line in dump.splitlines()
+        if line and not line.startswith(("--", "\\restrict", "\\unrestrict"))
+    )
+
+
+def test_offline_sql_for_prod_builds_the_same_schema_as_online(
+    pg_project: Project, pg_database: PgDatabase, pg_database_2: PgDatabase
+) -> None:
+    assert shutil.which("psql") and shutil.which("pg_dump"), "PostgreSQL client tools needed"
+    sql = pg_project.ok("offline-sql", "--env=prod").stdout
+    applied = subprocess.run(
+        ["psql", "-X", "-q", "-v", "ON_ERROR_STOP=1", "-d", pg_database_2.dsn],
+        input=sql,
+        capture_output=True,
+        text=True,
+    )
+    assert applied.returncode == 0, applied.stderr
+
+    pg_project.ok("migrate", "--env=ci")
+
+    assert schema_dump(pg_database_2) == schema_dump(pg_database)
+    assert pg_version(pg_database_2) == pg_version(pg_database) == [head_revision()]
+
+
+def test_unreachable_server_is_a_clear_error(project: Project) -> None:
+    with socket.socket() as probe:  # a port nothing listens on
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    project.write_env("down", f"DATABASE_URL=postgresql+asyncpg://shop@127.0.0.1:{port}/shop\n")
+
+    error = project.fails("migrate", "--env=down")
+
+    assert f"cannot connect to postgresql+asyncpg://shop@127.0.0.1:{port}/shop" in error
+    assert "refused" in error.lower()
+
+
+@pytest.fixture
+def silent_server() -> Iterator[int]:
+    """A TCP port that accepts connections and never answers, like a firewalled server."""
+    listener = socket.socket()
+    listener.bind(("127.0.0.1", 0))
+    listener.listen(8)
+    accepted: list[socket.socket] = []
+    stop = threading.Event()
+
+    def accept() -> None:
+        listener.settimeout(0.2)
+        while not stop.is_set():
+            try:
+                accepted.append(listener.accept()[0])
+            except OSError:
+                continue
+
+    thread = threading.Thread(target=accept, daemon=True)
+    thread.start()
+    yield listener.getsockname()[1]
+    stop.set()
+    thread.join()
+    for connection in accepted:
+        connection.close()
+    listener.close()
+
+
+def test_a_server_that_never_answers_times_out(project: Project, silent_server: int) -> None:
+    project.write_env(
+        "hang",
+        (
+            f"DATABASE_URL=postgresql+asyncpg://shop@127.0.0.1:{silent_server}/shop\n"
+            "DATABASE_PASSWORD=Secret-in-timeout\nCONNECT_TIMEOUT=1\n"
+        ),
+    )
+    started = time.monotonic()
+    error = project.fails("migrate", "--env=hang")
+
+    assert time.monotonic() - started < 20
+    assert "timed out" in error
+    assert "shop:***@127.0.0.1" in error
+    assert "Secret-in-timeout" not in error
+
+
+def test_after_migrate_a_new_session_can_use_the_schema(
+    pg_project: Project, pg_database: PgDatabase
+) -> None:
+    """After migrate exits 0, a separate session can use the schema (nothing left uncommitted)."""
+    pg_project.ok("migrate", "--env=ci")
+    pg_execute(pg_database.dsn, "insert into categories (name) values ('e-books')")
+    rows = pg_fetch(pg_database.dsn, "select name from categories")
+    assert [row["name"] for row in rows] == ["e-books"]
+    assert re.fullmatch(r"[0-9a-f]{12}", pg_version(pg_database)[0])

@@ -1,0 +1,300 @@
+"""Acceptance: the invoke tasks against a SQLite file, as a user types them."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+from conftest import REPO, Project, head_revision
+
+SHOP_TABLES = {"users", "categories", "products", "purchases"}
+
+
+def tables(project: Project) -> set[str]:
+    with project.sqlite() as connection:
+        rows = connection.execute("select name from sqlite_master where type = 'table'")
+        return {name for (name,) in rows} - {"alembic_version", "sqlite_sequence"}
+
+
+def version(project: Project) -> list[str]:
+    with project.sqlite() as connection:
+        return [rev for (rev,) in connection.execute("select version_num from alembic_version")]
+
+
+COUPON_MODEL = """
+
+class Coupon(Base):
+    __tablename__ = "coupons"
+
+    id: Mapped[int] = mapped_column(primary_key=True)
+    code: Mapped[str] = mapped_column(String(32), unique=True)
+    percent_off: Mapped[int]
+"""
+
+
+def add_coupon_model(project: Project) -> None:
+    models = project.root / "db" / "models.py"
+    models.write_text(models.read_text() + COUPON_MODEL)
+
+
+def test_migrate_creates_the_dev_database_at_head(project: Project) -> None:
+    result = project.ok("migrate", "--env=dev")
+
+    assert tables(project) == SHOP_TABLES
+    assert version(project) == [head_revision()]
+    banner = result.stderr.splitlines()[0]
+    assert banner == f"[dev] sqlite:///{project.root}/var/dev.sqlite3"
+    assert f"applied {head_revision()}  create shop tables" in result.stderr
+    assert "dev: migrated 1 revision in" in result.stderr
+    assert result.stdout == ""
+
+
+def test_migrate_finds_the_project_root_from_a_subdirectory(project: Project) -> None:
+    result = project.invoke("migrate", cwd=project.root / "db" / "migrations")
+
+    assert result.returncode == 0, result.stderr
+    assert (project.root / "var" / "dev.sqlite3").exists()
+    assert not (project.root / "db" / "migrations" / "var").exists()
+
+
+def test_migrate_twice_has_nothing_to_do(project: Project) -> None:
+    project.ok("migrate")
+    result = project.ok("migrate")
+
+    assert "nothing to do" in result.stderr
+    assert "applied" not in result.stderr
+
+
+def test_up_to_head_down_to_base_and_up_again(project: Project) -> None:
+    project.ok("migrate")
+    down = project.ok("rollback", "--to=base")
+
+    assert tables(project) == set()
+    assert version(project) == []
+    assert f"reverted {head_revision()}" in down.stderr
+
+    project.ok("migrate")
+    assert tables(project) == SHOP_TABLES
+
+
+def test_rollback_one_step_and_migrate_by_relative_and_prefix(project: Project) -> None:
+    project.ok("migrate")
+    add_coupon_model(project)
+    project.ok("makemigration", "add coupons")
+    project.ok("migrate")
+    assert "coupons" in tables(project)
+
+    project.ok("rollback")
+    assert "coupons" not in tables(project)
+    assert version(project) == [head_revision()]
+
+    project.ok("migrate", "--to=+1")
+    assert "coupons" in tables(project)
+
+    project.ok("rollback", "--steps=2")
+    assert tables(project) == set()
+    project.ok("migrate", f"--to={head_revision()[:6]}")
+    assert version(project) == [head_revision()]
+
+
+def test_rollback_more_steps_than_applied_is_refused(project: Project) -> None:
+    project.ok("migrate")
+    error = project.fails("rollback", "--steps=3")
+
+    assert "only 1 are applied" in error
+    assert "--to=base" in error
+    assert tables(project) == SHOP_TABLES
+
+
+def test_rollback_at_base_has_nothing_to_do(project: Project) -> None:
+    result = project.ok("rollback")
+    assert "nothing to do" in result.stderr
+
+
+def test_makemigration_autogenerates_a_formatted_revision(project: Project) -> None:
+    project.ok("migrate")
+    add_coupon_model(project)
+
+    result = project.ok("makemigration", "add coupons")
+
+    [written] = project.versions.glob("*_add_coupons.py")
+    assert f"wrote db/migrations/versions/{written.name}" in result.stderr
+    source = written.read_text()
+    assert 'op.create_table(\n        "coupons",' in source
+    assert f'down_revision: str | Sequence[str] | None = "{head_revision()}"' in source
+    formatted = subprocess.run(
+        [sys.executable, "-m", "ruff", "format", "--check", str(written)],
+        cwd=project.root,
+        capture_output=True,
+    )
+    assert formatted.returncode == 0, formatted.stdout
+    assert result.stdout == ""
+
+    project.ok("migrate")
+    assert "coupons" in tables(project)
+
+
+def test_makemigration_without_model_changes_writes_nothing(project: Project) -> None:
+    project.ok("migrate")
+    before = sorted(project.versions.iterdir())
+
+    result = project.ok("makemigration", "nothing changed")
+
+    assert "no changes" in result.stderr
+    assert sorted(project.versions.iterdir()) == before
+
+
+def test_makemigration_empty_writes_a_revision_to_fill_by_hand(project: Project) -> None:
+    result = project.ok("makemigration", "backfill prices", "--empty")
+
+    [written] = project.versions.glob("*_backfill_prices.py")
+    assert "def upgrade() -> None:\n    pass" in written.read_text()
+    assert not (project.root / "var" / "dev.sqlite3").exists()  # no database needed
+    assert "wrote" in result.stderr
+
+
+def test_makemigration_needs_a_message(project: Project) -> None:
+    error = project.fails("makemigration", "  ")
+    assert "needs a message" in error
+
+
+def test_makemigration_refuses_when_the_database_is_behind(project: Project) -> None:
+    add_coupon_model(project)
+    error = project.fails("makemigration", "add coupons")
+
+    assert "not at head" in error
+    assert "invoke migrate --env=dev" in error
+    assert list(project.versions.glob("*_add_coupons.py")) == []
+
+
+def test_status_lists_pending_revisions_in_order(project: Project) -> None:
+    fresh = project.ok("status")
+    assert "current: base" in fresh.stdout
+    assert f"pending: 1\n  {head_revision()}  create shop tables" in fresh.stdout
+    assert fresh.stderr.startswith("[dev] sqlite:///")
+
+    project.ok("migrate")
+    project.ok("makemigration", "first extra", "--empty")
+    project.ok("makemigration", "second extra", "--empty")
+    result = project.ok("status")
+
+    lines = result.stdout.splitlines()
+    assert lines[0].startswith(f"current: {head_revision()} (create shop tables")
+    assert "second extra" in lines[1]
+    assert lines[2] == "pending: 2"
+    assert lines[3].endswith("first extra") and lines[4].endswith("second extra")
+
+
+def test_history_is_newest_first_and_marks_applied(project: Project) -> None:
+    project.ok("migrate")
+    project.ok("makemigration", "later", "--empty")
+
+    lines = project.ok("history").stdout.splitlines()
+
+    assert len(lines) == 2
+    assert "  pending  later  (head)" in lines[0]
+    assert lines[1].startswith(f"{head_revision()}  applied  create shop tables")
+
+
+def test_envs_lists_dialects_and_masked_urls_without_secrets(project: Project) -> None:
+    result = project.ok("envs")
+
+    lines = {line.split()[0]: line for line in result.stdout.splitlines()}
+    assert set(lines) == {"dev", "staging", "prod"}
+    assert "sqlite" in lines["dev"]
+    assert "postgresql+asyncpg://shop:***@prod-db.internal:5432/shop" in lines["prod"]
+
+
+def test_envs_never_shows_a_password(project: Project) -> None:
+    result = project.ok("envs", PROD_DB_PASSWORD="s3cret-Pa55")
+    assert "s3cret-Pa55" not in result.stdout + result.stderr
+    assert "shop:***@prod-db.internal" in result.stdout
+
+
+def test_default_env_comes_from_invoke_config(project: Project) -> None:
+    project.write_env("other", "DATABASE_URL=sqlite:///var/other.sqlite3\n")
+
+    from_variable = project.ok("migrate", INVOKE_DB_ENV="other")
+    assert from_variable.stderr.startswith("[other] ")
+    assert (project.root / "var" / "other.sqlite3").exists()
+
+    (project.root / "invoke.yaml").write_text("db:\n  env: other\n")
+    assert project.ok("status").stderr.startswith("[other] ")
+    assert project.ok("status", "--env=dev").stderr.startswith("[dev] ")
+
+
+def test_local_env_file_overrides_a_key(project: Project) -> None:
+    (project.root / "environments" / "dev.local.env").write_text(
+        "DATABASE_URL=sqlite:///var/mine.sqlite3\n"
+    )
+    project.ok("migrate")
+    assert (project.root / "var" / "mine.sqlite3").exists()
+    assert not (project.root / "var" / "dev.sqlite3").exists()
+
+
+def test_exported_database_url_does_not_redirect_an_environment(project: Project) -> None:
+    elsewhere = project.root / "elsewhere.sqlite3"
+    project.ok("migrate", DATABASE_URL=f"sqlite:///{elsewhere}")
+
+    assert not elsewhere.exists()
+    assert (project.root / "var" / "dev.sqlite3").exists()
+
+
+def test_offline_sql_for_prod_needs_no_secret_and_no_server(project: Project) -> None:
+    result = project.ok("offline-sql", "--env=prod")
+
+    sql = result.stdout
+    assert "CREATE TABLE alembic_version" in sql
+    assert "CREATE TABLE users" in sql
+    assert "TIMESTAMP WITH TIME ZONE DEFAULT now()" in sql  # PostgreSQL's dialect
+    assert f"INSERT INTO alembic_version (version_num) VALUES ('{head_revision()}')" in sql
+    assert sql.count("BEGIN;") == sql.count("COMMIT;") == 1
+    assert "PROD_DB_PASSWORD" not in result.stderr
+
+
+def test_offline_sql_range_and_output_file(project: Project) -> None:
+    project.ok("makemigration", "add note", "--empty")
+    out = project.root / "out.sql"
+
+    project.ok("offline-sql", "--env=prod", f"--from={head_revision()}", f"--output={out}")
+
+    sql = out.read_text()
+    assert "CREATE TABLE users" not in sql
+    assert "UPDATE alembic_version SET version_num=" in sql
+
+
+def test_debug_shows_the_traceback(project: Project) -> None:
+    plain = project.invoke("migrate", "--env=nope")
+    debug = project.invoke("migrate", "--env=nope", "--debug")
+    variable = project.invoke("migrate", "--env=nope", INVOKE_DB_DEBUG="1")
+
+    assert "Traceback" not in plain.stderr
+    assert "Traceback" in debug.stderr and debug.returncode != 0
+    assert "Traceback" in variable.stderr
+
+
+def test_every_task_and_flag_explains_itself() -> None:
+    def invoke(*args: str) -> str:
+        return subprocess.run(
+            [sys.executable, "-m", "invoke", *args],
+            capture_output=True,
+            text=True,
+            check=True,
+            cwd=REPO,
+        ).stdout
+
+    listing = invoke("--list")
+    for name in (
+        "migrate",
+        "rollback",
+        "makemigration",
+        "offline-sql",
+        "status",
+        "history",
+        "envs",
+    ):
+        assert f"  {name} " in listing
+    help_text = invoke("--help", "offline-sql")
+    for flag in ("--env=STRING", "--from=STRING", "--to=STRING", "--output=STRING", "--debug"):
+        option = next(line for line in help_text.splitlines() if flag in line)
+        assert len(option.split(flag, 1)[1].strip()) > 10, f"{flag} has no help text"
