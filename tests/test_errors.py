@@ -183,3 +183,57 @@ def test_failing_sql_in_a_migration(project: Project) -> None:
     error = project.fails("migrate")
     assert "upgrade of revision bad002 (bad sql) failed: OperationalError: no such table" in error
     assert version(project) == [head_revision()]
+
+
+SHOP_ROWS = [
+    "insert into users (id, telegram_id) values (1, 1001)",
+    "insert into categories (id, name) values (1, 'e-books')",
+    "insert into products (id, category_id, name, price) values (1, 1, 'Guide', 9.99)",
+    "insert into purchases (user_id, product_id, price, payment_id) values (1, 1, 9.99, 'pay-1')",
+]
+
+
+def test_batch_alter_of_a_referenced_table_keeps_the_referencing_rows(project: Project) -> None:
+    """SQLite rebuilds a table to alter it; with foreign keys on, dropping the old ``users``
+    would cascade-delete every purchase. Migrations run with them off."""
+    project.ok("migrate")
+    with project.sqlite() as connection:
+        for statement in SHOP_ROWS:
+            connection.execute(statement)
+    project.add_revision(
+        "widen",
+        revision(
+            "widen1",
+            head_revision(),
+            'with op.batch_alter_table("users", recreate="always") as batch:\n'
+            '        batch.alter_column("username", type_=sa.String(100))',
+            message="widen usernames",
+        ),
+    )
+
+    project.ok("migrate")
+
+    with project.sqlite() as connection:
+        assert connection.execute("select count(*) from purchases").fetchone() == (1,)
+
+
+def test_a_revision_that_breaks_foreign_keys_does_not_commit(project: Project) -> None:
+    project.ok("migrate")
+    project.add_revision(
+        "orphan",
+        revision(
+            "orphan",
+            head_revision(),
+            "op.execute(\"insert into categories (id, name) values (7, 'x')\")\n"
+            "    op.execute(\"insert into products (category_id,name,price) values (9,'y',1)\")",
+            message="orphan product",
+        ),
+    )
+
+    error = project.fails("migrate")
+
+    assert "revision orphan (orphan product) failed" in error
+    assert "broken foreign keys in products" in error
+    assert version(project) == [head_revision()]
+    with project.sqlite() as connection:
+        assert connection.execute("select count(*) from categories").fetchone() == (0,)
