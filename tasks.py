@@ -21,52 +21,72 @@ from invoke.tasks import task
 if TYPE_CHECKING:
     from db.commands import Revision
     from db.environments import Environment
-    from db.runner import Step
+    from db.runner import RunOptions, Step
 
 ROOT = Path(__file__).resolve().parent
 ENV_HELP = "environment name, a file in environments/ (default: dev, or INVOKE_DB_ENV)"
 DEBUG_HELP = "show the Python traceback of a failure (or set INVOKE_DB_DEBUG=1)"
+LOCK_WAIT_HELP = "seconds to wait for another run's migration lock (default 60)"
+WAIT_HELP = "seconds to keep retrying the first connection (default: CONNECT_WAIT or 0)"
+COMMON = {"env": ENV_HELP, "debug": DEBUG_HELP}
 
 
 @task(
     help={
-        "env": ENV_HELP,
+        **COMMON,
         "to": "revision to reach: head, an id, a unique prefix, or +N",
-        "debug": DEBUG_HELP,
+        "lock_wait": LOCK_WAIT_HELP,
+        "wait": WAIT_HELP,
     }
 )
-def migrate(c: Context, env: str = "", to: str = "head", debug: bool = False) -> None:
+def migrate(
+    c: Context,
+    env: str = "",
+    to: str = "head",
+    lock_wait: float = 60.0,
+    wait: float = -1.0,
+    debug: bool = False,
+) -> None:
     """Upgrade the database to head, or to --to=REV."""
     from db.commands import migrate as upgrade
 
     with reported(c, debug):
         target = environment(c, env, banner=True)
-        summarize("migrated", target, upgrade(target, to, on_step=print_step))
+        summarize("migrated", target, upgrade(target, to, run_options(lock_wait, wait)))
 
 
 @task(
     help={
-        "env": ENV_HELP,
+        **COMMON,
         "steps": "how many revisions to undo (default 1)",
         "to": "revision to go back to instead: an id, a unique prefix, or base",
-        "debug": DEBUG_HELP,
+        "lock_wait": LOCK_WAIT_HELP,
+        "wait": WAIT_HELP,
     }
 )
-def rollback(c: Context, env: str = "", steps: int = 1, to: str = "", debug: bool = False) -> None:
+def rollback(
+    c: Context,
+    env: str = "",
+    steps: int = 1,
+    to: str = "",
+    lock_wait: float = 60.0,
+    wait: float = -1.0,
+    debug: bool = False,
+) -> None:
     """Downgrade the database by --steps revisions, or to --to=REV."""
     from db.commands import rollback as downgrade
 
     with reported(c, debug):
         target = environment(c, env, banner=True)
-        summarize("rolled back", target, downgrade(target, steps, to or None, print_step))
+        options = run_options(lock_wait, wait)
+        summarize("rolled back", target, downgrade(target, steps, to or None, options))
 
 
 @task(
     help={
         "message": 'what the revision does, e.g. "add coupons"',
-        "env": ENV_HELP,
+        **COMMON,
         "empty": "write an empty revision to fill in by hand (no database needed)",
-        "debug": DEBUG_HELP,
     }
 )
 def makemigration(
@@ -116,7 +136,7 @@ def offline_sql(
         sys.stdout.write(sql)
 
 
-@task(help={"env": ENV_HELP, "debug": DEBUG_HELP})
+@task(help=COMMON)
 def status(c: Context, env: str = "", debug: bool = False) -> None:
     """Show the current revision, the head, and the pending revisions in order."""
     from db.commands import status as read_status
@@ -130,7 +150,7 @@ def status(c: Context, env: str = "", debug: bool = False) -> None:
         print(f"  {rev.id}  {rev.message}")
 
 
-@task(help={"env": ENV_HELP, "debug": DEBUG_HELP})
+@task(help=COMMON)
 def history(c: Context, env: str = "", debug: bool = False) -> None:
     """List every revision, newest first, marking the ones applied to the database."""
     from db.commands import history as read_history
@@ -180,7 +200,19 @@ def reported(c: Context, debug: bool) -> Iterator[None]:
     except DbError as exc:
         if debug or c.config.db.debug:
             raise
-        raise Exit(f"error: {exc}", code=1) from None
+        raise Exit(f"error: {exc}", code=exc.exit_code) from None
+
+
+def run_options(lock_wait: float, wait: float) -> RunOptions:
+    from db.runner import RunOptions
+
+    return RunOptions(
+        lock_wait=lock_wait, wait=None if wait < 0 else wait, on_step=print_step, on_note=print_note
+    )
+
+
+def print_note(text: str) -> None:
+    print(f"  {text}", file=sys.stderr)
 
 
 def print_step(step: Step) -> None:

@@ -14,7 +14,7 @@ from alembic.util import CommandError
 
 from db.environments import Environment
 from db.errors import DbError, RevisionError
-from db.runner import Progress, Step, StepCallback, make_config, revision_error, run_env
+from db.runner import Progress, RunOptions, Step, make_config, revision_error, run_env
 
 
 @dataclass(frozen=True)
@@ -41,13 +41,14 @@ class HistoryEntry:
     is_head: bool
 
 
-def migrate(env: Environment, to: str = "head", on_step: StepCallback | None = None) -> list[Step]:
+def migrate(env: Environment, to: str = "head", options: RunOptions | None = None) -> list[Step]:
     """Upgrade to ``to`` (head, an id or prefix, or ``+N``); returns the steps applied."""
-    config = make_config(env)
+    options = options or RunOptions()
+    config = make_config(env, options, lock=True)
     script = ScriptDirectory.from_config(config)
     if to == "head":
         _single_head(script, env)
-    progress = Progress(on_step)
+    progress = Progress(options.on_step)
 
     def upgrade(current: tuple[str, ...], _context: Any) -> list[Any]:
         _known(script, current, env)
@@ -58,14 +59,15 @@ def migrate(env: Environment, to: str = "head", on_step: StepCallback | None = N
 
 
 def rollback(
-    env: Environment, steps: int = 1, to: str | None = None, on_step: StepCallback | None = None
+    env: Environment, steps: int = 1, to: str | None = None, options: RunOptions | None = None
 ) -> list[Step]:
     """Downgrade ``steps`` revisions, or to ``to`` (an id, prefix or ``base``)."""
     if steps < 1:
         raise DbError(f"--steps must be 1 or more, not {steps}")
-    config = make_config(env)
+    options = options or RunOptions()
+    config = make_config(env, options, lock=True)
     script = ScriptDirectory.from_config(config)
-    progress = Progress(on_step)
+    progress = Progress(options.on_step)
 
     def downgrade(current: tuple[str, ...], _context: Any) -> list[Any]:
         _known(script, current, env)

@@ -7,7 +7,8 @@ import concurrent.futures
 import os
 import socket
 import sqlite3
-from collections.abc import AsyncIterator, Coroutine, Iterator
+import time
+from collections.abc import AsyncIterator, Coroutine, Iterator, Mapping
 from contextlib import asynccontextmanager, contextmanager
 from pathlib import Path
 from typing import Any, TypeVar
@@ -31,19 +32,25 @@ def is_async(url: URL) -> bool:
 
 
 def make_engine(
-    url: URL, *, connect_timeout: float = CONNECT_TIMEOUT, migrating: bool = False
+    url: URL,
+    *,
+    connect_timeout: float = CONNECT_TIMEOUT,
+    migrating: bool = False,
+    server_settings: Mapping[str, str] | None = None,
 ) -> Engine | AsyncEngine:
-    """A pool-less engine; SQLite gets real transactions for DDL and a busy timeout.
+    """A pool-less engine; SQLite gets real transactions for DDL.
 
     ``migrating`` turns SQLite's foreign key enforcement off (batch mode rebuilds tables);
-    env.py checks the keys itself before each revision commits.
+    env.py checks the keys itself before each revision commits. ``server_settings`` are
+    PostgreSQL session settings (``lock_timeout``, ``application_name``, ...).
     """
+    connect_args: dict[str, Any] = {"timeout": connect_timeout}
     if url.get_backend_name() == "sqlite":
         if url.database not in (None, "", ":memory:"):
             Path(url.database).parent.mkdir(parents=True, exist_ok=True)
-        options: dict[str, Any] = {"connect_args": {"timeout": connect_timeout}}
-    else:
-        options = {"connect_args": {"timeout": connect_timeout}, "poolclass": pool.NullPool}
+    elif server_settings:
+        connect_args["server_settings"] = dict(server_settings)
+    options: dict[str, Any] = {"connect_args": connect_args, "poolclass": pool.NullPool}
     if is_async(url):
         async_engine = create_async_engine(url, **options)
         _sqlite_transactions(async_engine.sync_engine, foreign_keys=not migrating)
@@ -54,7 +61,10 @@ def make_engine(
 
 
 def _sqlite_transactions(engine: Engine, *, foreign_keys: bool) -> None:
-    """SQLAlchemy's documented recipe: let SQLite see BEGIN, so DDL rolls back too."""
+    """SQLAlchemy's documented recipe: let SQLite see BEGIN, so DDL rolls back too.
+
+    A connection may ask for ``BEGIN IMMEDIATE`` with ``execution_options(sqlite_begin=...)``.
+    """
     if engine.dialect.name != "sqlite":
         return
 
@@ -67,7 +77,7 @@ def _sqlite_transactions(engine: Engine, *, foreign_keys: bool) -> None:
 
     @event.listens_for(engine, "begin")
     def _begin(connection: Connection) -> None:
-        connection.exec_driver_sql("BEGIN")
+        connection.exec_driver_sql(connection.get_execution_options().get("sqlite_begin", "BEGIN"))
 
 
 def connect_error(url: URL, exc: BaseException) -> ConnectError:
@@ -87,30 +97,48 @@ def connect_error(url: URL, exc: BaseException) -> ConnectError:
 
 
 @contextmanager
-def connect(engine: Engine) -> Iterator[Connection]:
-    """Connect, turning a refused, timed-out or rejected login into ConnectError."""
-    try:
-        connection = engine.connect()
-    except (*_CONNECT_ERRORS, sqlite3.Error) as exc:
-        raise connect_error(engine.url, exc) from exc
+def connect(engine: Engine, wait: float = 0) -> Iterator[Connection]:
+    """Connect, retrying for up to ``wait`` seconds; a refused, timed-out or rejected
+    login becomes ConnectError."""
+    delays = backoff(wait)
+    while True:
+        try:
+            connection = engine.connect()
+            break
+        except (*_CONNECT_ERRORS, sqlite3.Error) as exc:
+            delay = next(delays, None)
+            if delay is None:
+                raise connect_error(engine.url, exc) from exc
+            time.sleep(delay)
     with connection:
         yield connection
 
 
 @asynccontextmanager
-async def connect_async(engine: AsyncEngine) -> AsyncIterator[AsyncConnection]:
-    """Like :func:`connect`, for an async engine; disposes of the engine afterwards."""
-    try:
+async def connect_async(engine: AsyncEngine, wait: float = 0) -> AsyncIterator[AsyncConnection]:
+    """Like :func:`connect`, for an async engine."""
+    delays = backoff(wait)
+    while True:
         try:
             connection = await engine.connect()
+            break
         except _CONNECT_ERRORS as exc:
-            raise connect_error(engine.url, exc) from exc
-        try:
-            yield connection
-        finally:
-            await connection.close()
+            delay = next(delays, None)
+            if delay is None:
+                raise connect_error(engine.url, exc) from exc
+            await asyncio.sleep(delay)
+    try:
+        yield connection
     finally:
-        await engine.dispose()
+        await connection.close()
+
+
+def backoff(wait: float) -> Iterator[float]:
+    """Delays between attempts that fit in ``wait`` seconds: 0.25, 0.5, 1, 2, 4, 5, 5..."""
+    deadline, delay = time.monotonic() + wait, 0.25
+    while (left := deadline - time.monotonic()) > 0:
+        yield min(delay, left)
+        delay = min(delay * 2, 5.0)
 
 
 def run_coroutine(coro: Coroutine[Any, Any, T]) -> T:

@@ -44,9 +44,9 @@ class Environment:
             value = float(text) if text else default
         except ValueError:
             value = -1.0
-        if value <= 0:
+        if value < 0:
             where = self.relative(self.sources[key])
-            raise ConfigError(f"{where}: {key} must be a positive number of seconds, not {text!r}")
+            raise ConfigError(f"{where}: {key} must be a number of seconds, not {text!r}")
         return value
 
     def relative(self, path: Path) -> str:

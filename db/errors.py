@@ -1,4 +1,4 @@
-"""The one error type the library raises, and its few named kinds."""
+"""The one error type the library raises, its few named kinds, and their exit codes."""
 
 from __future__ import annotations
 
@@ -6,9 +6,13 @@ from __future__ import annotations
 class DbError(Exception):
     """An expected failure, with a message that says what happened and what to do."""
 
+    exit_code = 1  # a database error: connecting, a revision, or a failing migration
+
 
 class ConfigError(DbError):
     """An environment is unknown, or its file is missing, unreadable or incomplete."""
+
+    exit_code = 2
 
 
 class ConnectError(DbError):
@@ -21,3 +25,15 @@ class RevisionError(DbError):
 
 class MigrationFailed(DbError):
     """A revision raised while running; the database stays at the last good revision."""
+
+
+class LockTimeout(DbError):
+    """Another run held the migration lock for longer than we were willing to wait."""
+
+    exit_code = 3
+
+
+class GuardRefused(DbError):
+    """A safety guard said no: a protected environment, a changed file, a mismatched env."""
+
+    exit_code = 4

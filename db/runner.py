@@ -35,19 +35,70 @@ class Step:
 StepCallback = Callable[[Step], None]
 
 
+@dataclass
+class RunOptions:
+    """What the caller asks of one run, beyond the environment's own settings."""
+
+    lock_wait: float = 60.0  # seconds to wait for another run's migration lock
+    wait: float | None = None  # seconds to retry the first connection; None: CONNECT_WAIT
+    on_step: StepCallback | None = None
+    on_note: Callable[[str], None] | None = None
+
+    def note(self, text: str) -> None:
+        if self.on_note is not None:
+            self.on_note(text)
+
+
+@dataclass(frozen=True)
+class Settings:
+    """How env.py runs: read from ``config.attributes["settings"]``."""
+
+    environment: str
+    connect_timeout: float = CONNECT_TIMEOUT
+    wait: float = 0.0
+    lock: bool = False  # take the migration lock: only runs that change the database
+    lock_wait: float = 60.0
+    server_settings: dict[str, str] = field(default_factory=dict)
+    note: Callable[[str], None] = field(default=lambda _text: None)
+
+
 def make_config(
-    env: Environment, *, offline: bool = False, output: io.StringIO | None = None
+    env: Environment,
+    options: RunOptions | None = None,
+    *,
+    offline: bool = False,
+    lock: bool = False,
+    output: io.StringIO | None = None,
 ) -> Config:
     """Alembic's Config for ``env``; the URL goes in ``attributes``, never through ConfigParser.
 
     ``offline`` needs no secrets: only the dialect matters for printing SQL.
     """
+    options = options or RunOptions()
     quiet = Namespace(quiet=True)  # progress is the caller's to report
     config = Config(str(env.root / "alembic.ini"), output_buffer=output, cmd_opts=quiet)
     config.attributes["url"] = env.url(need_secrets=not offline)
-    config.attributes["connect_timeout"] = env.seconds("CONNECT_TIMEOUT", CONNECT_TIMEOUT)
-    config.attributes["environment"] = env.name
+    config.attributes["settings"] = Settings(
+        environment=env.name,
+        connect_timeout=env.seconds("CONNECT_TIMEOUT", CONNECT_TIMEOUT),
+        wait=options.wait if options.wait is not None else env.seconds("CONNECT_WAIT", 0),
+        lock=lock,
+        lock_wait=options.lock_wait,
+        server_settings=session_settings(env),
+        note=options.note,
+    )
     return config
+
+
+def session_settings(env: Environment) -> dict[str, str]:
+    """PostgreSQL settings for migration sessions, so a migration fails fast, not stalls."""
+    return {
+        "application_name": env.get("APPLICATION_NAME") or "migrations",
+        "lock_timeout": env.get("LOCK_TIMEOUT") or "5s",
+        "statement_timeout": env.get("STATEMENT_TIMEOUT") or "15min",
+        # end a killed run's query within a second, instead of when it finishes
+        "client_connection_check_interval": env.get("CLIENT_CHECK_INTERVAL") or "1s",
+    }
 
 
 @dataclass
@@ -110,7 +161,7 @@ def run_env(
         if isinstance(exc, DbError):
             raise
         if isinstance(exc, CommandError):
-            raise revision_error(exc, config.attributes["environment"]) from exc
+            raise revision_error(exc, config.attributes["settings"].environment) from exc
         if isinstance(exc, DBAPIError):
             url = mask(config.attributes["url"])
             raise DbError(f"database error on {url}: {describe(exc)}") from exc

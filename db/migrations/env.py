@@ -1,8 +1,8 @@
 """Alembic's environment: offline SQL, sync SQLite, async PostgreSQL, or a caller's connection.
 
 The URL arrives as ``config.attributes["url"]`` (a SQLAlchemy URL object, so a password never
-passes through ConfigParser). A caller may instead hand over an Engine or a Connection as
-``config.attributes["connection"]``.
+passes through ConfigParser) and the run's settings as ``config.attributes["settings"]``.
+A caller may instead hand over an Engine or a Connection as ``config.attributes["connection"]``.
 """
 
 from __future__ import annotations
@@ -15,13 +15,17 @@ from alembic.operations import MigrationScript
 from sqlalchemy import Connection, text
 from sqlalchemy.ext.asyncio import AsyncEngine
 
-from db.engines import CONNECT_TIMEOUT, connect, connect_async, make_engine, run_coroutine
+from db.engines import connect, connect_async, make_engine, run_coroutine
 from db.errors import ConfigError, MigrationFailed
+from db.locks import pg_lock, sqlite_run
 from db.models import Base
+from db.runner import Settings
 
 config = context.config
 if config.config_file_name is not None:
     fileConfig(config.config_file_name, disable_existing_loggers=False)
+settings: Settings = config.attributes.get("settings") or Settings(environment="?")
+VERSION_TABLE = "alembic_version"
 
 
 def skip_empty_autogenerate(_context: Any, _revision: Any, directives: list[Any]) -> None:
@@ -40,14 +44,19 @@ def check_foreign_keys(ctx: Any, **_kw: Any) -> None:
             raise MigrationFailed(f"the revision leaves rows with broken foreign keys in {tables}")
 
 
-def options() -> dict[str, Any]:
+def options(*after_each: Any) -> dict[str, Any]:
     """``context.configure`` options shared by every path."""
     return {
         "target_metadata": Base.metadata,
+        "version_table": VERSION_TABLE,
         "render_as_batch": True,  # revisions must also run on SQLite, which alters by copying
         "transaction_per_migration": True,
         "process_revision_directives": skip_empty_autogenerate,
-        "on_version_apply": [check_foreign_keys, *config.attributes.get("on_version_apply", [])],
+        "on_version_apply": [
+            check_foreign_keys,
+            *config.attributes.get("on_version_apply", []),
+            *after_each,
+        ],
     }
 
 
@@ -56,19 +65,42 @@ def run_migrations_offline() -> None:
     context.configure(
         url=url(), literal_binds=True, dialect_opts={"paramstyle": "named"}, **options()
     )
+    if url().get_backend_name() == "postgresql":
+        for name, value in {
+            **settings.server_settings,
+            "standard_conforming_strings": "on",
+        }.items():
+            if name != "client_connection_check_interval":
+                context.execute(f"SET {name} = '{value}'")
     with context.begin_transaction():
         context.run_migrations()
 
 
-def do_run_migrations(connection: Connection) -> None:
-    context.configure(connection=connection, **options())
+def do_run_migrations(connection: Connection, *after_each: Any) -> None:
+    context.configure(connection=connection, **options(*after_each))
     with context.begin_transaction():
         context.run_migrations()
+
+
+def run_sqlite(connection: Connection) -> None:
+    """One write transaction for the whole run, a savepoint per revision."""
+    with sqlite_run(connection, settings.lock_wait, settings.note) as next_revision:
+        do_run_migrations(connection, lambda **_kw: next_revision())
 
 
 async def run_async_migrations(engine: AsyncEngine) -> None:
-    async with connect_async(engine) as connection:
-        await connection.run_sync(do_run_migrations)
+    try:
+        if settings.lock:
+            async with pg_lock(
+                engine, VERSION_TABLE, settings.lock_wait, settings.note, settings.wait
+            ):
+                async with connect_async(engine) as connection:
+                    await connection.run_sync(do_run_migrations)
+        else:
+            async with connect_async(engine, settings.wait) as connection:
+                await connection.run_sync(do_run_migrations)
+    finally:
+        await engine.dispose()
 
 
 def run_migrations_online() -> None:
@@ -77,13 +109,20 @@ def run_migrations_online() -> None:
     if isinstance(given, Connection):
         do_run_migrations(given)
         return
-    timeout = config.attributes.get("connect_timeout", CONNECT_TIMEOUT)
-    engine = given or make_engine(url(), connect_timeout=timeout, migrating=True)
+    engine = given or make_engine(
+        url(),
+        connect_timeout=settings.connect_timeout,
+        migrating=True,
+        server_settings=settings.server_settings,
+    )
     if isinstance(engine, AsyncEngine):
         run_coroutine(run_async_migrations(engine))
         return
-    with connect(engine) as connection:
-        do_run_migrations(connection)
+    with connect(engine, settings.wait) as connection:
+        if settings.lock and connection.dialect.name == "sqlite":
+            run_sqlite(connection)
+        else:
+            do_run_migrations(connection)
     if given is None:
         engine.dispose()
 
