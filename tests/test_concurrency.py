@@ -1,0 +1,202 @@
+"""One migration at a time: concurrent runs on one database serialize, and nothing twice."""
+
+from __future__ import annotations
+
+import os
+import signal
+import sqlite3
+import subprocess
+import sys
+import time
+
+import pytest
+from conftest import PgDatabase, Project, head_revision, pg_fetch
+from test_errors import revision
+
+from db.locks import NAMESPACE
+
+
+def popen(project: Project, *args: str, **env: str) -> subprocess.Popen[str]:
+    return subprocess.Popen(
+        [sys.executable, "-m", "invoke", *args],
+        cwd=project.root,
+        env={**project.environ, **env},
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+
+
+def finish(processes: list[subprocess.Popen[str]]) -> list[tuple[int, str]]:
+    """Each run's exit code and stderr."""
+    errors = [p.communicate(timeout=120)[1] for p in processes]
+    return [(p.returncode, err) for p, err in zip(processes, errors, strict=True)]
+
+
+def slow_revisions(project: Project, sleep: str) -> None:
+    """Three revisions that each take about a second and leave a row behind."""
+    project.add_revision("s1", revision(
+        "slow01", head_revision(),
+        'op.create_table("side_effects", sa.Column("rev", sa.String(10)))\n'
+        f"    {sleep}\n"
+        '    op.execute("insert into side_effects values (\'slow01\')")',
+    ))
+    for rev, down in (("slow02", "slow01"), ("slow03", "slow02")):
+        project.add_revision(rev, revision(
+            rev, down, f"{sleep}\n    op.execute(\"insert into side_effects values ('{rev}')\")",
+        ))
+
+
+@pytest.fixture
+def pg_project(project: Project, pg_database: PgDatabase) -> Project:
+    project.write_env("ci", f"DATABASE_URL={pg_database.url}\n")
+    return project
+
+
+@pytest.mark.postgres
+def test_five_runs_on_one_postgres_database_apply_everything_once(
+    pg_project: Project, pg_database: PgDatabase
+) -> None:
+    slow_revisions(pg_project, 'op.execute("select pg_sleep(0.8)")')
+
+    results = finish([popen(pg_project, "migrate", "--env=ci") for _ in range(5)])
+
+    assert [code for code, _ in results] == [0] * 5, results
+    rows = pg_fetch(pg_database.dsn, "select rev from side_effects order by rev")
+    assert [row["rev"] for row in rows] == ["slow01", "slow02", "slow03"]
+    appliers = [err for _, err in results if "applied slow01" in err]
+    assert len(appliers) == 1
+    waiting = [err for _, err in results if "waiting up to 60s for the migration lock" in err]
+    assert waiting and all("application_name 'migrations'" in err for err in waiting)
+    assert sum("nothing to do" in err for _, err in results) == 4
+
+
+@pytest.mark.postgres
+def test_create_index_concurrently_under_the_lock_neither_hangs_nor_breaks(
+    pg_project: Project, pg_database: PgDatabase
+) -> None:
+    pg_project.add_revision("cic", revision(
+        "cic001", head_revision(),
+        'op.execute("select pg_sleep(0.5)")\n'
+        "    with op.get_context().autocommit_block():\n"
+        '        op.execute("CREATE INDEX CONCURRENTLY ix_users_username ON users (username)")',
+        message="index usernames",
+    ))
+
+    results = finish([popen(pg_project, "migrate", "--env=ci") for _ in range(5)])
+
+    assert [code for code, _ in results] == [0] * 5, results
+    index = pg_fetch(pg_database.dsn, (
+        "select i.indisvalid from pg_index i join pg_class c on c.oid = i.indexrelid "
+        "where c.relname = 'ix_users_username'"
+    ))
+    assert [row["indisvalid"] for row in index] == [True]
+
+
+def advisory_locks(dsn: str) -> list[int]:
+    rows = pg_fetch(dsn, (
+        f"select pid from pg_locks where locktype = 'advisory' and classid = {NAMESPACE} "
+        "and database = (select oid from pg_database where datname = current_database())"
+    ))
+    return [row["pid"] for row in rows]
+
+
+@pytest.mark.postgres
+def test_killing_the_lock_holder_frees_the_lock(pg_project: Project, pg_database: PgDatabase) -> None:
+    pg_project.add_revision("slow", revision(
+        "slow01", head_revision(),
+        'op.create_table("notes", sa.Column("id", sa.Integer))\n'
+        "    import os\n"
+        '    if os.environ.get("SLOW_REVISION"):\n'
+        '        op.execute("select pg_sleep(60)")',
+    ))
+    holder = popen(pg_project, "migrate", "--env=ci", SLOW_REVISION="1")
+    deadline = time.monotonic() + 30
+    while not pg_fetch(pg_database.dsn, (
+        "select 1 from pg_stat_activity where query like '%pg_sleep(60)%' "
+        "and datname = current_database() and pid <> pg_backend_pid()"
+    )):
+        assert time.monotonic() < deadline and holder.poll() is None, "the run never got going"
+        time.sleep(0.1)
+    assert advisory_locks(pg_database.dsn)
+
+    os.kill(holder.pid, signal.SIGKILL)
+    holder.communicate()
+    killed = time.monotonic()
+    while advisory_locks(pg_database.dsn):
+        assert time.monotonic() - killed < 2, "the lock outlived its holder by 2s"
+        time.sleep(0.05)
+
+    result = pg_project.invoke("migrate", "--env=ci", "--lock-wait=10")
+    assert result.returncode == 0, result.stderr
+    rows = pg_fetch(pg_database.dsn, "select version_num from alembic_version")
+    assert [row["version_num"] for row in rows] == ["slow01"]
+
+
+@pytest.mark.postgres
+def test_a_held_lock_times_out_with_its_own_exit_code(
+    pg_project: Project, pg_database: PgDatabase, pg_database_2: PgDatabase
+) -> None:
+    import asyncio
+
+    import asyncpg
+
+    async def scenario() -> tuple[subprocess.CompletedProcess[str], ...]:
+        blocker = await asyncpg.connect(
+            pg_database.dsn, server_settings={"application_name": "blocker"}
+        )
+        await blocker.execute(
+            f"select pg_advisory_lock({NAMESPACE}, "
+            "hashtext(current_database() || '.' || 'alembic_version'))"
+        )
+        try:
+            pg_project.write_env("other", f"DATABASE_URL={pg_database_2.url}\n")
+            waiting = await asyncio.to_thread(
+                pg_project.invoke, "migrate", "--env=ci", "--lock-wait=1"
+            )
+            elsewhere = await asyncio.to_thread(
+                pg_project.invoke, "migrate", "--env=other", "--lock-wait=1"
+            )
+            return waiting, elsewhere
+        finally:
+            await blocker.close()
+
+    waiting, elsewhere = asyncio.run(scenario())
+
+    assert waiting.returncode == 3, waiting.stderr
+    assert "application_name 'blocker'" in waiting.stderr
+    assert "gave up after 1s with nothing changed" in waiting.stderr
+    assert "Traceback" not in waiting.stderr
+    assert pg_fetch(pg_database.dsn, "select tablename from pg_tables where schemaname='public'") == []
+    # another database on the same server does not wait on that lock
+    assert elsewhere.returncode == 0, elsewhere.stderr
+
+
+def test_three_runs_on_one_sqlite_file_apply_everything_once(project: Project) -> None:
+    slow_revisions(project, "__import__('time').sleep(0.5)")
+
+    results = finish([popen(project, "migrate") for _ in range(3)])
+
+    assert [code for code, _ in results] == [0] * 3, results
+    with project.sqlite() as connection:
+        rows = connection.execute("select rev from side_effects order by rev").fetchall()
+    assert rows == [("slow01",), ("slow02",), ("slow03",)]
+    assert sum("applied slow01" in err for _, err in results) == 1
+
+
+def test_a_locked_sqlite_file_times_out_with_its_own_exit_code(project: Project) -> None:
+    project.ok("migrate")
+    project.add_revision("n", revision("notes1", head_revision(),
+                                       'op.create_table("notes", sa.Column("id", sa.Integer))'))
+    blocker = sqlite3.connect(project.root / "var" / "dev.sqlite3", isolation_level=None)
+    blocker.execute("BEGIN IMMEDIATE")
+    try:
+        result = project.invoke("migrate", "--lock-wait=1")
+    finally:
+        blocker.execute("ROLLBACK")
+        blocker.close()
+
+    assert result.returncode == 3, result.stderr
+    assert "kept this SQLite file locked for 1s; nothing was changed" in result.stderr
+    assert "waiting up to 1s" in result.stderr
+    assert project.ok("migrate").returncode == 0
