@@ -1,7 +1,8 @@
 """Database tasks: migrate, roll back and inspect the shop database per environment.
 
-Only the command line lives here (flags, help, printing, turning errors into exits);
-the work is done by the ``db`` package, imported inside each task to keep start-up light.
+Only the command line lives here (flags, help, prompts, printing, turning errors into
+exits); the work is done by the ``db`` package, imported inside each task so that
+``invoke --list`` stays fast.
 """
 
 from __future__ import annotations
@@ -24,44 +25,51 @@ if TYPE_CHECKING:
     from db.runner import RunOptions, Step
 
 ROOT = Path(__file__).resolve().parent
-ENV_HELP = "environment name, a file in environments/ (default: dev, or INVOKE_DB_ENV)"
-DEBUG_HELP = "show the Python traceback of a failure (or set INVOKE_DB_DEBUG=1)"
-LOCK_WAIT_HELP = "seconds to wait for another run's migration lock (default 60)"
-WAIT_HELP = "seconds to keep retrying the first connection (default: CONNECT_WAIT or 0)"
-COMMON = {"env": ENV_HELP, "debug": DEBUG_HELP}
+COMMON = {
+    "env": "environment name, a file in environments/ (default: dev, or INVOKE_DB_ENV)",
+    "debug": "show the Python traceback of a failure (or set INVOKE_DB_DEBUG=1)",
+}
+RUN = {
+    "lock_wait": "seconds to wait for another run's migration lock (default 60)",
+    "wait": "seconds to keep retrying the first connection (default: CONNECT_WAIT or 0)",
+    "allow_env_mismatch": "run although the database was last migrated under another env name",
+}
+YES = "confirm a protected environment without a prompt (needed where there is no terminal)"
 
 
-@task(
-    help={
-        **COMMON,
-        "to": "revision to reach: head, an id, a unique prefix, or +N",
-        "lock_wait": LOCK_WAIT_HELP,
-        "wait": WAIT_HELP,
-    }
-)
+@task(help={**COMMON, **RUN, "to": "revision to reach: head, an id, a prefix, or +N", "yes": YES})
 def migrate(
     c: Context,
     env: str = "",
     to: str = "head",
+    yes: bool = False,
     lock_wait: float = 60.0,
     wait: float = -1.0,
+    allow_env_mismatch: bool = False,
     debug: bool = False,
 ) -> None:
     """Upgrade the database to head, or to --to=REV."""
     from db.commands import migrate as upgrade
+    from db.commands import status as read_status
 
     with reported(c, debug):
         target = environment(c, env, banner=True)
-        summarize("migrated", target, upgrade(target, to, run_options(lock_wait, wait)))
+        options = run_options(lock_wait, wait, allow_env_mismatch)
+        if target.protected:
+            plan = read_status(target, options).pending
+            show_plan(plan)
+            if plan:
+                confirm(target, yes, "migrate", need_yes=False)
+        summarize("migrated", target, upgrade(target, to, options))
 
 
 @task(
     help={
         **COMMON,
+        **RUN,
         "steps": "how many revisions to undo (default 1)",
-        "to": "revision to go back to instead: an id, a unique prefix, or base",
-        "lock_wait": LOCK_WAIT_HELP,
-        "wait": WAIT_HELP,
+        "to": "revision to go back to instead: an id, a prefix, or base",
+        "yes": "needed on a protected environment, with the typed name on a terminal",
     }
 )
 def rollback(
@@ -69,8 +77,10 @@ def rollback(
     env: str = "",
     steps: int = 1,
     to: str = "",
+    yes: bool = False,
     lock_wait: float = 60.0,
     wait: float = -1.0,
+    allow_env_mismatch: bool = False,
     debug: bool = False,
 ) -> None:
     """Downgrade the database by --steps revisions, or to --to=REV."""
@@ -78,14 +88,68 @@ def rollback(
 
     with reported(c, debug):
         target = environment(c, env, banner=True)
-        options = run_options(lock_wait, wait)
+        if target.protected:
+            confirm(target, yes, "roll back", need_yes=True)
+        options = run_options(lock_wait, wait, allow_env_mismatch)
         summarize("rolled back", target, downgrade(target, steps, to or None, options))
+
+
+@task(help={**COMMON, "yes": "skip the prompt"})
+def reset(c: Context, env: str = "", yes: bool = False, debug: bool = False) -> None:
+    """Drop every table and migrate from scratch (never on a protected environment)."""
+    from db.commands import reset as drop_and_migrate
+
+    with reported(c, debug):
+        target = environment(c, env, banner=True)
+        summarize("reset and migrated", target, drop_and_migrate(target, run_options()))
 
 
 @task(
     help={
-        "message": 'what the revision does, e.g. "add coupons"',
         **COMMON,
+        "file": "the backup to restore (default: the newest in var/backups)",
+        "yes": YES,
+    }
+)
+def restore(
+    c: Context, env: str = "", file: str = "", yes: bool = False, debug: bool = False
+) -> None:
+    """Put a SQLite backup from var/backups back in place of the database."""
+    from db.backups import restore as put_back
+
+    with reported(c, debug):
+        target = environment(c, env, banner=True)
+        if target.protected:
+            confirm(target, yes, "overwrite the database", need_yes=True)
+        used = put_back(target, target.url(), Path(file).resolve() if file else None)
+    print(f"{target.name}: restored {target.relative(used)}", file=sys.stderr)
+
+
+@task(
+    help={
+        **COMMON,
+        "revision": "the applied revision whose edited file you accept",
+        "lock_wait": RUN["lock_wait"],
+    }
+)
+def accept_changes(
+    c: Context, revision: str, env: str = "", lock_wait: float = 60.0, debug: bool = False
+) -> None:
+    """Record the new checksum of an applied revision's deliberately edited file."""
+    from db.commands import accept_changes as accept
+
+    with reported(c, debug):
+        target = environment(c, env, banner=True)
+        digest = accept(target, revision, run_options(lock_wait))
+    print(
+        f"{target.name}: accepted {revision} as it is now (sha256 {digest[:12]})", file=sys.stderr
+    )
+
+
+@task(
+    help={
+        **COMMON,
+        "message": 'what the revision does, e.g. "add coupons"',
         "empty": "write an empty revision to fill in by hand (no database needed)",
     }
 )
@@ -93,7 +157,7 @@ def makemigration(
     c: Context, message: str, env: str = "", empty: bool = False, debug: bool = False
 ) -> None:
     """Write a new revision autogenerated from db/models.py against the env's database."""
-    from db.commands import make_migration
+    from db.authoring import make_migration
 
     with reported(c, debug):
         written = make_migration(environment(c, env, banner=not empty), message, empty=empty)
@@ -108,11 +172,11 @@ def makemigration(
 @task(
     name="offline-sql",
     help={
-        "env": "environment whose dialect to use (default: dev); its secrets are not needed",
+        **COMMON,
+        "env": "environment whose dialect to use (default: dev); no secrets needed",
         "from": "revision the database is already at (default: an empty database)",
         "to": "revision to reach (default: head)",
         "output": "write the SQL to this file",
-        "debug": DEBUG_HELP,
     },
 )
 def offline_sql(
@@ -124,7 +188,7 @@ def offline_sql(
     debug: bool = False,
 ) -> None:
     """Print the SQL of a range of revisions, without connecting to any database."""
-    from db.commands import offline_sql as render
+    from db.authoring import offline_sql as render
 
     with reported(c, debug):
         target = environment(c, env)
@@ -142,17 +206,17 @@ def status(c: Context, env: str = "", debug: bool = False) -> None:
     from db.commands import status as read_status
 
     with reported(c, debug):
-        found = read_status(environment(c, env, banner=True))
+        found = read_status(environment(c, env, banner=True), run_options())
     print(f"current: {labels(found.current) or 'base (no revision applied)'}")
     print(f"head:    {labels(found.heads) or 'none (no revisions yet)'}")
     print(f"pending: {len(found.pending) or 'none'}")
     for rev in found.pending:
-        print(f"  {rev.id}  {rev.message}")
+        print(f"  {rev.id}  {rev.message}{marker(rev)}")
 
 
 @task(help=COMMON)
 def history(c: Context, env: str = "", debug: bool = False) -> None:
-    """List every revision, newest first, marking the ones applied to the database."""
+    """List every revision, newest first: applied ones with when and by whom."""
     from db.commands import history as read_history
 
     with reported(c, debug):
@@ -160,7 +224,10 @@ def history(c: Context, env: str = "", debug: bool = False) -> None:
     for entry in entries:
         mark = "applied" if entry.applied else "pending"
         head = "  (head)" if entry.is_head else ""
-        print(f"{entry.revision.id}  {mark}  {entry.revision.message}{head}")
+        when = ""
+        if entry.applied_at is not None:
+            when = f"  [{entry.applied_at:%Y-%m-%d %H:%M:%S %z} by {entry.applied_by}]"
+        print(f"{entry.revision.id}  {mark}  {entry.revision.message}{head}{when}")
 
 
 @task
@@ -171,13 +238,15 @@ def envs(c: Context) -> None:
 
     for name in known_environments(ROOT):
         try:
-            url = load_environment(ROOT, name, os.environ).url(need_secrets=False)
-            print(f"{name:<10} {url.get_backend_name():<11} {mask(url)}")
+            loaded = load_environment(ROOT, name, os.environ)
+            url = loaded.url(need_secrets=False)
+            guard = "  (protected)" if loaded.protected else ""
+            print(f"{name:<10} {url.get_backend_name():<11} {mask(url)}{guard}")
         except DbError as exc:
             print(f"{name:<10} {'?':<11} error: {exc}")
 
 
-# --- helpers: the command-line edge ---------------------------------------------------
+# --- the command-line edge -------------------------------------------------------------
 
 
 def environment(c: Context, name: str, *, banner: bool = False) -> Environment:
@@ -185,6 +254,8 @@ def environment(c: Context, name: str, *, banner: bool = False) -> Environment:
     from db.environments import load_environment, mask
 
     loaded = load_environment(ROOT, name or c.config.db.env, os.environ)
+    for warning in loaded.warnings:
+        print(warning, file=sys.stderr)
     if banner:
         print(f"[{loaded.name}] {mask(loaded.url())}", file=sys.stderr)
     return loaded
@@ -192,7 +263,7 @@ def environment(c: Context, name: str, *, banner: bool = False) -> Environment:
 
 @contextmanager
 def reported(c: Context, debug: bool) -> Iterator[None]:
-    """Turn the library's expected errors into a short message and exit code 1."""
+    """Turn the library's expected errors into a short message and their exit code."""
     from db.errors import DbError
 
     try:
@@ -203,16 +274,43 @@ def reported(c: Context, debug: bool) -> Iterator[None]:
         raise Exit(f"error: {exc}", code=exc.exit_code) from None
 
 
-def run_options(lock_wait: float, wait: float) -> RunOptions:
+def confirm(env: Environment, yes: bool, action: str, *, need_yes: bool) -> None:
+    """Ask for the environment's name on a protected environment; refuse if it isn't typed."""
+    from db.errors import GuardRefused
+
+    interactive = sys.stdin.isatty()
+    if need_yes and not yes:
+        raise GuardRefused(f"{env.name} is protected: to {action} it, pass --yes")
+    if yes and (not need_yes or not interactive):
+        return
+    if not interactive:
+        raise GuardRefused(
+            f"{env.name} is protected and there is no terminal to confirm on: "
+            "pass --yes to go ahead"
+        )
+    print(f"{env.name} is protected. Type its name to {action}: ", end="", file=sys.stderr)
+    if sys.stdin.readline().strip() != env.name:
+        raise GuardRefused("the name did not match; nothing was changed")
+
+
+def show_plan(plan: tuple[Revision, ...]) -> None:
+    print(f"plan: {len(plan) or 'nothing'} to apply", file=sys.stderr)
+    for rev in plan:
+        print(f"  {rev.id}  {rev.message}{marker(rev)}", file=sys.stderr)
+
+
+def run_options(
+    lock_wait: float = 60.0, wait: float = -1.0, allow_mismatch: bool = False
+) -> RunOptions:
     from db.runner import RunOptions
 
     return RunOptions(
-        lock_wait=lock_wait, wait=None if wait < 0 else wait, on_step=print_step, on_note=print_note
+        lock_wait=lock_wait,
+        wait=None if wait < 0 else wait,
+        allow_env_mismatch=allow_mismatch,
+        on_step=print_step,
+        on_note=lambda text: print(f"  {text}", file=sys.stderr),
     )
-
-
-def print_note(text: str) -> None:
-    print(f"  {text}", file=sys.stderr)
 
 
 def print_step(step: Step) -> None:
@@ -233,5 +331,20 @@ def labels(revisions: tuple[Revision, ...]) -> str:
     return ", ".join(f"{rev.id} ({rev.message})" for rev in revisions)
 
 
-ns = Collection(migrate, rollback, makemigration, offline_sql, status, history, envs)
+def marker(rev: Revision) -> str:
+    return "" if rev.transactional else "  [non-transactional: autocommit_block]"
+
+
+ns = Collection(
+    migrate,
+    rollback,
+    reset,
+    restore,
+    accept_changes,
+    makemigration,
+    offline_sql,
+    status,
+    history,
+    envs,
+)
 ns.configure({"db": {"env": "dev", "debug": False}})

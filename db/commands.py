@@ -2,18 +2,21 @@
 
 from __future__ import annotations
 
-import io
-from contextlib import redirect_stdout
 from dataclasses import dataclass
+from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any, cast
 
-from alembic import command
 from alembic.script import Script, ScriptDirectory
 from alembic.util import CommandError
+from sqlalchemy import Connection, text
+from sqlalchemy.engine import URL
+from sqlalchemy.ext.asyncio import AsyncEngine
 
+from db import audit, backups, guards
+from db.engines import CONNECT_TIMEOUT, connect_async, make_engine, run_coroutine
 from db.environments import Environment
-from db.errors import DbError, RevisionError
+from db.errors import ConfigError, DbError, GuardRefused, RevisionError
 from db.runner import Progress, RunOptions, Step, make_config, revision_error, run_env
 
 
@@ -21,10 +24,12 @@ from db.runner import Progress, RunOptions, Step, make_config, revision_error, r
 class Revision:
     id: str
     message: str
+    transactional: bool = True  # False: it uses autocommit_block, outside a transaction
 
     @classmethod
     def of(cls, script: Script) -> Revision:
-        return cls(script.revision, script.doc or "")
+        source = Path(script.path).read_text(encoding="utf-8")
+        return cls(script.revision, script.doc or "", "autocommit_block(" not in source)
 
 
 @dataclass(frozen=True)
@@ -39,23 +44,23 @@ class HistoryEntry:
     revision: Revision
     applied: bool
     is_head: bool
+    applied_at: datetime | None = None
+    applied_by: str | None = None  # user@host
+
+
+@dataclass(frozen=True)
+class State:
+    """What the database says: its revision(s) and its audit trail."""
+
+    current: tuple[str, ...]
+    log: list[audit.Entry]
 
 
 def migrate(env: Environment, to: str = "head", options: RunOptions | None = None) -> list[Step]:
     """Upgrade to ``to`` (head, an id or prefix, or ``+N``); returns the steps applied."""
-    options = options or RunOptions()
-    config = make_config(env, options, lock=True)
-    script = ScriptDirectory.from_config(config)
     if to == "head":
-        _single_head(script, env)
-    progress = Progress(options.on_step)
-
-    def upgrade(current: tuple[str, ...], _context: Any) -> list[Any]:
-        _known(script, current, env)
-        return progress.planned(_steps(script, to, current, up=True))
-
-    run_env(config, upgrade, progress, destination_rev=to)
-    return progress.applied
+        guards.single_head(_scripts(env), env)
+    return _change(env, options, lambda script, current: plan_steps(script, to, current, up=True))
 
 
 def rollback(
@@ -64,128 +69,185 @@ def rollback(
     """Downgrade ``steps`` revisions, or to ``to`` (an id, prefix or ``base``)."""
     if steps < 1:
         raise DbError(f"--steps must be 1 or more, not {steps}")
-    options = options or RunOptions()
-    config = make_config(env, options, lock=True)
-    script = ScriptDirectory.from_config(config)
-    progress = Progress(options.on_step)
 
-    def downgrade(current: tuple[str, ...], _context: Any) -> list[Any]:
-        _known(script, current, env)
+    def plan(script: ScriptDirectory, current: tuple[str, ...]) -> list[Any]:
+        if to is None and not current:
+            return []
         if to is None and len(current) == 1 and steps > _depth(script, current[0]):
             raise RevisionError(
                 f"cannot roll back {steps} revisions: only {_depth(script, current[0])} "
                 "are applied (use --to=base to undo them all)"
             )
-        if to is None and not current:
-            return progress.planned([])
-        return progress.planned(_steps(script, to or f"-{steps}", current, up=False))
+        return plan_steps(script, to or f"-{steps}", current, up=False)
 
-    run_env(config, downgrade, progress, destination_rev=to)
-    return progress.applied
+    return _change(env, options, plan)
 
 
-def status(env: Environment) -> Status:
-    """The database's revision(s), the scripts' head(s), and what is pending, oldest first."""
-    config = make_config(env)
+def accept_changes(env: Environment, revision: str, options: RunOptions | None = None) -> str:
+    """Record the current checksum of an applied revision's edited file; returns it."""
+    options = options or RunOptions()
+    config = make_config(env, options, lock=True)
     script = ScriptDirectory.from_config(config)
-    current = current_revisions(env, config)
-    pending = [step.revision for step in _steps(script, "heads", current, up=True)]
+    accepted: list[str] = []
+
+    def accept(current: tuple[str, ...], context: Any) -> list[Any]:
+        guards.known_revisions(script, current, env)
+        try:
+            found = script.get_revision(revision)
+        except CommandError as exc:
+            raise revision_error(exc, env.name) from exc
+        if found is None or found.revision not in _applied(script, current):
+            raise RevisionError(f"revision {revision} is not applied to the {env.name} database")
+        audit.ensure_table(context.connection.execute)
+        accepted.append(audit.checksum(found.path))
+        _record(context.connection, env, found.revision, "accept", accepted[0])
+        return []
+
+    run_env(config, accept)
+    return accepted[0]
+
+
+def status(env: Environment, options: RunOptions | None = None) -> Status:
+    """The database's revision(s), the scripts' head(s), and what is pending, oldest first.
+
+    Applied files that changed are an error on protected environments, else a warning.
+    """
+    options = options or RunOptions()
+    config = make_config(env, options)
+    script = ScriptDirectory.from_config(config)
+    state = read_state(env, config)
+    guards.unchanged_files(state.log, script, env, options.note)
+    pending = [step.revision for step in plan_steps(script, "heads", state.current, up=True)]
     return Status(
-        current=tuple(Revision.of(script.get_revision(rev)) for rev in current),
+        current=tuple(Revision.of(script.get_revision(rev)) for rev in state.current),
         heads=tuple(Revision.of(script.get_revision(rev)) for rev in script.get_heads()),
         pending=tuple(Revision.of(rev) for rev in pending),
     )
 
 
 def history(env: Environment) -> list[HistoryEntry]:
-    """Every revision, newest first, marking those applied to the database."""
+    """Every revision, newest first, marking those applied, and when and by whom."""
     config = make_config(env)
     script = ScriptDirectory.from_config(config)
-    current = current_revisions(env, config)
-    applied = {rev.revision for rev in script.revision_map.iterate_revisions(current, "base")}
+    state = read_state(env, config)
+    applied = _applied(script, state.current)
+    last_up = {e.revision: e for e in state.log if e.direction == "up"}
     heads = set(script.get_heads())
-    return [
-        HistoryEntry(Revision.of(rev), rev.revision in applied, rev.revision in heads)
-        for rev in script.walk_revisions()
-    ]
-
-
-def offline_sql(env: Environment, start: str | None = None, to: str = "head") -> str:
-    """The SQL that upgrades from ``start`` (default: an empty database) to ``to``."""
-    output = io.StringIO()
-    config = make_config(env, offline=True, output=output)
-    if to == "head":
-        _single_head(ScriptDirectory.from_config(config), env)
-    try:
-        command.upgrade(config, f"{start}:{to}" if start else to, sql=True)
-    except CommandError as exc:
-        raise revision_error(exc, env.name) from exc
-    return output.getvalue()
-
-
-def make_migration(env: Environment, message: str, *, empty: bool = False) -> Path | None:
-    """Write a revision autogenerated from the models (or an empty one); None if no change."""
-    if not message.strip():
-        raise DbError('a migration needs a message, e.g. invoke makemigration "add coupons"')
-    config = make_config(env, offline=empty)  # an empty revision needs no database
-    script = ScriptDirectory.from_config(config)
-    _single_head(script, env)
-    if not empty:
-        current = set(current_revisions(env, config))
-        if current != set(script.get_heads()):
-            raise RevisionError(
-                f"the {env.name} database is not at head, so autogenerate would compare the "
-                f"models with an old schema: run `invoke migrate --env={env.name}` first"
+    entries = []
+    for rev in script.walk_revisions():
+        up = last_up.get(rev.revision) if rev.revision in applied else None
+        entries.append(
+            HistoryEntry(
+                Revision.of(rev),
+                rev.revision in applied,
+                rev.revision in heads,
+                up.started_at if up else None,
+                f"{up.os_user}@{up.host}" if up else None,
             )
-    try:
-        with redirect_stdout(io.StringIO()):  # Alembic's "Running post write hook" chatter
-            written = command.revision(config, message=message.strip(), autogenerate=not empty)
-    except CommandError as exc:
-        raise revision_error(exc, env.name) from exc
-    return Path(written.path) if isinstance(written, Script) else None
+        )
+    return entries
 
 
-def current_revisions(env: Environment, config: Any = None) -> tuple[str, ...]:
-    """The revision ids recorded in the database (empty at base)."""
+def read_state(env: Environment, config: Any = None) -> State:
+    """The revision ids recorded in the database (empty at base) and its audit trail."""
     config = config or make_config(env)
     script = ScriptDirectory.from_config(config)
-    found: list[str] = []
+    found: list[State] = []
 
-    def read(current: tuple[str, ...], _context: Any) -> list[Any]:
-        found.extend(current)
+    def read(current: tuple[str, ...], context: Any) -> list[Any]:
+        found.append(State(tuple(current), audit.entries(context.connection)))
         return []
 
     run_env(config, read, dont_mutate=True)
-    _known(script, tuple(found), env)
-    return tuple(found)
+    guards.known_revisions(script, found[0].current, env)
+    return found[0]
 
 
-def _single_head(script: ScriptDirectory, env: Environment) -> None:
-    heads = script.get_heads()
-    if len(heads) > 1:
-        raise RevisionError(
-            f"the revisions have {len(heads)} heads ({', '.join(sorted(heads))}): merge them with "
-            '`alembic merge -m "merge heads" heads`, or pass --to=REV for one of them'
-        )
+def _change(env: Environment, options: RunOptions | None, plan: Any) -> list[Step]:
+    """Run the steps ``plan(script, current)`` chooses, under the lock, after the guards."""
+    options = options or RunOptions()
+    config = make_config(env, options, lock=True)
+    script = ScriptDirectory.from_config(config)
+    progress = Progress(options.on_step, env.name, audit.Who.here(env.root))
+
+    def run(current: tuple[str, ...], context: Any) -> list[Any]:
+        guards.known_revisions(script, current, env)
+        connection: Connection = context.connection
+        log = audit.entries(connection)
+        renamed = guards.same_environment(log, env, options.allow_env_mismatch)
+        guards.unchanged_files(log, script, env, options.note)
+        steps = plan(script, current)
+        guards.valid_ids(step.revision.revision for step in steps)
+        if steps:
+            options.note(backups.before_change(env, config.attributes["url"]) or "")
+        if steps or renamed:
+            audit.ensure_table(connection.execute)
+        if renamed:  # stamp the database with its new environment name
+            _record(connection, env, ",".join(current) or "base", "env", None)
+        return progress.planned(steps)
+
+    run_env(config, run, progress)
+    return progress.applied
 
 
-def _known(script: ScriptDirectory, current: tuple[str, ...], env: Environment) -> None:
-    for rev in current:
-        try:
-            script.get_revision(rev)
-        except CommandError:
-            raise RevisionError(
-                f"the {env.name} database is at revision {rev}, which is not in "
-                f"{Path(script.versions).relative_to(env.root)}: check out the code that "
-                "matches this database, or restore that revision's file"
-            ) from None
+def reset(env: Environment, options: RunOptions | None = None) -> list[Step]:
+    """Drop everything and migrate from scratch; never on a protected environment."""
+    if env.protected:
+        raise GuardRefused(f"{env.name} is protected: reset drops every table and never runs there")
+    options = options or RunOptions()
+    url = env.url()
+    if url.get_backend_name() == "sqlite":
+        saved = backups.sqlite_backup(env, url)
+        options.note(f"backed up to {env.relative(saved)}" if saved else "")
+        Path(url.database or "").unlink(missing_ok=True)
+    else:
+        run_coroutine(_drop_public_schema(env, url))
+    return migrate(env, "head", options)
+
+
+async def _drop_public_schema(env: Environment, url: URL) -> None:
+    engine = make_engine(url, connect_timeout=env.number("CONNECT_TIMEOUT", CONNECT_TIMEOUT))
+    if not isinstance(engine, AsyncEngine):
+        raise ConfigError(f"{env.name}: reset supports SQLite and PostgreSQL through asyncpg")
+    try:
+        async with connect_async(engine) as connection:
+            await connection.execute(text("DROP SCHEMA public CASCADE"))
+            await connection.execute(text("CREATE SCHEMA public"))
+            await connection.commit()
+    finally:
+        await engine.dispose()
+
+
+def _record(
+    connection: Connection, env: Environment, revision: str, direction: str, checksum: str | None
+) -> None:
+    audit.record(
+        connection.execute,
+        revision=revision,
+        direction=direction,
+        environment=env.name,
+        started_at=datetime.now(timezone.utc),
+        seconds=0,
+        who=audit.Who.here(env.root),
+        file_checksum=checksum,
+    )
+
+
+def _scripts(env: Environment) -> ScriptDirectory:
+    return ScriptDirectory.from_config(make_config(env, offline=True))
+
+
+def _applied(script: ScriptDirectory, current: tuple[str, ...]) -> set[str]:
+    return {rev.revision for rev in script.revision_map.iterate_revisions(current, "base")}
 
 
 def _depth(script: ScriptDirectory, rev: str) -> int:
     return sum(1 for _ in script.revision_map.iterate_revisions(rev, "base"))
 
 
-def _steps(script: ScriptDirectory, to: str, current: tuple[str, ...], *, up: bool) -> list[Any]:
+def plan_steps(
+    script: ScriptDirectory, to: str, current: tuple[str, ...], *, up: bool
+) -> list[Any]:
     """The steps from ``current`` to ``to``, as ``alembic upgrade``/``downgrade`` plan them."""
     heads = cast(str, current)  # Alembic's own commands pass the heads tuple, typed as str
     return script._upgrade_revs(to, heads) if up else script._downgrade_revs(to, heads)

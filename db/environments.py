@@ -33,12 +33,18 @@ class Environment:
     values: Mapping[str, str]
     sources: Mapping[str, Path]
     missing: Mapping[str, str] = field(default_factory=dict)  # key -> unset variable
+    warnings: tuple[str, ...] = ()
 
     def get(self, key: str, default: str = "") -> str:
         return self.values.get(key, default)
 
-    def seconds(self, key: str, default: float) -> float:
-        """A duration setting such as ``CONNECT_TIMEOUT``, in seconds."""
+    @property
+    def protected(self) -> bool:
+        """``PROTECTED=true``: migrate asks first, destructive tasks refuse."""
+        return self.get("PROTECTED").strip().lower() in ("1", "true", "yes", "on")
+
+    def number(self, key: str, default: float) -> float:
+        """A numeric setting such as ``CONNECT_TIMEOUT`` (seconds) or ``BACKUP_KEEP``."""
         text = self.get(key)
         try:
             value = float(text) if text else default
@@ -46,7 +52,7 @@ class Environment:
             value = -1.0
         if value < 0:
             where = self.relative(self.sources[key])
-            raise ConfigError(f"{where}: {key} must be a number of seconds, not {text!r}")
+            raise ConfigError(f"{where}: {key} must be a number, 0 or more, not {text!r}")
         return value
 
     def relative(self, path: Path) -> str:
@@ -81,9 +87,14 @@ def load_environment(root: Path, name: str, environ: Mapping[str, str]) -> Envir
             f"(add {ENV_DIR}/{name}.env to create it)"
         )
     raw: dict[str, tuple[str, Path]] = {}
-    for path in (base, base.with_name(f"{name}.local.env")):
+    local = base.with_name(f"{name}.local.env")
+    for path in (base, local):
         if path == base or path.exists():
             raw.update({k: (v, path) for k, v in _read(root, path).items()})
+    warnings: tuple[str, ...] = ()
+    if local.is_file() and local.stat().st_mode & 0o077:
+        where = local.relative_to(root)
+        warnings = (f"warning: {where} may hold secrets but others can read it: chmod 600 {where}",)
     values: dict[str, str] = {}
     missing: dict[str, str] = {}
     for key, (text, _path) in raw.items():
@@ -91,7 +102,7 @@ def load_environment(root: Path, name: str, environ: Mapping[str, str]) -> Envir
         if unset:
             missing[key] = unset[0]
     sources = {key: path for key, (_text, path) in raw.items()}
-    return Environment(name, root, values, sources, missing)
+    return Environment(name, root, values, sources, missing, warnings)
 
 
 def mask(url: URL) -> str:

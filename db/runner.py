@@ -7,6 +7,7 @@ import time
 from argparse import Namespace
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from datetime import datetime, timezone
 from typing import Any
 
 from alembic import util
@@ -17,6 +18,7 @@ from alembic.script.revision import ResolutionError
 from alembic.util import CommandError
 from sqlalchemy.exc import DBAPIError
 
+from db import audit
 from db.engines import CONNECT_TIMEOUT
 from db.environments import Environment, mask
 from db.errors import DbError, MigrationFailed, RevisionError
@@ -40,12 +42,13 @@ class RunOptions:
     """What the caller asks of one run, beyond the environment's own settings."""
 
     lock_wait: float = 60.0  # seconds to wait for another run's migration lock
+    allow_env_mismatch: bool = False
     wait: float | None = None  # seconds to retry the first connection; None: CONNECT_WAIT
     on_step: StepCallback | None = None
     on_note: Callable[[str], None] | None = None
 
     def note(self, text: str) -> None:
-        if self.on_note is not None:
+        if self.on_note is not None and text:
             self.on_note(text)
 
 
@@ -80,8 +83,8 @@ def make_config(
     config.attributes["url"] = env.url(need_secrets=not offline)
     config.attributes["settings"] = Settings(
         environment=env.name,
-        connect_timeout=env.seconds("CONNECT_TIMEOUT", CONNECT_TIMEOUT),
-        wait=options.wait if options.wait is not None else env.seconds("CONNECT_WAIT", 0),
+        connect_timeout=env.number("CONNECT_TIMEOUT", CONNECT_TIMEOUT),
+        wait=options.wait if options.wait is not None else env.number("CONNECT_WAIT", 0),
         lock=lock,
         lock_wait=options.lock_wait,
         server_settings=session_settings(env),
@@ -103,29 +106,47 @@ def session_settings(env: Environment) -> dict[str, str]:
 
 @dataclass
 class Progress:
-    """What a run planned and applied, so a failure can name its revision."""
+    """What a run planned and applied: reports each step, writes it to the audit trail,
+    and names the revision that failed."""
 
     on_step: StepCallback | None = None
+    environment: str = ""
+    who: audit.Who | None = None  # None: no audit rows (read-only runs)
     plan: list[Any] = field(default_factory=list)  # alembic RevisionSteps
     applied: list[Step] = field(default_factory=list)
     _clock: float = field(default_factory=time.perf_counter)
+    _started: datetime = field(default_factory=lambda: datetime.now(timezone.utc))
 
     def planned(self, steps: list[Any]) -> list[Any]:
-        self.plan, self._clock = steps, time.perf_counter()
+        self.plan = steps
+        self._restart()
         return steps
 
-    def on_version_apply(self, step: Any, **_kw: Any) -> None:
-        now = time.perf_counter()
+    def on_version_apply(self, ctx: Any, step: Any, **_kw: Any) -> None:
         done = Step(
             step.up_revision_id,
             step.up_revision.doc or "",
             "up" if step.is_upgrade else "down",
-            now - self._clock,
+            time.perf_counter() - self._clock,
         )
-        self._clock = now
+        if self.who is not None:
+            audit.record(
+                ctx.execute,
+                revision=done.revision,
+                direction=done.direction,
+                environment=self.environment,
+                started_at=self._started,
+                seconds=done.seconds,
+                who=self.who,
+                file_checksum=audit.checksum(step.up_revision.path),
+            )
+        self._restart()
         self.applied.append(done)
         if self.on_step is not None:
             self.on_step(done)
+
+    def _restart(self) -> None:
+        self._clock, self._started = time.perf_counter(), datetime.now(timezone.utc)
 
     def failed(self, exc: BaseException) -> MigrationFailed | None:
         """The failure of the step that was running, or None if no step was."""

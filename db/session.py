@@ -15,7 +15,7 @@ def async_engine(env: Environment) -> AsyncEngine:
     """An async engine for ``env``: aiosqlite for SQLite, asyncpg for PostgreSQL."""
     url = env.url()
     url = url.set(drivername=_ASYNC_DRIVERS.get(url.drivername, url.drivername))
-    engine = make_engine(url, connect_timeout=env.seconds("CONNECT_TIMEOUT", CONNECT_TIMEOUT))
+    engine = make_engine(url, connect_timeout=env.number("CONNECT_TIMEOUT", CONNECT_TIMEOUT))
     if not isinstance(engine, AsyncEngine):
         raise ConfigError(f"{env.name}: {url.drivername} has no asyncio driver")
     return engine

@@ -35,16 +35,25 @@ def finish(processes: list[subprocess.Popen[str]]) -> list[tuple[int, str]]:
 
 def slow_revisions(project: Project, sleep: str) -> None:
     """Three revisions that each take about a second and leave a row behind."""
-    project.add_revision("s1", revision(
-        "slow01", head_revision(),
-        'op.create_table("side_effects", sa.Column("rev", sa.String(10)))\n'
-        f"    {sleep}\n"
-        '    op.execute("insert into side_effects values (\'slow01\')")',
-    ))
+    project.add_revision(
+        "s1",
+        revision(
+            "slow01",
+            head_revision(),
+            'op.create_table("side_effects", sa.Column("rev", sa.String(10)))\n'
+            f"    {sleep}\n"
+            "    op.execute(\"insert into side_effects values ('slow01')\")",
+        ),
+    )
     for rev, down in (("slow02", "slow01"), ("slow03", "slow02")):
-        project.add_revision(rev, revision(
-            rev, down, f"{sleep}\n    op.execute(\"insert into side_effects values ('{rev}')\")",
-        ))
+        project.add_revision(
+            rev,
+            revision(
+                rev,
+                down,
+                f"{sleep}\n    op.execute(\"insert into side_effects values ('{rev}')\")",
+            ),
+        )
 
 
 @pytest.fixture
@@ -75,47 +84,66 @@ def test_five_runs_on_one_postgres_database_apply_everything_once(
 def test_create_index_concurrently_under_the_lock_neither_hangs_nor_breaks(
     pg_project: Project, pg_database: PgDatabase
 ) -> None:
-    pg_project.add_revision("cic", revision(
-        "cic001", head_revision(),
-        'op.execute("select pg_sleep(0.5)")\n'
-        "    with op.get_context().autocommit_block():\n"
-        '        op.execute("CREATE INDEX CONCURRENTLY ix_users_username ON users (username)")',
-        message="index usernames",
-    ))
+    pg_project.add_revision(
+        "cic",
+        revision(
+            "cic001",
+            head_revision(),
+            'op.execute("select pg_sleep(0.5)")\n'
+            "    with op.get_context().autocommit_block():\n"
+            '        op.execute("CREATE INDEX CONCURRENTLY ix_users_username ON users (username)")',
+            message="index usernames",
+        ),
+    )
 
     results = finish([popen(pg_project, "migrate", "--env=ci") for _ in range(5)])
 
     assert [code for code, _ in results] == [0] * 5, results
-    index = pg_fetch(pg_database.dsn, (
-        "select i.indisvalid from pg_index i join pg_class c on c.oid = i.indexrelid "
-        "where c.relname = 'ix_users_username'"
-    ))
+    index = pg_fetch(
+        pg_database.dsn,
+        (
+            "select i.indisvalid from pg_index i join pg_class c on c.oid = i.indexrelid "
+            "where c.relname = 'ix_users_username'"
+        ),
+    )
     assert [row["indisvalid"] for row in index] == [True]
 
 
 def advisory_locks(dsn: str) -> list[int]:
-    rows = pg_fetch(dsn, (
-        f"select pid from pg_locks where locktype = 'advisory' and classid = {NAMESPACE} "
-        "and database = (select oid from pg_database where datname = current_database())"
-    ))
+    rows = pg_fetch(
+        dsn,
+        (
+            f"select pid from pg_locks where locktype = 'advisory' and classid = {NAMESPACE} "
+            "and database = (select oid from pg_database where datname = current_database())"
+        ),
+    )
     return [row["pid"] for row in rows]
 
 
 @pytest.mark.postgres
-def test_killing_the_lock_holder_frees_the_lock(pg_project: Project, pg_database: PgDatabase) -> None:
-    pg_project.add_revision("slow", revision(
-        "slow01", head_revision(),
-        'op.create_table("notes", sa.Column("id", sa.Integer))\n'
-        "    import os\n"
-        '    if os.environ.get("SLOW_REVISION"):\n'
-        '        op.execute("select pg_sleep(60)")',
-    ))
+def test_killing_the_lock_holder_frees_the_lock(
+    pg_project: Project, pg_database: PgDatabase
+) -> None:
+    pg_project.add_revision(
+        "slow",
+        revision(
+            "slow01",
+            head_revision(),
+            'op.create_table("notes", sa.Column("id", sa.Integer))\n'
+            "    import os\n"
+            '    if os.environ.get("SLOW_REVISION"):\n'
+            '        op.execute("select pg_sleep(60)")',
+        ),
+    )
     holder = popen(pg_project, "migrate", "--env=ci", SLOW_REVISION="1")
     deadline = time.monotonic() + 30
-    while not pg_fetch(pg_database.dsn, (
-        "select 1 from pg_stat_activity where query like '%pg_sleep(60)%' "
-        "and datname = current_database() and pid <> pg_backend_pid()"
-    )):
+    while not pg_fetch(
+        pg_database.dsn,
+        (
+            "select 1 from pg_stat_activity where query like '%pg_sleep(60)%' "
+            "and datname = current_database() and pid <> pg_backend_pid()"
+        ),
+    ):
         assert time.monotonic() < deadline and holder.poll() is None, "the run never got going"
         time.sleep(0.1)
     assert advisory_locks(pg_database.dsn)
@@ -167,7 +195,9 @@ def test_a_held_lock_times_out_with_its_own_exit_code(
     assert "application_name 'blocker'" in waiting.stderr
     assert "gave up after 1s with nothing changed" in waiting.stderr
     assert "Traceback" not in waiting.stderr
-    assert pg_fetch(pg_database.dsn, "select tablename from pg_tables where schemaname='public'") == []
+    assert (
+        pg_fetch(pg_database.dsn, "select tablename from pg_tables where schemaname='public'") == []
+    )
     # another database on the same server does not wait on that lock
     assert elsewhere.returncode == 0, elsewhere.stderr
 
@@ -186,8 +216,12 @@ def test_three_runs_on_one_sqlite_file_apply_everything_once(project: Project) -
 
 def test_a_locked_sqlite_file_times_out_with_its_own_exit_code(project: Project) -> None:
     project.ok("migrate")
-    project.add_revision("n", revision("notes1", head_revision(),
-                                       'op.create_table("notes", sa.Column("id", sa.Integer))'))
+    project.add_revision(
+        "n",
+        revision(
+            "notes1", head_revision(), 'op.create_table("notes", sa.Column("id", sa.Integer))'
+        ),
+    )
     blocker = sqlite3.connect(project.root / "var" / "dev.sqlite3", isolation_level=None)
     blocker.execute("BEGIN IMMEDIATE")
     try:

@@ -83,7 +83,7 @@ def test_unsupported_driver(project: Project) -> None:
 def test_bad_connect_timeout(project: Project) -> None:
     project.write_env("slow", "DATABASE_URL=sqlite:///var/x.sqlite3\nCONNECT_TIMEOUT=soon\n")
     error = project.fails("status", "--env=slow")
-    assert "CONNECT_TIMEOUT must be a number of seconds, not 'soon'" in error
+    assert "CONNECT_TIMEOUT must be a number, 0 or more, not 'soon'" in error
 
 
 def test_unknown_revision(project: Project) -> None:

@@ -68,7 +68,7 @@ def test_migrate_postgres_from_inside_a_running_event_loop(
 
     async def app_startup() -> tuple[str, ...]:
         commands.migrate(pg)
-        return commands.current_revisions(pg)
+        return commands.read_state(pg).current
 
     assert asyncio.run(app_startup()) == (head_revision(),)
     assert env.name == "t"

@@ -21,7 +21,7 @@ SHOP_TABLES = {"users", "categories", "products", "purchases"}
 
 def pg_tables(database: PgDatabase) -> set[str]:
     rows = pg_fetch(database.dsn, "select tablename from pg_tables where schemaname = 'public'")
-    return {row["tablename"] for row in rows} - {"alembic_version"}
+    return {row["tablename"] for row in rows} - {"alembic_version", "migration_log"}
 
 
 def pg_version(database: PgDatabase) -> list[str]:

@@ -13,7 +13,7 @@ SHOP_TABLES = {"users", "categories", "products", "purchases"}
 def tables(project: Project) -> set[str]:
     with project.sqlite() as connection:
         rows = connection.execute("select name from sqlite_master where type = 'table'")
-        return {name for (name,) in rows} - {"alembic_version", "sqlite_sequence"}
+        return {name for (name,) in rows} - {"alembic_version", "migration_log", "sqlite_sequence"}
 
 
 def version(project: Project) -> list[str]:

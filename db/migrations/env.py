@@ -44,6 +44,11 @@ def check_foreign_keys(ctx: Any, **_kw: Any) -> None:
             raise MigrationFailed(f"the revision leaves rows with broken foreign keys in {tables}")
 
 
+def include_name(name: str | None, type_: str, _parents: Any) -> bool:
+    """Autogenerate leaves the tool's own tables alone."""
+    return not (type_ == "table" and name in (VERSION_TABLE, "migration_log"))
+
+
 def options(*after_each: Any) -> dict[str, Any]:
     """``context.configure`` options shared by every path."""
     return {
@@ -52,6 +57,7 @@ def options(*after_each: Any) -> dict[str, Any]:
         "render_as_batch": True,  # revisions must also run on SQLite, which alters by copying
         "transaction_per_migration": True,
         "process_revision_directives": skip_empty_autogenerate,
+        "include_name": include_name,
         "on_version_apply": [
             check_foreign_keys,
             *config.attributes.get("on_version_apply", []),
@@ -96,9 +102,11 @@ async def run_async_migrations(engine: AsyncEngine) -> None:
             ):
                 async with connect_async(engine) as connection:
                     await connection.run_sync(do_run_migrations)
+                    await connection.commit()  # what a run wrote outside any revision
         else:
             async with connect_async(engine, settings.wait) as connection:
                 await connection.run_sync(do_run_migrations)
+                await connection.commit()
     finally:
         await engine.dispose()
 
@@ -123,6 +131,7 @@ def run_migrations_online() -> None:
             run_sqlite(connection)
         else:
             do_run_migrations(connection)
+            connection.commit()
     if given is None:
         engine.dispose()
 

@@ -1,0 +1,108 @@
+"""Checks made before a run changes anything: ids, applied files, and which env this is."""
+
+from __future__ import annotations
+
+import re
+from collections.abc import Callable, Iterable
+from pathlib import Path
+
+from alembic.script import ScriptDirectory
+from alembic.util import CommandError
+
+from db import audit
+from db.environments import Environment
+from db.errors import GuardRefused, RevisionError
+
+_REVISION_ID = re.compile(r"\w+", re.ASCII)
+
+
+def valid_ids(ids: Iterable[str]) -> None:
+    """Revision ids are letters, digits and underscores before they go near SQL."""
+    for rev in ids:
+        if not _REVISION_ID.fullmatch(rev):
+            raise RevisionError(
+                f"revision id {rev!r} may only hold letters, digits and underscores"
+            )
+
+
+def same_environment(log: list[audit.Entry], env: Environment, allow: bool) -> bool:
+    """Refuse a database last migrated under another environment name (Rails' guard).
+
+    Returns True when ``allow`` overrode a mismatch, so the caller can re-stamp the name.
+    """
+    if not log or log[-1].environment == env.name:
+        return False
+    if allow:
+        return True
+    raise GuardRefused(
+        f"this database was last migrated as {log[-1].environment!r}, not {env.name!r}: check "
+        f"that environments/{env.name}.env points at the right server, or pass "
+        "--allow-env-mismatch if it really is the same database under a new name"
+    )
+
+
+def unchanged_files(
+    log: list[audit.Entry],
+    script: ScriptDirectory,
+    env: Environment,
+    warn: Callable[[str], None],
+) -> None:
+    """Compare applied revisions' recorded checksums with their files.
+
+    A change is an error on protected environments and a warning elsewhere.
+    """
+    for rev, recorded in audit.applied_checksums(log).items():
+        problem = _problem(script, env, rev, recorded)
+        if problem is None:
+            continue
+        if env.protected:
+            raise GuardRefused(f"{problem}; nothing was run")
+        warn(f"warning: {problem}")
+
+
+def _problem(
+    script: ScriptDirectory, env: Environment, rev: str, recorded: str | None
+) -> str | None:
+    try:
+        found = script.get_revision(rev)
+    except CommandError:
+        found = None
+    if found is None:
+        return (
+            f"revision {rev} is applied, but its file is missing from "
+            f"{_relative(script.versions, env)}: restore it from version control"
+        )
+    current = audit.checksum(found.path)
+    if recorded is None or recorded == current:
+        return None
+    return (
+        f"{_relative(found.path, env)} changed after revision {rev} was applied "
+        f"(sha256 {recorded[:12]} then, {current[:12]} now): restore it, or record the change "
+        f"with `invoke accept-changes --env={env.name} {rev}`"
+    )
+
+
+def _relative(path: str, env: Environment) -> str:
+    return env.relative(Path(path).resolve())
+
+
+def single_head(script: ScriptDirectory, env: Environment) -> None:
+    heads = script.get_heads()
+    if len(heads) > 1:
+        raise RevisionError(
+            f"the revisions have {len(heads)} heads ({', '.join(sorted(heads))}): merge them with "
+            '`alembic merge -m "merge heads" heads`, or pass --to=REV for one of them'
+        )
+
+
+def known_revisions(script: ScriptDirectory, current: tuple[str, ...], env: Environment) -> None:
+    valid_ids(current)
+    for rev in current:
+        try:
+            script.get_revision(rev)
+        except CommandError:
+            raise RevisionError(
+                f"the {env.name} database is at revision {rev}, which is not in "
+                f"{Path(script.versions).relative_to(env.root)}: check out the code that "
+                "matches this database, or restore that revision's file"
+            ) from None
