@@ -8,14 +8,14 @@ from pathlib import Path
 from typing import Any
 
 from alembic import command
-from alembic.script import Script, ScriptDirectory
+from alembic.script import Script
 from alembic.util import CommandError
 
 from db import audit, guards
 from db.commands import plan_steps, read_state
 from db.environments import Environment
 from db.errors import DbError, RevisionError
-from db.runner import Progress, make_config, revision_error, run_env
+from db.runner import Progress, load_scripts, make_config, revision_error, run_env
 
 
 def offline_sql(env: Environment, start: str | None = None, to: str = "head") -> str:
@@ -25,7 +25,7 @@ def offline_sql(env: Environment, start: str | None = None, to: str = "head") ->
     """
     output = io.StringIO()
     config = make_config(env, offline=True, output=output)
-    script = ScriptDirectory.from_config(config)
+    script = load_scripts(config)
     if to == "head":
         guards.single_head(script, env)
     progress = Progress(None, env.name, audit.Who.here(env.root))
@@ -34,7 +34,7 @@ def offline_sql(env: Environment, start: str | None = None, to: str = "head") ->
         audit.ensure_table(context.execute)
         return progress.planned(plan_steps(script, to, current, up=True))
 
-    run_env(config, upgrade, progress, as_sql=True, starting_rev=start, destination_rev=to)
+    run_env(config, script, upgrade, progress, as_sql=True, starting_rev=start, destination_rev=to)
     return output.getvalue()
 
 
@@ -43,9 +43,9 @@ def make_migration(env: Environment, message: str, *, empty: bool = False) -> Pa
     if not message.strip():
         raise DbError('a migration needs a message, e.g. invoke makemigration "add coupons"')
     config = make_config(env, offline=empty)  # an empty revision needs no database
-    script = ScriptDirectory.from_config(config)
+    script = load_scripts(config)
     guards.single_head(script, env)
-    if not empty and set(read_state(env, config).current) != set(script.get_heads()):
+    if not empty and set(read_state(env, config, script).current) != set(script.get_heads()):
         raise RevisionError(
             f"the {env.name} database is not at head, so autogenerate would compare the "
             f"models with an old schema: run `invoke migrate --env={env.name}` first"

@@ -7,6 +7,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any, cast
 
+from alembic.config import Config
 from alembic.script import Script, ScriptDirectory
 from alembic.util import CommandError
 from sqlalchemy import Connection, text
@@ -17,7 +18,15 @@ from db import audit, backups, guards
 from db.engines import CONNECT_TIMEOUT, connect_async, make_engine, run_coroutine
 from db.environments import Environment
 from db.errors import ConfigError, DbError, GuardRefused, RevisionError
-from db.runner import Progress, RunOptions, Step, make_config, revision_error, run_env
+from db.runner import (
+    Progress,
+    RunOptions,
+    Step,
+    load_scripts,
+    make_config,
+    revision_error,
+    run_env,
+)
 
 
 @dataclass(frozen=True)
@@ -58,9 +67,11 @@ class State:
 
 def migrate(env: Environment, to: str = "head", options: RunOptions | None = None) -> list[Step]:
     """Upgrade to ``to`` (head, an id or prefix, or ``+N``); returns the steps applied."""
-    if to == "head":
-        guards.single_head(_scripts(env), env)
-    return _change(env, options, lambda script, current: plan_steps(script, to, current, up=True))
+
+    def plan(script: ScriptDirectory, current: tuple[str, ...]) -> list[Any]:
+        return plan_steps(script, to, current, up=True)
+
+    return _change(env, options, plan, single_head=to == "head")
 
 
 def rollback(
@@ -87,7 +98,7 @@ def accept_changes(env: Environment, revision: str, options: RunOptions | None =
     """Record the current checksum of an applied revision's edited file; returns it."""
     options = options or RunOptions()
     config = make_config(env, options, lock=True)
-    script = ScriptDirectory.from_config(config)
+    script = load_scripts(config)
     accepted: list[str] = []
 
     def accept(current: tuple[str, ...], context: Any) -> list[Any]:
@@ -103,7 +114,7 @@ def accept_changes(env: Environment, revision: str, options: RunOptions | None =
         _record(context.connection, env, found.revision, "accept", accepted[0])
         return []
 
-    run_env(config, accept)
+    run_env(config, script, accept)
     return accepted[0]
 
 
@@ -114,8 +125,8 @@ def status(env: Environment, options: RunOptions | None = None) -> Status:
     """
     options = options or RunOptions()
     config = make_config(env, options)
-    script = ScriptDirectory.from_config(config)
-    state = read_state(env, config)
+    script = load_scripts(config)
+    state = read_state(env, config, script)
     guards.unchanged_files(state.log, script, env, options.note)
     pending = [step.revision for step in plan_steps(script, "heads", state.current, up=True)]
     return Status(
@@ -128,8 +139,8 @@ def status(env: Environment, options: RunOptions | None = None) -> Status:
 def history(env: Environment) -> list[HistoryEntry]:
     """Every revision, newest first, marking those applied, and when and by whom."""
     config = make_config(env)
-    script = ScriptDirectory.from_config(config)
-    state = read_state(env, config)
+    script = load_scripts(config)
+    state = read_state(env, config, script)
     applied = _applied(script, state.current)
     last_up = {e.revision: e for e in state.log if e.direction == "up"}
     heads = set(script.get_heads())
@@ -148,26 +159,28 @@ def history(env: Environment) -> list[HistoryEntry]:
     return entries
 
 
-def read_state(env: Environment, config: Any = None) -> State:
+def read_state(env: Environment, config: Config, script: ScriptDirectory) -> State:
     """The revision ids recorded in the database (empty at base) and its audit trail."""
-    config = config or make_config(env)
-    script = ScriptDirectory.from_config(config)
     found: list[State] = []
 
     def read(current: tuple[str, ...], context: Any) -> list[Any]:
         found.append(State(tuple(current), audit.entries(context.connection)))
         return []
 
-    run_env(config, read, dont_mutate=True)
+    run_env(config, script, read, dont_mutate=True)
     guards.known_revisions(script, found[0].current, env)
     return found[0]
 
 
-def _change(env: Environment, options: RunOptions | None, plan: Any) -> list[Step]:
+def _change(
+    env: Environment, options: RunOptions | None, plan: Any, *, single_head: bool = False
+) -> list[Step]:
     """Run the steps ``plan(script, current)`` chooses, under the lock, after the guards."""
     options = options or RunOptions()
     config = make_config(env, options, lock=True)
-    script = ScriptDirectory.from_config(config)
+    script = load_scripts(config)
+    if single_head:
+        guards.single_head(script, env)
     progress = Progress(options.on_step, env.name, audit.Who.here(env.root))
 
     def run(current: tuple[str, ...], context: Any) -> list[Any]:
@@ -186,7 +199,7 @@ def _change(env: Environment, options: RunOptions | None, plan: Any) -> list[Ste
             _record(connection, env, ",".join(current) or "base", "env", None)
         return progress.planned(steps)
 
-    run_env(config, run, progress)
+    run_env(config, script, run, progress)
     return progress.applied
 
 
@@ -231,10 +244,6 @@ def _record(
         who=audit.Who.here(env.root),
         file_checksum=checksum,
     )
-
-
-def _scripts(env: Environment) -> ScriptDirectory:
-    return ScriptDirectory.from_config(make_config(env, offline=True))
 
 
 def _applied(script: ScriptDirectory, current: tuple[str, ...]) -> set[str]:

@@ -165,11 +165,24 @@ class Progress:
         )
 
 
+def load_scripts(config: Config) -> ScriptDirectory:
+    """The revision files, all loaded now, so a broken one is reported clearly up front."""
+    script = ScriptDirectory.from_config(config)
+    try:
+        script.revision_map.heads  # noqa: B018 (loads every file)
+    except Exception as exc:
+        raise RevisionError(f"the revision files cannot be loaded: {describe(exc)}") from exc
+    return script
+
+
 def run_env(
-    config: Config, fn: Callable[..., Any], progress: Progress | None = None, **kw: Any
+    config: Config,
+    script: ScriptDirectory,
+    fn: Callable[..., Any],
+    progress: Progress | None = None,
+    **kw: Any,
 ) -> None:
     """Run env.py with ``fn`` deciding the steps; turn expected failures into DbError."""
-    script = ScriptDirectory.from_config(config)
     if progress is not None:
         config.attributes["on_version_apply"] = [progress.on_version_apply]
     try:

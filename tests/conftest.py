@@ -43,7 +43,7 @@ class Project:
             env={**self.environ, **env},
             capture_output=True,
             text=True,
-            timeout=120,
+            timeout=int(os.environ.get("TEST_INVOKE_TIMEOUT", "120")),
         )
 
     def ok(self, *args: str, **env: str) -> subprocess.CompletedProcess[str]:

@@ -16,8 +16,12 @@ def tables(project: Project) -> set[str]:
         return {name for (name,) in rows} - {"alembic_version", "migration_log", "sqlite_sequence"}
 
 
-def version(project: Project) -> list[str]:
-    with project.sqlite() as connection:
+def version(project: Project, relative: str = "var/dev.sqlite3") -> list[str]:
+    """The revisions recorded in the file; none where there is no version table (yet)."""
+    with project.sqlite(relative) as connection:
+        found = connection.execute("select 1 from sqlite_master where name = 'alembic_version'")
+        if found.fetchone() is None:
+            return []
         return [rev for (rev,) in connection.execute("select version_num from alembic_version")]
 
 

@@ -1,0 +1,170 @@
+"""The audit trail, checksums of applied files, revision ids, and the environment guard."""
+
+from __future__ import annotations
+
+import getpass
+import hashlib
+import socket
+from pathlib import Path
+
+from conftest import Project, head_revision
+from test_errors import revision
+from test_tasks_sqlite import version
+
+
+def log_rows(project: Project, relative: str = "var/dev.sqlite3") -> list[tuple[object, ...]]:
+    with project.sqlite(relative) as connection:
+        return connection.execute(
+            "select revision, direction, environment, os_user, host, checksum, duration_ms, "
+            "tool_version from migration_log order by id"
+        ).fetchall()
+
+
+def initial_file(project: Project) -> str:
+    [path] = project.versions.glob(f"*_{head_revision()}_*.py")
+    return str(path)
+
+
+def sha256(path: str) -> str:
+    return hashlib.sha256(Path(path).read_bytes().replace(b"\r\n", b"\n")).hexdigest()
+
+
+def add_notes(project: Project) -> None:
+    project.add_revision(
+        "notes",
+        revision(
+            "notes1",
+            head_revision(),
+            'op.create_table("notes", sa.Column("id", sa.Integer))',
+            message="add notes",
+        ),
+    )
+
+
+def test_every_revision_applied_or_rolled_back_leaves_a_row(project: Project) -> None:
+    project.ok("migrate")
+    add_notes(project)
+    project.ok("migrate")
+    project.ok("rollback")
+
+    rows = log_rows(project)
+    assert [(r[0], r[1], r[2]) for r in rows] == [
+        (head_revision(), "up", "dev"),
+        ("notes1", "up", "dev"),
+        ("notes1", "down", "dev"),
+    ]
+    rev, _, _, user, host, digest, duration, tool = rows[0]
+    assert (user, host) == (getpass.getuser(), socket.gethostname())
+    assert digest == sha256(initial_file(project))
+    assert isinstance(duration, int) and duration >= 0
+    assert tool == "0.1.0"
+
+
+def test_a_failed_revision_leaves_no_audit_row(project: Project) -> None:
+    project.add_revision("bad", revision("bad001", head_revision(), 'raise RuntimeError("no")'))
+    project.fails("migrate")
+    assert [r[0] for r in log_rows(project)] == [head_revision()]
+
+
+def test_history_shows_when_and_by_whom(project: Project) -> None:
+    project.ok("migrate")
+    add_notes(project)
+    lines = project.ok("history").stdout.splitlines()
+
+    assert lines[0].startswith("notes1  pending  add notes  (head)")
+    assert "[" not in lines[0]
+    assert f"by {getpass.getuser()}@{socket.gethostname()}]" in lines[1]
+
+
+def test_an_edited_applied_file_is_a_warning_on_dev(project: Project) -> None:
+    project.ok("migrate")
+    path = initial_file(project)
+    with open(path, "a") as edited:
+        edited.write("\n# edited after it was applied\n")
+    add_notes(project)
+
+    result = project.ok("migrate")
+
+    assert (
+        f"warning: db/migrations/versions/{path.rsplit('/', 1)[1]} changed after revision "
+        f"{head_revision()} was applied" in result.stderr
+    )
+    assert f"invoke accept-changes --env=dev {head_revision()}" in result.stderr
+    assert version(project) == ["notes1"]
+    assert "warning:" in project.ok("status").stderr
+
+
+def test_line_endings_do_not_count_as_an_edit(project: Project) -> None:
+    project.ok("migrate")
+    path = initial_file(project)
+    Path(path).write_bytes(Path(path).read_bytes().replace(b"\n", b"\r\n"))
+    assert "warning" not in project.ok("status").stderr
+
+
+def test_an_edited_applied_file_stops_a_protected_environment(project: Project) -> None:
+    project.write_env("safe", "DATABASE_URL=sqlite:///var/safe.sqlite3\nPROTECTED=true\n")
+    project.ok("migrate", "--env=safe", "--yes")
+    with open(initial_file(project), "a") as edited:
+        edited.write("\n# edited\n")
+    add_notes(project)
+
+    result = project.invoke("migrate", "--env=safe", "--yes")
+
+    assert result.returncode == 4, result.stderr
+    assert "changed after revision" in result.stderr and "nothing was run" in result.stderr
+    assert version(project, "var/safe.sqlite3") == [head_revision()]
+    assert project.invoke("status", "--env=safe").returncode == 4
+
+    accepted = project.ok("accept-changes", head_revision(), "--env=safe")
+    assert f"accepted {head_revision()}" in accepted.stderr
+    assert log_rows(project, "var/safe.sqlite3")[-1][1] == "accept"
+    project.ok("migrate", "--env=safe", "--yes")
+    assert version(project, "var/safe.sqlite3") == ["notes1"]
+
+
+def test_accept_changes_needs_an_applied_revision(project: Project) -> None:
+    add_notes(project)
+    project.ok("migrate", f"--to={head_revision()}")
+    error = project.fails("accept-changes", "notes1")
+    assert "revision notes1 is not applied to the dev database" in error
+
+
+def test_revision_ids_are_checked_before_they_reach_sql(project: Project) -> None:
+    project.add_revision("odd", revision("odd.id'", head_revision(), "pass"))
+    error = project.fails("migrate")
+    assert 'revision id "odd.id\'" may only hold letters, digits and underscores' in error
+    with project.sqlite() as connection:
+        assert connection.execute("select name from sqlite_master").fetchall() == []
+
+
+def test_a_database_revision_id_is_checked_too(project: Project) -> None:
+    project.ok("migrate")
+    with project.sqlite() as connection:
+        connection.execute("update alembic_version set version_num = 'x'' or 1=1'")
+    error = project.fails("status")
+    assert "may only hold letters, digits and underscores" in error
+
+
+def test_a_broken_revision_file_is_a_clear_error(project: Project) -> None:
+    project.add_revision("dash", revision("dash-id", head_revision(), "pass"))
+    error = project.fails("status")
+    assert "the revision files cannot be loaded" in error
+    assert "'-' not allowed in revision identifier 'dash-id'" in error
+
+
+def test_a_database_migrated_as_another_environment_is_refused(project: Project) -> None:
+    project.write_env("a", "DATABASE_URL=sqlite:///var/shared.sqlite3\n")
+    project.write_env("b", "DATABASE_URL=sqlite:///var/shared.sqlite3\n")
+    project.ok("migrate", "--env=a")
+    add_notes(project)
+
+    refused = project.invoke("migrate", "--env=b")
+    assert refused.returncode == 4
+    assert "last migrated as 'a', not 'b'" in refused.stderr
+    assert "--allow-env-mismatch" in refused.stderr
+    assert version(project, "var/shared.sqlite3") == [head_revision()]
+
+    project.ok("migrate", "--env=b", "--allow-env-mismatch")
+    assert version(project, "var/shared.sqlite3") == ["notes1"]
+    project.ok("rollback", "--env=b")  # b is now the recorded name
+    assert project.invoke("migrate", "--env=a").returncode == 4

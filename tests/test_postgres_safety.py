@@ -1,0 +1,182 @@
+"""Production safety on a real PostgreSQL server: session settings, audit, backups, waiting."""
+
+from __future__ import annotations
+
+import asyncio
+import socket
+import subprocess
+import threading
+import time
+from collections.abc import Iterator
+from pathlib import Path
+
+import asyncpg
+import pytest
+from conftest import PgDatabase, Project, head_revision, pg_fetch
+from test_errors import revision
+
+pytestmark = pytest.mark.postgres
+
+
+@pytest.fixture
+def pg_project(project: Project, pg_database: PgDatabase) -> Project:
+    project.write_env("ci", f"DATABASE_URL={pg_database.url}\nLOCK_TIMEOUT=1s\n")
+    return project
+
+
+def test_migrations_run_with_the_env_files_session_settings(
+    pg_project: Project, pg_database: PgDatabase
+) -> None:
+    pg_project.add_revision(
+        "seen",
+        revision(
+            "seen01",
+            head_revision(),
+            "op.execute(\"create table seen as select current_setting('lock_timeout') lt, "
+            "current_setting('statement_timeout') st, current_setting('application_name') app\")",
+        ),
+    )
+    pg_project.ok("migrate", "--env=ci")
+
+    [row] = pg_fetch(pg_database.dsn, "select * from seen")
+    assert (row["lt"], row["st"], row["app"]) == ("1s", "15min", "migrations")
+
+
+def test_a_migration_waiting_behind_a_long_query_fails_fast(
+    pg_project: Project, pg_database: PgDatabase
+) -> None:
+    pg_project.ok("migrate", "--env=ci")
+    pg_project.add_revision(
+        "alter",
+        revision(
+            "alter1",
+            head_revision(),
+            'op.add_column("users", sa.Column("email", sa.String(100)))',
+            message="add email",
+        ),
+    )
+
+    async def scenario() -> tuple[float, int, str]:
+        reader = await asyncpg.connect(pg_database.dsn)
+        transaction = reader.transaction()
+        await transaction.start()
+        await reader.execute("lock table users in access share mode")  # a long report query
+        try:
+            started = time.monotonic()
+            result = await asyncio.to_thread(pg_project.invoke, "migrate", "--env=ci")
+            return time.monotonic() - started, result.returncode, result.stderr
+        finally:
+            await transaction.rollback()
+            await reader.close()
+
+    seconds, code, stderr = asyncio.run(scenario())
+
+    assert code == 1, stderr
+    assert "upgrade of revision alter1 (add email) failed" in stderr
+    assert "lock timeout" in stderr
+    assert seconds < 15
+    rows = pg_fetch(pg_database.dsn, "select version_num from alembic_version")
+    assert [r["version_num"] for r in rows] == [head_revision()]
+
+
+def test_the_audit_trail_on_postgres(pg_project: Project, pg_database: PgDatabase) -> None:
+    pg_project.ok("migrate", "--env=ci")
+    pg_project.ok("rollback", "--env=ci")
+
+    rows = pg_fetch(pg_database.dsn, "select * from migration_log order by id")
+
+    assert [(r["revision"], r["direction"], r["environment"]) for r in rows] == [
+        (head_revision(), "up", "ci"),
+        (head_revision(), "down", "ci"),
+    ]
+    assert all(len(r["checksum"]) == 64 and r["started_at"].tzinfo for r in rows)
+    pg_project.ok("migrate", "--env=ci")
+    [line] = pg_project.ok("history", "--env=ci").stdout.splitlines()
+    assert f" by {rows[0]['os_user']}@{rows[0]['host']}]" in line
+
+
+def test_offline_sql_writes_the_audit_trail_too(
+    pg_project: Project, pg_database_2: PgDatabase
+) -> None:
+    sql = pg_project.ok("offline-sql", "--env=prod").stdout
+    subprocess.run(
+        ["psql", "-X", "-q", "-v", "ON_ERROR_STOP=1", "-d", pg_database_2.dsn],
+        input=sql,
+        text=True,
+        check=True,
+        capture_output=True,
+    )
+    rows = pg_fetch(pg_database_2.dsn, "select revision, direction, environment from migration_log")
+    assert [tuple(r) for r in rows] == [(head_revision(), "up", "prod")]
+
+
+def test_pg_dump_backup_when_the_env_file_asks(project: Project, pg_database: PgDatabase) -> None:
+    project.write_env("ci", f"DATABASE_URL={pg_database.url}\nBACKUP=pg_dump\n")
+
+    result = project.ok("migrate", "--env=ci")
+
+    [dump] = (project.root / "var" / "backups").glob("ci-*.dump")
+    assert f"backed up to var/backups/{dump.name} with pg_dump" in result.stderr
+    assert dump.stat().st_size > 0 and (dump.stat().st_mode & 0o777) == 0o600
+
+
+def test_pg_dump_missing_skips_the_backup_with_a_message(
+    project: Project, pg_database: PgDatabase, tmp_path: Path
+) -> None:
+    project.write_env("ci", f"DATABASE_URL={pg_database.url}\nBACKUP=pg_dump\n")
+    result = project.ok("migrate", "--env=ci", PATH=str(tmp_path))
+    assert "pg_dump is not installed here: skipped the backup" in result.stderr
+
+
+@pytest.fixture
+def late_server() -> Iterator[int]:
+    """A port that starts forwarding to the real server only after two seconds."""
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        port = int(probe.getsockname()[1])
+    stop = threading.Event()
+    opened: list[socket.socket] = []
+
+    def pipe(source: socket.socket, target: socket.socket) -> None:
+        try:
+            while data := source.recv(65536):
+                target.sendall(data)
+            target.shutdown(socket.SHUT_WR)  # pass the end of the stream on
+        except OSError:
+            pass
+
+    def serve() -> None:
+        time.sleep(2)
+        with socket.create_server(("127.0.0.1", port)) as listener:
+            listener.settimeout(0.2)
+            while not stop.is_set():
+                try:
+                    client = listener.accept()[0]
+                except TimeoutError:
+                    continue
+                upstream = socket.create_connection(("127.0.0.1", 5432))
+                opened.extend((client, upstream))
+                for a, b in ((client, upstream), (upstream, client)):
+                    threading.Thread(target=pipe, args=(a, b), daemon=True).start()
+
+    thread = threading.Thread(target=serve, daemon=True)
+    thread.start()
+    yield port
+    stop.set()
+    thread.join()
+    for connection in opened:
+        connection.close()
+
+
+def test_wait_retries_the_first_connection(
+    project: Project, pg_database: PgDatabase, late_server: int
+) -> None:
+    url = pg_database.url.replace("127.0.0.1:5432", f"127.0.0.1:{late_server}")
+    project.write_env("late", f"DATABASE_URL={url}\n")
+
+    assert project.invoke("status", "--env=late").returncode == 1  # not up yet
+    result = project.invoke("migrate", "--env=late", "--wait=20")
+
+    assert result.returncode == 0, result.stderr
+    rows = pg_fetch(pg_database.dsn, "select version_num from alembic_version")
+    assert [r["version_num"] for r in rows] == [head_revision()]

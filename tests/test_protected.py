@@ -1,0 +1,214 @@
+"""Protected environments, confirmations, reset, backups and restore, env file permissions."""
+
+from __future__ import annotations
+
+import os
+import pty
+import stat
+import subprocess
+import sys
+
+from conftest import Project, head_revision
+from test_audit import add_notes
+from test_errors import SHOP_ROWS, revision
+from test_tasks_sqlite import tables, version
+
+SAFE = "DATABASE_URL=sqlite:///var/safe.sqlite3\nPROTECTED=true\n"
+
+
+def on_terminal(project: Project, typed: str, *args: str) -> tuple[int, str]:
+    """Run a task with a terminal as stdin, typing ``typed``; returns exit code and stderr."""
+    controller, terminal = pty.openpty()
+    process = subprocess.Popen(
+        [sys.executable, "-m", "invoke", *args],
+        cwd=project.root,
+        env=project.environ,
+        stdin=terminal,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+    os.close(terminal)
+    os.write(controller, typed.encode() + b"\n")
+    _, err = process.communicate(timeout=60)
+    os.close(controller)
+    return process.returncode, err
+
+
+def test_protected_migrate_without_a_terminal_needs_yes(project: Project) -> None:
+    project.write_env("safe", SAFE)
+
+    refused = project.invoke("migrate", "--env=safe")
+
+    assert refused.returncode == 4, refused.stderr
+    assert "plan: 1 to apply" in refused.stderr
+    assert f"  {head_revision()}  create shop tables" in refused.stderr
+    assert "no terminal to confirm on: pass --yes" in refused.stderr
+    assert version(project, "var/safe.sqlite3") == []
+
+    project.ok("migrate", "--env=safe", "--yes")
+    assert version(project, "var/safe.sqlite3") == [head_revision()]
+
+
+def test_protected_migrate_asks_for_the_typed_name(project: Project) -> None:
+    project.write_env("safe", SAFE)
+
+    code, err = on_terminal(project, "prod", "migrate", "--env=safe")
+    assert code == 4 and "the name did not match; nothing was changed" in err
+
+    code, err = on_terminal(project, "safe", "migrate", "--env=safe")
+    assert code == 0, err
+    assert "Type its name to migrate" in err
+    assert version(project, "var/safe.sqlite3") == [head_revision()]
+
+
+def test_protected_migrate_with_nothing_to_do_asks_nothing(project: Project) -> None:
+    project.write_env("safe", SAFE)
+    project.ok("migrate", "--env=safe", "--yes")
+    result = project.ok("migrate", "--env=safe")
+    assert "plan: nothing to apply" in result.stderr
+
+
+def test_the_plan_marks_revisions_outside_a_transaction(project: Project) -> None:
+    project.write_env("safe", SAFE)
+    project.ok("migrate", "--env=safe", "--yes")
+    project.add_revision(
+        "cic",
+        revision(
+            "cic001",
+            head_revision(),
+            "with op.get_context().autocommit_block():\n        pass",
+            message="index concurrently",
+        ),
+    )
+
+    refused = project.invoke("migrate", "--env=safe")
+    status = project.ok("status", "--env=safe").stdout
+
+    assert "cic001  index concurrently  [non-transactional: autocommit_block]" in refused.stderr
+    assert "cic001  index concurrently  [non-transactional: autocommit_block]" in status
+
+
+def test_protected_rollback_needs_yes_and_the_typed_name(project: Project) -> None:
+    project.write_env("safe", SAFE)
+    project.ok("migrate", "--env=safe", "--yes")
+
+    refused = project.invoke("rollback", "--env=safe")
+    assert refused.returncode == 4 and "to roll back it, pass --yes" in refused.stderr
+
+    code, err = on_terminal(project, "nope", "rollback", "--env=safe", "--yes")
+    assert code == 4 and "did not match" in err
+    assert version(project, "var/safe.sqlite3") == [head_revision()]
+
+    code, err = on_terminal(project, "safe", "rollback", "--env=safe", "--yes")
+    assert code == 0, err
+    assert version(project, "var/safe.sqlite3") == []
+
+
+def test_reset_refuses_a_protected_environment_outright(project: Project) -> None:
+    project.write_env("safe", SAFE)
+    project.ok("migrate", "--env=safe", "--yes")
+
+    refused = project.invoke("reset", "--env=safe", "--yes")
+
+    assert refused.returncode == 4
+    assert "safe is protected: reset drops every table and never runs there" in refused.stderr
+    assert version(project, "var/safe.sqlite3") == [head_revision()]
+
+
+def test_reset_drops_everything_and_migrates_from_scratch(project: Project) -> None:
+    project.ok("migrate")
+    with project.sqlite() as connection:
+        connection.execute("insert into categories (name) values ('e-books')")
+        connection.execute("create table stray (id integer)")
+
+    result = project.ok("reset")
+
+    assert "backed up to var/backups/dev-" in result.stderr
+    assert f"applied {head_revision()}" in result.stderr
+    assert "stray" not in tables(project)
+    with project.sqlite() as connection:
+        assert connection.execute("select count(*) from categories").fetchone() == (0,)
+
+
+def test_sqlite_is_backed_up_before_a_change_and_can_be_restored(project: Project) -> None:
+    project.ok("migrate")
+    with project.sqlite() as connection:
+        for statement in SHOP_ROWS:
+            connection.execute(statement)
+    add_notes(project)
+
+    result = project.ok("migrate")
+
+    [backup] = (project.root / "var" / "backups").glob("dev-*.sqlite3")
+    assert f"backed up to var/backups/{backup.name}" in result.stderr
+    assert stat.S_IMODE(backup.stat().st_mode) == 0o600
+    assert "notes" in tables(project)
+    assert "backed up" not in project.ok("migrate").stderr  # nothing to do, no backup
+
+    restored = project.ok("restore")
+    assert f"restored var/backups/{backup.name}" in restored.stderr
+    assert "notes" not in tables(project)
+    assert version(project) == [head_revision()]
+    with project.sqlite() as connection:
+        assert connection.execute("select count(*) from purchases").fetchone() == (1,)
+
+
+def test_only_the_newest_backups_are_kept(project: Project) -> None:
+    (project.root / "environments" / "dev.env").write_text(
+        "DATABASE_URL=sqlite:///var/dev.sqlite3\nBACKUP_KEEP=2\n"
+    )
+    project.ok("migrate")
+    for _ in range(3):
+        project.ok("rollback")
+        project.ok("migrate")
+    assert len(list((project.root / "var" / "backups").glob("dev-*.sqlite3"))) == 2
+
+
+def test_a_readable_local_env_file_gets_a_warning(project: Project) -> None:
+    local = project.root / "environments" / "dev.local.env"
+    local.write_text("CONNECT_TIMEOUT=3\n")
+    local.chmod(0o644)
+    warned = project.ok("status").stderr
+    assert "environments/dev.local.env may hold secrets but others can read it" in warned
+    assert "chmod 600 environments/dev.local.env" in warned
+
+    local.chmod(0o600)
+    assert "warning" not in project.ok("status").stderr
+
+
+def test_offline_sql_starts_with_the_session_settings(project: Project) -> None:
+    sql = project.ok("offline-sql", "--env=prod").stdout
+    assert sql.startswith(
+        "SET application_name = 'migrations';\n\n"
+        "SET lock_timeout = '5s';\n\n"
+        "SET statement_timeout = '15min';\n\n"
+        "SET standard_conforming_strings = 'on';\n"
+    )
+
+
+def test_a_failed_batch_alter_leaves_no_temporary_table(project: Project) -> None:
+    project.ok("migrate")
+    with project.sqlite() as connection:
+        for statement in SHOP_ROWS:
+            connection.execute(statement)
+    project.add_revision(
+        "strict",
+        revision(
+            "strict",
+            head_revision(),
+            'with op.batch_alter_table("users", recreate="always") as batch:\n'
+            '        batch.add_column(sa.Column("email", sa.String(100), nullable=False))',
+            message="require email",
+        ),
+    )
+
+    first = project.fails("migrate")
+    assert "revision strict (require email) failed: IntegrityError: NOT NULL constraint" in first
+    with project.sqlite() as connection:
+        names = [n for (n,) in connection.execute("select name from sqlite_master")]
+    assert not [n for n in names if n.startswith("_alembic_tmp")]
+
+    again = project.fails("migrate")  # the retry reports the real error, not a leftover table
+    assert "NOT NULL constraint" in again
+    assert version(project) == [head_revision()]
