@@ -168,3 +168,18 @@ def test_a_database_migrated_as_another_environment_is_refused(project: Project)
     assert version(project, "var/shared.sqlite3") == ["notes1"]
     project.ok("rollback", "--env=b")  # b is now the recorded name
     assert project.invoke("migrate", "--env=a").returncode == 4
+
+
+def test_an_applied_revision_whose_file_is_gone(project: Project) -> None:
+    project.write_env("safe", "DATABASE_URL=sqlite:///var/dev.sqlite3\nPROTECTED=true\n")
+    project.ok("migrate")
+    add_notes(project)
+    project.ok("migrate")
+    Path(initial_file(project)).unlink()  # squashed away: notes1 becomes the first revision
+    project.add_revision("notes", revision("notes1", None, "pass", message="add notes"))
+
+    warned = project.ok("status").stderr
+    assert f"warning: revision {head_revision()} is applied, but its file is missing" in warned
+    refused = project.invoke("status", "--env=safe")
+    assert refused.returncode == 4, refused.stderr
+    assert "its file is missing" in refused.stderr and "nothing was run" in refused.stderr

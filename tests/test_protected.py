@@ -212,3 +212,23 @@ def test_a_failed_batch_alter_leaves_no_temporary_table(project: Project) -> Non
     again = project.fails("migrate")  # the retry reports the real error, not a leftover table
     assert "NOT NULL constraint" in again
     assert version(project) == [head_revision()]
+
+
+def test_an_autocommit_block_on_sqlite_stays_inside_the_revision(project: Project) -> None:
+    """The block is for PostgreSQL; SQLite runs it in the revision's transaction."""
+    project.ok("migrate")
+    body = (
+        'op.create_table("a", sa.Column("id", sa.Integer))\n'
+        "    with op.get_context().autocommit_block():\n"
+        '        op.create_table("b", sa.Column("id", sa.Integer))\n'
+        "    {tail}"
+    )
+    project.add_revision(
+        "acb", revision("acb001", head_revision(), body.format(tail="raise RuntimeError('late')"))
+    )
+    assert "RuntimeError: late" in project.fails("migrate")
+    assert {"a", "b"}.isdisjoint(tables(project))
+
+    project.add_revision("acb", revision("acb001", head_revision(), body.format(tail="pass")))
+    project.ok("migrate")
+    assert {"a", "b"} <= tables(project)

@@ -7,6 +7,7 @@ A caller may instead hand over an Engine or a Connection as ``config.attributes[
 
 from __future__ import annotations
 
+from contextlib import nullcontext
 from logging.config import fileConfig
 from typing import Any
 
@@ -89,9 +90,16 @@ def do_run_migrations(connection: Connection, *after_each: Any) -> None:
 
 
 def run_sqlite(connection: Connection) -> None:
-    """One write transaction for the whole run, a savepoint per revision."""
+    """One write transaction for the whole run, a savepoint per revision.
+
+    SQLite has no DDL that must run outside a transaction, so a revision's
+    ``autocommit_block()`` (there for PostgreSQL) runs inside it, keeping the revision atomic.
+    """
     with sqlite_run(connection, settings.lock_wait, settings.note) as next_revision:
-        do_run_migrations(connection, lambda **_kw: next_revision())
+        context.configure(connection=connection, **options(lambda **_kw: next_revision()))
+        context.get_context().autocommit_block = nullcontext  # type: ignore[method-assign, assignment]
+        with context.begin_transaction():
+            context.run_migrations()
 
 
 async def run_async_migrations(engine: AsyncEngine) -> None:
