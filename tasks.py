@@ -94,8 +94,8 @@ def rollback(
         summarize("rolled back", target, downgrade(target, steps, to or None, options))
 
 
-@task(help={**COMMON, "yes": "skip the prompt"})
-def reset(c: Context, env: str = "", yes: bool = False, debug: bool = False) -> None:
+@task(help=COMMON)
+def reset(c: Context, env: str = "", debug: bool = False) -> None:
     """Drop every table and migrate from scratch (never on a protected environment)."""
     from db.commands import reset as drop_and_migrate
 

@@ -109,7 +109,7 @@ def test_reset_refuses_a_protected_environment_outright(project: Project) -> Non
     project.write_env("safe", SAFE)
     project.ok("migrate", "--env=safe", "--yes")
 
-    refused = project.invoke("reset", "--env=safe", "--yes")
+    refused = project.invoke("reset", "--env=safe")
 
     assert refused.returncode == 4
     assert "safe is protected: reset drops every table and never runs there" in refused.stderr
