@@ -7,12 +7,14 @@ exits); the work is done by the ``db`` package, imported inside each task so tha
 
 from __future__ import annotations
 
+import json
 import os
 import sys
 from collections.abc import Iterator
 from contextlib import contextmanager
+from dataclasses import asdict
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, TextIO
 
 from invoke.collection import Collection
 from invoke.context import Context
@@ -22,6 +24,7 @@ from invoke.tasks import task
 if TYPE_CHECKING:
     from db.commands import Revision
     from db.environments import Environment
+    from db.lint import Finding
     from db.runner import RunOptions, Step
 
 ROOT = Path(__file__).resolve().parent
@@ -57,7 +60,7 @@ def migrate(
         options = run_options(lock_wait, wait, allow_env_mismatch)
         if target.protected:
             plan = read_status(target, options).pending
-            show_plan(plan)
+            show_plan(target, plan)
             if plan:
                 confirm(target, yes, "migrate", need_yes=False)
         summarize("migrated", target, upgrade(target, to, options))
@@ -200,27 +203,46 @@ def offline_sql(
         sys.stdout.write(sql)
 
 
-@task(help=COMMON)
-def status(c: Context, env: str = "", debug: bool = False) -> None:
+@task(
+    help={
+        **COMMON,
+        "json": "print the status as JSON (fields in the README)",
+        "check": "exit with code 5 when revisions are pending, for deploy scripts",
+    }
+)
+def status(
+    c: Context, env: str = "", json_: bool = False, check: bool = False, debug: bool = False
+) -> None:
     """Show the current revision, the head, and the pending revisions in order."""
     from db.commands import status as read_status
 
     with reported(c, debug):
-        found = read_status(environment(c, env, banner=True), run_options())
-    print(f"current: {labels(found.current) or 'base (no revision applied)'}")
-    print(f"head:    {labels(found.heads) or 'none (no revisions yet)'}")
-    print(f"pending: {len(found.pending) or 'none'}")
-    for rev in found.pending:
-        print(f"  {rev.id}  {rev.message}{marker(rev)}")
+        target = environment(c, env, banner=True)
+        found = read_status(target, run_options())
+    if json_:
+        print_json({"environment": target.name, **asdict(found), "up_to_date": not found.pending})
+    else:
+        print(f"current: {labels(found.current) or 'base (no revision applied)'}")
+        print(f"head:    {labels(found.heads) or 'none (no revisions yet)'}")
+        if len(found.heads) > 1:
+            print(f"         {len(found.heads)} heads: run `invoke merge` to join them")
+        print(f"pending: {len(found.pending) or 'none'}")
+        for rev in found.pending:
+            print(f"  {rev.id}  {rev.message}{marker(rev)}")
+    if check and found.pending:
+        raise Exit(f"{target.name}: {len(found.pending)} revision(s) pending", code=5)
 
 
-@task(help=COMMON)
-def history(c: Context, env: str = "", debug: bool = False) -> None:
+@task(help={**COMMON, "json": "print the history as JSON (fields in the README)"})
+def history(c: Context, env: str = "", json_: bool = False, debug: bool = False) -> None:
     """List every revision, newest first: applied ones with when and by whom."""
     from db.commands import history as read_history
 
     with reported(c, debug):
         entries = read_history(environment(c, env, banner=True))
+    if json_:
+        print_json([asdict(entry) for entry in entries])
+        return
     for entry in entries:
         mark = "applied" if entry.applied else "pending"
         head = "  (head)" if entry.is_head else ""
@@ -228,6 +250,69 @@ def history(c: Context, env: str = "", debug: bool = False) -> None:
         if entry.applied_at is not None:
             when = f"  [{entry.applied_at:%Y-%m-%d %H:%M:%S %z} by {entry.applied_by}]"
         print(f"{entry.revision.id}  {mark}  {entry.revision.message}{head}{when}")
+
+
+@task(
+    help={
+        "env": "a PostgreSQL environment whose dialect to lint for (default: prod)",
+        "all": "lint every revision, not just those pending on the env's database",
+        "debug": COMMON["debug"],
+    }
+)
+def lint(c: Context, env: str = "prod", all_: bool = False, debug: bool = False) -> None:
+    """Lint the PostgreSQL SQL of the pending (or --all) revisions with squawk."""
+    from db.commands import status as read_status
+    from db.lint import lint as run_squawk
+
+    with reported(c, debug):
+        target = environment(c, env, banner=not all_)
+        revisions = None if all_ else [rev.id for rev in read_status(target, run_options()).pending]
+        findings = run_squawk(target, revisions)
+    print_findings(findings)
+    if findings:
+        raise Exit(f"{len(findings)} finding(s); excuse one with -- squawk-ignore RULE", code=5)
+    print("no findings", file=sys.stderr)
+
+
+@task(help=COMMON)
+def check(c: Context, env: str = "", debug: bool = False) -> None:
+    """Fail when models and database differ, there are several heads, or applied files changed."""
+    from db.commands import check as find_problems
+
+    with reported(c, debug):
+        problems = find_problems(environment(c, env, banner=True))
+    for problem in problems:
+        print(f"  {problem}", file=sys.stderr)
+    if problems:
+        raise Exit(f"check failed: {len(problems)} problem(s)", code=5)
+    print("check passed: one head, files unchanged, models match the database", file=sys.stderr)
+
+
+@task(
+    help={
+        "message": 'the merge revision\'s message (default "merge heads")',
+        "debug": COMMON["debug"],
+    }
+)
+def merge(c: Context, message: str = "merge heads", debug: bool = False) -> None:
+    """Write a revision that joins the heads into one."""
+    from db.authoring import merge as join_heads
+
+    with reported(c, debug):
+        written = join_heads(environment(c, ""), message)
+    print(f"wrote {written.relative_to(ROOT)}", file=sys.stderr)
+
+
+@task(help=COMMON)
+def seed(c: Context, env: str = "", debug: bool = False) -> None:
+    """Fill the database with a small sample shop (idempotent; never on protected envs)."""
+    from db.seed import seed as fill
+
+    with reported(c, debug):
+        target = environment(c, env, banner=True)
+        added = fill(target)
+    counts = ", ".join(f"{count} {kind}" for kind, count in added.items())
+    print(f"{target.name}: added {counts}", file=sys.stderr)
 
 
 @task
@@ -293,10 +378,27 @@ def confirm(env: Environment, yes: bool, action: str, *, need_yes: bool) -> None
         raise GuardRefused("the name did not match; nothing was changed")
 
 
-def show_plan(plan: tuple[Revision, ...]) -> None:
+def show_plan(env: Environment, plan: tuple[Revision, ...]) -> None:
+    """The pending revisions, and on PostgreSQL what squawk says of them."""
     print(f"plan: {len(plan) or 'nothing'} to apply", file=sys.stderr)
     for rev in plan:
         print(f"  {rev.id}  {rev.message}{marker(rev)}", file=sys.stderr)
+    if plan and env.url().get_backend_name() == "postgresql":
+        from db.lint import lint as run_squawk
+
+        findings = run_squawk(env, [rev.id for rev in plan])
+        print(f"lint: {len(findings) or 'no'} finding(s)", file=sys.stderr)
+        print_findings(findings, file=sys.stderr)
+
+
+def print_findings(findings: list[Finding], file: TextIO = sys.stdout) -> None:
+    for found in findings:
+        print(f"{found.revision}: {found.rule}: {found.message}", file=file)
+        print(f"    {found.statement}", file=file)
+
+
+def print_json(data: object) -> None:
+    print(json.dumps(data, indent=2, default=lambda value: value.isoformat()))
 
 
 def run_options(
@@ -337,6 +439,10 @@ def marker(rev: Revision) -> str:
 
 ns = Collection(
     migrate,
+    check,
+    lint,
+    merge,
+    seed,
     rollback,
     reset,
     restore,

@@ -12,8 +12,8 @@ import hashlib
 import socket
 import subprocess
 from collections.abc import Callable
-from dataclasses import dataclass
-from datetime import datetime
+from dataclasses import dataclass, replace
+from datetime import datetime, timezone
 from importlib import metadata
 from pathlib import Path
 from typing import Any
@@ -32,6 +32,7 @@ from sqlalchemy import (
 from sqlalchemy.schema import CreateTable
 from sqlalchemy.sql.expression import Executable
 
+UTC = timezone.utc
 Execute = Callable[[Executable], Any]
 LOG = Table(
     "migration_log",
@@ -133,7 +134,12 @@ def entries(connection: Connection) -> list[Entry]:
             LOG.c.checksum,
         ).order_by(LOG.c.id)
     )
-    return [Entry(*row) for row in rows]
+    entries = [Entry(*row) for row in rows]
+    # SQLite keeps no time zone; the times were written in UTC
+    return [
+        e if e.started_at.tzinfo else replace(e, started_at=e.started_at.replace(tzinfo=UTC))
+        for e in entries
+    ]
 
 
 def applied_checksums(log: list[Entry]) -> dict[str, str | None]:

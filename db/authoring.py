@@ -56,3 +56,19 @@ def make_migration(env: Environment, message: str, *, empty: bool = False) -> Pa
     except CommandError as exc:
         raise revision_error(exc, env.name) from exc
     return Path(written.path) if isinstance(written, Script) else None
+
+
+def merge(env: Environment, message: str = "merge heads") -> Path:
+    """Write a revision that joins every head into one; no database needed."""
+    config = make_config(env, offline=True)
+    heads = load_scripts(config).get_heads()
+    if len(heads) < 2:
+        raise DbError("there is only one head: nothing to merge")
+    try:
+        with redirect_stdout(io.StringIO()):
+            written = command.merge(config, "heads", message=message)
+    except CommandError as exc:
+        raise revision_error(exc, env.name) from exc
+    if written is None:
+        raise DbError("Alembic wrote no merge revision")
+    return Path(written.path)

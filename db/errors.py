@@ -37,3 +37,9 @@ class GuardRefused(DbError):
     """A safety guard said no: a protected environment, a changed file, a mismatched env."""
 
     exit_code = 4
+
+
+class CheckFailed(DbError):
+    """A check found something to fix: pending revisions, drift, several heads."""
+
+    exit_code = 5

@@ -51,13 +51,16 @@ def unchanged_files(
 
     A change is an error on protected environments and a warning elsewhere.
     """
-    for rev, recorded in audit.applied_checksums(log).items():
-        problem = _problem(script, env, rev, recorded)
-        if problem is None:
-            continue
+    for problem in changed_files(log, script, env):
         if env.protected:
             raise GuardRefused(f"{problem}; nothing was run")
         warn(f"warning: {problem}")
+
+
+def changed_files(log: list[audit.Entry], script: ScriptDirectory, env: Environment) -> list[str]:
+    """One message per applied revision whose file changed or went missing."""
+    found = (_problem(script, env, rev, sum_) for rev, sum_ in audit.applied_checksums(log).items())
+    return [problem for problem in found if problem is not None]
 
 
 def _problem(
@@ -91,7 +94,7 @@ def single_head(script: ScriptDirectory, env: Environment) -> None:
     if len(heads) > 1:
         raise RevisionError(
             f"the revisions have {len(heads)} heads ({', '.join(sorted(heads))}): merge them with "
-            '`alembic merge -m "merge heads" heads`, or pass --to=REV for one of them'
+            "`invoke merge`, or pass --to=REV for one of them"
         )
 
 

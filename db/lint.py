@@ -1,0 +1,85 @@
+"""Lint the PostgreSQL SQL of revisions with squawk, finding by finding, revision by revision.
+
+The SQL is the offline SQL the revisions render for a PostgreSQL environment, cut at
+Alembic's ``-- Running upgrade A -> B`` markers so each finding names its revision.
+Deliberate choices live in ``.squawk.toml``; one statement can be excused with a
+``-- squawk-ignore RULE`` comment on the line before it.
+"""
+
+from __future__ import annotations
+
+import json
+import shutil
+import subprocess
+import sys
+import tempfile
+from collections.abc import Iterable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+from db.authoring import offline_sql
+from db.environments import Environment
+from db.errors import ConfigError, DbError
+
+_MARKER = "-- Running upgrade "
+
+
+@dataclass(frozen=True)
+class Finding:
+    revision: str
+    rule: str
+    message: str
+    statement: str  # the line squawk points at
+
+
+def lint(env: Environment, revisions: Iterable[str] | None = None) -> list[Finding]:
+    """Findings for ``revisions`` (ids; default: all) as rendered for ``env``'s dialect."""
+    if env.url(need_secrets=False).get_backend_name() != "postgresql":
+        raise ConfigError(f"lint checks PostgreSQL SQL: {env.name} is not a PostgreSQL environment")
+    wanted = None if revisions is None else set(revisions)
+    chunks = {
+        rev: sql for rev, sql in split(offline_sql(env)).items() if wanted is None or rev in wanted
+    }
+    if not chunks:
+        return []
+    with tempfile.TemporaryDirectory(prefix="lint-") as folder:
+        for rev, sql in chunks.items():
+            (Path(folder) / f"{rev}.sql").write_text(sql, encoding="utf-8")
+        reported = _squawk(env.root, sorted(Path(folder).glob("*.sql")))
+    findings = []
+    for item in reported:
+        rev = Path(item["file"]).stem
+        lines = chunks[rev].splitlines()
+        line = lines[item["line"]].strip() if item["line"] < len(lines) else ""
+        findings.append(Finding(rev, item["rule_name"], item["message"], line))
+    return findings
+
+
+def split(sql: str) -> dict[str, str]:
+    """Each revision's statements, keyed by revision id, with the session settings before."""
+    header, *parts = sql.split(_MARKER)
+    settings = "\n".join(line for line in header.splitlines() if line.startswith("SET "))
+    chunks = {}
+    for part in parts:
+        arrow, _, body = part.partition("\n")
+        rev = arrow.split("->")[-1].strip()
+        body = body.rstrip().removesuffix("BEGIN;").rstrip()
+        chunks[rev] = f"{settings}\nBEGIN;\n{body}\n"
+    return chunks
+
+
+def _squawk(root: Path, files: list[Path]) -> list[dict[str, Any]]:
+    binary = shutil.which("squawk") or str(Path(sys.executable).with_name("squawk"))
+    if not Path(binary).exists() and shutil.which(binary) is None:
+        raise DbError("squawk is not installed: pip install squawk-cli")
+    command = [binary, "--reporter", "json", *map(str, files)]
+    config = root / ".squawk.toml"
+    if config.is_file():
+        command[1:1] = ["--config", str(config)]
+    done = subprocess.run(command, capture_output=True, text=True)
+    try:
+        reported = json.loads(done.stdout or "[]")
+    except json.JSONDecodeError:
+        raise DbError(f"squawk failed: {done.stderr.strip() or done.stdout.strip()}") from None
+    return [item for item in reported if isinstance(item, dict)]

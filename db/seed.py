@@ -1,0 +1,99 @@
+"""A small, realistic shop for the dev database, written through the app's async session."""
+
+from __future__ import annotations
+
+from decimal import Decimal
+
+from sqlalchemy import select
+from sqlalchemy.exc import DBAPIError
+from sqlalchemy.ext.asyncio import AsyncSession
+
+from db.engines import run_coroutine
+from db.environments import Environment
+from db.errors import DbError, GuardRefused
+from db.models import Category, Product, Purchase, User
+from db.session import session_factory
+
+USERS = [(100001, "anna_k", "Anna"), (100002, "boris", "Boris"), (100003, None, "Chen")]
+CATEGORIES = ["E-books", "Courses", "Templates"]
+PRODUCTS = [
+    ("E-books", "Async Python in Practice", "450.00"),
+    ("E-books", "PostgreSQL for Bot Makers", "390.00"),
+    ("Courses", "Telegram Bots from Zero", "1990.00"),
+    ("Templates", "Shop Bot Starter Kit", "990.00"),
+]
+PURCHASES = [  # payment id, buyer, product
+    ("pay-0001", 100001, "Async Python in Practice"),
+    ("pay-0002", 100001, "Shop Bot Starter Kit"),
+    ("pay-0003", 100002, "Telegram Bots from Zero"),
+]
+
+
+def seed(env: Environment) -> dict[str, int]:
+    """Add what is missing of the sample shop; returns how many rows of each were added."""
+    if env.protected:
+        raise GuardRefused(f"{env.name} is protected: seed data is for development databases")
+    try:
+        return run_coroutine(_seed(env))
+    except DBAPIError as exc:
+        raise DbError(
+            f"cannot seed {env.name}: {str(exc.orig).splitlines()[0]} "
+            f"(run `invoke migrate --env={env.name}` first)"
+        ) from exc
+
+
+async def _seed(env: Environment) -> dict[str, int]:
+    sessions = session_factory(env)
+    try:
+        async with sessions() as session, session.begin():
+            return {
+                "users": await _users(session),
+                "categories": await _categories(session),
+                "products": await _products(session),
+                "purchases": await _purchases(session),
+            }
+    finally:
+        await sessions.kw["bind"].dispose()
+
+
+async def _users(session: AsyncSession) -> int:
+    known = set(await session.scalars(select(User.telegram_id)))
+    new = [User(telegram_id=t, username=u, first_name=f) for t, u, f in USERS if t not in known]
+    session.add_all(new)
+    return len(new)
+
+
+async def _categories(session: AsyncSession) -> int:
+    known = set(await session.scalars(select(Category.name)))
+    new = [Category(name=name) for name in CATEGORIES if name not in known]
+    session.add_all(new)
+    await session.flush()
+    return len(new)
+
+
+async def _products(session: AsyncSession) -> int:
+    categories = {c.name: c for c in await session.scalars(select(Category))}
+    known = set(await session.scalars(select(Product.name)))
+    new = [
+        Product(category=categories[cat], name=name, price=Decimal(price))
+        for cat, name, price in PRODUCTS
+        if name not in known
+    ]
+    session.add_all(new)
+    await session.flush()
+    return len(new)
+
+
+async def _purchases(session: AsyncSession) -> int:
+    users = {u.telegram_id: u for u in await session.scalars(select(User))}
+    products = {p.name: p for p in await session.scalars(select(Product))}
+    known = set(await session.scalars(select(Purchase.payment_id)))
+    new = [
+        Purchase(
+            user=users[buyer], product=products[item], price=products[item].price, payment_id=pay
+        )
+        for pay, buyer, item in PURCHASES
+        if pay not in known
+    ]
+    session.add_all(new)
+    return len(new)
