@@ -24,7 +24,7 @@ import pytest
 
 REPO = Path(__file__).resolve().parent.parent
 PG_ADMIN = os.environ.get("TEST_PG_URL", "postgresql://postgres@127.0.0.1:5432/postgres")
-COPIED = ["tasks.py", "alembic.ini", "pyproject.toml", "db", "environments"]
+COPIED = ["tasks.py", "alembic.ini", "pyproject.toml", ".squawk.toml", "db", "environments"]
 
 
 @dataclass

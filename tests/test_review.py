@@ -1,0 +1,166 @@
+"""Review before production: check, merge, lint, JSON output and gating, seed data."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+from conftest import PgDatabase, Project, head_revision, pg_fetch
+from test_errors import revision
+from test_tasks_sqlite import add_coupon_model
+
+INDEX = 'op.execute("CREATE INDEX ix_users_username ON users (username)")'
+REQUIRED = 'op.add_column("users", sa.Column("email", sa.String(100), nullable=False))'
+
+
+def test_check_passes_on_a_migrated_database(project: Project) -> None:
+    project.ok("migrate")
+    assert "check passed" in project.ok("check").stderr
+
+
+def test_check_finds_drift_between_models_and_database(project: Project) -> None:
+    project.ok("migrate")
+    add_coupon_model(project)
+
+    problems = failed_check(project)
+
+    assert "the models and the database differ" in problems
+    assert "add_table coupons" in problems
+
+
+def failed_check(project: Project) -> str:
+    result = project.invoke("check")
+    assert result.returncode == 5, result.stderr
+    return result.stderr
+
+
+def test_check_finds_pending_revisions_heads_and_edited_files(project: Project) -> None:
+    assert "1 revision(s) pending" in failed_check(project)
+    project.ok("migrate")
+    [initial] = project.versions.glob(f"*_{head_revision()}_*.py")
+    initial.write_text(initial.read_text() + "\n# edited\n")
+    assert "changed after revision" in failed_check(project)
+    project.add_revision("h1", revision("head1", head_revision()))
+    project.add_revision("h2", revision("head2", head_revision()))
+    assert "2 heads (head1, head2): run `invoke merge`" in failed_check(project)
+
+
+def test_merge_joins_two_heads(project: Project) -> None:
+    project.add_revision("h1", revision("head1", head_revision()))
+    project.add_revision("h2", revision("head2", head_revision()))
+    assert "2 heads: run `invoke merge`" in project.ok("status").stdout
+
+    result = project.ok("merge", "--message=join branches")
+
+    [merged] = project.versions.glob("*_join_branches.py")
+    assert f"wrote db/migrations/versions/{merged.name}" in result.stderr
+    assert "Revises: head1, head2" in merged.read_text()
+    project.ok("migrate")
+    assert "pending: none" in project.ok("status").stdout
+    assert "only one head" in project.fails("merge")
+
+
+def test_status_json_and_check_for_deploy_scripts(project: Project) -> None:
+    pending = project.invoke("status", "--json", "--check")
+    assert pending.returncode == 5
+    data = json.loads(pending.stdout)
+    assert data["environment"] == "dev"
+    assert data["current"] == [] and data["up_to_date"] is False
+    assert data["pending"] == [
+        {
+            "id": head_revision(),
+            "transactional": True,
+            "message": "create shop tables: users, categories, products, purchases",
+        }
+    ]
+    assert data["heads"] == data["pending"]
+
+    project.ok("migrate")
+    done = project.ok("status", "--json", "--check")
+    assert json.loads(done.stdout)["up_to_date"] is True
+
+
+def test_history_json(project: Project) -> None:
+    project.ok("migrate")
+    project.ok("makemigration", "later", "--empty")
+
+    later, first = json.loads(project.ok("history", "--json").stdout)
+
+    assert later["applied"] is False and later["is_head"] is True
+    assert later["applied_at"] is None and later["applied_by"] is None
+    assert first["revision"]["id"] == head_revision() and first["applied"] is True
+    assert first["applied_at"].endswith("+00:00") and "@" in first["applied_by"]
+
+
+def test_the_bundled_revisions_lint_clean(project: Project) -> None:
+    result = project.ok("lint", "--env=prod", "--all")
+    assert "no findings" in result.stderr and result.stdout == ""
+
+
+def test_lint_catches_a_blocking_index_and_a_required_column(project: Project) -> None:
+    project.add_revision("ix", revision("idx001", head_revision(), INDEX, message="index"))
+    project.add_revision("nn", revision("req001", "idx001", REQUIRED, message="email"))
+
+    result = project.invoke("lint", "--env=prod", "--all")
+
+    assert result.returncode == 5
+    assert "idx001: require-concurrent-index-creation" in result.stdout
+    assert "    CREATE INDEX ix_users_username ON users (username);" in result.stdout
+    assert "req001: adding-required-field" in result.stdout
+    assert "2 finding(s)" in result.stderr
+
+
+def test_a_squawk_ignore_comment_excuses_one_statement(project: Project) -> None:
+    excused = 'op.execute("-- squawk-ignore require-concurrent-index-creation\\n' + INDEX[12:]
+    project.add_revision("ix", revision("idx001", head_revision(), excused))
+    assert "no findings" in project.ok("lint", "--env=prod", "--all").stderr
+
+
+def test_lint_needs_a_postgresql_environment(project: Project) -> None:
+    result = project.invoke("lint", "--env=dev", "--all")
+    assert result.returncode == 2 and "dev is not a PostgreSQL environment" in result.stderr
+
+
+@pytest.mark.postgres
+def test_lint_of_pending_revisions_and_the_protected_plan(
+    project: Project, pg_database: PgDatabase
+) -> None:
+    project.write_env("pg", f"DATABASE_URL={pg_database.url}\nPROTECTED=true\n")
+    project.ok("migrate", "--env=pg", "--yes")
+    project.add_revision("ix", revision("idx001", head_revision(), INDEX, message="index"))
+
+    pending = project.invoke("lint", "--env=pg")
+    plan = project.invoke("migrate", "--env=pg")
+
+    assert pending.returncode == 5 and "idx001: require-concurrent-index-creation" in pending.stdout
+    assert "1 finding(s)" in pending.stderr
+    assert plan.returncode == 4
+    assert "lint: 1 finding(s)" in plan.stderr
+    assert "idx001: require-concurrent-index-creation" in plan.stderr
+
+
+def test_seed_fills_the_dev_database_once(project: Project) -> None:
+    project.ok("migrate")
+    first = project.ok("seed")
+    again = project.ok("seed")
+
+    assert "added 3 users, 3 categories, 4 products, 3 purchases" in first.stderr
+    assert "added 0 users, 0 categories, 0 products, 0 purchases" in again.stderr
+    with project.sqlite() as connection:
+        assert connection.execute("select count(*) from purchases").fetchone() == (3,)
+
+
+def test_seed_refuses_protected_and_unmigrated_databases(project: Project) -> None:
+    project.write_env("safe", "DATABASE_URL=sqlite:///var/safe.sqlite3\nPROTECTED=true\n")
+    refused = project.invoke("seed", "--env=safe")
+    assert refused.returncode == 4 and "seed data is for development databases" in refused.stderr
+    assert "run `invoke migrate --env=dev` first" in project.fails("seed")
+
+
+@pytest.mark.postgres
+def test_seed_through_asyncpg(project: Project, pg_database: PgDatabase) -> None:
+    project.write_env("pg", f"DATABASE_URL={pg_database.url}\n")
+    project.ok("migrate", "--env=pg")
+    project.ok("seed", "--env=pg")
+    rows = pg_fetch(pg_database.dsn, "select sum(price) as total from purchases")
+    assert str(rows[0]["total"]) == "3430.00"
