@@ -18,6 +18,7 @@ from importlib import metadata
 from pathlib import Path
 from typing import Any
 
+from alembic.runtime.migration import MigrationContext
 from sqlalchemy import (
     Column,
     Connection,
@@ -49,6 +50,7 @@ LOG = Table(
     Column("git_commit", String(40)),
     Column("checksum", String(64)),
 )
+_INSERT = LOG.insert()
 
 
 @dataclass(frozen=True)
@@ -92,7 +94,7 @@ def ensure_table(execute: Execute) -> None:
 
 
 def record(
-    execute: Execute,
+    target: Connection | MigrationContext,
     *,
     revision: str,
     direction: str,
@@ -102,21 +104,26 @@ def record(
     who: Who,
     file_checksum: str | None,
 ) -> None:
-    """Write one row, in the caller's transaction."""
-    execute(
-        LOG.insert().values(
-            revision=revision,
-            direction=direction,
-            environment=environment,
-            started_at=started_at,
-            duration_ms=round(seconds * 1000),
-            os_user=who.os_user,
-            host=who.host,
-            tool_version=who.tool_version,
-            git_commit=who.git_commit,
-            checksum=file_checksum,
-        )
-    )
+    """Write one row, in the caller's transaction (or as SQL, for an offline context)."""
+    row = {
+        "revision": revision,
+        "direction": direction,
+        "environment": environment,
+        "started_at": started_at,
+        "duration_ms": round(seconds * 1000),
+        "os_user": who.os_user,
+        "host": who.host,
+        "tool_version": who.tool_version,
+        "git_commit": who.git_commit,
+        "checksum": file_checksum,
+    }
+    if isinstance(target, MigrationContext) and target.as_sql:
+        target.execute(LOG.insert().values(**row))  # rendered with the values inline
+        return
+    connection = target.connection if isinstance(target, MigrationContext) else target
+    if connection is None:
+        raise RuntimeError("an online migration context without a connection")
+    connection.execute(_INSERT, row)  # one compiled statement, reused for every row
 
 
 def entries(connection: Connection) -> list[Entry]:

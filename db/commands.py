@@ -13,12 +13,11 @@ from alembic.script import Script, ScriptDirectory
 from alembic.util import CommandError
 from sqlalchemy import Connection, text
 from sqlalchemy.engine import URL
-from sqlalchemy.ext.asyncio import AsyncEngine
 
 from db import audit, backups, guards
-from db.engines import CONNECT_TIMEOUT, connect_async, make_engine, run_coroutine
+from db.engines import CONNECT_TIMEOUT, connect_async, make_async_engine, run_coroutine
 from db.environments import Environment
-from db.errors import ConfigError, DbError, GuardRefused, RevisionError
+from db.errors import DbError, GuardRefused, RevisionError
 from db.runner import (
     Progress,
     RunOptions,
@@ -166,7 +165,7 @@ def check(env: Environment) -> list[str]:
     Several heads, applied files that changed, pending revisions, and drift: a difference
     between the models and the migrated database that autogenerate would write.
     """
-    config = make_config(env)
+    config = make_config(env, models=True)
     script = load_scripts(config)
     heads = script.get_heads()
     if len(heads) > 1:
@@ -262,9 +261,7 @@ def reset(env: Environment, options: RunOptions | None = None) -> list[Step]:
 
 
 async def _drop_public_schema(env: Environment, url: URL) -> None:
-    engine = make_engine(url, connect_timeout=env.number("CONNECT_TIMEOUT", CONNECT_TIMEOUT))
-    if not isinstance(engine, AsyncEngine):
-        raise ConfigError(f"{env.name}: reset supports SQLite and PostgreSQL through asyncpg")
+    engine = make_async_engine(url, connect_timeout=env.number("CONNECT_TIMEOUT", CONNECT_TIMEOUT))
     try:
         async with connect_async(engine) as connection:
             await connection.execute(text("DROP SCHEMA public CASCADE"))
@@ -278,7 +275,7 @@ def _record(
     connection: Connection, env: Environment, revision: str, direction: str, checksum: str | None
 ) -> None:
     audit.record(
-        connection.execute,
+        connection,
         revision=revision,
         direction=direction,
         environment=env.name,

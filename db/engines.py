@@ -11,15 +11,17 @@ import time
 from collections.abc import AsyncIterator, Coroutine, Iterator, Mapping
 from contextlib import asynccontextmanager, contextmanager
 from pathlib import Path
-from typing import Any, TypeVar
+from typing import TYPE_CHECKING, Any, TypeVar
 
 from sqlalchemy import Connection, Engine, create_engine, event, pool
 from sqlalchemy.engine import URL
 from sqlalchemy.exc import DBAPIError
-from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine, create_async_engine
 
 from db.environments import mask
 from db.errors import ConnectError
+
+if TYPE_CHECKING:
+    from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
 T = TypeVar("T")
 CONNECT_TIMEOUT = 10.0
@@ -37,27 +39,43 @@ def make_engine(
     connect_timeout: float = CONNECT_TIMEOUT,
     migrating: bool = False,
     server_settings: Mapping[str, str] | None = None,
-) -> Engine | AsyncEngine:
-    """A pool-less engine; SQLite gets real transactions for DDL.
+) -> Engine:
+    """A pool-less sync engine; SQLite gets real transactions for DDL.
 
     ``migrating`` turns SQLite's foreign key enforcement off (batch mode rebuilds tables);
     env.py checks the keys itself before each revision commits. ``server_settings`` are
     PostgreSQL session settings (``lock_timeout``, ``application_name``, ...).
     """
+    engine = create_engine(url, **_options(url, connect_timeout, server_settings))
+    _sqlite_transactions(engine, foreign_keys=not migrating)
+    return engine
+
+
+def make_async_engine(
+    url: URL,
+    *,
+    connect_timeout: float = CONNECT_TIMEOUT,
+    migrating: bool = False,
+    server_settings: Mapping[str, str] | None = None,
+) -> AsyncEngine:
+    """Like :func:`make_engine`, for an asyncio driver (asyncpg, aiosqlite)."""
+    from sqlalchemy.ext.asyncio import create_async_engine  # only async runs pay for it
+
+    engine = create_async_engine(url, **_options(url, connect_timeout, server_settings))
+    _sqlite_transactions(engine.sync_engine, foreign_keys=not migrating)
+    return engine
+
+
+def _options(
+    url: URL, connect_timeout: float, server_settings: Mapping[str, str] | None
+) -> dict[str, Any]:
     connect_args: dict[str, Any] = {"timeout": connect_timeout}
     if url.get_backend_name() == "sqlite":
         if url.database not in (None, "", ":memory:"):
             Path(url.database).parent.mkdir(parents=True, exist_ok=True)
     elif server_settings:
         connect_args["server_settings"] = dict(server_settings)
-    options: dict[str, Any] = {"connect_args": connect_args, "poolclass": pool.NullPool}
-    if is_async(url):
-        async_engine = create_async_engine(url, **options)
-        _sqlite_transactions(async_engine.sync_engine, foreign_keys=not migrating)
-        return async_engine
-    engine = create_engine(url, **options)
-    _sqlite_transactions(engine, foreign_keys=not migrating)
-    return engine
+    return {"connect_args": connect_args, "poolclass": pool.NullPool}
 
 
 def _sqlite_transactions(engine: Engine, *, foreign_keys: bool) -> None:

@@ -15,13 +15,16 @@ import asyncio
 import time
 from collections.abc import AsyncIterator, Callable, Iterator
 from contextlib import asynccontextmanager, contextmanager
+from typing import TYPE_CHECKING
 
 from sqlalchemy import Connection, RootTransaction, text
 from sqlalchemy.exc import OperationalError
-from sqlalchemy.ext.asyncio import AsyncEngine
 
 from db.engines import connect_async
 from db.errors import LockTimeout
+
+if TYPE_CHECKING:
+    from sqlalchemy.ext.asyncio import AsyncEngine
 
 NAMESPACE = 0x5A11  # first key of the two-key advisory lock, kept apart from app locks
 _KEY = "hashtext(current_database() || '.' || :table)"

@@ -63,6 +63,7 @@ class Settings:
     lock_wait: float = 60.0
     server_settings: dict[str, str] = field(default_factory=dict)
     note: Callable[[str], None] = field(default=lambda _text: None)
+    models: bool = True  # import db.models: only autogenerate and check compare against them
 
 
 def make_config(
@@ -71,6 +72,7 @@ def make_config(
     *,
     offline: bool = False,
     lock: bool = False,
+    models: bool = False,
     output: io.StringIO | None = None,
 ) -> Config:
     """Alembic's Config for ``env``; the URL goes in ``attributes``, never through ConfigParser.
@@ -89,6 +91,7 @@ def make_config(
         lock_wait=options.lock_wait,
         server_settings=session_settings(env),
         note=options.note,
+        models=models,
     )
     return config
 
@@ -131,7 +134,7 @@ class Progress:
         )
         if self.who is not None:
             audit.record(
-                ctx.execute,
+                ctx,
                 revision=done.revision,
                 direction=done.direction,
                 environment=self.environment,

@@ -2,13 +2,23 @@
 
 from __future__ import annotations
 
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from sqlalchemy import Connection, inspect
-from sqlalchemy.ext.asyncio import AsyncEngine
 
-from db.engines import CONNECT_TIMEOUT, connect, connect_async, make_engine, run_coroutine
+from db.engines import (
+    CONNECT_TIMEOUT,
+    connect,
+    connect_async,
+    is_async,
+    make_async_engine,
+    make_engine,
+    run_coroutine,
+)
 from db.environments import Environment
+
+if TYPE_CHECKING:
+    from sqlalchemy.ext.asyncio import AsyncEngine
 
 Schema = dict[str, dict[str, Any]]
 TOOL_TABLES = {"alembic_version", "migration_log"}
@@ -16,9 +26,10 @@ TOOL_TABLES = {"alembic_version", "migration_log"}
 
 def snapshot(env: Environment) -> Schema:
     """Each table's columns (kind, nullable), primary key, foreign keys, uniques, indexes."""
-    engine = make_engine(env.url(), connect_timeout=env.number("CONNECT_TIMEOUT", CONNECT_TIMEOUT))
-    if isinstance(engine, AsyncEngine):
-        return run_coroutine(_snapshot_async(engine))
+    url, timeout = env.url(), env.number("CONNECT_TIMEOUT", CONNECT_TIMEOUT)
+    if is_async(url):
+        return run_coroutine(_snapshot_async(make_async_engine(url, connect_timeout=timeout)))
+    engine = make_engine(url, connect_timeout=timeout)
     try:
         with connect(engine) as connection:
             return picture(connection)

@@ -4,9 +4,8 @@ from __future__ import annotations
 
 from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession, async_sessionmaker
 
-from db.engines import CONNECT_TIMEOUT, make_engine
+from db.engines import CONNECT_TIMEOUT, make_async_engine
 from db.environments import Environment
-from db.errors import ConfigError
 
 _ASYNC_DRIVERS = {"sqlite": "sqlite+aiosqlite", "sqlite+pysqlite": "sqlite+aiosqlite"}
 
@@ -15,10 +14,7 @@ def async_engine(env: Environment) -> AsyncEngine:
     """An async engine for ``env``: aiosqlite for SQLite, asyncpg for PostgreSQL."""
     url = env.url()
     url = url.set(drivername=_ASYNC_DRIVERS.get(url.drivername, url.drivername))
-    engine = make_engine(url, connect_timeout=env.number("CONNECT_TIMEOUT", CONNECT_TIMEOUT))
-    if not isinstance(engine, AsyncEngine):
-        raise ConfigError(f"{env.name}: {url.drivername} has no asyncio driver")
-    return engine
+    return make_async_engine(url, connect_timeout=env.number("CONNECT_TIMEOUT", CONNECT_TIMEOUT))
 
 
 def session_factory(env: Environment) -> async_sessionmaker[AsyncSession]:

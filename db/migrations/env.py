@@ -9,18 +9,26 @@ from __future__ import annotations
 
 from contextlib import nullcontext
 from logging.config import fileConfig
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from alembic import context
 from alembic.operations import MigrationScript
 from sqlalchemy import Connection, text
-from sqlalchemy.ext.asyncio import AsyncEngine
 
-from db.engines import connect, connect_async, make_engine, run_coroutine
+from db.engines import (
+    connect,
+    connect_async,
+    is_async,
+    make_async_engine,
+    make_engine,
+    run_coroutine,
+)
 from db.errors import ConfigError, MigrationFailed
 from db.locks import pg_lock, sqlite_run
-from db.models import Base
 from db.runner import Settings
+
+if TYPE_CHECKING:
+    from sqlalchemy.ext.asyncio import AsyncEngine
 
 config = context.config
 if config.config_file_name is not None:
@@ -50,10 +58,19 @@ def include_name(name: str | None, type_: str, _parents: Any) -> bool:
     return not (type_ == "table" and name in (VERSION_TABLE, "migration_log"))
 
 
+def target_metadata() -> Any:
+    """The models' metadata, imported only by the runs that compare against it."""
+    if not settings.models:
+        return None
+    from db.models import Base
+
+    return Base.metadata
+
+
 def options(*after_each: Any) -> dict[str, Any]:
     """``context.configure`` options shared by every path."""
     return {
-        "target_metadata": Base.metadata,
+        "target_metadata": target_metadata(),
         "version_table": VERSION_TABLE,
         "render_as_batch": True,  # revisions must also run on SQLite, which alters by copying
         "transaction_per_migration": True,
@@ -125,15 +142,18 @@ def run_migrations_online() -> None:
     if isinstance(given, Connection):
         do_run_migrations(given)
         return
-    engine = given or make_engine(
-        url(),
-        connect_timeout=settings.connect_timeout,
-        migrating=True,
-        server_settings=settings.server_settings,
-    )
-    if isinstance(engine, AsyncEngine):
-        run_coroutine(run_async_migrations(engine))
+    if given is not None and hasattr(given, "sync_engine"):  # a caller's AsyncEngine
+        run_coroutine(run_async_migrations(given))
         return
+    engine_options: dict[str, Any] = {
+        "connect_timeout": settings.connect_timeout,
+        "migrating": True,
+        "server_settings": settings.server_settings,
+    }
+    if given is None and is_async(url()):
+        run_coroutine(run_async_migrations(make_async_engine(url(), **engine_options)))
+        return
+    engine = given or make_engine(url(), **engine_options)
     with connect(engine, settings.wait) as connection:
         if settings.lock and connection.dialect.name == "sqlite":
             run_sqlite(connection)
