@@ -38,6 +38,16 @@ def downgrade() -> None:
     op.drop_table("t{n:04d}")
 '''
 
+MODELS_HEADER = '''"""N synthetic tables, as the synthetic revisions create them."""
+
+from sqlalchemy import Column, DateTime, Integer, MetaData, Numeric, String, Table, Text
+from sqlalchemy.orm import DeclarativeBase
+
+
+class Base(DeclarativeBase):
+    metadata = MetaData(naming_convention={conventions!r})
+'''
+
 MODEL = """
 t{n:04d} = Table(
     "t{n:04d}",
@@ -71,11 +81,12 @@ def project(root: Path, count: int, env: str, url: str, *, models: bool = False)
             shutil.copy2(source, root / name)
     write_revisions(root / "db" / "migrations" / "versions", count)
     (root / "environments" / f"{env}.env").write_text(f"DATABASE_URL={url}\n")
-    if models:  # the models match the revisions, so `invoke check` compares N tables
-        header = "from sqlalchemy import Column, DateTime, Integer, Numeric, String, Table, Text\n"
+    if models:  # models that match the revisions, so `invoke check` compares N tables
         tables = "".join(MODEL.format(n=n) for n in range(1, count + 1))
-        with (root / "db" / "models.py").open("a") as models_file:
-            models_file.write("\n" + header + tables)
+        from db.models import NAMING_CONVENTION
+
+        header = MODELS_HEADER.format(conventions=NAMING_CONVENTION)
+        (root / "db" / "models.py").write_text(header + tables)
     return root
 
 
@@ -93,3 +104,45 @@ def plain_alembic(root: Path, count: int, template: str, url: str) -> Path:
     ini.write_text(text)
     write_revisions(root / "migrations" / "versions", count)
     return root
+
+
+def floor_sql(plain: Path, target: Path, dialect: str) -> Path:
+    """The same DDL as one SQL file: plain Alembic's offline SQL in a single transaction."""
+    done = subprocess.run(
+        [sys.executable, "-m", "alembic", "upgrade", "head", "--sql"],
+        cwd=plain,
+        capture_output=True,
+        text=True,
+        check=True,
+    )
+    body = "\n".join(line for line in done.stdout.splitlines() if line not in ("BEGIN;", "COMMIT;"))
+    # psql -1 wraps the file in one transaction itself; sqlite3 needs it written out
+    target.write_text(f"BEGIN;\n{body}\nCOMMIT;\n" if dialect == "sqlite" else body + "\n")
+    return target
+
+
+def checksum_validation_ms(root: Path, count: int, rounds: int = 5) -> float:
+    """Milliseconds to compare ``count`` applied revisions' recorded checksums with files."""
+    import os
+    import statistics
+    import time
+    from datetime import datetime, timezone
+
+    from db import audit, guards
+    from db.environments import load_environment
+    from db.runner import load_scripts, make_config
+
+    project(root, count, "bench", "sqlite:///var/bench.sqlite3")
+    env = load_environment(root, "bench", os.environ)
+    script = load_scripts(make_config(env, offline=True))
+    now = datetime.now(timezone.utc)
+    log = [
+        audit.Entry(rev.revision, "up", "bench", now, "me", "host", audit.checksum(rev.path))
+        for rev in script.walk_revisions()
+    ]
+    timings = []
+    for _ in range(rounds):
+        started = time.perf_counter()
+        assert not guards.changed_files(log, script, env)
+        timings.append((time.perf_counter() - started) * 1000)
+    return statistics.median(timings)
