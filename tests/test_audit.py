@@ -5,6 +5,7 @@ from __future__ import annotations
 import getpass
 import hashlib
 import socket
+import subprocess
 from pathlib import Path
 
 from conftest import Project, head_revision
@@ -183,3 +184,17 @@ def test_an_applied_revision_whose_file_is_gone(project: Project) -> None:
     refused = project.invoke("status", "--env=safe")
     assert refused.returncode == 4, refused.stderr
     assert "its file is missing" in refused.stderr and "nothing was run" in refused.stderr
+
+
+def test_the_audit_row_records_the_git_commit_when_there_is_one(project: Project) -> None:
+    git = ["git", "-c", "user.email=ci@example.invalid", "-c", "user.name=ci"]
+    for args in (["init", "-q"], ["add", "-A"], ["commit", "-q", "-m", "shop"]):
+        subprocess.run([*git, *args], cwd=project.root, check=True, capture_output=True)
+    head = subprocess.run(
+        ["git", "rev-parse", "HEAD"], cwd=project.root, capture_output=True, text=True, check=True
+    ).stdout.strip()
+
+    project.ok("migrate")
+
+    with project.sqlite() as connection:
+        assert connection.execute("select git_commit from migration_log").fetchall() == [(head,)]

@@ -101,3 +101,12 @@ def test_bad_urls(root: Path, line: str, message: str) -> None:
     write(root, "x.env", line + "\n")
     with pytest.raises(ConfigError, match=message):
         load_environment(root, "x", {}).url()
+
+
+def test_connect_wait_comes_from_the_env_file_unless_the_flag_says(root: Path) -> None:
+    from db.runner import RunOptions, make_config
+
+    write(root, "x.env", "DATABASE_URL=sqlite:///x.sqlite3\nCONNECT_WAIT=7\n")
+    env = load_environment(root, "x", {})
+    assert make_config(env).attributes["settings"].wait == 7
+    assert make_config(env, RunOptions(wait=2)).attributes["settings"].wait == 2
