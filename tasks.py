@@ -277,7 +277,7 @@ def lint(c: Context, env: str = "prod", all_: bool = False, debug: bool = False)
 @task(help=COMMON)
 def check(c: Context, env: str = "", debug: bool = False) -> None:
     """Fail when models and database differ, there are several heads, or applied files changed."""
-    from db.commands import check as find_problems
+    from db.review import check as find_problems
 
     with reported(c, debug):
         problems = find_problems(environment(c, env, banner=True))

@@ -13,7 +13,7 @@ from alembic.config import Config
 from alembic.script import ScriptDirectory
 from conftest import PgDatabase
 
-from db import commands
+from db import commands, review
 from db.environments import Environment, load_environment
 from db.schema import differences, snapshot
 
@@ -64,7 +64,7 @@ def test_stairway_up_down_up_leaves_no_trace(env: Environment) -> None:
 
 def test_model_definitions_match_the_migrated_database(env: Environment) -> None:
     commands.migrate(env)
-    problems = commands.check(env)
+    problems = review.check(env)
     assert not problems, f"at head ({describe(REVISIONS[-1])}): {problems}"
 
 

@@ -1,0 +1,54 @@
+"""Review before production: do files, models and the database agree?"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from alembic.autogenerate import compare_metadata
+
+from db import guards
+from db.commands import plan_steps, read_state
+from db.environments import Environment
+from db.runner import load_scripts, make_config, run_env
+
+
+def check(env: Environment) -> list[str]:
+    """What keeps files, models and database from agreeing; empty when all is in order.
+
+    Several heads, applied files that changed, pending revisions, and drift: a difference
+    between the models and the migrated database that autogenerate would write.
+    """
+    config = make_config(env, models=True)
+    script = load_scripts(config)
+    heads = script.get_heads()
+    if len(heads) > 1:
+        listed = ", ".join(sorted(heads))
+        return [f"the revisions have {len(heads)} heads ({listed}): run `invoke merge`"]
+    state = read_state(env, config, script)
+    problems = guards.changed_files(state.log, script, env)
+    pending = plan_steps(script, "heads", state.current, up=True)
+    if pending:
+        return [
+            *problems,
+            f"{len(pending)} revision(s) pending: run `invoke migrate --env={env.name}`",
+        ]
+    diffs: list[Any] = []
+
+    def compare(_current: tuple[str, ...], context: Any) -> list[Any]:
+        diffs.extend(compare_metadata(context, context.opts["target_metadata"]))
+        return []
+
+    run_env(config, script, compare, dont_mutate=True)
+    if diffs:
+        problems.append(
+            "the models and the database differ; `invoke makemigration` would write: "
+            + "; ".join(_describe(diff) for diff in diffs)
+        )
+    return problems
+
+
+def _describe(diff: Any) -> str:
+    """One autogenerate difference in a few words, e.g. ``add_table coupons``."""
+    first = diff[0] if isinstance(diff, list) else diff
+    names = [str(getattr(part, "name", part)) for part in first[1:4] if part is not None]
+    return " ".join([first[0], *names[:2]])
