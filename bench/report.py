@@ -122,6 +122,7 @@ def write_png(path: Path, results: Results) -> str:
             if points:
                 axis.plot(*zip(*points, strict=True), marker="o", label=tool)
         axis.set(title=task, xlabel="revisions (N)", ylabel="seconds")
+        axis.set_ylim(bottom=0)
         axis.legend()
     figure.tight_layout()
     figure.savefig(path, dpi=100)
