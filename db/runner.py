@@ -158,7 +158,10 @@ class Progress:
         step = self.plan[len(self.applied)]
         running: Script = step.revision
         if step.is_upgrade:
-            verb, at = "upgrade", ", ".join(util.to_tuple(running.down_revision)) or "base"
+            verb, at = (
+                "upgrade",
+                ", ".join(util.to_tuple(running.down_revision, default=())) or "base",
+            )
         else:
             verb, at = "downgrade", running.revision
         return MigrationFailed(

@@ -237,3 +237,15 @@ def test_a_revision_that_breaks_foreign_keys_does_not_commit(project: Project) -
     assert version(project) == [head_revision()]
     with project.sqlite() as connection:
         assert connection.execute("select count(*) from categories").fetchone() == (0,)
+
+
+def test_a_failing_first_revision_leaves_the_database_at_base(project: Project) -> None:
+    [initial] = project.versions.glob("*.py")
+    initial.write_text(
+        initial.read_text().replace(
+            "def upgrade() -> None:\n", "def upgrade() -> None:\n    raise RuntimeError('first')\n"
+        )
+    )
+    error = project.fails("migrate")
+    assert "failed: RuntimeError: first" in error and "still at base" in error
+    assert version(project) == []

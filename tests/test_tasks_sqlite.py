@@ -302,3 +302,10 @@ def test_every_task_and_flag_explains_itself() -> None:
     for flag in ("--env=STRING", "--from=STRING", "--to=STRING", "--output=STRING", "--debug"):
         option = next(line for line in help_text.splitlines() if flag in line)
         assert len(option.split(flag, 1)[1].strip()) > 10, f"{flag} has no help text"
+
+
+def test_offline_sql_for_sqlite(project: Project) -> None:
+    sql = project.ok("offline-sql", "--env=dev").stdout
+    assert "CREATE TABLE users" in sql
+    assert "created_at DATETIME DEFAULT CURRENT_TIMESTAMP NOT NULL" in sql  # SQLite dialect
+    assert "SET lock_timeout" not in sql

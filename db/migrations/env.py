@@ -46,7 +46,7 @@ def skip_empty_autogenerate(_context: Any, _revision: Any, directives: list[Any]
 
 def check_foreign_keys(ctx: Any, **_kw: Any) -> None:
     """SQLite runs migrations with foreign keys off; refuse to commit a revision that broke them."""
-    if ctx.dialect.name == "sqlite":
+    if ctx.dialect.name == "sqlite" and not ctx.as_sql:
         broken = ctx.connection.execute(text("PRAGMA foreign_key_check")).fetchall()
         if broken:
             tables = ", ".join(sorted({row[0] for row in broken}))
