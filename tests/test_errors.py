@@ -249,3 +249,21 @@ def test_a_failing_first_revision_leaves_the_database_at_base(project: Project) 
     error = project.fails("migrate")
     assert "failed: RuntimeError: first" in error and "still at base" in error
     assert version(project) == []
+
+
+def test_a_failing_downgrade_names_the_revision_and_changes_nothing(project: Project) -> None:
+    body = revision(
+        "stuck1", head_revision(), 'op.create_table("notes", sa.Column("id", sa.Integer))'
+    )
+    body = body.replace(
+        "def downgrade() -> None:\n    pass",
+        ('def downgrade() -> None:\n    op.drop_table("notes")\n    raise RuntimeError("keep it")'),
+    )
+    project.add_revision("stuck", body)
+    project.ok("migrate")
+
+    error = project.fails("rollback")
+
+    assert "downgrade of revision stuck1 (hand written) failed: RuntimeError: keep it" in error
+    assert "still at stuck1" in error
+    assert version(project) == ["stuck1"] and "notes" in tables(project)

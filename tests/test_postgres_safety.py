@@ -180,3 +180,30 @@ def test_wait_retries_the_first_connection(
     assert result.returncode == 0, result.stderr
     rows = pg_fetch(pg_database.dsn, "select version_num from alembic_version")
     assert [r["version_num"] for r in rows] == [head_revision()]
+
+
+def test_accept_changes_on_postgres_is_committed(project: Project, pg_database: PgDatabase) -> None:
+    project.write_env("pg", f"DATABASE_URL={pg_database.url}\nPROTECTED=true\n")
+    project.ok("migrate", "--env=pg", "--yes")
+    [initial] = project.versions.glob(f"*_{head_revision()}_*.py")
+    initial.write_text(initial.read_text() + "\n# edited\n")
+    assert project.invoke("status", "--env=pg").returncode == 4
+
+    project.ok("accept-changes", head_revision(), "--env=pg")
+
+    assert project.ok("status", "--env=pg").returncode == 0
+    rows = pg_fetch(pg_database.dsn, "select direction from migration_log order by id")
+    assert [r["direction"] for r in rows] == ["up", "accept"]
+
+
+def test_reset_on_an_unprotected_postgres_database(
+    project: Project, pg_database: PgDatabase
+) -> None:
+    project.write_env("pg", f"DATABASE_URL={pg_database.url}\n")
+    project.ok("migrate", "--env=pg")
+    project.ok("seed", "--env=pg")
+
+    result = project.ok("reset", "--env=pg")
+
+    assert f"applied {head_revision()}" in result.stderr
+    assert pg_fetch(pg_database.dsn, "select count(*) as n from purchases")[0]["n"] == 0
