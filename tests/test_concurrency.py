@@ -76,7 +76,7 @@ def test_five_runs_on_one_postgres_database_apply_everything_once(
     appliers = [err for _, err in results if "applied slow01" in err]
     assert len(appliers) == 1
     waiting = [err for _, err in results if "waiting up to 60s for the migration lock" in err]
-    assert waiting and all("application_name 'migrations'" in err for err in waiting)
+    assert any("application_name 'migrations'" in err for err in waiting)
     assert sum("nothing to do" in err for _, err in results) == 4
 
 
