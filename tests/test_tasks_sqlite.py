@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import re
 import subprocess
 import sys
 
@@ -288,7 +289,8 @@ def test_every_task_and_flag_explains_itself() -> None:
         ).stdout
 
     listing = invoke("--list")
-    for name in (
+    tasks = re.findall(r"^  (\S+)", listing, re.MULTILINE)
+    assert {
         "migrate",
         "rollback",
         "makemigration",
@@ -296,12 +298,23 @@ def test_every_task_and_flag_explains_itself() -> None:
         "status",
         "history",
         "envs",
-    ):
-        assert f"  {name} " in listing
-    help_text = invoke("--help", "offline-sql")
-    for flag in ("--env=STRING", "--from=STRING", "--to=STRING", "--output=STRING", "--debug"):
-        option = next(line for line in help_text.splitlines() if flag in line)
-        assert len(option.split(flag, 1)[1].strip()) > 10, f"{flag} has no help text"
+        "check",
+        "lint",
+        "merge",
+        "seed",
+        "accept-changes",
+        "reset",
+        "restore",
+    } <= set(tasks)
+    for task in tasks:
+        help_text = invoke("--help", task)
+        docstring = help_text.split("Docstring:\n", 1)[1].split("\n\n", 1)[0].strip()
+        assert docstring and docstring != "none", f"{task} has no docstring"
+        options = help_text.split("Options:\n", 1)[1] if "Options:" in help_text else ""
+        for line in options.splitlines():
+            if line.strip().startswith("-"):
+                flag, _, text = line.strip().partition("   ")
+                assert text.strip(), f"invoke {task}: {flag} has no help text"
 
 
 def test_offline_sql_for_sqlite(project: Project) -> None:
