@@ -185,6 +185,14 @@ def test_failing_sql_in_a_migration(project: Project) -> None:
     assert version(project) == [head_revision()]
 
 
+def migrated_shop(project: Project) -> None:
+    """The dev database at head, with a user, a product and a purchase in it."""
+    project.ok("migrate")
+    with project.sqlite() as connection:
+        for statement in SHOP_ROWS:
+            connection.execute(statement)
+
+
 SHOP_ROWS = [
     "insert into users (id, telegram_id) values (1, 1001)",
     "insert into categories (id, name) values (1, 'e-books')",
@@ -196,10 +204,7 @@ SHOP_ROWS = [
 def test_batch_alter_of_a_referenced_table_keeps_the_referencing_rows(project: Project) -> None:
     """SQLite rebuilds a table to alter it; with foreign keys on, dropping the old ``users``
     would cascade-delete every purchase. Migrations run with them off."""
-    project.ok("migrate")
-    with project.sqlite() as connection:
-        for statement in SHOP_ROWS:
-            connection.execute(statement)
+    migrated_shop(project)
     project.add_revision(
         "widen",
         revision(

@@ -10,7 +10,7 @@ import sys
 
 from conftest import Project, head_revision
 from test_audit import add_notes
-from test_errors import SHOP_ROWS, revision
+from test_errors import migrated_shop, revision
 from test_tasks_sqlite import tables, version
 
 SAFE = "DATABASE_URL=sqlite:///var/safe.sqlite3\nPROTECTED=true\n"
@@ -132,10 +132,7 @@ def test_reset_drops_everything_and_migrates_from_scratch(project: Project) -> N
 
 
 def test_sqlite_is_backed_up_before_a_change_and_can_be_restored(project: Project) -> None:
-    project.ok("migrate")
-    with project.sqlite() as connection:
-        for statement in SHOP_ROWS:
-            connection.execute(statement)
+    migrated_shop(project)
     add_notes(project)
 
     result = project.ok("migrate")
@@ -188,10 +185,7 @@ def test_offline_sql_starts_with_the_session_settings(project: Project) -> None:
 
 
 def test_a_failed_batch_alter_leaves_no_temporary_table(project: Project) -> None:
-    project.ok("migrate")
-    with project.sqlite() as connection:
-        for statement in SHOP_ROWS:
-            connection.execute(statement)
+    migrated_shop(project)
     project.add_revision(
         "strict",
         revision(
