@@ -363,7 +363,7 @@ def confirm(env: Environment, yes: bool, action: str, *, need_yes: bool) -> None
     """Ask for the environment's name on a protected environment; refuse if it isn't typed."""
     from db.errors import GuardRefused
 
-    interactive = sys.stdin.isatty()
+    interactive = sys.stdin is not None and sys.stdin.isatty()
     if need_yes and not yes:
         raise GuardRefused(f"{env.name} is protected: to {action} it, pass --yes")
     if yes and (not need_yes or not interactive):

@@ -41,6 +41,7 @@ class Project:
             [sys.executable, "-m", "invoke", *args],
             cwd=cwd or self.root,
             env={**self.environ, **env},
+            stdin=subprocess.DEVNULL,
             capture_output=True,
             text=True,
             timeout=int(os.environ.get("TEST_INVOKE_TIMEOUT", "120")),
