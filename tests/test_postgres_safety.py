@@ -12,10 +12,12 @@ from pathlib import Path
 
 import asyncpg
 import pytest
-from conftest import PgDatabase, Project, head_revision, pg_fetch
+from conftest import PG_ADMIN, PgDatabase, Project, head_revision, pg_fetch
+from sqlalchemy.engine import make_url
 from test_errors import revision
 
 pytestmark = pytest.mark.postgres
+SERVER = make_url(PG_ADMIN)
 
 
 @pytest.fixture
@@ -154,7 +156,9 @@ def late_server() -> Iterator[int]:
                     client = listener.accept()[0]
                 except TimeoutError:
                     continue
-                upstream = socket.create_connection(("127.0.0.1", 5432))
+                upstream = socket.create_connection(
+                    (SERVER.host or "127.0.0.1", SERVER.port or 5432)
+                )
                 opened.extend((client, upstream))
                 for a, b in ((client, upstream), (upstream, client)):
                     threading.Thread(target=pipe, args=(a, b), daemon=True).start()
@@ -171,7 +175,8 @@ def late_server() -> Iterator[int]:
 def test_wait_retries_the_first_connection(
     project: Project, pg_database: PgDatabase, late_server: int
 ) -> None:
-    url = pg_database.url.replace("127.0.0.1:5432", f"127.0.0.1:{late_server}")
+    url = make_url(pg_database.url).set(host="127.0.0.1", port=late_server)
+    url = url.render_as_string(hide_password=False)
     project.write_env("late", f"DATABASE_URL={url}\n")
 
     assert project.invoke("status", "--env=late").returncode == 1  # not up yet
