@@ -212,6 +212,7 @@ def test_three_runs_on_one_sqlite_file_apply_everything_once(project: Project) -
         rows = connection.execute("select rev from side_effects order by rev").fetchall()
     assert rows == [("slow01",), ("slow02",), ("slow03",)]
     assert sum("applied slow01" in err for _, err in results) == 1
+    assert any("for another migration of this SQLite file" in err for _, err in results)
 
 
 def test_a_locked_sqlite_file_times_out_with_its_own_exit_code(project: Project) -> None:
