@@ -127,27 +127,20 @@ def test_multiple_heads(project: Project) -> None:
     assert version(project) == ["head1"]
 
 
+def add_good_then_bad(project: Project, failure: str) -> None:
+    """good01 (add notes) applies cleanly; bad001 (add coupons) creates a table, then fails."""
+    notes = 'op.create_table("notes", sa.Column("id", sa.Integer))'
+    coupons = 'op.create_table("coupons", sa.Column("id", sa.Integer))\n    ' + failure
+    project.add_revision("good", revision("good01", head_revision(), notes, message="add notes"))
+    project.add_revision("bad", revision("bad001", "good01", coupons, message="add coupons"))
+
+
 def test_failing_migration_names_the_revision_and_leaves_nothing_behind(project: Project) -> None:
     project.ok("migrate")
-    project.add_revision(
-        "good",
-        revision(
-            "good01",
-            head_revision(),
-            'op.create_table("notes", sa.Column("id", sa.Integer))',
-            message="add notes",
-        ),
-    )
-    project.add_revision(
-        "bad",
-        revision(
-            "bad001",
-            "good01",
-            'op.create_table("coupons", sa.Column("id", sa.Integer))\n'
-            '    op.add_column("users", sa.Column("coupon", sa.Integer))\n'
-            '    raise RuntimeError("boom in the middle")',
-            message="add coupons",
-        ),
+    add_good_then_bad(
+        project,
+        'op.add_column("users", sa.Column("coupon", sa.Integer))\n'
+        '    raise RuntimeError("boom in the middle")',
     )
 
     result = project.invoke("migrate")

@@ -12,7 +12,7 @@ from collections.abc import Iterator
 
 import pytest
 from conftest import PgDatabase, Project, head_revision, pg_execute, pg_fetch
-from test_errors import revision
+from test_errors import add_good_then_bad
 
 pytestmark = pytest.mark.postgres
 
@@ -68,24 +68,7 @@ def test_status_history_and_makemigration_on_postgres(pg_project: Project) -> No
 def test_failing_migration_leaves_postgres_at_the_last_good_revision(
     pg_project: Project, pg_database: PgDatabase
 ) -> None:
-    pg_project.add_revision(
-        "good",
-        revision(
-            "good01",
-            head_revision(),
-            'op.create_table("notes", sa.Column("id", sa.Integer))',
-            message="add notes",
-        ),
-    )
-    pg_project.add_revision(
-        "bad",
-        revision(
-            "bad001",
-            "good01",
-            'op.create_table("coupons", sa.Column("id", sa.Integer))\n    op.execute("select 1/0")',
-            message="add coupons",
-        ),
-    )
+    add_good_then_bad(pg_project, 'op.execute("select 1/0")')
 
     error = pg_project.fails("migrate", "--env=ci")
 
