@@ -46,7 +46,7 @@ def make_engine(
     env.py checks the keys itself before each revision commits. ``server_settings`` are
     PostgreSQL session settings (``lock_timeout``, ``application_name``, ...).
     """
-    engine = create_engine(url, **_options(url, connect_timeout, server_settings))
+    engine = create_engine(url, **_options(url, connect_timeout, server_settings, migrating))
     _sqlite_transactions(engine, foreign_keys=not migrating)
     return engine
 
@@ -61,13 +61,16 @@ def make_async_engine(
     """Like :func:`make_engine`, for an asyncio driver (asyncpg, aiosqlite)."""
     from sqlalchemy.ext.asyncio import create_async_engine  # only async runs pay for it
 
-    engine = create_async_engine(url, **_options(url, connect_timeout, server_settings))
+    engine = create_async_engine(url, **_options(url, connect_timeout, server_settings, migrating))
     _sqlite_transactions(engine.sync_engine, foreign_keys=not migrating)
     return engine
 
 
 def _options(
-    url: URL, connect_timeout: float, server_settings: Mapping[str, str] | None
+    url: URL,
+    connect_timeout: float,
+    server_settings: Mapping[str, str] | None,
+    migrating: bool,
 ) -> dict[str, Any]:
     connect_args: dict[str, Any] = {"timeout": connect_timeout}
     if url.get_backend_name() == "sqlite":
@@ -75,7 +78,19 @@ def _options(
             Path(url.database).parent.mkdir(parents=True, exist_ok=True)
     elif server_settings:
         connect_args["server_settings"] = dict(server_settings)
+    if migrating and url.get_driver_name() == "asyncpg":
+        connect_args.update(UNCACHED_STATEMENTS)
     return {"connect_args": connect_args, "poolclass": pool.NullPool}
+
+
+# Migration sessions keep no prepared statements: each DDL statement invalidates
+# SQLAlchemy's cache of them, so a migration re-prepares them anyway, and each one it drops
+# costs asyncpg a round trip to close. Unnamed statements ("") need no closing; a
+# 200-revision run makes a quarter fewer round trips (measured with bench/).
+UNCACHED_STATEMENTS = {
+    "prepared_statement_cache_size": 0,
+    "prepared_statement_name_func": lambda: "",
+}
 
 
 def _sqlite_transactions(engine: Engine, *, foreign_keys: bool) -> None:

@@ -8,9 +8,10 @@ from pathlib import Path
 import pytest
 from alembic import command
 from conftest import REPO, PgDatabase, head_revision
-from sqlalchemy import create_engine, inspect, select, text
+from sqlalchemy import create_engine, inspect, make_url, select, text
 
 from db import commands
+from db.engines import make_async_engine
 from db.environments import Environment, load_environment
 from db.models import Category
 from db.runner import make_config
@@ -99,3 +100,24 @@ def test_app_sessions_on_postgres_use_asyncpg(tmp_path: Path, pg_database: PgDat
     pg = load_environment(tmp_path, "pg", {})
     commands.migrate(pg)
     assert use_the_shop(pg) == ["e-books"]
+
+
+@pytest.mark.postgres
+@pytest.mark.parametrize("migrating", [True, False])
+def test_migration_sessions_keep_no_prepared_statements(
+    pg_database: PgDatabase, migrating: bool
+) -> None:
+    """A migration session prepares its statements unnamed: none is kept, none needs closing."""
+
+    async def kept_statements() -> int:
+        engine = make_async_engine(make_url(pg_database.url), migrating=migrating)
+        try:
+            async with engine.connect() as connection:
+                await connection.execute(text("select 1"))
+                query = text("select count(*) from pg_prepared_statements")
+                return int(await connection.scalar(query) or 0)
+        finally:
+            await engine.dispose()
+
+    kept = asyncio.run(kept_statements())
+    assert kept == 0 if migrating else kept > 0
