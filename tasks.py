@@ -7,6 +7,7 @@ exits); the work is done by the ``db`` package, imported inside each task so tha
 
 from __future__ import annotations
 
+import gc
 import json
 import os
 import sys
@@ -28,6 +29,11 @@ if TYPE_CHECKING:
     from db.runner import RunOptions, Step
 
 ROOT = Path(__file__).resolve().parent
+# A task is a short-lived process that imports ~100,000 long-lived objects (SQLAlchemy,
+# Alembic) and then makes many short-lived ones: collect garbage less often, as mypy does,
+# and freeze (in reported) what the imports made so that no collection scans it again.
+# Together 6% fewer instructions for a 200-revision migrate (valgrind; see bench/).
+gc.set_threshold(50_000, 20, 20)
 COMMON = {
     "env": "environment name, a file in environments/ (default: dev, or INVOKE_DB_ENV)",
     "debug": "show the Python traceback of a failure (or set INVOKE_DB_DEBUG=1)",
@@ -351,6 +357,7 @@ def reported(c: Context, debug: bool) -> Iterator[None]:
     """Turn the library's expected errors into a short message and their exit code."""
     from db.errors import DbError
 
+    gc.freeze()  # the task has imported what it needs; those objects live until exit
     try:
         yield
     except DbError as exc:
