@@ -1,6 +1,6 @@
 """Benchmarks: our invoke tasks against plain Alembic and raw SQL, side by side, in one run.
 
-    python -m bench                      # N = 50, 200, 1000; 3 rounds
+    python -m bench                      # N = 50, 200, 1000; 5 rounds
     python -m bench --sizes 200 --rounds 5 --json bench.json --png bench.png
 
 Each round runs every tool once, interleaved, on a fresh database; the report gives the
@@ -11,6 +11,7 @@ targets met or missed. This is a measuring tool, not a test.
 from __future__ import annotations
 
 import argparse
+import os
 import platform
 import subprocess
 import sys
@@ -52,7 +53,7 @@ def parse() -> argparse.Namespace:
     parser.add_argument(
         "--sizes", default="50,200,1000", help="revision counts (default: %(default)s)"
     )
-    parser.add_argument("--rounds", type=int, default=3, help="rounds per size (default: 3)")
+    parser.add_argument("--rounds", type=int, default=5, help="rounds per size (default: 5)")
     parser.add_argument("--json", help="write the raw timings to this JSON file")
     parser.add_argument("--png", help="draw time against N to this PNG (needs matplotlib)")
     parser.add_argument("--pg-admin", default=PG_ADMIN, help="admin DSN (default: %(default)s)")
@@ -92,6 +93,7 @@ class Bench:
         timed.append(("status", "ours", run([*INVOKE, "status", "--env=bench"], self.ours)))
         timed.append(("status", "alembic", run([*ALEMBIC, "current"], self.plain)))
         timed.append(("invoke --list", "ours", run([*INVOKE, "--list"], self.ours)))
+        timed.append((report.IMPORTS, "python", run([sys.executable, "-c", IMPORTS], self.root)))
         offline = [*INVOKE, "offline-sql", "--env=benchpg"]
         timed.append(("offline-sql", "ours", run(offline, self.ours)))
         timed.append(
@@ -135,16 +137,32 @@ class Bench:
             str(self.floor_pg),
         ]
         return [
-            ("migrate postgres", "ours", run([*INVOKE, "migrate", "--env=benchpg"], self.ours)),
-            ("migrate postgres", "alembic", run([*ALEMBIC, "upgrade", "head"], self.plain_pg)),
-            ("migrate postgres", "floor", run(floor, self.root)),
+            (
+                "migrate postgres",
+                "ours",
+                self._settled(INVOKE + ["migrate", "--env=benchpg"], self.ours),
+            ),
+            (
+                "migrate postgres",
+                "alembic",
+                self._settled(ALEMBIC + ["upgrade", "head"], self.plain_pg),
+            ),
+            ("migrate postgres", "floor", self._settled(floor, self.root)),
         ]
 
     def _fresh(self, *names: str) -> None:
         for name in names:
-            psql = ["psql", "-X", "-q", "-d", self.pg_admin, "-c"]
-            subprocess.run([*psql, f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)'], check=True)
-            subprocess.run([*psql, f'CREATE DATABASE "{name}"'], check=True)
+            self._psql(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+            self._psql(f'CREATE DATABASE "{name}"')
+
+    def _settled(self, command: list[str], cwd: Path) -> float:
+        """Time a PostgreSQL run after a checkpoint, so no tool pays for the writes of the
+        previous one (or of CREATE DATABASE): without it the rounds varied by a factor of 2."""
+        self._psql("CHECKPOINT")
+        return run(command, cwd)
+
+    def _psql(self, sql: str) -> None:
+        subprocess.run(["psql", "-X", "-q", "-d", self.pg_admin, "-c", sql], check=True)
 
     def _warm_up(self) -> None:
         """Compile every revision to bytecode once, so no round pays for it."""
@@ -153,28 +171,22 @@ class Bench:
     def close(self) -> None:
         if self.postgres:
             for name in ("bench_ours", "bench_plain", "bench_floor"):
-                subprocess.run(
-                    [
-                        "psql",
-                        "-X",
-                        "-q",
-                        "-d",
-                        self.pg_admin,
-                        "-c",
-                        f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)',
-                    ],
-                    check=True,
-                )
+                self._psql(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
 
 
 INVOKE = [sys.executable, "-m", "invoke"]
 ALEMBIC = [sys.executable, "-m", "alembic"]
+# what every Alembic-based tool on asyncpg imports before it can do anything
+IMPORTS = "import alembic.command, sqlalchemy.ext.asyncio, asyncpg"
+# A user's Python caches the revisions' bytecode; with PYTHONDONTWRITEBYTECODE set (as in
+# some shells and containers) every run of every tool would compile them all again.
+CHILD_ENV = {name: value for name, value in os.environ.items() if name != "PYTHONDONTWRITEBYTECODE"}
 
 
 def run(command: list[str], cwd: Path) -> float:
     """Seconds the command took; it must succeed."""
     started = time.perf_counter()
-    done = subprocess.run(command, cwd=cwd, capture_output=True, text=True)
+    done = subprocess.run(command, cwd=cwd, capture_output=True, text=True, env=CHILD_ENV)
     seconds = time.perf_counter() - started
     if done.returncode != 0:
         raise SystemExit(f"{' '.join(command)} failed in {cwd}:\n{done.stderr[-2000:]}")
