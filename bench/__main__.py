@@ -93,7 +93,9 @@ class Bench:
         timed.append(("status", "ours", run([*INVOKE, "status", "--env=bench"], self.ours)))
         timed.append(("status", "alembic", run([*ALEMBIC, "current"], self.plain)))
         timed.append(("invoke --list", "ours", run([*INVOKE, "--list"], self.ours)))
-        timed.append((report.IMPORTS, "python", run([sys.executable, "-c", IMPORTS], self.root)))
+        timed.append(
+            (report.IMPORTS, "python", run([sys.executable, "-c", IMPORT_LINE], self.root))
+        )
         offline = [*INVOKE, "offline-sql", "--env=benchpg"]
         timed.append(("offline-sql", "ours", run(offline, self.ours)))
         timed.append(
@@ -177,7 +179,7 @@ class Bench:
 INVOKE = [sys.executable, "-m", "invoke"]
 ALEMBIC = [sys.executable, "-m", "alembic"]
 # what every Alembic-based tool on asyncpg imports before it can do anything
-IMPORTS = "import alembic.command, sqlalchemy.ext.asyncio, asyncpg"
+IMPORT_LINE = "import alembic.command, sqlalchemy.ext.asyncio, asyncpg"
 # A user's Python caches the revisions' bytecode; with PYTHONDONTWRITEBYTECODE set (as in
 # some shells and containers) every run of every tool would compile them all again.
 CHILD_ENV = {name: value for name, value in os.environ.items() if name != "PYTHONDONTWRITEBYTECODE"}
