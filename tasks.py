@@ -10,12 +10,13 @@ from __future__ import annotations
 import gc
 import json
 import os
+import signal
 import sys
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import asdict
 from pathlib import Path
-from typing import TYPE_CHECKING, TextIO
+from typing import TYPE_CHECKING, Any, TextIO
 
 from invoke.collection import Collection
 from invoke.context import Context
@@ -23,6 +24,8 @@ from invoke.exceptions import Exit
 from invoke.tasks import task
 
 if TYPE_CHECKING:
+    from alembic.runtime.migration import RevisionStep
+
     from db.commands import Revision
     from db.environments import Environment
     from db.lint import Finding
@@ -69,7 +72,9 @@ def migrate(
             show_plan(target, plan)
             if plan:
                 confirm(target, yes, "migrate", need_yes=False)
-        summarize("migrated", target, upgrade(target, to, options))
+        with on_signals(options):
+            steps = upgrade(target, to, options)
+        summarize("migrated", target, steps)
 
 
 @task(
@@ -100,7 +105,9 @@ def rollback(
         if target.protected:
             confirm(target, yes, "roll back", need_yes=True)
         options = run_options(lock_wait, wait, allow_env_mismatch)
-        summarize("rolled back", target, downgrade(target, steps, to or None, options))
+        with on_signals(options):
+            done = downgrade(target, steps, to or None, options)
+        summarize("rolled back", target, done)
 
 
 @task(help=COMMON)
@@ -110,7 +117,10 @@ def reset(c: Context, env: str = "", debug: bool = False) -> None:
 
     with reported(c, debug):
         target = environment(c, env, banner=True)
-        summarize("reset and migrated", target, drop_and_migrate(target, run_options()))
+        options = run_options()
+        with on_signals(options):
+            steps = drop_and_migrate(target, options)
+        summarize("reset and migrated", target, steps)
 
 
 @task(
@@ -130,8 +140,43 @@ def restore(
         target = environment(c, env, banner=True)
         if target.protected:
             confirm(target, yes, "overwrite the database", need_yes=True)
-        used = put_back(target, target.url(), Path(file).resolve() if file else None)
+        used, kept = put_back(target, target.url(), Path(file).resolve() if file else None)
+    if kept is not None:
+        print(f"  kept the database it replaced as {target.relative(kept)}", file=sys.stderr)
     print(f"{target.name}: restored {target.relative(used)}", file=sys.stderr)
+
+
+@task(
+    help={
+        **COMMON,
+        "revision": "the revision whose interrupted non-transactional run you have checked",
+        "applied": "its changes are all in the database: record it as applied",
+        "rolled_back": "none of its changes are left: record it as not applied, to run again",
+        "lock_wait": RUN["lock_wait"],
+    }
+)
+def resolve(
+    c: Context,
+    revision: str,
+    env: str = "",
+    applied: bool = False,
+    rolled_back: bool = False,
+    lock_wait: float = 60.0,
+    debug: bool = False,
+) -> None:
+    """Record how an interrupted non-transactional revision ended: --applied or --rolled-back."""
+    from db.commands import resolve as settle
+    from db.errors import UsageError
+
+    with reported(c, debug):
+        if applied == rolled_back:
+            raise UsageError("say how the revision ended: pass --applied or --rolled-back")
+        target = environment(c, env, banner=True)
+        if target.protected:
+            confirm(target, True, "resolve a revision on", need_yes=False)
+        at = settle(target, revision, applied, run_options(lock_wait))
+    how = "applied" if applied else "rolled back"
+    print(f"{target.name}: recorded {revision} as {how}; the database is at {at}", file=sys.stderr)
 
 
 @task(
@@ -355,7 +400,7 @@ def environment(c: Context, name: str, *, banner: bool = False) -> Environment:
 @contextmanager
 def reported(c: Context, debug: bool) -> Iterator[None]:
     """Turn the library's expected errors into a short message and their exit code."""
-    from db.errors import DbError
+    from db.errors import DbError, Interrupted
 
     gc.freeze()  # the task has imported what it needs; those objects live until exit
     try:
@@ -363,7 +408,29 @@ def reported(c: Context, debug: bool) -> Iterator[None]:
     except DbError as exc:
         if debug or c.config.db.debug:
             raise
-        raise Exit(f"error: {exc}", code=exc.exit_code) from None
+        text = str(exc) if isinstance(exc, Interrupted) else f"error: {exc}"
+        raise Exit(text, code=exc.exit_code) from None
+
+
+@contextmanager
+def on_signals(options: RunOptions) -> Iterator[None]:
+    """SIGINT and SIGTERM stop the run at the next safe point instead of killing it.
+
+    A second signal of the same kind acts as it would have without this handler.
+    """
+    previous: dict[int, Any] = {}
+
+    def stop(signum: int, _frame: object) -> None:
+        signal.signal(signum, previous[signum])
+        options.stop.request(signum)
+
+    for kind in (signal.SIGINT, signal.SIGTERM):
+        previous[kind] = signal.signal(kind, stop)
+    try:
+        yield
+    finally:
+        for number, handler in previous.items():
+            signal.signal(number, handler)
 
 
 def confirm(env: Environment, yes: bool, action: str, *, need_yes: bool) -> None:
@@ -417,9 +484,15 @@ def run_options(
         lock_wait=lock_wait,
         wait=None if wait < 0 else wait,
         allow_env_mismatch=allow_mismatch,
+        on_start=print_start,
         on_step=print_step,
         on_note=lambda text: print(f"  {text}", file=sys.stderr),
     )
+
+
+def print_start(step: RevisionStep) -> None:
+    verb = "applying" if step.is_upgrade else "reverting"
+    print(f"  {verb} {step.revision.revision}  {step.revision.doc}...", file=sys.stderr)
 
 
 def print_step(step: Step) -> None:
@@ -453,6 +526,7 @@ ns = Collection(
     rollback,
     reset,
     restore,
+    resolve,
     accept_changes,
     makemigration,
     offline_sql,

@@ -27,8 +27,10 @@ from sqlalchemy import (
     MetaData,
     String,
     Table,
+    Text,
     inspect,
     select,
+    update,
 )
 from sqlalchemy.schema import CreateTable
 from sqlalchemy.sql.expression import Executable
@@ -40,7 +42,9 @@ LOG = Table(
     MetaData(),
     Column("id", Integer, primary_key=True),
     Column("revision", String(64), nullable=False),
-    Column("direction", String(8), nullable=False),  # up, down, accept, or env (renamed)
+    # up, down, accept, env (renamed); run-up/run-down: a non-transactional revision that
+    # started and has not finished; aborted: one an operator said was rolled back
+    Column("direction", String(8), nullable=False),
     Column("environment", String(64), nullable=False),
     Column("started_at", DateTime(timezone=True), nullable=False),
     Column("duration_ms", Integer, nullable=False),
@@ -49,6 +53,7 @@ LOG = Table(
     Column("tool_version", String(32)),
     Column("git_commit", String(40)),
     Column("checksum", String(64)),
+    Column("last_statement", Text),  # run-up/run-down: the last statement started
 )
 _INSERT = LOG.insert()
 
@@ -73,6 +78,7 @@ class Who:
 
 @dataclass(frozen=True)
 class Entry:
+    id: int
     revision: str
     direction: str
     environment: str
@@ -91,6 +97,11 @@ def checksum(path: str | Path) -> str:
 def ensure_table(execute: Execute) -> None:
     """Create the table if missing; ``execute`` is a connection's, or Alembic's offline one."""
     execute(CreateTable(LOG, if_not_exists=True))
+    connection = getattr(execute, "__self__", None)
+    if isinstance(connection, Connection):  # a table made by an older version of the tool
+        columns = {column["name"] for column in inspect(connection).get_columns(LOG.name)}
+        if "last_statement" not in columns:
+            connection.exec_driver_sql("ALTER TABLE migration_log ADD COLUMN last_statement TEXT")
 
 
 def record(
@@ -103,9 +114,49 @@ def record(
     seconds: float,
     who: Who,
     file_checksum: str | None,
-) -> None:
-    """Write one row, in the caller's transaction (or as SQL, for an offline context)."""
-    row = {
+) -> int | None:
+    """Write one row, in the caller's transaction (or as SQL, for an offline context).
+
+    Returns the new row's id (None offline)."""
+    row = _row(revision, direction, environment, started_at, seconds, who, file_checksum)
+    if isinstance(target, MigrationContext) and target.as_sql:
+        target.execute(LOG.insert().values(**row))  # rendered with the values inline
+        return None
+    result = _connection(target).execute(_INSERT, row)  # one compiled statement, reused
+    key = result.inserted_primary_key
+    return int(key[0]) if key is not None else None
+
+
+def complete(target: Connection | MigrationContext, row_id: int, **kw: Any) -> None:
+    """Turn a run-up/run-down row into a finished one, in the caller's transaction."""
+    values = _row(**kw)
+    values.pop("started_at")
+    _connection(target).execute(update(LOG).where(LOG.c.id == row_id).values(**values))
+
+
+def set_statement(connection: Connection, row_id: int, statement: str) -> None:
+    connection.execute(
+        update(LOG).where(LOG.c.id == row_id).values(last_statement=statement[:2000])
+    )
+
+
+def _connection(target: Connection | MigrationContext) -> Connection:
+    connection = target.connection if isinstance(target, MigrationContext) else target
+    if connection is None:
+        raise RuntimeError("an online migration context without a connection")
+    return connection
+
+
+def _row(
+    revision: str,
+    direction: str,
+    environment: str,
+    started_at: datetime,
+    seconds: float,
+    who: Who,
+    file_checksum: str | None,
+) -> dict[str, Any]:
+    return {
         "revision": revision,
         "direction": direction,
         "environment": environment,
@@ -117,13 +168,6 @@ def record(
         "git_commit": who.git_commit,
         "checksum": file_checksum,
     }
-    if isinstance(target, MigrationContext) and target.as_sql:
-        target.execute(LOG.insert().values(**row))  # rendered with the values inline
-        return
-    connection = target.connection if isinstance(target, MigrationContext) else target
-    if connection is None:
-        raise RuntimeError("an online migration context without a connection")
-    connection.execute(_INSERT, row)  # one compiled statement, reused for every row
 
 
 def entries(connection: Connection) -> list[Entry]:
@@ -132,6 +176,7 @@ def entries(connection: Connection) -> list[Entry]:
         return []
     rows = connection.execute(
         select(
+            LOG.c.id,
             LOG.c.revision,
             LOG.c.direction,
             LOG.c.environment,
@@ -147,6 +192,26 @@ def entries(connection: Connection) -> list[Entry]:
         e if e.started_at.tzinfo else replace(e, started_at=e.started_at.replace(tzinfo=UTC))
         for e in entries
     ]
+
+
+def unfinished(log: list[Entry]) -> list[Entry]:
+    """Non-transactional revisions that started and were never finished or resolved."""
+    return [entry for entry in log if entry.direction in ("run-up", "run-down")]
+
+
+def last_statement(connection: Connection, entry: Entry) -> str | None:
+    found = connection.execute(select(LOG.c.last_statement).where(LOG.c.id == entry.id))
+    return found.scalar()
+
+
+def resolve(connection: Connection, entry: Entry, applied: bool, who: Who) -> None:
+    """Record how an unfinished revision ended, as an operator found it."""
+    direction = entry.direction.removeprefix("run-") if applied else "aborted"
+    connection.execute(
+        update(LOG)
+        .where(LOG.c.id == entry.id)
+        .values(direction=direction, os_user=who.os_user, host=who.host)
+    )
 
 
 def applied_checksums(log: list[Entry]) -> dict[str, str | None]:

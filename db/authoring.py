@@ -3,11 +3,12 @@
 from __future__ import annotations
 
 import io
+from collections.abc import Iterator
 from contextlib import redirect_stdout
 from pathlib import Path
-from typing import Any
 
 from alembic import command
+from alembic.runtime.migration import MigrationContext, RevisionStep
 from alembic.script import Script
 from alembic.util import CommandError
 
@@ -28,11 +29,11 @@ def offline_sql(env: Environment, start: str | None = None, to: str = "head") ->
     script = load_scripts(config)
     if to == "head":
         guards.single_head(script, env)
-    progress = Progress(None, env.name, audit.Who.here(env.root))
+    progress = Progress(env.name, audit.Who.here(env.root))
 
-    def upgrade(current: tuple[str, ...], context: Any) -> list[Any]:
+    def upgrade(current: tuple[str, ...], context: MigrationContext) -> Iterator[RevisionStep]:
         audit.ensure_table(context.execute)
-        return progress.planned(plan_steps(script, to, current, up=True))
+        return progress.steps(plan_steps(script, to, current, up=True), context)
 
     run_env(config, script, upgrade, progress, as_sql=True, starting_rev=start, destination_rev=to)
     return output.getvalue()

@@ -6,10 +6,11 @@ import os
 import shutil
 import sqlite3
 import subprocess
+from contextlib import closing
 from datetime import datetime
 from pathlib import Path
 
-from sqlalchemy.engine import URL
+from sqlalchemy.engine import URL, make_url
 
 from db.environments import Environment
 from db.errors import ConfigError, DbError
@@ -30,17 +31,58 @@ def before_change(env: Environment, url: URL) -> str | None:
 
 
 def sqlite_backup(env: Environment, url: URL) -> Path | None:
-    """A consistent copy through SQLite's backup API, mode 0600; None for an empty file."""
+    """A verified copy through SQLite's backup API, mode 0600; None for an empty file.
+
+    A copy that cannot be written or does not pass ``quick_check`` is deleted, and the run
+    stops before any change.
+    """
     source = Path(url.database or "")
     if not source.is_file() or source.stat().st_size == 0:
         return None
+    check_sqlite(env, source)
     target = _new_file(env, "sqlite3")
-    with sqlite3.connect(source) as live, sqlite3.connect(target) as copy:
-        live.backup(copy)
-    live.close()
-    copy.close()
+    try:
+        _copy(source, target)
+        problem = _quick_check(target)
+        if problem:
+            raise sqlite3.DatabaseError(f"the copy fails quick_check: {problem}")
+    except (sqlite3.Error, OSError) as exc:
+        target.unlink(missing_ok=True)
+        raise DbError(
+            f"the backup to {env.relative(target)} failed ({exc}), so nothing was changed: "
+            f"free some space in {BACKUP_DIR} and run the task again"
+        ) from None
     _prune(env, "sqlite3")
     return target
+
+
+def check_sqlite(env: Environment, path: Path) -> None:
+    """Refuse a SQLite file that fails ``PRAGMA quick_check``, before anything touches it."""
+    if not path.is_file():
+        return
+    problem = _quick_check(path)
+    if problem:
+        raise DbError(
+            f"{env.relative(path)} fails SQLite's quick_check ({problem}): the file is "
+            "corrupt, so nothing was run and no backup was made of it; put a good backup "
+            f"back with `invoke restore --env={env.name}`"
+        )
+
+
+def _quick_check(path: Path) -> str | None:
+    """None when the file is a sound SQLite database, else what is wrong with it."""
+    try:
+        with closing(sqlite3.connect(f"file:{path}?mode=ro", uri=True)) as db:
+            rows = db.execute("PRAGMA quick_check").fetchall()
+    except sqlite3.Error as exc:
+        return str(exc)
+    found = "; ".join(str(row[0]) for row in rows)
+    return None if found == "ok" else found
+
+
+def _copy(source: Path, target: Path) -> None:
+    with closing(sqlite3.connect(source)) as live, closing(sqlite3.connect(target)) as copy:
+        live.backup(copy)
 
 
 def pg_dump(env: Environment, url: URL) -> Path:
@@ -64,26 +106,63 @@ def backups(env: Environment, suffix: str = "sqlite3") -> list[Path]:
     return sorted(found, key=lambda p: p.name, reverse=True)
 
 
-def restore(env: Environment, url: URL, backup: Path | None) -> Path:
-    """Put a SQLite backup back in place of the database; returns the file used."""
+def restore(env: Environment, url: URL, backup: Path | None) -> tuple[Path, Path | None]:
+    """Put a SQLite backup back in place of the database.
+
+    The backup must be a sound SQLite database with a version table; the database it
+    replaces is kept as a backup first. Returns the file used and where the old one went.
+    """
     if url.get_backend_name() != "sqlite":
         raise ConfigError(f"{env.name} is PostgreSQL: restore a pg_dump backup with pg_restore")
+    live = Path(url.database or "")
     chosen = backup or next(iter(backups(env)), None)
     if chosen is None or not chosen.is_file():
         raise DbError(f"no backup to restore for {env.name} (looked in {BACKUP_DIR})")
-    with sqlite3.connect(chosen) as copy, sqlite3.connect(url.database or "") as live:
-        copy.backup(live)
-    copy.close()
-    live.close()
-    return chosen
+    if live.exists() and chosen.resolve() == live.resolve():
+        raise DbError(f"{env.relative(chosen)} is the live database itself: pick a backup")
+    _check_backup(env, chosen)
+    kept = _keep_replaced(env, live)
+    _copy(chosen, live)
+    return chosen, kept
+
+
+def _check_backup(env: Environment, path: Path) -> None:
+    problem = _quick_check(path)
+    if problem is None:
+        with closing(sqlite3.connect(f"file:{path}?mode=ro", uri=True)) as db:
+            found = db.execute(
+                "select 1 from sqlite_master where type = 'table' and name = 'alembic_version'"
+            ).fetchone()
+        problem = None if found else "it has no alembic_version table"
+    if problem:
+        raise DbError(
+            f"{env.relative(path)} is not a usable backup ({problem}); nothing was restored"
+        )
+
+
+def _keep_replaced(env: Environment, live: Path) -> Path | None:
+    """Keep the database a restore replaces: as a verified backup, or as-is when corrupt."""
+    if not live.is_file() or live.stat().st_size == 0:
+        return None
+    if _quick_check(live) is None:
+        return sqlite_backup(env, make_url(f"sqlite:///{live}"))
+    kept = _new_file(env, "corrupt")
+    shutil.copyfile(live, kept)
+    return kept
 
 
 def _new_file(env: Environment, suffix: str) -> Path:
     folder = env.root / BACKUP_DIR
-    folder.mkdir(parents=True, exist_ok=True, mode=0o700)
     stamp = datetime.now().strftime("%Y%m%d-%H%M%S-%f")
     target = folder / f"{env.name}-{stamp}.{suffix}"
-    os.close(os.open(target, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o600))
+    try:
+        folder.mkdir(parents=True, exist_ok=True, mode=0o700)
+        os.close(os.open(target, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o600))
+    except OSError as exc:
+        raise DbError(
+            f"cannot write a backup in {BACKUP_DIR} ({exc.strerror}), so nothing was changed: "
+            "check that folder's permissions and free space"
+        ) from None
     return target
 
 

@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterator
 from dataclasses import dataclass
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any, cast
 
 from alembic.config import Config
+from alembic.runtime.migration import MigrationContext, RevisionStep
 from alembic.script import Script, ScriptDirectory
 from alembic.util import CommandError
 from sqlalchemy import Connection, text
@@ -25,6 +27,7 @@ from db.runner import (
     make_config,
     revision_error,
     run_env,
+    run_of,
 )
 
 
@@ -117,6 +120,42 @@ def accept_changes(env: Environment, revision: str, options: RunOptions | None =
     return accepted[0]
 
 
+def resolve(
+    env: Environment, revision: str, applied: bool, options: RunOptions | None = None
+) -> str:
+    """Record how an unfinished non-transactional revision ended; returns where the database is.
+
+    ``applied``: its work is all in the database, so it is recorded as applied (the version
+    table moves past it); otherwise it is recorded as rolled back and will run again.
+    """
+    options = options or RunOptions()
+    config = make_config(env, options, lock=True)
+    script = load_scripts(config)
+    where: list[str] = []
+
+    def settle(current: tuple[str, ...], context: MigrationContext) -> list[RevisionStep]:
+        connection = _connection(context)
+        guards.known_revisions(script, current, env)
+        found = [e for e in audit.unfinished(audit.entries(connection)) if e.revision == revision]
+        if not found:
+            raise RevisionError(
+                f"revision {revision} has no unfinished run on the {env.name} database: "
+                f"nothing to resolve (see `invoke history --env={env.name}`)"
+            )
+        entry = found[-1]
+        target = revision
+        if entry.direction == "run-down":
+            target = script.get_revision(revision).down_revision or "base"  # type: ignore[assignment]
+        if applied:
+            context.stamp(script, str(target))
+        audit.resolve(connection, entry, applied, audit.Who.here(env.root))
+        where.append(", ".join(context.get_current_heads()) or "base")
+        return []
+
+    run_env(config, script, settle)
+    return where[0]
+
+
 def status(env: Environment, options: RunOptions | None = None) -> Status:
     """The database's revision(s), the scripts' head(s), and what is pending, oldest first.
 
@@ -177,44 +216,60 @@ def _change(
     """Run the steps ``plan(script, current)`` chooses, under the lock, after the guards."""
     options = options or RunOptions()
     config = make_config(env, options, lock=True)
+    _check_file(env, run_of(config).url)
     script = load_scripts(config)
     if single_head:
         guards.single_head(script, env)
-    progress = Progress(options.on_step, env.name, audit.Who.here(env.root))
+    progress = Progress(
+        env.name, audit.Who.here(env.root), options.on_start, options.on_step, options.stop
+    )
 
-    def run(current: tuple[str, ...], context: Any) -> list[Any]:
+    def run(current: tuple[str, ...], context: MigrationContext) -> Iterator[RevisionStep]:
         guards.known_revisions(script, current, env)
-        connection: Connection = context.connection
+        connection = _connection(context)
         log = audit.entries(connection)
         renamed = guards.same_environment(log, env, options.allow_env_mismatch)
         guards.unchanged_files(log, script, env, options.note)
+        guards.all_finished(log, env, connection)
         steps = plan(script, current)
         guards.valid_ids(step.revision.revision for step in steps)
         if steps:
-            options.note(backups.before_change(env, config.attributes["url"]) or "")
+            options.note(backups.before_change(env, run_of(config).url))
         if steps or renamed:
             audit.ensure_table(connection.execute)
         if renamed:  # stamp the database with its new environment name
             _record(connection, env, ",".join(current) or "base", "env", None)
-        return progress.planned(steps)
+        return progress.steps(steps, context)
 
     run_env(config, script, run, progress)
     return progress.applied
 
 
 def reset(env: Environment, options: RunOptions | None = None) -> list[Step]:
-    """Drop everything and migrate from scratch; never on a protected environment."""
+    """Drop everything and migrate from scratch; never on a protected environment.
+
+    It runs the guards ``migrate`` runs (the env name, a sound SQLite file), and backs the
+    database up before it drops anything.
+    """
     if env.protected:
         raise GuardRefused(f"{env.name} is protected: reset drops every table and never runs there")
     options = options or RunOptions()
     url = env.url()
+    _check_file(env, url)
+    config = make_config(env, options)
+    state = read_state(env, config, load_scripts(config))
+    guards.same_environment(state.log, env, options.allow_env_mismatch)
+    options.note(backups.before_change(env, url))
     if url.get_backend_name() == "sqlite":
-        saved = backups.sqlite_backup(env, url)
-        options.note(f"backed up to {env.relative(saved)}" if saved else "")
         Path(url.database or "").unlink(missing_ok=True)
     else:
         run_coroutine(_drop_public_schema(env, url))
     return migrate(env, "head", options)
+
+
+def _check_file(env: Environment, url: URL) -> None:
+    if url.get_backend_name() == "sqlite":
+        backups.check_sqlite(env, Path(url.database or ""))
 
 
 async def _drop_public_schema(env: Environment, url: URL) -> None:
@@ -241,6 +296,12 @@ def _record(
         who=audit.Who.here(env.root),
         file_checksum=checksum,
     )
+
+
+def _connection(context: MigrationContext) -> Connection:
+    if context.connection is None:
+        raise DbError("this task needs a database connection, not offline SQL")
+    return context.connection
 
 
 def _applied(script: ScriptDirectory, current: tuple[str, ...]) -> set[str]:

@@ -8,7 +8,7 @@ import os
 import socket
 import sqlite3
 import time
-from collections.abc import AsyncIterator, Coroutine, Iterator, Mapping
+from collections.abc import AsyncIterator, Callable, Coroutine, Iterator
 from contextlib import asynccontextmanager, contextmanager
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, TypeVar
@@ -38,15 +38,13 @@ def make_engine(
     *,
     connect_timeout: float = CONNECT_TIMEOUT,
     migrating: bool = False,
-    server_settings: Mapping[str, str] | None = None,
 ) -> Engine:
     """A pool-less sync engine; SQLite gets real transactions for DDL.
 
     ``migrating`` turns SQLite's foreign key enforcement off (batch mode rebuilds tables);
-    env.py checks the keys itself before each revision commits. ``server_settings`` are
-    PostgreSQL session settings (``lock_timeout``, ``application_name``, ...).
+    env.py checks the keys itself before each revision commits.
     """
-    engine = create_engine(url, **_options(url, connect_timeout, server_settings, migrating))
+    engine = create_engine(url, **_options(url, connect_timeout, migrating))
     _sqlite_transactions(engine, foreign_keys=not migrating)
     return engine
 
@@ -56,28 +54,19 @@ def make_async_engine(
     *,
     connect_timeout: float = CONNECT_TIMEOUT,
     migrating: bool = False,
-    server_settings: Mapping[str, str] | None = None,
 ) -> AsyncEngine:
     """Like :func:`make_engine`, for an asyncio driver (asyncpg, aiosqlite)."""
     from sqlalchemy.ext.asyncio import create_async_engine  # only async runs pay for it
 
-    engine = create_async_engine(url, **_options(url, connect_timeout, server_settings, migrating))
+    engine = create_async_engine(url, **_options(url, connect_timeout, migrating))
     _sqlite_transactions(engine.sync_engine, foreign_keys=not migrating)
     return engine
 
 
-def _options(
-    url: URL,
-    connect_timeout: float,
-    server_settings: Mapping[str, str] | None,
-    migrating: bool,
-) -> dict[str, Any]:
+def _options(url: URL, connect_timeout: float, migrating: bool) -> dict[str, Any]:
     connect_args: dict[str, Any] = {"timeout": connect_timeout}
-    if url.get_backend_name() == "sqlite":
-        if url.database not in (None, "", ":memory:"):
-            Path(url.database).parent.mkdir(parents=True, exist_ok=True)
-    elif server_settings:
-        connect_args["server_settings"] = dict(server_settings)
+    if url.get_backend_name() == "sqlite" and url.database not in (None, "", ":memory:"):
+        Path(url.database).parent.mkdir(parents=True, exist_ok=True)
     if migrating and url.get_driver_name() == "asyncpg":
         connect_args.update(UNCACHED_STATEMENTS)
     return {"connect_args": connect_args, "poolclass": pool.NullPool}
@@ -172,6 +161,29 @@ def backoff(wait: float) -> Iterator[float]:
     while (left := deadline - time.monotonic()) > 0:
         yield min(delay, left)
         delay = min(delay * 2, 5.0)
+
+
+def with_connection(
+    url: URL, fn: Callable[[Connection], T], *, connect_timeout: float = CONNECT_TIMEOUT
+) -> T:
+    """Run ``fn`` on a new connection to ``url``, through the sync or async driver it names."""
+    if is_async(url):
+        engine = make_async_engine(url, connect_timeout=connect_timeout)
+        return run_coroutine(_with_async(engine, fn))
+    sync_engine = make_engine(url, connect_timeout=connect_timeout)
+    try:
+        with connect(sync_engine) as connection:
+            return fn(connection)
+    finally:
+        sync_engine.dispose()
+
+
+async def _with_async(engine: AsyncEngine, fn: Callable[[Connection], T]) -> T:
+    try:
+        async with connect_async(engine) as connection:
+            return await connection.run_sync(fn)
+    finally:
+        await engine.dispose()
 
 
 def run_coroutine(coro: Coroutine[Any, Any, T]) -> T:

@@ -15,6 +15,10 @@ class ConfigError(DbError):
     exit_code = 2
 
 
+class UsageError(ConfigError):
+    """A task was given flags that do not go together, or a value it cannot use."""
+
+
 class ConnectError(DbError):
     """The database server could not be reached, or it refused the login."""
 
@@ -33,10 +37,28 @@ class LockTimeout(DbError):
     exit_code = 3
 
 
+class LockLost(DbError):
+    """The run lost its connection, and with it the migration lock, part way through."""
+
+    exit_code = 3
+
+
+class Interrupted(DbError):
+    """SIGINT or SIGTERM stopped the run between revisions; exits 128 + the signal's number."""
+
+    def __init__(self, message: str, signum: int) -> None:
+        super().__init__(message)
+        self.exit_code = 128 + signum
+
+
 class GuardRefused(DbError):
     """A safety guard said no: a protected environment, a changed file, a mismatched env."""
 
     exit_code = 4
+
+
+class Unresolved(GuardRefused):
+    """A non-transactional revision started and never finished: someone must say how it ended."""
 
 
 class CheckFailed(DbError):

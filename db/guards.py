@@ -8,10 +8,11 @@ from pathlib import Path
 
 from alembic.script import ScriptDirectory
 from alembic.util import CommandError
+from sqlalchemy import Connection
 
 from db import audit
 from db.environments import Environment
-from db.errors import GuardRefused, RevisionError
+from db.errors import GuardRefused, RevisionError, Unresolved
 
 _REVISION_ID = re.compile(r"\w+", re.ASCII)
 
@@ -109,3 +110,15 @@ def known_revisions(script: ScriptDirectory, current: tuple[str, ...], env: Envi
                 f"{Path(script.versions).relative_to(env.root)}: check out the code that "
                 "matches this database, or restore that revision's file"
             ) from None
+
+
+def all_finished(log: list[audit.Entry], env: Environment, connection: Connection) -> None:
+    """Refuse to run past a non-transactional revision that started and never finished."""
+    for entry in audit.unfinished(log):
+        statement = audit.last_statement(connection, entry) or "none"
+        raise Unresolved(
+            f"revision {entry.revision} started its non-transactional part at "
+            f"{entry.started_at:%Y-%m-%d %H:%M:%S %Z} and never finished (last statement "
+            f"started: {statement}); nothing was run: check what it did, then record it with "
+            f"`invoke resolve --env={env.name} {entry.revision} --applied` (or --rolled-back)"
+        )

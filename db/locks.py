@@ -1,9 +1,15 @@
-"""One migration at a time: a PostgreSQL advisory lock, or one SQLite write transaction.
+"""One migration at a time, held by the session that does the work.
 
-PostgreSQL: a session-level ``pg_try_advisory_lock``, polled on its own AUTOCOMMIT
-connection, never the migration connection (a lock there is lost or deadlocks against
-``CREATE INDEX CONCURRENTLY``). The key is derived from the database and the version
-table, so two databases on one server never wait on each other.
+PostgreSQL: a session-level advisory lock (``pg_try_advisory_lock``, polled) taken on the
+migration connection itself. The lock cannot be lost apart from the work: if the session
+dies (killed, a restart, a dropped connection), its open revision dies with it. Each
+revision still checks, inside its transaction before it commits and before each
+non-transactional block, that its session holds the lock: that is the fence against a
+pooler handing the transaction to another backend. The key is derived from the database
+and the version table, so two databases on one server never wait on each other.
+
+A connection through a transaction-mode pooler (PgBouncer ``pool_mode=transaction``) is
+refused before anything runs: session settings and session locks do not survive there.
 
 SQLite: the whole run is one ``BEGIN IMMEDIATE`` transaction, with a savepoint per revision,
 so a second run waits (busy timeout) and then finds the work done.
@@ -13,63 +19,182 @@ from __future__ import annotations
 
 import asyncio
 import time
-from collections.abc import AsyncIterator, Callable, Iterator
-from contextlib import asynccontextmanager, contextmanager
+from collections.abc import AsyncIterator, Callable, Iterator, Mapping
+from contextlib import asynccontextmanager, contextmanager, suppress
+from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
-from sqlalchemy import Connection, RootTransaction, text
-from sqlalchemy.exc import OperationalError
+from sqlalchemy import Connection, RootTransaction, TextClause, text
+from sqlalchemy.exc import DBAPIError, OperationalError
 
-from db.engines import connect_async
-from db.errors import LockTimeout
+from db.errors import ConfigError, LockLost, LockTimeout
 
 if TYPE_CHECKING:
-    from sqlalchemy.ext.asyncio import AsyncEngine
+    from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
 NAMESPACE = 0x5A11  # first key of the two-key advisory lock, kept apart from app locks
 _KEY = "hashtext(current_database() || '.' || :table)"
+_MINE = (
+    "select 1 from pg_locks where locktype = 'advisory' and granted and pid = pg_backend_pid() "
+    f"and classid = {NAMESPACE} and objid = ({_KEY})::oid and objsubid = 2"
+)
 _HOLDER = text(
     "select a.pid, a.application_name from pg_locks l join pg_stat_activity a using (pid) "
     f"where l.locktype = 'advisory' and l.granted and l.classid = {NAMESPACE} "
     f"and l.objid = ({_KEY})::oid and l.objsubid = 2"
 )
+_PID = text("select pg_backend_pid()")
 Note = Callable[[str], None]
+POOLED = (
+    "the connection goes through a pooler in transaction mode (PgBouncer?), where session "
+    "settings and the migration lock do not hold; nothing was changed: set MIGRATION_URL in "
+    "{where} to a direct URL (or a session-mode pool) for migrations"
+)
+
+
+@dataclass(frozen=True)
+class Fence:
+    """The backend that holds the lock; ``check`` runs on the migration connection."""
+
+    pid: int
+    table: str
+
+    def check(self, connection: Connection) -> None:
+        held = connection.execute(
+            text(f"select pg_backend_pid() = :pid and exists ({_MINE})"),
+            {"pid": self.pid, "table": self.table},
+        ).scalar()
+        if not held:
+            raise LockLost(
+                "this run no longer holds the migration lock (its session changed: a pooler "
+                "in transaction mode?), so it stopped before committing"
+            )
+
+
+async def prepare_session(
+    connection: AsyncConnection, engine: AsyncEngine, settings: Mapping[str, str], where: str
+) -> int:
+    """Refuse a transaction-mode pooler, then apply and check the session settings.
+
+    Returns the backend's pid. ``where`` names the env file, for the pooler message.
+    """
+    pid = await _pid(connection)
+    raw = await connection.get_raw_connection()
+    startup_pid = getattr(raw.driver_connection, "get_server_pid", lambda: pid)()
+    if startup_pid != pid and await _transaction_pooled(connection, engine, pid):
+        raise ConfigError(POOLED.format(where=where))
+    names = ", ".join(f"(:n{i}, :v{i})" for i in range(len(settings)))
+    values = {f"n{i}": name for i, name in enumerate(settings)}
+    values.update({f"v{i}": value for i, value in enumerate(settings.values())})
+    try:
+        applied: dict[str, str] = dict(
+            (
+                await connection.execute(
+                    text(
+                        f"select name, set_config(name, value, false) from (values {names}) "
+                        "as wanted(name, value) join pg_settings using (name)"
+                    ),
+                    values,
+                )
+            ).all()
+        )
+        await connection.commit()
+    except DBAPIError as exc:
+        raise ConfigError(f"{where}: a PostgreSQL setting was refused: {_first_line(exc)}") from exc
+    seen: dict[str, str] = (
+        dict((await connection.execute(_shown(applied))).all()) if applied else {}
+    )
+    if seen != applied or await _pid(connection) != pid:
+        raise ConfigError(POOLED.format(where=where))
+    return pid
+
+
+def _shown(applied: Mapping[str, str]) -> TextClause:
+    names = ", ".join(f"'{name}'" for name in applied)  # names came back from pg_settings
+    return text(f"select name, current_setting(name) from pg_settings where name in ({names})")
+
+
+async def _pid(connection: AsyncConnection) -> int:
+    pid = int(await connection.scalar(_PID) or 0)
+    await connection.commit()
+    return pid
+
+
+async def _transaction_pooled(connection: AsyncConnection, engine: AsyncEngine, pid: int) -> bool:
+    """Behind a pooler: does our next transaction keep its backend while another client
+    holds a transaction open? Only a transaction-mode pooler moves it (or makes it wait)."""
+    async with engine.connect() as other:
+        await other.begin()
+        other_pid = int(await other.scalar(_PID) or 0)
+        try:
+            again = await asyncio.wait_for(_pid(connection), timeout=3)
+        except asyncio.TimeoutError:
+            return True  # our statement waits for a server connection: they are shared
+        finally:
+            await other.rollback()
+    return again != pid or other_pid == pid
 
 
 @asynccontextmanager
 async def pg_lock(
-    engine: AsyncEngine, version_table: str, wait: float, note: Note, connect_wait: float = 0
-) -> AsyncIterator[None]:
-    """Hold the migration lock for ``engine``'s database, waiting up to ``wait`` seconds."""
-    params = {"table": version_table}
-    async with connect_async(engine, connect_wait) as connection:
-        await connection.execution_options(isolation_level="AUTOCOMMIT")
-        take = text(f"select pg_try_advisory_lock({NAMESPACE}, {_KEY})")
-        deadline, holder = time.monotonic() + wait, None
-        while not await connection.scalar(take, params):
-            if holder is None:
-                row = (await connection.execute(_HOLDER, params)).first()
-                holder = f"pid {row[0]}, application_name {row[1]!r}" if row else "another run"
-                note(f"waiting up to {wait:g}s for the migration lock, held by {holder}")
-            if time.monotonic() >= deadline:
-                raise LockTimeout(
-                    f"another migration of this database is running ({holder}); gave up "
-                    f"after {wait:g}s with nothing changed: retry later, or raise --lock-wait"
-                )
-            await asyncio.sleep(0.1)
-        try:
-            yield
-        finally:
-            await connection.execute(
-                text(f"select pg_advisory_unlock({NAMESPACE}, {_KEY})"), params
+    connection: AsyncConnection, pid: int, table: str, wait: float, note: Note
+) -> AsyncIterator[Fence]:
+    """Hold the migration lock on ``connection``'s session, waiting up to ``wait`` seconds."""
+    params = {"table": table}
+    if await connection.scalar(text(f"select exists ({_MINE})"), params):
+        raise LockLost("this session already held the migration lock: a shared pooled session?")
+    take = text(f"select pg_try_advisory_lock({NAMESPACE}, {_KEY})")
+    deadline, holder = time.monotonic() + wait, None
+    while not await connection.scalar(take, params):
+        if holder is None:
+            row = (await connection.execute(_HOLDER, params)).first()
+            holder = f"pid {row[0]}, application_name {row[1]!r}" if row else "another run"
+            note(f"waiting up to {wait:g}s for the migration lock, held by {holder}")
+        await connection.commit()
+        if time.monotonic() >= deadline:
+            raise LockTimeout(
+                f"another migration of this database is running ({holder}); gave up "
+                f"after {wait:g}s with nothing changed: retry later, or raise --lock-wait"
             )
+        await asyncio.sleep(0.1)
+    await connection.commit()
+    failed = False
+    try:
+        yield Fence(pid, table)
+    except BaseException:
+        failed = True
+        raise
+    finally:
+        if failed:  # the first error is the one to report; the session may be gone
+            with suppress(Exception):
+                await _unlock(connection, params)
+        elif not await _unlock(connection, params):
+            note("warning: the migration lock was already released when the run ended")
+
+
+async def _unlock(connection: AsyncConnection, params: Mapping[str, str]) -> bool:
+    if connection.in_transaction():
+        await connection.rollback()
+    released = bool(
+        await connection.scalar(text(f"select pg_advisory_unlock({NAMESPACE}, {_KEY})"), params)
+    )
+    await connection.commit()
+    return released
+
+
+def _first_line(exc: DBAPIError) -> str:
+    lines = str(exc.orig or exc).strip().splitlines()
+    return lines[0] if lines else type(exc).__name__
 
 
 @contextmanager
-def sqlite_run(connection: Connection, wait: float, note: Note) -> Iterator[Callable[[], None]]:
+def sqlite_run(
+    connection: Connection, wait: float, note: Note, on_commit: Callable[[], None]
+) -> Iterator[Callable[[], None]]:
     """One write transaction for the run; yields ``next_revision`` to call after each one.
 
-    A revision that raises is rolled back to its savepoint; the ones before it commit.
+    A revision that raises is rolled back to its savepoint; the ones before it commit, and
+    ``on_commit`` is called once they have.
     """
     outer = _begin_immediate(connection, wait, note)
     connection.exec_driver_sql("SAVEPOINT revision")
@@ -83,9 +208,11 @@ def sqlite_run(connection: Connection, wait: float, note: Note) -> Iterator[Call
     except BaseException:
         connection.exec_driver_sql("ROLLBACK TO revision")
         outer.commit()
+        on_commit()
         raise
     connection.exec_driver_sql("RELEASE revision")
     outer.commit()
+    on_commit()
 
 
 def _begin_immediate(connection: Connection, wait: float, note: Note) -> RootTransaction:

@@ -1,40 +1,35 @@
-"""The one place that builds Alembic's Config, and runs env.py with clear errors."""
+"""The one place that builds Alembic's Config, and runs env.py with clear errors.
+
+A run's state reaches env.py as one typed :class:`Run` in ``config.attributes["run"]``.
+After a run that changed something fails, the database's revision is read back on a new
+connection, so the message says where the database really is.
+"""
 
 from __future__ import annotations
 
 import io
-import time
 from argparse import Namespace
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from datetime import datetime, timezone
 from typing import Any
 
-from alembic import util
 from alembic.config import Config
 from alembic.runtime.environment import EnvironmentContext
-from alembic.script import Script, ScriptDirectory
+from alembic.runtime.migration import MigrationContext, RevisionStep
+from alembic.script import ScriptDirectory
 from alembic.script.revision import ResolutionError
 from alembic.util import CommandError
+from sqlalchemy import Connection
+from sqlalchemy.engine import URL
 from sqlalchemy.exc import DBAPIError
 
-from db import audit
-from db.engines import CONNECT_TIMEOUT
-from db.environments import Environment, mask
-from db.errors import DbError, MigrationFailed, RevisionError
+from db.engines import CONNECT_TIMEOUT, with_connection
+from db.environments import ENV_DIR, Environment, mask
+from db.errors import DbError, Interrupted, LockLost, MigrationFailed, RevisionError
+from db.progress import Progress, Step, Stop
 
-
-@dataclass(frozen=True)
-class Step:
-    """One revision applied (``up``) or rolled back (``down``), and how long it took."""
-
-    revision: str
-    message: str
-    direction: str
-    seconds: float
-
-
-StepCallback = Callable[[Step], None]
+VERSION_TABLE = "alembic_version"
+__all__ = ["Progress", "Run", "RunOptions", "Step", "Stop", "make_config", "run_env"]
 
 
 @dataclass
@@ -44,26 +39,32 @@ class RunOptions:
     lock_wait: float = 60.0  # seconds to wait for another run's migration lock
     allow_env_mismatch: bool = False
     wait: float | None = None  # seconds to retry the first connection; None: CONNECT_WAIT
-    on_step: StepCallback | None = None
+    on_start: Callable[[RevisionStep], None] | None = None
+    on_step: Callable[[Step], None] | None = None
     on_note: Callable[[str], None] | None = None
+    stop: Stop = field(default_factory=Stop)
 
-    def note(self, text: str) -> None:
+    def note(self, text: str | None) -> None:
         if self.on_note is not None and text:
             self.on_note(text)
 
 
-@dataclass(frozen=True)
-class Settings:
-    """How env.py runs: read from ``config.attributes["settings"]``."""
+@dataclass
+class Run:
+    """Everything env.py needs for one run: ``config.attributes["run"]``."""
 
     environment: str
+    url: URL
+    env_file: str = ""  # where the URL came from, for messages
     connect_timeout: float = CONNECT_TIMEOUT
     wait: float = 0.0
     lock: bool = False  # take the migration lock: only runs that change the database
     lock_wait: float = 60.0
-    server_settings: dict[str, str] = field(default_factory=dict)
+    session_settings: dict[str, str] = field(default_factory=dict)
     note: Callable[[str], None] = field(default=lambda _text: None)
-    models: bool = True  # import db.models: only autogenerate and check compare against them
+    models: bool = False  # import db.models: only autogenerate and check compare against them
+    stop: Stop = field(default_factory=Stop)
+    progress: Progress | None = None  # set by run_env for runs that apply steps
 
 
 def make_config(
@@ -75,25 +76,33 @@ def make_config(
     models: bool = False,
     output: io.StringIO | None = None,
 ) -> Config:
-    """Alembic's Config for ``env``; the URL goes in ``attributes``, never through ConfigParser.
+    """Alembic's Config for ``env``; the URL goes in the Run, never through ConfigParser.
 
     ``offline`` needs no secrets: only the dialect matters for printing SQL.
     """
     options = options or RunOptions()
     quiet = Namespace(quiet=True)  # progress is the caller's to report
     config = Config(str(env.root / "alembic.ini"), output_buffer=output, cmd_opts=quiet)
-    config.attributes["url"] = env.url(need_secrets=not offline)
-    config.attributes["settings"] = Settings(
+    url = env.url(need_secrets=not offline)
+    config.attributes["run"] = Run(
         environment=env.name,
+        url=url,
+        env_file=f"{ENV_DIR}/{env.name}.env",
         connect_timeout=env.number("CONNECT_TIMEOUT", CONNECT_TIMEOUT),
         wait=options.wait if options.wait is not None else env.number("CONNECT_WAIT", 0),
         lock=lock,
         lock_wait=options.lock_wait,
-        server_settings=session_settings(env),
+        session_settings=session_settings(env),
         note=options.note,
         models=models,
+        stop=options.stop,
     )
     return config
+
+
+def run_of(config: Config) -> Run:
+    run: Run = config.attributes["run"]
+    return run
 
 
 def session_settings(env: Environment) -> dict[str, str]:
@@ -104,71 +113,10 @@ def session_settings(env: Environment) -> dict[str, str]:
         "statement_timeout": env.get("STATEMENT_TIMEOUT") or "15min",
         # end a killed run's query within a second, instead of when it finishes
         "client_connection_check_interval": env.get("CLIENT_CHECK_INTERVAL") or "1s",
+        # a server's idle timeouts must not end a migration session between revisions
+        "idle_session_timeout": "0",
+        "idle_in_transaction_session_timeout": "0",
     }
-
-
-@dataclass
-class Progress:
-    """What a run planned and applied: reports each step, writes it to the audit trail,
-    and names the revision that failed."""
-
-    on_step: StepCallback | None = None
-    environment: str = ""
-    who: audit.Who | None = None  # None: no audit rows (read-only runs)
-    plan: list[Any] = field(default_factory=list)  # alembic RevisionSteps
-    applied: list[Step] = field(default_factory=list)
-    _clock: float = field(default_factory=time.perf_counter)
-    _started: datetime = field(default_factory=lambda: datetime.now(timezone.utc))
-
-    def planned(self, steps: list[Any]) -> list[Any]:
-        self.plan = steps
-        self._restart()
-        return steps
-
-    def on_version_apply(self, ctx: Any, step: Any, **_kw: Any) -> None:
-        done = Step(
-            step.up_revision_id,
-            step.up_revision.doc or "",
-            "up" if step.is_upgrade else "down",
-            time.perf_counter() - self._clock,
-        )
-        if self.who is not None:
-            audit.record(
-                ctx,
-                revision=done.revision,
-                direction=done.direction,
-                environment=self.environment,
-                started_at=self._started,
-                seconds=done.seconds,
-                who=self.who,
-                file_checksum=audit.checksum(step.up_revision.path),
-            )
-        self._restart()
-        self.applied.append(done)
-        if self.on_step is not None:
-            self.on_step(done)
-
-    def _restart(self) -> None:
-        self._clock, self._started = time.perf_counter(), datetime.now(timezone.utc)
-
-    def failed(self, exc: BaseException) -> MigrationFailed | None:
-        """The failure of the step that was running, or None if no step was."""
-        if len(self.applied) >= len(self.plan):
-            return None
-        step = self.plan[len(self.applied)]
-        running: Script = step.revision
-        if step.is_upgrade:
-            verb, at = (
-                "upgrade",
-                ", ".join(util.to_tuple(running.down_revision, default=())) or "base",
-            )
-        else:
-            verb, at = "downgrade", running.revision
-        return MigrationFailed(
-            f"{verb} of revision {running.revision} ({running.doc}) failed: {describe(exc)}\n"
-            f"the database is still at {at}, without any of that revision's changes; "
-            "fix it and run the task again"
-        )
 
 
 def load_scripts(config: Config) -> ScriptDirectory:
@@ -189,23 +137,87 @@ def run_env(
     **kw: Any,
 ) -> None:
     """Run env.py with ``fn`` deciding the steps; turn expected failures into DbError."""
-    if progress is not None:
-        config.attributes["on_version_apply"] = [progress.on_version_apply]
+    run = run_of(config)
+    run.progress = progress
     try:
         with EnvironmentContext(config, script, fn=fn, **kw):
             script.run_env()
     except Exception as exc:
-        failed = progress.failed(exc) if progress is not None else None
-        if failed is not None:
-            raise failed from exc
+        if progress is not None and (progress.running is not None or progress.applied):
+            if not kw.get("as_sql"):
+                raise failure(exc, progress, run, script) from exc
         if isinstance(exc, DbError):
             raise
         if isinstance(exc, CommandError):
-            raise revision_error(exc, config.attributes["settings"].environment) from exc
+            raise revision_error(exc, run.environment) from exc
         if isinstance(exc, DBAPIError):
-            url = mask(config.attributes["url"])
-            raise DbError(f"database error on {url}: {describe(exc)}") from exc
+            raise DbError(f"database error on {mask(run.url)}: {describe(exc)}") from exc
         raise
+
+
+def failure(exc: Exception, progress: Progress, run: Run, script: ScriptDirectory) -> DbError:
+    """What happened, and where the database is now, read back on a new connection."""
+    step = progress.running
+    try:
+        heads: tuple[str, ...] | None = read_heads(run)
+        at = f"the database is at {', '.join(heads) or 'base'}" if heads is not None else ""
+    except Exception as read_error:
+        heads, at = None, f"its revision could not be read back ({describe(read_error)})"
+    applied = _applied(script, heads) if heads is not None else set()
+    kept = [s.revision for s in progress.applied + progress.lost() if _kept(s, applied)]
+    tail = [at + (f"; this run kept {', '.join(kept)}" if kept else "")]
+    if step is not None and progress.in_block:
+        tail.append(
+            f"{step.revision.revision} stopped in its non-transactional part (last statement "
+            f"started: {progress.last_statement or 'none'}), so part of it may be in the "
+            f"database: check, then run `invoke resolve --env={run.environment} "
+            f"{step.revision.revision} --applied` (or --rolled-back)"
+        )
+    elif step is not None and heads is not None:
+        done = _kept(Step(step.revision.revision, "", _direction(step), 0), applied)
+        what = (
+            step.revision.revision
+            if step.is_upgrade
+            else f"the downgrade of {step.revision.revision}"
+        )
+        tail.append(f"{what} was {'committed' if done else 'rolled back'}")
+    text = "; ".join(part for part in tail if part)
+    if run.stop.signum is not None:
+        return Interrupted(f"interrupted: {text}", run.stop.signum)
+    cause = describe(exc)
+    if step is None:
+        return MigrationFailed(f"the run failed after its last revision: {cause}\n{text}")
+    doing = f"{'upgrade' if step.is_upgrade else 'downgrade'} of revision {step.revision.revision}"
+    doing += f" ({step.revision.doc})"
+    if isinstance(exc, LockLost) or (isinstance(exc, DBAPIError) and exc.connection_invalidated):
+        return LockLost(
+            f"lost the connection, and with it the migration lock, during the {doing}: "
+            f"{cause}\n{text}; run the task again"
+        )
+    return MigrationFailed(f"{doing} failed: {cause}\n{text}; fix it and run the task again")
+
+
+def read_heads(run: Run) -> tuple[str, ...]:
+    """The revision(s) in the version table, on a new connection."""
+
+    def read(connection: Connection) -> tuple[str, ...]:
+        opts = {"version_table": VERSION_TABLE}
+        return tuple(MigrationContext.configure(connection, opts=opts).get_current_heads())
+
+    return with_connection(run.url, read, connect_timeout=run.connect_timeout)
+
+
+def _applied(script: ScriptDirectory, heads: tuple[str, ...]) -> set[str]:
+    return {rev.revision for rev in script.revision_map.iterate_revisions(heads, "base")}
+
+
+def _kept(step: Step, applied: set[str]) -> bool:
+    """Whether a step's change is in the database whose applied revisions are ``applied``."""
+    return (step.revision in applied) == (step.direction == "up")
+
+
+def _direction(step: RevisionStep) -> str:
+    return "up" if step.is_upgrade else "down"
 
 
 def revision_error(exc: CommandError, env_name: str) -> RevisionError:

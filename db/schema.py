@@ -2,23 +2,12 @@
 
 from __future__ import annotations
 
-from typing import TYPE_CHECKING, Any
+from typing import Any
 
 from sqlalchemy import Connection, inspect
 
-from db.engines import (
-    CONNECT_TIMEOUT,
-    connect,
-    connect_async,
-    is_async,
-    make_async_engine,
-    make_engine,
-    run_coroutine,
-)
+from db.engines import CONNECT_TIMEOUT, with_connection
 from db.environments import Environment
-
-if TYPE_CHECKING:
-    from sqlalchemy.ext.asyncio import AsyncEngine
 
 Schema = dict[str, dict[str, Any]]
 TOOL_TABLES = {"alembic_version", "migration_log"}
@@ -26,23 +15,8 @@ TOOL_TABLES = {"alembic_version", "migration_log"}
 
 def snapshot(env: Environment) -> Schema:
     """Each table's columns (kind, nullable), primary key, foreign keys, uniques, indexes."""
-    url, timeout = env.url(), env.number("CONNECT_TIMEOUT", CONNECT_TIMEOUT)
-    if is_async(url):
-        return run_coroutine(_snapshot_async(make_async_engine(url, connect_timeout=timeout)))
-    engine = make_engine(url, connect_timeout=timeout)
-    try:
-        with connect(engine) as connection:
-            return picture(connection)
-    finally:
-        engine.dispose()
-
-
-async def _snapshot_async(engine: AsyncEngine) -> Schema:
-    try:
-        async with connect_async(engine) as connection:
-            return await connection.run_sync(picture)
-    finally:
-        await engine.dispose()
+    timeout = env.number("CONNECT_TIMEOUT", CONNECT_TIMEOUT)
+    return with_connection(env.url(), picture, connect_timeout=timeout)
 
 
 def picture(connection: Connection) -> Schema:

@@ -108,5 +108,5 @@ def test_connect_wait_comes_from_the_env_file_unless_the_flag_says(root: Path) -
 
     write(root, "x.env", "DATABASE_URL=sqlite:///x.sqlite3\nCONNECT_WAIT=7\n")
     env = load_environment(root, "x", {})
-    assert make_config(env).attributes["settings"].wait == 7
-    assert make_config(env, RunOptions(wait=2)).attributes["settings"].wait == 2
+    assert make_config(env).attributes["run"].wait == 7
+    assert make_config(env, RunOptions(wait=2)).attributes["run"].wait == 2

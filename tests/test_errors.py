@@ -151,7 +151,7 @@ def test_failing_migration_names_the_revision_and_leaves_nothing_behind(project:
     assert "upgrade of revision bad001 (add coupons) failed: RuntimeError: boom in the middle" in (
         result.stderr
     )
-    assert "still at good01" in result.stderr
+    assert "the database is at good01; this run kept good01; bad001 was rolled back" in result.stderr
     assert version(project) == ["good01"]
     assert "notes" in tables(project)
     assert "coupons" not in tables(project)
@@ -245,7 +245,7 @@ def test_a_failing_first_revision_leaves_the_database_at_base(project: Project) 
         )
     )
     error = project.fails("migrate")
-    assert "failed: RuntimeError: first" in error and "still at base" in error
+    assert "failed: RuntimeError: first" in error and "the database is at base;" in error
     assert version(project) == []
 
 
@@ -263,5 +263,5 @@ def test_a_failing_downgrade_names_the_revision_and_changes_nothing(project: Pro
     error = project.fails("rollback")
 
     assert "downgrade of revision stuck1 (hand written) failed: RuntimeError: keep it" in error
-    assert "still at stuck1" in error
+    assert "the database is at stuck1; the downgrade of stuck1 was rolled back" in error
     assert version(project) == ["stuck1"] and "notes" in tables(project)

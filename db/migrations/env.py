@@ -1,19 +1,23 @@
 """Alembic's environment: offline SQL, sync SQLite, async PostgreSQL, or a caller's connection.
 
-The URL arrives as ``config.attributes["url"]`` (a SQLAlchemy URL object, so a password never
-passes through ConfigParser) and the run's settings as ``config.attributes["settings"]``.
-A caller may instead hand over an Engine or a Connection as ``config.attributes["connection"]``.
+The run arrives as one typed object, ``config.attributes["run"]`` (:class:`db.runner.Run`):
+the URL (an object, so a password never passes through ConfigParser), the settings, and the
+progress hooks. A caller may instead hand over an Engine or a Connection as
+``config.attributes["connection"]``; a caller's engine is the caller's to dispose of.
 """
 
 from __future__ import annotations
 
-from contextlib import nullcontext
+from collections.abc import Iterator
+from contextlib import contextmanager, nullcontext
 from logging.config import fileConfig
 from typing import TYPE_CHECKING, Any
 
 from alembic import context
 from alembic.operations import MigrationScript
+from alembic.runtime.migration import MigrationContext
 from sqlalchemy import Connection, text
+from sqlalchemy.engine import make_url
 
 from db.engines import (
     connect,
@@ -24,17 +28,34 @@ from db.engines import (
     run_coroutine,
 )
 from db.errors import ConfigError, MigrationFailed
-from db.locks import pg_lock, sqlite_run
-from db.runner import Settings
+from db.locks import Fence, pg_lock, prepare_session, sqlite_run
+from db.runner import VERSION_TABLE, Run
 
 if TYPE_CHECKING:
     from sqlalchemy.ext.asyncio import AsyncEngine
 
 config = context.config
+ONLINE_ONLY = {
+    "client_connection_check_interval",
+    "idle_session_timeout",
+    "idle_in_transaction_session_timeout",
+}
 if config.config_file_name is not None:
     fileConfig(config.config_file_name, disable_existing_loggers=False)
-settings: Settings = config.attributes.get("settings") or Settings(environment="?")
-VERSION_TABLE = "alembic_version"
+
+
+def the_run() -> Run:
+    """The invoke tasks' Run, or one built from ``sqlalchemy.url`` for plain Alembic use."""
+    if "run" in config.attributes:
+        found: Run = config.attributes["run"]
+        return found
+    url = config.get_main_option("sqlalchemy.url")
+    if not url and "connection" not in config.attributes:
+        raise ConfigError("no database URL: run migrations through the invoke tasks")
+    return Run(environment="", url=make_url(url or "sqlite://"))
+
+
+run = the_run()
 
 
 def skip_empty_autogenerate(_context: Any, _revision: Any, directives: list[Any]) -> None:
@@ -44,9 +65,9 @@ def skip_empty_autogenerate(_context: Any, _revision: Any, directives: list[Any]
         directives[:] = []
 
 
-def check_foreign_keys(ctx: Any, **_kw: Any) -> None:
+def check_foreign_keys(ctx: MigrationContext, **_kw: Any) -> None:
     """SQLite runs migrations with foreign keys off; refuse to commit a revision that broke them."""
-    if ctx.dialect.name == "sqlite" and not ctx.as_sql:
+    if ctx.dialect.name == "sqlite" and not ctx.as_sql and ctx.connection is not None:
         broken = ctx.connection.execute(text("PRAGMA foreign_key_check")).fetchall()
         if broken:
             tables = ", ".join(sorted({row[0] for row in broken}))
@@ -60,15 +81,19 @@ def include_name(name: str | None, type_: str, _parents: Any) -> bool:
 
 def target_metadata() -> Any:
     """The models' metadata, imported only by the runs that compare against it."""
-    if not settings.models:
+    if not run.models:
         return None
     from db.models import Base
 
     return Base.metadata
 
 
-def options(*after_each: Any) -> dict[str, Any]:
-    """``context.configure`` options shared by every path."""
+def options(checks: tuple[Any, ...] = (), last: tuple[Any, ...] = ()) -> dict[str, Any]:
+    """``context.configure`` options shared by every path.
+
+    Before each revision commits: the foreign key check, ``checks``, the audit row, ``last``.
+    """
+    audit_row = [run.progress.after_each] if run.progress is not None else []
     return {
         "target_metadata": target_metadata(),
         "version_table": VERSION_TABLE,
@@ -76,34 +101,49 @@ def options(*after_each: Any) -> dict[str, Any]:
         "transaction_per_migration": True,
         "process_revision_directives": skip_empty_autogenerate,
         "include_name": include_name,
-        "on_version_apply": [
-            check_foreign_keys,
-            *config.attributes.get("on_version_apply", []),
-            *after_each,
-        ],
+        "on_version_apply": [check_foreign_keys, *checks, *audit_row, *last],
     }
 
 
 def run_migrations_offline() -> None:
     """Print the SQL for the URL's dialect, with values inlined; connect to nothing."""
     context.configure(
-        url=url(), literal_binds=True, dialect_opts={"paramstyle": "named"}, **options()
+        url=run.url, literal_binds=True, dialect_opts={"paramstyle": "named"}, **options()
     )
-    if url().get_backend_name() == "postgresql":
-        for name, value in {
-            **settings.server_settings,
-            "standard_conforming_strings": "on",
-        }.items():
-            if name != "client_connection_check_interval":
+    if run.url.get_backend_name() == "postgresql":
+        for name, value in {**run.session_settings, "standard_conforming_strings": "on"}.items():
+            if name not in ONLINE_ONLY:
                 context.execute(f"SET {name} = '{value}'")
     with context.begin_transaction():
         context.run_migrations()
 
 
-def do_run_migrations(connection: Connection, *after_each: Any) -> None:
-    context.configure(connection=connection, **options(*after_each))
+def do_run_migrations(connection: Connection, fence: Fence | None = None) -> None:
+    checks = (lambda ctx, **_kw: fence.check(ctx.connection),) if fence is not None else ()
+    context.configure(connection=connection, **options(checks))
+    guard_blocks(fence)
     with context.begin_transaction():
         context.run_migrations()
+
+
+def guard_blocks(fence: Fence | None) -> None:
+    """Before a non-transactional block: check the lock, leave an audit row, note statements."""
+    ctx = context.get_context()
+    plain, progress = ctx.autocommit_block, run.progress
+
+    @contextmanager
+    def guarded() -> Iterator[None]:
+        if fence is not None and ctx.connection is not None:
+            fence.check(ctx.connection)
+        if progress is None or ctx.connection is None:
+            with plain():
+                yield
+            return
+        progress.before_block(ctx)
+        with plain(), progress.noting_statements(ctx.connection):
+            yield
+
+    ctx.autocommit_block = guarded  # type: ignore[method-assign]
 
 
 def run_sqlite(connection: Connection) -> None:
@@ -112,28 +152,35 @@ def run_sqlite(connection: Connection) -> None:
     SQLite has no DDL that must run outside a transaction, so a revision's
     ``autocommit_block()`` (there for PostgreSQL) runs inside it, keeping the revision atomic.
     """
-    with sqlite_run(connection, settings.lock_wait, settings.note) as next_revision:
-        context.configure(connection=connection, **options(lambda **_kw: next_revision()))
-        context.get_context().autocommit_block = nullcontext  # type: ignore[method-assign, assignment]
-        with context.begin_transaction():
-            context.run_migrations()
-
-
-async def run_async_migrations(engine: AsyncEngine) -> None:
+    committed = run.progress.committed if run.progress is not None else lambda: None
+    sqlite = connection.connection.driver_connection
+    forget = run.stop.on_request(sqlite.interrupt)  # type: ignore[union-attr]
     try:
-        if settings.lock:
-            async with pg_lock(
-                engine, VERSION_TABLE, settings.lock_wait, settings.note, settings.wait
-            ):
-                async with connect_async(engine) as connection:
-                    await connection.run_sync(do_run_migrations)
-                    await connection.commit()  # what a run wrote outside any revision
-        else:
-            async with connect_async(engine, settings.wait) as connection:
+        with sqlite_run(connection, run.lock_wait, run.note, committed) as next_revision:
+            last = (lambda **_kw: next_revision(),)
+            context.configure(connection=connection, **options(last=last))
+            context.get_context().autocommit_block = nullcontext  # type: ignore[method-assign, assignment]
+            with context.begin_transaction():
+                context.run_migrations()
+    finally:
+        forget()
+
+
+async def run_async_migrations(engine: AsyncEngine, *, owned: bool) -> None:
+    """The migration session: settings checked, the lock held on it, revisions run on it."""
+    try:
+        async with connect_async(engine, run.wait) as connection:
+            if not run.lock:
                 await connection.run_sync(do_run_migrations)
                 await connection.commit()
+                return
+            pid = await prepare_session(connection, engine, run.session_settings, run.env_file)
+            async with pg_lock(connection, pid, VERSION_TABLE, run.lock_wait, run.note) as fence:
+                await connection.run_sync(do_run_migrations, fence)
+                await connection.commit()  # what a run wrote outside any revision
     finally:
-        await engine.dispose()
+        if owned:
+            await engine.dispose()
 
 
 def run_migrations_online() -> None:
@@ -143,32 +190,21 @@ def run_migrations_online() -> None:
         do_run_migrations(given)
         return
     if given is not None and hasattr(given, "sync_engine"):  # a caller's AsyncEngine
-        run_coroutine(run_async_migrations(given))
+        run_coroutine(run_async_migrations(given, owned=False))
         return
-    engine_options: dict[str, Any] = {
-        "connect_timeout": settings.connect_timeout,
-        "migrating": True,
-        "server_settings": settings.server_settings,
-    }
-    if given is None and is_async(url()):
-        run_coroutine(run_async_migrations(make_async_engine(url(), **engine_options)))
+    if given is None and is_async(run.url):
+        engine = make_async_engine(run.url, connect_timeout=run.connect_timeout, migrating=True)
+        run_coroutine(run_async_migrations(engine, owned=True))
         return
-    engine = given or make_engine(url(), **engine_options)
-    with connect(engine, settings.wait) as connection:
-        if settings.lock and connection.dialect.name == "sqlite":
+    sync_engine = given or make_engine(run.url, connect_timeout=run.connect_timeout, migrating=True)
+    with connect(sync_engine, run.wait) as connection:
+        if run.lock and connection.dialect.name == "sqlite":
             run_sqlite(connection)
         else:
             do_run_migrations(connection)
             connection.commit()
     if given is None:
-        engine.dispose()
-
-
-def url() -> Any:
-    found = config.attributes.get("url") or config.get_main_option("sqlalchemy.url")
-    if not found:
-        raise ConfigError("no database URL: run migrations through the invoke tasks")
-    return found
+        sync_engine.dispose()
 
 
 if context.is_offline_mode():

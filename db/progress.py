@@ -1,0 +1,192 @@
+"""What one run plans, starts, commits and reports, and what it says when it stops early.
+
+A step is reported as applied only once its transaction has committed: on PostgreSQL when
+Alembic moves to the next revision, on SQLite when the run's single transaction commits.
+A revision that runs outside a transaction (``autocommit_block``) leaves an audit row
+before its first non-transactional statement, so a run that dies part way leaves a trace
+that the next run refuses to pass blindly.
+"""
+
+from __future__ import annotations
+
+import signal
+import time
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, field
+from datetime import datetime, timezone
+from typing import TYPE_CHECKING, Any, cast
+
+from alembic.runtime.migration import MigrationContext, MigrationInfo, RevisionStep
+from sqlalchemy import event
+
+from db import audit
+from db.errors import Interrupted
+
+if TYPE_CHECKING:
+    from alembic.script import Script
+    from sqlalchemy import Connection
+
+
+@dataclass(frozen=True)
+class Step:
+    """One revision applied (``up``) or rolled back (``down``), and how long it took."""
+
+    revision: str
+    message: str
+    direction: str
+    seconds: float
+
+
+@dataclass
+class Stop:
+    """Set from a signal handler: the run stops before the next revision commits."""
+
+    signum: int | None = None
+    _cancellers: list[Callable[[], None]] = field(default_factory=list)
+
+    def request(self, signum: int) -> None:
+        """Ask the run to stop; cut short a running statement where that loses nothing."""
+        self.signum = signum
+        for cancel in list(self._cancellers):
+            cancel()
+
+    def on_request(self, cancel: Callable[[], None]) -> Callable[[], None]:
+        """Call ``cancel`` if a stop is requested; returns the function that unregisters it."""
+        self._cancellers.append(cancel)
+        return lambda: self._cancellers.remove(cancel)
+
+    @property
+    def requested(self) -> bool:
+        return self.signum is not None
+
+    def check(self) -> None:
+        if self.signum is not None:
+            name = signal.Signals(self.signum).name
+            raise Interrupted(f"{name} received", self.signum)
+
+
+@dataclass
+class Progress:
+    """Reports each step, writes it to the audit trail, and knows what was running."""
+
+    environment: str = ""
+    who: audit.Who | None = None  # None: no audit rows (read-only runs)
+    on_start: Callable[[RevisionStep], None] | None = None
+    on_step: Callable[[Step], None] | None = None
+    stop: Stop = field(default_factory=Stop)
+    plan: list[RevisionStep] = field(default_factory=list)
+    applied: list[Step] = field(default_factory=list)  # committed, in order
+    running: RevisionStep | None = None
+    in_block: bool = False  # the running step has started a non-transactional block
+    last_statement: str | None = None
+    _uncommitted: list[Step] = field(default_factory=list)
+    _started_row: int | None = None
+    _clock: float = field(default_factory=time.perf_counter)
+    _started: datetime = field(default_factory=lambda: datetime.now(timezone.utc))
+
+    def steps(self, plan: list[RevisionStep], context: MigrationContext) -> Iterator[RevisionStep]:
+        """The plan, handed to Alembic one step at a time, noting each commit and each start."""
+        self.plan = plan
+        connection = None if context.as_sql else context.connection
+        for step in plan:
+            self.committed(connection)
+            self.stop.check()
+            self.running, self.in_block, self.last_statement = step, False, None
+            self._started_row = None
+            self._clock, self._started = time.perf_counter(), datetime.now(timezone.utc)
+            if self.on_start is not None:
+                self.on_start(step)
+            yield step
+        self.committed(connection)
+        if not self._uncommitted:
+            self.running = None
+
+    def committed(self, connection: Connection | None = None) -> None:
+        """The steps done so far have committed (unless ``connection`` is still in one)."""
+        if connection is not None and connection.in_transaction():
+            return
+        for done in self._uncommitted:
+            self.applied.append(done)
+            if self.on_step is not None:
+                self.on_step(done)
+        self._uncommitted.clear()
+
+    def before_block(self, ctx: MigrationContext) -> None:
+        """Entering ``autocommit_block``: the audit row goes in before the commit Alembic does."""
+        if self.running is None or ctx.connection is None or ctx.as_sql:
+            return
+        if not self.in_block and self.who is not None:
+            audit.ensure_table(ctx.connection.execute)
+            self._started_row = audit.record(
+                ctx, **self._row(self.running.info, "run-" + self._direction(self.running))
+            )
+        self.in_block = True
+
+    @contextmanager
+    def noting_statements(self, connection: Connection) -> Iterator[None]:
+        """Inside a non-transactional block, record each statement before it starts."""
+        busy = False
+
+        def note(conn: Connection, element: Any, *_args: Any) -> None:
+            nonlocal busy
+            if busy:
+                return
+            busy = True
+            try:
+                self.last_statement = _sql(element, conn)
+                if self._started_row is not None:
+                    audit.set_statement(conn, self._started_row, self.last_statement)
+            finally:
+                busy = False
+
+        event.listen(connection, "before_execute", note)
+        try:
+            yield
+        finally:
+            event.remove(connection, "before_execute", note)
+
+    def after_each(self, ctx: MigrationContext, step: MigrationInfo, **_kw: Any) -> None:
+        """Alembic's ``on_version_apply``: inside the step's transaction, before its commit."""
+        direction = "up" if step.is_upgrade else "down"
+        seconds = time.perf_counter() - self._clock
+        done = Step(step.up_revision_id or "", _script(step).doc or "", direction, seconds)
+        if self.who is not None:
+            row = self._row(step, direction, done.seconds)
+            if self._started_row is not None:
+                audit.complete(ctx, self._started_row, **row)
+            else:
+                audit.record(ctx, **row)
+        self._uncommitted.append(done)
+
+    def _row(self, step: MigrationInfo, direction: str, seconds: float = 0.0) -> dict[str, Any]:
+        assert self.who is not None
+        return {
+            "revision": step.up_revision_id or "",
+            "direction": direction,
+            "environment": self.environment,
+            "started_at": self._started,
+            "seconds": seconds,
+            "who": self.who,
+            "file_checksum": audit.checksum(_script(step).path),
+        }
+
+    @staticmethod
+    def _direction(step: RevisionStep) -> str:
+        return "up" if step.is_upgrade else "down"
+
+    def lost(self) -> list[Step]:
+        """Steps that ran but whose commit did not happen (or is not known to have)."""
+        return list(self._uncommitted)
+
+
+def _script(step: MigrationInfo) -> Script:
+    return cast("Script", step.up_revision)
+
+
+def _sql(element: Any, connection: Connection) -> str:
+    try:
+        sql = str(element.compile(dialect=connection.dialect))
+    except Exception:  # noqa: S110 - a statement we cannot render is named by its type
+        sql = type(element).__name__
+    return " ".join(sql.split())
