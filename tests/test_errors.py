@@ -151,7 +151,8 @@ def test_failing_migration_names_the_revision_and_leaves_nothing_behind(project:
     assert "upgrade of revision bad001 (add coupons) failed: RuntimeError: boom in the middle" in (
         result.stderr
     )
-    assert "the database is at good01; this run kept good01; bad001 was rolled back" in result.stderr
+    kept = "the database is at good01; this run kept good01; bad001 was rolled back"
+    assert kept in result.stderr
     assert version(project) == ["good01"]
     assert "notes" in tables(project)
     assert "coupons" not in tables(project)
