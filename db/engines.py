@@ -164,23 +164,28 @@ def backoff(wait: float) -> Iterator[float]:
 
 
 def with_connection(
-    url: URL, fn: Callable[[Connection], T], *, connect_timeout: float = CONNECT_TIMEOUT
+    url: URL,
+    fn: Callable[[Connection], T],
+    *,
+    connect_timeout: float = CONNECT_TIMEOUT,
+    wait: float = 0,
 ) -> T:
-    """Run ``fn`` on a new connection to ``url``, through the sync or async driver it names."""
+    """Run ``fn`` on a new connection to ``url``, through the sync or async driver it names;
+    retry connecting for ``wait`` seconds."""
     if is_async(url):
         engine = make_async_engine(url, connect_timeout=connect_timeout)
-        return run_coroutine(_with_async(engine, fn))
+        return run_coroutine(_with_async(engine, fn, wait))
     sync_engine = make_engine(url, connect_timeout=connect_timeout)
     try:
-        with connect(sync_engine) as connection:
+        with connect(sync_engine, wait) as connection:
             return fn(connection)
     finally:
         sync_engine.dispose()
 
 
-async def _with_async(engine: AsyncEngine, fn: Callable[[Connection], T]) -> T:
+async def _with_async(engine: AsyncEngine, fn: Callable[[Connection], T], wait: float) -> T:
     try:
-        async with connect_async(engine) as connection:
+        async with connect_async(engine, wait) as connection:
             return await connection.run_sync(fn)
     finally:
         await engine.dispose()
@@ -190,7 +195,10 @@ def run_coroutine(coro: Coroutine[Any, Any, T]) -> T:
     """Run ``coro`` to completion, also when called from inside a running event loop."""
     try:
         asyncio.get_running_loop()
-    except RuntimeError:
+        in_a_loop = True
+    except RuntimeError:  # the usual case; asyncio.run below, outside this handler
+        in_a_loop = False
+    if not in_a_loop:
         return asyncio.run(coro)
     with concurrent.futures.ThreadPoolExecutor(max_workers=1) as executor:
         return executor.submit(asyncio.run, coro).result()

@@ -18,7 +18,7 @@ from sqlalchemy.exc import ArgumentError
 from db.errors import ConfigError
 
 ENV_DIR = "environments"
-SECRET_KEYS = ("DATABASE_URL", "DATABASE_PASSWORD")
+SECRET_KEYS = ("DATABASE_URL", "MIGRATION_URL", "DATABASE_PASSWORD")
 SUPPORTED_DRIVERS = ("sqlite", "sqlite+pysqlite", "postgresql+asyncpg")
 _NAME = re.compile(r"[A-Za-z0-9_-]+")
 _REFERENCE = re.compile(r"\$\$|\$\{([A-Za-z_][A-Za-z0-9_]*)\}")
@@ -58,8 +58,12 @@ class Environment:
     def relative(self, path: Path) -> str:
         return str(path.relative_to(self.root)) if path.is_relative_to(self.root) else str(path)
 
-    def url(self, *, need_secrets: bool = True) -> URL:
-        """The database URL; with ``need_secrets=False`` unset variables count as empty."""
+    def url(self, *, need_secrets: bool = True, app: bool = False) -> URL:
+        """The URL migrations use: ``MIGRATION_URL`` if set (a direct connection where the
+        app goes through a pooler), else ``DATABASE_URL``; ``app=True``: always the latter.
+
+        With ``need_secrets=False`` unset variables count as empty.
+        """
         if need_secrets:
             for key in SECRET_KEYS:
                 if key in self.missing:
@@ -68,7 +72,8 @@ class Environment:
                         f"which is not set; export it, or set it in "
                         f"{ENV_DIR}/{self.name}.local.env"
                     )
-        return _database_url(self)
+        key = "MIGRATION_URL" if self.get("MIGRATION_URL") and not app else "DATABASE_URL"
+        return _database_url(self, key)
 
 
 def known_environments(root: Path) -> list[str]:
@@ -138,24 +143,24 @@ def _expand(
     return _REFERENCE.sub(replace, text), unset
 
 
-def _database_url(env: Environment) -> URL:
-    if not env.get("DATABASE_URL"):
-        raise ConfigError(f"{ENV_DIR}/{env.name}.env does not set DATABASE_URL")
-    where = env.relative(env.sources["DATABASE_URL"])
+def _database_url(env: Environment, key: str) -> URL:
+    if not env.get(key):
+        raise ConfigError(f"{ENV_DIR}/{env.name}.env does not set {key}")
+    where = env.relative(env.sources[key])
     try:
-        url = make_url(env.get("DATABASE_URL"))
+        url = make_url(env.get(key))
     except (ArgumentError, ValueError):
         # never echo the value: it may hold a password
         raise ConfigError(
-            f"{where}: DATABASE_URL is not a valid database URL "
+            f"{where}: {key} is not a valid database URL "
             "(expected e.g. postgresql+asyncpg://user@host:5432/name or sqlite:///var/dev.sqlite3)"
         ) from None
     if url.drivername not in SUPPORTED_DRIVERS:
         raise ConfigError(
-            f"{where}: unsupported driver {url.drivername!r} in DATABASE_URL; "
+            f"{where}: unsupported driver {url.drivername!r} in {key}; "
             f"use one of {', '.join(d + '://' for d in SUPPORTED_DRIVERS)}"
         )
-    if "DATABASE_PASSWORD" in env.values:
+    if "DATABASE_PASSWORD" in env.values and (key == "DATABASE_URL" or url.password is None):
         url = url.set(password=env.get("DATABASE_PASSWORD"))
     if url.get_backend_name() == "sqlite" and url.database not in (None, "", ":memory:"):
         url = url.set(database=str(env.root / url.database))  # absolute paths stay as they are

@@ -18,6 +18,7 @@ so a second run waits (busy timeout) and then finds the work done.
 from __future__ import annotations
 
 import asyncio
+import threading
 import time
 from collections.abc import AsyncIterator, Callable, Iterator, Mapping
 from contextlib import asynccontextmanager, contextmanager, suppress
@@ -25,8 +26,10 @@ from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
 from sqlalchemy import Connection, RootTransaction, TextClause, text
+from sqlalchemy.engine import URL
 from sqlalchemy.exc import DBAPIError, OperationalError
 
+from db.engines import with_connection
 from db.errors import ConfigError, LockLost, LockTimeout
 
 if TYPE_CHECKING:
@@ -180,6 +183,20 @@ async def _unlock(connection: AsyncConnection, params: Mapping[str, str]) -> boo
     )
     await connection.commit()
     return released
+
+
+def canceller(url: URL, pid: int, connect_timeout: float) -> Callable[[], None]:
+    """A function that cancels the statement backend ``pid`` is running, from a thread of
+    its own (it is called from a signal handler, while the main thread waits on the server)."""
+
+    def cancel(connection: Connection) -> None:
+        connection.execute(text("select pg_cancel_backend(:pid)"), {"pid": pid})
+
+    def in_thread() -> None:
+        with suppress(Exception):  # the run stops at its next check all the same
+            with_connection(url, cancel, connect_timeout=connect_timeout)
+
+    return lambda: threading.Thread(target=in_thread, daemon=True).start()
 
 
 def _first_line(exc: DBAPIError) -> str:

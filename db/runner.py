@@ -21,7 +21,12 @@ from alembic.script.revision import ResolutionError
 from alembic.util import CommandError
 from sqlalchemy import Connection
 from sqlalchemy.engine import URL
-from sqlalchemy.exc import DBAPIError
+from sqlalchemy.exc import (
+    DBAPIError,
+    InterfaceError,
+    PendingRollbackError,
+    ResourceClosedError,
+)
 
 from db.engines import CONNECT_TIMEOUT, with_connection
 from db.environments import ENV_DIR, Environment, mask
@@ -29,6 +34,7 @@ from db.errors import DbError, Interrupted, LockLost, MigrationFailed, RevisionE
 from db.progress import Progress, Step, Stop
 
 VERSION_TABLE = "alembic_version"
+_FOLLOW_UPS = (PendingRollbackError, ResourceClosedError, InterfaceError)
 __all__ = ["Progress", "Run", "RunOptions", "Step", "Stop", "make_config", "run_env"]
 
 
@@ -157,6 +163,7 @@ def run_env(
 
 def failure(exc: Exception, progress: Progress, run: Run, script: ScriptDirectory) -> DbError:
     """What happened, and where the database is now, read back on a new connection."""
+    exc = first_error(exc)
     step = progress.running
     try:
         heads: tuple[str, ...] | None = read_heads(run)
@@ -197,6 +204,14 @@ def failure(exc: Exception, progress: Progress, run: Run, script: ScriptDirector
     return MigrationFailed(f"{doing} failed: {cause}\n{text}; fix it and run the task again")
 
 
+def first_error(exc: Exception) -> Exception:
+    """The error that started a failure, not one raised while cleaning up after it (an
+    unusable transaction, a closed connection)."""
+    while isinstance(exc, _FOLLOW_UPS) and isinstance(exc.__context__, Exception):
+        exc = exc.__context__
+    return exc
+
+
 def read_heads(run: Run) -> tuple[str, ...]:
     """The revision(s) in the version table, on a new connection."""
 
@@ -204,7 +219,8 @@ def read_heads(run: Run) -> tuple[str, ...]:
         opts = {"version_table": VERSION_TABLE}
         return tuple(MigrationContext.configure(connection, opts=opts).get_current_heads())
 
-    return with_connection(run.url, read, connect_timeout=run.connect_timeout)
+    # a server that is restarting answers again within seconds
+    return with_connection(run.url, read, connect_timeout=run.connect_timeout, wait=5)
 
 
 def _applied(script: ScriptDirectory, heads: tuple[str, ...]) -> set[str]:

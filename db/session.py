@@ -12,7 +12,7 @@ _ASYNC_DRIVERS = {"sqlite": "sqlite+aiosqlite", "sqlite+pysqlite": "sqlite+aiosq
 
 def async_engine(env: Environment) -> AsyncEngine:
     """An async engine for ``env``: aiosqlite for SQLite, asyncpg for PostgreSQL."""
-    url = env.url()
+    url = env.url(app=True)
     url = url.set(drivername=_ASYNC_DRIVERS.get(url.drivername, url.drivername))
     return make_async_engine(url, connect_timeout=env.number("CONNECT_TIMEOUT", CONNECT_TIMEOUT))
 

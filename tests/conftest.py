@@ -8,13 +8,18 @@ and fail instead under ``CI=true``.
 from __future__ import annotations
 
 import asyncio
+import glob
 import os
 import shutil
+import socket
 import sqlite3
 import subprocess
 import sys
+import tempfile
+import time
 import uuid
 from collections.abc import Iterator
+from contextlib import contextmanager, suppress
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -182,3 +187,171 @@ def pg_database_2(pg_server: str) -> Iterator[PgDatabase]:
     database = _new_database(pg_server)
     yield database
     pg_execute(pg_server, f'DROP DATABASE IF EXISTS "{database.name}" WITH (FORCE)')
+
+
+# --- running tasks in the background, and waiting without sleeping blindly -------------
+
+
+def popen(project: Project, *args: str, **env: str) -> subprocess.Popen[str]:
+    """Start an ``invoke`` task in the background."""
+    return subprocess.Popen(
+        [sys.executable, "-m", "invoke", *args],
+        cwd=project.root,
+        env={**project.environ, **env},
+        stdin=subprocess.DEVNULL,
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
+
+
+def wait_until(check: Any, what: str, seconds: float = 30, process: Any = None) -> Any:
+    """Poll ``check()`` until it returns something true, failing after ``seconds``."""
+    deadline = time.monotonic() + seconds
+    while not (found := check()):
+        if process is not None and process.poll() is not None:
+            pytest.fail(f"the task ended before {what}:\n{process.communicate()[1]}")
+        if time.monotonic() > deadline:
+            pytest.fail(f"{what} did not happen within {seconds}s")
+        time.sleep(0.05)
+    return found
+
+
+def running_query(dsn: str, pattern: str) -> list[Any]:
+    """Backends of the database whose current query contains ``pattern``."""
+    return pg_fetch(
+        dsn,
+        "select pid, query from pg_stat_activity where datname = current_database() "
+        f"and pid <> pg_backend_pid() and query like '%{pattern}%'",
+    )
+
+
+def versions_of(dsn: str) -> list[str]:
+    rows = pg_fetch(dsn, "select version_num from alembic_version")
+    return sorted(row["version_num"] for row in rows)
+
+
+# --- servers of our own: a throwaway PostgreSQL cluster, and PgBouncer ------------------
+
+
+def tool(name: str) -> str | None:
+    """A PostgreSQL or PgBouncer program, on PATH or in Debian's versioned folders."""
+    found = shutil.which(name) or sorted(glob.glob(f"/usr/lib/postgresql/*/bin/{name}"))
+    return found if isinstance(found, str) else (found[-1] if found else None)
+
+
+def as_postgres(command: list[str]) -> list[str]:
+    """initdb, the server and PgBouncer refuse to run as root: run them as ``postgres``."""
+    return ["runuser", "-u", "postgres", "--", *command] if os.geteuid() == 0 else command
+
+
+def free_port() -> int:
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        return int(probe.getsockname()[1])
+
+
+def need(*programs: str) -> list[str]:
+    """The programs' paths; skip without them (fail under CI, which must run these tests)."""
+    found = [tool(name) for name in programs]
+    if None in found:
+        missing = ", ".join(n for n, f in zip(programs, found, strict=True) if f is None)
+        if os.environ.get("CI", "").lower() == "true":
+            pytest.fail(f"CI requires {missing}")
+        pytest.skip(f"{missing} not found")
+    return [f for f in found if f is not None]
+
+
+def owned_dir(prefix: str) -> Path:
+    base = Path(tempfile.mkdtemp(prefix=prefix))
+    base.chmod(0o755)
+    if os.geteuid() == 0:
+        shutil.chown(base, "postgres", "postgres")
+    return base
+
+
+@dataclass
+class Cluster:
+    """A PostgreSQL cluster of our own on a free port, to restart or stop at will."""
+
+    base: Path
+    port: int
+
+    @property
+    def data(self) -> str:
+        return str(self.base / "data")
+
+    def ctl(self, *args: str) -> None:
+        [pg_ctl] = need("pg_ctl")
+        subprocess.run(
+            as_postgres([pg_ctl, "-D", self.data, *args]), check=True, capture_output=True
+        )
+
+    def start(self) -> None:
+        options = f"-p {self.port} -c listen_addresses=127.0.0.1 -k {self.base} -c fsync=off"
+        self.ctl("-o", options, "-l", str(self.base / "log"), "-w", "start")
+
+    def restart(self) -> None:
+        self.ctl("-m", "fast", "-l", str(self.base / "log"), "-w", "restart")
+
+    def stop(self) -> None:
+        self.ctl("-m", "immediate", "stop")
+
+
+@contextmanager
+def cluster(*initdb_args: str) -> Iterator[Cluster]:
+    """initdb a cluster in a temporary folder, start it, and stop and delete it after."""
+    [initdb] = need("initdb")
+    base = owned_dir("cluster-")
+    found = Cluster(base, free_port())
+    command = [initdb, "-D", found.data, "-U", "postgres", "--no-sync", *initdb_args]
+    subprocess.run(as_postgres(command), check=True, capture_output=True)
+    found.start()
+    try:
+        yield found
+    finally:
+        with suppress(subprocess.CalledProcessError):
+            found.stop()
+        shutil.rmtree(base, ignore_errors=True)
+
+
+@contextmanager
+def pgbouncer(server_port: int, mode: str) -> Iterator[int]:
+    """PgBouncer in ``mode`` (session or transaction) in front of a server; yields its port."""
+    [program] = need("pgbouncer")
+    base = owned_dir("pgbouncer-")
+    port = free_port()
+    (base / "users.txt").write_text('"postgres" ""\n')
+    (base / "pgbouncer.ini").write_text(
+        f"""[databases]
+* = host=127.0.0.1 port={server_port}
+[pgbouncer]
+listen_addr = 127.0.0.1
+listen_port = {port}
+unix_socket_dir =
+auth_type = trust
+auth_file = {base}/users.txt
+pool_mode = {mode}
+default_pool_size = 4
+max_client_conn = 100
+logfile = {base}/log
+pidfile = {base}/pid
+"""
+    )
+    process = subprocess.Popen(
+        as_postgres([program, str(base / "pgbouncer.ini")]),
+        stdout=subprocess.DEVNULL,
+        stderr=subprocess.PIPE,
+    )
+    try:
+        wait_until(lambda: _answers(port), "PgBouncer to listen", 10)
+        yield port
+    finally:
+        process.terminate()
+        process.wait(timeout=10)
+        shutil.rmtree(base, ignore_errors=True)
+
+
+def _answers(port: int) -> bool:
+    with socket.socket() as probe:
+        return probe.connect_ex(("127.0.0.1", port)) == 0

@@ -6,18 +6,12 @@ full of URL syntax can only be tested against a server of our own.
 
 from __future__ import annotations
 
-import glob
-import os
 import shutil
-import socket
-import subprocess
-import tempfile
 from collections.abc import Iterator
-from pathlib import Path
 from urllib.parse import quote
 
 import pytest
-from conftest import Project, head_revision, pg_execute, pg_fetch
+from conftest import Project, cluster, head_revision, owned_dir, pg_execute, pg_fetch
 
 pytestmark = pytest.mark.postgres
 
@@ -25,68 +19,16 @@ NASTY = "p%40 @:/?#'\"x%"  # every character that breaks a URL or a quoted strin
 ADMIN_PASSWORD = "admin-pw-1"
 
 
-def _tool(name: str) -> str | None:
-    found = shutil.which(name) or sorted(glob.glob(f"/usr/lib/postgresql/*/bin/{name}"))
-    return found if isinstance(found, str) else (found[-1] if found else None)
-
-
-def _as_postgres(command: list[str]) -> list[str]:
-    """initdb refuses to run as root: run it (and the server) as the postgres user."""
-    return ["runuser", "-u", "postgres", "--", *command] if os.geteuid() == 0 else command
-
-
-def _free_port() -> int:
-    with socket.socket() as probe:
-        probe.bind(("127.0.0.1", 0))
-        return int(probe.getsockname()[1])
-
-
 @pytest.fixture(scope="session")
 def scram_server(pg_server: str) -> Iterator[int]:
-    """Start a cluster with scram-sha-256 auth on a free port; stop and delete it after."""
-    initdb, pg_ctl = _tool("initdb"), _tool("pg_ctl")
-    if not (initdb and pg_ctl):
-        if os.environ.get("CI", "").lower() == "true":
-            pytest.fail("CI requires initdb and pg_ctl for the password tests")
-        pytest.skip("initdb/pg_ctl not found: cannot start a password-checking server")
-    base = Path(tempfile.mkdtemp(prefix="scram-"))
-    (base / "pw").write_text(ADMIN_PASSWORD)
-    if os.geteuid() == 0:
-        shutil.chown(base, "postgres", "postgres")
-        shutil.chown(base / "pw", "postgres", "postgres")
-    port = _free_port()
-    data = base / "data"
-    subprocess.run(
-        _as_postgres(
-            [
-                initdb,
-                "-D",
-                str(data),
-                "--auth=scram-sha-256",
-                "-U",
-                "postgres",
-                f"--pwfile={base / 'pw'}",
-                "--no-sync",
-            ]
-        ),
-        check=True,
-        capture_output=True,
-    )
-    options = f"-p {port} -c listen_addresses=127.0.0.1 -k {base} -c fsync=off"
-    subprocess.run(
-        _as_postgres(
-            [pg_ctl, "-D", str(data), "-o", options, "-l", str(base / "log"), "-w", "start"]
-        ),
-        check=True,
-        capture_output=True,
-    )
+    """A cluster with scram-sha-256 auth on a free port, stopped and deleted after."""
+    pw = owned_dir("pw-") / "pw"
+    pw.write_text(ADMIN_PASSWORD)
     try:
-        yield port
+        with cluster("--auth=scram-sha-256", f"--pwfile={pw}") as found:
+            yield found.port
     finally:
-        subprocess.run(
-            _as_postgres([pg_ctl, "-D", str(data), "-m", "immediate", "stop"]), capture_output=True
-        )
-        shutil.rmtree(base, ignore_errors=True)
+        shutil.rmtree(pw.parent, ignore_errors=True)
 
 
 @pytest.fixture

@@ -28,11 +28,11 @@ from db.engines import (
     run_coroutine,
 )
 from db.errors import ConfigError, MigrationFailed
-from db.locks import Fence, pg_lock, prepare_session, sqlite_run
+from db.locks import Fence, canceller, pg_lock, prepare_session, sqlite_run
 from db.runner import VERSION_TABLE, Run
 
 if TYPE_CHECKING:
-    from sqlalchemy.ext.asyncio import AsyncEngine
+    from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
 config = context.config
 ONLINE_ONLY = {
@@ -167,20 +167,34 @@ def run_sqlite(connection: Connection) -> None:
 
 
 async def run_async_migrations(engine: AsyncEngine, *, owned: bool) -> None:
-    """The migration session: settings checked, the lock held on it, revisions run on it."""
     try:
         async with connect_async(engine, run.wait) as connection:
-            if not run.lock:
+            if run.lock:
+                await migrate_locked(connection, engine)
+            else:
                 await connection.run_sync(do_run_migrations)
                 await connection.commit()
-                return
-            pid = await prepare_session(connection, engine, run.session_settings, run.env_file)
-            async with pg_lock(connection, pid, VERSION_TABLE, run.lock_wait, run.note) as fence:
-                await connection.run_sync(do_run_migrations, fence)
-                await connection.commit()  # what a run wrote outside any revision
     finally:
         if owned:
             await engine.dispose()
+
+
+async def migrate_locked(connection: AsyncConnection, engine: AsyncEngine) -> None:
+    """The migration session: settings checked, the lock held on it, revisions run on it."""
+    pid = await prepare_session(connection, engine, run.session_settings, run.env_file)
+    cancel = canceller(run.url, pid, run.connect_timeout)
+    forget = run.stop.on_request(lambda: None if in_block() else cancel())
+    try:
+        async with pg_lock(connection, pid, VERSION_TABLE, run.lock_wait, run.note) as fence:
+            await connection.run_sync(do_run_migrations, fence)
+            await connection.commit()  # what a run wrote outside any revision
+    finally:
+        forget()
+
+
+def in_block() -> bool:
+    """Whether a revision is inside its non-transactional part, which must not be cut short."""
+    return run.progress is not None and run.progress.in_block
 
 
 def run_migrations_online() -> None:

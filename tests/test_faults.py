@@ -1,0 +1,233 @@
+"""Real faults on PostgreSQL: a killed session, server timeouts, signals, a restart.
+
+Each test reads the database back and checks that what the tasks printed is what happened.
+"""
+
+from __future__ import annotations
+
+import os
+import signal
+from collections.abc import Iterator
+
+import pytest
+from conftest import (
+    Cluster,
+    PgDatabase,
+    Project,
+    cluster,
+    head_revision,
+    pg_execute,
+    pg_fetch,
+    popen,
+    running_query,
+    versions_of,
+    wait_until,
+)
+from test_errors import revision
+
+from db.locks import NAMESPACE
+
+pytestmark = pytest.mark.postgres
+SLOW = 'if __import__("os").environ.get("SLOW"):\n        op.execute("select pg_sleep(30)")'
+
+
+@pytest.fixture
+def shop(project: Project, pg_database: PgDatabase) -> Project:
+    """A database at head with one product at price 10, and an env ``ci`` for it."""
+    project.write_env("ci", f"DATABASE_URL={pg_database.url}\n")
+    project.ok("migrate", "--env=ci")
+    pg_execute(
+        pg_database.dsn,
+        "insert into categories (id, name) values (1, 'books')",
+        "insert into products (category_id, name, price) values (1, 'guide', 10)",
+    )
+    return project
+
+
+def price(database: PgDatabase) -> int:
+    [row] = pg_fetch(database.dsn, "select price from products")
+    return int(row["price"])
+
+
+def log(database: PgDatabase) -> list[tuple[str, str]]:
+    rows = pg_fetch(database.dsn, "select revision, direction from migration_log order by id")
+    return [(row["revision"], row["direction"]) for row in rows]
+
+
+def lock_holders(database: PgDatabase) -> list[int]:
+    rows = pg_fetch(
+        database.dsn,
+        f"select pid from pg_locks where locktype = 'advisory' and classid = {NAMESPACE} "
+        "and database = (select oid from pg_database where datname = current_database())",
+    )
+    return [row["pid"] for row in rows]
+
+
+def double_then_add_one(project: Project, *, add_outside_transaction: bool) -> None:
+    """p01 doubles the price, p02 adds one; the second part (with SLOW=1) sleeps.
+
+    The sleep is in p01 when p02 is transactional, else inside p02's autocommit_block."""
+    double = 'op.execute("update products set price = price * 2")'
+    add = 'op.execute("update products set price = price + 1")'
+    if add_outside_transaction:
+        indented = SLOW.replace("\n", "\n    ")
+        add = f"with op.get_context().autocommit_block():\n        {add}\n        {indented}"
+    else:
+        double += f"\n    {SLOW}"
+    project.add_revision("p01", revision("p01", head_revision(), double, "double prices"))
+    project.add_revision("p02", revision("p02", "p01", add, message="add one"))
+
+
+def kill_mid_run(shop: Project, database: PgDatabase) -> tuple[tuple[int, str], tuple[int, str]]:
+    """Start a slow run; when it sleeps, start a second run and kill the first one's session."""
+    first = popen(shop, "migrate", "--env=ci", SLOW="1")
+    [sleeping] = wait_until(
+        lambda: running_query(database.dsn, "pg_sleep(30)"), "the slow revision", process=first
+    )
+    assert lock_holders(database) == [sleeping["pid"]]  # the lock is on the working session
+    second = popen(shop, "migrate", "--env=ci", "--lock-wait=30")
+    wait_until(lambda: running_query(database.dsn, "pg_try_advisory_lock"), "the second run waits")
+    pg_execute(database.dsn, f"select pg_terminate_backend({sleeping['pid']})")
+    results = []
+    for process in (first, second):
+        _, err = process.communicate(timeout=60)
+        results.append((process.returncode, err))
+    return results[0], results[1]
+
+
+def test_a_killed_session_stops_its_run_and_the_next_run_applies_each_revision_once(
+    shop: Project, pg_database: PgDatabase
+) -> None:
+    double_then_add_one(shop, add_outside_transaction=False)
+
+    (code1, err1), (code2, err2) = kill_mid_run(shop, pg_database)
+
+    assert code1 == 3, err1
+    assert "lost the connection, and with it the migration lock" in err1
+    assert f"the database is at {head_revision()}; p01 was rolled back" in err1
+    assert "applied p01" not in err1
+    assert code2 == 0, err2
+    assert "applied p01" in err2 and "applied p02" in err2
+    assert price(pg_database) == 21  # 10 * 2 + 1: each revision exactly once
+    assert versions_of(pg_database.dsn) == ["p02"]
+    assert log(pg_database)[-2:] == [("p01", "up"), ("p02", "up")]
+    assert not lock_holders(pg_database)
+
+
+def test_a_killed_non_transactional_revision_is_never_run_again_blindly(
+    shop: Project, pg_database: PgDatabase
+) -> None:
+    double_then_add_one(shop, add_outside_transaction=True)
+
+    (code1, err1), (code2, err2) = kill_mid_run(shop, pg_database)
+
+    assert code1 == 3, err1
+    assert "the database is at p01; this run kept p01" in err1
+    assert "p02 stopped in its non-transactional part" in err1
+    assert "last statement started: select pg_sleep(30)" in err1
+    assert "invoke resolve --env=ci p02 --applied" in err1
+    assert code2 == 4, err2
+    assert "revision p02 started its non-transactional part" in err2
+    assert "(last statement started: select pg_sleep(30))" in err2
+    assert price(pg_database) == 21  # the block's update committed once, and only once
+    assert versions_of(pg_database.dsn) == ["p01"]
+    assert log(pg_database)[-2:] == [("p01", "up"), ("p02", "run-up")]
+
+    resolved = shop.ok("resolve", "p02", "--applied", "--env=ci")
+    assert "recorded p02 as applied; the database is at p02" in resolved.stderr
+    assert "nothing to do" in shop.ok("migrate", "--env=ci").stderr
+    assert price(pg_database) == 21
+    assert versions_of(pg_database.dsn) == ["p02"]
+    assert log(pg_database)[-2:] == [("p01", "up"), ("p02", "up")]
+
+
+def test_a_revision_resolved_as_rolled_back_runs_again(
+    shop: Project, pg_database: PgDatabase
+) -> None:
+    double_then_add_one(shop, add_outside_transaction=True)
+    kill_mid_run(shop, pg_database)
+    pg_execute(pg_database.dsn, "update products set price = price - 1")  # the operator's undo
+
+    shop.ok("resolve", "p02", "--rolled-back", "--env=ci")
+    assert "applied p02" in shop.ok("migrate", "--env=ci").stderr
+
+    assert price(pg_database) == 21
+    assert log(pg_database)[-3:] == [("p01", "up"), ("p02", "aborted"), ("p02", "up")]
+    error = shop.fails("resolve", "p02", "--applied", "--env=ci")
+    assert "revision p02 has no unfinished run" in error
+
+
+def test_resolve_needs_to_be_told_how_the_revision_ended(shop: Project) -> None:
+    assert "pass --applied or --rolled-back" in shop.fails("resolve", "p02", "--env=ci")
+    result = shop.invoke("resolve", "p02", "--applied", "--rolled-back", "--env=ci")
+    assert result.returncode == 2
+
+
+def test_server_idle_timeouts_never_fail_a_good_run(shop: Project, pg_database: PgDatabase) -> None:
+    pg_execute(
+        pg_database.dsn,
+        f"alter database \"{pg_database.name}\" set idle_session_timeout = '1s'",
+        f"alter database \"{pg_database.name}\" set idle_in_transaction_session_timeout = '1s'",
+    )
+    pause = '__import__("time").sleep(2)\n    op.execute("select 1")'
+    shop.add_revision("i1", revision("idle01", head_revision(), pause))
+    shop.add_revision("i2", revision("idle02", "idle01", pause))
+
+    result = shop.invoke("migrate", "--env=ci")
+
+    assert result.returncode == 0, result.stderr
+    assert versions_of(pg_database.dsn) == ["idle02"]
+
+
+@pytest.mark.parametrize(("signum", "code"), [(signal.SIGINT, 130), (signal.SIGTERM, 143)])
+def test_a_signal_rolls_back_the_running_revision_and_says_where_the_database_is(
+    shop: Project, pg_database: PgDatabase, signum: int, code: int
+) -> None:
+    shop.add_revision("s1", revision("sig01", head_revision(), 'op.create_table("t1")'))
+    body = f'op.create_table("t2")\n    {SLOW}'
+    shop.add_revision("s2", revision("sig02", "sig01", body, message="slow one"))
+    run = popen(shop, "migrate", "--env=ci", SLOW="1")
+    wait_until(lambda: running_query(pg_database.dsn, "pg_sleep(30)"), "the sleep", process=run)
+
+    os.kill(run.pid, signum)
+    _, err = run.communicate(timeout=20)
+
+    assert run.returncode == code, err
+    last = err.strip().splitlines()[-1]
+    assert (
+        last == "interrupted: the database is at sig01; this run kept sig01; sig02 was rolled back"
+    )
+    assert "applied sig01" in err and "applied sig02" not in err
+    assert versions_of(pg_database.dsn) == ["sig01"]
+    tables = pg_fetch(pg_database.dsn, "select tablename from pg_tables where tablename like 't_'")
+    assert [row["tablename"] for row in tables] == ["t1"]
+    assert not lock_holders(pg_database)
+
+
+@pytest.fixture
+def own_server(pg_server: str) -> Iterator[Cluster]:
+    with cluster("--auth=trust") as found:
+        pg_execute(f"postgresql://postgres@127.0.0.1:{found.port}/postgres", "create database shop")
+        yield found
+
+
+def test_a_server_restart_mid_run_reports_the_first_error(
+    project: Project, own_server: Cluster
+) -> None:
+    dsn = f"postgresql://postgres@127.0.0.1:{own_server.port}/shop"
+    project.write_env("own", f"DATABASE_URL={dsn.replace('postgresql:', 'postgresql+asyncpg:')}\n")
+    project.add_revision("r1", revision("rst01", head_revision(), SLOW))
+    run = popen(project, "migrate", "--env=own", SLOW="1")
+    wait_until(lambda: running_query(dsn, "pg_sleep(30)"), "the sleep", process=run)
+
+    own_server.restart()
+    _, err = run.communicate(timeout=60)
+
+    assert run.returncode == 3, err
+    assert "during the upgrade of revision rst01" in err
+    assert "terminating connection due to administrator command" in err
+    assert "InterfaceError" not in err
+    at = err.strip().splitlines()[-1]
+    assert at.startswith(f"the database is at {head_revision()}; this run kept {head_revision()}")
+    assert "rst01 was rolled back" in at
+    assert versions_of(dsn) == [head_revision()]
