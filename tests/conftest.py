@@ -341,7 +341,7 @@ pidfile = {base}/pid
     process = subprocess.Popen(
         as_postgres([program, str(base / "pgbouncer.ini")]),
         stdout=subprocess.DEVNULL,
-        stderr=subprocess.PIPE,
+        stderr=subprocess.DEVNULL,  # it logs to base/log
     )
     try:
         wait_until(lambda: _answers(port), "PgBouncer to listen", 10)

@@ -1,0 +1,116 @@
+"""Behind PgBouncer: session mode works as a direct connection does; transaction mode is
+refused unless MIGRATION_URL gives migrations a direct connection."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+
+import pytest
+from conftest import (
+    PG_ADMIN,
+    PgDatabase,
+    Project,
+    head_revision,
+    pg_fetch,
+    pgbouncer,
+    popen,
+    versions_of,
+)
+from sqlalchemy.engine import make_url
+from test_errors import revision
+from test_faults import lock_holders
+
+from db.environments import load_environment
+
+pytestmark = pytest.mark.postgres
+SERVER = make_url(PG_ADMIN)
+
+
+@pytest.fixture
+def session_pool(pg_server: str) -> Iterator[int]:
+    with pgbouncer(SERVER.port or 5432, "session") as port:
+        yield port
+
+
+@pytest.fixture
+def transaction_pool(pg_server: str) -> Iterator[int]:
+    with pgbouncer(SERVER.port or 5432, "transaction") as port:
+        yield port
+
+
+def pooled(database: PgDatabase, port: int) -> str:
+    return f"postgresql+asyncpg://postgres@127.0.0.1:{port}/{database.name}"
+
+
+def settings_revision(project: Project) -> None:
+    project.add_revision(
+        "seen",
+        revision(
+            "seen01",
+            head_revision(),
+            "op.execute(\"create table seen as select current_setting('lock_timeout') lt, "
+            "current_setting('statement_timeout') st, current_setting('application_name') app\")",
+        ),
+    )
+
+
+def test_session_mode_migrates_with_the_session_settings_and_releases_the_lock(
+    project: Project, pg_database: PgDatabase, session_pool: int
+) -> None:
+    project.write_env("ci", f"DATABASE_URL={pooled(pg_database, session_pool)}\nLOCK_TIMEOUT=1s\n")
+    settings_revision(project)
+
+    project.ok("migrate", "--env=ci")
+
+    [row] = pg_fetch(pg_database.dsn, "select * from seen")
+    assert (row["lt"], row["st"], row["app"]) == ("1s", "15min", "migrations")
+    assert not lock_holders(pg_database)  # unlocked, although PgBouncer keeps the session
+
+
+def test_session_mode_runs_at_once_apply_each_revision_once(
+    project: Project, pg_database: PgDatabase, session_pool: int
+) -> None:
+    project.write_env("ci", f"DATABASE_URL={pooled(pg_database, session_pool)}\n")
+    slow = 'op.execute("select pg_sleep(0.5)")\n    op.create_table("made_{}")'
+    project.add_revision("a", revision("run01", head_revision(), slow.format(1)))
+    project.add_revision("b", revision("run02", "run01", slow.format(2)))
+
+    runs = [popen(project, "migrate", "--env=ci") for _ in range(3)]
+    results = [(run.wait(timeout=120), run.communicate()[1]) for run in runs]
+
+    assert [code for code, _ in results] == [0, 0, 0], results
+    assert sum("applied run01" in err for _, err in results) == 1
+    rows = pg_fetch(pg_database.dsn, "select revision from migration_log where direction = 'up'")
+    assert sorted(row["revision"] for row in rows) == sorted([head_revision(), "run01", "run02"])
+
+
+def test_transaction_mode_is_refused_before_anything_runs(
+    project: Project, pg_database: PgDatabase, transaction_pool: int
+) -> None:
+    project.write_env("ci", f"DATABASE_URL={pooled(pg_database, transaction_pool)}\n")
+
+    result = project.invoke("migrate", "--env=ci")
+
+    assert result.returncode == 2, result.stderr
+    assert "pooler in transaction mode" in result.stderr
+    assert "set MIGRATION_URL in environments/ci.env" in result.stderr
+    assert "Traceback" not in result.stderr
+    tables = pg_fetch(pg_database.dsn, "select tablename from pg_tables where schemaname='public'")
+    assert tables == []
+
+
+def test_migration_url_takes_migrations_past_the_pooler(
+    project: Project, pg_database: PgDatabase, transaction_pool: int
+) -> None:
+    project.write_env(
+        "ci",
+        f"DATABASE_URL={pooled(pg_database, transaction_pool)}\nMIGRATION_URL={pg_database.url}\n",
+    )
+
+    result = project.ok("migrate", "--env=ci")
+
+    assert f"/{pg_database.name}" in result.stderr
+    assert versions_of(pg_database.dsn) == [head_revision()]
+    env = load_environment(project.root, "ci", {})
+    assert env.url().port == SERVER.port
+    assert env.url(app=True).port == transaction_pool  # the app keeps the pooled URL
