@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Iterator
-from dataclasses import dataclass
+from dataclasses import dataclass, replace
 from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any, cast
@@ -233,7 +233,7 @@ def _change(
         guards.all_finished(log, env, connection)
         steps = plan(script, current)
         guards.valid_ids(step.revision.revision for step in steps)
-        if steps:
+        if steps and options.backup:
             options.note(backups.before_change(env, run_of(config).url))
         if steps or renamed:
             audit.ensure_table(connection.execute)
@@ -264,7 +264,7 @@ def reset(env: Environment, options: RunOptions | None = None) -> list[Step]:
         Path(url.database or "").unlink(missing_ok=True)
     else:
         run_coroutine(_drop_public_schema(env, url))
-    return migrate(env, "head", options)
+    return migrate(env, "head", replace(options, backup=False))  # backed up before the drop
 
 
 def _check_file(env: Environment, url: URL) -> None:

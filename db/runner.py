@@ -44,6 +44,7 @@ class RunOptions:
 
     lock_wait: float = 60.0  # seconds to wait for another run's migration lock
     allow_env_mismatch: bool = False
+    backup: bool = True  # back the database up before a change, as the env file says
     wait: float | None = None  # seconds to retry the first connection; None: CONNECT_WAIT
     on_start: Callable[[RevisionStep], None] | None = None
     on_step: Callable[[Step], None] | None = None
@@ -171,8 +172,13 @@ def failure(exc: Exception, progress: Progress, run: Run, script: ScriptDirector
     except Exception as read_error:
         heads, at = None, f"its revision could not be read back ({describe(read_error)})"
     applied = _applied(script, heads) if heads is not None else set()
-    kept = [s.revision for s in progress.applied + progress.lost() if _kept(s, applied)]
+    running = step.revision.revision if step is not None else None
+    done = [s for s in progress.applied + progress.lost() if s.revision != running]
+    kept = [s.revision for s in done if heads is not None and _kept(s, applied)]
+    undone = [s.revision for s in done if heads is not None and not _kept(s, applied)]
     tail = [at + (f"; this run kept {', '.join(kept)}" if kept else "")]
+    if undone:
+        tail.append(f"{', '.join(undone)} of this run did not commit either")
     if step is not None and progress.in_block:
         tail.append(
             f"{step.revision.revision} stopped in its non-transactional part (last statement "

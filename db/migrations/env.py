@@ -154,16 +154,15 @@ def run_sqlite(connection: Connection) -> None:
     """
     committed = run.progress.committed if run.progress is not None else lambda: None
     sqlite = connection.connection.driver_connection
-    forget = run.stop.on_request(sqlite.interrupt)  # type: ignore[union-attr]
-    try:
-        with sqlite_run(connection, run.lock_wait, run.note, committed) as next_revision:
-            last = (lambda **_kw: next_revision(),)
-            context.configure(connection=connection, **options(last=last))
-            context.get_context().autocommit_block = nullcontext  # type: ignore[method-assign, assignment]
-            with context.begin_transaction():
-                context.run_migrations()
-    finally:
-        forget()
+    # SQLite calls this every 10,000 steps of a statement: a signal's handler gets to run
+    # then, and a stop it asked for ends the statement (rolled back to the revision's start)
+    sqlite.set_progress_handler(lambda: run.stop.requested, 10_000)  # type: ignore[union-attr]
+    with sqlite_run(connection, run.lock_wait, run.note, committed) as next_revision:
+        last = (lambda **_kw: next_revision(),)
+        context.configure(connection=connection, **options(last=last))
+        context.get_context().autocommit_block = nullcontext  # type: ignore[method-assign, assignment]
+        with context.begin_transaction():
+            context.run_migrations()
 
 
 async def run_async_migrations(engine: AsyncEngine, *, owned: bool) -> None:

@@ -1,0 +1,216 @@
+"""Backups you can restore, a restore that cannot destroy, and SQLite runs that tell the truth.
+
+Faults are real: bytes overwritten in a SQLite file, a tmpfs that fills up, a SIGINT.
+"""
+
+from __future__ import annotations
+
+import os
+import shutil
+import signal
+import sqlite3
+import subprocess
+from collections.abc import Iterator
+from contextlib import closing, contextmanager
+from pathlib import Path
+
+import pytest
+from conftest import PgDatabase, Project, head_revision, pg_execute, popen, wait_until
+from test_errors import revision
+from test_tasks_sqlite import version
+
+HEAD = head_revision()
+LONG_QUERY = (
+    'op.execute("with recursive c(x) as (select 1 union all select x + 1 from c '
+    'where x < 1000000000) select count(*) from c")'
+)
+
+
+def backups(project: Project) -> list[Path]:
+    return sorted((project.root / "var" / "backups").glob("*"))
+
+
+def pending_revision(project: Project, rev: str = "next01", down: str = HEAD) -> None:
+    body = f'op.create_table("{rev}", sa.Column("id", sa.Integer))'
+    project.add_revision(rev, revision(rev, down, body, message=f"add {rev}"))
+
+
+def corrupt(path: Path) -> None:
+    """Overwrite the second page (a table's b-tree) with garbage, as a bad disk would."""
+    with path.open("r+b") as file:
+        file.seek(4096)
+        file.write(b"\xa5" * 4096)
+
+
+@contextmanager
+def tmpfs(path: Path, size: str) -> Iterator[Path]:
+    """A small tmpfs mounted at ``path`` (needs root), unmounted afterwards."""
+    path.mkdir(parents=True, exist_ok=True)
+    command = ["mount", "-t", "tmpfs", "-o", f"size={size},mode=0700", "tmpfs", str(path)]
+    mounted = subprocess.run(command, capture_output=True, text=True)
+    if mounted.returncode != 0:
+        reason = f"cannot mount a tmpfs to fill ({mounted.stderr.strip()}): run as root"
+        if os.environ.get("CI", "").lower() == "true":
+            pytest.fail(reason)
+        pytest.skip(reason)
+    try:
+        yield path
+    finally:
+        subprocess.run(["umount", "-l", str(path)], check=True)
+
+
+def grow(project: Project, kilobytes: int) -> None:
+    """Add about ``kilobytes`` of data to the dev database."""
+    with closing(project.sqlite()) as db:
+        db.execute("create table if not exists ballast (data blob)")
+        db.executemany("insert into ballast values (randomblob(1024))", [()] * kilobytes)
+        db.commit()
+
+
+def test_a_corrupt_sqlite_file_is_refused_before_anything_and_not_backed_up(
+    project: Project,
+) -> None:
+    project.ok("migrate")
+    pending_revision(project)
+    corrupt(project.root / "var" / "dev.sqlite3")
+
+    for task in ("migrate", "rollback"):
+        error = project.fails(task)
+        assert "var/dev.sqlite3 fails SQLite's quick_check" in error
+        assert "nothing was run and no backup was made" in error
+        assert "invoke restore --env=dev" in error
+    assert backups(project) == []
+
+
+def test_a_backup_that_fills_the_disk_stops_the_run_and_keeps_the_good_ones(
+    project: Project,
+) -> None:
+    with tmpfs(project.root / "var" / "backups", "160k"):
+        project.ok("migrate")
+        pending_revision(project, "next01")
+        project.ok("migrate")  # backs up a ~60 kB database: fits
+        [good] = backups(project)
+        grow(project, 200)  # the next copy cannot fit
+        pending_revision(project, "next02", "next01")
+
+        error = project.fails("migrate")
+
+        assert "the backup to var/backups/dev-" in error
+        assert "database or disk is full" in error
+        assert "so nothing was changed" in error
+        assert backups(project) == [good]  # no partial file; the good one kept
+        assert version(project) == ["next01"]
+
+
+def test_restore_refuses_what_is_not_a_backup_and_the_live_file(project: Project) -> None:
+    project.ok("migrate")
+    (project.root / "notes.txt").write_text("not a database\n")
+    empty = project.root / "var" / "backups" / "dev-empty.sqlite3"
+    empty.parent.mkdir(parents=True)
+    empty.touch()
+
+    error = project.fails("restore", "--file=notes.txt")
+    assert "notes.txt is not a usable backup (file is not a database)" in error
+    error = project.fails("restore", f"--file={empty}")
+    assert "is not a usable backup (it has no alembic_version table)" in error
+    error = project.fails("restore", "--file=var/dev.sqlite3")
+    assert "var/dev.sqlite3 is the live database itself" in error
+    assert version(project) == [HEAD]
+
+
+def test_a_restore_keeps_what_it_replaces_so_it_can_be_undone(project: Project) -> None:
+    project.ok("migrate")
+    pending_revision(project)
+    project.ok("migrate")  # the backup holds the database at HEAD
+
+    restored = project.ok("restore").stderr
+
+    assert version(project) == [HEAD]
+    kept = restored.split("kept the database it replaced as ")[1].split()[0]
+    project.ok("restore", f"--file={kept}")
+    assert version(project) == ["next01"]
+
+
+def test_reset_runs_the_environment_guard(project: Project) -> None:
+    project.ok("migrate")
+    project.write_env("qa", "DATABASE_URL=sqlite:///var/dev.sqlite3\n")
+
+    result = project.invoke("reset", "--env=qa")
+
+    assert result.returncode == 4, result.stderr
+    assert "last migrated as 'dev', not 'qa'" in result.stderr
+    assert backups(project) == []
+    assert version(project) == [HEAD]
+
+
+@pytest.mark.postgres
+def test_reset_dumps_before_it_drops(project: Project, pg_database: PgDatabase) -> None:
+    if shutil.which("pg_dump") is None or shutil.which("pg_restore") is None:
+        pytest.fail("pg_dump and pg_restore come with the PostgreSQL server")
+    project.write_env("ci", f"DATABASE_URL={pg_database.url}\nBACKUP=pg_dump\n")
+    project.ok("migrate", "--env=ci")
+    pg_execute(pg_database.dsn, "insert into categories (name) values ('kept in the dump')")
+
+    result = project.ok("reset", "--env=ci")
+
+    assert "with pg_dump" in result.stderr
+    assert len(backups(project)) == 2  # migrate's, and reset's (none after the drop)
+    dump = backups(project)[-1]
+    listed = subprocess.run(
+        ["pg_restore", "--data-only", "--table=categories", "--file=-", str(dump)],
+        capture_output=True,
+        text=True,
+        check=True,
+    )
+    assert "kept in the dump" in listed.stdout
+
+
+def test_sigint_on_sqlite_keeps_what_committed_and_says_so(project: Project) -> None:
+    project.ok("migrate")
+    pending_revision(project, "fast01")
+    project.add_revision("slow", revision("slow01", "fast01", LONG_QUERY, message="slow one"))
+    run = popen(project, "migrate")
+    assert run.stderr is not None
+    lines: list[str] = []
+    wait_until(
+        lambda: lines.append(run.stderr.readline()) or "applying slow01" in lines[-1],
+        "the slow revision",
+        process=run,
+    )
+
+    os.kill(run.pid, signal.SIGINT)
+    rest = run.communicate(timeout=30)[1]
+
+    assert run.returncode == 130, rest
+    last = rest.strip().splitlines()[-1]
+    assert (
+        last
+        == "interrupted: the database is at fast01; this run kept fast01; slow01 was rolled back"
+    )
+    assert "applied fast01" in rest and "applied slow01" not in rest
+    assert version(project) == ["fast01"]
+
+
+def test_a_full_disk_at_commit_leaves_no_false_applied_line(project: Project) -> None:
+    with tmpfs(project.root / "small", "192k") as small:
+        project.write_env("tight", f"DATABASE_URL=sqlite:///{small}/shop.sqlite3\n")
+        project.ok("migrate", "--env=tight")
+        pending_revision(project, "fill01")
+        fill = (
+            'op.execute("create table big as select randomblob(1024) b from '
+            "(with recursive c(x) as (select 1 union all select x + 1 from c where x < 400) "
+            'select x from c)")'
+        )
+        project.add_revision("fill02", revision("fill02", "fill01", fill, message="too big"))
+
+        error = project.fails("migrate", "--env=tight")
+
+        with closing(sqlite3.connect(small / "shop.sqlite3")) as db:
+            [(at,)] = db.execute("select version_num from alembic_version").fetchall()
+        assert "database or disk is full" in error
+        assert f"the database is at {at};" in error
+        lineage = {HEAD: [HEAD], "fill01": [HEAD, "fill01"]}[at]
+        printed = [rev for rev in ("fill01", "fill02") if f"applied {rev} " in error]
+        assert set(printed) <= set(lineage)  # nothing printed as applied that is not there
+        if at == HEAD:
+            assert "fill01 of this run did not commit either" in error
