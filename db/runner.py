@@ -164,37 +164,14 @@ def run_env(
 
 def failure(exc: Exception, progress: Progress, run: Run, script: ScriptDirectory) -> DbError:
     """What happened, and where the database is now, read back on a new connection."""
-    exc = first_error(exc)
-    step = progress.running
+    exc, step = first_error(exc), progress.running
     try:
-        heads: tuple[str, ...] | None = read_heads(run)
-        at = f"the database is at {', '.join(heads) or 'base'}" if heads is not None else ""
+        heads = read_heads(run)
     except Exception as read_error:
-        heads, at = None, f"its revision could not be read back ({describe(read_error)})"
-    applied = _applied(script, heads) if heads is not None else set()
-    running = step.revision.revision if step is not None else None
-    done = [s for s in progress.applied + progress.lost() if s.revision != running]
-    kept = [s.revision for s in done if heads is not None and _kept(s, applied)]
-    undone = [s.revision for s in done if heads is not None and not _kept(s, applied)]
-    tail = [at + (f"; this run kept {', '.join(kept)}" if kept else "")]
-    if undone:
-        tail.append(f"{', '.join(undone)} of this run did not commit either")
-    if step is not None and progress.in_block:
-        tail.append(
-            f"{step.revision.revision} stopped in its non-transactional part (last statement "
-            f"started: {progress.last_statement or 'none'}), so part of it may be in the "
-            f"database: check, then run `invoke resolve --env={run.environment} "
-            f"{step.revision.revision} --applied` (or --rolled-back)"
-        )
-    elif step is not None and heads is not None:
-        done = _kept(Step(step.revision.revision, "", _direction(step), 0), applied)
-        what = (
-            step.revision.revision
-            if step.is_upgrade
-            else f"the downgrade of {step.revision.revision}"
-        )
-        tail.append(f"{what} was {'committed' if done else 'rolled back'}")
-    text = "; ".join(part for part in tail if part)
+        at = f"its revision could not be read back ({describe(read_error)})"
+        text = "; ".join([at, *_running(step, progress, run, None)])
+    else:
+        text = "; ".join(_outcome(heads, step, progress, run, _applied(script, heads)))
     if run.stop.signum is not None:
         return Interrupted(f"interrupted: {text}", run.stop.signum)
     cause = describe(exc)
@@ -208,6 +185,47 @@ def failure(exc: Exception, progress: Progress, run: Run, script: ScriptDirector
             f"{cause}\n{text}; run the task again"
         )
     return MigrationFailed(f"{doing} failed: {cause}\n{text}; fix it and run the task again")
+
+
+def _outcome(
+    heads: tuple[str, ...],
+    step: RevisionStep | None,
+    progress: Progress,
+    run: Run,
+    applied: set[str],
+) -> list[str]:
+    """Where the database is, which of this run's steps it kept, and which it lost."""
+    running = step.revision.revision if step is not None else None
+    done = [s for s in progress.applied + progress.lost() if s.revision != running]
+    kept = [s.revision for s in done if _kept(s, applied)]
+    undone = [s.revision for s in done if not _kept(s, applied)]
+    parts = [f"the database is at {', '.join(heads) or 'base'}"]
+    if kept:
+        parts[0] += f"; this run kept {', '.join(kept)}"
+    if undone:
+        parts.append(f"{', '.join(undone)} of this run did not commit either")
+    return parts + _running(step, progress, run, applied)
+
+
+def _running(
+    step: RevisionStep | None, progress: Progress, run: Run, applied: set[str] | None
+) -> list[str]:
+    """What became of the revision that was running (unknown if ``applied`` is None)."""
+    if step is None:
+        return []
+    rev = step.revision.revision
+    if progress.in_block:
+        return [
+            f"{rev} stopped in its non-transactional part (last statement started: "
+            f"{progress.last_statement or 'none'}), so part of it may be in the database: "
+            f"check, then run `invoke resolve --env={run.environment} {rev} --applied` "
+            "(or --rolled-back)"
+        ]
+    if applied is None:
+        return []
+    committed = _kept(Step(rev, "", _direction(step), 0), applied)
+    what = rev if step.is_upgrade else f"the downgrade of {rev}"
+    return [f"{what} was {'committed' if committed else 'rolled back'}"]
 
 
 def first_error(exc: Exception) -> Exception:
