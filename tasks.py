@@ -12,6 +12,7 @@ import json
 import os
 import signal
 import sys
+import warnings
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import asdict
@@ -404,7 +405,13 @@ def reported(c: Context, debug: bool) -> Iterator[None]:
 
     gc.freeze()  # the task has imported what it needs; those objects live until exit
     try:
-        yield
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            try:
+                yield
+            finally:  # a library's warning, as one line of ours (never a raw UserWarning)
+                for warned in caught:
+                    print(f"warning: {warned.message}", file=sys.stderr)
     except DbError as exc:
         if debug or c.config.db.debug:
             raise

@@ -53,10 +53,32 @@ def make_migration(env: Environment, message: str, *, empty: bool = False) -> Pa
         )
     try:
         with redirect_stdout(io.StringIO()):  # Alembic's "Running post write hook" chatter
-            written = command.revision(config, message=message.strip(), autogenerate=not empty)
+            written = command.revision(
+                config, message=docstring_safe(message.strip()), autogenerate=not empty
+            )
     except CommandError as exc:
         raise revision_error(exc, env.name) from exc
-    return Path(written.path) if isinstance(written, Script) else None
+    if not isinstance(written, Script):
+        return None
+    return parses(Path(written.path))
+
+
+def docstring_safe(message: str) -> str:
+    """The message as it must be written inside the file's docstring to read back the same:
+    backslashes and double quotes escaped."""
+    return message.replace("\\", "\\\\").replace('"', '\\"')
+
+
+def parses(path: Path) -> Path:
+    """A written revision must compile; one that does not is deleted, so no task breaks on it."""
+    try:
+        compile(path.read_text(encoding="utf-8"), str(path), "exec")
+    except (SyntaxError, ValueError) as exc:
+        path.unlink(missing_ok=True)
+        raise RevisionError(
+            f"the new revision did not parse ({exc}), so it was not kept: try a plainer message"
+        ) from None
+    return path
 
 
 def merge(env: Environment, message: str = "merge heads") -> Path:

@@ -19,6 +19,10 @@ class UsageError(ConfigError):
     """A task was given flags that do not go together, or a value it cannot use."""
 
 
+class BrokenRevisions(ConfigError):
+    """The revision files cannot make a history: a duplicate id, a missing parent, a bad file."""
+
+
 class ConnectError(DbError):
     """The database server could not be reached, or it refused the login."""
 

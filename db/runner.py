@@ -8,9 +8,11 @@ connection, so the message says where the database really is.
 from __future__ import annotations
 
 import io
+import warnings
 from argparse import Namespace
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from pathlib import Path
 from typing import Any
 
 from alembic.config import Config
@@ -28,9 +30,17 @@ from sqlalchemy.exc import (
     ResourceClosedError,
 )
 
+from db import revision_files
 from db.engines import CONNECT_TIMEOUT, with_connection
 from db.environments import ENV_DIR, Environment, mask
-from db.errors import DbError, Interrupted, LockLost, MigrationFailed, RevisionError
+from db.errors import (
+    BrokenRevisions,
+    DbError,
+    Interrupted,
+    LockLost,
+    MigrationFailed,
+    RevisionError,
+)
 from db.progress import Progress, Step, Stop
 
 VERSION_TABLE = "alembic_version"
@@ -129,10 +139,20 @@ def session_settings(env: Environment) -> dict[str, str]:
 def load_scripts(config: Config) -> ScriptDirectory:
     """The revision files, all loaded now, so a broken one is reported clearly up front."""
     script = ScriptDirectory.from_config(config)
-    try:
-        script.revision_map.heads  # noqa: B018 (loads every file)
-    except Exception as exc:
-        raise RevisionError(f"the revision files cannot be loaded: {describe(exc)}") from exc
+    versions, root = Path(script.versions), Path(config.config_file_name or ".").parent
+    with warnings.catch_warnings(record=True) as caught:
+        warnings.simplefilter("always")
+        try:
+            script.revision_map.heads  # noqa: B018 (loads every file)
+        except Exception as exc:
+            where = revision_files.problem(versions, root)
+            if where is None:
+                where = revision_files.culprit(exc, versions, root) or "the revision files"
+                where += f" cannot be loaded: {describe(exc)}"
+            raise BrokenRevisions(where) from exc
+    if caught:
+        where = revision_files.problem(versions, root)
+        raise BrokenRevisions(where or f"the revision files: {caught[0].message}")
     return script
 
 

@@ -7,8 +7,8 @@ Create Date: ${create_date}
 
 from collections.abc import Sequence
 
-import sqlalchemy as sa
-from alembic import op
+import sqlalchemy as sa  # noqa: F401 (kept for the revision's author)
+from alembic import op  # noqa: F401
 ${imports if imports else ""}
 revision: str = ${repr(up_revision)}
 down_revision: str | Sequence[str] | None = ${repr(down_revision)}

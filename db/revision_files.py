@@ -1,0 +1,78 @@
+"""What is wrong with the revision files, read without importing them.
+
+Alembic reports a broken history as a raw warning or a ``KeyError``; these functions name
+the files instead.
+"""
+
+from __future__ import annotations
+
+import ast
+import traceback
+from pathlib import Path
+
+
+def declared(versions: Path) -> dict[Path, tuple[str, tuple[str, ...]]]:
+    """Each file's ``revision`` and ``down_revision`` ids, as written."""
+    found: dict[Path, tuple[str, tuple[str, ...]]] = {}
+    for path in sorted(versions.glob("*.py")):
+        values = _assignments(path)
+        revision, down = values.get("revision"), values.get("down_revision")
+        if isinstance(revision, str):
+            parents = (down,) if isinstance(down, str) else down
+            if isinstance(parents, (tuple, list)) or parents is None:
+                found[path] = (revision, tuple(str(p) for p in parents or ()))
+    return found
+
+
+def _assignments(path: Path) -> dict[str, object]:
+    """Module-level ``NAME = literal`` (or ``NAME: type = literal``) in a file."""
+    try:
+        tree = ast.parse(path.read_text(encoding="utf-8"))
+    except (SyntaxError, ValueError, OSError, UnicodeDecodeError):
+        return {}  # importing it reports the problem, with the file's name
+    values: dict[str, object] = {}
+    for node in tree.body:
+        if isinstance(node, ast.Assign) and len(node.targets) == 1:
+            target, value = node.targets[0], node.value
+        elif isinstance(node, ast.AnnAssign) and node.value is not None:
+            target, value = node.target, node.value
+        else:
+            continue
+        if isinstance(target, ast.Name):
+            try:
+                values[target.id] = ast.literal_eval(value)
+            except ValueError:
+                continue
+    return values
+
+
+def problem(versions: Path, root: Path) -> str | None:
+    """A duplicate revision id or a parent that no file has, naming the files."""
+    files = declared(versions)
+    owners: dict[str, list[Path]] = {}
+    for path, (rev, _parents) in files.items():
+        owners.setdefault(rev, []).append(path)
+    for rev, paths in owners.items():
+        if len(paths) > 1:
+            names = " and ".join(str(p.relative_to(root)) for p in paths)
+            return (
+                f"revision id {rev} is in two files, {names}: give one of them a new id "
+                "(in `revision =` and in its file name)"
+            )
+    for path, (_rev, parents) in files.items():
+        for parent in parents:
+            if parent not in owners:
+                return (
+                    f"{path.relative_to(root)}: down_revision {parent!r} names no revision "
+                    "file: restore that file, or point down_revision at the revision before"
+                )
+    return None
+
+
+def culprit(exc: BaseException, versions: Path, root: Path) -> str | None:
+    """The revision file in which loading failed (an ImportError, a NameError...)."""
+    frames = traceback.extract_tb(exc.__traceback__)
+    inside = [frame for frame in frames if Path(frame.filename).parent == versions]
+    if not inside:
+        return None
+    return f"{Path(inside[-1].filename).relative_to(root)}, line {inside[-1].lineno}"

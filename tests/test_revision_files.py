@@ -1,0 +1,92 @@
+"""Revision files: any message makes a file that parses, and a broken history names its files."""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+from conftest import Project, head_revision
+from test_errors import revision
+
+from db.revision_files import declared
+
+HEAD = head_revision()
+AWKWARD = ['say """hi"""', "C:\\Users\\shop", "weird \\N escape", 'ends with "quote"']
+
+
+def test_any_message_makes_a_revision_that_parses_and_reads_back_the_same(
+    project: Project,
+) -> None:
+    for message in AWKWARD:
+        project.ok("makemigration", "--empty", f"--message={message}")
+
+    history = project.ok("history").stdout
+    for message in AWKWARD:
+        assert f"pending  {message}" in history
+    for path in project.versions.glob("*.py"):
+        compile(path.read_text(), str(path), "exec")
+
+
+def test_an_empty_revision_keeps_its_imports(project: Project) -> None:
+    project.ok("makemigration", "--empty", "--message=backfill")
+
+    [written] = [p for p in project.versions.glob("*backfill.py")]
+    text = written.read_text()
+    assert "import sqlalchemy as sa" in text
+    assert "from alembic import op" in text
+
+
+@pytest.mark.parametrize("task", ["status", "history", "migrate", "merge", "offline-sql"])
+def test_two_files_with_one_id_are_an_error_naming_both(project: Project, task: str) -> None:
+    project.add_revision("copy", revision(HEAD, None))
+
+    result = project.invoke(task)
+
+    assert result.returncode == 2, result.stderr
+    assert f"revision id {HEAD} is in two files" in result.stderr
+    assert "db/migrations/versions/copy.py" in result.stderr
+    assert f"_{HEAD}_create_shop_tables.py" in result.stderr
+    assert "Warning" not in result.stderr and "Traceback" not in result.stderr
+
+
+def test_a_parent_no_file_has_names_the_file_and_the_id(project: Project) -> None:
+    project.add_revision("orphan", revision("orphan1", "nothere0001"))
+
+    error = project.fails("status")
+
+    assert (
+        "db/migrations/versions/orphan.py: down_revision 'nothere0001' names no revision" in error
+    )
+    assert "KeyError" not in error
+
+
+def test_a_revision_that_cannot_be_imported_is_named(project: Project) -> None:
+    project.add_revision(
+        "broken",
+        revision("broken1", HEAD, "pass").replace(
+            "import sqlalchemy as sa", "import sqlalchemy as sa\nimport not_a_module"
+        ),
+    )
+
+    error = project.fails("migrate")
+
+    assert "db/migrations/versions/broken.py, line 5 cannot be loaded" in error
+    assert "No module named 'not_a_module'" in error
+
+
+def test_declared_reads_ids_without_importing(tmp_path: object) -> None:
+
+    versions = Path(str(tmp_path))
+    (versions / "a.py").write_text(revision("aaa1", None))
+    (versions / "b.py").write_text(
+        revision("bbb1", "aaa1").replace("import sqlalchemy", "import x")
+    )
+    (versions / "m.py").write_text(
+        'revision: str = "mmm1"\ndown_revision: tuple[str, ...] | None = ("aaa1", "bbb1")\n'
+    )
+
+    assert declared(versions) == {
+        versions / "a.py": ("aaa1", ()),
+        versions / "b.py": ("bbb1", ("aaa1",)),
+        versions / "m.py": ("mmm1", ("aaa1", "bbb1")),
+    }
