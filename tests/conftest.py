@@ -78,8 +78,15 @@ class Project:
     def add_revision(self, name: str, body: str) -> None:
         (self.versions / f"{name}.py").write_text(body, encoding="utf-8")
 
-    def sqlite(self, relative: str = "var/dev.sqlite3") -> sqlite3.Connection:
-        return sqlite3.connect(self.root / relative)
+    @contextmanager
+    def sqlite(self, relative: str = "var/dev.sqlite3") -> Iterator[sqlite3.Connection]:
+        """A connection to one of the project's SQLite files, committed and closed after."""
+        connection = sqlite3.connect(self.root / relative)
+        try:
+            with connection:
+                yield connection
+        finally:
+            connection.close()
 
 
 def head_revision() -> str:

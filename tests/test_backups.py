@@ -61,7 +61,7 @@ def tmpfs(path: Path, size: str) -> Iterator[Path]:
 
 def grow(project: Project, kilobytes: int) -> None:
     """Add about ``kilobytes`` of data to the dev database."""
-    with closing(project.sqlite()) as db:
+    with project.sqlite() as db:
         db.execute("create table if not exists ballast (data blob)")
         db.executemany("insert into ballast values (randomblob(1024))", [()] * kilobytes)
         db.commit()

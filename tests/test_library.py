@@ -31,23 +31,27 @@ def test_env_py_accepts_a_callers_engine(tmp_path: Path) -> None:
     engine = create_engine(f"sqlite:///{tmp_path / 'given.sqlite3'}")
     config = make_config(env)
     config.attributes["connection"] = engine
+    try:
+        command.upgrade(config, "head")
 
-    command.upgrade(config, "head")
-
-    assert "users" in inspect(engine).get_table_names()
-    assert not (tmp_path / "t.sqlite3").exists()  # the env's own URL was not used
+        assert "users" in inspect(engine).get_table_names()
+        assert not (tmp_path / "t.sqlite3").exists()  # the env's own URL was not used
+    finally:
+        engine.dispose()
 
 
 def test_env_py_accepts_a_callers_connection(tmp_path: Path) -> None:
     env = sqlite_env(tmp_path)
     engine = create_engine(f"sqlite:///{tmp_path / 'given.sqlite3'}")
-    with engine.begin() as connection:
-        config = make_config(env)
-        config.attributes["connection"] = connection
-        command.upgrade(config, "head")
-        assert connection.execute(text("select version_num from alembic_version")).scalar() == (
-            head_revision()
-        )
+    try:
+        with engine.begin() as connection:
+            config = make_config(env)
+            config.attributes["connection"] = connection
+            command.upgrade(config, "head")
+            found = connection.execute(text("select version_num from alembic_version"))
+            assert found.scalar() == head_revision()
+    finally:
+        engine.dispose()
 
 
 def test_migrate_from_inside_a_running_event_loop(tmp_path: Path) -> None:
