@@ -47,6 +47,7 @@ RUN = {
     "wait": "seconds to keep retrying the first connection (default: CONNECT_WAIT or 0)",
     "allow_env_mismatch": "run although the database was last migrated under another env name",
 }
+NEVER_PROTECTED = "this task changes data freely and never runs on a protected environment"
 YES = "confirm a protected environment without a prompt (needed where there is no terminal)"
 
 
@@ -56,8 +57,8 @@ def migrate(
     env: str = "",
     to: str = "head",
     yes: bool = False,
-    lock_wait: float = 60.0,
-    wait: float = -1.0,
+    lock_wait: str = "",
+    wait: str = "",
     allow_env_mismatch: bool = False,
     debug: bool = False,
 ) -> None:
@@ -93,8 +94,8 @@ def rollback(
     steps: int = 1,
     to: str = "",
     yes: bool = False,
-    lock_wait: float = 60.0,
-    wait: float = -1.0,
+    lock_wait: str = "",
+    wait: str = "",
     allow_env_mismatch: bool = False,
     debug: bool = False,
 ) -> None:
@@ -117,7 +118,7 @@ def reset(c: Context, env: str = "", debug: bool = False) -> None:
     from db.commands import reset as drop_and_migrate
 
     with reported(c, debug):
-        target = environment(c, env, banner=True)
+        target = environment(c, env, banner=True, refuse_protected=NEVER_PROTECTED)
         options = run_options()
         with on_signals(options):
             steps = drop_and_migrate(target, options)
@@ -138,9 +139,10 @@ def restore(
     from db.backups import restore as put_back
 
     with reported(c, debug):
-        target = environment(c, env, banner=True)
+        target = environment(c, env)
         if target.protected:
-            confirm(target, yes, "overwrite the database", need_yes=True)
+            confirm(target, yes, "restore a backup over", need_yes=True)
+        announce(target)
         used, kept = put_back(target, target.url(), Path(file).resolve() if file else None)
     if kept is not None:
         print(f"  kept the database it replaced as {target.relative(kept)}", file=sys.stderr)
@@ -162,7 +164,7 @@ def resolve(
     env: str = "",
     applied: bool = False,
     rolled_back: bool = False,
-    lock_wait: float = 60.0,
+    lock_wait: str = "",
     debug: bool = False,
 ) -> None:
     """Record how an interrupted non-transactional revision ended: --applied or --rolled-back."""
@@ -188,7 +190,7 @@ def resolve(
     }
 )
 def accept_changes(
-    c: Context, revision: str, env: str = "", lock_wait: float = 60.0, debug: bool = False
+    c: Context, revision: str, env: str = "", lock_wait: str = "", debug: bool = False
 ) -> None:
     """Record the new checksum of an applied revision's deliberately edited file."""
     from db.commands import accept_changes as accept
@@ -361,7 +363,7 @@ def seed(c: Context, env: str = "", debug: bool = False) -> None:
     from db.seed import seed as fill
 
     with reported(c, debug):
-        target = environment(c, env, banner=True)
+        target = environment(c, env, banner=True, refuse_protected=NEVER_PROTECTED)
         added = fill(target)
     counts = ", ".join(f"{count} {kind}" for kind, count in added.items())
     print(f"{target.name}: added {counts}", file=sys.stderr)
@@ -386,16 +388,30 @@ def envs(c: Context) -> None:
 # --- the command-line edge -------------------------------------------------------------
 
 
-def environment(c: Context, name: str, *, banner: bool = False) -> Environment:
-    """Load the named environment (or invoke's configured default) and announce it."""
-    from db.environments import load_environment, mask
+def environment(
+    c: Context, name: str, *, banner: bool = False, refuse_protected: str = ""
+) -> Environment:
+    """Load the named environment (or invoke's configured default) and announce it.
+
+    ``refuse_protected`` (why) refuses a protected environment before its secrets are needed.
+    """
+    from db.environments import load_environment
+    from db.errors import GuardRefused
 
     loaded = load_environment(ROOT, name or c.config.db.env, os.environ)
     for warning in loaded.warnings:
         print(warning, file=sys.stderr)
+    if refuse_protected and loaded.protected:
+        raise GuardRefused(f"{loaded.name} is protected: {refuse_protected}")
     if banner:
-        print(f"[{loaded.name}] {mask(loaded.url())}", file=sys.stderr)
+        announce(loaded)
     return loaded
+
+
+def announce(env: Environment) -> None:
+    from db.environments import mask
+
+    print(f"[{env.name}] {mask(env.url())}", file=sys.stderr)
 
 
 @contextmanager
@@ -482,19 +498,33 @@ def print_json(data: object) -> None:
     print(json.dumps(data, indent=2, default=lambda value: value.isoformat()))
 
 
-def run_options(
-    lock_wait: float = 60.0, wait: float = -1.0, allow_mismatch: bool = False
-) -> RunOptions:
+def run_options(lock_wait: str = "", wait: str = "", allow_mismatch: bool = False) -> RunOptions:
+    """The library's options from the flags; an empty flag keeps the library's default."""
     from db.runner import RunOptions
 
-    return RunOptions(
-        lock_wait=lock_wait,
-        wait=None if wait < 0 else wait,
+    options = RunOptions(
         allow_env_mismatch=allow_mismatch,
         on_start=print_start,
         on_step=print_step,
         on_note=lambda text: print(f"  {text}", file=sys.stderr),
     )
+    if lock_wait:
+        options.lock_wait = seconds("--lock-wait", lock_wait)
+    if wait:
+        options.wait = seconds("--wait", wait)
+    return options
+
+
+def seconds(flag: str, text: str) -> float:
+    from db.errors import UsageError
+
+    try:
+        value = float(text)
+    except ValueError:
+        value = -1
+    if not 0 <= value < float("inf"):
+        raise UsageError(f"{flag} takes a number of seconds, 0 or more, not {text!r}")
+    return value
 
 
 def print_start(step: RevisionStep) -> None:

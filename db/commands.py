@@ -219,7 +219,7 @@ def _change(
     _check_file(env, run_of(config).url)
     script = load_scripts(config)
     if single_head:
-        guards.single_head(script, env)
+        guards.single_head(script, to_flag=True)
     progress = Progress(
         env.name, audit.Who.here(env.root), options.on_start, options.on_step, options.stop
     )

@@ -66,7 +66,14 @@ def make_async_engine(
 def _options(url: URL, connect_timeout: float, migrating: bool) -> dict[str, Any]:
     connect_args: dict[str, Any] = {"timeout": connect_timeout}
     if url.get_backend_name() == "sqlite" and url.database not in (None, "", ":memory:"):
-        Path(url.database).parent.mkdir(parents=True, exist_ok=True)
+        folder = Path(url.database).parent
+        try:
+            folder.mkdir(parents=True, exist_ok=True)
+        except OSError as exc:
+            raise ConnectError(
+                f"cannot create {folder} for the SQLite database ({exc.strerror}): "
+                "create it, or point DATABASE_URL elsewhere"
+            ) from None
     if migrating and url.get_driver_name() == "asyncpg":
         connect_args.update(UNCACHED_STATEMENTS)
     return {"connect_args": connect_args, "poolclass": pool.NullPool}

@@ -11,7 +11,7 @@ from collections.abc import Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 
-from dotenv import dotenv_values
+from dotenv.parser import parse_stream
 from sqlalchemy.engine import URL, make_url
 from sqlalchemy.exc import ArgumentError
 
@@ -21,6 +21,8 @@ ENV_DIR = "environments"
 SECRET_KEYS = ("DATABASE_URL", "MIGRATION_URL", "DATABASE_PASSWORD")
 SUPPORTED_DRIVERS = ("sqlite", "sqlite+pysqlite", "postgresql+asyncpg")
 _NAME = re.compile(r"[A-Za-z0-9_-]+")
+_DURATION = re.compile(r"\d+(\.\d+)?\s*(us|ms|s|min|h|d)?")
+_TRUE, _FALSE = ("true", "yes", "on", "1"), ("false", "no", "off", "0", "")
 _REFERENCE = re.compile(r"\$\$|\$\{([A-Za-z_][A-Za-z0-9_]*)\}")
 
 
@@ -41,7 +43,28 @@ class Environment:
     @property
     def protected(self) -> bool:
         """``PROTECTED=true``: migrate asks first, destructive tasks refuse."""
-        return self.get("PROTECTED").strip().lower() in ("1", "true", "yes", "on")
+        return self.flag("PROTECTED")
+
+    def flag(self, key: str) -> bool:
+        """A yes/no setting: true/false, yes/no, on/off, 1/0; anything else is an error."""
+        text = self.get(key).strip().lower()
+        if text in _TRUE or text in _FALSE:
+            return text in _TRUE
+        where = self.relative(self.sources[key])
+        raise ConfigError(
+            f"{where}: {key} must be true or false (or yes/no, on/off, 1/0), not {text!r}"
+        )
+
+    def duration(self, key: str, default: str) -> str:
+        """A PostgreSQL time setting (``5s``, ``15min``, ``500ms``, ``0``), checked here so a
+        typo is a configuration error before anything connects."""
+        text = self.get(key).strip() or default
+        if not _DURATION.fullmatch(text):
+            where = self.relative(self.sources[key])
+            raise ConfigError(
+                f"{where}: {key} must be a duration such as 5s, 500ms or 15min, not {text!r}"
+            )
+        return text
 
     def number(self, key: str, default: float) -> float:
         """A numeric setting such as ``CONNECT_TIMEOUT`` (seconds) or ``BACKUP_KEEP``."""
@@ -107,7 +130,9 @@ def load_environment(root: Path, name: str, environ: Mapping[str, str]) -> Envir
         if unset:
             missing[key] = unset[0]
     sources = {key: path for key, (_text, path) in raw.items()}
-    return Environment(name, root, values, sources, missing, warnings)
+    loaded = Environment(name, root, values, sources, missing, warnings)
+    loaded.flag("PROTECTED")  # a typo there must not silently mean "unprotected"
+    return loaded
 
 
 def mask(url: URL) -> str:
@@ -116,13 +141,34 @@ def mask(url: URL) -> str:
 
 
 def _read(root: Path, path: Path) -> dict[str, str]:
+    """The file's keys, through python-dotenv's parser; a line it cannot parse, or a key
+    given twice, is an error naming the line (never its text, which may hold a secret)."""
+    where = path.relative_to(root)
     try:
         with path.open(encoding="utf-8") as stream:
-            parsed = dotenv_values(stream=stream, interpolate=False)
+            bindings = list(parse_stream(stream))
     except (OSError, UnicodeDecodeError) as exc:
         reason = exc.strerror if isinstance(exc, OSError) else "not UTF-8 text"
-        raise ConfigError(f"cannot read {path.relative_to(root)}: {reason}") from None
-    return {key: value or "" for key, value in parsed.items()}
+        raise ConfigError(f"cannot read {where}: {reason}") from None
+    values: dict[str, str] = {}
+    lines: dict[str, int] = {}
+    for binding in bindings:
+        text = binding.original.string  # may start with the blank lines before it
+        line = binding.original.line + text[: len(text) - len(text.lstrip())].count("\n")
+        if binding.error:
+            raise ConfigError(
+                f"{where}, line {line}: python-dotenv cannot parse this line (an unbalanced "
+                "quote?): write KEY=value, and single-quote a value with # ' \" or spaces"
+            )
+        if binding.key is None:
+            continue
+        if binding.key in lines:
+            raise ConfigError(
+                f"{where}: {binding.key} is set twice, on lines {lines[binding.key]} and {line}: "
+                "keep one (NAME.local.env may override a key of NAME.env)"
+            )
+        values[binding.key], lines[binding.key] = binding.value or "", line
+    return values
 
 
 def _expand(
@@ -160,6 +206,9 @@ def _database_url(env: Environment, key: str) -> URL:
             f"{where}: unsupported driver {url.drivername!r} in {key}; "
             f"use one of {', '.join(d + '://' for d in SUPPORTED_DRIVERS)}"
         )
+    if "DATABASE_PASSWORD" in env.values and url.get_backend_name() == "sqlite":
+        where = env.relative(env.sources["DATABASE_PASSWORD"])
+        raise ConfigError(f"{where}: SQLite has no passwords: remove DATABASE_PASSWORD")
     if "DATABASE_PASSWORD" in env.values and (key == "DATABASE_URL" or url.password is None):
         url = url.set(password=env.get("DATABASE_PASSWORD"))
     if url.get_backend_name() == "sqlite" and url.database not in (None, "", ":memory:"):

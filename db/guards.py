@@ -90,13 +90,20 @@ def _relative(path: str, env: Environment) -> str:
     return env.relative(Path(path).resolve())
 
 
-def single_head(script: ScriptDirectory, env: Environment) -> None:
+def several_heads(script: ScriptDirectory) -> str | None:
+    """The one wording of "there are several heads", or None when there is one."""
     heads = script.get_heads()
-    if len(heads) > 1:
-        raise RevisionError(
-            f"the revisions have {len(heads)} heads ({', '.join(sorted(heads))}): merge them with "
-            "`invoke merge`, or pass --to=REV for one of them"
-        )
+    if len(heads) < 2:
+        return None
+    return f"the revisions have {len(heads)} heads ({', '.join(sorted(heads))})"
+
+
+def single_head(script: ScriptDirectory, *, to_flag: bool = False) -> None:
+    """Refuse several heads; ``to_flag``: the task can be pointed at one with --to."""
+    problem = several_heads(script)
+    if problem:
+        either = ", or pass --to=REV for one of them" if to_flag else ""
+        raise RevisionError(f"{problem}: merge them with `invoke merge`{either}")
 
 
 def known_revisions(script: ScriptDirectory, current: tuple[str, ...], env: Environment) -> None:

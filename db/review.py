@@ -20,10 +20,9 @@ def check(env: Environment) -> list[str]:
     """
     config = make_config(env, models=True)
     script = load_scripts(config)
-    heads = script.get_heads()
-    if len(heads) > 1:
-        listed = ", ".join(sorted(heads))
-        return [f"the revisions have {len(heads)} heads ({listed}): run `invoke merge`"]
+    heads = guards.several_heads(script)
+    if heads:
+        return [f"{heads}: run `invoke merge`"]
     state = read_state(env, config, script)
     problems = guards.changed_files(state.log, script, env)
     pending = plan_steps(script, "heads", state.current, up=True)

@@ -8,6 +8,7 @@ connection, so the message says where the database really is.
 from __future__ import annotations
 
 import io
+import re
 import warnings
 from argparse import Namespace
 from collections.abc import Callable
@@ -44,6 +45,7 @@ from db.errors import (
 from db.progress import Progress, Step, Stop
 
 VERSION_TABLE = "alembic_version"
+_RELATIVE = re.compile(r"Relative revision ([+-]\d+) didn't produce (\d+) migrations")
 _FOLLOW_UPS = (PendingRollbackError, ResourceClosedError, InterfaceError)
 __all__ = ["Progress", "Run", "RunOptions", "Step", "Stop", "make_config", "run_env"]
 
@@ -126,10 +128,10 @@ def session_settings(env: Environment) -> dict[str, str]:
     """PostgreSQL settings for migration sessions, so a migration fails fast, not stalls."""
     return {
         "application_name": env.get("APPLICATION_NAME") or "migrations",
-        "lock_timeout": env.get("LOCK_TIMEOUT") or "5s",
-        "statement_timeout": env.get("STATEMENT_TIMEOUT") or "15min",
+        "lock_timeout": env.duration("LOCK_TIMEOUT", "5s"),
+        "statement_timeout": env.duration("STATEMENT_TIMEOUT", "15min"),
         # end a killed run's query within a second, instead of when it finishes
-        "client_connection_check_interval": env.get("CLIENT_CHECK_INTERVAL") or "1s",
+        "client_connection_check_interval": env.duration("CLIENT_CHECK_INTERVAL", "1s"),
         # a server's idle timeouts must not end a migration session between revisions
         "idle_session_timeout": "0",
         "idle_in_transaction_session_timeout": "0",
@@ -283,6 +285,14 @@ def _direction(step: RevisionStep) -> str:
 def revision_error(exc: CommandError, env_name: str) -> RevisionError:
     """Alembic's message, with the precise cause it sometimes hides, and where to look."""
     cause = exc.__cause__ if isinstance(exc.__cause__, ResolutionError) else exc
+    relative = _RELATIVE.search(str(cause))
+    if relative:
+        steps, sign = relative.group(2), relative.group(1)[0]
+        where = "after" if sign == "+" else "before"
+        return RevisionError(
+            f"there are not {steps} revision(s) {where} the database's current one, so "
+            f"{relative.group(1)} leads nowhere; see `invoke status --env={env_name}`"
+        )
     return RevisionError(f"{cause}; see `invoke history --env={env_name}`")
 
 

@@ -1,0 +1,163 @@
+"""Every bad input gets a clear answer: env files, flags, and revision ranges.
+
+The environment rules are tested in-process; what the command line does with a mistake
+(message, exit code, nothing changed) through ``invoke``.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+import pytest
+from conftest import Project, head_revision
+
+from db.environments import load_environment
+from db.errors import ConfigError
+from db.runner import session_settings
+
+HEAD = head_revision()
+
+
+def env_file(tmp_path: Path, text: str, local: str | None = None) -> Path:
+    folder = tmp_path / "environments"
+    folder.mkdir(exist_ok=True)
+    (folder / "x.env").write_text(text)
+    if local is not None:
+        (folder / "x.local.env").write_text(local)
+    return tmp_path
+
+
+def test_a_key_set_twice_in_one_file_names_both_lines(tmp_path: Path) -> None:
+    root = env_file(tmp_path, "DATABASE_URL=sqlite://\nPROTECTED=true\n\nPROTECTED=false\n")
+
+    with pytest.raises(ConfigError, match=r"x.env: PROTECTED is set twice, on lines 2 and 4"):
+        load_environment(root, "x", {})
+
+
+def test_a_local_file_may_still_override_a_key(tmp_path: Path) -> None:
+    root = env_file(tmp_path, "DATABASE_URL=sqlite://\nPROTECTED=true\n", "PROTECTED=false\n")
+
+    assert not load_environment(root, "x", {}).protected
+
+
+@pytest.mark.parametrize("value", ["ture", "true#x", "maybe", "2"])
+def test_a_boolean_that_is_not_one_is_an_error(tmp_path: Path, value: str) -> None:
+    root = env_file(tmp_path, f"DATABASE_URL=sqlite://\nPROTECTED={value}\n")
+
+    with pytest.raises(ConfigError, match="PROTECTED must be true or false"):
+        load_environment(root, "x", {})
+
+
+@pytest.mark.parametrize(("value", "protected"), [("yes", True), ("On", True), ("0", False)])
+def test_booleans_accept_the_usual_words(tmp_path: Path, value: str, protected: bool) -> None:
+    root = env_file(tmp_path, f"DATABASE_URL=sqlite://\nPROTECTED={value}\n")
+
+    assert load_environment(root, "x", {}).protected is protected
+
+
+def test_a_line_dotenv_cannot_parse_is_named_without_its_text(tmp_path: Path) -> None:
+    root = env_file(tmp_path, "DATABASE_URL=sqlite://\nDATABASE_PASSWORD='s3cret\n")
+
+    with pytest.raises(ConfigError) as raised:
+        load_environment(root, "x", {})
+
+    assert "x.env, line 2: python-dotenv cannot parse this line" in str(raised.value)
+    assert "s3cret" not in str(raised.value)
+
+
+def test_single_quotes_keep_hashes_and_spaces_in_a_password(tmp_path: Path) -> None:
+    text = "DATABASE_URL=postgresql+asyncpg://u@h/d\nDATABASE_PASSWORD=' p#w '\n"
+    root = env_file(tmp_path, text)
+
+    assert load_environment(root, "x", {}).url().password == " p#w "
+
+
+@pytest.mark.parametrize("key", ["LOCK_TIMEOUT", "STATEMENT_TIMEOUT", "CLIENT_CHECK_INTERVAL"])
+def test_postgres_durations_are_checked_before_connecting(tmp_path: Path, key: str) -> None:
+    root = env_file(tmp_path, f"DATABASE_URL=postgresql+asyncpg://u@h/d\n{key}=abc\n")
+
+    with pytest.raises(ConfigError, match=f"{key} must be a duration"):
+        session_settings(load_environment(root, "x", {}))
+
+
+def test_a_password_for_sqlite_is_a_clear_error(tmp_path: Path) -> None:
+    root = env_file(tmp_path, "DATABASE_URL=sqlite:///x.sqlite3\nDATABASE_PASSWORD=pw\n")
+
+    with pytest.raises(ConfigError, match="SQLite has no passwords"):
+        load_environment(root, "x", {}).url()
+
+
+def test_a_folder_that_cannot_be_made_is_a_clear_error(project: Project) -> None:
+    (project.root / "blocked").write_text("a file where a folder should be\n")
+    project.write_env("dev", "DATABASE_URL=sqlite:///blocked/dev.sqlite3\n")
+
+    assert "cannot create" in project.fails("status")
+
+
+def test_a_backups_folder_that_cannot_be_made_stops_the_run(project: Project) -> None:
+    project.ok("migrate")
+    project.add_revision("n", _revision("next01", HEAD))
+    (project.root / "var" / "backups").write_text("not a folder\n")
+
+    error = project.fails("migrate")
+
+    assert "cannot write a backup in var/backups" in error
+
+
+@pytest.mark.parametrize("flag", ["--lock-wait=abc", "--wait=-1", "--lock-wait=nan"])
+def test_a_bad_number_of_seconds_is_a_usage_error(project: Project, flag: str) -> None:
+    result = project.invoke("migrate", flag)
+
+    assert result.returncode == 2, result.stderr
+    assert "takes a number of seconds" in result.stderr
+    assert "Traceback" not in result.stderr
+
+
+def test_seconds_flags_show_a_value_in_help(project: Project) -> None:
+    shown = project.ok("--help", "migrate").stdout
+
+    assert "--lock-wait=STRING" in shown and "--wait=STRING" in shown
+
+
+@pytest.mark.parametrize("task", ["reset", "seed", "restore"])
+def test_protected_environments_are_refused_before_their_password_is_needed(
+    project: Project, task: str
+) -> None:
+    result = project.invoke(task, "--env=prod")
+
+    assert result.returncode == 4, result.stderr
+    assert "prod is protected" in result.stderr
+    assert "PROD_DB_PASSWORD" not in result.stderr
+
+
+def test_tasks_without_a_to_flag_do_not_suggest_one(project: Project) -> None:
+    project.add_revision("a", _revision("branch1", HEAD))
+    project.add_revision("b", _revision("branch2", HEAD))
+
+    for task in (("makemigration", "--empty", "--message=x"), ("lint", "--all")):
+        error = project.fails(*task)
+        assert "2 heads" in error and "--to" not in error
+    assert "--to=REV" in project.fails("migrate")
+
+
+def test_a_relative_target_past_head_says_so(project: Project) -> None:
+    project.ok("migrate")
+
+    error = project.fails("migrate", "--to=+1")
+
+    assert "there are not 1 revision(s) after the database's current one" in error
+    assert "didn't produce" not in error
+
+
+def test_offline_sql_refuses_a_downgrade_range(project: Project) -> None:
+    result = project.invoke("offline-sql", f"--from={HEAD}", "--to=base")
+
+    assert result.returncode == 1
+    assert "offline-sql writes upgrade SQL only" in result.stderr
+    assert result.stdout == ""
+
+
+def _revision(rev: str, down: str) -> str:
+    from test_errors import revision
+
+    return revision(rev, down, f'op.create_table("{rev}")')
