@@ -8,6 +8,7 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import Any, cast
 
+from alembic import util
 from alembic.config import Config
 from alembic.runtime.migration import MigrationContext, RevisionStep
 from alembic.script import Script, ScriptDirectory
@@ -86,14 +87,37 @@ def rollback(
     def plan(script: ScriptDirectory, current: tuple[str, ...]) -> list[Any]:
         if to is None and not current:
             return []
-        if to is None and len(current) == 1 and steps > _depth(script, current[0]):
-            raise RevisionError(
-                f"cannot roll back {steps} revisions: only {_depth(script, current[0])} "
-                "are applied (use --to=base to undo them all)"
-            )
-        return plan_steps(script, to or f"-{steps}", current, up=False)
+        return plan_steps(script, to or steps_back(script, current, steps), current, up=False)
 
     return _change(env, options, plan)
+
+
+def steps_back(script: ScriptDirectory, current: tuple[str, ...], steps: int) -> str:
+    """The target that undoes the last ``steps`` revisions, also at a merge point.
+
+    At a merge revision, one step back undoes the merge alone and leaves its branches as
+    heads; from several heads, the caller must say which branch with --to.
+    """
+    if len(current) > 1:
+        raise RevisionError(
+            f"the database has {len(current)} heads ({', '.join(current)}): say which branch to "
+            f"roll back, e.g. --to={current[0]}@-1, or join them with `invoke merge` first"
+        )
+    head = script.get_revision(current[0])
+    parents = util.to_tuple(head.down_revision if head else None, default=())
+    if len(parents) > 1:
+        if steps > 1:
+            raise RevisionError(
+                f"revision {current[0]} merges {', '.join(parents)}, so {steps} steps back is "
+                "ambiguous: roll back the merge alone (--steps=1), then a branch with --to=REV@-1"
+            )
+        return str(parents[0])  # Alembic undoes only the merge: both parents stay applied
+    if steps > _depth(script, current[0]):
+        raise RevisionError(
+            f"cannot roll back {steps} revisions: only {_depth(script, current[0])} "
+            "are applied (use --to=base to undo them all)"
+        )
+    return f"-{steps}"
 
 
 def accept_changes(env: Environment, revision: str, options: RunOptions | None = None) -> str:

@@ -22,6 +22,13 @@ SCRIPTS = ScriptDirectory.from_config(Config(str(ROOT / "alembic.ini")))
 REVISIONS = [rev.revision for rev in reversed(list(SCRIPTS.walk_revisions()))]
 
 
+def just(rev: str) -> str:
+    """The --to that undoes ``rev`` alone: its first parent for a merge, else REV@-1."""
+    script = SCRIPTS.get_revision(rev)
+    parents = script.down_revision if script else None
+    return parents[0] if isinstance(parents, tuple) and len(parents) > 1 else f"{rev}@-1"
+
+
 def describe(rev: str) -> str:
     script = SCRIPTS.get_revision(rev)
     return f"revision {rev} ({script.doc if script else '?'})"
@@ -49,12 +56,16 @@ def test_single_head_revision() -> None:
 
 
 def test_stairway_up_down_up_leaves_no_trace(env: Environment) -> None:
-    """For each revision in order: upgrade to it, downgrade one, upgrade again."""
+    """For each revision in order: upgrade to it, undo it alone, upgrade again.
+
+    Branches and merge points included: a branch revision is undone with REV@-1, a merge
+    revision by going back to one of its parents (which leaves both branches applied).
+    """
     for rev in REVISIONS:
         before = snapshot(env)
         commands.migrate(env, rev)
         upgraded = snapshot(env)
-        commands.rollback(env, steps=1)
+        commands.rollback(env, to=just(rev))
         trace = differences(before, snapshot(env))
         assert not trace, f"the downgrade of {describe(rev)} leaves a trace: {trace}"
         commands.migrate(env, rev)

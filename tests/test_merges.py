@@ -1,0 +1,97 @@
+"""A history with a branch and a merge: migrate, roll back across the merge, and the
+revision suite over it."""
+
+from __future__ import annotations
+
+import shutil
+import subprocess
+import sys
+
+import pytest
+from conftest import REPO, Project, head_revision
+from test_errors import revision
+from test_tasks_sqlite import version
+
+HEAD = head_revision()
+
+
+@pytest.fixture
+def merged(project: Project) -> Project:
+    """Two branches off the bundled head, each adding a table, joined by `invoke merge`."""
+    for rev in ("coupons1", "refunds1"):
+        body = f'op.create_table("{rev}", sa.Column("id", sa.Integer, primary_key=True))'
+        text = revision(rev, HEAD, body, message=f"add {rev}")
+        undo = f'def downgrade() -> None:\n    op.drop_table("{rev}")\n'
+        project.add_revision(rev, text.replace("def downgrade() -> None:\n    pass\n", undo))
+    project.ok("merge", "--message=join coupons and refunds")
+    return project
+
+
+def merge_id(project: Project) -> str:
+    [path] = project.versions.glob("*join_coupons_and_refunds.py")
+    return path.name.split("_")[1]
+
+
+def test_rolling_back_a_merge_undoes_only_the_merge(merged: Project) -> None:
+    merged.ok("migrate")
+    merge = merge_id(merged)
+
+    result = merged.ok("rollback")
+
+    assert f"reverted {merge}" in result.stderr
+    assert sorted(version(merged)) == ["coupons1", "refunds1"]
+
+
+def test_rolling_back_from_two_heads_asks_which_branch(merged: Project) -> None:
+    merged.ok("migrate")
+    merged.ok("rollback")
+
+    error = merged.fails("rollback")
+
+    assert "the database has 2 heads" in error and "--to=" in error
+    assert "Warning" not in error
+    merged.ok("rollback", "--to=refunds1@-1")
+    assert version(merged) == ["coupons1"]
+    merged.ok("migrate")
+    assert version(merged) == [merge_id(merged)]
+
+
+def test_more_than_one_step_back_across_a_merge_is_refused(merged: Project) -> None:
+    merged.ok("migrate")
+
+    error = merged.fails("rollback", "--steps=2")
+
+    assert "roll back the merge alone (--steps=1)" in error
+    assert version(merged) == [merge_id(merged)]
+
+
+def test_the_revision_suite_walks_a_merge(merged: Project) -> None:
+    (merged.root / "tests").mkdir()
+    for name in ("conftest.py", "test_revisions.py", "test_errors.py", "test_tasks_sqlite.py"):
+        shutil.copy2(REPO / "tests" / name, merged.root / "tests" / name)
+    # the models know nothing of the two tables, so only the history's own properties run;
+    # the PostgreSQL stairway is the main suite's
+    env = {**merged.environ, "CI": "false"}
+    suite = subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "pytest",
+            "-q",
+            "-p",
+            "no:cacheprovider",
+            "-m",
+            "not postgres",
+            "-k",
+            "stairway or single_head",
+            "tests/test_revisions.py",
+        ],
+        cwd=merged.root,
+        env=env,
+        capture_output=True,
+        text=True,
+        timeout=300,
+    )
+
+    assert suite.returncode == 0, suite.stdout + suite.stderr
+    assert "2 passed" in suite.stdout  # the stairway through the merge, and one head
