@@ -47,7 +47,6 @@ RUN = {
     "wait": "seconds to keep retrying the first connection (default: CONNECT_WAIT or 0)",
     "allow_env_mismatch": "run although the database was last migrated under another env name",
 }
-NEVER_PROTECTED = "this task changes data freely and never runs on a protected environment"
 YES = "confirm a protected environment without a prompt (needed where there is no terminal)"
 
 
@@ -118,7 +117,9 @@ def reset(c: Context, env: str = "", debug: bool = False) -> None:
     from db.commands import reset as drop_and_migrate
 
     with reported(c, debug):
-        target = environment(c, env, banner=True, refuse_protected=NEVER_PROTECTED)
+        target = environment(
+            c, env, banner=True, refuse_protected="reset drops every table and never runs there"
+        )
         options = run_options()
         with on_signals(options):
             steps = drop_and_migrate(target, options)
@@ -363,7 +364,9 @@ def seed(c: Context, env: str = "", debug: bool = False) -> None:
     from db.seed import seed as fill
 
     with reported(c, debug):
-        target = environment(c, env, banner=True, refuse_protected=NEVER_PROTECTED)
+        target = environment(
+            c, env, banner=True, refuse_protected="seed data is for development databases"
+        )
         added = fill(target)
     counts = ", ".join(f"{count} {kind}" for kind, count in added.items())
     print(f"{target.name}: added {counts}", file=sys.stderr)
