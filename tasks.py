@@ -100,10 +100,15 @@ def rollback(
 ) -> None:
     """Downgrade the database by --steps revisions, or to --to=REV."""
     from db.commands import rollback as downgrade
+    from db.commands import rollback_plan
 
     with reported(c, debug):
         target = environment(c, env, banner=True)
         if target.protected:
+            undo = rollback_plan(target, steps, to or None)
+            print(f"plan: {len(undo) or 'nothing'} to undo", file=sys.stderr)
+            for rev in undo:
+                print(f"  {rev.id}  {rev.message}{marker(rev)}", file=sys.stderr)
             confirm(target, yes, "roll back", need_yes=True)
         options = run_options(lock_wait, wait, allow_env_mismatch)
         with on_signals(options):
@@ -188,20 +193,29 @@ def resolve(
         **COMMON,
         "revision": "the applied revision whose edited file you accept",
         "lock_wait": RUN["lock_wait"],
+        "yes": YES,
     }
 )
 def accept_changes(
-    c: Context, revision: str, env: str = "", lock_wait: str = "", debug: bool = False
+    c: Context,
+    revision: str,
+    env: str = "",
+    yes: bool = False,
+    lock_wait: str = "",
+    debug: bool = False,
 ) -> None:
     """Record the new checksum of an applied revision's deliberately edited file."""
     from db.commands import accept_changes as accept
 
     with reported(c, debug):
         target = environment(c, env, banner=True)
-        digest = accept(target, revision, run_options(lock_wait))
-    print(
-        f"{target.name}: accepted {revision} as it is now (sha256 {digest[:12]})", file=sys.stderr
-    )
+        if target.protected:
+            confirm(target, yes, f"accept the edited file of {revision} on", need_yes=False)
+        done = accept(target, revision, run_options(lock_wait))
+    if done.changed:
+        print(f"{target.name}: accepted {done.revision} as it is now", file=sys.stderr)
+    else:
+        print(f"{target.name}: {done.revision} is as recorded: nothing to accept", file=sys.stderr)
 
 
 @task(

@@ -7,6 +7,7 @@ which later runs compare with the file on disk.
 
 from __future__ import annotations
 
+import ast
 import getpass
 import hashlib
 import socket
@@ -29,6 +30,7 @@ from sqlalchemy import (
     Table,
     Text,
     inspect,
+    null,
     select,
     update,
 )
@@ -54,7 +56,9 @@ LOG = Table(
     Column("git_commit", String(40)),
     Column("checksum", String(64)),
     Column("last_statement", Text),  # run-up/run-down: the last statement started
+    Column("code_checksum", String(64)),  # the file's code, without comments and formatting
 )
+_ADDED = ("last_statement TEXT", "code_checksum VARCHAR(64)")  # columns newer than the table
 _INSERT = LOG.insert()
 
 
@@ -86,6 +90,7 @@ class Entry:
     os_user: str | None
     host: str | None
     checksum: str | None
+    code_checksum: str | None = None
 
 
 def checksum(path: str | Path) -> str:
@@ -94,14 +99,37 @@ def checksum(path: str | Path) -> str:
     return hashlib.sha256(data).hexdigest()
 
 
+def code_checksum(path: str | Path) -> str | None:
+    """SHA-256 of what a revision does: its parsed code without docstrings, comments or
+    formatting, so a reformatted file still matches. None if the file does not parse."""
+    try:
+        tree = ast.parse(Path(path).read_text(encoding="utf-8"))
+    except (SyntaxError, ValueError, UnicodeDecodeError):
+        return None
+    for node in ast.walk(tree):
+        body = getattr(node, "body", None)
+        if isinstance(body, list) and body and isinstance(body[0], ast.Expr):
+            if isinstance(body[0].value, ast.Constant) and isinstance(body[0].value.value, str):
+                node.body = body[1:] or [ast.Pass()]  # type: ignore[attr-defined]
+    return hashlib.sha256(ast.dump(tree).encode()).hexdigest()
+
+
+def unchanged(path: str | Path, recorded: str | None, recorded_code: str | None) -> bool:
+    """Whether a file still does what was recorded: the same bytes (fast), or the same code."""
+    if recorded is None or recorded == checksum(path):
+        return True
+    return recorded_code is not None and recorded_code == code_checksum(path)
+
+
 def ensure_table(execute: Execute) -> None:
     """Create the table if missing; ``execute`` is a connection's, or Alembic's offline one."""
     execute(CreateTable(LOG, if_not_exists=True))
     connection = getattr(execute, "__self__", None)
     if isinstance(connection, Connection):  # a table made by an older version of the tool
         columns = {column["name"] for column in inspect(connection).get_columns(LOG.name)}
-        if "last_statement" not in columns:
-            connection.exec_driver_sql("ALTER TABLE migration_log ADD COLUMN last_statement TEXT")
+        for added in _ADDED:
+            if added.split()[0] not in columns:
+                connection.exec_driver_sql(f"ALTER TABLE migration_log ADD COLUMN {added}")
 
 
 def record(
@@ -114,11 +142,12 @@ def record(
     seconds: float,
     who: Who,
     file_checksum: str | None,
+    code: str | None = None,
 ) -> int | None:
     """Write one row, in the caller's transaction (or as SQL, for an offline context).
 
     Returns the new row's id (None offline)."""
-    row = _row(revision, direction, environment, started_at, seconds, who, file_checksum)
+    row = _row(revision, direction, environment, started_at, seconds, who, file_checksum, code)
     if isinstance(target, MigrationContext) and target.as_sql:
         target.execute(LOG.insert().values(**row))  # rendered with the values inline
         return None
@@ -155,6 +184,7 @@ def _row(
     seconds: float,
     who: Who,
     file_checksum: str | None,
+    code: str | None = None,
 ) -> dict[str, Any]:
     return {
         "revision": revision,
@@ -167,6 +197,7 @@ def _row(
         "tool_version": who.tool_version,
         "git_commit": who.git_commit,
         "checksum": file_checksum,
+        "code_checksum": code,
     }
 
 
@@ -174,6 +205,8 @@ def entries(connection: Connection) -> list[Entry]:
     """Every row, oldest first; none where the table does not exist yet."""
     if not inspect(connection).has_table(LOG.name):
         return []
+    columns = {column["name"] for column in inspect(connection).get_columns(LOG.name)}
+    code = LOG.c.code_checksum if "code_checksum" in columns else null()
     rows = connection.execute(
         select(
             LOG.c.id,
@@ -184,6 +217,7 @@ def entries(connection: Connection) -> list[Entry]:
             LOG.c.os_user,
             LOG.c.host,
             LOG.c.checksum,
+            code,
         ).order_by(LOG.c.id)
     )
     entries = [Entry(*row) for row in rows]
@@ -214,14 +248,15 @@ def resolve(connection: Connection, entry: Entry, applied: bool, who: Who) -> No
     )
 
 
-def applied_checksums(log: list[Entry]) -> dict[str, str | None]:
-    """Revision -> checksum, for revisions whose last row says they are applied."""
-    state: dict[str, str | None] = {}
+def applied_checksums(log: list[Entry]) -> dict[str, tuple[str | None, str | None]]:
+    """Revision -> (file checksum, code checksum), for revisions whose last row says they
+    are applied."""
+    state: dict[str, tuple[str | None, str | None]] = {}
     for entry in log:
         if entry.direction == "down":
             state.pop(entry.revision, None)
         elif entry.direction in ("up", "accept"):
-            state[entry.revision] = entry.checksum
+            state[entry.revision] = (entry.checksum, entry.code_checksum)
     return state
 
 

@@ -92,6 +92,17 @@ def rollback(
     return _change(env, options, plan)
 
 
+def rollback_plan(env: Environment, steps: int = 1, to: str | None = None) -> tuple[Revision, ...]:
+    """What ``rollback`` would undo now, newest first, read without the lock (for a prompt)."""
+    config = make_config(env)
+    script = load_scripts(config)
+    current = read_state(env, config, script).current
+    if to is None and not current:
+        return ()
+    target = to or steps_back(script, current, steps)
+    return tuple(Revision.of(s.revision) for s in plan_steps(script, target, current, up=False))
+
+
 def steps_back(script: ScriptDirectory, current: tuple[str, ...], steps: int) -> str:
     """The target that undoes the last ``steps`` revisions, also at a merge point.
 
@@ -120,14 +131,22 @@ def steps_back(script: ScriptDirectory, current: tuple[str, ...], steps: int) ->
     return f"-{steps}"
 
 
-def accept_changes(env: Environment, revision: str, options: RunOptions | None = None) -> str:
-    """Record the current checksum of an applied revision's edited file; returns it."""
+@dataclass(frozen=True)
+class Accepted:
+    revision: str  # the full id
+    checksum: str
+    changed: bool  # False: the file was as recorded, and nothing was written
+
+
+def accept_changes(env: Environment, revision: str, options: RunOptions | None = None) -> Accepted:
+    """Record the current checksum of an applied revision's edited file."""
     options = options or RunOptions()
     config = make_config(env, options, lock=True)
     script = load_scripts(config)
-    accepted: list[str] = []
+    accepted: list[Accepted] = []
 
-    def accept(current: tuple[str, ...], context: Any) -> list[Any]:
+    def accept(current: tuple[str, ...], context: MigrationContext) -> list[RevisionStep]:
+        connection = _connection(context)
         guards.known_revisions(script, current, env)
         try:
             found = script.get_revision(revision)
@@ -135,9 +154,12 @@ def accept_changes(env: Environment, revision: str, options: RunOptions | None =
             raise revision_error(exc, env.name) from exc
         if found is None or found.revision not in _applied(script, current):
             raise RevisionError(f"revision {revision} is not applied to the {env.name} database")
-        audit.ensure_table(context.connection.execute)
-        accepted.append(audit.checksum(found.path))
-        _record(context.connection, env, found.revision, "accept", accepted[0])
+        sums = audit.applied_checksums(audit.entries(connection)).get(found.revision, (None, None))
+        changed = sums[0] is not None and not audit.unchanged(found.path, *sums)
+        accepted.append(Accepted(found.revision, audit.checksum(found.path), changed))
+        if changed:
+            audit.ensure_table(connection.execute)
+            _record(connection, env, found.revision, "accept", found.path)
         return []
 
     run_env(config, script, accept)
@@ -308,7 +330,7 @@ async def _drop_public_schema(env: Environment, url: URL) -> None:
 
 
 def _record(
-    connection: Connection, env: Environment, revision: str, direction: str, checksum: str | None
+    connection: Connection, env: Environment, revision: str, direction: str, path: str | None
 ) -> None:
     audit.record(
         connection,
@@ -318,7 +340,8 @@ def _record(
         started_at=datetime.now(timezone.utc),
         seconds=0,
         who=audit.Who.here(env.root),
-        file_checksum=checksum,
+        file_checksum=audit.checksum(path) if path else None,
+        code=audit.code_checksum(path) if path else None,
     )
 
 

@@ -59,13 +59,13 @@ def unchanged_files(
 
 
 def changed_files(log: list[audit.Entry], script: ScriptDirectory, env: Environment) -> list[str]:
-    """One message per applied revision whose file changed or went missing."""
-    found = (_problem(script, env, rev, sum_) for rev, sum_ in audit.applied_checksums(log).items())
+    """One message per applied revision whose code changed or whose file went missing."""
+    found = (_problem(script, env, rev, sums) for rev, sums in audit.applied_checksums(log).items())
     return [problem for problem in found if problem is not None]
 
 
 def _problem(
-    script: ScriptDirectory, env: Environment, rev: str, recorded: str | None
+    script: ScriptDirectory, env: Environment, rev: str, sums: tuple[str | None, str | None]
 ) -> str | None:
     try:
         found = script.get_revision(rev)
@@ -76,9 +76,9 @@ def _problem(
             f"revision {rev} is applied, but its file is missing from "
             f"{_relative(script.versions, env)}: restore it from version control"
         )
-    current = audit.checksum(found.path)
-    if recorded is None or recorded == current:
+    if audit.unchanged(found.path, *sums):
         return None
+    recorded, current = sums[0] or "", audit.checksum(found.path)
     return (
         f"{_relative(found.path, env)} changed after revision {rev} was applied "
         f"(sha256 {recorded[:12]} then, {current[:12]} now): restore it, or record the change "

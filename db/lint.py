@@ -18,11 +18,16 @@ from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+from alembic import util
+from alembic.script import ScriptDirectory
+
 from db.authoring import offline_sql
 from db.environments import Environment
-from db.errors import ConfigError, DbError
+from db.errors import ConfigError, DbError, MigrationFailed
+from db.runner import make_config
 
 _MARKER = "-- Running upgrade "
+NOT_LINTABLE = "not-lintable-offline"
 
 
 @dataclass(frozen=True)
@@ -38,22 +43,48 @@ def lint(env: Environment, revisions: Iterable[str] | None = None) -> list[Findi
     if env.url(need_secrets=False).get_backend_name() != "postgresql":
         raise ConfigError(f"lint checks PostgreSQL SQL: {env.name} is not a PostgreSQL environment")
     wanted = None if revisions is None else set(revisions)
-    chunks = {
-        rev: sql for rev, sql in split(offline_sql(env)).items() if wanted is None or rev in wanted
-    }
+    chunks, unlintable = rendered(env, wanted)
+    findings = [
+        Finding(
+            rev,
+            NOT_LINTABLE,
+            f"it cannot be rendered as SQL offline ({why}): review it by hand",
+            "",
+        )
+        for rev, why in unlintable.items()
+    ]
     if not chunks:
-        return []
+        return findings
     with tempfile.TemporaryDirectory(prefix="lint-") as folder:
         for rev, sql in chunks.items():
             (Path(folder) / f"{rev}.sql").write_text(sql, encoding="utf-8")
         reported = _squawk(env.root, sorted(Path(folder).glob("*.sql")))
-    findings = []
     for item in reported:
         rev = Path(item["file"]).stem
         lines = chunks[rev].splitlines()
         line = lines[item["line"]].strip() if item["line"] < len(lines) else ""
         findings.append(Finding(rev, item["rule_name"], item["message"], line))
     return findings
+
+
+def rendered(env: Environment, wanted: set[str] | None) -> tuple[dict[str, str], dict[str, str]]:
+    """Each wanted revision's SQL; and, for those that cannot be rendered offline (a data
+    migration that reads rows), why not. One offline pass, or one per revision if it fails."""
+    try:
+        every = split(offline_sql(env))
+    except MigrationFailed:
+        every, failed = {}, {}
+        for script in ScriptDirectory.from_config(make_config(env, offline=True)).walk_revisions():
+            if wanted is not None and script.revision not in wanted:
+                continue
+            start = ",".join(util.to_tuple(script.down_revision, default=())) or None
+            try:
+                every.update(split(offline_sql(env, start, script.revision)))
+            except MigrationFailed as exc:
+                failed[script.revision] = str(exc).split(": ", 1)[-1]
+    else:
+        failed = {}
+    return {rev: sql for rev, sql in every.items() if wanted is None or rev in wanted}, failed
 
 
 def split(sql: str) -> dict[str, str]:

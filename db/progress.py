@@ -169,6 +169,7 @@ class Progress:
             "seconds": seconds,
             "who": self.who,
             "file_checksum": audit.checksum(_script(step).path),
+            "code": audit.code_checksum(_script(step).path),
         }
 
     @staticmethod

@@ -175,6 +175,11 @@ def run_env(
         if progress is not None and (progress.running is not None or progress.applied):
             if not kw.get("as_sql"):
                 raise failure(exc, progress, run, script) from exc
+            if progress.running is not None and not isinstance(exc, DbError):
+                rev = progress.running.revision.revision
+                raise MigrationFailed(
+                    f"revision {rev} cannot be rendered as SQL offline: {describe(exc)}"
+                ) from exc
         if isinstance(exc, DbError):
             raise
         if isinstance(exc, CommandError):

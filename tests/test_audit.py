@@ -81,7 +81,7 @@ def test_an_edited_applied_file_is_a_warning_on_dev(project: Project) -> None:
     project.ok("migrate")
     path = initial_file(project)
     with open(path, "a") as edited:
-        edited.write("\n# edited after it was applied\n")
+        edited.write("\nEDITED_AFTER_IT_WAS_APPLIED = True\n")
     add_notes(project)
 
     result = project.ok("migrate")
@@ -106,7 +106,7 @@ def test_an_edited_applied_file_stops_a_protected_environment(project: Project) 
     project.write_env("safe", "DATABASE_URL=sqlite:///var/safe.sqlite3\nPROTECTED=true\n")
     project.ok("migrate", "--env=safe", "--yes")
     with open(initial_file(project), "a") as edited:
-        edited.write("\n# edited\n")
+        edited.write("\nEDITED = True\n")  # code, not a comment: it counts
     add_notes(project)
 
     result = project.invoke("migrate", "--env=safe", "--yes")
@@ -116,8 +116,10 @@ def test_an_edited_applied_file_stops_a_protected_environment(project: Project) 
     assert version(project, "var/safe.sqlite3") == [head_revision()]
     assert project.invoke("status", "--env=safe").returncode == 4
 
-    accepted = project.ok("accept-changes", head_revision(), "--env=safe")
-    assert f"accepted {head_revision()}" in accepted.stderr
+    refused = project.invoke("accept-changes", head_revision(), "--env=safe")
+    assert refused.returncode == 4 and "pass --yes" in refused.stderr
+    accepted = project.ok("accept-changes", head_revision()[:6], "--env=safe", "--yes")
+    assert f"accepted {head_revision()} as it is now" in accepted.stderr
     assert log_rows(project, "var/safe.sqlite3")[-1][1] == "accept"
     project.ok("migrate", "--env=safe", "--yes")
     assert version(project, "var/safe.sqlite3") == ["notes1"]
@@ -198,3 +200,31 @@ def test_the_audit_row_records_the_git_commit_when_there_is_one(project: Project
 
     with project.sqlite() as connection:
         assert connection.execute("select git_commit from migration_log").fetchall() == [(head,)]
+
+
+def test_a_formatting_only_edit_is_not_a_change(project: Project) -> None:
+    project.write_env("safe", "DATABASE_URL=sqlite:///var/safe.sqlite3\nPROTECTED=true\n")
+    project.ok("migrate", "--env=safe", "--yes")
+    path = Path(initial_file(project))
+    text = path.read_text()
+    reformatted = text.replace('"""create shop tables', '"""Create the shop tables', 1)
+    path.write_text("# reformatted by a newer ruff\n" + reformatted.replace("\n\n\n", "\n\n"))
+
+    result = project.ok("status", "--env=safe")
+
+    assert "changed after revision" not in result.stderr
+    rows = len(log_rows(project, "var/safe.sqlite3"))
+    unchanged = project.ok("accept-changes", head_revision(), "--env=safe", "--yes")
+    assert "is as recorded: nothing to accept" in unchanged.stderr
+    assert len(log_rows(project, "var/safe.sqlite3")) == rows
+
+
+def test_a_protected_rollback_shows_what_it_would_undo(project: Project) -> None:
+    project.write_env("safe", "DATABASE_URL=sqlite:///var/safe.sqlite3\nPROTECTED=true\n")
+    project.ok("migrate", "--env=safe", "--yes")
+
+    refused = project.invoke("rollback", "--env=safe")
+
+    assert refused.returncode == 4
+    assert "plan: 1 to undo" in refused.stderr
+    assert f"  {head_revision()}  create shop tables" in refused.stderr

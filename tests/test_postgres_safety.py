@@ -212,3 +212,23 @@ def test_reset_on_an_unprotected_postgres_database(
 
     assert f"applied {head_revision()}" in result.stderr
     assert pg_fetch(pg_database.dsn, "select count(*) as n from purchases")[0]["n"] == 0
+
+
+def test_a_data_migration_that_reads_rows_does_not_block_a_protected_migrate(
+    pg_project: Project, pg_database: PgDatabase
+) -> None:
+    pg_project.write_env("ci", f"DATABASE_URL={pg_database.url}\nPROTECTED=true\n")
+    pg_project.ok("migrate", "--env=ci", "--yes")
+    body = (
+        'rows = op.get_bind().execute(sa.text("select id from categories")).fetchall()\n'
+        '    op.execute(f"create table counted as select {len(rows)} as n")'
+    )
+    pg_project.add_revision("data", revision("data01", head_revision(), body, message="count"))
+
+    result = pg_project.ok("migrate", "--env=ci", "--yes")
+
+    assert "data01: not-lintable-offline: it cannot be rendered as SQL offline" in result.stderr
+    assert "applied data01" in result.stderr
+    assert [row["n"] for row in pg_fetch(pg_database.dsn, "select n from counted")] == [0]
+    error = pg_project.fails("offline-sql", "--env=ci")
+    assert "revision data01 cannot be rendered as SQL offline" in error
