@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+from datetime import datetime, timedelta, timezone
 from pathlib import Path
 
 import pytest
@@ -13,7 +14,7 @@ from sqlalchemy import create_engine, inspect, make_url, select, text
 from db import commands
 from db.engines import make_async_engine
 from db.environments import Environment, load_environment
-from db.models import Category
+from db.models import Category, User
 from db.runner import make_config
 from db.session import session_factory
 
@@ -79,13 +80,25 @@ def test_migrate_postgres_from_inside_a_running_event_loop(
 
 
 def use_the_shop(env: Environment) -> list[str]:
+    """Add a category and a user through the app's sessions; read them back.
+
+    Times come back aware and in UTC on both backends, so comparing them with
+    ``datetime.now(timezone.utc)`` works in dev as in production.
+    """
+
     async def scenario() -> list[str]:
         Session = session_factory(env)
+        given = datetime(2026, 1, 2, 3, 4, 5, tzinfo=timezone(timedelta(hours=3)))
         async with Session() as session, session.begin():
             session.add(Category(name="e-books"))
+            session.add(User(telegram_id=1, created_at=given))
+            session.add(User(telegram_id=2))  # the server's default time
         async with Session() as session:
             names = list(await session.scalars(select(Category.name)))
+            times = list(await session.scalars(select(User.created_at).order_by(User.id)))
         await Session.kw["bind"].dispose()
+        assert times[0] == given and times[0].utcoffset() == timedelta(0), times
+        assert times[1].tzinfo is not None and times[1] <= datetime.now(timezone.utc), times
         return names
 
     return asyncio.run(scenario())

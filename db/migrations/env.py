@@ -16,8 +16,9 @@ from typing import TYPE_CHECKING, Any
 from alembic import context
 from alembic.operations import MigrationScript
 from alembic.runtime.migration import MigrationContext
-from sqlalchemy import Connection, text
+from sqlalchemy import Connection, DateTime, text
 from sqlalchemy.engine import make_url
+from sqlalchemy.types import TypeDecorator
 
 from db.engines import (
     connect,
@@ -79,6 +80,13 @@ def include_name(name: str | None, type_: str, _parents: Any) -> bool:
     return not (type_ == "table" and name in (VERSION_TABLE, "migration_log"))
 
 
+def render_item(type_: str, obj: Any, _autogen_context: Any) -> str | bool:
+    """Revisions spell the models' UTCDateTime as the plain type it stores."""
+    if type_ == "type" and isinstance(obj, TypeDecorator) and isinstance(obj.impl, DateTime):
+        return f"sa.DateTime({'timezone=True' if obj.impl.timezone else ''})"
+    return False
+
+
 def target_metadata() -> Any:
     """The models' metadata, imported only by the runs that compare against it."""
     if not run.models:
@@ -101,6 +109,7 @@ def options(checks: tuple[Any, ...] = (), last: tuple[Any, ...] = ()) -> dict[st
         "transaction_per_migration": True,
         "process_revision_directives": skip_empty_autogenerate,
         "include_name": include_name,
+        "render_item": render_item,
         "on_version_apply": [check_foreign_keys, *checks, *audit_row, *last],
     }
 
