@@ -8,7 +8,7 @@ import os
 import socket
 import sqlite3
 import time
-from collections.abc import AsyncIterator, Callable, Coroutine, Iterator
+from collections.abc import AsyncIterator, Callable, Coroutine, Iterator, Mapping
 from contextlib import asynccontextmanager, contextmanager
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, TypeVar
@@ -54,11 +54,20 @@ def make_async_engine(
     *,
     connect_timeout: float = CONNECT_TIMEOUT,
     migrating: bool = False,
+    pool: Mapping[str, float] | None = None,
 ) -> AsyncEngine:
-    """Like :func:`make_engine`, for an asyncio driver (asyncpg, aiosqlite)."""
+    """Like :func:`make_engine`, for an asyncio driver (asyncpg, aiosqlite).
+
+    ``pool`` (``pool_size``, ``max_overflow``, ``pool_timeout``, ``pool_recycle``) gives the
+    engine a real pool, checked before each use: the app's engine. Without it, none.
+    """
     from sqlalchemy.ext.asyncio import create_async_engine  # only async runs pay for it
 
-    engine = create_async_engine(url, **_options(url, connect_timeout, migrating))
+    options = _options(url, connect_timeout, migrating)
+    if pool is not None:
+        del options["poolclass"]
+        options.update(pool_pre_ping=True, **{k: int(v) for k, v in pool.items()})
+    engine = create_async_engine(url, **options)
     _sqlite_transactions(engine.sync_engine, foreign_keys=not migrating)
     return engine
 

@@ -10,11 +10,18 @@ from db.environments import Environment
 _ASYNC_DRIVERS = {"sqlite": "sqlite+aiosqlite", "sqlite+pysqlite": "sqlite+aiosqlite"}
 
 
+POOL_DEFAULTS = {"POOL_SIZE": 5, "MAX_OVERFLOW": 10, "POOL_TIMEOUT": 30, "POOL_RECYCLE": 1800}
+
+
 def async_engine(env: Environment) -> AsyncEngine:
-    """An async engine for ``env``: aiosqlite for SQLite, asyncpg for PostgreSQL."""
+    """The app's async engine for ``env`` (aiosqlite for SQLite, asyncpg for PostgreSQL),
+    with a pool of connections sized by the env file's ``POOL_*`` keys."""
     url = env.url(app=True)
     url = url.set(drivername=_ASYNC_DRIVERS.get(url.drivername, url.drivername))
-    return make_async_engine(url, connect_timeout=env.number("CONNECT_TIMEOUT", CONNECT_TIMEOUT))
+    pool = {key.lower(): env.number(key, default) for key, default in POOL_DEFAULTS.items()}
+    return make_async_engine(
+        url, connect_timeout=env.number("CONNECT_TIMEOUT", CONNECT_TIMEOUT), pool=pool
+    )
 
 
 def session_factory(env: Environment) -> async_sessionmaker[AsyncSession]:

@@ -138,3 +138,48 @@ def test_migration_sessions_keep_no_prepared_statements(
 
     kept = asyncio.run(kept_statements())
     assert kept == 0 if migrating else kept > 0
+
+
+@pytest.mark.postgres
+def test_the_apps_pool_keeps_the_server_below_its_size_under_load(
+    tmp_path: Path, pg_database: PgDatabase
+) -> None:
+    """50 handlers at once through POOL_SIZE=5, MAX_OVERFLOW=2: never more than 7 server
+    connections, and every transaction done."""
+    sqlite_env(tmp_path)
+    settings = f"DATABASE_URL={pg_database.url}\nPOOL_SIZE=5\nMAX_OVERFLOW=2\n"
+    (tmp_path / "environments" / "pg.env").write_text(settings)
+    pg = load_environment(tmp_path, "pg", {})
+    commands.migrate(pg)
+    count = text(
+        "select count(*) from pg_stat_activity "
+        "where datname = current_database() and pid <> pg_backend_pid()"
+    )
+
+    async def scenario() -> tuple[int, int]:
+        Session = session_factory(pg)
+        monitor_engine = make_async_engine(make_url(pg_database.url))
+        seen, done = 0, 0
+
+        async def handler(n: int) -> None:
+            nonlocal done
+            async with Session() as session, session.begin():
+                session.add(Category(name=f"c{n}"))
+                await session.execute(text("select pg_sleep(0.02)"))
+            done += 1
+
+        async with monitor_engine.connect() as monitor:
+            work = asyncio.gather(*(handler(n) for n in range(50)))
+            while not work.done():
+                seen = max(seen, int(await monitor.scalar(count) or 0))
+                await monitor.rollback()
+                await asyncio.sleep(0.005)
+            await work
+        await monitor_engine.dispose()
+        await Session.kw["bind"].dispose()
+        return seen, done
+
+    seen, done = asyncio.run(scenario())
+
+    assert done == 50
+    assert 0 < seen <= 7, seen
