@@ -191,10 +191,10 @@ def test_accept_changes_on_postgres_is_committed(project: Project, pg_database: 
     project.write_env("pg", f"DATABASE_URL={pg_database.url}\nPROTECTED=true\n")
     project.ok("migrate", "--env=pg", "--yes")
     [initial] = project.versions.glob(f"*_{head_revision()}_*.py")
-    initial.write_text(initial.read_text() + "\n# edited\n")
+    initial.write_text(initial.read_text() + "\nEDITED = True\n")  # code: it counts
     assert project.invoke("status", "--env=pg").returncode == 4
 
-    project.ok("accept-changes", head_revision(), "--env=pg")
+    project.ok("accept-changes", head_revision(), "--env=pg", "--yes")
 
     assert project.ok("status", "--env=pg").returncode == 0
     rows = pg_fetch(pg_database.dsn, "select direction from migration_log order by id")

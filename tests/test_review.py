@@ -38,7 +38,7 @@ def test_check_finds_pending_revisions_heads_and_edited_files(project: Project) 
     assert "1 revision(s) pending" in failed_check(project)
     project.ok("migrate")
     [initial] = project.versions.glob(f"*_{head_revision()}_*.py")
-    initial.write_text(initial.read_text() + "\n# edited\n")
+    initial.write_text(initial.read_text() + "\nEDITED = True\n")  # code: it counts
     assert "changed after revision" in failed_check(project)
     project.add_revision("h1", revision("head1", head_revision()))
     project.add_revision("h2", revision("head2", head_revision()))
