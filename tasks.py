@@ -174,8 +174,8 @@ def resolve(
     debug: bool = False,
 ) -> None:
     """Record how an interrupted non-transactional revision ended: --applied or --rolled-back."""
-    from db.commands import resolve as settle
     from db.errors import UsageError
+    from db.records import resolve as settle
 
     with reported(c, debug):
         if applied == rolled_back:
@@ -186,6 +186,39 @@ def resolve(
         at = settle(target, revision, applied, run_options(lock_wait))
     how = "applied" if applied else "rolled back"
     print(f"{target.name}: recorded {revision} as {how}; the database is at {at}", file=sys.stderr)
+
+
+@task(
+    help={
+        **COMMON,
+        "revision": "the revision the database already is at (an id, a prefix, or head)",
+        "force": "record it even though the schema differs from what the revision produces",
+        "yes": YES,
+        "lock_wait": RUN["lock_wait"],
+        "allow_env_mismatch": RUN["allow_env_mismatch"],
+    }
+)
+def stamp(
+    c: Context,
+    revision: str,
+    env: str = "",
+    force: bool = False,
+    yes: bool = False,
+    lock_wait: str = "",
+    allow_env_mismatch: bool = False,
+    debug: bool = False,
+) -> None:
+    """Record REV as applied without running it: adopt a database made some other way."""
+    from db.records import stamp as record
+
+    with reported(c, debug):
+        target = environment(c, env, banner=True)
+        if target.protected:
+            confirm(target, yes, f"record {revision} as applied on", need_yes=False)
+        done = record(target, revision, force, run_options(lock_wait, "", allow_env_mismatch))
+    for gap in done.differences:
+        print(f"  differs (--force): {gap}", file=sys.stderr)
+    print(f"{target.name}: recorded {done.revision} as applied, not run", file=sys.stderr)
 
 
 @task(
@@ -205,7 +238,7 @@ def accept_changes(
     debug: bool = False,
 ) -> None:
     """Record the new checksum of an applied revision's deliberately edited file."""
-    from db.commands import accept_changes as accept
+    from db.records import accept_changes as accept
 
     with reported(c, debug):
         target = environment(c, env, banner=True)
@@ -581,6 +614,7 @@ ns = Collection(
     reset,
     restore,
     resolve,
+    stamp,
     accept_changes,
     makemigration,
     offline_sql,

@@ -44,7 +44,7 @@ LOG = Table(
     MetaData(),
     Column("id", Integer, primary_key=True),
     Column("revision", String(64), nullable=False),
-    # up, down, accept, env (renamed); run-up/run-down: a non-transactional revision that
+    # up, down, accept, stamp, env (renamed); run-up/run-down: a non-transactional revision that
     # started and has not finished; aborted: one an operator said was rolled back
     Column("direction", String(8), nullable=False),
     Column("environment", String(64), nullable=False),
@@ -255,7 +255,7 @@ def applied_checksums(log: list[Entry]) -> dict[str, tuple[str | None, str | Non
     for entry in log:
         if entry.direction == "down":
             state.pop(entry.revision, None)
-        elif entry.direction in ("up", "accept"):
+        elif entry.direction in ("up", "accept", "stamp"):
             state[entry.revision] = (entry.checksum, entry.code_checksum)
     return state
 

@@ -12,7 +12,6 @@ from alembic import util
 from alembic.config import Config
 from alembic.runtime.migration import MigrationContext, RevisionStep
 from alembic.script import Script, ScriptDirectory
-from alembic.util import CommandError
 from sqlalchemy import Connection, text
 from sqlalchemy.engine import URL
 
@@ -26,7 +25,6 @@ from db.runner import (
     Step,
     load_scripts,
     make_config,
-    revision_error,
     run_env,
     run_of,
 )
@@ -131,77 +129,6 @@ def steps_back(script: ScriptDirectory, current: tuple[str, ...], steps: int) ->
     return f"-{steps}"
 
 
-@dataclass(frozen=True)
-class Accepted:
-    revision: str  # the full id
-    checksum: str
-    changed: bool  # False: the file was as recorded, and nothing was written
-
-
-def accept_changes(env: Environment, revision: str, options: RunOptions | None = None) -> Accepted:
-    """Record the current checksum of an applied revision's edited file."""
-    options = options or RunOptions()
-    config = make_config(env, options, lock=True)
-    script = load_scripts(config)
-    accepted: list[Accepted] = []
-
-    def accept(current: tuple[str, ...], context: MigrationContext) -> list[RevisionStep]:
-        connection = _connection(context)
-        guards.known_revisions(script, current, env)
-        try:
-            found = script.get_revision(revision)
-        except CommandError as exc:
-            raise revision_error(exc, env.name) from exc
-        if found is None or found.revision not in _applied(script, current):
-            raise RevisionError(f"revision {revision} is not applied to the {env.name} database")
-        sums = audit.applied_checksums(audit.entries(connection)).get(found.revision, (None, None))
-        changed = sums[0] is not None and not audit.unchanged(found.path, *sums)
-        accepted.append(Accepted(found.revision, audit.checksum(found.path), changed))
-        if changed:
-            audit.ensure_table(connection.execute)
-            _record(connection, env, found.revision, "accept", found.path)
-        return []
-
-    run_env(config, script, accept)
-    return accepted[0]
-
-
-def resolve(
-    env: Environment, revision: str, applied: bool, options: RunOptions | None = None
-) -> str:
-    """Record how an unfinished non-transactional revision ended; returns where the database is.
-
-    ``applied``: its work is all in the database, so it is recorded as applied (the version
-    table moves past it); otherwise it is recorded as rolled back and will run again.
-    """
-    options = options or RunOptions()
-    config = make_config(env, options, lock=True)
-    script = load_scripts(config)
-    where: list[str] = []
-
-    def settle(current: tuple[str, ...], context: MigrationContext) -> list[RevisionStep]:
-        connection = _connection(context)
-        guards.known_revisions(script, current, env)
-        found = [e for e in audit.unfinished(audit.entries(connection)) if e.revision == revision]
-        if not found:
-            raise RevisionError(
-                f"revision {revision} has no unfinished run on the {env.name} database: "
-                f"nothing to resolve (see `invoke history --env={env.name}`)"
-            )
-        entry = found[-1]
-        target = revision
-        if entry.direction == "run-down":
-            target = script.get_revision(revision).down_revision or "base"  # type: ignore[assignment]
-        if applied:
-            context.stamp(script, str(target))
-        audit.resolve(connection, entry, applied, audit.Who.here(env.root))
-        where.append(", ".join(context.get_current_heads()) or "base")
-        return []
-
-    run_env(config, script, settle)
-    return where[0]
-
-
 def status(env: Environment, options: RunOptions | None = None) -> Status:
     """The database's revision(s), the scripts' head(s), and what is pending, oldest first.
 
@@ -225,8 +152,8 @@ def history(env: Environment) -> list[HistoryEntry]:
     config = make_config(env)
     script = load_scripts(config)
     state = read_state(env, config, script)
-    applied = _applied(script, state.current)
-    last_up = {e.revision: e for e in state.log if e.direction == "up"}
+    applied = applied_revisions(script, state.current)
+    last_up = {e.revision: e for e in state.log if e.direction in ("up", "stamp")}
     heads = set(script.get_heads())
     entries = []
     for rev in script.walk_revisions():
@@ -272,7 +199,7 @@ def _change(
 
     def run(current: tuple[str, ...], context: MigrationContext) -> Iterator[RevisionStep]:
         guards.known_revisions(script, current, env)
-        connection = _connection(context)
+        connection = connection_of(context)
         log = audit.entries(connection)
         renamed = guards.same_environment(log, env, options.allow_env_mismatch)
         guards.unchanged_files(log, script, env, options.note)
@@ -284,7 +211,7 @@ def _change(
         if steps or renamed:
             audit.ensure_table(connection.execute)
         if renamed:  # stamp the database with its new environment name
-            _record(connection, env, ",".join(current) or "base", "env", None)
+            record_event(connection, env, ",".join(current) or "base", "env", None)
         return progress.steps(steps, context)
 
     run_env(config, script, run, progress)
@@ -329,7 +256,7 @@ async def _drop_public_schema(env: Environment, url: URL) -> None:
         await engine.dispose()
 
 
-def _record(
+def record_event(
     connection: Connection, env: Environment, revision: str, direction: str, path: str | None
 ) -> None:
     audit.record(
@@ -345,13 +272,13 @@ def _record(
     )
 
 
-def _connection(context: MigrationContext) -> Connection:
+def connection_of(context: MigrationContext) -> Connection:
     if context.connection is None:
         raise DbError("this task needs a database connection, not offline SQL")
     return context.connection
 
 
-def _applied(script: ScriptDirectory, current: tuple[str, ...]) -> set[str]:
+def applied_revisions(script: ScriptDirectory, current: tuple[str, ...]) -> set[str]:
     return {rev.revision for rev in script.revision_map.iterate_revisions(current, "base")}
 
 

@@ -211,6 +211,8 @@ def failure(exc: Exception, progress: Progress, run: Run, script: ScriptDirector
             f"lost the connection, and with it the migration lock, during the {doing}: "
             f"{cause}\n{text}; run the task again"
         )
+    if not progress.applied and "already exists" in cause:
+        text += "; a database made without migrations is adopted with `invoke stamp REV`"
     return MigrationFailed(f"{doing} failed: {cause}\n{text}; fix it and run the task again")
 
 

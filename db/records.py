@@ -1,0 +1,197 @@
+"""Commands that record facts about a database without running its revisions.
+
+``stamp`` adopts a database made some other way (``Base.metadata.create_all()``) once its
+schema matches what the revision produces; ``resolve`` records how an interrupted
+non-transactional revision ended; ``accept_changes`` records an applied file's edit.
+Each runs under the migration lock, with the guards of ``migrate``, and leaves audit rows.
+"""
+
+from __future__ import annotations
+
+import tempfile
+import uuid
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import dataclass, replace
+from pathlib import Path
+
+from alembic.runtime.migration import MigrationContext, RevisionStep
+from alembic.util import CommandError
+from sqlalchemy import Connection, text
+from sqlalchemy.engine import URL
+
+from db import audit, guards
+from db.commands import (
+    applied_revisions,
+    connection_of,
+    migrate,
+    record_event,
+)
+from db.engines import with_connection
+from db.environments import Environment
+from db.errors import DbError, GuardRefused, RevisionError
+from db.runner import RunOptions, load_scripts, make_config, revision_error, run_env
+from db.schema import differences, snapshot
+
+
+@dataclass(frozen=True)
+class Stamped:
+    revision: str  # the full id
+    differences: list[str]  # what --force went past; empty when the schemas matched
+
+
+def stamp(
+    env: Environment, revision: str, force: bool = False, options: RunOptions | None = None
+) -> Stamped:
+    """Record ``revision`` as applied without running it, once the database's schema is the
+    one ``revision`` produces (built in a scratch database to compare); ``force`` skips that."""
+    options = options or RunOptions()
+    config = make_config(env, options, lock=True)
+    script = load_scripts(config)
+    try:
+        found = script.get_revision(revision)
+    except CommandError as exc:
+        raise revision_error(exc, env.name) from exc
+    if found is None:
+        raise RevisionError("stamp needs a revision, not base: roll back instead")
+    gaps = differences(snapshot(env), scratch_schema(env, found.revision))
+    if gaps and not force:
+        raise GuardRefused(
+            f"the {env.name} database is not what revision {found.revision} produces "
+            f"({'; '.join(gaps[:5])}{'; ...' if len(gaps) > 5 else ''}): nothing was recorded; "
+            "make them match, or pass --force if you are sure"
+        )
+
+    def record(current: tuple[str, ...], context: MigrationContext) -> list[RevisionStep]:
+        connection = connection_of(context)
+        guards.known_revisions(script, current, env)
+        log = audit.entries(connection)
+        guards.same_environment(log, env, options.allow_env_mismatch)
+        guards.all_finished(log, env, connection)
+        before = applied_revisions(script, current)
+        context.stamp(script, found.revision)
+        audit.ensure_table(connection.execute)
+        now = applied_revisions(script, tuple(context.get_current_heads()))
+        for rev in script.iterate_revisions(found.revision, "base"):  # Scripts, with paths
+            if rev.revision in now - before:
+                record_event(connection, env, rev.revision, "stamp", rev.path)
+        return []
+
+    run_env(config, script, record)
+    return Stamped(found.revision, gaps)
+
+
+def scratch_schema(env: Environment, revision: str) -> dict[str, dict[str, object]]:
+    """The schema ``revision`` produces, migrated into a scratch database of the same kind."""
+    with scratch_database(env) as url:
+        values = {**env.values, "DATABASE_URL": url.render_as_string(hide_password=False)}
+        values.pop("MIGRATION_URL", None)
+        values.update(PROTECTED="false", BACKUP="")
+        sources = {key: env.sources.get(key, env.root / "environments") for key in values}
+        scratch = replace(env, values=values, sources=sources, missing={})
+        migrate(scratch, revision, RunOptions(backup=False))
+        return snapshot(scratch)
+
+
+@contextmanager
+def scratch_database(env: Environment) -> Iterator[URL]:
+    """A throwaway database beside the env's: a SQLite file, or a PostgreSQL database on the
+    same server (needs CREATEDB), dropped afterwards."""
+    url = env.url()
+    if url.get_backend_name() == "sqlite":
+        with tempfile.TemporaryDirectory(prefix="stamp-") as folder:
+            yield url.set(database=str(Path(folder) / "scratch.sqlite3"))
+        return
+    name = f"stamp_scratch_{uuid.uuid4().hex[:12]}"
+    _admin(url, f'CREATE DATABASE "{name}"')
+    try:
+        yield url.set(database=name)
+    finally:
+        _admin(url, f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+
+
+def _admin(url: URL, statement: str) -> None:
+    def run(connection: Connection) -> None:
+        connection.execution_options(isolation_level="AUTOCOMMIT")
+        connection.execute(text(statement))
+
+    try:
+        with_connection(url, run)
+    except DbError:
+        raise
+    except Exception as exc:
+        raise DbError(
+            f"cannot make a scratch database to compare with ({exc.__class__.__name__}): "
+            "grant CREATEDB for stamp's check, or pass --force"
+        ) from exc
+
+
+@dataclass(frozen=True)
+class Accepted:
+    revision: str  # the full id
+    checksum: str
+    changed: bool  # False: the file was as recorded, and nothing was written
+
+
+def accept_changes(env: Environment, revision: str, options: RunOptions | None = None) -> Accepted:
+    """Record the current checksum of an applied revision's edited file."""
+    options = options or RunOptions()
+    config = make_config(env, options, lock=True)
+    script = load_scripts(config)
+    accepted: list[Accepted] = []
+
+    def accept(current: tuple[str, ...], context: MigrationContext) -> list[RevisionStep]:
+        connection = connection_of(context)
+        guards.known_revisions(script, current, env)
+        try:
+            found = script.get_revision(revision)
+        except CommandError as exc:
+            raise revision_error(exc, env.name) from exc
+        if found is None or found.revision not in applied_revisions(script, current):
+            raise RevisionError(f"revision {revision} is not applied to the {env.name} database")
+        sums = audit.applied_checksums(audit.entries(connection)).get(found.revision, (None, None))
+        changed = sums[0] is not None and not audit.unchanged(found.path, *sums)
+        accepted.append(Accepted(found.revision, audit.checksum(found.path), changed))
+        if changed:
+            audit.ensure_table(connection.execute)
+            record_event(connection, env, found.revision, "accept", found.path)
+        return []
+
+    run_env(config, script, accept)
+    return accepted[0]
+
+
+def resolve(
+    env: Environment, revision: str, applied: bool, options: RunOptions | None = None
+) -> str:
+    """Record how an unfinished non-transactional revision ended; returns where the database is.
+
+    ``applied``: its work is all in the database, so it is recorded as applied (the version
+    table moves past it); otherwise it is recorded as rolled back and will run again.
+    """
+    options = options or RunOptions()
+    config = make_config(env, options, lock=True)
+    script = load_scripts(config)
+    where: list[str] = []
+
+    def settle(current: tuple[str, ...], context: MigrationContext) -> list[RevisionStep]:
+        connection = connection_of(context)
+        guards.known_revisions(script, current, env)
+        found = [e for e in audit.unfinished(audit.entries(connection)) if e.revision == revision]
+        if not found:
+            raise RevisionError(
+                f"revision {revision} has no unfinished run on the {env.name} database: "
+                f"nothing to resolve (see `invoke history --env={env.name}`)"
+            )
+        entry = found[-1]
+        target = revision
+        if entry.direction == "run-down":
+            target = script.get_revision(revision).down_revision or "base"  # type: ignore[assignment]
+        if applied:
+            context.stamp(script, str(target))
+        audit.resolve(connection, entry, applied, audit.Who.here(env.root))
+        where.append(", ".join(context.get_current_heads()) or "base")
+        return []
+
+    run_env(config, script, settle)
+    return where[0]

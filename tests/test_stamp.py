@@ -1,0 +1,93 @@
+"""Adopting a database made with ``Base.metadata.create_all()``: ``invoke stamp``."""
+
+from __future__ import annotations
+
+import asyncio
+
+import pytest
+from conftest import PgDatabase, Project, head_revision, pg_execute, pg_fetch, versions_of
+from sqlalchemy import create_engine
+from sqlalchemy.ext.asyncio import create_async_engine
+from test_audit import log_rows
+from test_tasks_sqlite import version
+
+from db.models import Base
+
+HEAD = head_revision()
+
+
+def made_by_the_app(url: str) -> None:
+    engine = create_engine(url)
+    try:
+        Base.metadata.create_all(engine)
+    finally:
+        engine.dispose()
+
+
+@pytest.fixture
+def adopted(project: Project) -> Project:
+    (project.root / "var").mkdir()
+    made_by_the_app(f"sqlite:///{project.root / 'var' / 'dev.sqlite3'}")
+    return project
+
+
+def test_migrate_on_a_database_made_without_migrations_points_to_stamp(adopted: Project) -> None:
+    error = adopted.fails("migrate")
+
+    assert "table categories already exists" in error
+    assert "adopted with `invoke stamp REV`" in error
+
+
+def test_stamp_adopts_a_matching_database(adopted: Project) -> None:
+    result = adopted.ok("stamp", "head")
+
+    assert f"recorded {HEAD} as applied, not run" in result.stderr
+    assert version(adopted) == [HEAD]
+    assert [row[1] for row in log_rows(adopted)] == ["stamp"]
+    assert "nothing to do" in adopted.ok("migrate").stderr
+    assert f"{HEAD}  applied" in adopted.ok("history").stdout
+
+
+def test_stamp_refuses_a_schema_that_differs_unless_forced(adopted: Project) -> None:
+    with adopted.sqlite() as db:
+        db.execute("drop table purchases")
+
+    result = adopted.invoke("stamp", "head")
+
+    assert result.returncode == 4, result.stderr
+    assert "is not what revision" in result.stderr
+    assert "table purchases only on one side" in result.stderr
+    assert version_table_absent(adopted)
+    forced = adopted.ok("stamp", "head", "--force")
+    assert "differs (--force): table purchases only on one side" in forced.stderr
+    assert version(adopted) == [HEAD]
+
+
+def version_table_absent(project: Project) -> bool:
+    with project.sqlite() as db:
+        found = db.execute("select name from sqlite_master where name = 'alembic_version'")
+        return found.fetchone() is None
+
+
+@pytest.mark.postgres
+def test_stamp_on_postgres_compares_with_a_scratch_database(
+    project: Project, pg_database: PgDatabase, pg_server: str
+) -> None:
+    async def create_all() -> None:
+        engine = create_async_engine(pg_database.url)
+        async with engine.begin() as connection:
+            await connection.run_sync(Base.metadata.create_all)
+        await engine.dispose()
+
+    asyncio.run(create_all())
+    pg_execute(pg_database.dsn, "alter table users add column nickname text")
+    project.write_env("ci", f"DATABASE_URL={pg_database.url}\n")
+
+    error = project.fails("stamp", "head", "--env=ci")
+    assert "users.columns" in error and "nickname" in error
+    pg_execute(pg_database.dsn, "alter table users drop column nickname")
+    project.ok("stamp", "head", "--env=ci")
+
+    assert versions_of(pg_database.dsn) == [HEAD]
+    scratch = "select datname from pg_database where datname like 'stamp_scratch%'"
+    assert pg_fetch(pg_server, scratch) == []
