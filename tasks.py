@@ -161,6 +161,7 @@ def restore(
         "revision": "the revision whose interrupted non-transactional run you have checked",
         "applied": "its changes are all in the database: record it as applied",
         "rolled_back": "none of its changes are left: record it as not applied, to run again",
+        "yes": YES,
         "lock_wait": RUN["lock_wait"],
     }
 )
@@ -170,6 +171,7 @@ def resolve(
     env: str = "",
     applied: bool = False,
     rolled_back: bool = False,
+    yes: bool = False,
     lock_wait: str = "",
     debug: bool = False,
 ) -> None:
@@ -182,7 +184,7 @@ def resolve(
             raise UsageError("say how the revision ended: pass --applied or --rolled-back")
         target = environment(c, env, banner=True)
         if target.protected:
-            confirm(target, True, "resolve a revision on", need_yes=False)
+            confirm(target, yes, f"record how {revision} ended on", need_yes=False)
         at = settle(target, revision, applied, run_options(lock_wait))
     how = "applied" if applied else "rolled back"
     print(f"{target.name}: recorded {revision} as {how}; the database is at {at}", file=sys.stderr)
@@ -332,7 +334,7 @@ def status(
         for rev in found.pending:
             print(f"  {rev.id}  {rev.message}{marker(rev)}")
     if check and found.pending:
-        raise Exit(f"{target.name}: {len(found.pending)} revision(s) pending", code=5)
+        raise Exit(f"{target.name}: {len(found.pending)} revision(s) pending", code=check_failed())
 
 
 @task(help={**COMMON, "json": "print the history as JSON (fields in the README)"})
@@ -372,7 +374,10 @@ def lint(c: Context, env: str = "prod", all_: bool = False, debug: bool = False)
         findings = run_squawk(target, revisions)
     print_findings(findings)
     if findings:
-        raise Exit(f"{len(findings)} finding(s); excuse one with -- squawk-ignore RULE", code=5)
+        raise Exit(
+            f"{len(findings)} finding(s); excuse one with -- squawk-ignore RULE",
+            code=check_failed(),
+        )
     print("no findings", file=sys.stderr)
 
 
@@ -386,7 +391,7 @@ def check(c: Context, env: str = "", debug: bool = False) -> None:
     for problem in problems:
         print(f"  {problem}", file=sys.stderr)
     if problems:
-        raise Exit(f"check failed: {len(problems)} problem(s)", code=5)
+        raise Exit(f"check failed: {len(problems)} problem(s)", code=check_failed())
     print("check passed: one head, files unchanged, models match the database", file=sys.stderr)
 
 
@@ -456,6 +461,13 @@ def environment(
     if banner:
         announce(loaded)
     return loaded
+
+
+def check_failed() -> int:
+    """The exit code of a check that found something (pending revisions, problems, lint)."""
+    from db.errors import CheckFailed
+
+    return CheckFailed.exit_code
 
 
 def announce(env: Environment) -> None:

@@ -18,7 +18,7 @@ from sqlalchemy.engine import URL
 from sqlalchemy.exc import DBAPIError
 
 from db.environments import mask
-from db.errors import ConnectError
+from db.errors import ConnectError, cause_of, first_line
 
 if TYPE_CHECKING:
     from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
@@ -120,9 +120,7 @@ def _sqlite_transactions(engine: Engine, *, foreign_keys: bool) -> None:
 
 def connect_error(url: URL, exc: BaseException) -> ConnectError:
     """A one-line ConnectError naming the masked URL and the driver's reason."""
-    reason = exc.orig if isinstance(exc, DBAPIError) and exc.orig is not None else exc
-    lines = str(reason).strip().splitlines()
-    text = lines[0] if lines else type(reason).__name__
+    reason, text = cause_of(exc), first_line(exc)
     if isinstance(reason, (asyncio.TimeoutError, TimeoutError)):
         text = "timed out (raise CONNECT_TIMEOUT in the env file if the server is slow)"
     elif isinstance(reason, socket.gaierror):

@@ -2,6 +2,19 @@
 
 from __future__ import annotations
 
+from sqlalchemy.exc import DBAPIError
+
+
+def cause_of(exc: BaseException) -> BaseException:
+    """What the driver or the revision raised, under SQLAlchemy's wrapper if there is one."""
+    return exc.orig if isinstance(exc, DBAPIError) and exc.orig is not None else exc
+
+
+def first_line(exc: BaseException) -> str:
+    """The first line of a failure's message (the rest is the driver's detail), or its type."""
+    lines = str(cause_of(exc)).strip().splitlines()
+    return lines[0] if lines else type(cause_of(exc)).__name__
+
 
 class DbError(Exception):
     """An expected failure, with a message that says what happened and what to do."""

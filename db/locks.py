@@ -30,7 +30,7 @@ from sqlalchemy.engine import URL
 from sqlalchemy.exc import DBAPIError, OperationalError
 
 from db.engines import with_connection
-from db.errors import ConfigError, LockLost, LockTimeout
+from db.errors import ConfigError, LockLost, LockTimeout, first_line
 
 if TYPE_CHECKING:
     from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
@@ -103,7 +103,7 @@ async def prepare_session(
         )
         await connection.commit()
     except DBAPIError as exc:
-        raise ConfigError(f"{where}: a PostgreSQL setting was refused: {_first_line(exc)}") from exc
+        raise ConfigError(f"{where}: a PostgreSQL setting was refused: {first_line(exc)}") from exc
     seen: dict[str, str] = (
         dict((await connection.execute(_shown(applied))).all()) if applied else {}
     )
@@ -197,11 +197,6 @@ def canceller(url: URL, pid: int, connect_timeout: float) -> Callable[[], None]:
             with_connection(url, cancel, connect_timeout=connect_timeout)
 
     return lambda: threading.Thread(target=in_thread, daemon=True).start()
-
-
-def _first_line(exc: DBAPIError) -> str:
-    lines = str(exc.orig or exc).strip().splitlines()
-    return lines[0] if lines else type(exc).__name__
 
 
 @contextmanager

@@ -10,12 +10,16 @@ from __future__ import annotations
 
 import tempfile
 import uuid
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, replace
 from pathlib import Path
+from typing import TypeVar
 
-from alembic.runtime.migration import MigrationContext, RevisionStep
+from alembic import util
+from alembic.runtime.migration import MigrationContext as Context
+from alembic.runtime.migration import RevisionStep
+from alembic.script import ScriptDirectory
 from alembic.util import CommandError
 from sqlalchemy import Connection, text
 from sqlalchemy.engine import URL
@@ -32,6 +36,8 @@ from db.environments import Environment
 from db.errors import DbError, GuardRefused, RevisionError
 from db.runner import RunOptions, load_scripts, make_config, revision_error, run_env
 from db.schema import differences, snapshot
+
+T = TypeVar("T")
 
 
 @dataclass(frozen=True)
@@ -62,7 +68,7 @@ def stamp(
             "make them match, or pass --force if you are sure"
         )
 
-    def record(current: tuple[str, ...], context: MigrationContext) -> list[RevisionStep]:
+    def record(current: tuple[str, ...], context: Context) -> list[RevisionStep]:
         connection = connection_of(context)
         guards.known_revisions(script, current, env)
         log = audit.entries(connection)
@@ -135,14 +141,9 @@ class Accepted:
 
 def accept_changes(env: Environment, revision: str, options: RunOptions | None = None) -> Accepted:
     """Record the current checksum of an applied revision's edited file."""
-    options = options or RunOptions()
-    config = make_config(env, options, lock=True)
-    script = load_scripts(config)
-    accepted: list[Accepted] = []
 
-    def accept(current: tuple[str, ...], context: MigrationContext) -> list[RevisionStep]:
+    def accept(script: ScriptDirectory, current: tuple[str, ...], context: Context) -> Accepted:
         connection = connection_of(context)
-        guards.known_revisions(script, current, env)
         try:
             found = script.get_revision(revision)
         except CommandError as exc:
@@ -151,14 +152,12 @@ def accept_changes(env: Environment, revision: str, options: RunOptions | None =
             raise RevisionError(f"revision {revision} is not applied to the {env.name} database")
         sums = audit.applied_checksums(audit.entries(connection)).get(found.revision, (None, None))
         changed = sums[0] is not None and not audit.unchanged(found.path, *sums)
-        accepted.append(Accepted(found.revision, audit.checksum(found.path), changed))
         if changed:
             audit.ensure_table(connection.execute)
             record_event(connection, env, found.revision, "accept", found.path)
-        return []
+        return Accepted(found.revision, audit.checksum(found.path), changed)
 
-    run_env(config, script, accept)
-    return accepted[0]
+    return _locked(env, options, accept)
 
 
 def resolve(
@@ -169,29 +168,41 @@ def resolve(
     ``applied``: its work is all in the database, so it is recorded as applied (the version
     table moves past it); otherwise it is recorded as rolled back and will run again.
     """
-    options = options or RunOptions()
-    config = make_config(env, options, lock=True)
-    script = load_scripts(config)
-    where: list[str] = []
 
-    def settle(current: tuple[str, ...], context: MigrationContext) -> list[RevisionStep]:
+    def settle(script: ScriptDirectory, _current: tuple[str, ...], context: Context) -> str:
         connection = connection_of(context)
-        guards.known_revisions(script, current, env)
         found = [e for e in audit.unfinished(audit.entries(connection)) if e.revision == revision]
         if not found:
             raise RevisionError(
                 f"revision {revision} has no unfinished run on the {env.name} database: "
                 f"nothing to resolve (see `invoke history --env={env.name}`)"
             )
-        entry = found[-1]
-        target = revision
-        if entry.direction == "run-down":
-            target = script.get_revision(revision).down_revision or "base"  # type: ignore[assignment]
-        if applied:
-            context.stamp(script, str(target))
-        audit.resolve(connection, entry, applied, audit.Who.here(env.root))
-        where.append(", ".join(context.get_current_heads()) or "base")
+        if applied and found[-1].direction == "run-down":
+            parents = util.to_tuple(script.get_revision(revision).down_revision, default=())
+            context.stamp(script, str(parents[0]) if parents else "base")
+        elif applied:
+            context.stamp(script, revision)
+        audit.resolve(connection, found[-1], applied, audit.Who.here(env.root))
+        return ", ".join(context.get_current_heads()) or "base"
+
+    return _locked(env, options, settle)
+
+
+def _locked(
+    env: Environment,
+    options: RunOptions | None,
+    work: Callable[[ScriptDirectory, tuple[str, ...], Context], T],
+) -> T:
+    """Run ``work`` under the migration lock, once the database's revision is known to the
+    files; returns what it returns (it runs no revision)."""
+    config = make_config(env, options or RunOptions(), lock=True)
+    script = load_scripts(config)
+    results: list[T] = []
+
+    def run(current: tuple[str, ...], context: Context) -> list[RevisionStep]:
+        guards.known_revisions(script, current, env)
+        results.append(work(script, current, context))
         return []
 
-    run_env(config, script, settle)
-    return where[0]
+    run_env(config, script, run)
+    return results[0]

@@ -41,6 +41,8 @@ from db.errors import (
     LockLost,
     MigrationFailed,
     RevisionError,
+    cause_of,
+    first_line,
 )
 from db.progress import Progress, Step, Stop
 
@@ -305,6 +307,5 @@ def revision_error(exc: CommandError, env_name: str) -> RevisionError:
 
 def describe(exc: BaseException) -> str:
     """The first line of a failure, as the database or the revision said it."""
-    reason = exc.orig if isinstance(exc, DBAPIError) and exc.orig is not None else exc
-    lines = str(reason).strip().splitlines()
-    return f"{type(reason).__name__}: {lines[0] if lines else ''}".rstrip(": ")
+    name, text = type(cause_of(exc)).__name__, first_line(exc)
+    return name if text == name else f"{name}: {text}"

@@ -183,3 +183,40 @@ def test_the_apps_pool_keeps_the_server_below_its_size_under_load(
 
     assert done == 50
     assert 0 < seen <= 7, seen
+
+
+def test_alembic_still_has_the_planning_calls_plan_steps_uses() -> None:
+    """plan_steps plans like `alembic upgrade`/`downgrade` through these private calls."""
+    from alembic.script import ScriptDirectory
+
+    for name in ("_upgrade_revs", "_downgrade_revs"):
+        assert hasattr(ScriptDirectory, name), (
+            f"Alembic no longer has ScriptDirectory.{name}: db.commands.plan_steps needs "
+            "another way to plan, before the upper bound on alembic in pyproject.toml is raised"
+        )
+
+
+def test_an_install_puts_no_copy_of_db_in_site_packages(tmp_path: Path) -> None:
+    import subprocess
+    import sys
+    import zipfile
+
+    subprocess.run(
+        [
+            sys.executable,
+            "-m",
+            "pip",
+            "wheel",
+            "--no-deps",
+            "--no-build-isolation",
+            "-q",
+            "-w",
+            str(tmp_path),
+            str(REPO),
+        ],
+        check=True,
+        capture_output=True,
+    )
+    [wheel] = tmp_path.glob("*.whl")
+    names = zipfile.ZipFile(wheel).namelist()
+    assert not [name for name in names if name.startswith("db/")], names
