@@ -27,9 +27,9 @@ from invoke.tasks import task
 if TYPE_CHECKING:
     from alembic.runtime.migration import RevisionStep
 
-    from db.commands import Revision
     from db.environments import Environment
     from db.lint import Finding
+    from db.progress import Revision
     from db.runner import RunOptions, Step
 
 ROOT = Path(__file__).resolve().parent
@@ -63,16 +63,18 @@ def migrate(
 ) -> None:
     """Upgrade the database to head, or to --to=REV."""
     from db.commands import migrate as upgrade
-    from db.commands import status as read_status
 
     with reported(c, debug):
         target = environment(c, env, banner=True)
         options = run_options(lock_wait, wait, allow_env_mismatch)
-        if target.protected:
-            plan = read_status(target, options).pending
-            show_plan(target, plan)
-            if plan:
-                confirm(target, yes, "migrate", need_yes=False)
+        if target.protected:  # shown and confirmed inside the run, under the lock
+
+            def ask(plan: tuple[Revision, ...]) -> None:
+                show_plan(target, plan)
+                if plan:
+                    confirm(target, yes, "migrate", need_yes=False)
+
+            options.on_plan = ask
         with on_signals(options):
             steps = upgrade(target, to, options)
         summarize("migrated", target, steps)
@@ -100,17 +102,19 @@ def rollback(
 ) -> None:
     """Downgrade the database by --steps revisions, or to --to=REV."""
     from db.commands import rollback as downgrade
-    from db.commands import rollback_plan
 
     with reported(c, debug):
         target = environment(c, env, banner=True)
-        if target.protected:
-            undo = rollback_plan(target, steps, to or None)
-            print(f"plan: {len(undo) or 'nothing'} to undo", file=sys.stderr)
-            for rev in undo:
-                print(f"  {rev.id}  {rev.message}{marker(rev)}", file=sys.stderr)
-            confirm(target, yes, "roll back", need_yes=True)
         options = run_options(lock_wait, wait, allow_env_mismatch)
+        if target.protected:  # shown and confirmed inside the run, under the lock
+
+            def ask(plan: tuple[Revision, ...]) -> None:
+                print(f"plan: {len(plan) or 'nothing'} to undo", file=sys.stderr)
+                for rev in plan:
+                    print(f"  {rev.id}  {rev.message}{marker(rev)}", file=sys.stderr)
+                confirm(target, yes, "roll back", need_yes=True)
+
+            options.on_plan = ask
         with on_signals(options):
             done = downgrade(target, steps, to or None, options)
         summarize("rolled back", target, done)
@@ -533,7 +537,14 @@ def confirm(env: Environment, yes: bool, action: str, *, need_yes: bool) -> None
             "pass --yes to go ahead"
         )
     print(f"{env.name} is protected. Type its name to {action}: ", end="", file=sys.stderr)
-    if sys.stdin.readline().strip() != env.name:
+    stop = signal.signal(signal.SIGINT, signal.default_int_handler)  # Ctrl-C ends the prompt
+    try:
+        typed = sys.stdin.readline().strip()
+    except KeyboardInterrupt:
+        typed = ""
+    finally:
+        signal.signal(signal.SIGINT, stop)
+    if typed != env.name:
         raise GuardRefused("the name did not match; nothing was changed")
 
 

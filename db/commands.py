@@ -11,7 +11,7 @@ from typing import Any, cast
 from alembic import util
 from alembic.config import Config
 from alembic.runtime.migration import MigrationContext, RevisionStep
-from alembic.script import Script, ScriptDirectory
+from alembic.script import ScriptDirectory
 from sqlalchemy import Connection, text
 from sqlalchemy.engine import URL
 
@@ -19,6 +19,7 @@ from db import audit, backups, guards
 from db.engines import CONNECT_TIMEOUT, connect_async, make_async_engine, run_coroutine
 from db.environments import Environment
 from db.errors import DbError, GuardRefused, RevisionError
+from db.progress import Revision
 from db.runner import (
     Progress,
     RunOptions,
@@ -28,18 +29,6 @@ from db.runner import (
     run_env,
     run_of,
 )
-
-
-@dataclass(frozen=True)
-class Revision:
-    id: str
-    message: str
-    transactional: bool = True  # False: it uses autocommit_block, outside a transaction
-
-    @classmethod
-    def of(cls, script: Script) -> Revision:
-        source = Path(script.path).read_text(encoding="utf-8")
-        return cls(script.revision, script.doc or "", "autocommit_block(" not in source)
 
 
 @dataclass(frozen=True)
@@ -88,17 +77,6 @@ def rollback(
         return plan_steps(script, to or steps_back(script, current, steps), current, up=False)
 
     return _change(env, options, plan)
-
-
-def rollback_plan(env: Environment, steps: int = 1, to: str | None = None) -> tuple[Revision, ...]:
-    """What ``rollback`` would undo now, newest first, read without the lock (for a prompt)."""
-    config = make_config(env)
-    script = load_scripts(config)
-    current = read_state(env, config, script).current
-    if to is None and not current:
-        return ()
-    target = to or steps_back(script, current, steps)
-    return tuple(Revision.of(s.revision) for s in plan_steps(script, target, current, up=False))
 
 
 def steps_back(script: ScriptDirectory, current: tuple[str, ...], steps: int) -> str:
@@ -206,6 +184,8 @@ def _change(
         guards.all_finished(log, env, connection)
         steps = plan(script, current)
         guards.valid_ids(step.revision.revision for step in steps)
+        if options.on_plan is not None:  # under the lock: the plan is what will run
+            options.on_plan(tuple(Revision.of(step.revision) for step in steps))
         if steps and options.backup:
             options.note(backups.before_change(env, run_of(config).url))
         if steps or renamed:

@@ -15,17 +15,30 @@ from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass, field
 from datetime import datetime, timezone
+from pathlib import Path
 from typing import TYPE_CHECKING, Any, cast
 
 from alembic.runtime.migration import MigrationContext, MigrationInfo, RevisionStep
+from alembic.script import Script
 from sqlalchemy import event
 
 from db import audit
 from db.errors import Interrupted
 
 if TYPE_CHECKING:
-    from alembic.script import Script
     from sqlalchemy import Connection
+
+
+@dataclass(frozen=True)
+class Revision:
+    id: str
+    message: str
+    transactional: bool = True  # False: it uses autocommit_block, outside a transaction
+
+    @classmethod
+    def of(cls, script: Script) -> Revision:
+        source = Path(script.path).read_text(encoding="utf-8")
+        return cls(script.revision, script.doc or "", "autocommit_block(" not in source)
 
 
 @dataclass(frozen=True)

@@ -44,7 +44,7 @@ from db.errors import (
     cause_of,
     first_line,
 )
-from db.progress import Progress, Step, Stop
+from db.progress import Progress, Revision, Step, Stop
 
 VERSION_TABLE = "alembic_version"
 _RELATIVE = re.compile(r"Relative revision ([+-]\d+) didn't produce (\d+) migrations")
@@ -60,6 +60,7 @@ class RunOptions:
     allow_env_mismatch: bool = False
     backup: bool = True  # back the database up before a change, as the env file says
     wait: float | None = None  # seconds to retry the first connection; None: CONNECT_WAIT
+    on_plan: Callable[[tuple[Revision, ...]], None] | None = None  # may refuse by raising
     on_start: Callable[[RevisionStep], None] | None = None
     on_step: Callable[[Step], None] | None = None
     on_note: Callable[[str], None] | None = None

@@ -220,3 +220,31 @@ def test_an_install_puts_no_copy_of_db_in_site_packages(tmp_path: Path) -> None:
     [wheel] = tmp_path.glob("*.whl")
     names = zipfile.ZipFile(wheel).namelist()
     assert not [name for name in names if name.startswith("db/")], names
+
+
+def test_a_confirmed_migrate_reads_the_files_and_enters_env_py_once(
+    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    """The plan is shown and confirmed inside the one run (Alembic's run_env is spied on,
+    not replaced)."""
+    from alembic.script import ScriptDirectory
+
+    from db.runner import RunOptions
+
+    env = sqlite_env(tmp_path)
+    entered: list[int] = []
+    real_run_env = ScriptDirectory.run_env
+
+    def counted(self: ScriptDirectory) -> None:
+        entered.append(1)
+        real_run_env(self)
+
+    monkeypatch.setattr(ScriptDirectory, "run_env", counted)
+    planned: list[tuple[str, ...]] = []
+
+    steps = commands.migrate(
+        env, options=RunOptions(on_plan=lambda plan: planned.append(tuple(r.id for r in plan)))
+    )
+
+    assert len(entered) == 1
+    assert planned == [(head_revision(),)] == [tuple(step.revision for step in steps)]
