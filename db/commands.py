@@ -210,8 +210,10 @@ def reset(env: Environment, options: RunOptions | None = None) -> list[Step]:
     url = env.url()
     _check_file(env, url)
     config = make_config(env, options)
-    state = read_state(env, config, load_scripts(config))
+    script = load_scripts(config)
+    state = read_state(env, config, script)
     guards.same_environment(state.log, env, options.allow_env_mismatch)
+    guards.unchanged_files(state.log, script, env, options.note)
     options.note(backups.before_change(env, url))
     if url.get_backend_name() == "sqlite":
         Path(url.database or "").unlink(missing_ok=True)

@@ -161,3 +161,14 @@ def _revision(rev: str, down: str) -> str:
     from test_errors import revision
 
     return revision(rev, down, f'op.create_table("{rev}")')
+
+
+def test_makemigration_without_a_message_gets_invokes_usage_line(project: Project) -> None:
+    """invoke checks required arguments before the task runs: its own line, exit 1 (the
+    README says so), and no traceback."""
+    result = project.invoke("makemigration")
+
+    assert result.returncode == 1
+    assert "did not receive required positional arguments: 'message'" in result.stderr
+    assert "Traceback" not in result.stderr
+    assert not [p for p in project.versions.glob("*.py") if HEAD not in p.name]
