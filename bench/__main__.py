@@ -20,13 +20,16 @@ import time
 from collections import defaultdict
 from pathlib import Path
 
-from bench import report, workspace
+from bench import pool, report, workspace
 
 PG_ADMIN = "postgresql://postgres@127.0.0.1:5432/postgres"
 
 
 def main() -> None:
     args = parse()
+    if args.pool_only:
+        print(pool.report(args.pg_admin))
+        return
     results: dict[str, dict[int, dict[str, list[float]]]] = defaultdict(
         lambda: defaultdict(lambda: defaultdict(list))
     )
@@ -42,6 +45,8 @@ def main() -> None:
         checksum_ms = workspace.checksum_validation_ms(Path(folder) / "checksums", max(args.sizes))
     machine = f"{platform.node()} {platform.machine()}, Python {platform.python_version()}"
     print(report.table(results, checksum_ms, max(args.sizes), machine))
+    if args.postgres:
+        print(pool.report(args.pg_admin))
     if args.json:
         report.write_json(Path(args.json), results, checksum_ms, machine)
     if args.png:
@@ -58,6 +63,9 @@ def parse() -> argparse.Namespace:
     parser.add_argument("--png", help="draw time against N to this PNG (needs matplotlib)")
     parser.add_argument("--pg-admin", default=PG_ADMIN, help="admin DSN (default: %(default)s)")
     parser.add_argument("--no-postgres", dest="postgres", action="store_false")
+    parser.add_argument(
+        "--pool-only", action="store_true", help="only the app's pooled engine against NullPool"
+    )
     args = parser.parse_args()
     args.sizes = [int(size) for size in args.sizes.split(",")]
     return args
