@@ -62,21 +62,22 @@ def migrate(
     debug: bool = False,
 ) -> None:
     """Upgrade the database to head, or to --to=REV."""
-    from db.commands import migrate as upgrade
+    from db import commands
 
     with reported(c, debug):
         target = environment(c, env, banner=True)
         options = run_options(lock_wait, wait, allow_env_mismatch)
         if target.protected:  # shown and confirmed inside the run, under the lock
+            findings = squawk_all(target)  # offline, so before the run: env.py cannot nest
 
             def ask(plan: tuple[Revision, ...]) -> None:
-                show_plan(target, plan)
+                show_plan(target, plan, findings)
                 if plan:
                     confirm(target, yes, "migrate", need_yes=False)
 
             options.on_plan = ask
         with on_signals(options):
-            steps = upgrade(target, to, options)
+            steps = commands.migrate(target, to, options)
         summarize("migrated", target, steps)
 
 
@@ -101,7 +102,7 @@ def rollback(
     debug: bool = False,
 ) -> None:
     """Downgrade the database by --steps revisions, or to --to=REV."""
-    from db.commands import rollback as downgrade
+    from db import commands
 
     with reported(c, debug):
         target = environment(c, env, banner=True)
@@ -116,14 +117,14 @@ def rollback(
 
             options.on_plan = ask
         with on_signals(options):
-            done = downgrade(target, steps, to or None, options)
+            done = commands.rollback(target, steps, to or None, options)
         summarize("rolled back", target, done)
 
 
 @task(help=COMMON)
 def reset(c: Context, env: str = "", debug: bool = False) -> None:
     """Drop every table and migrate from scratch (never on a protected environment)."""
-    from db.commands import reset as drop_and_migrate
+    from db import commands
 
     with reported(c, debug):
         target = environment(
@@ -131,7 +132,7 @@ def reset(c: Context, env: str = "", debug: bool = False) -> None:
         )
         options = run_options()
         with on_signals(options):
-            steps = drop_and_migrate(target, options)
+            steps = commands.reset(target, options)
         summarize("reset and migrated", target, steps)
 
 
@@ -146,14 +147,14 @@ def restore(
     c: Context, env: str = "", file: str = "", yes: bool = False, debug: bool = False
 ) -> None:
     """Put a SQLite backup from var/backups back in place of the database."""
-    from db.backups import restore as put_back
+    from db import backups
 
     with reported(c, debug):
         target = environment(c, env)
         if target.protected:
             confirm(target, yes, "restore a backup over", need_yes=True)
         announce(target)
-        used, kept = put_back(target, target.url(), Path(file).resolve() if file else None)
+        used, kept = backups.restore(target, target.url(), Path(file).resolve() if file else None)
     if kept is not None:
         print(f"  kept the database it replaced as {target.relative(kept)}", file=sys.stderr)
     print(f"{target.name}: restored {target.relative(used)}", file=sys.stderr)
@@ -180,8 +181,8 @@ def resolve(
     debug: bool = False,
 ) -> None:
     """Record how an interrupted non-transactional revision ended: --applied or --rolled-back."""
+    from db import records
     from db.errors import UsageError
-    from db.records import resolve as settle
 
     with reported(c, debug):
         if applied == rolled_back:
@@ -189,7 +190,7 @@ def resolve(
         target = environment(c, env, banner=True)
         if target.protected:
             confirm(target, yes, f"record how {revision} ended on", need_yes=False)
-        at = settle(target, revision, applied, run_options(lock_wait))
+        at = records.resolve(target, revision, applied, run_options(lock_wait))
     how = "applied" if applied else "rolled back"
     print(f"{target.name}: recorded {revision} as {how}; the database is at {at}", file=sys.stderr)
 
@@ -215,13 +216,15 @@ def stamp(
     debug: bool = False,
 ) -> None:
     """Record REV as applied without running it: adopt a database made some other way."""
-    from db.records import stamp as record
+    from db import records
 
     with reported(c, debug):
         target = environment(c, env, banner=True)
         if target.protected:
             confirm(target, yes, f"record {revision} as applied on", need_yes=False)
-        done = record(target, revision, force, run_options(lock_wait, "", allow_env_mismatch))
+        done = records.stamp(
+            target, revision, force, run_options(lock_wait, "", allow_env_mismatch)
+        )
     for gap in done.differences:
         print(f"  differs (--force): {gap}", file=sys.stderr)
     print(f"{target.name}: recorded {done.revision} as applied, not run", file=sys.stderr)
@@ -244,13 +247,13 @@ def accept_changes(
     debug: bool = False,
 ) -> None:
     """Record the new checksum of an applied revision's deliberately edited file."""
-    from db.records import accept_changes as accept
+    from db import records
 
     with reported(c, debug):
         target = environment(c, env, banner=True)
         if target.protected:
             confirm(target, yes, f"accept the edited file of {revision} on", need_yes=False)
-        done = accept(target, revision, run_options(lock_wait))
+        done = records.accept_changes(target, revision, run_options(lock_wait))
     if done.changed:
         print(f"{target.name}: accepted {done.revision} as it is now", file=sys.stderr)
     else:
@@ -299,11 +302,11 @@ def offline_sql(
     debug: bool = False,
 ) -> None:
     """Print the SQL of a range of revisions, without connecting to any database."""
-    from db.authoring import offline_sql as render
+    from db import authoring
 
     with reported(c, debug):
         target = environment(c, env)
-        sql = render(target, from_ or None, to)
+        sql = authoring.offline_sql(target, from_ or None, to)
     if output:
         Path(output).write_text(sql, encoding="utf-8")
         print(f"wrote the SQL for {target.name} to {output}", file=sys.stderr)
@@ -322,11 +325,11 @@ def status(
     c: Context, env: str = "", json_: bool = False, check: bool = False, debug: bool = False
 ) -> None:
     """Show the current revision, the head, and the pending revisions in order."""
-    from db.commands import status as read_status
+    from db import commands
 
     with reported(c, debug):
         target = environment(c, env, banner=True)
-        found = read_status(target, run_options())
+        found = commands.status(target, run_options())
     if json_:
         print_json({"environment": target.name, **asdict(found), "up_to_date": not found.pending})
     else:
@@ -344,10 +347,10 @@ def status(
 @task(help={**COMMON, "json": "print the history as JSON (fields in the README)"})
 def history(c: Context, env: str = "", json_: bool = False, debug: bool = False) -> None:
     """List every revision, newest first: applied ones with when and by whom."""
-    from db.commands import history as read_history
+    from db import commands
 
     with reported(c, debug):
-        entries = read_history(environment(c, env, banner=True))
+        entries = commands.history(environment(c, env, banner=True))
     if json_:
         print_json([asdict(entry) for entry in entries])
         return
@@ -369,13 +372,13 @@ def history(c: Context, env: str = "", json_: bool = False, debug: bool = False)
 )
 def lint(c: Context, env: str = "prod", all_: bool = False, debug: bool = False) -> None:
     """Lint the PostgreSQL SQL of the pending (or --all) revisions with squawk."""
-    from db.commands import status as read_status
-    from db.lint import lint as run_squawk
+    from db import commands, lint
 
     with reported(c, debug):
         target = environment(c, env, banner=not all_)
-        revisions = None if all_ else [rev.id for rev in read_status(target, run_options()).pending]
-        findings = run_squawk(target, revisions)
+        pending = None if all_ else commands.status(target, run_options()).pending
+        revisions = None if pending is None else [rev.id for rev in pending]
+        findings = lint.lint(target, revisions)
     print_findings(findings)
     if findings:
         raise Exit(
@@ -388,10 +391,10 @@ def lint(c: Context, env: str = "prod", all_: bool = False, debug: bool = False)
 @task(help=COMMON)
 def check(c: Context, env: str = "", debug: bool = False) -> None:
     """Fail when models and database differ, there are several heads, or applied files changed."""
-    from db.review import check as find_problems
+    from db import review
 
     with reported(c, debug):
-        problems = find_problems(environment(c, env, banner=True))
+        problems = review.check(environment(c, env, banner=True))
     for problem in problems:
         print(f"  {problem}", file=sys.stderr)
     if problems:
@@ -407,23 +410,23 @@ def check(c: Context, env: str = "", debug: bool = False) -> None:
 )
 def merge(c: Context, message: str = "merge heads", debug: bool = False) -> None:
     """Write a revision that joins the heads into one."""
-    from db.authoring import merge as join_heads
+    from db import authoring
 
     with reported(c, debug):
-        written = join_heads(environment(c, ""), message)
+        written = authoring.merge(environment(c, ""), message)
     print(f"wrote {written.relative_to(ROOT)}", file=sys.stderr)
 
 
 @task(help=COMMON)
 def seed(c: Context, env: str = "", debug: bool = False) -> None:
     """Fill the database with a small sample shop (idempotent; never on protected envs)."""
-    from db.seed import seed as fill
+    from db import seed
 
     with reported(c, debug):
         target = environment(
             c, env, banner=True, refuse_protected="seed data is for development databases"
         )
-        added = fill(target)
+        added = seed.seed(target)
     counts = ", ".join(f"{count} {kind}" for kind, count in added.items())
     print(f"{target.name}: added {counts}", file=sys.stderr)
 
@@ -548,17 +551,25 @@ def confirm(env: Environment, yes: bool, action: str, *, need_yes: bool) -> None
         raise GuardRefused("the name did not match; nothing was changed")
 
 
-def show_plan(env: Environment, plan: tuple[Revision, ...]) -> None:
+def squawk_all(env: Environment) -> list[Finding] | None:
+    """On PostgreSQL, what squawk says of every revision (the plan shows its own part)."""
+    if env.url().get_backend_name() != "postgresql":
+        return None
+    from db import lint
+
+    return lint.lint(env)
+
+
+def show_plan(env: Environment, plan: tuple[Revision, ...], findings: list[Finding] | None) -> None:
     """The pending revisions, and on PostgreSQL what squawk says of them."""
     print(f"plan: {len(plan) or 'nothing'} to apply", file=sys.stderr)
     for rev in plan:
         print(f"  {rev.id}  {rev.message}{marker(rev)}", file=sys.stderr)
-    if plan and env.url().get_backend_name() == "postgresql":
-        from db.lint import lint as run_squawk
-
-        findings = run_squawk(env, [rev.id for rev in plan])
-        print(f"lint: {len(findings) or 'no'} finding(s)", file=sys.stderr)
-        print_findings(findings, file=sys.stderr)
+    if plan and findings is not None:
+        planned = {rev.id for rev in plan}
+        mine = [found for found in findings if found.revision in planned]
+        print(f"lint: {len(mine) or 'no'} finding(s)", file=sys.stderr)
+        print_findings(mine, file=sys.stderr)
 
 
 def print_findings(findings: list[Finding], file: TextIO = sys.stdout) -> None:
