@@ -28,6 +28,7 @@ if TYPE_CHECKING:
     from alembic.runtime.migration import RevisionStep
 
     from db.environments import Environment
+    from db.fleet import Outcome
     from db.lint import Finding
     from db.progress import Revision
     from db.runner import RunOptions, Step
@@ -47,10 +48,23 @@ RUN = {
     "wait": "seconds to keep retrying the first connection (default: CONNECT_WAIT or 0)",
     "allow_env_mismatch": "run although the database was last migrated under another env name",
 }
+FLEET = {
+    "only": "on a fleet: only targets matching these globs, e.g. --only='shop_a*,beta'",
+    "jobs": "on a fleet: targets at once (default: two per core, at most the targets)",
+}
 YES = "confirm a protected environment without a prompt (needed where there is no terminal)"
 
 
-@task(help={**COMMON, **RUN, "to": "revision to reach: head, an id, a prefix, or +N", "yes": YES})
+@task(
+    help={
+        **COMMON,
+        **RUN,
+        **FLEET,
+        "to": "revision to reach: head, an id, a prefix, or +N",
+        "yes": YES,
+        "keep_going": "on a fleet: migrate every target it can, past a failed one",
+    }
+)
 def migrate(
     c: Context,
     env: str = "",
@@ -59,13 +73,21 @@ def migrate(
     lock_wait: str = "",
     wait: str = "",
     allow_env_mismatch: bool = False,
+    only: str = "",
+    jobs: int = 0,
+    keep_going: bool = False,
     debug: bool = False,
 ) -> None:
-    """Upgrade the database to head, or to --to=REV."""
-    from db import commands
+    """Upgrade the database to head, or to --to=REV (every target of a fleet)."""
+    from db import commands, fleet
 
     with reported(c, debug):
         target = environment(c, env, banner=True)
+        if fleet.is_fleet(target):
+            if target.protected:
+                confirm(target, yes, "migrate every target of", need_yes=False)
+            run_fleet(target, "migrate", only, jobs, keep_going, to)
+            return
         options = run_options(lock_wait, wait, allow_env_mismatch)
         if target.protected:  # shown and confirmed inside the run, under the lock
             findings = squawk_all(target)  # offline, so before the run: env.py cannot nest
@@ -317,18 +339,32 @@ def offline_sql(
 @task(
     help={
         **COMMON,
+        **FLEET,
         "json": "print the status as JSON (fields in the README)",
         "check": "exit with code 5 when revisions are pending, for deploy scripts",
     }
 )
 def status(
-    c: Context, env: str = "", json_: bool = False, check: bool = False, debug: bool = False
+    c: Context,
+    env: str = "",
+    json_: bool = False,
+    check: bool = False,
+    only: str = "",
+    jobs: int = 0,
+    debug: bool = False,
 ) -> None:
     """Show the current revision, the head, and the pending revisions in order."""
-    from db import commands
+    from db import commands, fleet
 
     with reported(c, debug):
         target = environment(c, env, banner=True)
+        if fleet.is_fleet(target):
+            outcomes = run_fleet(target, "status", only, jobs, keep_going=True, quiet=json_)
+            if json_:
+                print_json({"environment": target.name, "targets": fleet_json(outcomes)})
+            if check and any(o.pending or o.state == "failed" for o in outcomes):
+                raise Exit(f"{target.name}: targets behind head", code=check_failed())
+            return
         found = commands.status(target, run_options())
     if json_:
         print_json({"environment": target.name, **asdict(found), "up_to_date": not found.pending})
@@ -470,6 +506,68 @@ def environment(
     return loaded
 
 
+def run_fleet(
+    env: Environment,
+    task_name: str,
+    only: str,
+    jobs: int,
+    keep_going: bool,
+    to: str = "head",
+    *,
+    quiet: bool = False,
+) -> list[Outcome]:
+    """Run a task on every target of a fleet, a line per target, then a summary."""
+    from collections import Counter
+
+    from db import fleet
+
+    names = fleet.targets(env, only)
+    width, seen = len(str(len(names))), [0]
+
+    def line(outcome: Outcome) -> None:
+        seen[0] += 1
+        where = ", ".join(outcome.current) or "base"
+        text = {
+            "migrated": f"migrated: {outcome.detail}",
+            "up to date": f"already at {where}",
+            "read": f"at {where}, {outcome.pending or 'nothing'} pending",
+            "failed": f"failed: {outcome.detail}",
+        }.get(outcome.state, outcome.state)
+        out = sys.stderr if quiet else (sys.stdout if task_name == "status" else sys.stderr)
+        if not quiet:
+            print(f"[{seen[0]:>{width}}/{len(names)} {outcome.target}] {text}", file=out)
+
+    jobs = jobs or fleet.default_jobs(len(names))
+    outcomes = fleet.run(
+        env, os.environ, task_name, names, jobs=jobs, keep_going=keep_going, to=to, on_done=line
+    )
+    states = Counter(o.state for o in outcomes)
+    versions = Counter(", ".join(o.current) or "base" for o in outcomes if o.state != "failed")
+    skew = ", ".join(f"{count} at {rev}" for rev, count in versions.most_common())
+    summary = ", ".join(f"{count} {state}" for state, count in states.items())
+    print(f"{env.name}: {len(names)} targets: {summary} ({skew or 'none read'})", file=sys.stderr)
+    for failed in (o for o in outcomes if o.state == "failed"):
+        print(f"  {failed.target}: {failed.detail}", file=sys.stderr)
+    code = fleet.exit_code(outcomes)
+    if code and task_name != "status":
+        raise Exit(f"error: {states['failed']} target(s) failed; rerun to retry them", code=code)
+    return outcomes
+
+
+def fleet_json(outcomes: list[Outcome]) -> list[dict[str, object]]:
+    return [
+        {
+            "target": o.target,
+            "current": list(o.current),
+            "heads": list(o.heads),
+            "pending": o.pending,
+            "up_to_date": o.state != "failed" and not o.pending,
+            "error": o.detail if o.state == "failed" else None,
+        }
+        for o in outcomes
+    ]
+
+
 def check_failed() -> int:
     """The exit code of a check that found something (pending revisions, problems, lint)."""
     from db.errors import CheckFailed
@@ -480,7 +578,8 @@ def check_failed() -> int:
 def announce(env: Environment) -> None:
     from db.environments import mask
 
-    print(f"[{env.name}] {mask(env.url())}", file=sys.stderr)
+    shown = mask(env.url()).replace("%7Btarget%7D", "{target}")  # a fleet's URL template
+    print(f"[{env.name}] {shown}", file=sys.stderr)
 
 
 @contextmanager

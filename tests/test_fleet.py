@@ -1,0 +1,126 @@
+"""Fleets: one environment, many databases, migrated in parallel by worker processes."""
+
+from __future__ import annotations
+
+import json
+import sqlite3
+import uuid
+from collections.abc import Iterator
+from contextlib import closing
+
+import pytest
+from conftest import Project, head_revision, pg_execute, pg_fetch, popen
+
+HEAD = head_revision()
+SHOPS = ("alpha", "beta", "gamma")
+
+
+@pytest.fixture
+def fleet(project: Project) -> Project:
+    project.write_env(
+        "shops", "DATABASE_URL=sqlite:///var/shops/{target}.sqlite3\nTARGETS=alpha, beta gamma\n"
+    )
+    return project
+
+
+def at(project: Project, shop: str) -> list[str]:
+    path = project.root / "var" / "shops" / f"{shop}.sqlite3"
+    with closing(sqlite3.connect(path)) as db:
+        tables = {row[0] for row in db.execute("select name from sqlite_master where type='table'")}
+        if "alembic_version" not in tables:
+            return []
+        return [row[0] for row in db.execute("select version_num from alembic_version")]
+
+
+def test_every_target_is_migrated_and_status_reads_them_all(fleet: Project) -> None:
+    result = fleet.ok("migrate", "--env=shops")
+
+    assert "[shops] sqlite:///" in result.stderr and "{target}.sqlite3" in result.stderr
+    assert result.stderr.count(f"migrated: {HEAD}") == 3
+    assert "3 targets: 3 migrated (3 at " in result.stderr
+    assert all(at(fleet, shop) == [HEAD] for shop in SHOPS)
+    status = fleet.ok("status", "--env=shops", "--json")
+    targets = json.loads(status.stdout)["targets"]
+    assert [t["target"] for t in targets] == list(SHOPS)
+    assert all(t["up_to_date"] and t["current"] == [HEAD] for t in targets)
+    again = fleet.ok("migrate", "--env=shops").stderr
+    assert again.count(f"already at {HEAD}") == 3
+
+
+def test_only_selects_targets_by_glob(fleet: Project) -> None:
+    fleet.ok("migrate", "--env=shops", "--only=a*,gam*")
+
+    assert at(fleet, "alpha") == [HEAD] and at(fleet, "gamma") == [HEAD]
+    assert not (fleet.root / "var" / "shops" / "beta.sqlite3").exists()
+    assert "no target matches" in fleet.fails("status", "--env=shops", "--only=zz*")
+
+
+def break_beta(project: Project) -> None:
+    (project.root / "var" / "shops").mkdir(parents=True)
+    with closing(sqlite3.connect(project.root / "var" / "shops" / "beta.sqlite3")) as db:
+        db.execute("create table categories (id integer)")  # the first revision conflicts
+
+
+def test_a_failed_target_stops_new_ones_and_is_named(fleet: Project) -> None:
+    break_beta(fleet)
+
+    result = fleet.invoke("migrate", "--env=shops", "--jobs=1")
+
+    assert result.returncode == 6, result.stderr
+    assert "[2/3 beta] failed: upgrade of revision" in result.stderr
+    assert "  beta: upgrade of revision" in result.stderr
+    assert at(fleet, "alpha") == [HEAD] and at(fleet, "beta") == []
+    assert not (fleet.root / "var" / "shops" / "gamma.sqlite3").exists()  # skipped
+    assert "1 skipped" in result.stderr and "Traceback" not in result.stderr
+
+
+def test_keep_going_migrates_the_rest_and_a_rerun_only_the_fixed(fleet: Project) -> None:
+    break_beta(fleet)
+
+    result = fleet.invoke("migrate", "--env=shops", "--jobs=1", "--keep-going")
+
+    assert result.returncode == 6, result.stderr
+    assert at(fleet, "alpha") == [HEAD] == at(fleet, "gamma") and at(fleet, "beta") == []
+    with closing(sqlite3.connect(fleet.root / "var" / "shops" / "beta.sqlite3")) as db:
+        db.execute("drop table categories")
+    rerun = fleet.ok("migrate", "--env=shops").stderr
+    assert rerun.count("already at") == 2 and "[" in rerun and f"beta] migrated: {HEAD}" in rerun
+
+
+@pytest.fixture
+def pg_fleet(project: Project, pg_server: str) -> Iterator[tuple[Project, str]]:
+    prefix = f"fleet_{uuid.uuid4().hex[:8]}"
+    for shop in SHOPS:
+        pg_execute(pg_server, f'CREATE DATABASE "{prefix}_{shop}"')
+    base = pg_server.rsplit("/", 1)[0]
+    url = f"{base.replace('postgresql://', 'postgresql+asyncpg://')}/{prefix}_{{target}}"
+    project.write_env("shops", f"DATABASE_URL={url}\nTARGETS={','.join(SHOPS)}\n")
+    yield project, f"{base}/{prefix}"
+    for shop in SHOPS:
+        pg_execute(pg_server, f'DROP DATABASE IF EXISTS "{prefix}_{shop}" WITH (FORCE)')
+
+
+@pytest.mark.postgres
+def test_two_runs_at_once_migrate_each_postgres_target_exactly_once(
+    pg_fleet: tuple[Project, str],
+) -> None:
+    project, dsn_prefix = pg_fleet
+
+    runs = [popen(project, "migrate", "--env=shops") for _ in range(2)]
+    results = [(run.wait(timeout=120), run.communicate()[1]) for run in runs]
+
+    assert [code for code, _ in results] == [0, 0], results
+    for shop in SHOPS:
+        rows = pg_fetch(f"{dsn_prefix}_{shop}", "select revision, direction from migration_log")
+        assert [(r["revision"], r["direction"]) for r in rows] == [(HEAD, "up")]
+
+
+def test_targets_can_come_from_a_file(project: Project) -> None:
+    (project.root / "shops.txt").write_text("# one shop a line\nalpha\n\ngamma  # comment\n")
+    url = "sqlite:///var/shops/{target}.sqlite3"
+    project.write_env("shops", f"DATABASE_URL={url}\nTARGETS_FILE=shops.txt\n")
+
+    result = project.ok("migrate", "--env=shops")
+
+    assert "2 targets: 2 migrated" in result.stderr
+    assert at(project, "alpha") == [HEAD] == at(project, "gamma")
