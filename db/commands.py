@@ -16,7 +16,7 @@ from sqlalchemy import Connection, text
 from sqlalchemy.engine import URL
 
 from db import audit, backups, guards
-from db.engines import CONNECT_TIMEOUT, connect_async, make_async_engine, run_coroutine
+from db.engines import connect_async, make_async_engine, run_coroutine
 from db.environments import Environment
 from db.errors import DbError, GuardRefused, RevisionError
 from db.progress import Revision
@@ -228,7 +228,7 @@ def _check_file(env: Environment, url: URL) -> None:
 
 
 async def _drop_public_schema(env: Environment, url: URL) -> None:
-    engine = make_async_engine(url, connect_timeout=env.number("CONNECT_TIMEOUT", CONNECT_TIMEOUT))
+    engine = make_async_engine(url, connect_timeout=env.connect_timeout)
     try:
         async with connect_async(engine) as connection:
             await connection.execute(text("DROP SCHEMA public CASCADE"))

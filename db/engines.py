@@ -17,14 +17,13 @@ from sqlalchemy import Connection, Engine, create_engine, event, pool
 from sqlalchemy.engine import URL
 from sqlalchemy.exc import DBAPIError
 
-from db.environments import mask
+from db.environments import CONNECT_TIMEOUT, mask
 from db.errors import ConnectError, cause_of, first_line
 
 if TYPE_CHECKING:
     from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
 T = TypeVar("T")
-CONNECT_TIMEOUT = 10.0
 _CONNECT_ERRORS = (DBAPIError, OSError, asyncio.TimeoutError)
 
 

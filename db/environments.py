@@ -18,6 +18,7 @@ from sqlalchemy.exc import ArgumentError
 from db.errors import ConfigError
 
 ENV_DIR = "environments"
+CONNECT_TIMEOUT = 10.0  # seconds, unless the env file says otherwise
 SECRET_KEYS = ("DATABASE_URL", "MIGRATION_URL", "DATABASE_PASSWORD")
 SUPPORTED_DRIVERS = ("sqlite", "sqlite+pysqlite", "postgresql+asyncpg")
 _NAME = re.compile(r"[A-Za-z0-9_-]+")
@@ -77,6 +78,11 @@ class Environment:
             where = self.relative(self.sources[key])
             raise ConfigError(f"{where}: {key} must be a number, 0 or more, not {text!r}")
         return value
+
+    @property
+    def connect_timeout(self) -> float:
+        """``CONNECT_TIMEOUT``: seconds to wait for the server to accept a connection."""
+        return self.number("CONNECT_TIMEOUT", CONNECT_TIMEOUT)
 
     def relative(self, path: Path) -> str:
         return str(path.relative_to(self.root)) if path.is_relative_to(self.root) else str(path)

@@ -32,8 +32,8 @@ from sqlalchemy.exc import (
 )
 
 from db import revision_files
-from db.engines import CONNECT_TIMEOUT, with_connection
-from db.environments import ENV_DIR, Environment, mask
+from db.engines import with_connection
+from db.environments import CONNECT_TIMEOUT, ENV_DIR, Environment, mask
 from db.errors import (
     BrokenRevisions,
     DbError,
@@ -47,6 +47,7 @@ from db.errors import (
 from db.progress import Progress, Revision, Step, Stop
 
 VERSION_TABLE = "alembic_version"
+LOCK_WAIT = 60.0  # seconds a run waits for another run's migration lock, by default
 _RELATIVE = re.compile(r"Relative revision ([+-]\d+) didn't produce (\d+) migrations")
 _FOLLOW_UPS = (PendingRollbackError, ResourceClosedError, InterfaceError)
 __all__ = ["Progress", "Run", "RunOptions", "Step", "Stop", "make_config", "run_env"]
@@ -56,7 +57,7 @@ __all__ = ["Progress", "Run", "RunOptions", "Step", "Stop", "make_config", "run_
 class RunOptions:
     """What the caller asks of one run, beyond the environment's own settings."""
 
-    lock_wait: float = 60.0  # seconds to wait for another run's migration lock
+    lock_wait: float = LOCK_WAIT  # seconds to wait for another run's migration lock
     allow_env_mismatch: bool = False
     backup: bool = True  # back the database up before a change, as the env file says
     wait: float | None = None  # seconds to retry the first connection; None: CONNECT_WAIT
@@ -81,7 +82,7 @@ class Run:
     connect_timeout: float = CONNECT_TIMEOUT
     wait: float = 0.0
     lock: bool = False  # take the migration lock: only runs that change the database
-    lock_wait: float = 60.0
+    lock_wait: float = LOCK_WAIT
     session_settings: dict[str, str] = field(default_factory=dict)
     note: Callable[[str], None] = field(default=lambda _text: None)
     models: bool = False  # import db.models: only autogenerate and check compare against them
@@ -110,7 +111,7 @@ def make_config(
         environment=env.name,
         url=url,
         env_file=f"{ENV_DIR}/{env.name}.env",
-        connect_timeout=env.number("CONNECT_TIMEOUT", CONNECT_TIMEOUT),
+        connect_timeout=env.connect_timeout,
         wait=options.wait if options.wait is not None else env.number("CONNECT_WAIT", 0),
         lock=lock,
         lock_wait=options.lock_wait,

@@ -6,7 +6,7 @@ from typing import Any
 
 from sqlalchemy import Connection, inspect
 
-from db.engines import CONNECT_TIMEOUT, with_connection
+from db.engines import with_connection
 from db.environments import Environment
 
 Schema = dict[str, dict[str, Any]]
@@ -15,7 +15,7 @@ TOOL_TABLES = {"alembic_version", "migration_log"}
 
 def snapshot(env: Environment) -> Schema:
     """Each table's columns (kind, nullable), primary key, foreign keys, uniques, indexes."""
-    timeout = env.number("CONNECT_TIMEOUT", CONNECT_TIMEOUT)
+    timeout = env.connect_timeout
     return with_connection(env.url(), picture, connect_timeout=timeout)
 
 

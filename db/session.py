@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from sqlalchemy.ext.asyncio import AsyncEngine, AsyncSession, async_sessionmaker
 
-from db.engines import CONNECT_TIMEOUT, make_async_engine
+from db.engines import make_async_engine
 from db.environments import Environment
 
 _ASYNC_DRIVERS = {"sqlite": "sqlite+aiosqlite", "sqlite+pysqlite": "sqlite+aiosqlite"}
@@ -19,9 +19,7 @@ def async_engine(env: Environment) -> AsyncEngine:
     url = env.url(app=True)
     url = url.set(drivername=_ASYNC_DRIVERS.get(url.drivername, url.drivername))
     pool = {key.lower(): env.number(key, default) for key, default in POOL_DEFAULTS.items()}
-    return make_async_engine(
-        url, connect_timeout=env.number("CONNECT_TIMEOUT", CONNECT_TIMEOUT), pool=pool
-    )
+    return make_async_engine(url, connect_timeout=env.connect_timeout, pool=pool)
 
 
 def session_factory(env: Environment) -> async_sessionmaker[AsyncSession]:
