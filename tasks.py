@@ -63,6 +63,7 @@ YES = "confirm a protected environment without a prompt (needed where there is n
         "to": "revision to reach: head, an id, a prefix, or +N",
         "yes": YES,
         "keep_going": "on a fleet: migrate every target it can, past a failed one",
+        "canary": "on a fleet: migrate this many targets first, the rest only if they all succeed",
     }
 )
 def migrate(
@@ -76,6 +77,7 @@ def migrate(
     only: str = "",
     jobs: int = 0,
     keep_going: bool = False,
+    canary: int = 0,
     debug: bool = False,
 ) -> None:
     """Upgrade the database to head, or to --to=REV (every target of a fleet)."""
@@ -86,7 +88,7 @@ def migrate(
         if fleet.is_fleet(target):
             if target.protected:
                 confirm(target, yes, "migrate every target of", need_yes=False)
-            run_fleet(target, "migrate", only, jobs, keep_going, to)
+            run_fleet(target, "migrate", only, jobs, keep_going, to, canary=canary)
             return
         options = run_options(lock_wait, wait, allow_env_mismatch)
         if target.protected:  # shown and confirmed inside the run, under the lock
@@ -514,6 +516,7 @@ def run_fleet(
     keep_going: bool,
     to: str = "head",
     *,
+    canary: int = 0,
     quiet: bool = False,
 ) -> list[Outcome]:
     """Run a task on every target of a fleet, a line per target, then a summary."""
@@ -539,7 +542,15 @@ def run_fleet(
 
     jobs = jobs or fleet.default_jobs(len(names))
     outcomes = fleet.run(
-        env, os.environ, task_name, names, jobs=jobs, keep_going=keep_going, to=to, on_done=line
+        env,
+        os.environ,
+        task_name,
+        names,
+        jobs=jobs,
+        keep_going=keep_going,
+        canary=canary,
+        to=to,
+        on_done=line,
     )
     states = Counter(o.state for o in outcomes)
     versions = Counter(", ".join(o.current) or "base" for o in outcomes if o.state != "failed")

@@ -19,8 +19,10 @@ from concurrent.futures import FIRST_COMPLETED, Future, ProcessPoolExecutor, wai
 from dataclasses import dataclass, replace
 from pathlib import Path
 
+from sqlalchemy.exc import DBAPIError
+
 from db.environments import Environment, load_environment
-from db.errors import ConfigError, DbError
+from db.errors import ConfigError, DbError, first_line
 
 PLACEHOLDER = "{target}"
 _NAME = re.compile(r"[A-Za-z0-9_.-]+")
@@ -41,12 +43,14 @@ class Outcome:
 
 
 def is_fleet(env: Environment) -> bool:
-    return bool(env.get("TARGETS").strip() or env.get("TARGETS_FILE").strip())
+    return any(env.get(key).strip() for key in ("TARGETS", "TARGETS_FILE", "TARGETS_QUERY"))
 
 
 def targets(env: Environment, only: str = "") -> list[str]:
     """The fleet's target names, in order, narrowed to those matching ``only`` (globs)."""
-    if env.get("TARGETS_FILE").strip():
+    if env.get("TARGETS_QUERY").strip():
+        names = _from_catalog(env)
+    elif env.get("TARGETS_FILE").strip():
         path = env.root / env.get("TARGETS_FILE").strip()
         try:
             text = path.read_text(encoding="utf-8")
@@ -70,6 +74,26 @@ def targets(env: Environment, only: str = "") -> list[str]:
     return chosen
 
 
+def _from_catalog(env: Environment) -> list[str]:
+    """Target names from ``TARGETS_QUERY`` (its first column) run on ``TARGETS_DATABASE_URL``."""
+    from sqlalchemy import Connection, text
+
+    from db.engines import with_connection
+
+    if not env.get("TARGETS_DATABASE_URL"):
+        raise ConfigError(f"{env.name}: TARGETS_QUERY needs TARGETS_DATABASE_URL, the catalog")
+    catalog = replace(env, values={**env.values, "DATABASE_URL": env.get("TARGETS_DATABASE_URL")})
+    catalog_url = catalog.url(app=True)
+
+    def names(connection: Connection) -> list[str]:
+        return [str(row[0]) for row in connection.execute(text(env.get("TARGETS_QUERY")))]
+
+    try:
+        return with_connection(catalog_url, names, connect_timeout=env.connect_timeout)
+    except DBAPIError as exc:
+        raise ConfigError(f"{env.name}: TARGETS_QUERY failed: {first_line(exc)}") from None
+
+
 def target(env: Environment, name: str) -> Environment:
     """The environment of one target: ``{target}`` filled in its URLs."""
     values = dict(env.values)
@@ -87,14 +111,27 @@ def run(
     *,
     jobs: int,
     keep_going: bool = False,
+    canary: int = 0,
     to: str = "head",
     on_done: Callable[[Outcome], None] | None = None,
 ) -> list[Outcome]:
     """``task`` (migrate or status) on every target, ``jobs`` at a time, in worker processes.
 
     By default the first failure stops new targets from starting (those are ``skipped``);
-    ``keep_going`` runs them all. Outcomes come back in the order of ``names``.
+    ``keep_going`` runs them all. ``canary``: the first N targets go first, and the rest
+    only if all N succeeded. Outcomes come back in the order of ``names``.
     """
+    if canary:
+
+        def batch(chosen: list[str]) -> list[Outcome]:
+            return run(
+                env, environ, task, chosen, jobs=jobs, keep_going=keep_going, to=to, on_done=on_done
+            )
+
+        first = batch(names[:canary])
+        if any(outcome.state == "failed" for outcome in first):
+            return first + [Outcome(n, "skipped", "a canary failed") for n in names[canary:]]
+        return first + batch(names[canary:])
     done: dict[str, Outcome] = {}
     waiting, where = list(reversed(names)), (env.root, env.name, dict(environ))
     context = multiprocessing.get_context("fork")  # workers start from this process's state

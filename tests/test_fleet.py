@@ -124,3 +124,43 @@ def test_targets_can_come_from_a_file(project: Project) -> None:
 
     assert "2 targets: 2 migrated" in result.stderr
     assert at(project, "alpha") == [HEAD] == at(project, "gamma")
+
+
+def test_a_failed_canary_keeps_the_rest_untouched(fleet: Project) -> None:
+    (fleet.root / "var" / "shops").mkdir(parents=True)
+    with closing(sqlite3.connect(fleet.root / "var" / "shops" / "alpha.sqlite3")) as db:
+        db.execute("create table categories (id integer)")
+
+    result = fleet.invoke("migrate", "--env=shops", "--canary=1", "--keep-going")
+
+    assert result.returncode == 6, result.stderr
+    assert "2 skipped" in result.stderr
+    assert not (fleet.root / "var" / "shops" / "beta.sqlite3").exists()
+    ok = fleet.ok("migrate", "--env=shops", "--canary=1", "--only=beta,gamma")
+    assert "2 migrated" in ok.stderr
+
+
+def test_targets_can_come_from_a_catalog_query(project: Project) -> None:
+    (project.root / "var").mkdir()
+    with closing(sqlite3.connect(project.root / "var" / "catalog.sqlite3")) as db:
+        db.execute("create table shops (slug text, active int)")
+        db.executemany("insert into shops values (?, ?)", [("alpha", 1), ("beta", 0), ("gamma", 1)])
+        db.commit()
+    project.write_env(
+        "shops",
+        "DATABASE_URL=sqlite:///var/shops/{target}.sqlite3\n"
+        "TARGETS_DATABASE_URL=sqlite:///var/catalog.sqlite3\n"
+        "TARGETS_QUERY=select slug from shops where active = 1 order by slug\n",
+    )
+
+    result = project.ok("migrate", "--env=shops")
+
+    assert "2 targets: 2 migrated" in result.stderr
+    assert at(project, "alpha") == [HEAD] == at(project, "gamma")
+    project.write_env(
+        "shops",
+        "DATABASE_URL=sqlite:///var/shops/{target}.sqlite3\n"
+        "TARGETS_DATABASE_URL=sqlite:///var/catalog.sqlite3\n"
+        "TARGETS_QUERY=select slug from nowhere\n",
+    )
+    assert "TARGETS_QUERY failed: no such table: nowhere" in project.fails("status", "--env=shops")
