@@ -107,3 +107,26 @@ def test_wrong_password_is_a_clear_error_without_the_password(
     assert f"cannot connect to postgresql+asyncpg://shop:***@127.0.0.1:{shop_role}/shop" in error
     assert 'password authentication failed for user "shop"' in error
     assert "Not-The-Pa55word" not in error
+
+
+def test_a_fleet_never_prints_a_targets_password(project: Project, shop_role: int) -> None:
+    """Two targets on the password-checking server, one of which does not exist."""
+    admin = f"postgresql://postgres:{ADMIN_PASSWORD}@127.0.0.1:{shop_role}/postgres"
+    pg_execute(admin, "CREATE DATABASE shop_alpha OWNER shop")
+    try:
+        project.write_env(
+            "shops",
+            f"DATABASE_URL=postgresql+asyncpg://shop@127.0.0.1:{shop_role}/shop_{{target}}\n"
+            "DATABASE_PASSWORD=${SHOP_PASSWORD}\nTARGETS=alpha, missing\n",
+        )
+        migrated = project.invoke("migrate", "--env=shops", "--keep-going", SHOP_PASSWORD=NASTY)
+        status = project.invoke("status", "--env=shops", "--json", SHOP_PASSWORD=NASTY)
+
+        assert migrated.returncode == 6, migrated.stderr
+        assert "alpha] migrated" in migrated.stderr
+        assert 'database "shop_missing" does not exist' in migrated.stderr
+        for result in (migrated, status):
+            printed = result.stdout + result.stderr
+            assert NASTY not in printed and quote(NASTY, safe="") not in printed
+    finally:
+        pg_execute(admin, "DROP DATABASE IF EXISTS shop_alpha WITH (FORCE)")
