@@ -14,6 +14,7 @@ import fnmatch
 import multiprocessing
 import os
 import re
+from collections import Counter
 from collections.abc import Callable, Mapping
 from concurrent.futures import FIRST_COMPLETED, Future, ProcessPoolExecutor, wait
 from dataclasses import dataclass, replace
@@ -134,12 +135,13 @@ def run(
         return first + batch(names[canary:])
     done: dict[str, Outcome] = {}
     waiting, where = list(reversed(names)), (env.root, env.name, dict(environ))
+    hosts = {name: _host(target(env, name)) for name in names}
+    cap = int(env.number("MAX_CONNECTIONS_PER_HOST", 0)) or jobs
     context = multiprocessing.get_context("fork")  # workers start from this process's state
     with ProcessPoolExecutor(max_workers=max(1, jobs), mp_context=context) as pool:
         running: dict[Future[Outcome], str] = {}
         while waiting or running:
-            while waiting and len(running) < jobs:  # at most jobs handed out: others can wait
-                name = waiting.pop()
+            while len(running) < jobs and (name := _next(waiting, running, hosts, cap)):
                 running[pool.submit(_work, *where, name, task, to)] = name
             finished, _ = wait(running, return_when=FIRST_COMPLETED)
             for future in finished:
@@ -148,11 +150,26 @@ def run(
                 if on_done is not None:
                     on_done(outcome)
                 if outcome.state == "failed" and not keep_going:
-                    done.update(
-                        {name: Outcome(name, "skipped", "after a failure") for name in waiting}
-                    )
+                    skipped = (Outcome(name, "skipped", "after a failure") for name in waiting)
+                    done.update({outcome.target: outcome for outcome in skipped})
                     waiting.clear()
     return [done[name] for name in names]
+
+
+def _next(
+    waiting: list[str], running: dict[Future[Outcome], str], hosts: dict[str, str], cap: int
+) -> str | None:
+    """The next waiting target whose server has fewer than ``cap`` targets running."""
+    busy = Counter(hosts[name] for name in running.values())
+    for index in range(len(waiting) - 1, -1, -1):  # the list is reversed: the end is next
+        if busy[hosts[waiting[index]]] < cap:
+            return waiting.pop(index)
+    return None
+
+
+def _host(env: Environment) -> str:
+    url = env.url(need_secrets=False)
+    return f"{url.host}:{url.port or 5432}" if url.host else "local files"
 
 
 def exit_code(outcomes: list[Outcome]) -> int:

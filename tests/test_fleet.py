@@ -10,6 +10,7 @@ from contextlib import closing
 
 import pytest
 from conftest import Project, head_revision, pg_execute, pg_fetch, popen
+from test_errors import revision
 
 HEAD = head_revision()
 SHOPS = ("alpha", "beta", "gamma")
@@ -164,3 +165,29 @@ def test_targets_can_come_from_a_catalog_query(project: Project) -> None:
         "TARGETS_QUERY=select slug from nowhere\n",
     )
     assert "TARGETS_QUERY failed: no such table: nowhere" in project.fails("status", "--env=shops")
+
+
+@pytest.mark.postgres
+def test_max_connections_per_host_caps_the_targets_running_at_once(
+    pg_fleet: tuple[Project, str], pg_server: str
+) -> None:
+    project, dsn_prefix = pg_fleet
+    env = (project.root / "environments" / "shops.env").read_text()
+    project.write_env("shops", env + "MAX_CONNECTIONS_PER_HOST=1\n")
+    body = 'op.execute("select pg_sleep(0.7)")'
+    project.add_revision("slow", revision("slow01", HEAD, body))
+    prefix = dsn_prefix.rsplit("/", 1)[1]
+    sessions = (
+        "select count(*) as n from pg_stat_activity where application_name = 'migrations' "
+        f"and datname like '{prefix}%'"
+    )
+
+    run = popen(project, "migrate", "--env=shops", "--jobs=3")
+    most = 0
+    while run.poll() is None:
+        most = max(most, pg_fetch(pg_server, sessions)[0]["n"])
+    _, err = run.communicate()
+
+    assert run.returncode == 0, err
+    assert most == 1
+    assert err.count("migrated: ") == 3
