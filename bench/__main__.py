@@ -20,7 +20,7 @@ import time
 from collections import defaultdict
 from pathlib import Path
 
-from bench import pool, report, workspace
+from bench import fleet, pool, report, workspace
 
 PG_ADMIN = "postgresql://postgres@127.0.0.1:5432/postgres"
 
@@ -29,6 +29,9 @@ def main() -> None:
     args = parse()
     if args.pool_only:
         print(pool.report(args.pg_admin))
+        return
+    if args.fleet_only:
+        print(fleet.report(args.pg_admin, args.fleet_sizes, args.rounds))
         return
     results: dict[str, dict[int, dict[str, list[float]]]] = defaultdict(
         lambda: defaultdict(lambda: defaultdict(list))
@@ -66,8 +69,13 @@ def parse() -> argparse.Namespace:
     parser.add_argument(
         "--pool-only", action="store_true", help="only the app's pooled engine against NullPool"
     )
+    parser.add_argument("--fleet-only", action="store_true", help="only the fleet comparison")
+    parser.add_argument(
+        "--fleet-sizes", default="30,120", help="databases in the fleet (default: %(default)s)"
+    )
     args = parser.parse_args()
     args.sizes = [int(size) for size in args.sizes.split(",")]
+    args.fleet_sizes = [int(size) for size in args.fleet_sizes.split(",")]
     return args
 
 

@@ -137,7 +137,7 @@ def checksum_validation_ms(root: Path, count: int, rounds: int = 5) -> float:
     script = load_scripts(make_config(env, offline=True))
     now = datetime.now(timezone.utc)
     log = [
-        audit.Entry(rev.revision, "up", "bench", now, "me", "host", audit.checksum(rev.path))
+        audit.Entry(0, rev.revision, "up", "bench", now, "me", "host", audit.checksum(rev.path))
         for rev in script.walk_revisions()
     ]
     timings = []

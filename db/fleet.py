@@ -20,6 +20,8 @@ from concurrent.futures import FIRST_COMPLETED, Future, ProcessPoolExecutor, wai
 from dataclasses import dataclass, replace
 from pathlib import Path
 
+from alembic.script import ScriptDirectory
+from alembic.util import CommandError
 from sqlalchemy.exc import DBAPIError
 
 from db.environments import Environment, load_environment
@@ -137,6 +139,14 @@ def run(
     waiting, where = list(reversed(names)), (env.root, env.name, dict(environ))
     hosts = {name: _host(target(env, name)) for name in names}
     cap = int(env.number("MAX_CONNECTIONS_PER_HOST", 0)) or jobs
+    # imported once here, inherited by every forked worker instead of imported in each
+    from db import commands  # noqa: F401
+    from db.engines import is_async
+
+    if names and is_async(target(env, names[0]).url(need_secrets=False)):
+        import asyncpg  # type: ignore[import-untyped]  # noqa: F401
+        import sqlalchemy.ext.asyncio  # noqa: F401
+
     context = multiprocessing.get_context("fork")  # workers start from this process's state
     with ProcessPoolExecutor(max_workers=max(1, jobs), mp_context=context) as pool:
         running: dict[Future[Outcome], str] = {}
@@ -192,21 +202,43 @@ def _outcome(future: Future[Outcome], name: str) -> Outcome:
 def _work(
     root: Path, env_name: str, environ: dict[str, str], name: str, task: str, to: str
 ) -> Outcome:
-    """One target, in a worker process: read its state; migrate it if asked and behind."""
+    """One target, in a worker process: read its version (without the lock, and without
+    Alembic's env.py); migrate it, through the one-database path, only if it is behind."""
     from db import commands
     from db.runner import RunOptions
 
     try:
         env = target(load_environment(root, env_name, environ), name)
-        found = commands.status(env)
-        current = tuple(rev.id for rev in found.current)
-        heads = tuple(rev.id for rev in found.heads)
-        if task == "status" or not found.pending:
+        script = _scripts(env)
+        current = _versions(env)
+        heads = tuple(script.get_heads())
+        pending = len(commands.plan_steps(script, "heads", current, up=True))
+        if task == "status" or not pending:
             state = "read" if task == "status" else "up to date"
-            return Outcome(name, state, "", current, heads, len(found.pending))
+            return Outcome(name, state, "", current, heads, pending)
         steps = commands.migrate(env, to, RunOptions())
         applied = ", ".join(step.revision for step in steps)
         return Outcome(name, "migrated", applied, heads or current, heads)
     except DbError as exc:
         reason = str(exc).splitlines()[0]
         return Outcome(name, "failed", reason, exit_code=exc.exit_code)
+    except CommandError as exc:  # a version the files do not have
+        return Outcome(name, "failed", str(exc).splitlines()[0], exit_code=1)
+
+
+_LOADED: dict[Path, ScriptDirectory] = {}
+
+
+def _scripts(env: Environment) -> ScriptDirectory:
+    """The revision files, read once per worker process, whatever the number of targets."""
+    if env.root not in _LOADED:
+        from db.runner import load_scripts, make_config
+
+        _LOADED[env.root] = load_scripts(make_config(env, offline=True))
+    return _LOADED[env.root]
+
+
+def _versions(env: Environment) -> tuple[str, ...]:
+    from db.runner import current_heads
+
+    return current_heads(env.url(), env.connect_timeout)

@@ -270,14 +270,19 @@ def first_error(exc: Exception) -> Exception:
 
 
 def read_heads(run: Run) -> tuple[str, ...]:
-    """The revision(s) in the version table, on a new connection."""
+    """The revision(s) in the version table, on a new connection, after a failure."""
+    # a server that is restarting answers again within seconds
+    return current_heads(run.url, run.connect_timeout, wait=5)
+
+
+def current_heads(url: URL, connect_timeout: float, wait: float = 0) -> tuple[str, ...]:
+    """The revision(s) in a database's version table, read without env.py or the lock."""
 
     def read(connection: Connection) -> tuple[str, ...]:
         opts = {"version_table": VERSION_TABLE}
         return tuple(MigrationContext.configure(connection, opts=opts).get_current_heads())
 
-    # a server that is restarting answers again within seconds
-    return with_connection(run.url, read, connect_timeout=run.connect_timeout, wait=5)
+    return with_connection(url, read, connect_timeout=connect_timeout, wait=wait)
 
 
 def _applied(script: ScriptDirectory, heads: tuple[str, ...]) -> set[str]:

@@ -1,0 +1,135 @@
+"""A fleet of PostgreSQL databases: `invoke migrate` on every target against the loops
+people write today, and the raw SQL floor, interleaved, fresh databases each round.
+
+    python -m bench --fleet-only [--fleet-sizes 30,120] [--rounds 3]
+
+Each target gets the same 20 synthetic revisions. The anchors: a shell-style loop of plain
+`alembic upgrade head` (the stock async template), one database after another; the same
+loop two at a time (`xargs -P2`); and `psql -1` of the offline SQL per database. A second
+`invoke migrate` over the migrated fleet is the no-op run, against a no-op loop.
+"""
+
+from __future__ import annotations
+
+import statistics
+import subprocess
+import sys
+import tempfile
+import time
+from concurrent.futures import ThreadPoolExecutor
+from pathlib import Path
+
+from bench import workspace
+
+REVISIONS = 20
+INVOKE = [sys.executable, "-m", "invoke"]
+ALEMBIC = [sys.executable, "-m", "alembic"]
+
+
+def report(pg_admin: str, sizes: list[int], rounds: int) -> str:
+    base = pg_admin.rsplit("/", 1)[0]
+    lines = ["", f"Fleet, {REVISIONS} revisions per database; seconds, median of {rounds}:"]
+    with tempfile.TemporaryDirectory(prefix="bench-fleet-") as folder:
+        root = Path(folder)
+        async_base = base.replace("postgresql://", "postgresql+asyncpg://")
+        ours = workspace.project(root / "ours", REVISIONS, "x", "sqlite:///unused.sqlite3")
+        plain = workspace.plain_alembic(root / "plain", REVISIONS, "async", f"{async_base}/x")
+        floor = workspace.floor_sql(plain, root / "floor.sql", "postgresql")
+        for size in sizes:
+            names = [f"t{n:03d}" for n in range(size)]
+            env = f"DATABASE_URL={async_base}/fleet_{{target}}\nTARGETS={','.join(names)}\n"
+            (ours / "environments" / "fleet.env").write_text(env)
+            inis = _inis(plain, async_base, names)
+            timings: dict[str, list[float]] = {}
+            for _ in range(rounds):
+                for label, seconds in _round(pg_admin, base, names, ours, plain, inis, floor):
+                    timings.setdefault(label, []).append(seconds)
+            _drop(pg_admin, names)
+            lines += _lines(size, {k: statistics.median(v) for k, v in timings.items()})
+    return "\n".join(lines)
+
+
+def _round(pg_admin, base, names, ours, plain, inis, floor):  # type: ignore[no-untyped-def]
+    out = []
+    _fresh(pg_admin, names)
+    out.append(("ours", _time([*INVOKE, "migrate", "--env=fleet"], ours)))
+    out.append(("ours no-op", _time([*INVOKE, "migrate", "--env=fleet"], ours)))
+    _fresh(pg_admin, names)
+    out.append(("alembic loop", _loop(inis, plain, 1)))
+    out.append(("alembic no-op loop", _loop(inis, plain, 1)))
+    _fresh(pg_admin, names)
+    out.append(("alembic xargs -P2", _loop(inis, plain, 2)))
+    _fresh(pg_admin, names)
+    psql = [
+        [
+            "psql",
+            "-X",
+            "-q",
+            "-1",
+            "-v",
+            "ON_ERROR_STOP=1",
+            "-d",
+            f"{base}/fleet_{n}",
+            "-f",
+            str(floor),
+        ]
+        for n in names
+    ]
+    started = time.perf_counter()
+    for command in psql:
+        subprocess.run(command, check=True, capture_output=True)
+    out.append(("raw SQL floor", time.perf_counter() - started))
+    return out
+
+
+def _lines(size: int, median: dict[str, float]) -> list[str]:
+    ours, loop, floor = median["ours"], median["alembic loop"], median["raw SQL floor"]
+    noop, noop_loop = median["ours no-op"], median["alembic no-op loop"]
+    return [
+        f"  {size} databases: ours {ours:.2f}, alembic loop {loop:.2f}, "
+        f"xargs -P2 {median['alembic xargs -P2']:.2f}, floor {floor:.2f}: "
+        f"ours/loop {ours / loop:.2f} (target 0.15), ours/floor {ours / floor:.2f}",
+        f"  {size} databases, nothing to do: ours {noop:.2f}, alembic loop {noop_loop:.2f}: "
+        f"{noop / noop_loop:.3f} (target 0.05)",
+    ]
+
+
+def _inis(plain: Path, async_base: str, names: list[str]) -> list[Path]:
+    text = (plain / "alembic.ini").read_text()
+    inis = []
+    for name in names:
+        ini = plain / f"alembic_{name}.ini"
+        ini.write_text(text.replace(f"{async_base}/x", f"{async_base}/fleet_{name}"))
+        inis.append(ini)
+    return inis
+
+
+def _loop(inis: list[Path], cwd: Path, parallel: int) -> float:
+    started = time.perf_counter()
+    with ThreadPoolExecutor(parallel) as pool:
+        list(pool.map(lambda ini: _time([*ALEMBIC, "-c", str(ini), "upgrade", "head"], cwd), inis))
+    return time.perf_counter() - started
+
+
+def _time(command: list[str], cwd: Path) -> float:
+    started = time.perf_counter()
+    done = subprocess.run(command, cwd=cwd, capture_output=True, text=True)
+    if done.returncode != 0:
+        raise SystemExit(f"{' '.join(command[:4])} failed:\n{done.stderr}")
+    return time.perf_counter() - started
+
+
+def _fresh(pg_admin: str, names: list[str]) -> None:
+    _drop(pg_admin, names)
+    for name in names:
+        _psql(pg_admin, f'CREATE DATABASE "fleet_{name}"')
+    _psql(pg_admin, "CHECKPOINT")
+
+
+def _drop(pg_admin: str, names: list[str]) -> None:
+    for name in names:
+        _psql(pg_admin, f'DROP DATABASE IF EXISTS "fleet_{name}" WITH (FORCE)')
+
+
+def _psql(pg_admin: str, sql: str) -> None:
+    subprocess.run(["psql", "-X", "-q", "-d", pg_admin, "-c", sql], check=True, capture_output=True)
