@@ -6,25 +6,13 @@ import os
 import signal
 import sqlite3
 import subprocess
-import sys
 import time
 
 import pytest
-from conftest import PgDatabase, Project, head_revision, pg_fetch
+from conftest import PgDatabase, Project, head_revision, pg_fetch, popen
 from test_errors import revision
 
 from db.locks import NAMESPACE
-
-
-def popen(project: Project, *args: str, **env: str) -> subprocess.Popen[str]:
-    return subprocess.Popen(
-        [sys.executable, "-m", "invoke", *args],
-        cwd=project.root,
-        env={**project.environ, **env},
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-    )
 
 
 def finish(processes: list[subprocess.Popen[str]]) -> list[tuple[int, str]]:
