@@ -157,7 +157,9 @@ async def connect_async(engine: AsyncEngine, wait: float = 0) -> AsyncIterator[A
         try:
             connection = await engine.connect()
             break
-        except _CONNECT_ERRORS as exc:
+        except Exception as exc:  # SQLAlchemy 2.0 lets asyncpg's own errors through
+            if not isinstance(exc, _CONNECT_ERRORS) and not _from_driver(exc):
+                raise
             delay = next(delays, None)
             if delay is None:
                 raise connect_error(engine.url, exc) from exc
@@ -166,6 +168,11 @@ async def connect_async(engine: AsyncEngine, wait: float = 0) -> AsyncIterator[A
         yield connection
     finally:
         await connection.close()
+
+
+def _from_driver(exc: BaseException) -> bool:
+    """An error the database driver raised while connecting (asyncpg's own classes)."""
+    return type(exc).__module__.split(".")[0] == "asyncpg"
 
 
 def backoff(wait: float) -> Iterator[float]:
