@@ -11,12 +11,10 @@ targets met or missed. This is a measuring tool, not a test.
 from __future__ import annotations
 
 import argparse
-import os
 import platform
 import subprocess
 import sys
 import tempfile
-import time
 from collections import defaultdict
 from pathlib import Path
 
@@ -142,18 +140,7 @@ class Bench:
 
     def _migrate_postgres(self) -> list[tuple[str, str, float]]:
         self._fresh("bench_ours", "bench_plain", "bench_floor")
-        floor = [
-            "psql",
-            "-X",
-            "-q",
-            "-1",
-            "-v",
-            "ON_ERROR_STOP=1",
-            "-d",
-            f"{self.pg_base}/bench_floor",
-            "-f",
-            str(self.floor_pg),
-        ]
+        floor = workspace.psql_floor(f"{self.pg_base}/bench_floor", self.floor_pg)
         return [
             (
                 "migrate postgres",
@@ -192,23 +179,9 @@ class Bench:
                 self._psql(f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
 
 
-INVOKE = [sys.executable, "-m", "invoke"]
-ALEMBIC = [sys.executable, "-m", "alembic"]
+INVOKE, ALEMBIC, run = workspace.INVOKE, workspace.ALEMBIC, workspace.run
 # what every Alembic-based tool on asyncpg imports before it can do anything
 IMPORT_LINE = "import alembic.command, sqlalchemy.ext.asyncio, asyncpg"
-# A user's Python caches the revisions' bytecode; with PYTHONDONTWRITEBYTECODE set (as in
-# some shells and containers) every run of every tool would compile them all again.
-CHILD_ENV = {name: value for name, value in os.environ.items() if name != "PYTHONDONTWRITEBYTECODE"}
-
-
-def run(command: list[str], cwd: Path) -> float:
-    """Seconds the command took; it must succeed."""
-    started = time.perf_counter()
-    done = subprocess.run(command, cwd=cwd, capture_output=True, text=True, env=CHILD_ENV)
-    seconds = time.perf_counter() - started
-    if done.returncode != 0:
-        raise SystemExit(f"{' '.join(command)} failed in {cwd}:\n{done.stderr[-2000:]}")
-    return seconds
 
 
 if __name__ == "__main__":

@@ -13,7 +13,6 @@ from __future__ import annotations
 
 import statistics
 import subprocess
-import sys
 import tempfile
 import time
 from concurrent.futures import ThreadPoolExecutor
@@ -22,8 +21,7 @@ from pathlib import Path
 from bench import workspace
 
 REVISIONS = 20
-INVOKE = [sys.executable, "-m", "invoke"]
-ALEMBIC = [sys.executable, "-m", "alembic"]
+INVOKE, ALEMBIC = workspace.INVOKE, workspace.ALEMBIC
 
 
 def report(pg_admin: str, sizes: list[int], rounds: int) -> str:
@@ -52,29 +50,15 @@ def report(pg_admin: str, sizes: list[int], rounds: int) -> str:
 def _round(pg_admin, base, names, ours, plain, inis, floor):  # type: ignore[no-untyped-def]
     out = []
     _fresh(pg_admin, names)
-    out.append(("ours", _time([*INVOKE, "migrate", "--env=fleet"], ours)))
-    out.append(("ours no-op", _time([*INVOKE, "migrate", "--env=fleet"], ours)))
+    out.append(("ours", workspace.run([*INVOKE, "migrate", "--env=fleet"], ours)))
+    out.append(("ours no-op", workspace.run([*INVOKE, "migrate", "--env=fleet"], ours)))
     _fresh(pg_admin, names)
     out.append(("alembic loop", _loop(inis, plain, 1)))
     out.append(("alembic no-op loop", _loop(inis, plain, 1)))
     _fresh(pg_admin, names)
     out.append(("alembic xargs -P2", _loop(inis, plain, 2)))
     _fresh(pg_admin, names)
-    psql = [
-        [
-            "psql",
-            "-X",
-            "-q",
-            "-1",
-            "-v",
-            "ON_ERROR_STOP=1",
-            "-d",
-            f"{base}/fleet_{n}",
-            "-f",
-            str(floor),
-        ]
-        for n in names
-    ]
+    psql = [workspace.psql_floor(f"{base}/fleet_{n}", floor) for n in names]
     started = time.perf_counter()
     for command in psql:
         subprocess.run(command, check=True, capture_output=True)
@@ -107,15 +91,11 @@ def _inis(plain: Path, async_base: str, names: list[str]) -> list[Path]:
 def _loop(inis: list[Path], cwd: Path, parallel: int) -> float:
     started = time.perf_counter()
     with ThreadPoolExecutor(parallel) as pool:
-        list(pool.map(lambda ini: _time([*ALEMBIC, "-c", str(ini), "upgrade", "head"], cwd), inis))
-    return time.perf_counter() - started
-
-
-def _time(command: list[str], cwd: Path) -> float:
-    started = time.perf_counter()
-    done = subprocess.run(command, cwd=cwd, capture_output=True, text=True)
-    if done.returncode != 0:
-        raise SystemExit(f"{' '.join(command[:4])} failed:\n{done.stderr}")
+        list(
+            pool.map(
+                lambda ini: workspace.run([*ALEMBIC, "-c", str(ini), "upgrade", "head"], cwd), inis
+            )
+        )
     return time.perf_counter() - started
 
 

@@ -2,12 +2,19 @@
 
 from __future__ import annotations
 
+import os
 import shutil
 import subprocess
 import sys
+import time
 from pathlib import Path
 
 REPO = Path(__file__).resolve().parent.parent
+INVOKE = [sys.executable, "-m", "invoke"]
+ALEMBIC = [sys.executable, "-m", "alembic"]
+# A user's Python caches the revisions' bytecode; with PYTHONDONTWRITEBYTECODE set (as in
+# some shells and containers) every run of every tool would compile them all again.
+CHILD_ENV = {name: value for name, value in os.environ.items() if name != "PYTHONDONTWRITEBYTECODE"}
 PROJECT_FILES = ["tasks.py", "alembic.ini", "pyproject.toml", ".squawk.toml", "db", "environments"]
 
 REVISION = '''"""create table t{n:04d}"""
@@ -146,3 +153,18 @@ def checksum_validation_ms(root: Path, count: int, rounds: int = 5) -> float:
         assert not guards.changed_files(log, script, env)
         timings.append((time.perf_counter() - started) * 1000)
     return statistics.median(timings)
+
+
+def run(command: list[str], cwd: Path) -> float:
+    """Seconds the command took; it must succeed."""
+    started = time.perf_counter()
+    done = subprocess.run(command, cwd=cwd, capture_output=True, text=True, env=CHILD_ENV)
+    seconds = time.perf_counter() - started
+    if done.returncode != 0:
+        raise SystemExit(f"{' '.join(command)} failed in {cwd}:\n{done.stderr[-2000:]}")
+    return seconds
+
+
+def psql_floor(dsn: str, sql: Path) -> list[str]:
+    """The floor: ``psql`` running a SQL file in one transaction, stopping at an error."""
+    return ["psql", "-X", "-q", "-1", "-v", "ON_ERROR_STOP=1", "-d", dsn, "-f", str(sql)]

@@ -78,6 +78,21 @@ class Project:
     def add_revision(self, name: str, body: str) -> None:
         (self.versions / f"{name}.py").write_text(body, encoding="utf-8")
 
+    def revision_suite(self, *args: str, **env: str) -> subprocess.CompletedProcess[str]:
+        """Run tests/test_revisions.py over this copy's revisions (the tests copied in)."""
+        if not (self.root / "tests").exists():
+            ignore = shutil.ignore_patterns("__pycache__")
+            shutil.copytree(REPO / "tests", self.root / "tests", ignore=ignore)
+        command = [sys.executable, "-m", "pytest", "-q", "-p", "no:cacheprovider", "-n", "0"]
+        return subprocess.run(
+            [*command, *args, "tests/test_revisions.py"],
+            cwd=self.root,
+            env={**self.environ, **env},
+            capture_output=True,
+            text=True,
+            timeout=300,
+        )
+
     @contextmanager
     def sqlite(self, relative: str = "var/dev.sqlite3") -> Iterator[sqlite3.Connection]:
         """A connection to one of the project's SQLite files, committed and closed after."""

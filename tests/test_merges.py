@@ -3,12 +3,8 @@ revision suite over it."""
 
 from __future__ import annotations
 
-import shutil
-import subprocess
-import sys
-
 import pytest
-from conftest import REPO, Project, head_revision
+from conftest import Project, head_revision
 from test_errors import revision
 from test_tasks_sqlite import version
 
@@ -66,32 +62,9 @@ def test_more_than_one_step_back_across_a_merge_is_refused(merged: Project) -> N
 
 
 def test_the_revision_suite_walks_a_merge(merged: Project) -> None:
-    (merged.root / "tests").mkdir()
-    for name in ("conftest.py", "test_revisions.py", "test_errors.py", "test_tasks_sqlite.py"):
-        shutil.copy2(REPO / "tests" / name, merged.root / "tests" / name)
     # the models know nothing of the two tables, so only the history's own properties run;
     # the PostgreSQL stairway is the main suite's
-    env = {**merged.environ, "CI": "false"}
-    suite = subprocess.run(
-        [
-            sys.executable,
-            "-m",
-            "pytest",
-            "-q",
-            "-p",
-            "no:cacheprovider",
-            "-m",
-            "not postgres",
-            "-k",
-            "stairway or single_head",
-            "tests/test_revisions.py",
-        ],
-        cwd=merged.root,
-        env=env,
-        capture_output=True,
-        text=True,
-        timeout=300,
-    )
+    suite = merged.revision_suite("-m", "not postgres", "-k", "stairway or single_head", CI="false")
 
     assert suite.returncode == 0, suite.stdout + suite.stderr
     assert "2 passed" in suite.stdout  # the stairway through the merge, and one head

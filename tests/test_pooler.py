@@ -19,6 +19,7 @@ from conftest import (
 from sqlalchemy.engine import make_url
 from test_errors import revision
 from test_faults import lock_holders
+from test_postgres_safety import settings_revision
 
 from db.environments import load_environment
 
@@ -40,18 +41,6 @@ def transaction_pool(pg_server: str) -> Iterator[int]:
 
 def pooled(database: PgDatabase, port: int) -> str:
     return f"postgresql+asyncpg://postgres@127.0.0.1:{port}/{database.name}"
-
-
-def settings_revision(project: Project) -> None:
-    project.add_revision(
-        "seen",
-        revision(
-            "seen01",
-            head_revision(),
-            "op.execute(\"create table seen as select current_setting('lock_timeout') lt, "
-            "current_setting('statement_timeout') st, current_setting('application_name') app\")",
-        ),
-    )
 
 
 def test_session_mode_migrates_with_the_session_settings_and_releases_the_lock(

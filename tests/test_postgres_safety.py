@@ -26,10 +26,9 @@ def pg_project(project: Project, pg_database: PgDatabase) -> Project:
     return project
 
 
-def test_migrations_run_with_the_env_files_session_settings(
-    pg_project: Project, pg_database: PgDatabase
-) -> None:
-    pg_project.add_revision(
+def settings_revision(project: Project) -> None:
+    """A revision that keeps the session settings it ran with, in a table ``seen``."""
+    project.add_revision(
         "seen",
         revision(
             "seen01",
@@ -38,6 +37,12 @@ def test_migrations_run_with_the_env_files_session_settings(
             "current_setting('statement_timeout') st, current_setting('application_name') app\")",
         ),
     )
+
+
+def test_migrations_run_with_the_env_files_session_settings(
+    pg_project: Project, pg_database: PgDatabase
+) -> None:
+    settings_revision(pg_project)
     pg_project.ok("migrate", "--env=ci")
 
     [row] = pg_fetch(pg_database.dsn, "select * from seen")
