@@ -28,7 +28,7 @@ if TYPE_CHECKING:
     from alembic.runtime.migration import RevisionStep
 
     from db.environments import Environment
-    from db.fleet import Outcome
+    from db.fleet import Outcome, Plan, Target
     from db.lint import Finding
     from db.progress import Revision
     from db.runner import RunOptions, Step
@@ -50,8 +50,10 @@ RUN = {
 }
 FLEET = {
     "only": "on a fleet: only targets matching these globs, e.g. --only='shop_a*,beta'",
-    "jobs": "on a fleet: targets at once (default: two per core, at most the targets)",
+    "jobs": "on a fleet: targets at once (default: two per core and server, at most the targets)",
 }
+ONE = "on a fleet: the one target to work on (its name, or a glob that matches only it)"
+FLEET_KEEP_GOING = "on a fleet: go on with the other targets past a failed one"
 YES = "confirm a protected environment without a prompt (needed where there is no terminal)"
 
 
@@ -62,8 +64,9 @@ YES = "confirm a protected environment without a prompt (needed where there is n
         **FLEET,
         "to": "revision to reach: head, an id, a prefix, or +N",
         "yes": YES,
-        "keep_going": "on a fleet: migrate every target it can, past a failed one",
+        "keep_going": FLEET_KEEP_GOING,
         "canary": "on a fleet: migrate this many targets first, the rest only if they all succeed",
+        "json": "on a fleet: print the run's report as JSON (also kept in var/runs/)",
     }
 )
 def migrate(
@@ -78,19 +81,20 @@ def migrate(
     jobs: int = 0,
     keep_going: bool = False,
     canary: int = 0,
+    json_: bool = False,
     debug: bool = False,
 ) -> None:
     """Upgrade the database to head, or to --to=REV (every target of a fleet)."""
-    from db import commands, fleet
+    from db import commands
 
     with reported(c, debug):
-        target = environment(c, env, banner=True)
-        if fleet.is_fleet(target):
-            if target.protected:
-                confirm(target, yes, "migrate every target of", need_yes=False)
-            run_fleet(target, "migrate", only, jobs, keep_going, to, canary=canary)
-            return
+        target = environment(c, env, banner=True, fleet_ok=True)
         options = run_options(lock_wait, wait, allow_env_mismatch)
+        if is_fleet(target):
+            flags = {**fleet_args(options), "to": to}
+            plan = fleet_plan("migrate", flags, jobs, keep_going, canary)
+            run_fleet(target, plan, only, options, json_=json_, yes=yes)
+            return
         if target.protected:  # shown and confirmed inside the run, under the lock
             findings = squawk_all(target)  # offline, so before the run: env.py cannot nest
 
@@ -112,6 +116,8 @@ def migrate(
         "steps": "how many revisions to undo (default 1)",
         "to": "revision to go back to instead: an id, a prefix, or base",
         "yes": "needed on a protected environment, with the typed name on a terminal",
+        **FLEET,
+        "keep_going": FLEET_KEEP_GOING,
     }
 )
 def rollback(
@@ -123,14 +129,23 @@ def rollback(
     lock_wait: str = "",
     wait: str = "",
     allow_env_mismatch: bool = False,
+    only: str = "",
+    jobs: int = 0,
+    keep_going: bool = False,
     debug: bool = False,
 ) -> None:
-    """Downgrade the database by --steps revisions, or to --to=REV."""
+    """Downgrade the database by --steps revisions, or to --to=REV (every target of a fleet)."""
     from db import commands
 
     with reported(c, debug):
-        target = environment(c, env, banner=True)
+        target = environment(c, env, banner=True, fleet_ok=True)
         options = run_options(lock_wait, wait, allow_env_mismatch)
+        if is_fleet(target):
+            if target.protected:
+                confirm(target, yes, "roll back every chosen target of", need_yes=True)
+            flags = {**fleet_args(options), "steps": steps, "to": to or None}
+            run_fleet(target, fleet_plan("rollback", flags, jobs, keep_going), only, options)
+            return
         if target.protected:  # shown and confirmed inside the run, under the lock
 
             def ask(plan: tuple[Revision, ...]) -> None:
@@ -145,15 +160,14 @@ def rollback(
         summarize("rolled back", target, done)
 
 
-@task(help=COMMON)
-def reset(c: Context, env: str = "", debug: bool = False) -> None:
+@task(help={**COMMON, "only": ONE})
+def reset(c: Context, env: str = "", only: str = "", debug: bool = False) -> None:
     """Drop every table and migrate from scratch (never on a protected environment)."""
     from db import commands
 
     with reported(c, debug):
-        target = environment(
-            c, env, banner=True, refuse_protected="reset drops every table and never runs there"
-        )
+        why = "reset drops every table and never runs there"
+        target = environment(c, env, banner=True, refuse_protected=why, only=only)
         options = run_options()
         with on_signals(options):
             steps = commands.reset(target, options)
@@ -165,16 +179,22 @@ def reset(c: Context, env: str = "", debug: bool = False) -> None:
         **COMMON,
         "file": "the backup to restore (default: the newest in var/backups)",
         "yes": YES,
+        "only": ONE,
     }
 )
 def restore(
-    c: Context, env: str = "", file: str = "", yes: bool = False, debug: bool = False
+    c: Context,
+    env: str = "",
+    file: str = "",
+    yes: bool = False,
+    only: str = "",
+    debug: bool = False,
 ) -> None:
     """Put a SQLite backup from var/backups back in place of the database."""
     from db import backups
 
     with reported(c, debug):
-        target = environment(c, env)
+        target = environment(c, env, only=only)
         if target.protected:
             confirm(target, yes, "restore a backup over", need_yes=True)
         announce(target)
@@ -192,6 +212,7 @@ def restore(
         "rolled_back": "none of its changes are left: record it as not applied, to run again",
         "yes": YES,
         "lock_wait": RUN["lock_wait"],
+        "only": ONE,
     }
 )
 def resolve(
@@ -202,6 +223,7 @@ def resolve(
     rolled_back: bool = False,
     yes: bool = False,
     lock_wait: str = "",
+    only: str = "",
     debug: bool = False,
 ) -> None:
     """Record how an interrupted non-transactional revision ended: --applied or --rolled-back."""
@@ -211,7 +233,7 @@ def resolve(
     with reported(c, debug):
         if applied == rolled_back:
             raise UsageError("say how the revision ended: pass --applied or --rolled-back")
-        target = environment(c, env, banner=True)
+        target = environment(c, env, banner=True, only=only)
         if target.protected:
             confirm(target, yes, f"record how {revision} ended on", need_yes=False)
         at = records.resolve(target, revision, applied, run_options(lock_wait))
@@ -227,6 +249,8 @@ def resolve(
         "yes": YES,
         "lock_wait": RUN["lock_wait"],
         "allow_env_mismatch": RUN["allow_env_mismatch"],
+        **FLEET,
+        "keep_going": FLEET_KEEP_GOING,
     }
 )
 def stamp(
@@ -237,18 +261,24 @@ def stamp(
     yes: bool = False,
     lock_wait: str = "",
     allow_env_mismatch: bool = False,
+    only: str = "",
+    jobs: int = 0,
+    keep_going: bool = False,
     debug: bool = False,
 ) -> None:
     """Record REV as applied without running it: adopt a database made some other way."""
     from db import records
 
     with reported(c, debug):
-        target = environment(c, env, banner=True)
+        target = environment(c, env, banner=True, fleet_ok=True)
         if target.protected:
             confirm(target, yes, f"record {revision} as applied on", need_yes=False)
-        done = records.stamp(
-            target, revision, force, run_options(lock_wait, "", allow_env_mismatch)
-        )
+        options = run_options(lock_wait, "", allow_env_mismatch)
+        if is_fleet(target):
+            flags = {**fleet_args(options), "revision": revision, "force": force}
+            run_fleet(target, fleet_plan("stamp", flags, jobs, keep_going), only, options)
+            return
+        done = records.stamp(target, revision, force, options)
     for gap in done.differences:
         print(f"  differs (--force): {gap}", file=sys.stderr)
     print(f"{target.name}: recorded {done.revision} as applied, not run", file=sys.stderr)
@@ -260,6 +290,7 @@ def stamp(
         "revision": "the applied revision whose edited file you accept",
         "lock_wait": RUN["lock_wait"],
         "yes": YES,
+        "only": ONE,
     }
 )
 def accept_changes(
@@ -268,13 +299,14 @@ def accept_changes(
     env: str = "",
     yes: bool = False,
     lock_wait: str = "",
+    only: str = "",
     debug: bool = False,
 ) -> None:
     """Record the new checksum of an applied revision's deliberately edited file."""
     from db import records
 
     with reported(c, debug):
-        target = environment(c, env, banner=True)
+        target = environment(c, env, banner=True, only=only)
         if target.protected:
             confirm(target, yes, f"accept the edited file of {revision} on", need_yes=False)
         done = records.accept_changes(target, revision, run_options(lock_wait))
@@ -289,16 +321,23 @@ def accept_changes(
         **COMMON,
         "message": 'what the revision does, e.g. "add coupons"',
         "empty": "write an empty revision to fill in by hand (no database needed)",
+        "only": ONE,
     }
 )
 def makemigration(
-    c: Context, message: str, env: str = "", empty: bool = False, debug: bool = False
+    c: Context,
+    message: str,
+    env: str = "",
+    empty: bool = False,
+    only: str = "",
+    debug: bool = False,
 ) -> None:
     """Write a new revision autogenerated from db/models.py against the env's database."""
     from db.authoring import make_migration
 
     with reported(c, debug):
-        written = make_migration(environment(c, env, banner=not empty), message, empty=empty)
+        target = environment(c, env, banner=not empty, only=only)
+        written = make_migration(target, message, empty=empty)
     if written is None:
         print(
             "no changes: the models match the database, so no revision was written", file=sys.stderr
@@ -314,7 +353,8 @@ def makemigration(
         "env": "environment whose dialect to use (default: dev); no secrets needed",
         "from": "revision the database is already at (default: an empty database)",
         "to": "revision to reach (default: head)",
-        "output": "write the SQL to this file",
+        "output": "write the SQL to this file (on a fleet: to this folder, a file per target)",
+        "only": FLEET["only"],
     },
 )
 def offline_sql(
@@ -323,13 +363,22 @@ def offline_sql(
     from_: str = "",
     to: str = "head",
     output: str = "",
+    only: str = "",
     debug: bool = False,
 ) -> None:
     """Print the SQL of a range of revisions, without connecting to any database."""
-    from db import authoring
+    from db import authoring, fleet
 
     with reported(c, debug):
-        target = environment(c, env)
+        target = environment(c, env, fleet_ok=True)
+        if is_fleet(target):
+            scripts = fleet.offline_sql(target, only, from_ or None, to)
+            if output:
+                for name, path in fleet.write_sql(Path(output).resolve(), scripts).items():
+                    print(f"wrote the SQL for {target.name} {name} to {path}", file=sys.stderr)
+            else:
+                sys.stdout.write("".join(f"-- target: {n}\n{sql}" for n, sql in scripts.items()))
+            return
         sql = authoring.offline_sql(target, from_ or None, to)
     if output:
         Path(output).write_text(sql, encoding="utf-8")
@@ -356,15 +405,14 @@ def status(
     debug: bool = False,
 ) -> None:
     """Show the current revision, the head, and the pending revisions in order."""
-    from db import commands, fleet
+    from db import commands
 
     with reported(c, debug):
-        target = environment(c, env, banner=True)
-        if fleet.is_fleet(target):
-            outcomes = run_fleet(target, "status", only, jobs, keep_going=True, quiet=json_)
-            if json_:
-                print_json({"environment": target.name, "targets": fleet_json(outcomes)})
-            if check and any(o.pending or o.state == "failed" for o in outcomes):
+        target = environment(c, env, banner=True, fleet_ok=True)
+        if is_fleet(target):
+            plan = fleet_plan("status", {}, jobs, keep_going=True)
+            outcomes = run_fleet(target, plan, only, run_options(), json_=json_)
+            if check and any(o.pending or o.failed for o in outcomes):
                 raise Exit(f"{target.name}: targets behind head", code=check_failed())
             return
         found = commands.status(target, run_options())
@@ -382,13 +430,31 @@ def status(
         raise Exit(f"{target.name}: {len(found.pending)} revision(s) pending", code=check_failed())
 
 
-@task(help={**COMMON, "json": "print the history as JSON (fields in the README)"})
-def history(c: Context, env: str = "", json_: bool = False, debug: bool = False) -> None:
+@task(help={**COMMON, **FLEET, "json": "print the history as JSON (fields in the README)"})
+def history(
+    c: Context,
+    env: str = "",
+    json_: bool = False,
+    only: str = "",
+    jobs: int = 0,
+    debug: bool = False,
+) -> None:
     """List every revision, newest first: applied ones with when and by whom."""
-    from db import commands
+    from db import commands, fleet
 
     with reported(c, debug):
-        entries = commands.history(environment(c, env, banner=True))
+        target = environment(c, env, banner=True, fleet_ok=True)
+        if is_fleet(target):
+            plan = fleet_plan("history", {}, jobs, keep_going=True)
+            outcomes = run_fleet(target, plan, only, run_options(), quiet=json_)
+            rows = fleet.history(target, outcomes)
+            if json_:
+                print_json([{**asdict(rev), "applied_on": on} for rev, on in rows])
+                return
+            for rev, on in rows:
+                print(f"{rev.id}  applied on {len(on)}/{len(outcomes)}  {rev.message}")
+            return
+        entries = commands.history(target)
     if json_:
         print_json([asdict(entry) for entry in entries])
         return
@@ -406,14 +472,17 @@ def history(c: Context, env: str = "", json_: bool = False, debug: bool = False)
         "env": "a PostgreSQL environment whose dialect to lint for (default: prod)",
         "all": "lint every revision, not just those pending on the env's database",
         "debug": COMMON["debug"],
+        "only": ONE,
     }
 )
-def lint(c: Context, env: str = "prod", all_: bool = False, debug: bool = False) -> None:
+def lint(
+    c: Context, env: str = "prod", all_: bool = False, only: str = "", debug: bool = False
+) -> None:
     """Lint the PostgreSQL SQL of the pending (or --all) revisions with squawk."""
     from db import commands, lint
 
     with reported(c, debug):
-        target = environment(c, env, banner=not all_)
+        target = environment(c, env, banner=not all_, only=only)
         pending = None if all_ else commands.status(target, run_options()).pending
         revisions = None if pending is None else [rev.id for rev in pending]
         findings = lint.lint(target, revisions)
@@ -426,13 +495,19 @@ def lint(c: Context, env: str = "prod", all_: bool = False, debug: bool = False)
     print("no findings", file=sys.stderr)
 
 
-@task(help=COMMON)
-def check(c: Context, env: str = "", debug: bool = False) -> None:
+@task(help={**COMMON, **FLEET})
+def check(c: Context, env: str = "", only: str = "", jobs: int = 0, debug: bool = False) -> None:
     """Fail when models and database differ, there are several heads, or applied files changed."""
     from db import review
 
     with reported(c, debug):
-        problems = review.check(environment(c, env, banner=True))
+        target = environment(c, env, banner=True, fleet_ok=True)
+        if is_fleet(target):
+            outcomes = run_fleet(target, fleet_plan("check", {}, jobs, True), only, run_options())
+            if any(o.state == "problems" for o in outcomes):
+                raise Exit("check failed on some targets", code=check_failed())
+            return
+        problems = review.check(target)
     for problem in problems:
         print(f"  {problem}", file=sys.stderr)
     if problems:
@@ -455,15 +530,17 @@ def merge(c: Context, message: str = "merge heads", debug: bool = False) -> None
     print(f"wrote {written.relative_to(ROOT)}", file=sys.stderr)
 
 
-@task(help=COMMON)
-def seed(c: Context, env: str = "", debug: bool = False) -> None:
+@task(help={**COMMON, **FLEET})
+def seed(c: Context, env: str = "", only: str = "", jobs: int = 0, debug: bool = False) -> None:
     """Fill the database with a small sample shop (idempotent; never on protected envs)."""
     from db import seed
 
     with reported(c, debug):
-        target = environment(
-            c, env, banner=True, refuse_protected="seed data is for development databases"
-        )
+        why = "seed data is for development databases"
+        target = environment(c, env, banner=True, refuse_protected=why, fleet_ok=True)
+        if is_fleet(target):
+            run_fleet(target, fleet_plan("seed", {}, jobs, False), only, run_options())
+            return
         added = seed.seed(target)
     counts = ", ".join(f"{count} {kind}" for kind, count in added.items())
     print(f"{target.name}: added {counts}", file=sys.stderr)
@@ -489,12 +566,21 @@ def envs(c: Context) -> None:
 
 
 def environment(
-    c: Context, name: str, *, banner: bool = False, refuse_protected: str = ""
+    c: Context,
+    name: str,
+    *,
+    banner: bool = False,
+    refuse_protected: str = "",
+    only: str = "",
+    fleet_ok: bool = False,
 ) -> Environment:
     """Load the named environment (or invoke's configured default) and announce it.
 
     ``refuse_protected`` (why) refuses a protected environment before its secrets are needed.
+    A fleet stays whole where the task runs on fleets (``fleet_ok``); elsewhere ``only`` must
+    name one of its targets.
     """
+    from db import fleet
     from db.environments import load_environment
     from db.errors import GuardRefused
 
@@ -503,80 +589,186 @@ def environment(
         print(warning, file=sys.stderr)
     if refuse_protected and loaded.protected:
         raise GuardRefused(f"{loaded.name} is protected: {refuse_protected}")
+    if fleet.is_fleet(loaded) and not fleet_ok:
+        loaded = fleet.one(loaded, only)
     if banner:
         announce(loaded)
     return loaded
 
 
+def is_fleet(env: Environment) -> bool:
+    from db import fleet
+
+    return fleet.is_fleet(env) and not env.target
+
+
+def fleet_args(options: RunOptions) -> dict[str, object]:
+    """What every target's run takes from the flags."""
+    return {
+        "lock_wait": options.lock_wait,
+        "wait": options.wait,
+        "allow_env_mismatch": options.allow_env_mismatch,
+    }
+
+
+def fleet_plan(
+    task_name: str, args: dict[str, object], jobs: int, keep_going: bool, canary: int = 0
+) -> Plan:
+    from db.fleet import Plan
+
+    if jobs < 0 or canary < 0:
+        from db.errors import UsageError
+
+        raise UsageError("--jobs and --canary take a number, 1 or more")
+    return Plan(task_name, args, jobs, keep_going, canary)
+
+
 def run_fleet(
     env: Environment,
-    task_name: str,
+    plan: Plan,
     only: str,
-    jobs: int,
-    keep_going: bool,
-    to: str = "head",
+    options: RunOptions,
     *,
-    canary: int = 0,
+    json_: bool = False,
     quiet: bool = False,
+    yes: bool = False,
 ) -> list[Outcome]:
-    """Run a task on every target of a fleet, a line per target, then a summary."""
-    from collections import Counter
+    """Run a task on every chosen target of a fleet: a line per target, then a summary; a
+    protected fleet's migrate shows its plan and asks once. Exits non-zero if targets failed."""
+    from dataclasses import replace
+    from datetime import datetime, timezone
 
     from db import fleet
 
-    names = fleet.targets(env, only)
-    width, seen = len(str(len(names))), [0]
-
-    def line(outcome: Outcome) -> None:
-        seen[0] += 1
-        where = ", ".join(outcome.current) or "base"
-        text = {
-            "migrated": f"migrated: {outcome.detail}",
-            "up to date": f"already at {where}",
-            "read": f"at {where}, {outcome.pending or 'nothing'} pending",
-            "failed": f"failed: {outcome.detail}",
-        }.get(outcome.state, outcome.state)
-        out = sys.stderr if quiet else (sys.stdout if task_name == "status" else sys.stderr)
-        if not quiet:
-            print(f"[{seen[0]:>{width}}/{len(names)} {outcome.target}] {text}", file=out)
-
-    jobs = jobs or fleet.default_jobs(len(names))
-    outcomes = fleet.run(
-        env,
-        os.environ,
-        task_name,
-        names,
-        jobs=jobs,
-        keep_going=keep_going,
-        canary=canary,
-        to=to,
-        on_done=line,
-    )
-    states = Counter(o.state for o in outcomes)
-    versions = Counter(", ".join(o.current) or "base" for o in outcomes if o.state != "failed")
-    skew = ", ".join(f"{count} at {rev}" for rev, count in versions.most_common())
-    summary = ", ".join(f"{count} {state}" for state, count in states.items())
-    print(f"{env.name}: {len(names)} targets: {summary} ({skew or 'none read'})", file=sys.stderr)
-    for failed in (o for o in outcomes if o.state == "failed"):
-        print(f"  {failed.target}: {failed.detail}", file=sys.stderr)
+    chosen = fleet.targets(env, only)
+    hosts = {fleet.host(fleet.environment(env, t)) for t in chosen}
+    plan = replace(plan, jobs=plan.jobs or fleet.default_jobs(len(chosen), len(hosts)))
+    if env.protected and plan.task == "migrate":
+        chosen = confirm_fleet(env, chosen, plan, yes)
+        if not chosen:
+            return []
+    out = sys.stdout if plan.task == "status" else sys.stderr
+    board = Board(len(chosen), quiet=quiet or json_, out=out)
+    started = datetime.now(timezone.utc)
+    with on_signals(options):
+        outcomes = fleet.run(env, os.environ, chosen, plan, board.done, board.start, options.stop)
+    board.close()
     code = fleet.exit_code(outcomes)
-    if code and task_name != "status":
-        raise Exit(f"error: {states['failed']} target(s) failed; rerun to retry them", code=code)
+    report = fleet.report(env, plan, outcomes, started, code)
+    print_summary(env, outcomes)
+    if plan.task in fleet.CHANGING:
+        print(f"report: {env.relative(fleet.write_report(env, report))}", file=sys.stderr)
+    if json_:
+        print_json(report)
+    if code and plan.task not in ("status", "history", "check"):
+        failed = sum(o.failed for o in outcomes)
+        raise Exit(f"error: {failed} target(s) failed or skipped; rerun to retry them", code=code)
     return outcomes
 
 
-def fleet_json(outcomes: list[Outcome]) -> list[dict[str, object]]:
-    return [
-        {
-            "target": o.target,
-            "current": list(o.current),
-            "heads": list(o.heads),
-            "pending": o.pending,
-            "up_to_date": o.state != "failed" and not o.pending,
-            "error": o.detail if o.state == "failed" else None,
-        }
-        for o in outcomes
-    ]
+def confirm_fleet(env: Environment, chosen: list[Target], plan: Plan, yes: bool) -> list[Target]:
+    """A protected fleet's plan, targets by pending revisions in short form, confirmed once;
+    returns the targets that are behind (none: nothing to confirm)."""
+    from collections import defaultdict
+    from dataclasses import replace
+
+    from db import fleet
+
+    status = replace(plan, task="status", args={}, keep_going=True, canary=0)
+    read = fleet.run(env, os.environ, chosen, status)
+    groups: dict[tuple[str, ...], list[str]] = defaultdict(list)
+    for outcome in read:
+        groups[outcome.pending if not outcome.failed else ("unreadable",)].append(outcome.target)
+    print(f"plan for {len(chosen)} targets:", file=sys.stderr)
+    for pending, names in groups.items():
+        what = ", ".join(pending) if pending else "nothing (at head)"
+        print(f"  {len(names)} target(s): {what}  [{short(names)}]", file=sys.stderr)
+    behind = {o.target for o in read if o.pending or o.failed}
+    if behind:
+        confirm(env, yes, f"migrate {len(behind)} target(s) of", need_yes=False)
+    return [t for t in chosen if t.name in behind]
+
+
+def short(names: list[str], most: int = 5) -> str:
+    shown = ", ".join(names[:most])
+    return shown + (f" and {len(names) - most} more" if len(names) > most else "")
+
+
+class Board:
+    """What a fleet run shows: a line per target event, and on a terminal a progress line."""
+
+    def __init__(self, total: int, *, quiet: bool, out: TextIO) -> None:
+        self.total, self.quiet, self.out = total, quiet, out
+        self.finished = self.running = self.failed = 0
+        self.live = not quiet and sys.stderr.isatty()
+        self.width = len(str(total))
+
+    def start(self, _target: Target) -> None:
+        self.running += 1
+        self._progress()
+
+    def done(self, outcome: Outcome) -> None:
+        self.running -= 1
+        if outcome.state != "locked":
+            self.finished += 1
+            self.failed += outcome.failed
+        if not self.quiet:
+            self._clear()
+            count = f"{self.finished:>{self.width}}/{self.total}"
+            print(f"[{count} {outcome.target}] {event(outcome)}", file=self.out, flush=True)
+        self._progress()
+
+    def _progress(self) -> None:
+        if self.live:
+            text = (
+                f"{self.finished}/{self.total} done, {self.running} running, {self.failed} failed"
+            )
+            print(f"\r\033[K{text}", end="", file=sys.stderr, flush=True)
+
+    def _clear(self) -> None:
+        if self.live:
+            print("\r\033[K", end="", file=sys.stderr, flush=True)
+
+    def close(self) -> None:
+        self._clear()
+
+
+def event(outcome: Outcome) -> str:
+    """One target's event, in words."""
+    where = ", ".join(outcome.current) or "base"
+    detail = f" ({outcome.detail})" if outcome.detail else ""
+    return {
+        "migrated": f"migrated: {outcome.detail}",
+        "up to date": f"already at {where}{detail}",
+        "rolled back": f"rolled back {outcome.detail}; now at {where}",
+        "unchanged": f"nothing to roll back, at {where}",
+        "stamped": f"recorded {outcome.detail}",
+        "seeded": f"added {outcome.detail}",
+        "read": f"at {where}, {len(outcome.pending) or 'nothing'} pending",
+        "passed": "check passed",
+        "problems": f"check failed: {outcome.detail}",
+        "locked": f"locked by another run: {outcome.detail}",
+        "failed": f"failed: {outcome.detail}",
+        "skipped": f"skipped ({outcome.detail})",
+    }.get(outcome.state, outcome.state)
+
+
+def print_summary(env: Environment, outcomes: list[Outcome]) -> None:
+    """The counts by state, the version skew, and each failure's one-line reason."""
+    from collections import Counter
+
+    states = Counter(o.state for o in outcomes)
+    versions = Counter(", ".join(o.current) or "base" for o in outcomes if o.state not in SKIP)
+    skew = ", ".join(f"{count} at {rev}" for rev, count in versions.most_common())
+    summary = ", ".join(f"{count} {state}" for state, count in states.items())
+    print(
+        f"{env.name}: {len(outcomes)} targets: {summary} ({skew or 'none read'})", file=sys.stderr
+    )
+    for failed in (o for o in outcomes if o.state in ("failed", "problems")):
+        print(f"  {failed.target}: {failed.detail}", file=sys.stderr)
+
+
+SKIP = ("failed", "skipped", "seeded")
 
 
 def check_failed() -> int:

@@ -37,6 +37,8 @@ from sqlalchemy import (
 from sqlalchemy.schema import CreateTable
 from sqlalchemy.sql.expression import Executable
 
+from db.environments import Environment
+
 UTC = timezone.utc
 Execute = Callable[[Executable], Any]
 LOG = Table(
@@ -57,27 +59,34 @@ LOG = Table(
     Column("checksum", String(64)),
     Column("last_statement", Text),  # run-up/run-down: the last statement started
     Column("code_checksum", String(64)),  # the file's code, without comments and formatting
+    Column("target", String(64)),  # the fleet target the row was written for
 )
-_ADDED = ("last_statement TEXT", "code_checksum VARCHAR(64)")  # columns newer than the table
+_ADDED = (
+    "last_statement TEXT",
+    "code_checksum VARCHAR(64)",
+    "target VARCHAR(64)",
+)  # columns newer than the table
 _INSERT = LOG.insert()
 
 
 @dataclass(frozen=True)
 class Who:
-    """Who runs the migration, and with which code."""
+    """Who runs the migration, with which code, and for which fleet target."""
 
     os_user: str
     host: str
     tool_version: str
     git_commit: str | None
+    target: str | None = None
 
     @classmethod
-    def here(cls, root: Path) -> Who:
+    def here(cls, env: Environment) -> Who:
         try:
             version = metadata.version("shop-migrations")
         except metadata.PackageNotFoundError:
             version = "unknown"
-        return cls(getpass.getuser(), socket.gethostname(), version, _git_commit(root))
+        user, host, commit = getpass.getuser(), socket.gethostname(), _git_commit(env.root)
+        return cls(user, host, version, commit, env.target or None)
 
 
 @dataclass(frozen=True)
@@ -196,6 +205,7 @@ def _row(
         "host": who.host,
         "tool_version": who.tool_version,
         "git_commit": who.git_commit,
+        "target": who.target,
         "checksum": file_checksum,
         "code_checksum": code,
     }

@@ -34,7 +34,7 @@ def offline_sql(env: Environment, start: str | None = None, to: str = "head") ->
             f"--from={start} is already past --to={to}: offline-sql writes upgrade SQL only; "
             "swap the two for the upgrade, or use `invoke rollback` against a database"
         )
-    progress = Progress(env.name, audit.Who.here(env.root))
+    progress = Progress(env.name, audit.Who.here(env))
 
     def upgrade(current: tuple[str, ...], context: MigrationContext) -> Iterator[RevisionStep]:
         audit.ensure_table(context.execute)

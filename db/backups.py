@@ -90,6 +90,7 @@ def pg_dump(env: Environment, url: URL) -> Path:
     command = ["pg_dump", "--format=custom", f"--file={target}", "--no-password"]
     command += [f"--host={url.host or 'localhost'}", f"--port={url.port or 5432}"]
     command += [f"--username={url.username or ''}", url.database or ""]
+    command += [f"--schema={env.schema}"] if env.schema else []  # a tenant's schema alone
     environ = {**os.environ, "PGPASSWORD": url.password or ""} if url.password else None
     done = subprocess.run(command, capture_output=True, text=True, env=environ)
     if done.returncode != 0:
@@ -101,8 +102,8 @@ def pg_dump(env: Environment, url: URL) -> Path:
 
 
 def backups(env: Environment, suffix: str = "sqlite3") -> list[Path]:
-    """This environment's backups, newest first."""
-    found = (env.root / BACKUP_DIR).glob(f"{env.name}-*.{suffix}")
+    """This environment's backups (a fleet target's own), newest first."""
+    found = (env.root / BACKUP_DIR).glob(f"{env.label}-*.{suffix}")
     return sorted(found, key=lambda p: p.name, reverse=True)
 
 
@@ -154,7 +155,7 @@ def _keep_replaced(env: Environment, live: Path) -> Path | None:
 def _new_file(env: Environment, suffix: str) -> Path:
     folder = env.root / BACKUP_DIR
     stamp = datetime.now().strftime("%Y%m%d-%H%M%S-%f")
-    target = folder / f"{env.name}-{stamp}.{suffix}"
+    target = folder / f"{env.label}-{stamp}.{suffix}"
     try:
         folder.mkdir(parents=True, exist_ok=True, mode=0o700)
         os.close(os.open(target, os.O_CREAT | os.O_EXCL | os.O_WRONLY, 0o600))

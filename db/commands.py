@@ -172,7 +172,7 @@ def _change(
     if single_head:
         guards.single_head(script, to_flag=True)
     progress = Progress(
-        env.name, audit.Who.here(env.root), options.on_start, options.on_step, options.stop
+        env.name, audit.Who.here(env), options.on_start, options.on_step, options.stop
     )
 
     def run(current: tuple[str, ...], context: MigrationContext) -> Iterator[RevisionStep]:
@@ -218,7 +218,7 @@ def reset(env: Environment, options: RunOptions | None = None) -> list[Step]:
     if url.get_backend_name() == "sqlite":
         Path(url.database or "").unlink(missing_ok=True)
     else:
-        run_coroutine(_drop_public_schema(env, url))
+        run_coroutine(_drop_schema(env, url, env.schema or "public"))
     return migrate(env, "head", replace(options, backup=False))  # backed up before the drop
 
 
@@ -227,12 +227,12 @@ def _check_file(env: Environment, url: URL) -> None:
         backups.check_sqlite(env, Path(url.database or ""))
 
 
-async def _drop_public_schema(env: Environment, url: URL) -> None:
+async def _drop_schema(env: Environment, url: URL, schema: str) -> None:
     engine = make_async_engine(url, connect_timeout=env.connect_timeout)
     try:
         async with connect_async(engine) as connection:
-            await connection.execute(text("DROP SCHEMA public CASCADE"))
-            await connection.execute(text("CREATE SCHEMA public"))
+            await connection.execute(text(f'DROP SCHEMA IF EXISTS "{schema}" CASCADE'))
+            await connection.execute(text(f'CREATE SCHEMA "{schema}"'))
             await connection.commit()
     finally:
         await engine.dispose()
@@ -248,7 +248,7 @@ def record_event(
         environment=env.name,
         started_at=datetime.now(timezone.utc),
         seconds=0,
-        who=audit.Who.here(env.root),
+        who=audit.Who.here(env),
         file_checksum=audit.checksum(path) if path else None,
         code=audit.code_checksum(path) if path else None,
     )

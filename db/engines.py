@@ -54,11 +54,13 @@ def make_async_engine(
     connect_timeout: float = CONNECT_TIMEOUT,
     migrating: bool = False,
     pool: Mapping[str, float] | None = None,
+    schema: str | None = None,
 ) -> AsyncEngine:
     """Like :func:`make_engine`, for an asyncio driver (asyncpg, aiosqlite).
 
     ``pool`` (``pool_size``, ``max_overflow``, ``pool_timeout``, ``pool_recycle``) gives the
     engine a real pool, checked before each use: the app's engine. Without it, none.
+    ``schema`` (PostgreSQL) puts that schema alone on each connection's ``search_path``.
     """
     from sqlalchemy.ext.asyncio import create_async_engine  # only async runs pay for it
 
@@ -68,7 +70,22 @@ def make_async_engine(
         options.update(pool_pre_ping=True, **{k: int(v) for k, v in pool.items()})
     engine = create_async_engine(url, **options)
     _sqlite_transactions(engine.sync_engine, foreign_keys=not migrating)
+    if schema is not None:
+        _search_path(engine.sync_engine, schema)
     return engine
+
+
+def _search_path(engine: Engine, schema: str) -> None:
+    """Every connection works in ``schema``: unqualified names (the revisions' tables, the
+    audit trail) are created and found there. A plain ``SET``, so PgBouncer in session mode
+    keeps it (it refuses ``search_path`` as a startup parameter)."""
+    quoted = '"' + schema.replace('"', '""') + '"'
+
+    @event.listens_for(engine, "connect", insert=True)  # before the dialect reads its schema
+    def _connect(dbapi_connection: Any, _record: Any) -> None:
+        cursor = dbapi_connection.cursor()
+        cursor.execute(f"SET search_path TO {quoted}")
+        cursor.close()
 
 
 def _options(url: URL, connect_timeout: float, migrating: bool) -> dict[str, Any]:
@@ -189,11 +206,12 @@ def with_connection(
     *,
     connect_timeout: float = CONNECT_TIMEOUT,
     wait: float = 0,
+    schema: str | None = None,
 ) -> T:
     """Run ``fn`` on a new connection to ``url``, through the sync or async driver it names;
-    retry connecting for ``wait`` seconds."""
+    retry connecting for ``wait`` seconds. ``schema``: as for :func:`make_async_engine`."""
     if is_async(url):
-        engine = make_async_engine(url, connect_timeout=connect_timeout)
+        engine = make_async_engine(url, connect_timeout=connect_timeout, schema=schema)
         return run_coroutine(_with_async(engine, fn, wait))
     sync_engine = make_engine(url, connect_timeout=connect_timeout)
     try:

@@ -22,6 +22,7 @@ CONNECT_TIMEOUT = 10.0  # seconds, unless the env file says otherwise
 SECRET_KEYS = ("DATABASE_URL", "MIGRATION_URL", "DATABASE_PASSWORD")
 SUPPORTED_DRIVERS = ("sqlite", "sqlite+pysqlite", "postgresql+asyncpg")
 _NAME = re.compile(r"[A-Za-z0-9_-]+")
+_SCHEMA = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
 _DURATION = re.compile(r"\d+(\.\d+)?\s*(us|ms|s|min|h|d)?")
 _TRUE, _FALSE = ("true", "yes", "on", "1"), ("false", "no", "off", "0", "")
 _REFERENCE = re.compile(r"\$\$|\$\{([A-Za-z_][A-Za-z0-9_]*)\}")
@@ -37,6 +38,24 @@ class Environment:
     sources: Mapping[str, Path]
     missing: Mapping[str, str] = field(default_factory=dict)  # key -> unset variable
     warnings: tuple[str, ...] = ()
+    target: str = ""  # the fleet target this environment was made for, if any
+
+    @property
+    def label(self) -> str:
+        """The name that tells this database apart: ``shops.alpha`` for a fleet target."""
+        return f"{self.name}.{self.target}" if self.target else self.name
+
+    @property
+    def schema(self) -> str | None:
+        """``SCHEMA``: the PostgreSQL schema that holds the tables, the version table and the
+        audit trail (schema-per-tenant fleets); None: the server's default (``public``)."""
+        name = self.get("SCHEMA").strip()
+        if not name:
+            return None
+        if not _SCHEMA.fullmatch(name):
+            where = self.relative(self.sources.get("SCHEMA", self.root))
+            raise ConfigError(f"{where}: SCHEMA may hold letters, digits and _ only, not {name!r}")
+        return name
 
     def get(self, key: str, default: str = "") -> str:
         return self.values.get(key, default)
@@ -217,6 +236,9 @@ def _database_url(env: Environment, key: str) -> URL:
         raise ConfigError(f"{where}: SQLite has no passwords: remove DATABASE_PASSWORD")
     if "DATABASE_PASSWORD" in env.values and (key == "DATABASE_URL" or url.password is None):
         url = url.set(password=env.get("DATABASE_PASSWORD"))
+    if url.get_backend_name() == "sqlite" and env.get("SCHEMA").strip():
+        where = env.relative(env.sources["SCHEMA"])
+        raise ConfigError(f"{where}: SQLite has no schemas: remove SCHEMA, or use PostgreSQL")
     if url.get_backend_name() == "sqlite" and url.database not in (None, "", ":memory:"):
         url = url.set(database=str(env.root / url.database))  # absolute paths stay as they are
     return url

@@ -82,3 +82,9 @@ class CheckFailed(DbError):
     """A check found something to fix: pending revisions, drift, several heads."""
 
     exit_code = 5
+
+
+class FleetFailed(DbError):
+    """Some targets of a fleet failed (or were skipped after a failure); the rest got there."""
+
+    exit_code = 6

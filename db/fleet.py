@@ -1,35 +1,47 @@
-"""Fleets: one environment, many databases (one per shop), migrated in parallel.
+"""Fleets: one environment, many databases (one per shop, or one schema per shop).
 
-An env file names its targets with ``TARGETS`` (commas or whitespace) or ``TARGETS_FILE``
-(one name a line), and puts ``{target}`` in ``DATABASE_URL`` (and ``MIGRATION_URL``).
+An env file names its targets with ``TARGETS`` (commas or whitespace), ``TARGETS_FILE``
+(a name a line, optionally followed by that target's own URL) or ``TARGETS_QUERY`` (run on
+``TARGETS_DATABASE_URL``: a name, and optionally a URL, per row), and puts ``{target}`` in
+``DATABASE_URL`` (database per shop) or in ``SCHEMA`` (schema per shop).
+
 Each target is an ordinary environment of its own, run through the one-database path with
 all its promises (its own lock, per-revision atomicity, audit rows, checksums, guards).
-Alembic keeps its state in module globals, so targets run in worker processes (each
-starts once and takes target after target), never in threads of one interpreter.
+Alembic keeps its state in module globals, so targets run in worker processes (each starts
+once and takes target after target), never in threads of one interpreter.
 """
 
 from __future__ import annotations
 
 import fnmatch
-import multiprocessing
+import json
 import os
 import re
-from collections import Counter
 from collections.abc import Callable, Mapping
-from concurrent.futures import FIRST_COMPLETED, Future, ProcessPoolExecutor, wait
-from dataclasses import dataclass, replace
+from dataclasses import asdict, dataclass, field, replace
+from datetime import datetime, timezone
 from pathlib import Path
+from typing import TYPE_CHECKING, Any
 
-from alembic.script import ScriptDirectory
-from alembic.util import CommandError
 from sqlalchemy.exc import DBAPIError
 
-from db.environments import Environment, load_environment
-from db.errors import ConfigError, DbError, first_line
+from db.environments import Environment
+from db.errors import ConfigError, first_line
+
+if TYPE_CHECKING:
+    from db.progress import Stop
 
 PLACEHOLDER = "{target}"
+RUNS_DIR = Path("var") / "runs"
 _NAME = re.compile(r"[A-Za-z0-9_.-]+")
-FAILED_EXIT = 6  # some targets failed
+_TEMPLATED = ("DATABASE_URL", "MIGRATION_URL", "SCHEMA")
+CHANGING = ("migrate", "rollback", "stamp", "seed")  # the tasks that write a run report
+
+
+@dataclass(frozen=True)
+class Target:
+    name: str
+    url: str = ""  # its own DATABASE_URL, from TARGETS_FILE or TARGETS_QUERY; "": the template
 
 
 @dataclass(frozen=True)
@@ -37,48 +49,78 @@ class Outcome:
     """What became of one target."""
 
     target: str
-    state: str  # migrated, up to date, failed, skipped, read
+    # migrated, up to date, rolled back, stamped, seeded, read, passed, problems,
+    # locked (retried at the end), failed, skipped
+    state: str
     detail: str = ""  # the revisions applied, or the one-line reason
     current: tuple[str, ...] = ()
     heads: tuple[str, ...] = ()
-    pending: int = 0
+    pending: tuple[str, ...] = ()  # revision ids still to apply, oldest first
+    applied: tuple[str, ...] = ()  # every revision applied (history)
     exit_code: int = 0
+    seconds: float = 0.0
+
+    @property
+    def failed(self) -> bool:
+        return self.state in ("failed", "skipped")
+
+
+@dataclass(frozen=True)
+class Plan:
+    """How a fleet run goes: how many at once, what stops it, what each target is asked."""
+
+    task: str
+    args: Mapping[str, Any] = field(default_factory=dict)
+    jobs: int = 1
+    keep_going: bool = False
+    canary: int = 0
 
 
 def is_fleet(env: Environment) -> bool:
     return any(env.get(key).strip() for key in ("TARGETS", "TARGETS_FILE", "TARGETS_QUERY"))
 
 
-def targets(env: Environment, only: str = "") -> list[str]:
-    """The fleet's target names, in order, narrowed to those matching ``only`` (globs)."""
+def targets(env: Environment, only: str = "") -> list[Target]:
+    """The fleet's targets, in order, narrowed to those matching ``only`` (globs)."""
     if env.get("TARGETS_QUERY").strip():
-        names = _from_catalog(env)
+        found = _from_catalog(env)
     elif env.get("TARGETS_FILE").strip():
-        path = env.root / env.get("TARGETS_FILE").strip()
-        try:
-            text = path.read_text(encoding="utf-8")
-        except OSError as exc:
-            raise ConfigError(
-                f"cannot read TARGETS_FILE {env.relative(path)}: {exc.strerror}"
-            ) from None
-        names = [line.split("#")[0].strip() for line in text.splitlines()]
+        found = [_parse(line.split("#")[0].split()) for line in _targets_file(env).splitlines()]
     else:
-        names = re.split(r"[\s,]+", env.get("TARGETS"))
-    names = [name for name in names if name]
-    for name in names:
-        if not _NAME.fullmatch(name):
-            raise ConfigError(f"{env.name}: target {name!r} may hold letters, digits, . _ - only")
-    if PLACEHOLDER not in env.get("DATABASE_URL"):
-        raise ConfigError(f"{env.name}: a fleet's DATABASE_URL must contain {PLACEHOLDER}")
+        found = [Target(name) for name in re.split(r"[\s,]+", env.get("TARGETS"))]
+    found = [t for t in found if t.name]
+    for t in found:
+        if not _NAME.fullmatch(t.name):
+            raise ConfigError(f"{env.name}: target {t.name!r} may hold letters, digits, . _ - only")
+    templated = any(PLACEHOLDER in env.get(key) for key in ("DATABASE_URL", "SCHEMA"))
+    if not templated and not all(t.url for t in found):
+        raise ConfigError(
+            f"{env.name}: a fleet needs {PLACEHOLDER} in DATABASE_URL or in SCHEMA "
+            "(or a URL for every target)"
+        )
     patterns = [p.strip() for p in only.split(",") if p.strip()]
-    chosen = [n for n in names if not patterns or any(fnmatch.fnmatch(n, p) for p in patterns)]
+    chosen = [t for t in found if not patterns or any(fnmatch.fnmatch(t.name, p) for p in patterns)]
     if not chosen:
         raise ConfigError(f"{env.name}: no target matches --only={only}")
     return chosen
 
 
-def _from_catalog(env: Environment) -> list[str]:
-    """Target names from ``TARGETS_QUERY`` (its first column) run on ``TARGETS_DATABASE_URL``."""
+def _parse(words: list[str]) -> Target:
+    return Target(words[0], words[1] if len(words) > 1 else "") if words else Target("")
+
+
+def _targets_file(env: Environment) -> str:
+    path = env.root / env.get("TARGETS_FILE").strip()
+    try:
+        return path.read_text(encoding="utf-8")
+    except OSError as exc:
+        raise ConfigError(
+            f"cannot read TARGETS_FILE {env.relative(path)}: {exc.strerror}"
+        ) from None
+
+
+def _from_catalog(env: Environment) -> list[Target]:
+    """Targets from ``TARGETS_QUERY`` (a name, and optionally a URL) on ``TARGETS_DATABASE_URL``."""
     from sqlalchemy import Connection, text
 
     from db.engines import with_connection
@@ -88,157 +130,163 @@ def _from_catalog(env: Environment) -> list[str]:
     catalog = replace(env, values={**env.values, "DATABASE_URL": env.get("TARGETS_DATABASE_URL")})
     catalog_url = catalog.url(app=True)
 
-    def names(connection: Connection) -> list[str]:
-        return [str(row[0]) for row in connection.execute(text(env.get("TARGETS_QUERY")))]
+    def rows(connection: Connection) -> list[Target]:
+        found = connection.execute(text(env.get("TARGETS_QUERY")))
+        return [_parse([str(value or "") for value in row[:2]]) for row in found]
 
     try:
-        return with_connection(catalog_url, names, connect_timeout=env.connect_timeout)
+        return with_connection(catalog_url, rows, connect_timeout=env.connect_timeout)
     except DBAPIError as exc:
         raise ConfigError(f"{env.name}: TARGETS_QUERY failed: {first_line(exc)}") from None
 
 
-def target(env: Environment, name: str) -> Environment:
-    """The environment of one target: ``{target}`` filled in its URLs."""
+def environment(env: Environment, target: Target) -> Environment:
+    """The environment of one target: ``{target}`` filled in, or the target's own URL."""
     values = dict(env.values)
-    for key in ("DATABASE_URL", "MIGRATION_URL"):
+    for key in _TEMPLATED:
         if key in values:
-            values[key] = values[key].replace(PLACEHOLDER, name)
-    return replace(env, values=values)
+            values[key] = values[key].replace(PLACEHOLDER, target.name)
+    sources = dict(env.sources)
+    if target.url:  # the catalog's URL serves the app and migrations alike
+        values.pop("MIGRATION_URL", None)
+        values["DATABASE_URL"] = target.url
+        sources.setdefault("DATABASE_URL", env.root / "environments" / f"{env.name}.env")
+    return replace(env, values=values, sources=sources, target=target.name)
+
+
+def one(env: Environment, only: str) -> Environment:
+    """The one target ``only`` names, for the tasks that work on one database at a time."""
+    from db.errors import UsageError
+
+    chosen = targets(env, only) if only else []
+    if len(chosen) != 1:
+        names = ", ".join(t.name for t in (chosen or targets(env))[:5])
+        raise UsageError(
+            f"{env.name} is a fleet: this task works on one target at a time; name it with "
+            f"--only=NAME (e.g. one of {names})"
+        )
+    return environment(env, chosen[0])
+
+
+def history(env: Environment, outcomes: list[Outcome]) -> list[tuple[Any, list[str]]]:
+    """Every revision, newest first, with the targets it is applied on."""
+    from db.progress import Revision
+    from db.runner import load_scripts, make_config
+
+    script = load_scripts(make_config(env, offline=True))
+    return [
+        (Revision.of(rev), [o.target for o in outcomes if rev.revision in o.applied])
+        for rev in script.walk_revisions()
+    ]
+
+
+def offline_sql(env: Environment, only: str, start: str | None, to: str) -> dict[str, str]:
+    """Each chosen target's SQL; rendered once when it does not depend on the target."""
+    from db.authoring import offline_sql as render
+
+    chosen = targets(env, only)
+    if PLACEHOLDER not in env.get("SCHEMA"):
+        sql = render(environment(env, chosen[0]), start, to)
+        return {t.name: sql for t in chosen}
+    return {t.name: render(environment(env, t), start, to) for t in chosen}
+
+
+def write_sql(folder: Path, scripts: Mapping[str, str]) -> dict[str, Path]:
+    """Write each target's SQL to ``folder/NAME.sql``; returns the paths."""
+    try:
+        folder.mkdir(parents=True, exist_ok=True)
+        written = {name: folder / f"{name}.sql" for name in scripts}
+        for name, path in written.items():
+            path.write_text(scripts[name], encoding="utf-8")
+    except OSError as exc:
+        raise ConfigError(f"cannot write the SQL to {folder}: {exc.strerror}") from None
+    return written
+
+
+def host(env: Environment) -> str:
+    """The server a target lives on (``local files`` for SQLite), for the per-host cap."""
+    url = env.url(need_secrets=False)
+    return f"{url.host}:{url.port or 5432}" if url.host else "local files"
+
+
+def default_jobs(count: int, hosts: int) -> int:
+    """Two targets per core and server (they mostly wait on their servers), at most the
+    number of targets."""
+    return max(1, min(count, 2 * (os.cpu_count() or 1) * max(1, hosts)))
+
+
+def exit_code(outcomes: list[Outcome]) -> int:
+    """0 when every target got there; else the failures' common code (3: lock waits ran out,
+    4: guards refused, 130/143: interrupted), or 6 when they differ."""
+    from db.errors import FleetFailed
+
+    codes = {o.exit_code for o in outcomes if o.state == "failed"}
+    if len(codes) == 1 and codes <= {3, 4, 130, 143}:
+        return codes.pop()
+    return FleetFailed.exit_code if codes or any(o.failed for o in outcomes) else 0
+
+
+def report(
+    env: Environment, plan: Plan, outcomes: list[Outcome], started: datetime, code: int
+) -> dict[str, Any]:
+    """The run as data: what ``--json`` prints and ``var/runs/ENV-TIMESTAMP.json`` keeps."""
+    finished = datetime.now(timezone.utc)
+    return {
+        "environment": env.name,
+        "task": plan.task,
+        "started_at": started.isoformat(),
+        "seconds": round((finished - started).total_seconds(), 3),
+        "exit_code": code,
+        "counts": {s: sum(o.state == s for o in outcomes) for s in {o.state for o in outcomes}},
+        "targets": [target_json(o) for o in outcomes],
+    }
+
+
+def target_json(o: Outcome) -> dict[str, Any]:
+    row = {k: v for k, v in asdict(o).items() if k not in ("applied", "exit_code", "detail")}
+    row.update(
+        up_to_date=o.state not in ("failed", "skipped") and not o.pending,
+        detail=o.detail if o.state not in ("failed", "skipped") else "",
+        error=o.detail if o.failed else None,
+    )
+    return {key: list(v) if isinstance(v, tuple) else v for key, v in row.items()}
+
+
+def write_report(env: Environment, data: Mapping[str, Any]) -> Path:
+    """Keep a run's report in ``var/runs``; returns its path."""
+    stamp = datetime.now(timezone.utc).strftime("%Y%m%dT%H%M%S.%fZ")
+    path = env.root / RUNS_DIR / f"{env.name}-{stamp}.json"
+    path.parent.mkdir(parents=True, exist_ok=True)
+    path.write_text(json.dumps(data, indent=2) + "\n", encoding="utf-8")
+    return path
 
 
 def run(
     env: Environment,
     environ: Mapping[str, str],
-    task: str,
-    names: list[str],
-    *,
-    jobs: int,
-    keep_going: bool = False,
-    canary: int = 0,
-    to: str = "head",
+    chosen: list[Target],
+    plan: Plan,
     on_done: Callable[[Outcome], None] | None = None,
+    on_start: Callable[[Target], None] | None = None,
+    stop: Stop | None = None,
 ) -> list[Outcome]:
-    """``task`` (migrate or status) on every target, ``jobs`` at a time, in worker processes.
+    """``plan.task`` on every target, ``plan.jobs`` at a time, in worker processes.
 
-    By default the first failure stops new targets from starting (those are ``skipped``);
-    ``keep_going`` runs them all. ``canary``: the first N targets go first, and the rest
-    only if all N succeeded. Outcomes come back in the order of ``names``.
+    The first failure stops new targets from starting (those are ``skipped``), unless
+    ``keep_going``; ``canary``: the first N go first, and the rest only if all N succeeded.
+    A target whose lock another run holds is retried once the others are done. Outcomes come
+    back in the order of ``chosen``. A requested ``stop`` (a signal) starts no more targets;
+    the running ones stop as one run would.
     """
-    if canary:
+    from db.workers import Pool
 
-        def batch(chosen: list[str]) -> list[Outcome]:
-            return run(
-                env, environ, task, chosen, jobs=jobs, keep_going=keep_going, to=to, on_done=on_done
-            )
-
-        first = batch(names[:canary])
-        if any(outcome.state == "failed" for outcome in first):
-            return first + [Outcome(n, "skipped", "a canary failed") for n in names[canary:]]
-        return first + batch(names[canary:])
-    done: dict[str, Outcome] = {}
-    waiting, where = list(reversed(names)), (env.root, env.name, dict(environ))
-    hosts = {name: _host(target(env, name)) for name in names}
-    cap = int(env.number("MAX_CONNECTIONS_PER_HOST", 0)) or jobs
-    # imported once here, inherited by every forked worker instead of imported in each
-    from db import commands  # noqa: F401
-    from db.engines import is_async
-
-    if names and is_async(target(env, names[0]).url(need_secrets=False)):
-        import asyncpg  # type: ignore[import-untyped]  # noqa: F401
-        import sqlalchemy.ext.asyncio  # noqa: F401
-
-    context = multiprocessing.get_context("fork")  # workers start from this process's state
-    with ProcessPoolExecutor(max_workers=max(1, jobs), mp_context=context) as pool:
-        running: dict[Future[Outcome], str] = {}
-        while waiting or running:
-            while len(running) < jobs and (name := _next(waiting, running, hosts, cap)):
-                running[pool.submit(_work, *where, name, task, to)] = name
-            finished, _ = wait(running, return_when=FIRST_COMPLETED)
-            for future in finished:
-                outcome = _outcome(future, running.pop(future))
-                done[outcome.target] = outcome
-                if on_done is not None:
-                    on_done(outcome)
-                if outcome.state == "failed" and not keep_going:
-                    skipped = (Outcome(name, "skipped", "after a failure") for name in waiting)
-                    done.update({outcome.target: outcome for outcome in skipped})
-                    waiting.clear()
-    return [done[name] for name in names]
-
-
-def _next(
-    waiting: list[str], running: dict[Future[Outcome], str], hosts: dict[str, str], cap: int
-) -> str | None:
-    """The next waiting target whose server has fewer than ``cap`` targets running."""
-    busy = Counter(hosts[name] for name in running.values())
-    for index in range(len(waiting) - 1, -1, -1):  # the list is reversed: the end is next
-        if busy[hosts[waiting[index]]] < cap:
-            return waiting.pop(index)
-    return None
-
-
-def _host(env: Environment) -> str:
-    url = env.url(need_secrets=False)
-    return f"{url.host}:{url.port or 5432}" if url.host else "local files"
-
-
-def exit_code(outcomes: list[Outcome]) -> int:
-    failed = [o for o in outcomes if o.state in ("failed", "skipped")]
-    return FAILED_EXIT if failed else 0
-
-
-def default_jobs(count: int) -> int:
-    """Two targets per core (they mostly wait on their servers), never more than targets."""
-    return max(1, min(count, 2 * (os.cpu_count() or 1)))
-
-
-def _outcome(future: Future[Outcome], name: str) -> Outcome:
-    try:
-        return future.result()
-    except Exception as exc:  # a worker that died: the target's state is unknown
-        return Outcome(name, "failed", f"the worker failed: {type(exc).__name__}", exit_code=1)
-
-
-def _work(
-    root: Path, env_name: str, environ: dict[str, str], name: str, task: str, to: str
-) -> Outcome:
-    """One target, in a worker process: read its version (without the lock, and without
-    Alembic's env.py); migrate it, through the one-database path, only if it is behind."""
-    from db import commands
-    from db.runner import RunOptions
-
-    try:
-        env = target(load_environment(root, env_name, environ), name)
-        script = _scripts(env)
-        current = _versions(env)
-        heads = tuple(script.get_heads())
-        pending = len(commands.plan_steps(script, "heads", current, up=True))
-        if task == "status" or not pending:
-            state = "read" if task == "status" else "up to date"
-            return Outcome(name, state, "", current, heads, pending)
-        steps = commands.migrate(env, to, RunOptions())
-        applied = ", ".join(step.revision for step in steps)
-        return Outcome(name, "migrated", applied, heads or current, heads)
-    except DbError as exc:
-        reason = str(exc).splitlines()[0]
-        return Outcome(name, "failed", reason, exit_code=exc.exit_code)
-    except CommandError as exc:  # a version the files do not have
-        return Outcome(name, "failed", str(exc).splitlines()[0], exit_code=1)
-
-
-_LOADED: dict[Path, ScriptDirectory] = {}
-
-
-def _scripts(env: Environment) -> ScriptDirectory:
-    """The revision files, read once per worker process, whatever the number of targets."""
-    if env.root not in _LOADED:
-        from db.runner import load_scripts, make_config
-
-        _LOADED[env.root] = load_scripts(make_config(env, offline=True))
-    return _LOADED[env.root]
-
-
-def _versions(env: Environment) -> tuple[str, ...]:
-    from db.runner import current_heads
-
-    return current_heads(env.url(), env.connect_timeout)
+    if plan.canary:
+        batch, rest = chosen[: plan.canary], chosen[plan.canary :]
+        first = run(env, environ, batch, replace(plan, canary=0), on_done, on_start, stop)
+        if any(o.failed for o in first):
+            return first + [Outcome(t.name, "skipped", "a canary failed") for t in rest]
+        return first + run(env, environ, rest, replace(plan, canary=0), on_done, on_start, stop)
+    hosts = {t.name: host(environment(env, t)) for t in chosen}
+    cap = int(env.number("MAX_CONNECTIONS_PER_HOST", 0)) or plan.jobs
+    with Pool(env, environ, plan, hosts, cap, stop) as pool:
+        return pool.run(chosen, on_done, on_start)

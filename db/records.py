@@ -182,7 +182,7 @@ def resolve(
             context.stamp(script, str(parents[0]) if parents else "base")
         elif applied:
             context.stamp(script, revision)
-        audit.resolve(connection, found[-1], applied, audit.Who.here(env.root))
+        audit.resolve(connection, found[-1], applied, audit.Who.here(env))
         return ", ".join(context.get_current_heads()) or "base"
 
     return _locked(env, options, settle)

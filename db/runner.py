@@ -78,6 +78,7 @@ class Run:
 
     environment: str
     url: URL
+    schema: str | None = None  # SCHEMA: where the tables, version table and audit trail live
     env_file: str = ""  # where the URL came from, for messages
     connect_timeout: float = CONNECT_TIMEOUT
     wait: float = 0.0
@@ -88,6 +89,11 @@ class Run:
     models: bool = False  # import db.models: only autogenerate and check compare against them
     stop: Stop = field(default_factory=Stop)
     progress: Progress | None = None  # set by run_env for runs that apply steps
+
+    @property
+    def lock_name(self) -> str:
+        """What the migration lock is keyed by, with the database: the version table."""
+        return f"{self.schema}.{VERSION_TABLE}" if self.schema else VERSION_TABLE
 
 
 def make_config(
@@ -110,6 +116,7 @@ def make_config(
     config.attributes["run"] = Run(
         environment=env.name,
         url=url,
+        schema=env.schema,
         env_file=f"{ENV_DIR}/{env.name}.env",
         connect_timeout=env.connect_timeout,
         wait=options.wait if options.wait is not None else env.number("CONNECT_WAIT", 0),
@@ -142,9 +149,31 @@ def session_settings(env: Environment) -> dict[str, str]:
     }
 
 
+_LOADED: dict[tuple[object, ...], ScriptDirectory] = {}
+
+
 def load_scripts(config: Config) -> ScriptDirectory:
-    """The revision files, all loaded now, so a broken one is reported clearly up front."""
+    """The revision files, all loaded now, so a broken one is reported clearly up front.
+
+    A process that runs many targets (a fleet's worker) reads the files once: they are
+    read again only when one of them is added, removed or changed.
+    """
     script = ScriptDirectory.from_config(config)
+    versions = Path(script.versions)
+    files = sorted(versions.glob("*.py")) if versions.is_dir() else []
+    key = (str(versions), *((f.name, *_stamp(f)) for f in files))
+    if key not in _LOADED:
+        _LOADED.clear()  # one tree per process: a changed file replaces the old copy
+        _LOADED[key] = _checked(script, config)
+    return _LOADED[key]
+
+
+def _stamp(path: Path) -> tuple[int, int]:
+    found = path.stat()
+    return found.st_mtime_ns, found.st_size
+
+
+def _checked(script: ScriptDirectory, config: Config) -> ScriptDirectory:
     versions, root = Path(script.versions), Path(config.config_file_name or ".").parent
     with warnings.catch_warnings(record=True) as caught:
         warnings.simplefilter("always")
@@ -272,17 +301,19 @@ def first_error(exc: Exception) -> Exception:
 def read_heads(run: Run) -> tuple[str, ...]:
     """The revision(s) in the version table, on a new connection, after a failure."""
     # a server that is restarting answers again within seconds
-    return current_heads(run.url, run.connect_timeout, wait=5)
+    return current_heads(run.url, run.connect_timeout, run.schema, wait=5)
 
 
-def current_heads(url: URL, connect_timeout: float, wait: float = 0) -> tuple[str, ...]:
+def current_heads(
+    url: URL, connect_timeout: float, schema: str | None = None, wait: float = 0
+) -> tuple[str, ...]:
     """The revision(s) in a database's version table, read without env.py or the lock."""
 
     def read(connection: Connection) -> tuple[str, ...]:
-        opts = {"version_table": VERSION_TABLE}
+        opts = {"version_table": VERSION_TABLE, "version_table_schema": schema}
         return tuple(MigrationContext.configure(connection, opts=opts).get_current_heads())
 
-    return with_connection(url, read, connect_timeout=connect_timeout, wait=wait)
+    return with_connection(url, read, connect_timeout=connect_timeout, wait=wait, schema=schema)
 
 
 def _applied(script: ScriptDirectory, heads: tuple[str, ...]) -> set[str]:

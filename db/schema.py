@@ -16,7 +16,7 @@ TOOL_TABLES = {"alembic_version", "migration_log"}
 def snapshot(env: Environment) -> Schema:
     """Each table's columns (kind, nullable), primary key, foreign keys, uniques, indexes."""
     timeout = env.connect_timeout
-    return with_connection(env.url(), picture, connect_timeout=timeout)
+    return with_connection(env.url(), picture, connect_timeout=timeout, schema=env.schema)
 
 
 def picture(connection: Connection) -> Schema:

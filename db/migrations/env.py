@@ -105,6 +105,7 @@ def options(checks: tuple[Any, ...] = (), last: tuple[Any, ...] = ()) -> dict[st
     return {
         "target_metadata": target_metadata(),
         "version_table": VERSION_TABLE,
+        "version_table_schema": run.schema,
         "render_as_batch": True,  # revisions must also run on SQLite, which alters by copying
         "transaction_per_migration": True,
         "process_revision_directives": skip_empty_autogenerate,
@@ -123,12 +124,17 @@ def run_migrations_offline() -> None:
         for name, value in {**run.session_settings, "standard_conforming_strings": "on"}.items():
             if name not in ONLINE_ONLY:
                 context.execute(f"SET {name} = '{value}'")
+        if run.schema:
+            context.execute(f'CREATE SCHEMA IF NOT EXISTS "{run.schema}"')
+            context.execute(f'SET search_path TO "{run.schema}"')
     with context.begin_transaction():
         context.run_migrations()
 
 
 def do_run_migrations(connection: Connection, fence: Fence | None = None) -> None:
     checks = (lambda ctx, **_kw: fence.check(ctx.connection),) if fence is not None else ()
+    if run.schema and run.lock:  # commits with the first revision, or not at all
+        connection.execute(text(f'CREATE SCHEMA IF NOT EXISTS "{run.schema}"'))
     context.configure(connection=connection, **options(checks))
     guard_blocks(fence)
     with context.begin_transaction():
@@ -193,7 +199,7 @@ async def migrate_locked(connection: AsyncConnection, engine: AsyncEngine) -> No
     cancel = canceller(run.url, pid, run.connect_timeout)
     forget = run.stop.on_request(lambda: None if in_block() else cancel())
     try:
-        async with pg_lock(connection, pid, VERSION_TABLE, run.lock_wait, run.note) as fence:
+        async with pg_lock(connection, pid, run.lock_name, run.lock_wait, run.note) as fence:
             await connection.run_sync(do_run_migrations, fence)
             await connection.commit()  # what a run wrote outside any revision
     finally:
@@ -215,7 +221,9 @@ def run_migrations_online() -> None:
         run_coroutine(run_async_migrations(given, owned=False))
         return
     if given is None and is_async(run.url):
-        engine = make_async_engine(run.url, connect_timeout=run.connect_timeout, migrating=True)
+        engine = make_async_engine(
+            run.url, connect_timeout=run.connect_timeout, migrating=True, schema=run.schema
+        )
         run_coroutine(run_async_migrations(engine, owned=True))
         return
     sync_engine = given or make_engine(run.url, connect_timeout=run.connect_timeout, migrating=True)

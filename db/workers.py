@@ -1,0 +1,275 @@
+"""The worker processes of a fleet run, and what each does to one target.
+
+A pool of forked processes, each started once, takes target after target; the parent
+hands out targets so that no server has more than ``MAX_CONNECTIONS_PER_HOST`` of them at
+once. A target whose migration lock another run holds comes back ``locked`` and is tried
+again, waiting for the lock this time, once the other targets are done. A signal to the
+parent stops new targets, and the running ones stop as a single run would (the revision
+under way is rolled back, those before it stay).
+"""
+
+from __future__ import annotations
+
+import multiprocessing
+import signal
+import threading
+import time
+from collections import Counter, deque
+from collections.abc import Callable, Mapping
+from concurrent.futures import FIRST_COMPLETED, Future, ProcessPoolExecutor, wait
+from dataclasses import replace
+from pathlib import Path
+from types import TracebackType
+from typing import Any
+
+from alembic.util import CommandError
+
+from db import commands, guards
+from db.environments import Environment, load_environment
+from db.errors import CheckFailed, DbError, LockTimeout
+from db.fleet import Outcome, Plan, Target, environment
+from db.progress import Stop
+from db.runner import LOCK_WAIT, RunOptions, current_heads, load_scripts, make_config
+
+
+class Pool:
+    """Worker processes for one fleet run; ``run`` sends them the targets."""
+
+    def __init__(
+        self,
+        env: Environment,
+        environ: Mapping[str, str],
+        plan: Plan,
+        hosts: Mapping[str, str],
+        cap: int,
+        stop: Stop | None = None,
+    ) -> None:
+        self.env, self.environ, self.plan = env, dict(environ), plan
+        self.hosts, self.cap, self.stop = hosts, cap, stop or Stop()
+        context = multiprocessing.get_context("fork")  # workers start from this process's state
+        self._signal = context.Value("i", 0)
+        self._preload()
+        self._executor = ProcessPoolExecutor(
+            max_workers=max(1, plan.jobs),
+            mp_context=context,
+            initializer=_start_worker,
+            initargs=(self._signal,),
+        )
+        self._forget = self.stop.on_request(self._tell_workers)
+
+    def __enter__(self) -> Pool:
+        return self
+
+    def __exit__(self, *exc: type[BaseException] | BaseException | TracebackType | None) -> None:
+        self._forget()
+        self._executor.shutdown(wait=True)
+
+    def _tell_workers(self) -> None:
+        self._signal.value = self.stop.signum or signal.SIGTERM
+
+    def _preload(self) -> None:
+        """Import once here what every worker needs, instead of in each of them."""
+        from db import records, review  # noqa: F401
+        from db.engines import is_async
+
+        if is_async(self.env.url(need_secrets=False)):
+            import asyncpg  # type: ignore[import-untyped]  # noqa: F401
+            import sqlalchemy.ext.asyncio  # noqa: F401
+
+    def run(
+        self,
+        chosen: list[Target],
+        on_done: Callable[[Outcome], None] | None = None,
+        on_start: Callable[[Target], None] | None = None,
+    ) -> list[Outcome]:
+        done: dict[str, Outcome] = {}
+        waiting, later, final = deque(chosen), deque[Target](), False
+        running: dict[Future[Outcome], Target] = {}
+        while waiting or running or later:
+            if not waiting and not running:  # only targets locked by other runs are left
+                waiting, later, final = later, deque(), True
+            if self.stop.requested:
+                waiting.extend(later)
+                later.clear()
+                self._skip(waiting, done, "interrupted")
+            while len(running) < self.plan.jobs and (target := self._next(waiting, running)):
+                args = {**self.plan.args, "retry": not final}
+                where = (self.env.root, self.env.name, self.environ)
+                running[self._executor.submit(_work, *where, target, self.plan.task, args)] = target
+                if on_start is not None:
+                    on_start(target)
+            if not running:
+                continue
+            finished, _ = wait(running, return_when=FIRST_COMPLETED)
+            for future in finished:
+                target = running.pop(future)
+                outcome = _outcome(future, target)
+                if on_done is not None:
+                    on_done(outcome)
+                if outcome.state == "locked":
+                    later.append(target)
+                    continue
+                done[target.name] = outcome
+                if outcome.state == "failed" and not self.plan.keep_going:
+                    waiting.extend(later)
+                    later.clear()
+                    self._skip(waiting, done, "after a failure")
+        return [done[target.name] for target in chosen]
+
+    def _next(
+        self, waiting: deque[Target], running: Mapping[Future[Outcome], Target]
+    ) -> Target | None:
+        """The next waiting target whose server has fewer than ``cap`` targets running."""
+        busy = Counter(self.hosts[target.name] for target in running.values())
+        for index, target in enumerate(waiting):
+            if busy[self.hosts[target.name]] < self.cap:
+                del waiting[index]
+                return target
+        return None
+
+    @staticmethod
+    def _skip(waiting: deque[Target], done: dict[str, Outcome], why: str) -> None:
+        done.update({t.name: Outcome(t.name, "skipped", why) for t in waiting})
+        waiting.clear()
+
+
+def _outcome(future: Future[Outcome], target: Target) -> Outcome:
+    try:
+        return future.result()
+    except Exception as exc:  # a worker that died: the target's state is unknown
+        why = f"the worker failed: {type(exc).__name__}; see `invoke status` for where it is"
+        return Outcome(target.name, "failed", why, exit_code=1)
+
+
+# --- inside a worker ----------------------------------------------------------------------
+
+_STOP = Stop()
+
+
+def _start_worker(shared_signal: Any) -> None:
+    """Signals are the parent's to handle; it tells the workers through ``shared_signal``."""
+    signal.signal(signal.SIGINT, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+
+    def watch() -> None:
+        while not shared_signal.value:
+            threading.Event().wait(0.05)
+        _STOP.request(shared_signal.value)
+
+    threading.Thread(target=watch, daemon=True).start()
+
+
+def _work(
+    root: Path,
+    env_name: str,
+    environ: dict[str, str],
+    target: Target,
+    task: str,
+    args: dict[str, Any],
+) -> Outcome:
+    """One task on one target, through the one-database path."""
+    clock = time.perf_counter()
+    try:
+        env = environment(load_environment(root, env_name, environ), target)
+        outcome = TASKS[task](env, args)
+    except LockTimeout as exc:
+        outcome = Outcome(target.name, "failed", first(exc), exit_code=exc.exit_code)
+        if args.get("retry"):
+            outcome = Outcome(target.name, "locked", "another run holds its lock: retried last")
+    except DbError as exc:
+        outcome = Outcome(target.name, "failed", first(exc), exit_code=exc.exit_code)
+    except CommandError as exc:  # a version the files do not have
+        outcome = Outcome(target.name, "failed", first(exc), exit_code=1)
+    return replace(outcome, seconds=round(time.perf_counter() - clock, 3))
+
+
+def first(exc: Exception) -> str:
+    return str(exc).splitlines()[0]
+
+
+def _options(args: Mapping[str, Any]) -> RunOptions:
+    return RunOptions(
+        lock_wait=0 if args.get("retry") else args.get("lock_wait", LOCK_WAIT),
+        wait=args.get("wait"),
+        allow_env_mismatch=args.get("allow_env_mismatch", False),
+        stop=_STOP,
+    )
+
+
+def _read(env: Environment, to: str = "heads") -> Outcome:
+    """Where a target is, read without the lock or env.py, and what is pending to ``to``."""
+    script = load_scripts(make_config(env, offline=True))
+    current = current_heads(env.url(), env.connect_timeout, env.schema)
+    pending = commands.plan_steps(script, to, current, up=True)
+    return Outcome(
+        env.target,
+        "read",
+        current=current,
+        heads=tuple(script.get_heads()),
+        pending=tuple(step.revision.revision for step in pending),
+        applied=tuple(sorted(commands.applied_revisions(script, current))),
+    )
+
+
+def _migrate(env: Environment, args: Mapping[str, Any]) -> Outcome:
+    to = args.get("to", "head")
+    if to == "head":
+        guards.single_head(load_scripts(make_config(env, offline=True)), to_flag=True)
+    before = _read(env, "heads" if to == "head" else to)
+    if not before.pending:
+        return replace(before, state="up to date")
+    steps = commands.migrate(env, to, _options(args))
+    after = _read(env)
+    if not steps:  # another run got there first, while this one waited for the lock
+        return replace(after, state="up to date", detail="migrated by another run")
+    return replace(after, state="migrated", detail=", ".join(s.revision for s in steps))
+
+
+def _rollback(env: Environment, args: Mapping[str, Any]) -> Outcome:
+    steps = commands.rollback(env, args.get("steps", 1), args.get("to"), _options(args))
+    undone = ", ".join(s.revision for s in steps)
+    return replace(_read(env), state="rolled back" if steps else "unchanged", detail=undone)
+
+
+def _status(env: Environment, _args: Mapping[str, Any]) -> Outcome:
+    return _read(env)
+
+
+def _check(env: Environment, _args: Mapping[str, Any]) -> Outcome:
+    from db import review
+
+    problems = review.check(env)
+    if not problems:
+        return replace(_read(env), state="passed")
+    return Outcome(env.target, "problems", "; ".join(problems), exit_code=CheckFailed.exit_code)
+
+
+def _stamp(env: Environment, args: Mapping[str, Any]) -> Outcome:
+    from db import records
+
+    done = records.stamp(env, args["revision"], args.get("force", False), _options(args))
+    forced = (
+        f"; --force went past {len(done.differences)} difference(s)" if done.differences else ""
+    )
+    return replace(
+        _read(env), state="stamped", detail=f"{done.revision} as applied, not run{forced}"
+    )
+
+
+def _seed(env: Environment, _args: Mapping[str, Any]) -> Outcome:
+    from db import seed
+
+    added = seed.seed(env)
+    counts = ", ".join(f"{count} {kind}" for kind, count in added.items())
+    return Outcome(env.target, "seeded", counts)
+
+
+TASKS: dict[str, Callable[[Environment, Mapping[str, Any]], Outcome]] = {
+    "migrate": _migrate,
+    "rollback": _rollback,
+    "status": _status,
+    "history": _status,
+    "check": _check,
+    "stamp": _stamp,
+    "seed": _seed,
+}

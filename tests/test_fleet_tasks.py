@@ -1,0 +1,180 @@
+"""Every task on a SQLite fleet: rollback, history, check, stamp, seed, offline-sql, the
+one-target tasks, the run report, a protected fleet's plan, and the progress line."""
+
+from __future__ import annotations
+
+import json
+import os
+import pty
+import select
+import sqlite3
+import subprocess
+import sys
+from contextlib import closing
+
+import pytest
+from conftest import Project, head_revision
+from test_errors import revision
+
+HEAD = head_revision()
+SHOPS = ("alpha", "beta", "gamma")
+SQLITE_FLEET = "DATABASE_URL=sqlite:///var/shops/{target}.sqlite3\nTARGETS=alpha, beta gamma\n"
+
+
+@pytest.fixture
+def fleet(project: Project) -> Project:
+    project.write_env("shops", SQLITE_FLEET)
+    return project
+
+
+def query(project: Project, shop: str, sql: str) -> list[tuple[object, ...]]:
+    with closing(sqlite3.connect(project.root / "var" / "shops" / f"{shop}.sqlite3")) as db:
+        return list(db.execute(sql))
+
+
+def versions(project: Project, shop: str) -> list[str]:
+    tables = [row[0] for row in query(project, shop, "select name from sqlite_master")]
+    if "alembic_version" not in tables:
+        return []
+    return [str(row[0]) for row in query(project, shop, "select version_num from alembic_version")]
+
+
+def test_each_targets_audit_rows_name_it(fleet: Project) -> None:
+    fleet.ok("migrate", "--env=shops")
+
+    for shop in SHOPS:
+        rows = query(
+            fleet, shop, "select revision, direction, environment, target from migration_log"
+        )
+        assert rows == [(HEAD, "up", "shops", shop)]
+
+
+def test_rollback_on_chosen_targets_and_history_counts_them(fleet: Project) -> None:
+    fleet.add_revision("second", revision("second01", HEAD))
+    fleet.ok("migrate", "--env=shops")
+
+    result = fleet.ok("rollback", "--env=shops", "--only=alpha,beta")
+
+    assert "alpha] rolled back second01; now at " + HEAD in result.stderr
+    assert [versions(fleet, shop) for shop in SHOPS] == [[HEAD], [HEAD], ["second01"]]
+    history = fleet.ok("history", "--env=shops").stdout.splitlines()
+    assert history[0].startswith("second01  applied on 1/3")
+    assert history[1].startswith(f"{HEAD}  applied on 3/3")
+    rows = json.loads(fleet.ok("history", "--env=shops", "--json").stdout)
+    assert rows[0]["id"] == "second01" and rows[0]["applied_on"] == ["gamma"]
+
+
+def test_check_on_a_fleet_names_the_target_behind(fleet: Project) -> None:
+    fleet.ok("migrate", "--env=shops", "--only=alpha,gamma")
+
+    result = fleet.invoke("check", "--env=shops")
+
+    assert result.returncode == 5, result.stderr
+    assert "[1/3 alpha] check passed" in result.stderr or "alpha] check passed" in result.stderr
+    assert "beta] check failed: 1 revision(s) pending" in result.stderr
+    fleet.ok("migrate", "--env=shops")
+    assert fleet.ok("check", "--env=shops").stderr.count("check passed") == 3
+
+
+def test_stamp_and_seed_on_every_target(fleet: Project) -> None:
+    stamped = fleet.ok("stamp", "--env=shops", HEAD, "--force")
+
+    assert stamped.stderr.count(f"recorded {HEAD} as applied") == 3
+    assert all(versions(fleet, shop) == [HEAD] for shop in SHOPS)
+    for shop in SHOPS:  # --force over empty databases: the tables are not there to seed
+        query(fleet, shop, "drop table alembic_version")
+    fleet.ok("migrate", "--env=shops")
+    seeded = fleet.ok("seed", "--env=shops")
+    assert seeded.stderr.count("added 3 users") == 3
+    assert all(query(fleet, shop, "select count(*) from users") == [(3,)] for shop in SHOPS)
+
+
+def test_offline_sql_per_schema_target_goes_to_a_folder(project: Project) -> None:
+    project.write_env(
+        "tenants",
+        "DATABASE_URL=postgresql+asyncpg://shop@db.invalid/shops\nSCHEMA={target}\n"
+        "TARGETS=alpha beta\n",
+    )
+
+    result = project.ok("offline-sql", "--env=tenants", "--output=out")
+
+    for shop in ("alpha", "beta"):
+        sql = (project.root / "out" / f"{shop}.sql").read_text()
+        assert f'CREATE SCHEMA IF NOT EXISTS "{shop}"' in sql
+        assert f'SET search_path TO "{shop}"' in sql
+        assert f"CREATE TABLE {shop}.alembic_version" in sql
+    assert "wrote the SQL for tenants beta to" in result.stderr
+    printed = project.ok("offline-sql", "--env=tenants").stdout
+    assert printed.startswith("-- target: alpha\n") and "-- target: beta\n" in printed
+
+
+def test_one_database_tasks_take_one_target_of_a_fleet(fleet: Project) -> None:
+    fleet.ok("migrate", "--env=shops")
+
+    error = fleet.fails("reset", "--env=shops")
+    assert "shops is a fleet" in error and "--only=NAME" in error
+    fleet.ok("reset", "--env=shops", "--only=beta")
+    assert versions(fleet, "beta") == [HEAD]
+    kept = [p.name for p in (fleet.root / "var" / "backups").iterdir()]
+    assert len(kept) == 1 and kept[0].startswith("shops.beta-")  # its own backup, by name
+    restored = fleet.ok("restore", "--env=shops", "--only=beta").stderr
+    assert f"restored var/backups/{kept[0]}" in restored
+
+
+def test_a_run_report_is_kept_and_printed_with_json(fleet: Project) -> None:
+    result = fleet.ok("migrate", "--env=shops", "--json")
+
+    report = json.loads(result.stdout)
+    kept = list((fleet.root / "var" / "runs").glob("shops-*.json"))
+    assert len(kept) == 1 and json.loads(kept[0].read_text()) == report
+    assert report["task"] == "migrate" and report["exit_code"] == 0
+    assert report["counts"] == {"migrated": 3}
+    assert [t["target"] for t in report["targets"]] == list(SHOPS)
+    assert all(t["current"] == [HEAD] and t["detail"] == HEAD for t in report["targets"])
+
+
+def test_a_protected_fleet_shows_its_plan_and_asks_once(project: Project) -> None:
+    project.write_env("shops", SQLITE_FLEET + "PROTECTED=true\n")
+    refused = project.invoke("migrate", "--env=shops")
+    assert refused.returncode == 4, refused.stderr
+    assert f"3 target(s): {HEAD}  [alpha, beta, gamma]" in refused.stderr
+    assert not (project.root / "var" / "shops" / "alpha.sqlite3").exists() or not versions(
+        project, "alpha"
+    )
+
+    project.ok("migrate", "--env=shops", "--yes", "--only=alpha")
+    result = project.ok("migrate", "--env=shops", "--yes")
+
+    assert "1 target(s): nothing (at head)  [alpha]" in result.stderr
+    assert f"2 target(s): {HEAD}  [beta, gamma]" in result.stderr
+    assert "2 migrated" in result.stderr
+    assert all(versions(project, shop) == [HEAD] for shop in SHOPS)
+
+
+def test_a_terminal_shows_a_progress_line(fleet: Project) -> None:
+    leader, follower = pty.openpty()
+    process = subprocess.Popen(
+        [sys.executable, "-m", "invoke", "migrate", "--env=shops", "--jobs=1"],
+        cwd=fleet.root,
+        env=fleet.environ,
+        stdin=subprocess.DEVNULL,
+        stdout=follower,
+        stderr=follower,
+    )
+    os.close(follower)
+    seen = b""
+    while True:
+        ready, _, _ = select.select([leader], [], [], 60)
+        try:
+            chunk = os.read(leader, 4096) if ready else b""
+        except OSError:  # the task ended and closed the terminal
+            chunk = b""
+        if not chunk:
+            break
+        seen += chunk
+    os.close(leader)
+    assert process.wait(timeout=60) == 0, seen.decode()
+    text = seen.decode()
+    assert "\r\x1b[K1/3 done, 0 running, 0 failed" in text
+    assert "\r\x1b[K2/3 done, 1 running, 0 failed" in text
+    assert "[3/3 gamma] migrated" in text
