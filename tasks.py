@@ -708,7 +708,7 @@ class Board:
         self._progress()
 
     def done(self, outcome: Outcome) -> None:
-        self.running -= 1
+        self.running -= outcome.state != "skipped"  # a skipped target never started
         if outcome.state != "locked":
             self.finished += 1
             self.failed += outcome.failed

@@ -86,6 +86,7 @@ def _search_path(engine: Engine, schema: str) -> None:
         cursor = dbapi_connection.cursor()
         cursor.execute(f"SET search_path TO {quoted}")
         cursor.close()
+        dbapi_connection.commit()  # the driver began a transaction: a rollback would undo it
 
 
 def _options(url: URL, connect_timeout: float, migrating: bool) -> dict[str, Any]:

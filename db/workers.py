@@ -91,7 +91,7 @@ class Pool:
             if self.stop.requested:
                 waiting.extend(later)
                 later.clear()
-                self._skip(waiting, done, "interrupted")
+                self._skip(waiting, done, "interrupted", on_done)
             while len(running) < self.plan.jobs and (target := self._next(waiting, running)):
                 args = {**self.plan.args, "retry": not final}
                 where = (self.env.root, self.env.name, self.environ)
@@ -113,7 +113,8 @@ class Pool:
                 if outcome.state == "failed" and not self.plan.keep_going:
                     waiting.extend(later)
                     later.clear()
-                    self._skip(waiting, done, "after a failure")
+                    why = "interrupted" if self.stop.requested else "after a failure"
+                    self._skip(waiting, done, why, on_done)
         return [done[target.name] for target in chosen]
 
     def _next(
@@ -128,8 +129,16 @@ class Pool:
         return None
 
     @staticmethod
-    def _skip(waiting: deque[Target], done: dict[str, Outcome], why: str) -> None:
-        done.update({t.name: Outcome(t.name, "skipped", why) for t in waiting})
+    def _skip(
+        waiting: deque[Target],
+        done: dict[str, Outcome],
+        why: str,
+        on_done: Callable[[Outcome], None] | None,
+    ) -> None:
+        for target in waiting:
+            done[target.name] = Outcome(target.name, "skipped", why)
+            if on_done is not None:
+                on_done(done[target.name])
         waiting.clear()
 
 

@@ -133,8 +133,9 @@ def run_migrations_offline() -> None:
 
 def do_run_migrations(connection: Connection, fence: Fence | None = None) -> None:
     checks = (lambda ctx, **_kw: fence.check(ctx.connection),) if fence is not None else ()
-    if run.schema and run.lock:  # commits with the first revision, or not at all
+    if run.schema and run.lock:  # committed now: Alembic runs all in one open transaction
         connection.execute(text(f'CREATE SCHEMA IF NOT EXISTS "{run.schema}"'))
+        connection.commit()
     context.configure(connection=connection, **options(checks))
     guard_blocks(fence)
     with context.begin_transaction():

@@ -1,0 +1,222 @@
+"""Fleets on real PostgreSQL servers: schema per tenant, locks held by other runs, two
+servers, and a target whose connection is killed part way."""
+
+from __future__ import annotations
+
+import asyncio
+import json
+import signal
+from collections.abc import Iterator
+
+import asyncpg
+import pytest
+from conftest import (
+    PgDatabase,
+    Project,
+    cluster,
+    head_revision,
+    pg_execute,
+    pg_fetch,
+    popen,
+    running_query,
+    wait_until,
+)
+from test_errors import revision
+
+HEAD = head_revision()
+SHOPS = ("alpha", "beta", "gamma")
+NAMESPACE = 0x5A11  # db/locks.py's first key
+pytestmark = pytest.mark.postgres
+
+
+def schema_versions(dsn: str, schema: str) -> list[str]:
+    rows = pg_fetch(
+        dsn,
+        "select 1 from information_schema.tables "
+        f"where table_schema = '{schema}' and table_name = 'alembic_version'",
+    )
+    if not rows:
+        return []
+    return [
+        r["version_num"] for r in pg_fetch(dsn, f"select version_num from {schema}.alembic_version")
+    ]
+
+
+@pytest.fixture
+def tenants(project: Project, pg_database: PgDatabase) -> Project:
+    project.write_env(
+        "tenants", f"DATABASE_URL={pg_database.url}\nSCHEMA={{target}}\nTARGETS={','.join(SHOPS)}\n"
+    )
+    return project
+
+
+def test_schema_per_tenant_keeps_each_shop_in_its_schema(
+    tenants: Project, pg_database: PgDatabase
+) -> None:
+    result = tenants.ok("migrate", "--env=tenants")
+
+    assert result.stderr.count(f"migrated: {HEAD}") == 3
+    dsn = pg_database.dsn
+    for shop in SHOPS:
+        assert schema_versions(dsn, shop) == [HEAD]
+        tables = {
+            r["table_name"]
+            for r in pg_fetch(
+                dsn,
+                f"select table_name from information_schema.tables where table_schema = '{shop}'",
+            )
+        }
+        assert {"users", "products", "purchases", "migration_log", "alembic_version"} <= tables
+        rows = pg_fetch(dsn, f"select revision, target from {shop}.migration_log")
+        assert [(r["revision"], r["target"]) for r in rows] == [(HEAD, shop)]
+    public = pg_fetch(
+        dsn, "select table_name from information_schema.tables where table_schema = 'public'"
+    )
+    assert public == []
+    status = tenants.ok("status", "--env=tenants").stdout
+    assert status.count(f"at {HEAD}, nothing pending") == 3
+    seeded = tenants.ok("seed", "--env=tenants", "--only=beta")
+    assert "added 3 users" in seeded.stderr
+    assert pg_fetch(dsn, "select count(*) as n from beta.users")[0]["n"] == 3
+    assert pg_fetch(dsn, "select count(*) as n from alpha.users")[0]["n"] == 0
+
+
+async def _hold(dsn: str, key_name: str, held: asyncio.Event, release: asyncio.Event) -> None:
+    connection = await asyncpg.connect(dsn)
+    try:
+        await connection.execute(
+            f"select pg_advisory_lock({NAMESPACE}, hashtext(current_database() || '.' || $1))",
+            key_name,
+        )
+        held.set()
+        await release.wait()
+    finally:
+        await connection.close()
+
+
+def test_a_target_locked_by_another_run_is_retried_last(
+    tenants: Project, pg_database: PgDatabase
+) -> None:
+    """The lock is keyed by schema: beta's lock held elsewhere leaves alpha and gamma free,
+    and beta is migrated at the end, once its lock is let go."""
+    import threading
+
+    loop = asyncio.new_event_loop()
+    held, release = asyncio.Event(), asyncio.Event()
+    holder = threading.Thread(
+        target=loop.run_until_complete,
+        args=(_hold(pg_database.dsn, "beta.alembic_version", held, release),),
+    )
+    holder.start()
+    try:
+        wait_until(held.is_set, "the test to hold beta's lock")
+        run = popen(tenants, "migrate", "--env=tenants", "--jobs=1")
+        wait_until(
+            lambda: schema_versions(pg_database.dsn, "gamma") == [HEAD], "gamma migrated", 60, run
+        )
+        assert schema_versions(pg_database.dsn, "beta") == []
+        wait_until(
+            lambda: pg_fetch(
+                pg_database.dsn,
+                "select 1 from pg_stat_activity where application_name = 'migrations' "
+                "and query like '%pg_try_advisory_lock%'",
+            ),
+            "the retry to wait for beta's lock",
+            60,
+            run,
+        )
+    finally:
+        loop.call_soon_threadsafe(release.set)
+        holder.join(timeout=30)
+        loop.close()
+    _, err = run.communicate(timeout=120)
+
+    assert run.returncode == 0, err
+    lines = err.splitlines()
+    locked = next(i for i, line in enumerate(lines) if "beta] locked by another run" in line)
+    gamma = next(i for i, line in enumerate(lines) if "gamma] migrated" in line)
+    beta = next(i for i, line in enumerate(lines) if f"beta] migrated: {HEAD}" in line)
+    assert locked < gamma < beta
+    for shop in SHOPS:
+        rows = pg_fetch(pg_database.dsn, f"select revision, direction from {shop}.migration_log")
+        assert [(r["revision"], r["direction"]) for r in rows] == [(HEAD, "up")]
+
+
+@pytest.fixture
+def second_server() -> Iterator[int]:
+    with cluster() as found:
+        yield found.port
+
+
+def test_a_fleet_across_two_servers(project: Project, pg_server: str, second_server: int) -> None:
+    local = f"{pg_server.rsplit('/', 1)[0]}/fleet_two_hosts"
+    other = f"postgresql://postgres@127.0.0.1:{second_server}/postgres"
+    pg_execute(
+        pg_server, "DROP DATABASE IF EXISTS fleet_two_hosts", "CREATE DATABASE fleet_two_hosts"
+    )
+    pg_execute(other, "CREATE DATABASE shop_far")
+    asyncpg_url = "postgresql+asyncpg://postgres@127.0.0.1"
+    (project.root / "shops.txt").write_text(
+        f"near {asyncpg_url}:5432/fleet_two_hosts\nfar {asyncpg_url}:{second_server}/shop_far\n"
+    )
+    project.write_env(
+        "shops", "DATABASE_URL=postgresql+asyncpg://unused/x\nTARGETS_FILE=shops.txt\n"
+    )
+    try:
+        result = project.ok("migrate", "--env=shops", "--json")
+        assert [t["current"] for t in json.loads(result.stdout)["targets"]] == [
+            [HEAD],
+            [HEAD],
+        ]
+        assert pg_fetch(local, "select version_num from alembic_version")[0][0] == HEAD
+        far = f"postgresql://postgres@127.0.0.1:{second_server}/shop_far"
+        assert pg_fetch(far, "select target from migration_log")[0][0] == "far"
+    finally:
+        pg_execute(pg_server, "DROP DATABASE IF EXISTS fleet_two_hosts WITH (FORCE)")
+
+
+@pytest.fixture
+def slow_fleet(tenants: Project) -> Project:
+    schema = 'op.get_context().opts["version_table_schema"]'
+    body = f'op.execute("select pg_sleep(30)") if {schema} == "beta" else None'
+    tenants.add_revision("slow", revision("slow01", HEAD, body))
+    return tenants
+
+
+def test_a_target_whose_connection_is_killed_fails_alone(
+    slow_fleet: Project, pg_database: PgDatabase
+) -> None:
+    run = popen(slow_fleet, "migrate", "--env=tenants", "--jobs=3", "--keep-going")
+    [backend] = wait_until(
+        lambda: running_query(pg_database.dsn, "pg_sleep(30)"), "beta's sleep", 60, run
+    )
+    pg_execute(pg_database.dsn, f"select pg_terminate_backend({backend['pid']})")
+    _, err = run.communicate(timeout=120)
+
+    assert run.returncode == 3, err  # the one failure is a lost lock
+    assert "beta] failed: lost the connection, and with it the migration lock" in err
+    assert "  beta: lost the connection" in err and "Traceback" not in err
+    assert schema_versions(pg_database.dsn, "beta") == [HEAD]  # slow01 rolled back whole
+    assert (
+        schema_versions(pg_database.dsn, "alpha")
+        == ["slow01"]
+        == schema_versions(pg_database.dsn, "gamma")
+    )
+    rerun = slow_fleet.invoke("status", "--env=tenants").stdout
+    assert "beta] at " + HEAD + ", 1 pending" in rerun
+
+
+def test_sigterm_stops_a_fleet_run_and_it_says_where_each_target_is(
+    slow_fleet: Project, pg_database: PgDatabase
+) -> None:
+    run = popen(slow_fleet, "migrate", "--env=tenants", "--jobs=1", "--only=beta,gamma")
+    wait_until(lambda: running_query(pg_database.dsn, "pg_sleep(30)"), "beta's sleep", 60, run)
+    run.send_signal(signal.SIGTERM)
+    _, err = run.communicate(timeout=60)
+
+    assert run.returncode == 143, err
+    assert f"beta] failed: interrupted: the database is at {HEAD}; this run kept {HEAD}; " in err
+    assert "slow01 was rolled back" in err
+    assert "gamma] skipped (interrupted)" in err
+    assert schema_versions(pg_database.dsn, "beta") == [HEAD]
+    assert schema_versions(pg_database.dsn, "gamma") == []
