@@ -28,7 +28,7 @@ if TYPE_CHECKING:
     from alembic.runtime.migration import RevisionStep
 
     from db.environments import Environment
-    from db.fleet import Outcome, Plan, Target
+    from db.fleet import Outcome, Plan, Target, TaskArgs
     from db.lint import Finding
     from db.progress import Revision
     from db.runner import RunOptions, Step
@@ -91,8 +91,9 @@ def migrate(
         target = environment(c, env, banner=True, fleet_ok=True)
         options = run_options(lock_wait, wait, allow_env_mismatch)
         if is_fleet(target):
-            flags = {**fleet_args(options), "to": to}
-            plan = fleet_plan("migrate", flags, jobs, keep_going, canary)
+            plan = fleet_plan(
+                "migrate", {**fleet_args(options), "to": to}, jobs, keep_going, canary
+            )
             run_fleet(target, plan, only, options, json_=json_, yes=yes)
             return
         if target.protected:  # shown and confirmed inside the run, under the lock
@@ -143,7 +144,7 @@ def rollback(
         if is_fleet(target):
             if target.protected:
                 confirm(target, yes, "roll back every chosen target of", need_yes=True)
-            flags = {**fleet_args(options), "steps": steps, "to": to or None}
+            flags: TaskArgs = {**fleet_args(options), "steps": steps, "to": to or None}
             run_fleet(target, fleet_plan("rollback", flags, jobs, keep_going), only, options)
             return
         if target.protected:  # shown and confirmed inside the run, under the lock
@@ -275,7 +276,7 @@ def stamp(
             confirm(target, yes, f"record {revision} as applied on", need_yes=False)
         options = run_options(lock_wait, "", allow_env_mismatch)
         if is_fleet(target):
-            flags = {**fleet_args(options), "revision": revision, "force": force}
+            flags: TaskArgs = {**fleet_args(options), "revision": revision, "force": force}
             run_fleet(target, fleet_plan("stamp", flags, jobs, keep_going), only, options)
             return
         done = records.stamp(target, revision, force, options)
@@ -410,7 +411,7 @@ def status(
     with reported(c, debug):
         target = environment(c, env, banner=True, fleet_ok=True)
         if is_fleet(target):
-            plan = fleet_plan("status", {}, jobs, keep_going=True)
+            plan = fleet_plan("status", None, jobs, keep_going=True)
             outcomes = run_fleet(target, plan, only, run_options(), json_=json_)
             if check and any(o.pending or o.failed for o in outcomes):
                 raise Exit(f"{target.name}: targets behind head", code=check_failed())
@@ -445,7 +446,7 @@ def history(
     with reported(c, debug):
         target = environment(c, env, banner=True, fleet_ok=True)
         if is_fleet(target):
-            plan = fleet_plan("history", {}, jobs, keep_going=True)
+            plan = fleet_plan("history", None, jobs, keep_going=True)
             outcomes = run_fleet(target, plan, only, run_options(), quiet=json_)
             rows = fleet.history(target, outcomes)
             if json_:
@@ -503,7 +504,7 @@ def check(c: Context, env: str = "", only: str = "", jobs: int = 0, debug: bool 
     with reported(c, debug):
         target = environment(c, env, banner=True, fleet_ok=True)
         if is_fleet(target):
-            outcomes = run_fleet(target, fleet_plan("check", {}, jobs, True), only, run_options())
+            outcomes = run_fleet(target, fleet_plan("check", None, jobs, True), only, run_options())
             if any(o.state == "problems" for o in outcomes):
                 raise Exit("check failed on some targets", code=check_failed())
             return
@@ -539,7 +540,7 @@ def seed(c: Context, env: str = "", only: str = "", jobs: int = 0, debug: bool =
         why = "seed data is for development databases"
         target = environment(c, env, banner=True, refuse_protected=why, fleet_ok=True)
         if is_fleet(target):
-            run_fleet(target, fleet_plan("seed", {}, jobs, False), only, run_options())
+            run_fleet(target, fleet_plan("seed", None, jobs, False), only, run_options())
             return
         added = seed.seed(target)
     counts = ", ".join(f"{count} {kind}" for kind, count in added.items())
@@ -602,25 +603,27 @@ def is_fleet(env: Environment) -> bool:
     return fleet.is_fleet(env) and not env.target
 
 
-def fleet_args(options: RunOptions) -> dict[str, object]:
+def fleet_args(options: RunOptions) -> TaskArgs:
     """What every target's run takes from the flags."""
-    return {
-        "lock_wait": options.lock_wait,
-        "wait": options.wait,
-        "allow_env_mismatch": options.allow_env_mismatch,
-    }
+    from db.fleet import TaskArgs
+
+    return TaskArgs(
+        lock_wait=options.lock_wait,
+        wait=options.wait,
+        allow_env_mismatch=options.allow_env_mismatch,
+    )
 
 
 def fleet_plan(
-    task_name: str, args: dict[str, object], jobs: int, keep_going: bool, canary: int = 0
+    task_name: str, args: TaskArgs | None, jobs: int, keep_going: bool, canary: int = 0
 ) -> Plan:
-    from db.fleet import Plan
+    from db.fleet import Plan, TaskArgs
 
     if jobs < 0 or canary < 0:
         from db.errors import UsageError
 
         raise UsageError("--jobs and --canary take a number, 1 or more")
-    return Plan(task_name, args, jobs, keep_going, canary)
+    return Plan(task_name, args or TaskArgs(), jobs, keep_going, canary)
 
 
 def run_fleet(
@@ -673,8 +676,9 @@ def confirm_fleet(env: Environment, chosen: list[Target], plan: Plan, yes: bool)
     from dataclasses import replace
 
     from db import fleet
+    from db.fleet import TaskArgs
 
-    status = replace(plan, task="status", args={}, keep_going=True, canary=0)
+    status = replace(plan, task="status", args=TaskArgs(), keep_going=True, canary=0)
     read = fleet.run(env, os.environ, chosen, status)
     groups: dict[tuple[str, ...], list[str]] = defaultdict(list)
     for outcome in read:

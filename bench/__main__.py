@@ -29,7 +29,10 @@ def main() -> None:
         print(pool.report(args.pg_admin))
         return
     if args.fleet_only:
-        print(fleet.report(args.pg_admin, args.fleet_sizes, args.rounds))
+        if args.fleet_sizes:
+            print(fleet.report(args.pg_admin, args.fleet_sizes, args.rounds))
+        if args.schemas:
+            print(fleet.schema_report(args.pg_admin, args.schemas, args.rounds))
         return
     results: dict[str, dict[int, dict[str, list[float]]]] = defaultdict(
         lambda: defaultdict(lambda: defaultdict(list))
@@ -71,9 +74,12 @@ def parse() -> argparse.Namespace:
     parser.add_argument(
         "--fleet-sizes", default="30,120", help="databases in the fleet (default: %(default)s)"
     )
+    parser.add_argument(
+        "--schemas", type=int, default=200, help="schemas in the schema fleet (0: none)"
+    )
     args = parser.parse_args()
     args.sizes = [int(size) for size in args.sizes.split(",")]
-    args.fleet_sizes = [int(size) for size in args.fleet_sizes.split(",")]
+    args.fleet_sizes = [int(size) for size in args.fleet_sizes.split(",") if size]
     return args
 
 

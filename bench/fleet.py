@@ -113,3 +113,89 @@ def _drop(pg_admin: str, names: list[str]) -> None:
 
 def _psql(pg_admin: str, sql: str) -> None:
     subprocess.run(["psql", "-X", "-q", "-d", pg_admin, "-c", sql], check=True, capture_output=True)
+
+
+# --- schema per tenant: many schemas in one database ------------------------------------
+
+SCHEMA_REVISIONS = 5
+# The Alembic cookbook's schema-per-tenant recipe, added to the stock async env.py:
+# `alembic -x tenant=NAME upgrade head` works in that schema alone.
+_TENANT_ENV = """
+def do_run_migrations(connection: Connection) -> None:
+    tenant = context.get_x_argument(as_dictionary=True)["tenant"]
+    connection.execute(text(f'create schema if not exists "{tenant}"'))
+    connection.execute(text(f'set search_path to "{tenant}"'))
+    connection.commit()
+    connection.dialect.default_schema_name = tenant
+    context.configure(
+        connection=connection, target_metadata=target_metadata, version_table_schema=tenant
+    )
+    with context.begin_transaction():
+        context.run_migrations()
+"""
+
+
+def schema_report(pg_admin: str, count: int, rounds: int) -> str:
+    """``count`` schemas in one database, ``SCHEMA_REVISIONS`` revisions each."""
+    base = pg_admin.rsplit("/", 1)[0]
+    async_base = base.replace("postgresql://", "postgresql+asyncpg://")
+    names = [f"s{n:03d}" for n in range(count)]
+    lines = ["", f"Schemas, {SCHEMA_REVISIONS} revisions each, one database; median of {rounds}:"]
+    with tempfile.TemporaryDirectory(prefix="bench-schemas-") as folder:
+        root = Path(folder)
+        ours = workspace.project(root / "ours", SCHEMA_REVISIONS, "x", "sqlite:///unused.sqlite3")
+        env = f"DATABASE_URL={async_base}/fleet_schemas\nSCHEMA={{target}}\n"
+        (ours / "environments" / "tenants.env").write_text(env + f"TARGETS={','.join(names)}\n")
+        plain = workspace.plain_alembic(
+            root / "plain", SCHEMA_REVISIONS, "async", f"{async_base}/fleet_schemas"
+        )
+        _tenant_env(plain / "migrations" / "env.py")
+        floor = workspace.floor_sql(plain, root / "floor.sql", "postgresql")
+        timings: dict[str, list[float]] = {}
+        for _ in range(rounds):
+            for label, seconds in _schema_round(pg_admin, base, names, ours, plain, floor):
+                timings.setdefault(label, []).append(seconds)
+        _drop(pg_admin, ["schemas"])
+    median = {k: statistics.median(v) for k, v in timings.items()}
+    ours_s, loop, floor_s = median["ours"], median["alembic loop"], median["raw SQL floor"]
+    lines.append(
+        f"  {count} schemas: ours {ours_s:.2f}, alembic -x tenant loop {loop:.2f}, "
+        f"floor {floor_s:.2f}: ours/loop {ours_s / loop:.2f}, ours/floor {ours_s / floor_s:.2f}; "
+        f"nothing to do: ours {median['ours no-op']:.2f}"
+    )
+    return "\n".join(lines)
+
+
+def _tenant_env(path: Path) -> None:
+    text = path.read_text()
+    start = text.index("def do_run_migrations")
+    end = text.index("async def run_async_migrations")
+    text = text[:start] + _TENANT_ENV.lstrip() + "\n\n" + text[end:]
+    path.write_text("from sqlalchemy import text\n" + text)
+
+
+def _schema_round(pg_admin, base, names, ours, plain, floor):  # type: ignore[no-untyped-def]
+    out = []
+    _fresh(pg_admin, ["schemas"])
+    out.append(("ours", workspace.run([*INVOKE, "migrate", "--env=tenants"], ours)))
+    out.append(("ours no-op", workspace.run([*INVOKE, "migrate", "--env=tenants"], ours)))
+    _fresh(pg_admin, ["schemas"])
+    started = time.perf_counter()
+    for name in names:
+        workspace.run([*ALEMBIC, "-x", f"tenant={name}", "upgrade", "head"], plain)
+    out.append(("alembic loop", time.perf_counter() - started))
+    _fresh(pg_admin, ["schemas"])
+    sql = floor.read_text()
+    started = time.perf_counter()
+    for name in names:
+        script = f'CREATE SCHEMA "{name}";\nSET search_path TO "{name}";\n{sql}'
+        done = subprocess.run(
+            [*workspace.psql_floor(f"{base}/fleet_schemas", floor)[:-2], "-f", "-"],
+            input=script,
+            text=True,
+            capture_output=True,
+        )
+        if done.returncode != 0:
+            raise SystemExit(done.stderr[-2000:])
+    out.append(("raw SQL floor", time.perf_counter() - started))
+    return out

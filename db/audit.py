@@ -141,33 +141,53 @@ def ensure_table(execute: Execute) -> None:
                 connection.exec_driver_sql(f"ALTER TABLE migration_log ADD COLUMN {added}")
 
 
-def record(
-    target: Connection | MigrationContext,
-    *,
-    revision: str,
-    direction: str,
-    environment: str,
-    started_at: datetime,
-    seconds: float,
-    who: Who,
-    file_checksum: str | None,
-    code: str | None = None,
-) -> int | None:
+@dataclass(frozen=True)
+class Row:
+    """One audit row to write: what ran, where, when, for how long, by whom, from which file."""
+
+    revision: str
+    direction: str
+    environment: str
+    started_at: datetime
+    seconds: float
+    who: Who
+    file_checksum: str | None
+    code: str | None = None
+
+    def values(self) -> dict[str, Any]:
+        who = self.who
+        return {
+            "revision": self.revision,
+            "direction": self.direction,
+            "environment": self.environment,
+            "started_at": self.started_at,
+            "duration_ms": round(self.seconds * 1000),
+            "os_user": who.os_user,
+            "host": who.host,
+            "tool_version": who.tool_version,
+            "git_commit": who.git_commit,
+            "target": who.target,
+            "checksum": self.file_checksum,
+            "code_checksum": self.code,
+        }
+
+
+def record(target: Connection | MigrationContext, row: Row) -> int | None:
     """Write one row, in the caller's transaction (or as SQL, for an offline context).
 
     Returns the new row's id (None offline)."""
-    row = _row(revision, direction, environment, started_at, seconds, who, file_checksum, code)
+    values = row.values()
     if isinstance(target, MigrationContext) and target.as_sql:
-        target.execute(LOG.insert().values(**row))  # rendered with the values inline
+        target.execute(LOG.insert().values(**values))  # rendered with the values inline
         return None
-    result = _connection(target).execute(_INSERT, row)  # one compiled statement, reused
+    result = _connection(target).execute(_INSERT, values)  # one compiled statement, reused
     key = result.inserted_primary_key
     return int(key[0]) if key is not None else None
 
 
-def complete(target: Connection | MigrationContext, row_id: int, **kw: Any) -> None:
+def complete(target: Connection | MigrationContext, row_id: int, row: Row) -> None:
     """Turn a run-up/run-down row into a finished one, in the caller's transaction."""
-    values = _row(**kw)
+    values = row.values()
     values.pop("started_at")
     _connection(target).execute(update(LOG).where(LOG.c.id == row_id).values(**values))
 
@@ -183,32 +203,6 @@ def _connection(target: Connection | MigrationContext) -> Connection:
     if connection is None:
         raise RuntimeError("an online migration context without a connection")
     return connection
-
-
-def _row(
-    revision: str,
-    direction: str,
-    environment: str,
-    started_at: datetime,
-    seconds: float,
-    who: Who,
-    file_checksum: str | None,
-    code: str | None = None,
-) -> dict[str, Any]:
-    return {
-        "revision": revision,
-        "direction": direction,
-        "environment": environment,
-        "started_at": started_at,
-        "duration_ms": round(seconds * 1000),
-        "os_user": who.os_user,
-        "host": who.host,
-        "tool_version": who.tool_version,
-        "git_commit": who.git_commit,
-        "target": who.target,
-        "checksum": file_checksum,
-        "code_checksum": code,
-    }
 
 
 def entries(connection: Connection) -> list[Entry]:

@@ -2,11 +2,11 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from dataclasses import dataclass, replace
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import Any, cast
+from typing import cast
 
 from alembic import util
 from alembic.config import Config
@@ -29,6 +29,8 @@ from db.runner import (
     run_env,
     run_of,
 )
+
+Plan = Callable[[ScriptDirectory, tuple[str, ...]], list[RevisionStep]]
 
 
 @dataclass(frozen=True)
@@ -58,7 +60,7 @@ class State:
 def migrate(env: Environment, to: str = "head", options: RunOptions | None = None) -> list[Step]:
     """Upgrade to ``to`` (head, an id or prefix, or ``+N``); returns the steps applied."""
 
-    def plan(script: ScriptDirectory, current: tuple[str, ...]) -> list[Any]:
+    def plan(script: ScriptDirectory, current: tuple[str, ...]) -> list[RevisionStep]:
         return plan_steps(script, to, current, up=True)
 
     return _change(env, options, plan, single_head=to == "head")
@@ -71,7 +73,7 @@ def rollback(
     if steps < 1:
         raise DbError(f"--steps must be 1 or more, not {steps}")
 
-    def plan(script: ScriptDirectory, current: tuple[str, ...]) -> list[Any]:
+    def plan(script: ScriptDirectory, current: tuple[str, ...]) -> list[RevisionStep]:
         if to is None and not current:
             return []
         return plan_steps(script, to or steps_back(script, current, steps), current, up=False)
@@ -152,8 +154,8 @@ def read_state(env: Environment, config: Config, script: ScriptDirectory) -> Sta
     """The revision ids recorded in the database (empty at base) and its audit trail."""
     found: list[State] = []
 
-    def read(current: tuple[str, ...], context: Any) -> list[Any]:
-        found.append(State(tuple(current), audit.entries(context.connection)))
+    def read(current: tuple[str, ...], context: MigrationContext) -> list[RevisionStep]:
+        found.append(State(tuple(current), audit.entries(connection_of(context))))
         return []
 
     run_env(config, script, read, dont_mutate=True)
@@ -162,7 +164,7 @@ def read_state(env: Environment, config: Config, script: ScriptDirectory) -> Sta
 
 
 def _change(
-    env: Environment, options: RunOptions | None, plan: Any, *, single_head: bool = False
+    env: Environment, options: RunOptions | None, plan: Plan, *, single_head: bool = False
 ) -> list[Step]:
     """Run the steps ``plan(script, current)`` chooses, under the lock, after the guards."""
     options = options or RunOptions()
@@ -241,17 +243,17 @@ async def _drop_schema(env: Environment, url: URL, schema: str) -> None:
 def record_event(
     connection: Connection, env: Environment, revision: str, direction: str, path: str | None
 ) -> None:
-    audit.record(
-        connection,
-        revision=revision,
-        direction=direction,
-        environment=env.name,
-        started_at=datetime.now(timezone.utc),
-        seconds=0,
-        who=audit.Who.here(env),
-        file_checksum=audit.checksum(path) if path else None,
-        code=audit.code_checksum(path) if path else None,
+    row = audit.Row(
+        revision,
+        direction,
+        env.name,
+        datetime.now(timezone.utc),
+        0,
+        audit.Who.here(env),
+        audit.checksum(path) if path else None,
+        audit.code_checksum(path) if path else None,
     )
+    audit.record(connection, row)
 
 
 def connection_of(context: MigrationContext) -> Connection:
@@ -270,7 +272,7 @@ def _depth(script: ScriptDirectory, rev: str) -> int:
 
 def plan_steps(
     script: ScriptDirectory, to: str, current: tuple[str, ...], *, up: bool
-) -> list[Any]:
+) -> list[RevisionStep]:
     """The steps from ``current`` to ``to``, as ``alembic upgrade``/``downgrade`` plan them."""
     heads = cast(str, current)  # Alembic's own commands pass the heads tuple, typed as str
     return script._upgrade_revs(to, heads) if up else script._downgrade_revs(to, heads)

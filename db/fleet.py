@@ -21,7 +21,7 @@ from collections.abc import Callable, Mapping
 from dataclasses import asdict, dataclass, field, replace
 from datetime import datetime, timezone
 from pathlib import Path
-from typing import TYPE_CHECKING, Any
+from typing import TYPE_CHECKING, Any, TypedDict
 
 from sqlalchemy.exc import DBAPIError
 
@@ -65,12 +65,25 @@ class Outcome:
         return self.state in ("failed", "skipped")
 
 
+class TaskArgs(TypedDict, total=False):
+    """What each target's task takes from the command line."""
+
+    to: str | None  # migrate: the revision to reach; rollback: the one to go back to
+    steps: int  # rollback
+    revision: str  # stamp
+    force: bool  # stamp
+    lock_wait: float
+    wait: float | None
+    allow_env_mismatch: bool
+    retry: bool  # set by the pool: False on the last try, which waits for the lock
+
+
 @dataclass(frozen=True)
 class Plan:
     """How a fleet run goes: how many at once, what stops it, what each target is asked."""
 
     task: str
-    args: Mapping[str, Any] = field(default_factory=dict)
+    args: TaskArgs = field(default_factory=lambda: TaskArgs())
     jobs: int = 1
     keep_going: bool = False
     canary: int = 0

@@ -132,7 +132,7 @@ class Progress:
         if not self.in_block and self.who is not None:
             audit.ensure_table(ctx.connection.execute)
             self._started_row = audit.record(
-                ctx, **self._row(self.running.info, "run-" + self._direction(self.running))
+                ctx, self._row(self.running.info, "run-" + self._direction(self.running))
             )
         self.in_block = True
 
@@ -167,23 +167,24 @@ class Progress:
         if self.who is not None:
             row = self._row(step, direction, done.seconds)
             if self._started_row is not None:
-                audit.complete(ctx, self._started_row, **row)
+                audit.complete(ctx, self._started_row, row)
             else:
-                audit.record(ctx, **row)
+                audit.record(ctx, row)
         self._uncommitted.append(done)
 
-    def _row(self, step: MigrationInfo, direction: str, seconds: float = 0.0) -> dict[str, Any]:
+    def _row(self, step: MigrationInfo, direction: str, seconds: float = 0.0) -> audit.Row:
         assert self.who is not None
-        return {
-            "revision": step.up_revision_id or "",
-            "direction": direction,
-            "environment": self.environment,
-            "started_at": self._started,
-            "seconds": seconds,
-            "who": self.who,
-            "file_checksum": audit.checksum(_script(step).path),
-            "code": audit.code_checksum(_script(step).path),
-        }
+        path = _script(step).path
+        return audit.Row(
+            step.up_revision_id or "",
+            direction,
+            self.environment,
+            self._started,
+            seconds,
+            self.who,
+            audit.checksum(path),
+            audit.code_checksum(path),
+        )
 
     @staticmethod
     def _direction(step: RevisionStep) -> str:

@@ -5,6 +5,7 @@ from __future__ import annotations
 from typing import Any
 
 from alembic.autogenerate import compare_metadata
+from alembic.runtime.migration import MigrationContext, RevisionStep
 
 from db import guards
 from db.commands import plan_steps, read_state
@@ -33,7 +34,7 @@ def check(env: Environment) -> list[str]:
         ]
     diffs: list[Any] = []
 
-    def compare(_current: tuple[str, ...], context: Any) -> list[Any]:
+    def compare(_current: tuple[str, ...], context: MigrationContext) -> list[RevisionStep]:
         diffs.extend(compare_metadata(context, context.opts["target_metadata"]))
         return []
 

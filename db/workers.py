@@ -27,7 +27,7 @@ from alembic.util import CommandError
 from db import commands, guards
 from db.environments import Environment, load_environment
 from db.errors import CheckFailed, DbError, LockTimeout
-from db.fleet import Outcome, Plan, Target, environment
+from db.fleet import Outcome, Plan, Target, TaskArgs, environment
 from db.progress import Stop
 from db.runner import LOCK_WAIT, RunOptions, current_heads, load_scripts, make_config
 
@@ -93,7 +93,7 @@ class Pool:
                 later.clear()
                 self._skip(waiting, done, "interrupted", on_done)
             while len(running) < self.plan.jobs and (target := self._next(waiting, running)):
-                args = {**self.plan.args, "retry": not final}
+                args = TaskArgs(**self.plan.args, retry=not final)
                 where = (self.env.root, self.env.name, self.environ)
                 running[self._executor.submit(_work, *where, target, self.plan.task, args)] = target
                 if on_start is not None:
@@ -174,7 +174,7 @@ def _work(
     environ: dict[str, str],
     target: Target,
     task: str,
-    args: dict[str, Any],
+    args: TaskArgs,
 ) -> Outcome:
     """One task on one target, through the one-database path."""
     clock = time.perf_counter()
@@ -196,7 +196,7 @@ def first(exc: Exception) -> str:
     return str(exc).splitlines()[0]
 
 
-def _options(args: Mapping[str, Any]) -> RunOptions:
+def _options(args: TaskArgs) -> RunOptions:
     return RunOptions(
         lock_wait=0 if args.get("retry") else args.get("lock_wait", LOCK_WAIT),
         wait=args.get("wait"),
@@ -220,8 +220,8 @@ def _read(env: Environment, to: str = "heads") -> Outcome:
     )
 
 
-def _migrate(env: Environment, args: Mapping[str, Any]) -> Outcome:
-    to = args.get("to", "head")
+def _migrate(env: Environment, args: TaskArgs) -> Outcome:
+    to = args.get("to") or "head"
     if to == "head":
         guards.single_head(load_scripts(make_config(env, offline=True)), to_flag=True)
     before = _read(env, "heads" if to == "head" else to)
@@ -234,17 +234,17 @@ def _migrate(env: Environment, args: Mapping[str, Any]) -> Outcome:
     return replace(after, state="migrated", detail=", ".join(s.revision for s in steps))
 
 
-def _rollback(env: Environment, args: Mapping[str, Any]) -> Outcome:
+def _rollback(env: Environment, args: TaskArgs) -> Outcome:
     steps = commands.rollback(env, args.get("steps", 1), args.get("to"), _options(args))
     undone = ", ".join(s.revision for s in steps)
     return replace(_read(env), state="rolled back" if steps else "unchanged", detail=undone)
 
 
-def _status(env: Environment, _args: Mapping[str, Any]) -> Outcome:
+def _status(env: Environment, _args: TaskArgs) -> Outcome:
     return _read(env)
 
 
-def _check(env: Environment, _args: Mapping[str, Any]) -> Outcome:
+def _check(env: Environment, _args: TaskArgs) -> Outcome:
     from db import review
 
     problems = review.check(env)
@@ -253,7 +253,7 @@ def _check(env: Environment, _args: Mapping[str, Any]) -> Outcome:
     return Outcome(env.target, "problems", "; ".join(problems), exit_code=CheckFailed.exit_code)
 
 
-def _stamp(env: Environment, args: Mapping[str, Any]) -> Outcome:
+def _stamp(env: Environment, args: TaskArgs) -> Outcome:
     from db import records
 
     done = records.stamp(env, args["revision"], args.get("force", False), _options(args))
@@ -265,7 +265,7 @@ def _stamp(env: Environment, args: Mapping[str, Any]) -> Outcome:
     )
 
 
-def _seed(env: Environment, _args: Mapping[str, Any]) -> Outcome:
+def _seed(env: Environment, _args: TaskArgs) -> Outcome:
     from db import seed
 
     added = seed.seed(env)
@@ -273,7 +273,7 @@ def _seed(env: Environment, _args: Mapping[str, Any]) -> Outcome:
     return Outcome(env.target, "seeded", counts)
 
 
-TASKS: dict[str, Callable[[Environment, Mapping[str, Any]], Outcome]] = {
+TASKS: dict[str, Callable[[Environment, TaskArgs], Outcome]] = {
     "migrate": _migrate,
     "rollback": _rollback,
     "status": _status,

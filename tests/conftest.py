@@ -8,9 +8,11 @@ and fail instead under ``CI=true``.
 from __future__ import annotations
 
 import asyncio
+import compileall
 import glob
 import os
 import shutil
+import signal
 import socket
 import sqlite3
 import subprocess
@@ -26,6 +28,8 @@ from typing import Any
 
 import asyncpg
 import pytest
+
+from db.locks import NAMESPACE
 
 REPO = Path(__file__).resolve().parent.parent
 PG_ADMIN = os.environ.get("TEST_PG_URL", "postgresql://postgres@127.0.0.1:5432/postgres")
@@ -114,20 +118,27 @@ def head_revision() -> str:
     return heads[0]
 
 
+@pytest.fixture(scope="session")
+def compiled() -> None:
+    """The project's bytecode, made once, so that each copy's ``invoke`` does not compile
+    every module again (the copies write none: PYTHONDONTWRITEBYTECODE). A copied file a
+    test edits gets a new mtime, so Python ignores its old bytecode and reads the source."""
+    compileall.compile_dir(str(REPO / "db"), quiet=1)
+    compileall.compile_file(str(REPO / "tasks.py"), quiet=1)
+
+
 @pytest.fixture
-def project(tmp_path: Path) -> Project:
+def project(tmp_path: Path, compiled: None) -> Project:
     root = tmp_path / "project"
     root.mkdir()
     for name in COPIED:
         source = REPO / name
         if source.is_dir():
-            shutil.copytree(
-                source,
-                root / name,
-                ignore=shutil.ignore_patterns("__pycache__", "*.local.env"),
-            )
+            shutil.copytree(source, root / name, ignore=shutil.ignore_patterns("*.local.env"))
         else:
             shutil.copy2(source, root / name)
+    if (REPO / "__pycache__").is_dir():  # tasks.py's bytecode
+        shutil.copytree(REPO / "__pycache__", root / "__pycache__")
     environ = {
         key: value
         for key, value in os.environ.items()
@@ -369,7 +380,13 @@ pidfile = {base}/pid
         wait_until(lambda: _answers(port), "PgBouncer to listen", 10)
         yield port
     finally:
-        process.terminate()
+        # SIGTERM is PgBouncer's immediate shutdown; sent to runuser, it would wait 2 s
+        # before killing its child, so it goes to PgBouncer's own pid
+        pid = (base / "pid").read_text().strip() if (base / "pid").exists() else ""
+        if pid.isdigit():
+            os.kill(int(pid), signal.SIGTERM)
+        else:
+            process.terminate()
         process.wait(timeout=10)
         shutil.rmtree(base, ignore_errors=True)
 
@@ -377,3 +394,126 @@ pidfile = {base}/pid
 def _answers(port: int) -> bool:
     with socket.socket() as probe:
         return probe.connect_ex(("127.0.0.1", port)) == 0
+
+
+# --- revisions and readings the tests share --------------------------------------------
+
+
+def revision(
+    rev: str, down: str | None, upgrade: str = "pass", message: str = "hand written"
+) -> str:
+    return f'''"""{message}"""
+
+from alembic import op
+import sqlalchemy as sa
+
+revision = "{rev}"
+down_revision = {down!r}
+branch_labels = None
+depends_on = None
+
+
+def upgrade() -> None:
+    {upgrade}
+
+
+def downgrade() -> None:
+    pass
+'''
+
+
+def add_good_then_bad(project: Project, failure: str) -> None:
+    """good01 (add notes) applies cleanly; bad001 (add coupons) creates a table, then fails."""
+    notes = 'op.create_table("notes", sa.Column("id", sa.Integer))'
+    coupons = 'op.create_table("coupons", sa.Column("id", sa.Integer))\n    ' + failure
+    project.add_revision("good", revision("good01", head_revision(), notes, message="add notes"))
+    project.add_revision("bad", revision("bad001", "good01", coupons, message="add coupons"))
+
+
+def migrated_shop(project: Project) -> None:
+    """The dev database at head, with a user, a product and a purchase in it."""
+    project.ok("migrate")
+    with project.sqlite() as connection:
+        for statement in SHOP_ROWS:
+            connection.execute(statement)
+
+
+SHOP_ROWS = [
+    "insert into users (id, telegram_id) values (1, 1001)",
+    "insert into categories (id, name) values (1, 'e-books')",
+    "insert into products (id, category_id, name, price) values (1, 1, 'Guide', 9.99)",
+    "insert into purchases (user_id, product_id, price, payment_id) values (1, 1, 9.99, 'pay-1')",
+]
+
+
+def tables(project: Project) -> set[str]:
+    with project.sqlite() as connection:
+        rows = connection.execute("select name from sqlite_master where type = 'table'")
+        return {name for (name,) in rows} - {"alembic_version", "migration_log", "sqlite_sequence"}
+
+
+def version(project: Project, relative: str = "var/dev.sqlite3") -> list[str]:
+    """The revisions recorded in the file; none where there is no version table (yet)."""
+    with project.sqlite(relative) as connection:
+        found = connection.execute("select 1 from sqlite_master where name = 'alembic_version'")
+        if found.fetchone() is None:
+            return []
+        return [rev for (rev,) in connection.execute("select version_num from alembic_version")]
+
+
+COUPON_MODEL = """
+
+class Coupon(Base):
+    __tablename__ = "coupons"
+
+    id: Mapped[int] = mapped_column(primary_key=True)
+    code: Mapped[str] = mapped_column(String(32), unique=True)
+    percent_off: Mapped[int]
+"""
+
+
+def add_coupon_model(project: Project) -> None:
+    models = project.root / "db" / "models.py"
+    models.write_text(models.read_text() + COUPON_MODEL)
+
+
+def log_rows(project: Project, relative: str = "var/dev.sqlite3") -> list[tuple[object, ...]]:
+    with project.sqlite(relative) as connection:
+        return connection.execute(
+            "select revision, direction, environment, os_user, host, checksum, duration_ms, "
+            "tool_version from migration_log order by id"
+        ).fetchall()
+
+
+def add_notes(project: Project) -> None:
+    project.add_revision(
+        "notes",
+        revision(
+            "notes1",
+            head_revision(),
+            'op.create_table("notes", sa.Column("id", sa.Integer))',
+            message="add notes",
+        ),
+    )
+
+
+def settings_revision(project: Project) -> None:
+    """A revision that keeps the session settings it ran with, in a table ``seen``."""
+    project.add_revision(
+        "seen",
+        revision(
+            "seen01",
+            head_revision(),
+            "op.execute(\"create table seen as select current_setting('lock_timeout') lt, "
+            "current_setting('statement_timeout') st, current_setting('application_name') app\")",
+        ),
+    )
+
+
+def lock_holders(database: PgDatabase) -> list[int]:
+    rows = pg_fetch(
+        database.dsn,
+        f"select pid from pg_locks where locktype = 'advisory' and classid = {NAMESPACE} "
+        "and database = (select oid from pg_database where datname = current_database())",
+    )
+    return [row["pid"] for row in rows]

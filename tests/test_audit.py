@@ -8,17 +8,7 @@ import socket
 import subprocess
 from pathlib import Path
 
-from conftest import Project, head_revision
-from test_errors import revision
-from test_tasks_sqlite import version
-
-
-def log_rows(project: Project, relative: str = "var/dev.sqlite3") -> list[tuple[object, ...]]:
-    with project.sqlite(relative) as connection:
-        return connection.execute(
-            "select revision, direction, environment, os_user, host, checksum, duration_ms, "
-            "tool_version from migration_log order by id"
-        ).fetchall()
+from conftest import Project, add_notes, head_revision, log_rows, revision, version
 
 
 def initial_file(project: Project) -> str:
@@ -28,18 +18,6 @@ def initial_file(project: Project) -> str:
 
 def sha256(path: str) -> str:
     return hashlib.sha256(Path(path).read_bytes().replace(b"\r\n", b"\n")).hexdigest()
-
-
-def add_notes(project: Project) -> None:
-    project.add_revision(
-        "notes",
-        revision(
-            "notes1",
-            head_revision(),
-            'op.create_table("notes", sa.Column("id", sa.Integer))',
-            message="add notes",
-        ),
-    )
 
 
 def test_every_revision_applied_or_rolled_back_leaves_a_row(project: Project) -> None:

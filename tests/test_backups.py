@@ -15,9 +15,16 @@ from contextlib import closing, contextmanager
 from pathlib import Path
 
 import pytest
-from conftest import PgDatabase, Project, head_revision, pg_execute, popen, wait_until
-from test_errors import revision
-from test_tasks_sqlite import version
+from conftest import (
+    PgDatabase,
+    Project,
+    head_revision,
+    pg_execute,
+    popen,
+    revision,
+    version,
+    wait_until,
+)
 
 HEAD = head_revision()
 LONG_QUERY = (

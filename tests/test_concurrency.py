@@ -9,8 +9,7 @@ import subprocess
 import time
 
 import pytest
-from conftest import PgDatabase, Project, head_revision, pg_fetch, popen
-from test_errors import revision
+from conftest import PgDatabase, Project, head_revision, pg_fetch, popen, revision
 
 from db.locks import NAMESPACE
 

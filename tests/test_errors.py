@@ -2,31 +2,15 @@
 
 from __future__ import annotations
 
-from conftest import Project, head_revision
-from test_tasks_sqlite import tables, version
-
-
-def revision(
-    rev: str, down: str | None, upgrade: str = "pass", message: str = "hand written"
-) -> str:
-    return f'''"""{message}"""
-
-from alembic import op
-import sqlalchemy as sa
-
-revision = "{rev}"
-down_revision = {down!r}
-branch_labels = None
-depends_on = None
-
-
-def upgrade() -> None:
-    {upgrade}
-
-
-def downgrade() -> None:
-    pass
-'''
+from conftest import (
+    Project,
+    add_good_then_bad,
+    head_revision,
+    migrated_shop,
+    revision,
+    tables,
+    version,
+)
 
 
 def test_unknown_environment_lists_the_known_ones(project: Project) -> None:
@@ -127,14 +111,6 @@ def test_multiple_heads(project: Project) -> None:
     assert version(project) == ["head1"]
 
 
-def add_good_then_bad(project: Project, failure: str) -> None:
-    """good01 (add notes) applies cleanly; bad001 (add coupons) creates a table, then fails."""
-    notes = 'op.create_table("notes", sa.Column("id", sa.Integer))'
-    coupons = 'op.create_table("coupons", sa.Column("id", sa.Integer))\n    ' + failure
-    project.add_revision("good", revision("good01", head_revision(), notes, message="add notes"))
-    project.add_revision("bad", revision("bad001", "good01", coupons, message="add coupons"))
-
-
 def test_failing_migration_names_the_revision_and_leaves_nothing_behind(project: Project) -> None:
     project.ok("migrate")
     add_good_then_bad(
@@ -177,22 +153,6 @@ def test_failing_sql_in_a_migration(project: Project) -> None:
     error = project.fails("migrate")
     assert "upgrade of revision bad002 (bad sql) failed: OperationalError: no such table" in error
     assert version(project) == [head_revision()]
-
-
-def migrated_shop(project: Project) -> None:
-    """The dev database at head, with a user, a product and a purchase in it."""
-    project.ok("migrate")
-    with project.sqlite() as connection:
-        for statement in SHOP_ROWS:
-            connection.execute(statement)
-
-
-SHOP_ROWS = [
-    "insert into users (id, telegram_id) values (1, 1001)",
-    "insert into categories (id, name) values (1, 'e-books')",
-    "insert into products (id, category_id, name, price) values (1, 1, 'Guide', 9.99)",
-    "insert into purchases (user_id, product_id, price, payment_id) values (1, 1, 9.99, 'pay-1')",
-]
 
 
 def test_batch_alter_of_a_referenced_table_keeps_the_referencing_rows(project: Project) -> None:

@@ -16,16 +16,15 @@ from conftest import (
     Project,
     cluster,
     head_revision,
+    lock_holders,
     pg_execute,
     pg_fetch,
     popen,
+    revision,
     running_query,
     versions_of,
     wait_until,
 )
-from test_errors import revision
-
-from db.locks import NAMESPACE
 
 pytestmark = pytest.mark.postgres
 SLOW = 'if __import__("os").environ.get("SLOW"):\n        op.execute("select pg_sleep(30)")'
@@ -52,15 +51,6 @@ def price(database: PgDatabase) -> int:
 def log(database: PgDatabase) -> list[tuple[str, str]]:
     rows = pg_fetch(database.dsn, "select revision, direction from migration_log order by id")
     return [(row["revision"], row["direction"]) for row in rows]
-
-
-def lock_holders(database: PgDatabase) -> list[int]:
-    rows = pg_fetch(
-        database.dsn,
-        f"select pid from pg_locks where locktype = 'advisory' and classid = {NAMESPACE} "
-        "and database = (select oid from pg_database where datname = current_database())",
-    )
-    return [row["pid"] for row in rows]
 
 
 def double_then_add_one(project: Project, *, add_outside_transaction: bool) -> None:

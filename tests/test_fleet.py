@@ -9,8 +9,7 @@ from collections.abc import Iterator
 from contextlib import closing
 
 import pytest
-from conftest import Project, head_revision, pg_execute, pg_fetch, popen
-from test_errors import revision
+from conftest import Project, head_revision, pg_execute, pg_fetch, popen, revision
 
 HEAD = head_revision()
 SHOPS = ("alpha", "beta", "gamma")
@@ -59,7 +58,12 @@ def test_only_selects_targets_by_glob(fleet: Project) -> None:
 def break_beta(project: Project) -> None:
     (project.root / "var" / "shops").mkdir(parents=True)
     with closing(sqlite3.connect(project.root / "var" / "shops" / "beta.sqlite3")) as db:
-        db.execute("create table categories (id integer)")  # the first revision conflicts
+        db.execute("create table purchases (id integer)")  # the revision's last table conflicts
+
+
+def beta_tables(project: Project) -> set[str]:
+    with closing(sqlite3.connect(project.root / "var" / "shops" / "beta.sqlite3")) as db:
+        return {row[0] for row in db.execute("select name from sqlite_master where type='table'")}
 
 
 def test_a_failed_target_stops_new_ones_and_is_named(fleet: Project) -> None:
@@ -71,6 +75,7 @@ def test_a_failed_target_stops_new_ones_and_is_named(fleet: Project) -> None:
     assert "[2/3 beta] failed: upgrade of revision" in result.stderr
     assert "  beta: upgrade of revision" in result.stderr
     assert at(fleet, "alpha") == [HEAD] and at(fleet, "beta") == []
+    assert beta_tables(fleet) == {"purchases"}  # the three tables before it were rolled back
     assert not (fleet.root / "var" / "shops" / "gamma.sqlite3").exists()  # skipped
     assert "1 skipped" in result.stderr and "Traceback" not in result.stderr
 
@@ -82,8 +87,9 @@ def test_keep_going_migrates_the_rest_and_a_rerun_only_the_fixed(fleet: Project)
 
     assert result.returncode == 6, result.stderr
     assert at(fleet, "alpha") == [HEAD] == at(fleet, "gamma") and at(fleet, "beta") == []
+    assert beta_tables(fleet) == {"purchases"}
     with closing(sqlite3.connect(fleet.root / "var" / "shops" / "beta.sqlite3")) as db:
-        db.execute("drop table categories")
+        db.execute("drop table purchases")
     rerun = fleet.ok("migrate", "--env=shops").stderr
     assert rerun.count("already at") == 2 and "[" in rerun and f"beta] migrated: {HEAD}" in rerun
 

@@ -18,14 +18,15 @@ from conftest import (
     pg_execute,
     pg_fetch,
     popen,
+    revision,
     running_query,
     wait_until,
 )
-from test_errors import revision
+
+from db.locks import NAMESPACE
 
 HEAD = head_revision()
 SHOPS = ("alpha", "beta", "gamma")
-NAMESPACE = 0x5A11  # db/locks.py's first key
 pytestmark = pytest.mark.postgres
 
 

@@ -13,8 +13,7 @@ import sys
 from contextlib import closing
 
 import pytest
-from conftest import Project, head_revision
-from test_errors import revision
+from conftest import Project, head_revision, revision
 
 HEAD = head_revision()
 SHOPS = ("alpha", "beta", "gamma")

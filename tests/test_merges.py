@@ -4,9 +4,7 @@ revision suite over it."""
 from __future__ import annotations
 
 import pytest
-from conftest import Project, head_revision
-from test_errors import revision
-from test_tasks_sqlite import version
+from conftest import Project, head_revision, revision, version
 
 HEAD = head_revision()
 

@@ -11,15 +11,15 @@ from conftest import (
     PgDatabase,
     Project,
     head_revision,
+    lock_holders,
     pg_fetch,
     pgbouncer,
     popen,
+    revision,
+    settings_revision,
     versions_of,
 )
 from sqlalchemy.engine import make_url
-from test_errors import revision
-from test_faults import lock_holders
-from test_postgres_safety import settings_revision
 
 from db.environments import load_environment
 

@@ -12,9 +12,16 @@ from pathlib import Path
 
 import asyncpg
 import pytest
-from conftest import PG_ADMIN, PgDatabase, Project, head_revision, pg_fetch
+from conftest import (
+    PG_ADMIN,
+    PgDatabase,
+    Project,
+    head_revision,
+    pg_fetch,
+    revision,
+    settings_revision,
+)
 from sqlalchemy.engine import make_url
-from test_errors import revision
 
 pytestmark = pytest.mark.postgres
 SERVER = make_url(PG_ADMIN)
@@ -24,19 +31,6 @@ SERVER = make_url(PG_ADMIN)
 def pg_project(project: Project, pg_database: PgDatabase) -> Project:
     project.write_env("ci", f"DATABASE_URL={pg_database.url}\nLOCK_TIMEOUT=1s\n")
     return project
-
-
-def settings_revision(project: Project) -> None:
-    """A revision that keeps the session settings it ran with, in a table ``seen``."""
-    project.add_revision(
-        "seen",
-        revision(
-            "seen01",
-            head_revision(),
-            "op.execute(\"create table seen as select current_setting('lock_timeout') lt, "
-            "current_setting('statement_timeout') st, current_setting('application_name') app\")",
-        ),
-    )
 
 
 def test_migrations_run_with_the_env_files_session_settings(

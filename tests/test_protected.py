@@ -8,10 +8,7 @@ import stat
 import subprocess
 import sys
 
-from conftest import Project, head_revision
-from test_audit import add_notes
-from test_errors import migrated_shop, revision
-from test_tasks_sqlite import tables, version
+from conftest import Project, add_notes, head_revision, migrated_shop, revision, tables, version
 
 SAFE = "DATABASE_URL=sqlite:///var/safe.sqlite3\nPROTECTED=true\n"
 

@@ -5,9 +5,14 @@ from __future__ import annotations
 import json
 
 import pytest
-from conftest import PgDatabase, Project, head_revision, pg_fetch
-from test_errors import revision
-from test_tasks_sqlite import add_coupon_model
+from conftest import (
+    PgDatabase,
+    Project,
+    add_coupon_model,
+    head_revision,
+    pg_fetch,
+    revision,
+)
 
 INDEX = 'op.execute("CREATE INDEX ix_users_username ON users (username)")'
 REQUIRED = 'op.add_column("users", sa.Column("email", sa.String(100), nullable=False))'

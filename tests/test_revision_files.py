@@ -5,8 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
-from conftest import Project, head_revision
-from test_errors import revision
+from conftest import Project, head_revision, revision
 
 from db.revision_files import declared
 

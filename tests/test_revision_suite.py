@@ -2,8 +2,7 @@
 
 from __future__ import annotations
 
-from conftest import Project, head_revision
-from test_errors import revision
+from conftest import Project, head_revision, revision
 
 
 def test_a_downgrade_that_forgets_a_table_fails_the_suite(project: Project) -> None:

@@ -5,11 +5,18 @@ from __future__ import annotations
 import asyncio
 
 import pytest
-from conftest import PgDatabase, Project, head_revision, pg_execute, pg_fetch, versions_of
+from conftest import (
+    PgDatabase,
+    Project,
+    head_revision,
+    log_rows,
+    pg_execute,
+    pg_fetch,
+    version,
+    versions_of,
+)
 from sqlalchemy import create_engine
 from sqlalchemy.ext.asyncio import create_async_engine
-from test_audit import log_rows
-from test_tasks_sqlite import version
 
 from db.models import Base
 

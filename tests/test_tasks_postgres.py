@@ -11,8 +11,14 @@ import time
 from collections.abc import Iterator
 
 import pytest
-from conftest import PgDatabase, Project, head_revision, pg_execute, pg_fetch
-from test_errors import add_good_then_bad
+from conftest import (
+    PgDatabase,
+    Project,
+    add_good_then_bad,
+    head_revision,
+    pg_execute,
+    pg_fetch,
+)
 
 pytestmark = pytest.mark.postgres
 

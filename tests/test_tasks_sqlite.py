@@ -6,40 +6,9 @@ import re
 import subprocess
 import sys
 
-from conftest import REPO, Project, head_revision
+from conftest import REPO, Project, add_coupon_model, head_revision, tables, version
 
 SHOP_TABLES = {"users", "categories", "products", "purchases"}
-
-
-def tables(project: Project) -> set[str]:
-    with project.sqlite() as connection:
-        rows = connection.execute("select name from sqlite_master where type = 'table'")
-        return {name for (name,) in rows} - {"alembic_version", "migration_log", "sqlite_sequence"}
-
-
-def version(project: Project, relative: str = "var/dev.sqlite3") -> list[str]:
-    """The revisions recorded in the file; none where there is no version table (yet)."""
-    with project.sqlite(relative) as connection:
-        found = connection.execute("select 1 from sqlite_master where name = 'alembic_version'")
-        if found.fetchone() is None:
-            return []
-        return [rev for (rev,) in connection.execute("select version_num from alembic_version")]
-
-
-COUPON_MODEL = """
-
-class Coupon(Base):
-    __tablename__ = "coupons"
-
-    id: Mapped[int] = mapped_column(primary_key=True)
-    code: Mapped[str] = mapped_column(String(32), unique=True)
-    percent_off: Mapped[int]
-"""
-
-
-def add_coupon_model(project: Project) -> None:
-    models = project.root / "db" / "models.py"
-    models.write_text(models.read_text() + COUPON_MODEL)
 
 
 def test_migrate_creates_the_dev_database_at_head(project: Project) -> None:

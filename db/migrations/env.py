@@ -8,7 +8,7 @@ progress hooks. A caller may instead hand over an Engine or a Connection as
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager, nullcontext
 from logging.config import fileConfig
 from typing import TYPE_CHECKING, Any
@@ -16,7 +16,7 @@ from typing import TYPE_CHECKING, Any
 from alembic import context
 from alembic.operations import MigrationScript
 from alembic.runtime.migration import MigrationContext
-from sqlalchemy import Connection, DateTime, text
+from sqlalchemy import Connection, DateTime, MetaData, text
 from sqlalchemy.engine import make_url
 from sqlalchemy.types import TypeDecorator
 
@@ -33,6 +33,7 @@ from db.locks import Fence, canceller, pg_lock, prepare_session, sqlite_run
 from db.runner import VERSION_TABLE, Run
 
 if TYPE_CHECKING:
+    from alembic.autogenerate.api import AutogenContext
     from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
 config = context.config
@@ -59,9 +60,11 @@ def the_run() -> Run:
 run = the_run()
 
 
-def skip_empty_autogenerate(_context: Any, _revision: Any, directives: list[Any]) -> None:
+def skip_empty_autogenerate(
+    _context: MigrationContext, _revision: object, directives: list[MigrationScript]
+) -> None:
     """Write no revision file when autogenerate finds no difference."""
-    script: MigrationScript = directives[0]
+    script = directives[0]
     if script.upgrade_ops is not None and script.upgrade_ops.is_empty():
         directives[:] = []
 
@@ -75,19 +78,19 @@ def check_foreign_keys(ctx: MigrationContext, **_kw: Any) -> None:
             raise MigrationFailed(f"the revision leaves rows with broken foreign keys in {tables}")
 
 
-def include_name(name: str | None, type_: str, _parents: Any) -> bool:
+def include_name(name: str | None, type_: str, _parents: Mapping[str, str | None]) -> bool:
     """Autogenerate leaves the tool's own tables alone."""
     return not (type_ == "table" and name in (VERSION_TABLE, "migration_log"))
 
 
-def render_item(type_: str, obj: Any, _autogen_context: Any) -> str | bool:
+def render_item(type_: str, obj: object, _autogen_context: AutogenContext) -> str | bool:
     """Revisions spell the models' UTCDateTime as the plain type it stores."""
     if type_ == "type" and isinstance(obj, TypeDecorator) and isinstance(obj.impl, DateTime):
         return f"sa.DateTime({'timezone=True' if obj.impl.timezone else ''})"
     return False
 
 
-def target_metadata() -> Any:
+def target_metadata() -> MetaData | None:
     """The models' metadata, imported only by the runs that compare against it."""
     if not run.models:
         return None
@@ -96,7 +99,10 @@ def target_metadata() -> Any:
     return Base.metadata
 
 
-def options(checks: tuple[Any, ...] = (), last: tuple[Any, ...] = ()) -> dict[str, Any]:
+OnApply = Callable[..., None]  # Alembic's on_version_apply hook: (ctx, step, heads, run_args)
+
+
+def options(checks: tuple[OnApply, ...] = (), last: tuple[OnApply, ...] = ()) -> dict[str, Any]:
     """``context.configure`` options shared by every path.
 
     Before each revision commits: the foreign key check, ``checks``, the audit row, ``last``.
