@@ -161,8 +161,8 @@ def load_environment(root: Path, name: str, environ: Mapping[str, str]) -> Envir
 
 
 def mask(url: URL) -> str:
-    """The URL as text with its password replaced by ``***``."""
-    return url.render_as_string(hide_password=True)
+    """The URL as text with its password replaced by ``***`` (a fleet's ``{target}`` kept)."""
+    return url.render_as_string(hide_password=True).replace("%7Btarget%7D", "{target}")
 
 
 def _read(root: Path, path: Path) -> dict[str, str]:

@@ -69,10 +69,15 @@ class Pool:
 
     def _preload(self) -> None:
         """Import once here what every worker needs, instead of in each of them."""
-        from db import records, review  # noqa: F401
+        import importlib
+
         from db.engines import is_async
 
-        if is_async(self.env.url(need_secrets=False)):
+        extra = {"check": "db.review", "stamp": "db.records", "seed": "db.seed"}
+        if self.plan.task in extra:
+            importlib.import_module(extra[self.plan.task])
+
+        if is_async(self.env.url(need_secrets=False)):  # which imports the dialect too
             import asyncpg  # type: ignore[import-untyped]  # noqa: F401
             import sqlalchemy.ext.asyncio  # noqa: F401
 

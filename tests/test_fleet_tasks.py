@@ -112,7 +112,8 @@ def test_one_database_tasks_take_one_target_of_a_fleet(fleet: Project) -> None:
 
     error = fleet.fails("reset", "--env=shops")
     assert "shops is a fleet" in error and "--only=NAME" in error
-    fleet.ok("reset", "--env=shops", "--only=beta")
+    reset = fleet.ok("reset", "--env=shops", "--only=beta")
+    assert "[shops.beta] sqlite:///" in reset.stderr and "/var/shops/beta.sqlite3" in reset.stderr
     assert versions(fleet, "beta") == [HEAD]
     kept = [p.name for p in (fleet.root / "var" / "backups").iterdir()]
     assert len(kept) == 1 and kept[0].startswith("shops.beta-")  # its own backup, by name
@@ -141,12 +142,16 @@ def test_a_protected_fleet_shows_its_plan_and_asks_once(project: Project) -> Non
         project, "alpha"
     )
 
+    assert "{target}.sqlite3  (protected)" in project.ok("envs").stdout
     project.ok("migrate", "--env=shops", "--yes", "--only=alpha")
     result = project.ok("migrate", "--env=shops", "--yes")
 
     assert "1 target(s): nothing (at head)  [alpha]" in result.stderr
     assert f"2 target(s): {HEAD}  [beta, gamma]" in result.stderr
     assert "2 migrated" in result.stderr
+    assert all(versions(project, shop) == [HEAD] for shop in SHOPS)
+    refused = project.invoke("rollback", "--env=shops")
+    assert refused.returncode == 4 and "pass --yes" in refused.stderr
     assert all(versions(project, shop) == [HEAD] for shop in SHOPS)
 
 
