@@ -99,7 +99,10 @@ def migrate(
             run_fleet(target, plan, only, options, json_=json_, yes=yes)
             return
         if target.protected:  # shown and confirmed inside the run, under the lock
-            findings = squawk_all(target)  # offline, so before the run: env.py cannot nest
+            from db import lint
+
+            # offline, so before the run: env.py cannot nest; the plan shows its own part
+            findings = lint.lint(target) if lint.applies(target) else None
 
             def ask(plan: tuple[Revision, ...]) -> None:
                 show_plan(target, plan, findings)
@@ -856,15 +859,6 @@ def confirm(env: Environment, yes: bool, action: str, *, need_yes: bool) -> None
         signal.signal(signal.SIGINT, stop)
     if typed != env.name:
         raise GuardRefused("the name did not match; nothing was changed")
-
-
-def squawk_all(env: Environment) -> list[Finding] | None:
-    """On PostgreSQL, what squawk says of every revision (the plan shows its own part)."""
-    if env.url().get_backend_name() != "postgresql":
-        return None
-    from db import lint
-
-    return lint.lint(env)
 
 
 def show_plan(env: Environment, plan: tuple[Revision, ...], findings: list[Finding] | None) -> None:

@@ -56,6 +56,12 @@ def sqlite_backup(env: Environment, url: URL) -> Path | None:
     return target
 
 
+def check_file(env: Environment, url: URL) -> None:
+    """Refuse a SQLite database file that is not sound (nothing to check on a server)."""
+    if url.get_backend_name() == "sqlite":
+        check_sqlite(env, Path(url.database or ""))
+
+
 def check_sqlite(env: Environment, path: Path) -> None:
     """Refuse a SQLite file that fails ``PRAGMA quick_check``, before anything touches it."""
     if not path.is_file():

@@ -169,7 +169,7 @@ def _change(
     """Run the steps ``plan(script, current)`` chooses, under the lock, after the guards."""
     options = options or RunOptions()
     config = make_config(env, options, lock=True)
-    _check_file(env, run_of(config).url)
+    backups.check_file(env, run_of(config).url)
     script = load_scripts(config)
     if single_head:
         guards.single_head(script, to_flag=True)
@@ -210,7 +210,7 @@ def reset(env: Environment, options: RunOptions | None = None) -> list[Step]:
         raise GuardRefused(f"{env.name} is protected: reset drops every table and never runs there")
     options = options or RunOptions()
     url = env.url()
-    _check_file(env, url)
+    backups.check_file(env, url)
     config = make_config(env, options)
     script = load_scripts(config)
     state = read_state(env, config, script)
@@ -222,11 +222,6 @@ def reset(env: Environment, options: RunOptions | None = None) -> list[Step]:
     else:
         run_coroutine(_drop_schema(env, url, env.schema or "public"))
     return migrate(env, "head", replace(options, backup=False))  # backed up before the drop
-
-
-def _check_file(env: Environment, url: URL) -> None:
-    if url.get_backend_name() == "sqlite":
-        backups.check_sqlite(env, Path(url.database or ""))
 
 
 async def _drop_schema(env: Environment, url: URL, schema: str) -> None:

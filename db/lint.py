@@ -38,9 +38,14 @@ class Finding:
     statement: str  # the line squawk points at
 
 
+def applies(env: Environment) -> bool:
+    """Whether squawk has something to say: it lints PostgreSQL's SQL only."""
+    return env.url(need_secrets=False).get_backend_name() == "postgresql"
+
+
 def lint(env: Environment, revisions: Iterable[str] | None = None) -> list[Finding]:
     """Findings for ``revisions`` (ids; default: all) as rendered for ``env``'s dialect."""
-    if env.url(need_secrets=False).get_backend_name() != "postgresql":
+    if not applies(env):
         raise ConfigError(f"lint checks PostgreSQL SQL: {env.name} is not a PostgreSQL environment")
     wanted = None if revisions is None else set(revisions)
     chunks, unlintable = rendered(env, wanted)

@@ -21,9 +21,9 @@ def sha256(path: str) -> str:
 
 
 def test_every_revision_applied_or_rolled_back_leaves_a_row(project: Project) -> None:
-    project.ok("migrate")
+    project.migrated()
     add_notes(project)
-    project.ok("migrate")
+    project.migrated()
     project.ok("rollback")
 
     rows = log_rows(project)
@@ -46,7 +46,7 @@ def test_a_failed_revision_leaves_no_audit_row(project: Project) -> None:
 
 
 def test_history_shows_when_and_by_whom(project: Project) -> None:
-    project.ok("migrate")
+    project.migrated()
     add_notes(project)
     lines = project.ok("history").stdout.splitlines()
 
@@ -56,7 +56,7 @@ def test_history_shows_when_and_by_whom(project: Project) -> None:
 
 
 def test_an_edited_applied_file_is_a_warning_on_dev(project: Project) -> None:
-    project.ok("migrate")
+    project.migrated()
     path = initial_file(project)
     with open(path, "a") as edited:
         edited.write("\nEDITED_AFTER_IT_WAS_APPLIED = True\n")
@@ -74,7 +74,7 @@ def test_an_edited_applied_file_is_a_warning_on_dev(project: Project) -> None:
 
 
 def test_line_endings_do_not_count_as_an_edit(project: Project) -> None:
-    project.ok("migrate")
+    project.migrated()
     path = initial_file(project)
     Path(path).write_bytes(Path(path).read_bytes().replace(b"\n", b"\r\n"))
     assert "warning" not in project.ok("status").stderr
@@ -119,7 +119,7 @@ def test_revision_ids_are_checked_before_they_reach_sql(project: Project) -> Non
 
 
 def test_a_database_revision_id_is_checked_too(project: Project) -> None:
-    project.ok("migrate")
+    project.migrated()
     with project.sqlite() as connection:
         connection.execute("update alembic_version set version_num = 'x'' or 1=1'")
     error = project.fails("status")
@@ -136,7 +136,7 @@ def test_a_broken_revision_file_is_a_clear_error(project: Project) -> None:
 def test_a_database_migrated_as_another_environment_is_refused(project: Project) -> None:
     project.write_env("a", "DATABASE_URL=sqlite:///var/shared.sqlite3\n")
     project.write_env("b", "DATABASE_URL=sqlite:///var/shared.sqlite3\n")
-    project.ok("migrate", "--env=a")
+    project.migrated("a")
     add_notes(project)
 
     refused = project.invoke("migrate", "--env=b")
@@ -153,9 +153,9 @@ def test_a_database_migrated_as_another_environment_is_refused(project: Project)
 
 def test_an_applied_revision_whose_file_is_gone(project: Project) -> None:
     project.write_env("safe", "DATABASE_URL=sqlite:///var/dev.sqlite3\nPROTECTED=true\n")
-    project.ok("migrate")
+    project.migrated()
     add_notes(project)
-    project.ok("migrate")
+    project.migrated()
     Path(initial_file(project)).unlink()  # squashed away: notes1 becomes the first revision
     project.add_revision("notes", revision("notes1", None, "pass", message="add notes"))
 

@@ -77,7 +77,7 @@ def grow(project: Project, kilobytes: int) -> None:
 def test_a_corrupt_sqlite_file_is_refused_before_anything_and_not_backed_up(
     project: Project,
 ) -> None:
-    project.ok("migrate")
+    project.migrated()
     pending_revision(project)
     corrupt(project.root / "var" / "dev.sqlite3")
 
@@ -93,9 +93,9 @@ def test_a_backup_that_fills_the_disk_stops_the_run_and_keeps_the_good_ones(
     project: Project,
 ) -> None:
     with tmpfs(project.root / "var" / "backups", "160k"):
-        project.ok("migrate")
+        project.migrated()
         pending_revision(project, "next01")
-        project.ok("migrate")  # backs up a ~60 kB database: fits
+        project.migrated()  # backs up a ~60 kB database: fits
         [good] = backups(project)
         grow(project, 200)  # the next copy cannot fit
         pending_revision(project, "next02", "next01")
@@ -110,7 +110,7 @@ def test_a_backup_that_fills_the_disk_stops_the_run_and_keeps_the_good_ones(
 
 
 def test_restore_refuses_what_is_not_a_backup_and_the_live_file(project: Project) -> None:
-    project.ok("migrate")
+    project.migrated()
     (project.root / "notes.txt").write_text("not a database\n")
     empty = project.root / "var" / "backups" / "dev-empty.sqlite3"
     empty.parent.mkdir(parents=True)
@@ -126,9 +126,9 @@ def test_restore_refuses_what_is_not_a_backup_and_the_live_file(project: Project
 
 
 def test_a_restore_keeps_what_it_replaces_so_it_can_be_undone(project: Project) -> None:
-    project.ok("migrate")
+    project.migrated()
     pending_revision(project)
-    project.ok("migrate")  # the backup holds the database at HEAD
+    project.migrated()  # the backup holds the database at HEAD
 
     restored = project.ok("restore").stderr
 
@@ -139,7 +139,7 @@ def test_a_restore_keeps_what_it_replaces_so_it_can_be_undone(project: Project) 
 
 
 def test_reset_runs_the_environment_guard(project: Project) -> None:
-    project.ok("migrate")
+    project.migrated()
     project.write_env("qa", "DATABASE_URL=sqlite:///var/dev.sqlite3\n")
 
     result = project.invoke("reset", "--env=qa")
@@ -155,7 +155,7 @@ def test_reset_dumps_before_it_drops(project: Project, pg_database: PgDatabase) 
     if shutil.which("pg_dump") is None or shutil.which("pg_restore") is None:
         pytest.fail("pg_dump and pg_restore come with the PostgreSQL server")
     project.write_env("ci", f"DATABASE_URL={pg_database.url}\nBACKUP=pg_dump\n")
-    project.ok("migrate", "--env=ci")
+    project.migrated("ci")
     pg_execute(pg_database.dsn, "insert into categories (name) values ('kept in the dump')")
 
     result = project.ok("reset", "--env=ci")
@@ -173,7 +173,7 @@ def test_reset_dumps_before_it_drops(project: Project, pg_database: PgDatabase) 
 
 
 def test_sigint_on_sqlite_keeps_what_committed_and_says_so(project: Project) -> None:
-    project.ok("migrate")
+    project.migrated()
     pending_revision(project, "fast01")
     project.add_revision("slow", revision("slow01", "fast01", LONG_QUERY, message="slow one"))
     run = popen(project, "migrate")
@@ -201,7 +201,7 @@ def test_sigint_on_sqlite_keeps_what_committed_and_says_so(project: Project) -> 
 def test_a_full_disk_at_commit_leaves_no_false_applied_line(project: Project) -> None:
     with tmpfs(project.root / "small", "192k") as small:
         project.write_env("tight", f"DATABASE_URL=sqlite:///{small}/shop.sqlite3\n")
-        project.ok("migrate", "--env=tight")
+        project.migrated("tight")
         pending_revision(project, "fill01")
         fill = (
             'op.execute("create table big as select randomblob(1024) b from '

@@ -6,10 +6,18 @@ import os
 import signal
 import sqlite3
 import subprocess
-import time
 
 import pytest
-from conftest import PgDatabase, Project, head_revision, pg_fetch, popen, revision
+from conftest import (
+    PgDatabase,
+    Project,
+    head_revision,
+    pg_fetch,
+    popen,
+    revision,
+    running_query,
+    wait_until,
+)
 
 from db.locks import NAMESPACE
 
@@ -41,12 +49,6 @@ def slow_revisions(project: Project, sleep: str) -> None:
                 f"{sleep}\n    op.execute(\"insert into side_effects values ('{rev}')\")",
             ),
         )
-
-
-@pytest.fixture
-def pg_project(project: Project, pg_database: PgDatabase) -> Project:
-    project.write_env("ci", f"DATABASE_URL={pg_database.url}\n")
-    return project
 
 
 @pytest.mark.postgres
@@ -123,24 +125,12 @@ def test_killing_the_lock_holder_frees_the_lock(
         ),
     )
     holder = popen(pg_project, "migrate", "--env=ci", SLOW_REVISION="1")
-    deadline = time.monotonic() + 30
-    while not pg_fetch(
-        pg_database.dsn,
-        (
-            "select 1 from pg_stat_activity where query like '%pg_sleep(60)%' "
-            "and datname = current_database() and pid <> pg_backend_pid()"
-        ),
-    ):
-        assert time.monotonic() < deadline and holder.poll() is None, "the run never got going"
-        time.sleep(0.1)
+    wait_until(lambda: running_query(pg_database.dsn, "pg_sleep(60)"), "the run", process=holder)
     assert advisory_locks(pg_database.dsn)
 
     os.kill(holder.pid, signal.SIGKILL)
     holder.communicate()
-    killed = time.monotonic()
-    while advisory_locks(pg_database.dsn):
-        assert time.monotonic() - killed < 2, "the lock outlived its holder by 2s"
-        time.sleep(0.05)
+    wait_until(lambda: not advisory_locks(pg_database.dsn), "the lock to go with its holder", 10)
 
     result = pg_project.invoke("migrate", "--env=ci", "--lock-wait=10")
     assert result.returncode == 0, result.stderr
@@ -203,7 +193,7 @@ def test_three_runs_on_one_sqlite_file_apply_everything_once(project: Project) -
 
 
 def test_a_locked_sqlite_file_times_out_with_its_own_exit_code(project: Project) -> None:
-    project.ok("migrate")
+    project.migrated()
     project.add_revision(
         "n",
         revision(

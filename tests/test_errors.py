@@ -86,7 +86,7 @@ def test_ambiguous_revision_prefix(project: Project) -> None:
 
 
 def test_database_at_a_revision_the_scripts_do_not_have(project: Project) -> None:
-    project.ok("migrate")
+    project.migrated()
     with project.sqlite() as connection:
         connection.execute("update alembic_version set version_num = 'deadbeef0000'")
 
@@ -112,7 +112,7 @@ def test_multiple_heads(project: Project) -> None:
 
 
 def test_failing_migration_names_the_revision_and_leaves_nothing_behind(project: Project) -> None:
-    project.ok("migrate")
+    project.migrated()
     add_good_then_bad(
         project,
         'op.add_column("users", sa.Column("coupon", sa.Integer))\n'
@@ -177,7 +177,7 @@ def test_batch_alter_of_a_referenced_table_keeps_the_referencing_rows(project: P
 
 
 def test_a_revision_that_breaks_foreign_keys_does_not_commit(project: Project) -> None:
-    project.ok("migrate")
+    project.migrated()
     project.add_revision(
         "orphan",
         revision(
@@ -219,7 +219,7 @@ def test_a_failing_downgrade_names_the_revision_and_changes_nothing(project: Pro
         ('def downgrade() -> None:\n    op.drop_table("notes")\n    raise RuntimeError("keep it")'),
     )
     project.add_revision("stuck", body)
-    project.ok("migrate")
+    project.migrated()
 
     error = project.fails("rollback")
 

@@ -31,10 +31,10 @@ SLOW = 'if __import__("os").environ.get("SLOW"):\n        op.execute("select pg_
 
 
 @pytest.fixture
-def shop(project: Project, pg_database: PgDatabase) -> Project:
+def shop(pg_project: Project, pg_database: PgDatabase) -> Project:
     """A database at head with one product at price 10, and an env ``ci`` for it."""
-    project.write_env("ci", f"DATABASE_URL={pg_database.url}\n")
-    project.ok("migrate", "--env=ci")
+    project = pg_project
+    project.migrated("ci")
     pg_execute(
         pg_database.dsn,
         "insert into categories (id, name) values (1, 'books')",

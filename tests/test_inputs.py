@@ -95,7 +95,7 @@ def test_a_folder_that_cannot_be_made_is_a_clear_error(project: Project) -> None
 
 
 def test_a_backups_folder_that_cannot_be_made_stops_the_run(project: Project) -> None:
-    project.ok("migrate")
+    project.migrated()
     project.add_revision("n", _revision("next01", HEAD))
     (project.root / "var" / "backups").write_text("not a folder\n")
 
@@ -141,7 +141,7 @@ def test_tasks_without_a_to_flag_do_not_suggest_one(project: Project) -> None:
 
 
 def test_a_relative_target_past_head_says_so(project: Project) -> None:
-    project.ok("migrate")
+    project.migrated()
 
     error = project.fails("migrate", "--to=+1")
 

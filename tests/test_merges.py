@@ -27,7 +27,7 @@ def merge_id(project: Project) -> str:
 
 
 def test_rolling_back_a_merge_undoes_only_the_merge(merged: Project) -> None:
-    merged.ok("migrate")
+    merged.migrated()
     merge = merge_id(merged)
 
     result = merged.ok("rollback")
@@ -37,7 +37,7 @@ def test_rolling_back_a_merge_undoes_only_the_merge(merged: Project) -> None:
 
 
 def test_rolling_back_from_two_heads_asks_which_branch(merged: Project) -> None:
-    merged.ok("migrate")
+    merged.migrated()
     merged.ok("rollback")
 
     error = merged.fails("rollback")
@@ -51,7 +51,7 @@ def test_rolling_back_from_two_heads_asks_which_branch(merged: Project) -> None:
 
 
 def test_more_than_one_step_back_across_a_merge_is_refused(merged: Project) -> None:
-    merged.ok("migrate")
+    merged.migrated()
 
     error = merged.fails("rollback", "--steps=2")
 

@@ -28,9 +28,10 @@ SERVER = make_url(PG_ADMIN)
 
 
 @pytest.fixture
-def pg_project(project: Project, pg_database: PgDatabase) -> Project:
-    project.write_env("ci", f"DATABASE_URL={pg_database.url}\nLOCK_TIMEOUT=1s\n")
-    return project
+def pg_project(pg_project: Project) -> Project:
+    """Here a statement that waits for a table lock gives up after a second."""
+    pg_project.extend_env("ci", "LOCK_TIMEOUT=1s\n")
+    return pg_project
 
 
 def test_migrations_run_with_the_env_files_session_settings(
@@ -81,7 +82,7 @@ def test_a_migration_waiting_behind_a_long_query_fails_fast(
 
 
 def test_the_audit_trail_on_postgres(pg_project: Project, pg_database: PgDatabase) -> None:
-    pg_project.ok("migrate", "--env=ci")
+    pg_project.migrated("ci")
     pg_project.ok("rollback", "--env=ci")
 
     rows = pg_fetch(pg_database.dsn, "select * from migration_log order by id")
@@ -91,7 +92,7 @@ def test_the_audit_trail_on_postgres(pg_project: Project, pg_database: PgDatabas
         (head_revision(), "down", "ci"),
     ]
     assert all(len(r["checksum"]) == 64 and r["started_at"].tzinfo for r in rows)
-    pg_project.ok("migrate", "--env=ci")
+    pg_project.migrated("ci")
     [line] = pg_project.ok("history", "--env=ci").stdout.splitlines()
     assert f" by {rows[0]['os_user']}@{rows[0]['host']}]" in line
 
@@ -204,7 +205,7 @@ def test_reset_on_an_unprotected_postgres_database(
     project: Project, pg_database: PgDatabase
 ) -> None:
     project.write_env("pg", f"DATABASE_URL={pg_database.url}\n")
-    project.ok("migrate", "--env=pg")
+    project.migrated("pg")
     project.ok("seed", "--env=pg")
 
     result = project.ok("reset", "--env=pg")

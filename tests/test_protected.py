@@ -114,7 +114,7 @@ def test_reset_refuses_a_protected_environment_outright(project: Project) -> Non
 
 
 def test_reset_drops_everything_and_migrates_from_scratch(project: Project) -> None:
-    project.ok("migrate")
+    project.migrated()
     with project.sqlite() as connection:
         connection.execute("insert into categories (name) values ('e-books')")
         connection.execute("create table stray (id integer)")
@@ -152,7 +152,7 @@ def test_only_the_newest_backups_are_kept(project: Project) -> None:
     (project.root / "environments" / "dev.env").write_text(
         "DATABASE_URL=sqlite:///var/dev.sqlite3\nBACKUP_KEEP=2\n"
     )
-    project.ok("migrate")
+    project.migrated()
     for _ in range(3):
         project.ok("rollback")
         project.ok("migrate")
@@ -207,7 +207,7 @@ def test_a_failed_batch_alter_leaves_no_temporary_table(project: Project) -> Non
 
 def test_an_autocommit_block_on_sqlite_stays_inside_the_revision(project: Project) -> None:
     """The block is for PostgreSQL; SQLite runs it in the revision's transaction."""
-    project.ok("migrate")
+    project.migrated()
     body = (
         'op.create_table("a", sa.Column("id", sa.Integer))\n'
         "    with op.get_context().autocommit_block():\n"

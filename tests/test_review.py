@@ -19,7 +19,7 @@ REQUIRED = 'op.add_column("users", sa.Column("email", sa.String(100), nullable=F
 
 
 def test_check_passes_on_a_migrated_database(project: Project) -> None:
-    project.ok("migrate")
+    project.migrated()
     assert "check passed" in project.ok("check").stderr
 
 
@@ -60,7 +60,7 @@ def test_merge_joins_two_heads(project: Project) -> None:
     [merged] = project.versions.glob("*_join_branches.py")
     assert f"wrote db/migrations/versions/{merged.name}" in result.stderr
     assert "Revises: head1, head2" in merged.read_text()
-    project.ok("migrate")
+    project.migrated()
     assert "pending: none" in project.ok("status").stdout
     assert "only one head" in project.fails("merge")
 
@@ -80,13 +80,13 @@ def test_status_json_and_check_for_deploy_scripts(project: Project) -> None:
     ]
     assert data["heads"] == data["pending"]
 
-    project.ok("migrate")
+    project.migrated()
     done = project.ok("status", "--json", "--check")
     assert json.loads(done.stdout)["up_to_date"] is True
 
 
 def test_history_json(project: Project) -> None:
-    project.ok("migrate")
+    project.migrated()
     project.ok("makemigration", "later", "--empty")
 
     later, first = json.loads(project.ok("history", "--json").stdout)
@@ -145,7 +145,7 @@ def test_lint_of_pending_revisions_and_the_protected_plan(
 
 
 def test_seed_fills_the_dev_database_once(project: Project) -> None:
-    project.ok("migrate")
+    project.migrated()
     first = project.ok("seed")
     again = project.ok("seed")
 
@@ -165,7 +165,7 @@ def test_seed_refuses_protected_and_unmigrated_databases(project: Project) -> No
 @pytest.mark.postgres
 def test_seed_through_asyncpg(project: Project, pg_database: PgDatabase) -> None:
     project.write_env("pg", f"DATABASE_URL={pg_database.url}\n")
-    project.ok("migrate", "--env=pg")
+    project.migrated("pg")
     project.ok("seed", "--env=pg")
     rows = pg_fetch(pg_database.dsn, "select sum(price) as total from purchases")
     assert str(rows[0]["total"]) == "3430.00"

@@ -38,12 +38,6 @@ def pg_version(database: PgDatabase) -> list[str]:
     return [row["version_num"] for row in pg_fetch(database.dsn, "select * from alembic_version")]
 
 
-@pytest.fixture
-def pg_project(project: Project, pg_database: PgDatabase) -> Project:
-    project.write_env("ci", f"DATABASE_URL={pg_database.url}\nCONNECT_TIMEOUT=5\n")
-    return project
-
-
 def test_up_to_head_down_to_base_and_up_again(pg_project: Project, pg_database: PgDatabase) -> None:
     up = pg_project.ok("migrate", "--env=ci")
     assert up.stderr.startswith(f"[ci] {pg_database.url}")
@@ -62,7 +56,7 @@ def test_up_to_head_down_to_base_and_up_again(pg_project: Project, pg_database: 
 
 def test_status_history_and_makemigration_on_postgres(pg_project: Project) -> None:
     assert "pending: 1" in pg_project.ok("status", "--env=ci").stdout
-    pg_project.ok("migrate", "--env=ci")
+    pg_project.migrated("ci")
 
     status = pg_project.ok("status", "--env=ci").stdout
     assert f"current: {head_revision()}" in status and "pending: none" in status

@@ -32,7 +32,7 @@ def test_migrate_finds_the_project_root_from_a_subdirectory(project: Project) ->
 
 
 def test_migrate_twice_has_nothing_to_do(project: Project) -> None:
-    project.ok("migrate")
+    project.migrated()
     result = project.ok("migrate")
 
     assert "nothing to do" in result.stderr
@@ -40,7 +40,7 @@ def test_migrate_twice_has_nothing_to_do(project: Project) -> None:
 
 
 def test_up_to_head_down_to_base_and_up_again(project: Project) -> None:
-    project.ok("migrate")
+    project.migrated()
     down = project.ok("rollback", "--to=base")
 
     assert tables(project) == set()
@@ -52,10 +52,10 @@ def test_up_to_head_down_to_base_and_up_again(project: Project) -> None:
 
 
 def test_rollback_one_step_and_migrate_by_relative_and_prefix(project: Project) -> None:
-    project.ok("migrate")
+    project.migrated()
     add_coupon_model(project)
     project.ok("makemigration", "add coupons")
-    project.ok("migrate")
+    project.migrated()
     assert "coupons" in tables(project)
 
     project.ok("rollback")
@@ -72,7 +72,7 @@ def test_rollback_one_step_and_migrate_by_relative_and_prefix(project: Project) 
 
 
 def test_rollback_more_steps_than_applied_is_refused(project: Project) -> None:
-    project.ok("migrate")
+    project.migrated()
     error = project.fails("rollback", "--steps=3")
 
     assert "only 1 are applied" in error
@@ -86,7 +86,7 @@ def test_rollback_at_base_has_nothing_to_do(project: Project) -> None:
 
 
 def test_makemigration_autogenerates_a_formatted_revision(project: Project) -> None:
-    project.ok("migrate")
+    project.migrated()
     add_coupon_model(project)
 
     result = project.ok("makemigration", "add coupons")
@@ -109,7 +109,7 @@ def test_makemigration_autogenerates_a_formatted_revision(project: Project) -> N
 
 
 def test_makemigration_without_model_changes_writes_nothing(project: Project) -> None:
-    project.ok("migrate")
+    project.migrated()
     before = sorted(project.versions.iterdir())
 
     result = project.ok("makemigration", "nothing changed")
@@ -147,7 +147,7 @@ def test_status_lists_pending_revisions_in_order(project: Project) -> None:
     assert f"pending: 1\n  {head_revision()}  create shop tables" in fresh.stdout
     assert fresh.stderr.startswith("[dev] sqlite:///")
 
-    project.ok("migrate")
+    project.migrated()
     project.ok("makemigration", "first extra", "--empty")
     project.ok("makemigration", "second extra", "--empty")
     result = project.ok("status")
@@ -160,7 +160,7 @@ def test_status_lists_pending_revisions_in_order(project: Project) -> None:
 
 
 def test_history_is_newest_first_and_marks_applied(project: Project) -> None:
-    project.ok("migrate")
+    project.migrated()
     project.ok("makemigration", "later", "--empty")
 
     lines = project.ok("history").stdout.splitlines()
