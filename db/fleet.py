@@ -102,6 +102,9 @@ def targets(env: Environment, only: str = "") -> list[Target]:
     else:
         found = [Target(name) for name in re.split(r"[\s,]+", env.get("TARGETS"))]
     found = [t for t in found if t.name]
+    if not found:
+        source = next(k for k in ("TARGETS_QUERY", "TARGETS_FILE", "TARGETS") if env.get(k).strip())
+        raise ConfigError(f"{env.name}: {source} names no targets")
     for t in found:
         if not _NAME.fullmatch(t.name):
             raise ConfigError(f"{env.name}: target {t.name!r} may hold letters, digits, . _ - only")

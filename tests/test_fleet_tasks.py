@@ -105,6 +105,12 @@ def test_offline_sql_per_schema_target_goes_to_a_folder(project: Project) -> Non
     assert "wrote the SQL for tenants beta to" in result.stderr
     printed = project.ok("offline-sql", "--env=tenants").stdout
     assert printed.startswith("-- target: alpha\n") and "-- target: beta\n" in printed
+    project.write_env("shops", "DATABASE_URL=postgresql+asyncpg://s@db.invalid/shop_{target}\n")
+    project.extend_env("shops", "TARGETS=alpha beta\n")
+    same = project.ok("offline-sql", "--env=shops").stdout
+    assert "-- target:" not in same and same.count("CREATE TABLE alembic_version") == 1
+    project.write_env("shops", "DATABASE_URL=sqlite:///var/{target}.sqlite3\nTARGETS=, ,\n")
+    assert "shops: TARGETS names no targets" in project.fails("status", "--env=shops")
 
 
 def test_one_database_tasks_take_one_target_of_a_fleet(fleet: Project) -> None:

@@ -1,0 +1,105 @@
+"""The fleet library in-process: where targets come from, what each target's environment
+is, and how a run's outcomes become one exit code."""
+
+from __future__ import annotations
+
+import pytest
+from conftest import Project
+
+from db import fleet
+from db.environments import Environment, load_environment
+from db.errors import ConfigError
+from db.fleet import Outcome, Target
+
+
+def shops(project: Project, text: str) -> Environment:
+    project.write_env("shops", text)
+    return load_environment(project.root, "shops", {"SHOPS_PASSWORD": "s3cret"})
+
+
+def test_targets_take_commas_or_whitespace_and_only_takes_globs(project: Project) -> None:
+    env = shops(project, "DATABASE_URL=sqlite:///var/{target}.db\nTARGETS=alpha, beta\tgamma,,\n")
+
+    assert [t.name for t in fleet.targets(env)] == ["alpha", "beta", "gamma"]
+    assert [t.name for t in fleet.targets(env, "g*, al*")] == ["alpha", "gamma"]
+    with pytest.raises(ConfigError, match="no target matches --only=zz"):
+        fleet.targets(env, "zz")
+
+
+def test_a_targets_file_line_may_give_the_targets_own_url(project: Project) -> None:
+    (project.root / "shops.txt").write_text(
+        "# name [url]\nnear\nfar postgresql+asyncpg://shop@10.0.0.7/shop_far  # other server\n"
+    )
+    env = shops(
+        project,
+        "DATABASE_URL=postgresql+asyncpg://shop@127.0.0.1/shop_{target}\n"
+        "MIGRATION_URL=postgresql+asyncpg://shop@127.0.0.1:5433/shop_{target}\n"
+        "DATABASE_PASSWORD=${SHOPS_PASSWORD}\nTARGETS_FILE=shops.txt\n",
+    )
+
+    near, far = fleet.targets(env)
+    assert far == Target("far", "postgresql+asyncpg://shop@10.0.0.7/shop_far")
+    near_env, far_env = fleet.environment(env, near), fleet.environment(env, far)
+    assert near_env.url().database == "shop_near" and near_env.url().port == 5433
+    assert far_env.url().host == "10.0.0.7" and far_env.url().port is None  # no MIGRATION_URL
+    assert far_env.url().password == "s3cret"  # DATABASE_PASSWORD applies to its URL too
+    assert (near_env.label, far_env.target) == ("shops.near", "far")
+    assert fleet.host(near_env) != fleet.host(far_env)
+
+
+def test_schema_per_target_and_what_a_fleet_must_name(project: Project) -> None:
+    env = shops(
+        project, "DATABASE_URL=postgresql+asyncpg://s@h/shops\nSCHEMA={target}\nTARGETS=a1 b2\n"
+    )
+    assert [fleet.environment(env, t).schema for t in fleet.targets(env)] == ["a1", "b2"]
+
+    bad = shops(project, "DATABASE_URL=postgresql+asyncpg://s@h/shops\nTARGETS=a b\n")
+    with pytest.raises(ConfigError, match=r"needs \{target\} in DATABASE_URL or in SCHEMA"):
+        fleet.targets(bad)
+    odd = shops(project, "DATABASE_URL=sqlite:///var/{target}.db\nTARGETS=a/b\n")
+    with pytest.raises(ConfigError, match="may hold letters, digits"):
+        fleet.targets(odd)
+    dashed = shops(
+        project, "DATABASE_URL=postgresql+asyncpg://s@h/x\nSCHEMA={target}\nTARGETS=a-b\n"
+    )
+    with pytest.raises(ConfigError, match="SCHEMA may hold letters, digits and _ only"):
+        _ = fleet.environment(dashed, fleet.targets(dashed)[0]).schema
+    sqlite = shops(project, "DATABASE_URL=sqlite:///var/x.db\nSCHEMA={target}\nTARGETS=a\n")
+    with pytest.raises(ConfigError, match="SQLite has no schemas"):
+        fleet.environment(sqlite, fleet.targets(sqlite)[0]).url()
+
+
+def test_one_target_for_the_one_database_tasks(project: Project) -> None:
+    env = shops(project, "DATABASE_URL=sqlite:///var/{target}.db\nTARGETS=alpha beta\n")
+
+    assert fleet.one(env, "be*").target == "beta"
+    with pytest.raises(ConfigError, match="--only=NAME"):
+        fleet.one(env, "")
+    with pytest.raises(ConfigError, match="--only=NAME"):
+        fleet.one(env, "*")
+
+
+@pytest.mark.parametrize(
+    ("codes", "states", "expected"),
+    [
+        ((), ("migrated", "up to date"), 0),
+        ((3, 3), ("failed", "failed"), 3),  # every failure a lock wait that ran out
+        ((4,), ("failed", "skipped"), 4),  # a guard refused; the rest never started
+        ((143,), ("failed", "skipped"), 143),  # interrupted
+        ((1, 3), ("failed", "failed"), 6),
+        ((1,), ("failed", "migrated"), 6),
+    ],
+)
+def test_a_fleet_runs_exit_code(
+    codes: tuple[int, ...], states: tuple[str, ...], expected: int
+) -> None:
+    outcomes = [
+        Outcome(f"t{i}", state, exit_code=codes[i] if i < len(codes) and state == "failed" else 0)
+        for i, state in enumerate(states)
+    ]
+    assert fleet.exit_code(outcomes) == expected
+
+
+def test_default_jobs_grow_with_servers_and_never_pass_the_targets() -> None:
+    assert fleet.default_jobs(1, 1) == 1
+    assert fleet.default_jobs(500, 2) == 2 * fleet.default_jobs(500, 1)
