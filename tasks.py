@@ -656,6 +656,7 @@ def run_fleet(
     if env.protected and plan.task == "migrate":
         chosen = confirm_fleet(env, chosen, plan, yes)
         if not chosen:
+            print(f"{env.name}: nothing to do, every target is already there", file=sys.stderr)
             return []
     out = sys.stdout if plan.task == "status" else sys.stderr
     board = Board(len(chosen), quiet=quiet or json_, out=out)

@@ -8,8 +8,10 @@ which later runs compare with the file on disk.
 from __future__ import annotations
 
 import ast
+import functools
 import getpass
 import hashlib
+import os
 import socket
 import subprocess
 from collections.abc import Callable
@@ -104,13 +106,30 @@ class Entry:
 
 def checksum(path: str | Path) -> str:
     """SHA-256 of a revision file, with line endings normalised."""
-    data = Path(path).read_bytes().replace(b"\r\n", b"\n")
-    return hashlib.sha256(data).hexdigest()
+    return _file_checksum(*_version(path))
 
 
 def code_checksum(path: str | Path) -> str | None:
     """SHA-256 of what a revision does: its parsed code without docstrings, comments or
     formatting, so a reformatted file still matches. None if the file does not parse."""
+    return _code_checksum(*_version(path))
+
+
+def _version(path: str | Path) -> tuple[str, int, int, int]:
+    """A file and what tells one version of it from another, to key the caches below: a
+    fleet's worker applies the same files to target after target."""
+    found = os.stat(path)
+    return str(path), found.st_ino, found.st_mtime_ns, found.st_size
+
+
+@functools.lru_cache(maxsize=4096)
+def _file_checksum(path: str, *_version: int) -> str:
+    data = Path(path).read_bytes().replace(b"\r\n", b"\n")
+    return hashlib.sha256(data).hexdigest()
+
+
+@functools.lru_cache(maxsize=4096)
+def _code_checksum(path: str, *_version: int) -> str | None:
     try:
         tree = ast.parse(Path(path).read_text(encoding="utf-8"))
     except (SyntaxError, ValueError, UnicodeDecodeError):

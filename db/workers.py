@@ -221,7 +221,6 @@ def _read(env: Environment, to: str = "heads") -> Outcome:
         current=current,
         heads=tuple(script.get_heads()),
         pending=tuple(step.revision.revision for step in pending),
-        applied=tuple(sorted(commands.applied_revisions(script, current))),
     )
 
 
@@ -233,7 +232,8 @@ def _migrate(env: Environment, args: TaskArgs) -> Outcome:
     if not before.pending:
         return replace(before, state="up to date")
     steps = commands.migrate(env, to, _options(args))
-    after = _read(env)
+    # every step committed: at head, the target is at the one head the guard checked
+    after = replace(before, current=before.heads, pending=()) if to == "head" else _read(env)
     if not steps:  # another run got there first, while this one waited for the lock
         return replace(after, state="up to date", detail="migrated by another run")
     return replace(after, state="migrated", detail=", ".join(s.revision for s in steps))
@@ -247,6 +247,12 @@ def _rollback(env: Environment, args: TaskArgs) -> Outcome:
 
 def _status(env: Environment, _args: TaskArgs) -> Outcome:
     return _read(env)
+
+
+def _history(env: Environment, _args: TaskArgs) -> Outcome:
+    found = _read(env)
+    script = load_scripts(make_config(env, offline=True))
+    return replace(found, applied=tuple(sorted(commands.applied_revisions(script, found.current))))
 
 
 def _check(env: Environment, _args: TaskArgs) -> Outcome:
@@ -282,7 +288,7 @@ TASKS: dict[str, Callable[[Environment, TaskArgs], Outcome]] = {
     "migrate": _migrate,
     "rollback": _rollback,
     "status": _status,
-    "history": _status,
+    "history": _history,
     "check": _check,
     "stamp": _stamp,
     "seed": _seed,

@@ -156,6 +156,8 @@ def test_a_protected_fleet_shows_its_plan_and_asks_once(project: Project) -> Non
     assert f"2 target(s): {HEAD}  [beta, gamma]" in result.stderr
     assert "2 migrated" in result.stderr
     assert all(versions(project, shop) == [HEAD] for shop in SHOPS)
+    again = project.ok("migrate", "--env=shops")
+    assert "shops: nothing to do, every target is already there" in again.stderr
     refused = project.invoke("rollback", "--env=shops")
     assert refused.returncode == 4 and "pass --yes" in refused.stderr
     assert all(versions(project, shop) == [HEAD] for shop in SHOPS)
