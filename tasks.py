@@ -766,8 +766,9 @@ def event(outcome: Outcome) -> str:
 
 
 def print_summary(env: Environment, outcomes: list[Outcome]) -> None:
-    """The counts by state, the version skew, and each failure's one-line reason."""
-    from collections import Counter
+    """The counts and the version skew, then a row per state: its targets, and each failed
+    target with its one-line reason."""
+    from collections import Counter, defaultdict
 
     states = Counter(o.state for o in outcomes)
     versions = Counter(", ".join(o.current) or "base" for o in outcomes if o.state not in SKIP)
@@ -776,8 +777,14 @@ def print_summary(env: Environment, outcomes: list[Outcome]) -> None:
     print(
         f"{env.name}: {len(outcomes)} targets: {summary} ({skew or 'none read'})", file=sys.stderr
     )
-    for failed in (o for o in outcomes if o.state in ("failed", "problems")):
-        print(f"  {failed.target}: {failed.detail}", file=sys.stderr)
+    names: dict[str, list[str]] = defaultdict(list)
+    for o in outcomes:
+        if o.state in ("failed", "problems"):
+            print(f"  {o.state:<11} {o.target}: {o.detail}", file=sys.stderr)
+        else:
+            names[o.state].append(o.target)
+    for state, targets in names.items():
+        print(f"  {state:<11} {short(targets)}", file=sys.stderr)
 
 
 SKIP = ("failed", "skipped", "seeded")

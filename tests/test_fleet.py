@@ -38,6 +38,7 @@ def test_every_target_is_migrated_and_status_reads_them_all(fleet: Project) -> N
     assert "[shops] sqlite:///" in result.stderr and "{target}.sqlite3" in result.stderr
     assert result.stderr.count(f"migrated: {HEAD}") == 3
     assert "3 targets: 3 migrated (3 at " in result.stderr
+    assert "\n  migrated    alpha, beta, gamma\n" in result.stderr  # the summary's row
     assert all(at(fleet, shop) == [HEAD] for shop in SHOPS)
     status = fleet.ok("status", "--env=shops", "--json")
     targets = json.loads(status.stdout)["targets"]
@@ -73,7 +74,7 @@ def test_a_failed_target_stops_new_ones_and_is_named(fleet: Project) -> None:
 
     assert result.returncode == 6, result.stderr
     assert "[2/3 beta] failed: upgrade of revision" in result.stderr
-    assert "  beta: upgrade of revision" in result.stderr
+    assert "  failed      beta: upgrade of revision" in result.stderr
     assert at(fleet, "alpha") == [HEAD] and at(fleet, "beta") == []
     assert beta_tables(fleet) == {"purchases"}  # the three tables before it were rolled back
     assert not (fleet.root / "var" / "shops" / "gamma.sqlite3").exists()  # skipped
