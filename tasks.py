@@ -671,9 +671,10 @@ def run_fleet(
         print(f"report: {env.relative(fleet.write_report(env, report))}", file=sys.stderr)
     if json_:
         print_json(report)
-    if code and plan.task not in ("status", "history", "check"):
+    if code:
         failed = sum(o.failed for o in outcomes)
-        raise Exit(f"error: {failed} target(s) failed or skipped; rerun to retry them", code=code)
+        again = "; rerun to retry them" if plan.task in fleet.CHANGING else ""
+        raise Exit(f"error: {failed} target(s) failed or skipped{again}", code=code)
     return outcomes
 
 

@@ -23,13 +23,22 @@ from types import TracebackType
 from typing import Any
 
 from alembic.util import CommandError
+from sqlalchemy.exc import DBAPIError
 
 from db import commands, guards
 from db.environments import Environment, load_environment
 from db.errors import CheckFailed, DbError, LockTimeout
 from db.fleet import Outcome, Plan, Target, TaskArgs, environment
 from db.progress import Stop
-from db.runner import LOCK_WAIT, RunOptions, current_heads, load_scripts, make_config
+from db.runner import (
+    LOCK_WAIT,
+    RunOptions,
+    current_heads,
+    describe,
+    load_scripts,
+    make_config,
+    revision_error,
+)
 
 
 class Pool:
@@ -192,8 +201,12 @@ def _work(
             outcome = Outcome(target.name, "locked", "another run holds its lock: retried last")
     except DbError as exc:
         outcome = Outcome(target.name, "failed", first(exc), exit_code=exc.exit_code)
-    except CommandError as exc:  # a version the files do not have
-        outcome = Outcome(target.name, "failed", first(exc), exit_code=1)
+    except CommandError as exc:  # a revision the files do not have
+        found = revision_error(exc, env_name)
+        outcome = Outcome(target.name, "failed", first(found), exit_code=found.exit_code)
+    except DBAPIError as exc:  # reading its version failed: a file that is no database...
+        why = f"cannot read its version: {describe(exc)}"
+        outcome = Outcome(target.name, "failed", why, exit_code=1)
     return replace(outcome, seconds=round(time.perf_counter() - clock, 3))
 
 

@@ -190,3 +190,20 @@ def test_a_terminal_shows_a_progress_line(fleet: Project) -> None:
     assert "\r\x1b[K1/3 done, 0 running, 0 failed" in text
     assert "\r\x1b[K2/3 done, 1 running, 0 failed" in text
     assert "[3/3 gamma] migrated" in text
+
+
+def test_a_target_that_cannot_be_read_fails_status_and_is_named(fleet: Project) -> None:
+    fleet.ok("migrate", "--env=shops")
+    (fleet.root / "var" / "shops" / "beta.sqlite3").write_bytes(b"this is no database" * 100)
+
+    result = fleet.invoke("status", "--env=shops")
+
+    assert result.returncode == 6, result.stderr
+    assert "beta] failed: cannot read its version: DatabaseError: file is not a database" in (
+        result.stdout
+    )
+    assert "error: 1 target(s) failed or skipped\n" in result.stderr
+    assert "Traceback" not in result.stderr
+    bad = fleet.invoke("migrate", "--env=shops", "--to=zzzz")
+    assert bad.returncode == 6 and "No such revision or branch 'zzzz'" in bad.stderr
+    assert "see `invoke history --env=shops`" in bad.stderr
