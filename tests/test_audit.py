@@ -82,7 +82,7 @@ def test_line_endings_do_not_count_as_an_edit(project: Project) -> None:
 
 def test_an_edited_applied_file_stops_a_protected_environment(project: Project) -> None:
     project.write_env("safe", "DATABASE_URL=sqlite:///var/safe.sqlite3\nPROTECTED=true\n")
-    project.ok("migrate", "--env=safe", "--yes")
+    project.migrated("safe")
     with open(initial_file(project), "a") as edited:
         edited.write("\nEDITED = True\n")  # code, not a comment: it counts
     add_notes(project)
@@ -182,7 +182,7 @@ def test_the_audit_row_records_the_git_commit_when_there_is_one(project: Project
 
 def test_a_formatting_only_edit_is_not_a_change(project: Project) -> None:
     project.write_env("safe", "DATABASE_URL=sqlite:///var/safe.sqlite3\nPROTECTED=true\n")
-    project.ok("migrate", "--env=safe", "--yes")
+    project.migrated("safe")
     path = Path(initial_file(project))
     text = path.read_text()
     reformatted = text.replace('"""create shop tables', '"""Create the shop tables', 1)
@@ -199,7 +199,7 @@ def test_a_formatting_only_edit_is_not_a_change(project: Project) -> None:
 
 def test_a_protected_rollback_shows_what_it_would_undo(project: Project) -> None:
     project.write_env("safe", "DATABASE_URL=sqlite:///var/safe.sqlite3\nPROTECTED=true\n")
-    project.ok("migrate", "--env=safe", "--yes")
+    project.migrated("safe")
 
     refused = project.invoke("rollback", "--env=safe")
 

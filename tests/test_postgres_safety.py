@@ -189,7 +189,7 @@ def test_wait_retries_the_first_connection(
 
 def test_accept_changes_on_postgres_is_committed(project: Project, pg_database: PgDatabase) -> None:
     project.write_env("pg", f"DATABASE_URL={pg_database.url}\nPROTECTED=true\n")
-    project.ok("migrate", "--env=pg", "--yes")
+    project.migrated("pg")
     [initial] = project.versions.glob(f"*_{head_revision()}_*.py")
     initial.write_text(initial.read_text() + "\nEDITED = True\n")  # code: it counts
     assert project.invoke("status", "--env=pg").returncode == 4
@@ -218,7 +218,7 @@ def test_a_data_migration_that_reads_rows_does_not_block_a_protected_migrate(
     pg_project: Project, pg_database: PgDatabase
 ) -> None:
     pg_project.write_env("ci", f"DATABASE_URL={pg_database.url}\nPROTECTED=true\n")
-    pg_project.ok("migrate", "--env=ci", "--yes")
+    pg_project.migrated("ci")
     body = (
         'rows = op.get_bind().execute(sa.text("select id from categories")).fetchall()\n'
         '    op.execute(f"create table counted as select {len(rows)} as n")'

@@ -61,14 +61,14 @@ def test_protected_migrate_asks_for_the_typed_name(project: Project) -> None:
 
 def test_protected_migrate_with_nothing_to_do_asks_nothing(project: Project) -> None:
     project.write_env("safe", SAFE)
-    project.ok("migrate", "--env=safe", "--yes")
+    project.migrated("safe")
     result = project.ok("migrate", "--env=safe")
     assert "plan: nothing to apply" in result.stderr
 
 
 def test_the_plan_marks_revisions_outside_a_transaction(project: Project) -> None:
     project.write_env("safe", SAFE)
-    project.ok("migrate", "--env=safe", "--yes")
+    project.migrated("safe")
     project.add_revision(
         "cic",
         revision(
@@ -88,7 +88,7 @@ def test_the_plan_marks_revisions_outside_a_transaction(project: Project) -> Non
 
 def test_protected_rollback_needs_yes_and_the_typed_name(project: Project) -> None:
     project.write_env("safe", SAFE)
-    project.ok("migrate", "--env=safe", "--yes")
+    project.migrated("safe")
 
     refused = project.invoke("rollback", "--env=safe")
     assert refused.returncode == 4 and "to roll back it, pass --yes" in refused.stderr
@@ -104,7 +104,7 @@ def test_protected_rollback_needs_yes_and_the_typed_name(project: Project) -> No
 
 def test_reset_refuses_a_protected_environment_outright(project: Project) -> None:
     project.write_env("safe", SAFE)
-    project.ok("migrate", "--env=safe", "--yes")
+    project.migrated("safe")
 
     refused = project.invoke("reset", "--env=safe")
 

@@ -131,7 +131,7 @@ def test_lint_of_pending_revisions_and_the_protected_plan(
     project: Project, pg_database: PgDatabase
 ) -> None:
     project.write_env("pg", f"DATABASE_URL={pg_database.url}\nPROTECTED=true\n")
-    project.ok("migrate", "--env=pg", "--yes")
+    project.migrated("pg")
     project.add_revision("ix", revision("idx001", head_revision(), INDEX, message="index"))
 
     pending = project.invoke("lint", "--env=pg")
