@@ -624,12 +624,12 @@ def fleet_args(options: RunOptions) -> TaskArgs:
 def fleet_plan(
     task_name: str, args: TaskArgs | None, jobs: int, keep_going: bool, canary: int = 0
 ) -> Plan:
+    """The fleet run the flags ask for; ``jobs`` 0 means the default for the fleet."""
+    from db.errors import UsageError
     from db.fleet import Plan, TaskArgs
 
     if jobs < 0 or canary < 0:
-        from db.errors import UsageError
-
-        raise UsageError("--jobs and --canary take a number, 1 or more")
+        raise UsageError("--jobs and --canary take a whole number, 0 or more (0: the default)")
     return Plan(task_name, args or TaskArgs(), jobs, keep_going, canary)
 
 
@@ -772,7 +772,7 @@ def print_summary(env: Environment, outcomes: list[Outcome]) -> None:
     from collections import Counter, defaultdict
 
     states = Counter(o.state for o in outcomes)
-    versions = Counter(", ".join(o.current) or "base" for o in outcomes if o.state not in SKIP)
+    versions = Counter(", ".join(o.current) or "base" for o in outcomes if o.state not in UNREAD)
     skew = ", ".join(f"{count} at {rev}" for rev, count in versions.most_common())
     summary = ", ".join(f"{count} {state}" for state, count in states.items())
     print(
@@ -788,7 +788,7 @@ def print_summary(env: Environment, outcomes: list[Outcome]) -> None:
         print(f"  {state:<11} {short(targets)}", file=sys.stderr)
 
 
-SKIP = ("failed", "skipped", "seeded")
+UNREAD = ("failed", "skipped", "seeded")  # outcomes that carry no version
 
 
 def check_failed() -> int:

@@ -207,3 +207,9 @@ def test_a_target_that_cannot_be_read_fails_status_and_is_named(fleet: Project) 
     bad = fleet.invoke("migrate", "--env=shops", "--to=zzzz")
     assert bad.returncode == 6 and "No such revision or branch 'zzzz'" in bad.stderr
     assert "see `invoke history --env=shops`" in bad.stderr
+
+
+def test_a_negative_jobs_count_is_a_usage_error(fleet: Project) -> None:
+    error = fleet.fails("migrate", "--env=shops", "--jobs=-2")
+    assert "--jobs and --canary take a whole number, 0 or more" in error
+    assert not (fleet.root / "var" / "shops").exists()
