@@ -196,22 +196,23 @@ def _work(
         env = environment(load_environment(root, env_name, environ), target)
         outcome = TASKS[task](env, args)
     except LockTimeout as exc:
-        outcome = Outcome(target.name, "failed", first(exc), exit_code=exc.exit_code)
+        outcome = Outcome(target.name, "failed", one_line(exc), exit_code=exc.exit_code)
         if args.get("retry"):
             outcome = Outcome(target.name, "locked", "another run holds its lock: retried last")
     except DbError as exc:
-        outcome = Outcome(target.name, "failed", first(exc), exit_code=exc.exit_code)
+        outcome = Outcome(target.name, "failed", one_line(exc), exit_code=exc.exit_code)
     except CommandError as exc:  # a revision the files do not have
         found = revision_error(exc, env_name)
-        outcome = Outcome(target.name, "failed", first(found), exit_code=found.exit_code)
+        outcome = Outcome(target.name, "failed", one_line(found), exit_code=found.exit_code)
     except DBAPIError as exc:  # reading its version failed: a file that is no database...
         why = f"cannot read its version: {describe(exc)}"
         outcome = Outcome(target.name, "failed", why, exit_code=1)
     return replace(outcome, seconds=round(time.perf_counter() - clock, 3))
 
 
-def first(exc: Exception) -> str:
-    return str(exc).splitlines()[0]
+def one_line(exc: Exception) -> str:
+    """The whole message on one line: its second line says where the database is now."""
+    return "; ".join(line.strip() for line in str(exc).splitlines() if line.strip())
 
 
 def _options(args: TaskArgs) -> RunOptions:

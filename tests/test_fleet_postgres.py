@@ -196,6 +196,7 @@ def test_a_target_whose_connection_is_killed_fails_alone(
 
     assert run.returncode == 3, err  # the one failure is a lost lock
     assert "beta] failed: lost the connection, and with it the migration lock" in err
+    assert f"; the database is at {HEAD}; this run kept {HEAD}; slow01 was rolled back;" in err
     assert "  failed      beta: lost the connection" in err and "Traceback" not in err
     assert schema_versions(pg_database.dsn, "beta") == [HEAD]  # slow01 rolled back whole
     assert (
