@@ -269,11 +269,18 @@ def target_json(o: Outcome) -> dict[str, Any]:
 
 
 def write_report(env: Environment, data: Mapping[str, Any]) -> Path:
-    """Keep a run's report in ``var/runs``; returns its path."""
+    """Keep a run's report in ``var/runs``, and the newest ``RUNS_KEEP`` (default 100) of
+    the environment's; returns its path."""
     stamp = datetime.now(timezone.utc).strftime("%Y%m%dT%H%M%S.%fZ")
     path = env.root / RUNS_DIR / f"{env.name}-{stamp}.json"
-    path.parent.mkdir(parents=True, exist_ok=True)
-    path.write_text(json.dumps(data, indent=2) + "\n", encoding="utf-8")
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(json.dumps(data, indent=2) + "\n", encoding="utf-8")
+    except OSError as exc:
+        raise ConfigError(f"cannot write the run's report to {RUNS_DIR}: {exc.strerror}") from None
+    keep = int(env.number("RUNS_KEEP", 100))
+    for old in sorted(path.parent.glob(f"{env.name}-*.json"), reverse=True)[keep:]:
+        old.unlink(missing_ok=True)
     return path
 
 

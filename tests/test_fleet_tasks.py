@@ -137,6 +137,11 @@ def test_a_run_report_is_kept_and_printed_with_json(fleet: Project) -> None:
     assert report["counts"] == {"migrated": 3}
     assert [t["target"] for t in report["targets"]] == list(SHOPS)
     assert all(t["current"] == [HEAD] and t["detail"] == HEAD for t in report["targets"])
+    fleet.extend_env("shops", "RUNS_KEEP=2\n")
+    for _ in range(2):
+        fleet.ok("migrate", "--env=shops")
+    kept_now = sorted(p.name for p in (fleet.root / "var" / "runs").glob("shops-*.json"))
+    assert len(kept_now) == 2 and kept[0].name not in kept_now  # the oldest went
 
 
 def test_a_protected_fleet_shows_its_plan_and_asks_once(project: Project) -> None:
