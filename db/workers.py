@@ -56,13 +56,13 @@ class Pool:
         self.env, self.environ, self.plan = env, dict(environ), plan
         self.hosts, self.cap, self.stop = hosts, cap, stop or Stop()
         context = multiprocessing.get_context("fork")  # workers start from this process's state
-        self._signal = context.Value("i", 0)
+        self._signal, self._stopped = context.Value("i", 0), context.Event()
         self._preload()
         self._executor = ProcessPoolExecutor(
             max_workers=max(1, plan.jobs),
             mp_context=context,
             initializer=_start_worker,
-            initargs=(self._signal,),
+            initargs=(self._signal, self._stopped),
         )
         self._forget = self.stop.on_request(self._tell_workers)
 
@@ -75,6 +75,7 @@ class Pool:
 
     def _tell_workers(self) -> None:
         self._signal.value = self.stop.signum or signal.SIGTERM
+        self._stopped.set()
 
     def _preload(self) -> None:
         """Import once here what every worker needs, instead of in each of them."""
@@ -169,14 +170,14 @@ def _outcome(future: Future[Outcome], target: Target) -> Outcome:
 _STOP = Stop()
 
 
-def _start_worker(shared_signal: Any) -> None:
-    """Signals are the parent's to handle; it tells the workers through ``shared_signal``."""
+def _start_worker(shared_signal: Any, stopped: Any) -> None:
+    """Signals are the parent's to handle: it sets ``stopped``, with the signal's number in
+    ``shared_signal``, and each worker stops its run as a signal would have."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
 
     def watch() -> None:
-        while not shared_signal.value:
-            threading.Event().wait(0.05)
+        stopped.wait()
         _STOP.request(shared_signal.value)
 
     threading.Thread(target=watch, daemon=True).start()
