@@ -125,8 +125,9 @@ def test_a_fleet_never_prints_a_targets_password(project: Project, shop_role: in
         assert migrated.returncode == 6, migrated.stderr
         assert "alpha] migrated" in migrated.stderr
         assert 'database "shop_missing" does not exist' in migrated.stderr
-        for result in (migrated, status):
-            printed = result.stdout + result.stderr
+        reports = [p.read_text() for p in (project.root / "var" / "runs").glob("*.json")]
+        assert len(reports) == 1 and "shop_missing" in reports[0]
+        for printed in [result.stdout + result.stderr for result in (migrated, status)] + reports:
             assert NASTY not in printed and quote(NASTY, safe="") not in printed
     finally:
         pg_execute(admin, "DROP DATABASE IF EXISTS shop_alpha WITH (FORCE)")
