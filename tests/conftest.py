@@ -10,6 +10,7 @@ from __future__ import annotations
 import asyncio
 import compileall
 import glob
+import json
 import os
 import shutil
 import signal
@@ -18,6 +19,7 @@ import sqlite3
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 import uuid
 from collections.abc import Iterator
@@ -36,16 +38,108 @@ PG_ADMIN = os.environ.get("TEST_PG_URL", "postgresql://postgres@127.0.0.1:5432/p
 COPIED = ["tasks.py", "alembic.ini", "pyproject.toml", ".squawk.toml", "db", "environments"]
 
 
+INVOKE_TIMEOUT = int(os.environ.get("TEST_INVOKE_TIMEOUT", "120"))
+
+
+class Launcher:
+    """Runs ``python -m invoke ARGS`` as a child of a warm interpreter (tests/forkserver.py)
+    that has invoke, SQLAlchemy, Alembic and asyncpg imported already: a real process with
+    its own pid, folder, environment, stdio and exit status, at a fifth of a fresh start's
+    cost. The project's own modules are imported by each child from its copy."""
+
+    def __init__(self, socket_path: str) -> None:
+        self.socket_path = socket_path
+
+    def start(self, args: list[str], cwd: Path, env: dict[str, str]) -> Child:
+        stdin, stdin_end = os.pipe()
+        os.close(stdin_end)  # stdin reads end of file at once, as from /dev/null
+        out, out_end = os.pipe()
+        err, err_end = os.pipe()
+        server = socket.socket(socket.AF_UNIX, socket.SOCK_SEQPACKET)
+        server.connect(self.socket_path)
+        request = json.dumps({"args": args, "cwd": str(cwd), "env": env}).encode()
+        socket.send_fds(server, [request], [stdin, out_end, err_end])
+        for fd in (stdin, out_end, err_end):
+            os.close(fd)
+        return Child(server, open(out, encoding="utf-8"), open(err, encoding="utf-8"))
+
+
+class Child:
+    """A task the warm interpreter forked, as much of ``subprocess.Popen`` as tests use."""
+
+    def __init__(self, server: socket.socket, stdout: Any, stderr: Any) -> None:
+        self._server = server
+        self.pid = int(server.recv(64))
+        self.stdout, self.stderr = stdout, stderr
+        self.returncode: int | None = None
+
+    def poll(self) -> int | None:
+        if self.returncode is None:
+            self._server.setblocking(False)
+            with suppress(BlockingIOError):
+                self._ended(self._server.recv(64))
+        return self.returncode
+
+    def wait(self, timeout: float | None = None) -> int:
+        if self.returncode is None:
+            self._server.settimeout(timeout)
+            try:
+                self._ended(self._server.recv(64))
+            except TimeoutError:
+                raise subprocess.TimeoutExpired("invoke", timeout or 0) from None
+        assert self.returncode is not None
+        return self.returncode
+
+    def _ended(self, status: bytes) -> None:
+        self.returncode = int(status)
+        self._server.close()
+
+
+@pytest.fixture(scope="session")
+def launcher() -> Iterator[Launcher | None]:
+    """This worker's warm interpreter, or None where tests start a fresh one per command
+    (TEST_FRESH_INVOKE=1, or no os.pidfd_open: not Linux)."""
+    if os.environ.get("TEST_FRESH_INVOKE") == "1" or not hasattr(os, "pidfd_open"):
+        yield None
+        return
+    folder = tempfile.mkdtemp(prefix="forkserver-")
+    path = os.path.join(folder, "socket")
+    server = subprocess.Popen(
+        [sys.executable, str(REPO / "tests" / "forkserver.py"), path],
+        stdin=subprocess.DEVNULL,
+        stdout=subprocess.PIPE,
+        text=True,
+    )
+    try:
+        assert server.stdout is not None and server.stdout.readline() == "ready\n"
+        yield Launcher(path)
+    finally:
+        server.terminate()
+        server.wait(timeout=10)
+        if server.stdout is not None:
+            server.stdout.close()
+        shutil.rmtree(folder, ignore_errors=True)
+
+
 @dataclass
 class Project:
     """A copy of the project in a temporary directory, driven through ``invoke``."""
 
     root: Path
     environ: dict[str, str]
+    launcher: Launcher | None = None
 
     def invoke(
         self, *args: str, cwd: Path | None = None, **env: str
     ) -> subprocess.CompletedProcess[str]:
+        if self.launcher is not None:
+            run = Background(self.launcher.start(list(args), cwd or self.root, self.environ | env))
+            try:
+                out, err = run.communicate(INVOKE_TIMEOUT)
+            except subprocess.TimeoutExpired:
+                os.kill(run.pid, signal.SIGKILL)
+                raise
+            return subprocess.CompletedProcess(["invoke", *args], run.wait(), out, err)
         return subprocess.run(
             [sys.executable, "-m", "invoke", *args],
             cwd=cwd or self.root,
@@ -53,7 +147,7 @@ class Project:
             stdin=subprocess.DEVNULL,
             capture_output=True,
             text=True,
-            timeout=int(os.environ.get("TEST_INVOKE_TIMEOUT", "120")),
+            timeout=INVOKE_TIMEOUT,
         )
 
     def ok(self, *args: str, **env: str) -> subprocess.CompletedProcess[str]:
@@ -141,7 +235,7 @@ def compiled() -> None:
 
 
 @pytest.fixture
-def project(tmp_path: Path, compiled: None) -> Project:
+def project(tmp_path: Path, compiled: None, launcher: Launcher | None) -> Project:
     root = tmp_path / "project"
     root.mkdir()
     for name in COPIED:
@@ -158,7 +252,7 @@ def project(tmp_path: Path, compiled: None) -> Project:
         if not key.startswith("INVOKE_") and not key.endswith("_DB_PASSWORD")
     }
     environ["PYTHONDONTWRITEBYTECODE"] = "1"
-    return Project(root, environ)
+    return Project(root, environ, launcher)
 
 
 # --- PostgreSQL -------------------------------------------------------------------------
@@ -300,16 +394,67 @@ def pg_database_2(pg_server: str, _spare_databases: list[PgDatabase]) -> Iterato
 # --- running tasks in the background, and waiting without sleeping blindly -------------
 
 
-def popen(project: Project, *args: str, **env: str) -> subprocess.Popen[str]:
-    """Start an ``invoke`` task in the background."""
-    return subprocess.Popen(
-        [sys.executable, "-m", "invoke", *args],
-        cwd=project.root,
-        env={**project.environ, **env},
-        stdin=subprocess.DEVNULL,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
+class Background:
+    """An ``invoke`` task running in the background. Its output is read as it comes, so a
+    test can wait for a line it printed (``printed``) instead of guessing with a sleep."""
+
+    def __init__(self, process: subprocess.Popen[str] | Child) -> None:
+        self.process = process
+        self.pid = process.pid
+        self._out: list[str] = []
+        self._err: list[str] = []
+        self._readers = [
+            threading.Thread(target=_read_lines, args=(stream, lines), daemon=True)
+            for stream, lines in ((process.stdout, self._out), (process.stderr, self._err))
+        ]
+        for reader in self._readers:
+            reader.start()
+
+    @property
+    def returncode(self) -> int | None:
+        return self.process.returncode
+
+    def poll(self) -> int | None:
+        return self.process.poll()
+
+    def wait(self, timeout: float | None = None) -> int:
+        return self.process.wait(timeout)
+
+    def send_signal(self, signum: int) -> None:
+        os.kill(self.pid, signum)
+
+    def printed(self, text: str) -> bool:
+        """Whether a line of its stderr so far contains ``text``."""
+        return any(text in line for line in list(self._err))
+
+    def communicate(self, timeout: float | None = None) -> tuple[str, str]:
+        """Wait for the task to end; its whole stdout and stderr."""
+        self.process.wait(timeout)
+        for reader in self._readers:
+            reader.join(timeout)
+        return "".join(self._out), "".join(self._err)
+
+
+def _read_lines(stream: Any, lines: list[str]) -> None:
+    with stream:
+        for line in stream:
+            lines.append(line)
+
+
+def popen(project: Project, *args: str, **env: str) -> Background:
+    """Start an ``invoke`` task in the background (its pid is the task's own, for signals)."""
+    if project.launcher is not None:
+        return Background(project.launcher.start(list(args), project.root, project.environ | env))
+    return Background(
+        subprocess.Popen(
+            [sys.executable, "-m", "invoke", *args],
+            cwd=project.root,
+            env={**project.environ, **env},
+            stdin=subprocess.DEVNULL,
+            stdout=subprocess.PIPE,
+            stderr=subprocess.PIPE,
+            text=True,
+        )
     )
 
 

@@ -9,6 +9,7 @@ import subprocess
 
 import pytest
 from conftest import (
+    Background,
     PgDatabase,
     Project,
     head_revision,
@@ -22,7 +23,7 @@ from conftest import (
 from db.locks import NAMESPACE
 
 
-def finish(processes: list[subprocess.Popen[str]]) -> list[tuple[int, str]]:
+def finish(processes: list[Background]) -> list[tuple[int, str]]:
     """Each run's exit code and stderr."""
     errors = [p.communicate(timeout=120)[1] for p in processes]
     return [(p.returncode, err) for p, err in zip(processes, errors, strict=True)]

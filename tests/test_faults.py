@@ -76,7 +76,7 @@ def kill_mid_run(shop: Project, database: PgDatabase) -> tuple[tuple[int, str], 
     )
     assert lock_holders(database) == [sleeping["pid"]]  # the lock is on the working session
     second = popen(shop, "migrate", "--env=ci", "--lock-wait=30")
-    wait_until(lambda: running_query(database.dsn, "pg_try_advisory_lock"), "the second run waits")
+    wait_until(lambda: second.printed("for the migration lock, held by"), "the second run waits")
     pg_execute(database.dsn, f"select pg_terminate_backend({sleeping['pid']})")
     results = []
     for process in (first, second):
@@ -156,10 +156,10 @@ def test_resolve_needs_to_be_told_how_the_revision_ended(shop: Project) -> None:
 def test_server_idle_timeouts_never_fail_a_good_run(shop: Project, pg_database: PgDatabase) -> None:
     pg_execute(
         pg_database.dsn,
-        f"alter database \"{pg_database.name}\" set idle_session_timeout = '1s'",
-        f"alter database \"{pg_database.name}\" set idle_in_transaction_session_timeout = '1s'",
+        f"alter database \"{pg_database.name}\" set idle_session_timeout = '400ms'",
+        f"alter database \"{pg_database.name}\" set idle_in_transaction_session_timeout = '400ms'",
     )
-    pause = '__import__("time").sleep(2)\n    op.execute("select 1")'
+    pause = '__import__("time").sleep(1)\n    op.execute("select 1")'  # 2.5x the timeouts
     shop.add_revision("i1", revision("idle01", head_revision(), pause))
     shop.add_revision("i2", revision("idle02", "idle01", pause))
 

@@ -247,6 +247,23 @@ def test_debug_shows_the_traceback(project: Project) -> None:
     assert "Traceback" in variable.stderr
 
 
+def test_listing_the_tasks_imports_no_database_library() -> None:
+    """Start-up stays light: only the tasks that touch a database import SQLAlchemy, Alembic
+    and asyncpg. A fresh interpreter, as a user's shell starts one (not the tests' warm one)."""
+    listed = subprocess.run(
+        [sys.executable, "-X", "importtime", "-m", "invoke", "--list"],
+        capture_output=True,
+        text=True,
+        check=True,
+        cwd=REPO,
+    )
+    imported = {line.rsplit("|", 1)[-1].strip() for line in listed.stderr.splitlines()}
+
+    assert "invoke" in imported and "migrate" in listed.stdout  # the listing really was made
+    heavy = {"sqlalchemy", "alembic", "asyncpg", "db.commands", "db.engines"}
+    assert not heavy & imported, sorted(heavy & imported)
+
+
 def test_every_task_and_flag_explains_itself() -> None:
     def invoke(*args: str) -> str:
         return subprocess.run(
