@@ -26,7 +26,7 @@ PG_ADMIN = "postgresql://postgres@127.0.0.1:5432/postgres"
 def main() -> None:
     args = parse()
     if args.pool_only:
-        print(pool.report(args.pg_admin))
+        print(pool.report(args.pg_admin, args.pool_rounds))
         return
     if args.fleet_only:
         if args.fleet_sizes:
@@ -50,7 +50,7 @@ def main() -> None:
     machine = f"{platform.node()} {platform.machine()}, Python {platform.python_version()}"
     print(report.table(results, checksum_ms, max(args.sizes), machine))
     if args.postgres:
-        print(pool.report(args.pg_admin))
+        print(pool.report(args.pg_admin, args.pool_rounds))
     if args.json:
         report.write_json(Path(args.json), results, checksum_ms, machine)
     if args.png:
@@ -69,6 +69,12 @@ def parse() -> argparse.Namespace:
     parser.add_argument("--no-postgres", dest="postgres", action="store_false")
     parser.add_argument(
         "--pool-only", action="store_true", help="only the app's pooled engine against NullPool"
+    )
+    parser.add_argument(
+        "--pool-rounds",
+        type=int,
+        default=pool.ROUNDS,
+        help="interleaved rounds of the pool comparison (default: %(default)s)",
     )
     parser.add_argument("--fleet-only", action="store_true", help="only the fleet comparison")
     parser.add_argument(

@@ -5,8 +5,9 @@
 Each transaction reads a product and inserts a purchase, through ``session_factory`` (a
 pool: ``POOL_SIZE=5``, ``MAX_OVERFLOW=5``) and through the same sessions on a ``NullPool``
 engine (a new connection each time, as the app had before), one after another and as 50
-concurrent tasks. It prints transactions per second, the ratio, and the most connections
-the server saw at once.
+concurrent tasks. Each round runs both, interleaved, so a slow moment of the machine (a
+commit's fsync varies a lot on a VM) falls on both. It prints the median transactions per
+second, the ratio per round (median and range), and the most connections the server saw.
 """
 
 from __future__ import annotations
@@ -18,6 +19,7 @@ import uuid
 from collections.abc import Awaitable, Callable
 from decimal import Decimal
 from pathlib import Path
+from statistics import median
 
 import asyncpg
 from sqlalchemy import select, text
@@ -31,14 +33,15 @@ from db.session import session_factory
 
 TRANSACTIONS = 2000
 CONCURRENT = 50
+ROUNDS = 3
 
 
-def report(pg_admin: str) -> str:
+def report(pg_admin: str, rounds: int = ROUNDS) -> str:
     """The comparison, as lines of text."""
-    return asyncio.run(_report(pg_admin))
+    return asyncio.run(_report(pg_admin, max(1, rounds)))
 
 
-async def _report(pg_admin: str) -> str:
+async def _report(pg_admin: str, rounds: int) -> str:
     name = f"bench_pool_{uuid.uuid4().hex[:8]}"
     admin = await asyncpg.connect(pg_admin)
     await admin.execute(f'CREATE DATABASE "{name}"')
@@ -51,13 +54,24 @@ async def _report(pg_admin: str) -> str:
             pooled = session_factory(load_environment(Path(folder), "pool", {}))
             bare = async_sessionmaker(make_async_engine(make_url(url)), expire_on_commit=False)
             await _shop(bare)
-            lines = ["", "App sessions, 2,000 transactions (read a product, insert a purchase):"]
+            lines = [
+                "",
+                f"App sessions, 2,000 transactions (read a product, insert a purchase), "
+                f"median of {rounds} interleaved rounds:",
+            ]
             for label, run in (("sequential", _sequential), ("50 concurrent", _concurrent)):
-                unpooled, _ = await _timed(run, bare, url)
-                with_pool, most = await _timed(run, pooled, url)
+                unpooled, with_pool, ratios, most = [], [], [], 0
+                for _ in range(rounds):
+                    bare_seconds, _ = await _timed(run, bare, url)
+                    pooled_seconds, seen = await _timed(run, pooled, url)
+                    unpooled.append(bare_seconds)
+                    with_pool.append(pooled_seconds)
+                    ratios.append(bare_seconds / pooled_seconds)
+                    most = max(most, seen)
                 lines.append(
-                    f"  {label:<14} pooled {TRANSACTIONS / with_pool:7.0f}/s, NullPool "
-                    f"{TRANSACTIONS / unpooled:7.0f}/s: {unpooled / with_pool:.1f}x faster; "
+                    f"  {label:<14} pooled {TRANSACTIONS / median(with_pool):7.0f}/s, NullPool "
+                    f"{TRANSACTIONS / median(unpooled):7.0f}/s: {median(ratios):.1f}x faster "
+                    f"({min(ratios):.1f}-{max(ratios):.1f}x); "
                     f"at most {most} server connections (pool 5 + overflow 5)"
                 )
             for factory in (pooled, bare):
