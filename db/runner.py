@@ -65,6 +65,9 @@ class RunOptions:
     on_start: Callable[[RevisionStep], None] | None = None
     on_step: Callable[[Step], None] | None = None
     on_note: Callable[[str], None] | None = None
+    # a changing run: called with the revision(s) read before the lock; False ends the run
+    # there, without the lock (a fleet's target with nothing to do)
+    before_lock: Callable[[tuple[str, ...]], bool] | None = None
     stop: Stop = field(default_factory=Stop)
 
     def note(self, text: str | None) -> None:
@@ -88,6 +91,7 @@ class Run:
     note: Callable[[str], None] = field(default=lambda _text: None)
     models: bool = False  # import db.models: only autogenerate and check compare against them
     stop: Stop = field(default_factory=Stop)
+    before_lock: Callable[[tuple[str, ...]], bool] | None = None  # see RunOptions
     progress: Progress | None = None  # set by run_env for runs that apply steps
 
     @property
@@ -126,6 +130,7 @@ def make_config(
         note=options.note,
         models=models,
         stop=options.stop,
+        before_lock=options.before_lock,
     )
     return config
 
@@ -310,10 +315,15 @@ def current_heads(
     """The revision(s) in a database's version table, read without env.py or the lock."""
 
     def read(connection: Connection) -> tuple[str, ...]:
-        opts = {"version_table": VERSION_TABLE, "version_table_schema": schema}
-        return tuple(MigrationContext.configure(connection, opts=opts).get_current_heads())
+        return version_of(connection, schema)
 
     return with_connection(url, read, connect_timeout=connect_timeout, wait=wait, schema=schema)
+
+
+def version_of(connection: Connection, schema: str | None = None) -> tuple[str, ...]:
+    """The revision(s) in the version table, read on ``connection``."""
+    opts = {"version_table": VERSION_TABLE, "version_table_schema": schema}
+    return tuple(MigrationContext.configure(connection, opts=opts).get_current_heads())
 
 
 def _applied(script: ScriptDirectory, heads: tuple[str, ...]) -> set[str]:

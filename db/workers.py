@@ -22,6 +22,7 @@ from pathlib import Path
 from types import TracebackType
 from typing import Any
 
+from alembic.script import ScriptDirectory
 from alembic.util import CommandError
 from sqlalchemy.exc import DBAPIError
 
@@ -228,7 +229,11 @@ def _options(args: TaskArgs) -> RunOptions:
 def _read(env: Environment, to: str = "heads") -> Outcome:
     """Where a target is, read without the lock or env.py, and what is pending to ``to``."""
     script = load_scripts(make_config(env, offline=True))
-    current = current_heads(env.url(), env.connect_timeout, env.schema)
+    return _at(env, script, current_heads(env.url(), env.connect_timeout, env.schema), to)
+
+
+def _at(env: Environment, script: ScriptDirectory, current: tuple[str, ...], to: str) -> Outcome:
+    """A target at ``current``, and what is pending to ``to``."""
     pending = commands.plan_steps(script, to, current, up=True)
     return Outcome(
         env.target,
@@ -240,13 +245,22 @@ def _read(env: Environment, to: str = "heads") -> Outcome:
 
 
 def _migrate(env: Environment, args: TaskArgs) -> Outcome:
+    """Read the target's revision on the migration connection, and take its lock only if
+    something is pending: a target already there costs one connection and one read."""
     to = args.get("to") or "head"
+    script = load_scripts(make_config(env, offline=True))
     if to == "head":
-        guards.single_head(load_scripts(make_config(env, offline=True)), to_flag=True)
-    before = _read(env, "heads" if to == "head" else to)
+        guards.single_head(script, to_flag=True)
+    seen: list[Outcome] = []
+
+    def behind(current: tuple[str, ...]) -> bool:
+        seen.append(_at(env, script, current, "heads" if to == "head" else to))
+        return bool(seen[0].pending)
+
+    steps = commands.migrate(env, to, replace(_options(args), before_lock=behind))
+    before = seen[0]
     if not before.pending:
         return replace(before, state="up to date")
-    steps = commands.migrate(env, to, _options(args))
     # every step committed: at head, the target is at the one head the guard checked
     after = replace(before, current=before.heads, pending=()) if to == "head" else _read(env)
     if not steps:  # another run got there first, while this one waited for the lock

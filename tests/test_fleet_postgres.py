@@ -143,6 +143,60 @@ def test_a_target_locked_by_another_run_is_retried_last(
         assert [(r["revision"], r["direction"]) for r in rows] == [(HEAD, "up")]
 
 
+def sessions_of(admin: str, database: str) -> int:
+    """Sessions the database has had, counted once every session to it has ended (a
+    backend writes its statistics before it leaves pg_stat_activity)."""
+    wait_until(
+        lambda: not pg_fetch(admin, f"select 1 from pg_stat_activity where datname = '{database}'"),
+        f"the sessions to {database} to end",
+    )
+    found = pg_fetch(admin, f"select sessions from pg_stat_database where datname = '{database}'")
+    return int(found[0]["sessions"])
+
+
+def test_a_target_is_read_and_migrated_on_one_connection(
+    tenants: Project, pg_database: PgDatabase, pg_server: str
+) -> None:
+    """Each target's revision is read on its migration session, before the lock: a target
+    with work to do, and one already at head, each cost its server one connection."""
+    before = sessions_of(pg_server, pg_database.name)
+
+    assert tenants.ok("migrate", "--env=tenants").stderr.count(f"migrated: {HEAD}") == 3
+    migrated = sessions_of(pg_server, pg_database.name)
+    assert tenants.ok("migrate", "--env=tenants").stderr.count(f"already at {HEAD}") == 3
+    again = sessions_of(pg_server, pg_database.name)
+
+    assert (migrated - before, again - migrated) == (3, 3)
+
+
+def test_a_target_already_at_head_is_not_kept_waiting_by_its_lock(
+    tenants: Project, pg_database: PgDatabase
+) -> None:
+    """A target with nothing to do is read without its lock, so another run holding that
+    lock neither delays it nor makes it a locked target."""
+    import threading
+
+    tenants.ok("migrate", "--env=tenants")
+    loop = asyncio.new_event_loop()
+    held, release = asyncio.Event(), asyncio.Event()
+    holder = threading.Thread(
+        target=loop.run_until_complete,
+        args=(_hold(pg_database.dsn, "beta.alembic_version", held, release),),
+    )
+    holder.start()
+    try:
+        wait_until(held.is_set, "the test to hold beta's lock")
+        result = tenants.invoke("migrate", "--env=tenants", "--lock-wait=0")
+    finally:
+        loop.call_soon_threadsafe(release.set)
+        holder.join(timeout=30)
+        loop.close()
+
+    assert result.returncode == 0, result.stderr
+    assert result.stderr.count(f"already at {HEAD}") == 3
+    assert "locked" not in result.stderr
+
+
 @pytest.fixture
 def second_server() -> Iterator[int]:
     with cluster() as found:

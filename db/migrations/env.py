@@ -30,7 +30,7 @@ from db.engines import (
 )
 from db.errors import ConfigError, MigrationFailed
 from db.locks import Fence, canceller, pg_lock, prepare_session, sqlite_run
-from db.runner import VERSION_TABLE, Run
+from db.runner import VERSION_TABLE, Run, version_of
 
 if TYPE_CHECKING:
     from alembic.autogenerate.api import AutogenContext
@@ -187,11 +187,22 @@ def run_sqlite(connection: Connection) -> None:
             context.run_migrations()
 
 
+def wanted(connection: Connection) -> bool:
+    """Whether a changing run goes on to take the lock: ``run.before_lock`` decides from the
+    revision(s) read without it (the read's transaction ends here)."""
+    if not run.lock or run.before_lock is None:
+        return True
+    current = version_of(connection, run.schema)
+    connection.rollback()
+    return run.before_lock(current)
+
+
 async def run_async_migrations(engine: AsyncEngine, *, owned: bool) -> None:
     try:
         async with connect_async(engine, run.wait) as connection:
             if run.lock:
-                await migrate_locked(connection, engine)
+                if await connection.run_sync(wanted):
+                    await migrate_locked(connection, engine)
             else:
                 await connection.run_sync(do_run_migrations)
                 await connection.commit()
@@ -235,7 +246,9 @@ def run_migrations_online() -> None:
         return
     sync_engine = given or make_engine(run.url, connect_timeout=run.connect_timeout, migrating=True)
     with connect(sync_engine, run.wait) as connection:
-        if run.lock and connection.dialect.name == "sqlite":
+        if not wanted(connection):
+            pass
+        elif run.lock and connection.dialect.name == "sqlite":
             run_sqlite(connection)
         else:
             do_run_migrations(connection)
