@@ -85,12 +85,18 @@ class Who:
 
     @classmethod
     def here(cls, env: Environment) -> Who:
-        try:
-            version = metadata.version("shop-migrations")
-        except metadata.PackageNotFoundError:
-            version = "unknown"
-        user, host, commit = getpass.getuser(), socket.gethostname(), _git_commit(env.root)
-        return cls(user, host, version, commit, env.target or None)
+        return replace(_machine(env.root), target=env.target or None)
+
+
+@functools.cache
+def _machine(root: Path) -> Who:
+    """The user, host, tool version and code commit of this process, read once: a fleet's
+    worker writes them on target after target (the commit is the code this process loaded)."""
+    try:
+        version = metadata.version("shop-migrations")
+    except metadata.PackageNotFoundError:
+        version = "unknown"
+    return Who(getpass.getuser(), socket.gethostname(), version, _git_commit(root))
 
 
 @dataclass(frozen=True)

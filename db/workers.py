@@ -17,6 +17,7 @@ import time
 from collections import Counter, deque
 from collections.abc import Callable, Mapping
 from concurrent.futures import FIRST_COMPLETED, Future, ProcessPoolExecutor, wait
+from contextlib import suppress
 from dataclasses import replace
 from pathlib import Path
 from types import TracebackType
@@ -79,9 +80,12 @@ class Pool:
         self._stopped.set()
 
     def _preload(self) -> None:
-        """Import once here what every worker needs, instead of in each of them."""
+        """Do once here, before the workers fork, what each would do on its first target:
+        import the modules, load and checksum the revision files, read who runs them."""
         import importlib
+        import logging.config  # noqa: F401  (env.py's fileConfig)
 
+        from db import audit, locks  # noqa: F401  (env.py's)
         from db.engines import is_async
 
         extra = {"check": "db.review", "stamp": "db.records", "seed": "db.seed"}
@@ -91,6 +95,14 @@ class Pool:
         if is_async(self.env.url(need_secrets=False)):  # which imports the dialect too
             import asyncpg  # type: ignore[import-untyped]  # noqa: F401
             import sqlalchemy.ext.asyncio  # noqa: F401
+
+        with suppress(DbError):  # broken files: each target reports it
+            script = load_scripts(make_config(self.env, offline=True))
+            if self.plan.task in ("migrate", "rollback"):
+                audit.Who.here(self.env)
+                for revision in script.walk_revisions():
+                    audit.checksum(revision.path)
+                    audit.code_checksum(revision.path)
 
     def run(
         self,
