@@ -24,6 +24,7 @@ from typing import Any
 from alembic.runtime.migration import MigrationContext
 from sqlalchemy import (
     Column,
+    ColumnElement,
     Connection,
     DateTime,
     Integer,
@@ -210,6 +211,12 @@ def record(target: Connection | MigrationContext, row: Row) -> int | None:
     result = _connection(target).execute(_INSERT, values)  # one compiled statement, reused
     key = result.inserted_primary_key
     return int(key[0]) if key is not None else None
+
+
+def record_and(connection: Connection, row: Row, also: ColumnElement[Any]) -> Any:
+    """Write one row and return ``also``, evaluated in the same statement: a revision's row
+    and its lock check cost one round trip, not two."""
+    return connection.execute(_INSERT.returning(also), row.values()).scalar()
 
 
 def complete(target: Connection | MigrationContext, row_id: int, row: Row) -> None:

@@ -25,7 +25,17 @@ from contextlib import asynccontextmanager, contextmanager, suppress
 from dataclasses import dataclass
 from typing import TYPE_CHECKING
 
-from sqlalchemy import Connection, RootTransaction, TextClause, text
+from sqlalchemy import (
+    ColumnElement,
+    Connection,
+    RootTransaction,
+    TextClause,
+    and_,
+    column,
+    func,
+    select,
+    text,
+)
 from sqlalchemy.engine import URL
 from sqlalchemy.exc import DBAPIError, OperationalError
 
@@ -57,20 +67,30 @@ POOLED = (
 
 @dataclass(frozen=True)
 class Fence:
-    """The backend that holds the lock; ``check`` runs on the migration connection."""
+    """The backend that holds the lock; checked on the migration connection before each
+    revision commits."""
 
     pid: int
     table: str
 
+    @property
+    def held(self) -> ColumnElement[bool]:
+        """True while the session that took the lock is the one running and still holds it:
+        a condition to evaluate in a statement of the transaction about to commit."""
+        mine = text(_MINE).bindparams(table=self.table).columns(column("one")).exists()
+        return and_(func.pg_backend_pid() == self.pid, mine)
+
     def check(self, connection: Connection) -> None:
-        held = connection.execute(
-            text(f"select pg_backend_pid() = :pid and exists ({_MINE})"),
-            {"pid": self.pid, "table": self.table},
-        ).scalar()
+        self.verify(connection.execute(select(self.held)).scalar())
+
+    @staticmethod
+    def verify(held: object) -> None:
+        """Stop before the commit unless ``held`` (the value of :attr:`held`) is true."""
         if not held:
             raise LockLost(
-                "this run no longer holds the migration lock (its session changed: a pooler "
-                "in transaction mode?), so it stopped before committing"
+                "this run no longer holds the migration lock (a pooler in transaction mode "
+                "moved its session, or a revision released the lock), so it stopped before "
+                "committing"
             )
 
 

@@ -24,6 +24,7 @@ from sqlalchemy import event
 
 from db import audit
 from db.errors import Interrupted
+from db.locks import Fence
 
 if TYPE_CHECKING:
     from sqlalchemy import Connection
@@ -88,6 +89,7 @@ class Progress:
     on_start: Callable[[RevisionStep], None] | None = None
     on_step: Callable[[Step], None] | None = None
     stop: Stop = field(default_factory=Stop)
+    fence: Fence | None = None  # a locked run's: checked before each step commits
     plan: list[RevisionStep] = field(default_factory=list)
     applied: list[Step] = field(default_factory=list)  # committed, in order
     running: RevisionStep | None = None
@@ -160,17 +162,30 @@ class Progress:
             event.remove(connection, "before_execute", note)
 
     def after_each(self, ctx: MigrationContext, step: MigrationInfo, **_kw: Any) -> None:
-        """Alembic's ``on_version_apply``: inside the step's transaction, before its commit."""
+        """Alembic's ``on_version_apply``: inside the step's transaction, before its commit,
+        check the lock (a locked run's ``fence``) and write the audit row; one statement
+        does both where the row is new."""
         direction = "up" if step.is_upgrade else "down"
         seconds = time.perf_counter() - self._clock
         done = Step(step.up_revision_id or "", _script(step).doc or "", direction, seconds)
-        if self.who is not None:
-            row = self._row(step, direction, done.seconds)
-            if self._started_row is not None:
-                audit.complete(ctx, self._started_row, row)
-            else:
-                audit.record(ctx, row)
+        connection = ctx.connection
+        row = self._row(step, direction, done.seconds) if self.who is not None else None
+        if self.fence is None or connection is None:
+            self._write(ctx, row)
+        elif row is not None and self._started_row is None:  # the check and the row, at once
+            self.fence.verify(audit.record_and(connection, row, self.fence.held))
+        else:
+            self.fence.check(connection)
+            self._write(ctx, row)
         self._uncommitted.append(done)
+
+    def _write(self, ctx: MigrationContext, row: audit.Row | None) -> None:
+        """The step's audit row: a new one, or the one written before its non-transactional
+        block, completed."""
+        if row is not None and self._started_row is not None:
+            audit.complete(ctx, self._started_row, row)
+        elif row is not None:
+            audit.record(ctx, row)
 
     def _row(self, step: MigrationInfo, direction: str, seconds: float = 0.0) -> audit.Row:
         assert self.who is not None

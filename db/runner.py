@@ -50,6 +50,7 @@ VERSION_TABLE = "alembic_version"
 LOCK_WAIT = 60.0  # seconds a run waits for another run's migration lock, by default
 _RELATIVE = re.compile(r"Relative revision ([+-]\d+) didn't produce (\d+) migrations")
 _FOLLOW_UPS = (PendingRollbackError, ResourceClosedError, InterfaceError)
+_CONNECTION_LOST = "the connection, and with it the migration lock,"
 __all__ = ["Progress", "Run", "RunOptions", "Step", "Stop", "make_config", "run_env"]
 
 
@@ -245,10 +246,8 @@ def failure(exc: Exception, progress: Progress, run: Run, script: ScriptDirector
     doing = f"{'upgrade' if step.is_upgrade else 'downgrade'} of revision {step.revision.revision}"
     doing += f" ({step.revision.doc})"
     if isinstance(exc, LockLost) or (isinstance(exc, DBAPIError) and exc.connection_invalidated):
-        return LockLost(
-            f"lost the connection, and with it the migration lock, during the {doing}: "
-            f"{cause}\n{text}; run the task again"
-        )
+        lost = "the migration lock" if isinstance(exc, LockLost) else _CONNECTION_LOST
+        return LockLost(f"lost {lost} during the {doing}: {cause}\n{text}; run the task again")
     if not progress.applied and "already exists" in cause:
         text += "; a database made without migrations is adopted with `invoke stamp REV`"
     return MigrationFailed(f"{doing} failed: {cause}\n{text}; fix it and run the task again")

@@ -131,6 +131,49 @@ def test_a_killed_non_transactional_revision_is_never_run_again_blindly(
     assert log(pg_database)[-2:] == [("p01", "up"), ("p02", "up")]
 
 
+def test_a_revision_that_releases_the_lock_is_rolled_back_before_it_commits(
+    shop: Project, pg_database: PgDatabase
+) -> None:
+    """The lock is checked in the statement that writes each revision's audit row, so a
+    revision whose session no longer holds it never commits."""
+    add = 'op.execute("update products set price = price + 1")'
+    let_go = 'op.execute("select pg_advisory_unlock_all()")'
+    shop.add_revision("p01", revision("p01", head_revision(), add, "add one"))
+    shop.add_revision("p02", revision("p02", "p01", f"{add}\n    {let_go}", "add one, let go"))
+
+    result = shop.invoke("migrate", "--env=ci")
+
+    assert result.returncode == 3, result.stderr
+    assert "lost the migration lock during the upgrade of revision p02" in result.stderr
+    assert "the database is at p01; this run kept p01; p02 was rolled back" in result.stderr
+    assert price(pg_database) == 11
+    assert versions_of(pg_database.dsn) == ["p01"]
+    assert log(pg_database)[-1] == ("p01", "up")
+    assert not lock_holders(pg_database)
+
+
+def test_a_non_transactional_revision_that_releases_the_lock_is_not_recorded_as_applied(
+    shop: Project, pg_database: PgDatabase
+) -> None:
+    block = (
+        "with op.get_context().autocommit_block():\n"
+        '        op.execute("update products set price = price + 1")\n'
+        '        op.execute("select pg_advisory_unlock_all()")'
+    )
+    shop.add_revision("p01", revision("p01", head_revision(), block, "add one, let go"))
+
+    result = shop.invoke("migrate", "--env=ci")
+
+    assert result.returncode == 3, result.stderr
+    assert "lost the migration lock during the upgrade of revision p01" in result.stderr
+    assert f"the database is at {head_revision()}" in result.stderr
+    assert "p01 stopped in its non-transactional part" in result.stderr
+    assert "invoke resolve --env=ci p01 --applied" in result.stderr
+    assert price(pg_database) == 11  # the block committed, once
+    assert versions_of(pg_database.dsn) == [head_revision()]
+    assert log(pg_database)[-1] == ("p01", "run-up")
+
+
 def test_a_revision_resolved_as_rolled_back_runs_again(
     shop: Project, pg_database: PgDatabase
 ) -> None:

@@ -138,7 +138,11 @@ def run_migrations_offline() -> None:
 
 
 def do_run_migrations(connection: Connection, fence: Fence | None = None) -> None:
-    checks = (lambda ctx, **_kw: fence.check(ctx.connection),) if fence is not None else ()
+    checks: tuple[OnApply, ...] = ()
+    if run.progress is not None:  # it checks the lock with each step's audit row
+        run.progress.fence = fence
+    elif fence is not None:
+        checks = (lambda ctx, **_kw: fence.check(ctx.connection),)
     if run.schema and run.lock:  # committed now: Alembic runs all in one open transaction
         connection.execute(text(f'CREATE SCHEMA IF NOT EXISTS "{run.schema}"'))
         connection.commit()
