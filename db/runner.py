@@ -7,12 +7,14 @@ connection, so the message says where the database really is.
 
 from __future__ import annotations
 
+import functools
 import io
 import re
 import warnings
 from argparse import Namespace
 from collections.abc import Callable
 from dataclasses import dataclass, field
+from logging.config import fileConfig
 from pathlib import Path
 from typing import Any
 
@@ -164,14 +166,37 @@ def load_scripts(config: Config) -> ScriptDirectory:
     A process that runs many targets (a fleet's worker) reads the files once: they are
     read again only when one of them is added, removed or changed.
     """
-    script = ScriptDirectory.from_config(config)
-    versions = Path(script.versions)
+    versions = _versions(config)
     files = sorted(versions.glob("*.py")) if versions.is_dir() else []
     key = (str(versions), *((f.name, *_stamp(f)) for f in files))
     if key not in _LOADED:
         _LOADED.clear()  # one tree per process: a changed file replaces the old copy
-        _LOADED[key] = _checked(script, config)
+        _LOADED[key] = _checked(ScriptDirectory.from_config(config), config)
     return _LOADED[key]
+
+
+_FOLDERS: dict[tuple[object, ...], Path] = {}
+
+
+def _versions(config: Config) -> Path:
+    """The folder of revision files that alembic.ini names, read again only when the file
+    changes (parsing it costs more than the rest of a cached ``load_scripts``)."""
+    ini = Path(config.config_file_name or "")
+    key = (str(ini), *_stamp(ini)) if ini.is_file() else None
+    if key is None or key not in _FOLDERS:
+        found = Path(ScriptDirectory.from_config(config).versions)
+        if key is None:
+            return found
+        _FOLDERS.clear()
+        _FOLDERS[key] = found
+    return _FOLDERS[key]
+
+
+@functools.cache
+def configure_logging(ini: str) -> None:
+    """Logging as alembic.ini sets it up, once per process: a fleet's worker enters env.py
+    for target after target."""
+    fileConfig(ini, disable_existing_loggers=False)
 
 
 def _stamp(path: Path) -> tuple[int, int]:

@@ -83,7 +83,6 @@ class Pool:
         """Do once here, before the workers fork, what each would do on its first target:
         import the modules, load and checksum the revision files, read who runs them."""
         import importlib
-        import logging.config  # noqa: F401  (env.py's fileConfig)
 
         from db import audit, locks  # noqa: F401  (env.py's)
         from db.engines import is_async

@@ -10,7 +10,6 @@ from __future__ import annotations
 
 from collections.abc import Callable, Iterator, Mapping
 from contextlib import contextmanager, nullcontext
-from logging.config import fileConfig
 from typing import TYPE_CHECKING, Any
 
 from alembic import context
@@ -30,7 +29,7 @@ from db.engines import (
 )
 from db.errors import ConfigError, MigrationFailed
 from db.locks import Fence, canceller, pg_lock, prepare_session, sqlite_run
-from db.runner import VERSION_TABLE, Run, version_of
+from db.runner import VERSION_TABLE, Run, configure_logging, version_of
 
 if TYPE_CHECKING:
     from alembic.autogenerate.api import AutogenContext
@@ -43,7 +42,7 @@ ONLINE_ONLY = {
     "idle_in_transaction_session_timeout",
 }
 if config.config_file_name is not None:
-    fileConfig(config.config_file_name, disable_existing_loggers=False)
+    configure_logging(config.config_file_name)
 
 
 def the_run() -> Run:
