@@ -182,13 +182,12 @@ def _versions(config: Config) -> Path:
     """The folder of revision files that alembic.ini names, read again only when the file
     changes (parsing it costs more than the rest of a cached ``load_scripts``)."""
     ini = Path(config.config_file_name or "")
-    key = (str(ini), *_stamp(ini)) if ini.is_file() else None
-    if key is None or key not in _FOLDERS:
-        found = Path(ScriptDirectory.from_config(config).versions)
-        if key is None:
-            return found
+    if not ini.is_file():
+        return Path(ScriptDirectory.from_config(config).versions)
+    key = (str(ini), *_stamp(ini))
+    if key not in _FOLDERS:
         _FOLDERS.clear()
-        _FOLDERS[key] = found
+        _FOLDERS[key] = Path(ScriptDirectory.from_config(config).versions)
     return _FOLDERS[key]
 
 

@@ -190,6 +190,15 @@ def run_sqlite(connection: Connection) -> None:
             context.run_migrations()
 
 
+def run_on(connection: Connection) -> None:
+    """A sync connection's run: SQLite's single transaction when locked, else Alembic's own."""
+    if run.lock and connection.dialect.name == "sqlite":
+        run_sqlite(connection)
+    else:
+        do_run_migrations(connection)
+        connection.commit()
+
+
 def wanted(connection: Connection) -> bool:
     """Whether a changing run goes on to take the lock: ``run.before_lock`` decides from the
     revision(s) read without it (the read's transaction ends here)."""
@@ -249,13 +258,8 @@ def run_migrations_online() -> None:
         return
     sync_engine = given or make_engine(run.url, connect_timeout=run.connect_timeout, migrating=True)
     with connect(sync_engine, run.wait) as connection:
-        if not wanted(connection):
-            pass
-        elif run.lock and connection.dialect.name == "sqlite":
-            run_sqlite(connection)
-        else:
-            do_run_migrations(connection)
-            connection.commit()
+        if wanted(connection):
+            run_on(connection)
     if given is None:
         sync_engine.dispose()
 
