@@ -6,7 +6,9 @@ from __future__ import annotations
 import asyncio
 import json
 import signal
+import threading
 from collections.abc import Iterator
+from contextlib import contextmanager
 
 import asyncpg
 import pytest
@@ -95,22 +97,30 @@ async def _hold(dsn: str, key_name: str, held: asyncio.Event, release: asyncio.E
         await connection.close()
 
 
+@contextmanager
+def holding_lock(dsn: str, key_name: str) -> Iterator[None]:
+    """The migration lock keyed ``key_name``, held by another session until the block ends."""
+    loop = asyncio.new_event_loop()
+    held, release = asyncio.Event(), asyncio.Event()
+    holder = threading.Thread(
+        target=loop.run_until_complete, args=(_hold(dsn, key_name, held, release),)
+    )
+    holder.start()
+    try:
+        wait_until(held.is_set, f"the test to hold the lock of {key_name}")
+        yield
+    finally:
+        loop.call_soon_threadsafe(release.set)
+        holder.join(timeout=30)
+        loop.close()
+
+
 def test_a_target_locked_by_another_run_is_retried_last(
     tenants: Project, pg_database: PgDatabase
 ) -> None:
     """The lock is keyed by schema: beta's lock held elsewhere leaves alpha and gamma free,
     and beta is migrated at the end, once its lock is let go."""
-    import threading
-
-    loop = asyncio.new_event_loop()
-    held, release = asyncio.Event(), asyncio.Event()
-    holder = threading.Thread(
-        target=loop.run_until_complete,
-        args=(_hold(pg_database.dsn, "beta.alembic_version", held, release),),
-    )
-    holder.start()
-    try:
-        wait_until(held.is_set, "the test to hold beta's lock")
+    with holding_lock(pg_database.dsn, "beta.alembic_version"):
         run = popen(tenants, "migrate", "--env=tenants", "--jobs=1")
         wait_until(
             lambda: schema_versions(pg_database.dsn, "gamma") == [HEAD], "gamma migrated", 60, run
@@ -126,10 +136,6 @@ def test_a_target_locked_by_another_run_is_retried_last(
             60,
             run,
         )
-    finally:
-        loop.call_soon_threadsafe(release.set)
-        holder.join(timeout=30)
-        loop.close()
     _, err = run.communicate(timeout=120)
 
     assert run.returncode == 0, err
@@ -174,23 +180,9 @@ def test_a_target_already_at_head_is_not_kept_waiting_by_its_lock(
 ) -> None:
     """A target with nothing to do is read without its lock, so another run holding that
     lock neither delays it nor makes it a locked target."""
-    import threading
-
     tenants.ok("migrate", "--env=tenants")
-    loop = asyncio.new_event_loop()
-    held, release = asyncio.Event(), asyncio.Event()
-    holder = threading.Thread(
-        target=loop.run_until_complete,
-        args=(_hold(pg_database.dsn, "beta.alembic_version", held, release),),
-    )
-    holder.start()
-    try:
-        wait_until(held.is_set, "the test to hold beta's lock")
+    with holding_lock(pg_database.dsn, "beta.alembic_version"):
         result = tenants.invoke("migrate", "--env=tenants", "--lock-wait=0")
-    finally:
-        loop.call_soon_threadsafe(release.set)
-        holder.join(timeout=30)
-        loop.close()
 
     assert result.returncode == 0, result.stderr
     assert result.stderr.count(f"already at {HEAD}") == 3
