@@ -23,6 +23,7 @@ import time
 from collections.abc import AsyncIterator, Callable, Iterator, Mapping
 from contextlib import asynccontextmanager, contextmanager, suppress
 from dataclasses import dataclass
+from functools import cached_property
 from typing import TYPE_CHECKING
 
 from sqlalchemy import (
@@ -73,7 +74,7 @@ class Fence:
     pid: int
     table: str
 
-    @property
+    @cached_property  # built once: each revision of the run evaluates it
     def held(self) -> ColumnElement[bool]:
         """True while the session that took the lock is the one running and still holds it:
         a condition to evaluate in a statement of the transaction about to commit."""
