@@ -41,6 +41,10 @@ ROOT = Path(__file__).resolve().parent
 # wall time 0.72 s against 0.85 s for a 200-revision SQLite migrate (medians of 8
 # interleaved runs each; fastest 0.70 s against 0.81 s).
 gc.set_threshold(50_000, 20, 20)
+# invoke turns bytecode caching off for all it imports (its --write-pyc flag), so every
+# task would compile the db package, env.py (once per fleet target) and the revision files
+# again. Python's own setting (-B, PYTHONDONTWRITEBYTECODE) decides instead.
+sys.dont_write_bytecode = bool(sys.flags.dont_write_bytecode)
 COMMON = {
     "env": "environment name, a file in environments/ (default: dev, or INVOKE_DB_ENV)",
     "debug": "show the Python traceback of a failure (or set INVOKE_DB_DEBUG=1)",

@@ -3,9 +3,12 @@
 from __future__ import annotations
 
 import re
+import shutil
 import subprocess
 import sys
+from pathlib import Path
 
+import pytest
 from conftest import REPO, Project, add_coupon_model, head_revision, tables, version
 
 SHOP_TABLES = {"users", "categories", "products", "purchases"}
@@ -262,6 +265,32 @@ def test_listing_the_tasks_imports_no_database_library() -> None:
     assert "invoke" in imported and "migrate" in listed.stdout  # the listing really was made
     heavy = {"sqlalchemy", "alembic", "asyncpg", "db.commands", "db.engines"}
     assert not heavy & imported, sorted(heavy & imported)
+
+
+@pytest.mark.parametrize("dont_write", ["", "1"], ids=["default", "PYTHONDONTWRITEBYTECODE"])
+def test_a_task_keeps_the_bytecode_of_what_it_loads_as_python_would(
+    project: Project, dont_write: str
+) -> None:
+    """invoke turns bytecode caching off; the tasks give the choice back to Python's own
+    setting, so a run does not compile the db package, env.py (once per fleet target) and
+    every revision again. PYTHONDONTWRITEBYTECODE still wins. A fresh interpreter, as a
+    user's shell starts one (the tests' warm one was started with its own setting)."""
+    for cache in list(project.root.rglob("__pycache__")):
+        shutil.rmtree(cache)
+    migrated = subprocess.run(
+        [sys.executable, "-m", "invoke", "migrate", "--env=dev"],
+        cwd=project.root,
+        env={**project.environ, "PYTHONDONTWRITEBYTECODE": dont_write},
+        capture_output=True,
+        text=True,
+        timeout=120,
+    )
+
+    assert migrated.returncode == 0, migrated.stderr
+    written = {path.parent.relative_to(project.root) for path in project.root.rglob("*.pyc")}
+    wanted = {Path("db/__pycache__"), Path("db/migrations/__pycache__")}
+    wanted.add(Path("db/migrations/versions/__pycache__"))
+    assert written == (set() if dont_write else wanted)
 
 
 def test_every_task_and_flag_explains_itself() -> None:
