@@ -27,6 +27,7 @@ from sqlalchemy import (
     ColumnElement,
     Connection,
     DateTime,
+    Insert,
     Integer,
     MetaData,
     String,
@@ -216,7 +217,13 @@ def record(target: Connection | MigrationContext, row: Row) -> int | None:
 def record_and(connection: Connection, row: Row, also: ColumnElement[Any]) -> Any:
     """Write one row and return ``also``, evaluated in the same statement: a revision's row
     and its lock check cost one round trip, not two."""
-    return connection.execute(_INSERT.returning(also), row.values()).scalar()
+    return connection.execute(_insert_returning(also), row.values()).scalar()
+
+
+@functools.lru_cache(maxsize=8)
+def _insert_returning(also: ColumnElement[Any]) -> Insert:
+    """The insert with ``also`` returned, built once for all the rows of a run."""
+    return _INSERT.returning(also)
 
 
 def complete(target: Connection | MigrationContext, row_id: int, row: Row) -> None:

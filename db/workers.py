@@ -10,6 +10,7 @@ under way is rolled back, those before it stay).
 
 from __future__ import annotations
 
+import gc
 import multiprocessing
 import signal
 import threading
@@ -60,6 +61,9 @@ class Pool:
         context = multiprocessing.get_context("fork")  # workers start from this process's state
         self._signal, self._stopped = context.Value("i", 0), context.Event()
         self._preload()
+        # what the workers inherit stays out of their collections: none scans it, and none
+        # copies its pages to write the collector's marks (Python's advice before a fork)
+        gc.freeze()
         self._executor = ProcessPoolExecutor(
             max_workers=max(1, plan.jobs),
             mp_context=context,
