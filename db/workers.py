@@ -78,6 +78,7 @@ class Pool:
     def __exit__(self, *exc: type[BaseException] | BaseException | TracebackType | None) -> None:
         self._forget()
         self._executor.shutdown(wait=True)
+        gc.unfreeze()  # the workers are gone; a caller's process may live on and collect
 
     def _tell_workers(self) -> None:
         self._signal.value = self.stop.signum or signal.SIGTERM
