@@ -100,42 +100,54 @@ async def prepare_session(
 ) -> int:
     """Refuse a transaction-mode pooler, then apply and check the session settings.
 
-    Returns the backend's pid. ``where`` names the env file, for the pooler message.
+    Returns the backend's pid. ``where`` names the env file, for the pooler message. On a
+    direct connection this costs two transactions: the settings go in with the first, on
+    the condition that its backend is the one the connection started on.
     """
-    pid = await _pid(connection)
     raw = await connection.get_raw_connection()
-    startup_pid = getattr(raw.driver_connection, "get_server_pid", lambda: pid)()
-    if startup_pid != pid and await _transaction_pooled(connection, engine, pid):
-        raise ConfigError(POOLED.format(where=where))
-    names = ", ".join(f"(:n{i}, :v{i})" for i in range(len(settings)))
-    values = {f"n{i}": name for i, name in enumerate(settings)}
-    values.update({f"v{i}": value for i, value in enumerate(settings.values())})
-    try:
-        applied: dict[str, str] = dict(
-            (
-                await connection.execute(
-                    text(
-                        f"select name, set_config(name, value, false) from (values {names}) "
-                        "as wanted(name, value) join pg_settings using (name)"
-                    ),
-                    values,
-                )
-            ).all()
-        )
-        await connection.commit()
-    except DBAPIError as exc:
-        raise ConfigError(f"{where}: a PostgreSQL setting was refused: {first_line(exc)}") from exc
-    seen: dict[str, str] = (
-        dict((await connection.execute(_shown(applied))).all()) if applied else {}
-    )
-    if seen != applied or await _pid(connection) != pid:
+    startup = getattr(raw.driver_connection, "get_server_pid", lambda: None)()
+    pid, applied = await _apply(connection, settings, startup, where)
+    if startup is not None and pid != startup:  # another backend: behind a pooler
+        if await _transaction_pooled(connection, engine, pid):
+            raise ConfigError(POOLED.format(where=where))
+        pid, applied = await _apply(connection, settings, pid, where)
+    again, seen = await _pairs(connection, _SHOWN, names=list(applied))
+    if seen != applied or again != pid:
         raise ConfigError(POOLED.format(where=where))
     return pid
 
 
-def _shown(applied: Mapping[str, str]) -> TextClause:
-    names = ", ".join(f"'{name}'" for name in applied)  # names came back from pg_settings
-    return text(f"select name, current_setting(name) from pg_settings where name in ({names})")
+async def _apply(
+    connection: AsyncConnection, settings: Mapping[str, str], on: int | None, where: str
+) -> tuple[int, dict[str, str]]:
+    """The backend's pid, and the settings it took: none unless it is backend ``on``."""
+    names = ", ".join(f"(:n{i}, :v{i})" for i in range(len(settings)))
+    query = text(
+        "select pg_backend_pid(), (select array_agg(array[name, set_config(name, value, false)]) "
+        f"from (values {names}) as wanted(name, value) join pg_settings using (name) "
+        "where pg_backend_pid() = coalesce(:on, pg_backend_pid()))"
+    )
+    values = {f"n{i}": name for i, name in enumerate(settings)}
+    values.update({f"v{i}": value for i, value in enumerate(settings.values())})
+    try:
+        return await _pairs(connection, query, on=on, **values)
+    except DBAPIError as exc:
+        raise ConfigError(f"{where}: a PostgreSQL setting was refused: {first_line(exc)}") from exc
+
+
+_SHOWN = text(
+    "select pg_backend_pid(), (select array_agg(array[name, current_setting(name)]) "
+    "from pg_settings where name = any(:names))"
+)
+
+
+async def _pairs(
+    connection: AsyncConnection, query: TextClause, **params: object
+) -> tuple[int, dict[str, str]]:
+    """Run ``query`` in a transaction of its own: the backend's pid, and (name, value) pairs."""
+    pid, pairs = (await connection.execute(query, params)).one()
+    await connection.commit()
+    return int(pid), dict(pairs or ())
 
 
 async def _pid(connection: AsyncConnection) -> int:
@@ -165,11 +177,15 @@ async def pg_lock(
 ) -> AsyncIterator[Fence]:
     """Hold the migration lock on ``connection``'s session, waiting up to ``wait`` seconds."""
     params = {"table": table}
-    if await connection.scalar(text(f"select exists ({_MINE})"), params):
-        raise LockLost("this session already held the migration lock: a shared pooled session?")
-    take = text(f"select pg_try_advisory_lock({NAMESPACE}, {_KEY})")
+    # null: this session holds the lock already (evaluated before it tries to take it)
+    take = text(
+        f"select case when exists ({_MINE}) then null "
+        f"else pg_try_advisory_lock({NAMESPACE}, {_KEY}) end"
+    )
     deadline, holder = time.monotonic() + wait, None
-    while not await connection.scalar(take, params):
+    while not (taken := await connection.scalar(take, params)):
+        if taken is None:
+            raise LockLost("this session already held the migration lock: a shared pooled session?")
         if holder is None:
             row = (await connection.execute(_HOLDER, params)).first()
             holder = f"pid {row[0]}, application_name {row[1]!r}" if row else "another run"

@@ -14,6 +14,8 @@ from sqlalchemy import create_engine, inspect, make_url, select, text
 from db import commands
 from db.engines import make_async_engine
 from db.environments import Environment, load_environment
+from db.errors import LockLost
+from db.locks import pg_lock, prepare_session
 from db.models import Category, User
 from db.runner import make_config
 from db.session import session_factory
@@ -138,6 +140,60 @@ def test_migration_sessions_keep_no_prepared_statements(
 
     kept = asyncio.run(kept_statements())
     assert kept == 0 if migrating else kept > 0
+
+
+@pytest.mark.postgres
+def test_a_migration_session_takes_its_settings_on_its_own_backend(
+    pg_database: PgDatabase,
+) -> None:
+    """prepare_session applies the settings in the transaction that reads the backend's pid,
+    and they stay for the session's later transactions."""
+    settings = {"application_name": "settings-test", "lock_timeout": "3s"}
+
+    async def prepared() -> tuple[int, int, list[str]]:
+        engine = make_async_engine(make_url(pg_database.url), migrating=True)
+        try:
+            async with engine.connect() as connection:
+                pid = await prepare_session(connection, engine, settings, "environments/t.env")
+                shown = text(
+                    "select pg_backend_pid(), current_setting('application_name'), "
+                    "current_setting('lock_timeout')"
+                )
+                backend, *values = (await connection.execute(shown)).one()
+                return pid, backend, values
+        finally:
+            await engine.dispose()
+
+    pid, backend, values = asyncio.run(prepared())
+    assert pid == backend
+    assert values == ["settings-test", "3s"]
+
+
+@pytest.mark.postgres
+def test_a_session_that_already_holds_the_migration_lock_is_refused(
+    pg_database: PgDatabase,
+) -> None:
+    """A session handed over with the lock still held (a shared pooled session) must not
+    count the lock as its own: it stops before migrating, and holds the lock once, as before."""
+
+    async def try_twice() -> tuple[str, int]:
+        engine = make_async_engine(make_url(pg_database.url), migrating=True)
+        held = text("select count(*) from pg_locks where locktype = 'advisory' and pid = :pid")
+        try:
+            async with engine.connect() as connection:
+                pid = int(await connection.scalar(text("select pg_backend_pid()")) or 0)
+                async with pg_lock(connection, pid, "alembic_version", 0, print):
+                    with pytest.raises(LockLost) as refused:
+                        async with pg_lock(connection, pid, "alembic_version", 0, print):
+                            pass
+                # the outer run's one unlock frees it: the refused one never took it again
+                return str(refused.value), int(await connection.scalar(held, {"pid": pid}) or 0)
+        finally:
+            await engine.dispose()
+
+    message, still_held = asyncio.run(try_twice())
+    assert "already held the migration lock" in message
+    assert still_held == 0
 
 
 @pytest.mark.postgres
