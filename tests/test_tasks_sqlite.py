@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import importlib.util
 import re
 import shutil
 import subprocess
@@ -265,6 +266,29 @@ def test_listing_the_tasks_imports_no_database_library() -> None:
     assert "invoke" in imported and "migrate" in listed.stdout  # the listing really was made
     heavy = {"sqlalchemy", "alembic", "asyncpg", "db.commands", "db.engines"}
     assert not heavy & imported, sorted(heavy & imported)
+
+
+def test_a_task_that_loads_alembic_leaves_pygments_unloaded(project: Project) -> None:
+    """Mako (Alembic's templates) would import Pygments, only to colour HTML error pages that
+    no task renders: 40 ms of each start-up. Mako's plain-text fallback renders revisions."""
+    pygments = importlib.util.find_spec("pygments")
+    assert pygments is not None  # installed here (pytest uses it), so Mako would load it
+    code = (
+        "import runpy, sys; sys.argv = ['invoke', 'makemigration', 'add notes', '--empty']\n"
+        "try:\n    runpy.run_module('invoke', run_name='__main__')\n"
+        "finally:\n    print(sorted(m for m in sys.modules if m.startswith('pygments')))"
+    )
+    made = subprocess.run(
+        [sys.executable, "-c", code],
+        cwd=project.root,
+        env=project.environ,
+        capture_output=True,
+        text=True,
+    )
+
+    assert made.returncode == 0, made.stderr
+    assert made.stdout.strip().splitlines()[-1] == "[]"
+    assert [p.name for p in (project.root / "db/migrations/versions").glob("*add_notes*.py")]
 
 
 @pytest.mark.parametrize("dont_write", ["", "1"], ids=["default", "PYTHONDONTWRITEBYTECODE"])
