@@ -17,6 +17,7 @@ import fnmatch
 import json
 import os
 import re
+from collections import Counter
 from collections.abc import Callable, Mapping
 from dataclasses import asdict, dataclass, field, replace
 from datetime import datetime, timezone
@@ -102,12 +103,7 @@ def targets(env: Environment, only: str = "") -> list[Target]:
     else:
         found = [Target(name) for name in re.split(r"[\s,]+", env.get("TARGETS"))]
     found = [t for t in found if t.name]
-    if not found:
-        source = next(k for k in ("TARGETS_QUERY", "TARGETS_FILE", "TARGETS") if env.get(k).strip())
-        raise ConfigError(f"{env.name}: {source} names no targets")
-    for t in found:
-        if not _NAME.fullmatch(t.name):
-            raise ConfigError(f"{env.name}: target {t.name!r} may hold letters, digits, . _ - only")
+    _check_names(env, found)
     templated = any(PLACEHOLDER in env.get(key) for key in ("DATABASE_URL", "SCHEMA"))
     if not templated and not all(t.url for t in found):
         raise ConfigError(
@@ -119,6 +115,21 @@ def targets(env: Environment, only: str = "") -> list[Target]:
     if not chosen:
         raise ConfigError(f"{env.name}: no target matches --only={only}")
     return chosen
+
+
+def _check_names(env: Environment, found: list[Target]) -> None:
+    """Some targets, each named once (a run reports on each by its name), in plain words."""
+    source = next(k for k in ("TARGETS_QUERY", "TARGETS_FILE", "TARGETS") if env.get(k).strip())
+    if not found:
+        raise ConfigError(f"{env.name}: {source} names no targets")
+    for t in found:
+        if not _NAME.fullmatch(t.name):
+            raise ConfigError(f"{env.name}: target {t.name!r} may hold letters, digits, . _ - only")
+    twice = [name for name, count in Counter(t.name for t in found).items() if count > 1]
+    if twice:
+        raise ConfigError(
+            f"{env.name}: {source} names {', '.join(twice)} more than once; name each target once"
+        )
 
 
 def _parse(words: list[str]) -> Target:

@@ -26,6 +26,19 @@ def test_targets_take_commas_or_whitespace_and_only_takes_globs(project: Project
         fleet.targets(env, "zz")
 
 
+def test_a_target_named_twice_is_refused(project: Project) -> None:
+    """A run reports on each target by its name: one named twice would be migrated by two
+    workers at once and reported twice with one outcome."""
+    env = shops(project, "DATABASE_URL=sqlite:///var/{target}.db\nTARGETS=alpha beta alpha\n")
+    with pytest.raises(ConfigError, match="TARGETS names alpha more than once"):
+        fleet.targets(env)
+
+    (project.root / "shops.txt").write_text("beta\nbeta sqlite:///var/other.db\n")
+    listed = shops(project, "DATABASE_URL=sqlite:///var/{target}.db\nTARGETS_FILE=shops.txt\n")
+    with pytest.raises(ConfigError, match="TARGETS_FILE names beta more than once"):
+        fleet.targets(listed)
+
+
 def test_a_targets_file_line_may_give_the_targets_own_url(project: Project) -> None:
     (project.root / "shops.txt").write_text(
         "# name [url]\nnear\nfar postgresql+asyncpg://shop@10.0.0.7/shop_far  # other server\n"
