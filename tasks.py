@@ -390,8 +390,6 @@ def offline_sql(
             if output:
                 for name, path in fleet.write_sql(Path(output).resolve(), scripts).items():
                     print(f"wrote the SQL for {target.name} {name} to {path}", file=sys.stderr)
-            elif len(set(scripts.values())) == 1:  # the same SQL for every target
-                sys.stdout.write(next(iter(scripts.values())))
             else:
                 sys.stdout.write("".join(f"-- target: {n}\n{sql}" for n, sql in scripts.items()))
             return

@@ -208,14 +208,11 @@ def history(env: Environment, outcomes: list[Outcome]) -> list[tuple[Any, list[s
 
 
 def offline_sql(env: Environment, only: str, start: str | None, to: str) -> dict[str, str]:
-    """Each chosen target's SQL; rendered once when it does not depend on the target."""
+    """Each chosen target's SQL: its own, since its audit rows name it (and its schema, or its
+    own URL's dialect, may differ)."""
     from db.authoring import offline_sql as render
 
-    chosen = targets(env, only)
-    if PLACEHOLDER not in env.get("SCHEMA"):
-        sql = render(environment(env, chosen[0]), start, to)
-        return {t.name: sql for t in chosen}
-    return {t.name: render(environment(env, t), start, to) for t in chosen}
+    return {t.name: render(environment(env, t), start, to) for t in targets(env, only)}
 
 
 def write_sql(folder: Path, scripts: Mapping[str, str]) -> dict[str, Path]:

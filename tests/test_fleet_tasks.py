@@ -88,7 +88,7 @@ def test_stamp_and_seed_on_every_target(fleet: Project) -> None:
     assert all(query(fleet, shop, "select count(*) from users") == [(3,)] for shop in SHOPS)
 
 
-def test_offline_sql_per_schema_target_goes_to_a_folder(project: Project) -> None:
+def test_offline_sql_gives_each_target_its_own_audit_rows_and_schema(project: Project) -> None:
     project.write_env(
         "tenants",
         "DATABASE_URL=postgresql+asyncpg://shop@db.invalid/shops\nSCHEMA={target}\n"
@@ -107,10 +107,21 @@ def test_offline_sql_per_schema_target_goes_to_a_folder(project: Project) -> Non
     assert printed.startswith("-- target: alpha\n") and "-- target: beta\n" in printed
     project.write_env("shops", "DATABASE_URL=postgresql+asyncpg://s@db.invalid/shop_{target}\n")
     project.extend_env("shops", "TARGETS=alpha beta\n")
-    same = project.ok("offline-sql", "--env=shops").stdout
-    assert "-- target:" not in same and same.count("CREATE TABLE alembic_version") == 1
+    printed = project.ok("offline-sql", "--env=shops").stdout
+    alpha, beta = printed.removeprefix("-- target: alpha\n").split("-- target: beta\n")
+    for shop, sql in (("alpha", alpha), ("beta", beta)):  # the same DDL, each its own audit row
+        assert sql.count("CREATE TABLE alembic_version") == 1
+        assert f"'{HEAD}', 'up', 'shops'," in audit_row(sql) and f", '{shop}')" in audit_row(sql)
+    project.ok("offline-sql", "--env=shops", "--output=each")
+    assert ", 'beta')" in audit_row((project.root / "each" / "beta.sql").read_text())
     project.write_env("shops", "DATABASE_URL=sqlite:///var/{target}.sqlite3\nTARGETS=, ,\n")
     assert "shops: TARGETS names no targets" in project.fails("status", "--env=shops")
+
+
+def audit_row(sql: str) -> str:
+    """The one ``migration_log`` row an offline script writes (one revision)."""
+    (row,) = [line for line in sql.splitlines() if line.startswith("INSERT INTO migration_log")]
+    return row
 
 
 def test_one_database_tasks_take_one_target_of_a_fleet(fleet: Project) -> None:
