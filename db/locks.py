@@ -173,9 +173,15 @@ async def _transaction_pooled(connection: AsyncConnection, engine: AsyncEngine, 
 
 @asynccontextmanager
 async def pg_lock(
-    connection: AsyncConnection, pid: int, table: str, wait: float, note: Note
+    connection: AsyncConnection,
+    pid: int,
+    table: str,
+    wait: float,
+    note: Note,
+    stopped: Callable[[], None] = lambda: None,
 ) -> AsyncIterator[Fence]:
-    """Hold the migration lock on ``connection``'s session, waiting up to ``wait`` seconds."""
+    """Hold the migration lock on ``connection``'s session, waiting up to ``wait`` seconds;
+    ``stopped`` raises to end the wait (a signal: the wait changed nothing)."""
     params = {"table": table}
     # null: this session holds the lock already (evaluated before it tries to take it)
     take = text(
@@ -191,6 +197,7 @@ async def pg_lock(
             holder = f"pid {row[0]}, application_name {row[1]!r}" if row else "another run"
             note(f"waiting up to {wait:g}s for the migration lock, held by {holder}")
         await connection.commit()
+        stopped()
         if time.monotonic() >= deadline:
             raise LockTimeout(
                 f"another migration of this database is running ({holder}); gave up "
@@ -238,14 +245,18 @@ def canceller(url: URL, pid: int, connect_timeout: float) -> Callable[[], None]:
 
 @contextmanager
 def sqlite_run(
-    connection: Connection, wait: float, note: Note, on_commit: Callable[[], None]
+    connection: Connection,
+    wait: float,
+    note: Note,
+    on_commit: Callable[[], None],
+    stopped: Callable[[], None] = lambda: None,
 ) -> Iterator[Callable[[], None]]:
     """One write transaction for the run; yields ``next_revision`` to call after each one.
 
     A revision that raises is rolled back to its savepoint; the ones before it commit, and
-    ``on_commit`` is called once they have.
+    ``on_commit`` is called once they have. ``stopped``: as for :func:`pg_lock`.
     """
-    outer = _begin_immediate(connection, wait, note)
+    outer = _begin_immediate(connection, wait, note, stopped)
     connection.exec_driver_sql("SAVEPOINT revision")
 
     def next_revision() -> None:
@@ -264,19 +275,25 @@ def sqlite_run(
     on_commit()
 
 
-def _begin_immediate(connection: Connection, wait: float, note: Note) -> RootTransaction:
+def _begin_immediate(
+    connection: Connection, wait: float, note: Note, stopped: Callable[[], None]
+) -> RootTransaction:
+    """The write transaction, waiting up to ``wait`` seconds for another writer to finish,
+    in short tries: a signal's handler runs between them (not while SQLite waits)."""
     connection.execution_options(sqlite_begin="BEGIN IMMEDIATE")
+    deadline = time.monotonic() + wait
     try:
         return _begin(connection, busy_timeout=0)
     except _Busy:
         note(f"waiting up to {wait:g}s for another migration of this SQLite file to finish")
-    try:
-        return _begin(connection, busy_timeout=wait)
-    except _Busy:
-        raise LockTimeout(
-            f"another process kept this SQLite file locked for {wait:g}s; nothing was changed: "
-            "retry later, or raise --lock-wait"
-        ) from None
+    while (left := deadline - time.monotonic()) > 0:
+        stopped()
+        with suppress(_Busy):
+            return _begin(connection, busy_timeout=min(left, 0.25))
+    raise LockTimeout(
+        f"another process kept this SQLite file locked for {wait:g}s; nothing was changed: "
+        "retry later, or raise --lock-wait"
+    )
 
 
 class _Busy(Exception):

@@ -235,7 +235,8 @@ def run_env(
         with EnvironmentContext(config, script, fn=fn, **kw):
             script.run_env()
     except Exception as exc:
-        if progress is not None and (progress.running is not None or progress.applied):
+        ran = progress is not None and (progress.running is not None or progress.applied)
+        if progress is not None and (ran or run.stop.requested):  # say where the database is
             if not kw.get("as_sql"):
                 raise failure(exc, progress, run, script) from exc
             if progress.running is not None and not isinstance(exc, DbError):
@@ -292,6 +293,8 @@ def _outcome(
     parts = [f"the database is at {', '.join(heads) or 'base'}"]
     if kept:
         parts[0] += f"; this run kept {', '.join(kept)}"
+    elif not done and step is None:
+        parts[0] += "; no revision was run"
     if undone:
         parts.append(f"{', '.join(undone)} of this run did not commit either")
     return parts + _running(step, progress, run, applied)

@@ -180,6 +180,68 @@ def test_a_held_lock_times_out_with_its_own_exit_code(
     assert elsewhere.returncode == 0, elsewhere.stderr
 
 
+@pytest.mark.postgres
+def test_a_signal_ends_the_wait_for_the_lock_with_nothing_changed(
+    pg_project: Project, pg_database: PgDatabase
+) -> None:
+    import asyncio
+
+    import asyncpg
+
+    async def scenario() -> tuple[Background, str]:
+        blocker = await asyncpg.connect(pg_database.dsn)
+        await blocker.execute(
+            f"select pg_advisory_lock({NAMESPACE}, "
+            "hashtext(current_database() || '.' || 'alembic_version'))"
+        )
+        run = popen(pg_project, "migrate", "--env=ci", "--lock-wait=60")
+        try:
+            waiting = (lambda: run.printed("waiting up to 60s"), "the wait for the lock", 30, run)
+            await asyncio.to_thread(wait_until, *waiting)
+            run.send_signal(signal.SIGINT)
+            return run, (await asyncio.to_thread(run.communicate, 20))[1]
+        finally:
+            if run.poll() is None:
+                run.process.kill()
+            await blocker.close()
+
+    run, err = asyncio.run(scenario())
+
+    assert run.returncode == 130, err  # at once, not when the 60 s ran out
+    assert (
+        err.strip().splitlines()[-1] == "interrupted: the database is at base; no revision was run"
+    )
+    assert "Traceback" not in err
+    assert (
+        pg_fetch(pg_database.dsn, "select tablename from pg_tables where schemaname='public'") == []
+    )
+
+
+def test_a_signal_ends_the_wait_for_a_locked_sqlite_file(project: Project) -> None:
+    project.migrated()
+    body = 'op.create_table("notes", sa.Column("id", sa.Integer))'
+    project.add_revision("n", revision("notes1", head_revision(), body))
+    blocker = sqlite3.connect(project.root / "var" / "dev.sqlite3", isolation_level=None)
+    blocker.execute("BEGIN IMMEDIATE")
+    run = popen(project, "migrate", "--lock-wait=60")
+    try:
+        wait_until(lambda: run.printed("waiting up to 60s"), "the wait for the file", process=run)
+        run.send_signal(signal.SIGINT)
+        _, err = run.communicate(timeout=20)
+    finally:
+        if run.poll() is None:
+            run.process.kill()
+        blocker.execute("ROLLBACK")
+        blocker.close()
+
+    assert run.returncode == 130, err  # at once, not when the 60 s ran out
+    last = err.strip().splitlines()[-1]
+    assert last == f"interrupted: the database is at {head_revision()}; no revision was run"
+    with project.sqlite() as connection:
+        tables = connection.execute("select name from sqlite_master where name = 'notes'")
+        assert tables.fetchall() == []
+
+
 def test_three_runs_on_one_sqlite_file_apply_everything_once(project: Project) -> None:
     slow_revisions(project, "__import__('time').sleep(0.5)")
 

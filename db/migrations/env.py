@@ -182,7 +182,9 @@ def run_sqlite(connection: Connection) -> None:
     # SQLite calls this every 10,000 steps of a statement: a signal's handler gets to run
     # then, and a stop it asked for ends the statement (rolled back to the revision's start)
     sqlite.set_progress_handler(lambda: run.stop.requested, 10_000)  # type: ignore[union-attr]
-    with sqlite_run(connection, run.lock_wait, run.note, committed) as next_revision:
+    with sqlite_run(
+        connection, run.lock_wait, run.note, committed, run.stop.check
+    ) as next_revision:
         last = (lambda **_kw: next_revision(),)
         context.configure(connection=connection, **options(last=last))
         context.get_context().autocommit_block = nullcontext  # type: ignore[method-assign, assignment]
@@ -229,7 +231,8 @@ async def migrate_locked(connection: AsyncConnection, engine: AsyncEngine) -> No
     cancel = canceller(run.url, pid, run.connect_timeout)
     forget = run.stop.on_request(lambda: None if in_block() else cancel())
     try:
-        async with pg_lock(connection, pid, run.lock_name, run.lock_wait, run.note) as fence:
+        lock = pg_lock(connection, pid, run.lock_name, run.lock_wait, run.note, run.stop.check)
+        async with lock as fence:
             await connection.run_sync(do_run_migrations, fence)
             await connection.commit()  # what a run wrote outside any revision
     finally:
