@@ -754,7 +754,7 @@ class Board:
 
 def event(outcome: Outcome) -> str:
     """One target's event, in words."""
-    where = ", ".join(outcome.current) or "base"
+    where = outcome.where
     detail = f" ({outcome.detail})" if outcome.detail else ""
     return {
         "migrated": f"migrated: {outcome.detail}",
@@ -778,7 +778,7 @@ def print_summary(env: Environment, outcomes: list[Outcome]) -> None:
     from collections import Counter, defaultdict
 
     states = Counter(o.state for o in outcomes)
-    versions = Counter(", ".join(o.current) or "base" for o in outcomes if o.state not in UNREAD)
+    versions = Counter(o.where for o in outcomes if o.where is not None)
     skew = ", ".join(f"{count} at {rev}" for rev, count in versions.most_common())
     summary = ", ".join(f"{count} {state}" for state, count in states.items())
     print(
@@ -792,9 +792,6 @@ def print_summary(env: Environment, outcomes: list[Outcome]) -> None:
             names[o.state].append(o.target)
     for state, targets in names.items():
         print(f"  {state:<11} {short(targets)}", file=sys.stderr)
-
-
-UNREAD = ("failed", "skipped", "seeded")  # outcomes that carry no version
 
 
 def check_failed() -> int:

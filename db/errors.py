@@ -20,6 +20,7 @@ class DbError(Exception):
     """An expected failure, with a message that says what happened and what to do."""
 
     exit_code = 1  # a database error: connecting, a revision, or a failing migration
+    at: tuple[str, ...] | None = None  # the revision(s) read back after a failed run, if read
 
 
 class ConfigError(DbError):

@@ -54,12 +54,17 @@ class Outcome:
     # locked (retried at the end), failed, skipped
     state: str
     detail: str = ""  # the revisions applied, or the one-line reason
-    current: tuple[str, ...] = ()
+    current: tuple[str, ...] | None = None  # its revision(s), () at base; None: not known
     heads: tuple[str, ...] = ()
     pending: tuple[str, ...] = ()  # revision ids still to apply, oldest first
     applied: tuple[str, ...] = ()  # every revision applied (history)
     exit_code: int = 0
     seconds: float = 0.0
+
+    @property
+    def where(self) -> str | None:
+        """Its revision(s) in words ("base" for none), or None when not known."""
+        return None if self.current is None else ", ".join(self.current) or "base"
 
     @property
     def failed(self) -> bool:

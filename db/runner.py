@@ -255,7 +255,7 @@ def run_env(
 
 def failure(exc: Exception, progress: Progress, run: Run, script: ScriptDirectory) -> DbError:
     """What happened, and where the database is now, read back on a new connection."""
-    exc, step = first_error(exc), progress.running
+    step, heads = progress.running, None
     try:
         heads = read_heads(run)
     except Exception as read_error:
@@ -263,6 +263,14 @@ def failure(exc: Exception, progress: Progress, run: Run, script: ScriptDirector
         text = "; ".join([at, *_running(step, progress, run, None)])
     else:
         text = "; ".join(_outcome(heads, step, progress, run, _applied(script, heads)))
+    error = _failure(first_error(exc), progress, run, text)
+    error.at = heads
+    return error
+
+
+def _failure(exc: Exception, progress: Progress, run: Run, text: str) -> DbError:
+    """The error for what stopped the run; ``text`` says where the database is now."""
+    step = progress.running
     if run.stop.signum is not None:
         return Interrupted(f"interrupted: {text}", run.stop.signum)
     cause = describe(exc)

@@ -217,8 +217,9 @@ def _work(
         outcome = Outcome(target.name, "failed", one_line(exc), exit_code=exc.exit_code)
         if args.get("retry"):
             outcome = Outcome(target.name, "locked", "another run holds its lock: retried last")
-    except DbError as exc:
-        outcome = Outcome(target.name, "failed", one_line(exc), exit_code=exc.exit_code)
+    except DbError as exc:  # where the target is, if the run read it back after failing
+        why = one_line(exc)
+        outcome = Outcome(target.name, "failed", why, current=exc.at, exit_code=exc.exit_code)
     except CommandError as exc:  # a revision the files do not have
         found = revision_error(exc, env_name)
         outcome = Outcome(target.name, "failed", one_line(found), exit_code=found.exit_code)
@@ -297,7 +298,8 @@ def _status(env: Environment, _args: TaskArgs) -> Outcome:
 def _history(env: Environment, _args: TaskArgs) -> Outcome:
     found = _read(env)
     script = load_scripts(make_config(env, offline=True))
-    return replace(found, applied=tuple(sorted(commands.applied_revisions(script, found.current))))
+    applied = commands.applied_revisions(script, found.current or ())
+    return replace(found, applied=tuple(sorted(applied)))
 
 
 def _check(env: Environment, _args: TaskArgs) -> Outcome:

@@ -81,6 +81,25 @@ def test_a_failed_target_stops_new_ones_and_is_named(fleet: Project) -> None:
     assert "1 skipped" in result.stderr and "Traceback" not in result.stderr
 
 
+def test_the_report_says_where_a_failed_target_is_and_not_a_skipped_one(fleet: Project) -> None:
+    fleet.ok("migrate", "--env=shops")
+    body = 'op.create_table("notes", sa.Column("id", sa.Integer))'
+    fleet.add_revision("late", revision("late01", HEAD, body))
+    with closing(sqlite3.connect(fleet.root / "var" / "shops" / "beta.sqlite3")) as db:
+        db.execute("create table notes (id integer)")  # beta cannot take late01
+
+    result = fleet.invoke("migrate", "--env=shops", "--jobs=1", "--json")
+
+    assert result.returncode == 6, result.stderr
+    alpha, beta, gamma = json.loads(result.stdout)["targets"]
+    assert alpha["current"] == ["late01"] == at(fleet, "alpha")
+    assert beta["state"] == "failed" and beta["current"] == [HEAD] == at(fleet, "beta")
+    assert gamma["state"] == "skipped" and gamma["current"] is None  # never read: not known
+    assert f"3 targets: 1 migrated, 1 failed, 1 skipped (1 at late01, 1 at {HEAD})" in (
+        result.stderr
+    )
+
+
 def test_keep_going_migrates_the_rest_and_a_rerun_only_the_fixed(fleet: Project) -> None:
     break_beta(fleet)
 
