@@ -150,9 +150,11 @@ def connect_error(url: URL, exc: BaseException) -> ConnectError:
 
 
 @contextmanager
-def connect(engine: Engine, wait: float = 0) -> Iterator[Connection]:
+def connect(
+    engine: Engine, wait: float = 0, stopped: Callable[[], None] = lambda: None
+) -> Iterator[Connection]:
     """Connect, retrying for up to ``wait`` seconds; a refused, timed-out or rejected
-    login becomes ConnectError."""
+    login becomes ConnectError. ``stopped`` raises to end the wait (a signal)."""
     delays = backoff(wait)
     while True:
         try:
@@ -162,13 +164,16 @@ def connect(engine: Engine, wait: float = 0) -> Iterator[Connection]:
             delay = next(delays, None)
             if delay is None:
                 raise connect_error(engine.url, exc) from exc
-            time.sleep(delay)
+            for nap in naps(delay, stopped):
+                time.sleep(nap)
     with connection:
         yield connection
 
 
 @asynccontextmanager
-async def connect_async(engine: AsyncEngine, wait: float = 0) -> AsyncIterator[AsyncConnection]:
+async def connect_async(
+    engine: AsyncEngine, wait: float = 0, stopped: Callable[[], None] = lambda: None
+) -> AsyncIterator[AsyncConnection]:
     """Like :func:`connect`, for an async engine."""
     delays = backoff(wait)
     while True:
@@ -181,7 +186,8 @@ async def connect_async(engine: AsyncEngine, wait: float = 0) -> AsyncIterator[A
             delay = next(delays, None)
             if delay is None:
                 raise connect_error(engine.url, exc) from exc
-            await asyncio.sleep(delay)
+            for nap in naps(delay, stopped):
+                await asyncio.sleep(nap)
     try:
         yield connection
     finally:
@@ -199,6 +205,15 @@ def backoff(wait: float) -> Iterator[float]:
     while (left := deadline - time.monotonic()) > 0:
         yield min(delay, left)
         delay = min(delay * 2, 5.0)
+
+
+def naps(seconds: float, stopped: Callable[[], None]) -> Iterator[float]:
+    """``seconds`` in naps of at most 0.1 s, calling ``stopped`` before each: a signal's
+    handler runs during a sleep but does not end it, so ``stopped`` raises instead."""
+    end = time.monotonic() + seconds
+    while (left := end - time.monotonic()) > 0:
+        stopped()
+        yield min(left, 0.1)
 
 
 def with_connection(

@@ -260,12 +260,16 @@ def failure(exc: Exception, progress: Progress, run: Run, script: ScriptDirector
         heads = read_heads(run)
     except Exception as read_error:
         at = f"its revision could not be read back ({describe(read_error)})"
-        text = "; ".join([at, *_running(step, progress, run, None)])
+        ran = step is not None or progress.applied or progress.lost()
+        text = "; ".join([at, *_running(step, progress, run, None)] + ([] if ran else [_NONE_RUN]))
     else:
         text = "; ".join(_outcome(heads, step, progress, run, _applied(script, heads)))
     error = _failure(first_error(exc), progress, run, text)
     error.at = heads
     return error
+
+
+_NONE_RUN = "no revision was run"
 
 
 def _failure(exc: Exception, progress: Progress, run: Run, text: str) -> DbError:
@@ -302,7 +306,7 @@ def _outcome(
     if kept:
         parts[0] += f"; this run kept {', '.join(kept)}"
     elif not done and step is None:
-        parts[0] += "; no revision was run"
+        parts[0] += f"; {_NONE_RUN}"
     if undone:
         parts.append(f"{', '.join(undone)} of this run did not commit either")
     return parts + _running(step, progress, run, applied)
@@ -339,8 +343,9 @@ def first_error(exc: Exception) -> Exception:
 
 def read_heads(run: Run) -> tuple[str, ...]:
     """The revision(s) in the version table, on a new connection, after a failure."""
-    # a server that is restarting answers again within seconds
-    return current_heads(run.url, run.connect_timeout, run.schema, wait=5)
+    # a server that is restarting answers again within seconds; a signal wants out at once
+    wait = 0 if run.stop.requested else 5
+    return current_heads(run.url, run.connect_timeout, run.schema, wait=wait)
 
 
 def current_heads(

@@ -4,8 +4,11 @@ from __future__ import annotations
 
 import os
 import signal
+import socket
 import sqlite3
 import subprocess
+import threading
+from contextlib import suppress
 
 import pytest
 from conftest import (
@@ -215,6 +218,35 @@ def test_a_signal_ends_the_wait_for_the_lock_with_nothing_changed(
     assert (
         pg_fetch(pg_database.dsn, "select tablename from pg_tables where schemaname='public'") == []
     )
+
+
+def test_a_signal_ends_the_wait_for_the_server(project: Project) -> None:
+    """``--wait`` retries a server that turns the run away; Ctrl-C ends the retries at once."""
+    attempts = []
+    with socket.create_server(("127.0.0.1", 0)) as refusing:
+        port = refusing.getsockname()[1]
+
+        def turn_away() -> None:
+            with suppress(OSError):  # closed at the end of the test
+                while True:
+                    refusing.accept()[0].close()
+                    attempts.append(1)
+
+        threading.Thread(target=turn_away, daemon=True).start()
+        project.write_env("down", f"DATABASE_URL=postgresql+asyncpg://u@127.0.0.1:{port}/shop\n")
+        run = popen(project, "migrate", "--env=down", "--wait=60")
+        try:
+            wait_until(lambda: len(attempts) >= 2, "a second attempt", process=run)
+            run.send_signal(signal.SIGINT)
+            _, err = run.communicate(timeout=20)
+        finally:
+            if run.poll() is None:
+                run.process.kill()
+
+    assert run.returncode == 130, err  # at once, not when the 60 s ran out
+    last = err.strip().splitlines()[-1]
+    assert last.startswith("interrupted: its revision could not be read back"), err
+    assert last.endswith("; no revision was run") and "Traceback" not in err
 
 
 def test_a_signal_ends_the_wait_for_a_locked_sqlite_file(project: Project) -> None:

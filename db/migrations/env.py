@@ -213,7 +213,7 @@ def wanted(connection: Connection) -> bool:
 
 async def run_async_migrations(engine: AsyncEngine, *, owned: bool) -> None:
     try:
-        async with connect_async(engine, run.wait) as connection:
+        async with connect_async(engine, run.wait, run.stop.check) as connection:
             if run.lock:
                 if await connection.run_sync(wanted):
                     await migrate_locked(connection, engine)
@@ -260,7 +260,7 @@ def run_migrations_online() -> None:
         run_coroutine(run_async_migrations(engine, owned=True))
         return
     sync_engine = given or make_engine(run.url, connect_timeout=run.connect_timeout, migrating=True)
-    with connect(sync_engine, run.wait) as connection:
+    with connect(sync_engine, run.wait, run.stop.check) as connection:
         if wanted(connection):
             run_on(connection)
     if given is None:
