@@ -88,9 +88,9 @@ def migrate(
     wait: str = "",
     allow_env_mismatch: bool = False,
     only: str = "",
-    jobs: int = 0,
+    jobs: str = "",
     keep_going: bool = False,
-    canary: int = 0,
+    canary: str = "",
     json_: bool = False,
     debug: bool = False,
 ) -> None:
@@ -98,6 +98,7 @@ def migrate(
     from db import commands
 
     with reported(c, debug):
+        to = named("--to", to)
         target = environment(c, env, banner=True, fleet_ok=True)
         options = run_options(lock_wait, wait, allow_env_mismatch)
         if is_fleet(target):
@@ -137,14 +138,14 @@ def migrate(
 def rollback(
     c: Context,
     env: str = "",
-    steps: int = 1,
+    steps: str = "",
     to: str = "",
     yes: bool = False,
     lock_wait: str = "",
     wait: str = "",
     allow_env_mismatch: bool = False,
     only: str = "",
-    jobs: int = 0,
+    jobs: str = "",
     keep_going: bool = False,
     debug: bool = False,
 ) -> None:
@@ -152,12 +153,13 @@ def rollback(
     from db import commands
 
     with reported(c, debug):
+        count = whole("--steps", steps, default=1, least=1)
         target = environment(c, env, banner=True, fleet_ok=True)
         options = run_options(lock_wait, wait, allow_env_mismatch)
         if is_fleet(target):
             if target.protected:
                 confirm(target, yes, "roll back every chosen target of", need_yes=True)
-            flags: TaskArgs = {**fleet_args(options), "steps": steps, "to": to or None}
+            flags: TaskArgs = {**fleet_args(options), "steps": count, "to": to or None}
             run_fleet(target, fleet_plan("rollback", flags, jobs, keep_going), only, options)
             return
         if target.protected:  # shown and confirmed inside the run, under the lock
@@ -170,7 +172,7 @@ def rollback(
 
             options.on_plan = ask
         with on_signals(options):
-            done = commands.rollback(target, steps, to or None, options)
+            done = commands.rollback(target, count, to or None, options)
         summarize("rolled back", target, done)
 
 
@@ -247,6 +249,7 @@ def resolve(
     with reported(c, debug):
         if applied == rolled_back:
             raise UsageError("say how the revision ended: pass --applied or --rolled-back")
+        revision = named("REVISION", revision)
         target = environment(c, env, banner=True, only=only)
         if target.protected:
             confirm(target, yes, f"record how {revision} ended on", need_yes=False)
@@ -276,7 +279,7 @@ def stamp(
     lock_wait: str = "",
     allow_env_mismatch: bool = False,
     only: str = "",
-    jobs: int = 0,
+    jobs: str = "",
     keep_going: bool = False,
     debug: bool = False,
 ) -> None:
@@ -284,6 +287,7 @@ def stamp(
     from db import records
 
     with reported(c, debug):
+        revision = named("REVISION", revision)
         target = environment(c, env, banner=True, fleet_ok=True)
         if target.protected:
             confirm(target, yes, f"record {revision} as applied on", need_yes=False)
@@ -320,6 +324,7 @@ def accept_changes(
     from db import records
 
     with reported(c, debug):
+        revision = named("REVISION", revision)
         target = environment(c, env, banner=True, only=only)
         if target.protected:
             confirm(target, yes, f"accept the edited file of {revision} on", need_yes=False)
@@ -384,6 +389,7 @@ def offline_sql(
     from db import authoring, fleet
 
     with reported(c, debug):
+        to = named("--to", to)
         target = environment(c, env, fleet_ok=True)
         if is_fleet(target):
             scripts = fleet.offline_sql(target, only, from_ or None, to)
@@ -415,7 +421,7 @@ def status(
     json_: bool = False,
     check: bool = False,
     only: str = "",
-    jobs: int = 0,
+    jobs: str = "",
     debug: bool = False,
 ) -> None:
     """Show the current revision, the head, and the pending revisions in order."""
@@ -450,7 +456,7 @@ def history(
     env: str = "",
     json_: bool = False,
     only: str = "",
-    jobs: int = 0,
+    jobs: str = "",
     debug: bool = False,
 ) -> None:
     """List every revision, newest first: applied ones with when and by whom."""
@@ -510,7 +516,7 @@ def lint(
 
 
 @task(help={**COMMON, **FLEET})
-def check(c: Context, env: str = "", only: str = "", jobs: int = 0, debug: bool = False) -> None:
+def check(c: Context, env: str = "", only: str = "", jobs: str = "", debug: bool = False) -> None:
     """Fail when models and database differ, there are several heads, or applied files changed."""
     from db import review
 
@@ -545,7 +551,7 @@ def merge(c: Context, message: str = "merge heads", debug: bool = False) -> None
 
 
 @task(help={**COMMON, **FLEET})
-def seed(c: Context, env: str = "", only: str = "", jobs: int = 0, debug: bool = False) -> None:
+def seed(c: Context, env: str = "", only: str = "", jobs: str = "", debug: bool = False) -> None:
     """Fill the database with a small sample shop (idempotent; never on protected envs)."""
     from db import seed
 
@@ -628,15 +634,13 @@ def fleet_args(options: RunOptions) -> TaskArgs:
 
 
 def fleet_plan(
-    task_name: str, args: TaskArgs | None, jobs: int, keep_going: bool, canary: int = 0
+    task_name: str, args: TaskArgs | None, jobs: str, keep_going: bool, canary: str = ""
 ) -> Plan:
     """The fleet run the flags ask for; ``jobs`` 0 means the default for the fleet."""
-    from db.errors import UsageError
     from db.fleet import Plan, TaskArgs
 
-    if jobs < 0 or canary < 0:
-        raise UsageError("--jobs and --canary take a whole number, 0 or more (0: the default)")
-    return Plan(task_name, args or TaskArgs(), jobs, keep_going, canary)
+    count = whole("--jobs", jobs, default=0, least=0)
+    return Plan(task_name, args or TaskArgs(), count, keep_going, whole("--canary", canary, 0, 0))
 
 
 def run_fleet(
@@ -916,6 +920,30 @@ def run_options(lock_wait: str = "", wait: str = "", allow_mismatch: bool = Fals
     if wait:
         options.wait = seconds("--wait", wait)
     return options
+
+
+def whole(flag: str, text: str, default: int, least: int) -> int:
+    """A whole-number flag (declared as text: invoke's own int conversion fails with a
+    traceback); an empty one keeps ``default``."""
+    from db.errors import UsageError
+
+    try:
+        value = int(text) if text else default
+    except ValueError:
+        value = least - 1
+    if value < least:
+        raise UsageError(f"{flag} takes a whole number, {least} or more, not {text!r}")
+    return value
+
+
+def named(flag: str, revision: str) -> str:
+    """A revision given on the command line; an empty one (``--to=$REV``, with REV unset) is
+    refused rather than read as anything."""
+    from db.errors import UsageError
+
+    if not revision.strip():
+        raise UsageError(f"{flag} is empty: give a revision id, a prefix, or head")
+    return revision.strip()
 
 
 def seconds(flag: str, text: str) -> float:

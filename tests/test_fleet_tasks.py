@@ -228,5 +228,7 @@ def test_a_target_that_cannot_be_read_fails_status_and_is_named(fleet: Project) 
 
 def test_a_negative_jobs_count_is_a_usage_error(fleet: Project) -> None:
     error = fleet.fails("migrate", "--env=shops", "--jobs=-2")
-    assert "--jobs and --canary take a whole number, 0 or more" in error
+    assert "--jobs takes a whole number, 0 or more, not '-2'" in error
+    assert "--canary takes a whole number" in fleet.fails("migrate", "--env=shops", "--canary=x")
+    assert "--jobs takes a whole number" in fleet.fails("status", "--env=shops", "--jobs=two")
     assert not (fleet.root / "var" / "shops").exists()

@@ -113,6 +113,38 @@ def test_a_bad_number_of_seconds_is_a_usage_error(project: Project, flag: str) -
     assert "Traceback" not in result.stderr
 
 
+@pytest.mark.parametrize(
+    "args", [("rollback", "--steps=x"), ("rollback", "--steps=0"), ("rollback", "--steps=1.5")]
+)
+def test_a_bad_count_is_a_usage_error(project: Project, args: tuple[str, ...]) -> None:
+    result = project.invoke(*args)
+
+    assert result.returncode == 2, result.stderr
+    assert "--steps takes a whole number, 1 or more, not" in result.stderr
+    assert "Traceback" not in result.stderr
+
+
+@pytest.mark.parametrize(
+    "args",
+    [
+        ("migrate", "--to="),
+        ("offline-sql", "--to="),
+        ("stamp", ""),
+        ("accept-changes", " "),
+        ("resolve", "", "--applied"),
+    ],
+)
+def test_an_empty_revision_is_a_usage_error(project: Project, args: tuple[str, ...]) -> None:
+    """``--to=$REV`` with REV unset: refused, not taken for some revision (nor a crash)."""
+    project.migrated()
+
+    result = project.invoke(*args)
+
+    assert result.returncode == 2, result.stderr
+    assert "is empty: give a revision id, a prefix, or head" in result.stderr
+    assert "Traceback" not in result.stderr
+
+
 def test_seconds_flags_show_a_value_in_help(project: Project) -> None:
     shown = project.ok("--help", "migrate").stdout
 
