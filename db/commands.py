@@ -61,7 +61,10 @@ def migrate(env: Environment, to: str = "head", options: RunOptions | None = Non
     """Upgrade to ``to`` (head, an id or prefix, or ``+N``); returns the steps applied."""
 
     def plan(script: ScriptDirectory, current: tuple[str, ...]) -> list[RevisionStep]:
-        return plan_steps(script, to, current, up=True)
+        steps = plan_steps(script, to, current, up=True)
+        if not steps:
+            guards.reached(script, to, current, env)
+        return steps
 
     return _change(env, options, plan, single_head=to == "head")
 

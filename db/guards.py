@@ -106,6 +106,23 @@ def single_head(script: ScriptDirectory, *, to_flag: bool = False) -> None:
         raise RevisionError(f"{problem}: merge them with `invoke merge`{either}")
 
 
+def reached(script: ScriptDirectory, to: str, current: tuple[str, ...], env: Environment) -> None:
+    """With nothing to apply, refuse a --to=REV the database is past: migrate does not go
+    back, and "nothing to do" would say the database is at REV when it is not."""
+    if to in ("head", "heads"):
+        return
+    try:
+        found = script.get_revision(to)
+    except CommandError:  # relative (+1, -1, REV@-1): Alembic planned it, or refused
+        return
+    if (found.revision in current) if found is not None else not current:
+        return
+    raise RevisionError(
+        f"the {env.name} database is at {', '.join(current)}, past {to}: migrate only goes "
+        f"forward; `invoke rollback --env={env.name} --to={to}` goes back to it"
+    )
+
+
 def known_revisions(script: ScriptDirectory, current: tuple[str, ...], env: Environment) -> None:
     valid_ids(current)
     for rev in current:

@@ -276,7 +276,8 @@ def _migrate(env: Environment, args: TaskArgs) -> Outcome:
 
     steps = commands.migrate(env, to, replace(_options(args), before_lock=behind))
     before = seen[0]
-    if not before.pending:
+    if not before.pending:  # at --to=REV, or past it: refused, as on one database
+        guards.reached(script, to, before.current or (), env)
         return replace(before, state="up to date")
     # every step committed: at head, the target is at the one head the guard checked
     after = replace(before, current=before.heads, pending=()) if to == "head" else _read(env)

@@ -84,6 +84,20 @@ def test_rollback_more_steps_than_applied_is_refused(project: Project) -> None:
     assert tables(project) == SHOP_TABLES
 
 
+def test_migrate_to_a_revision_the_database_is_past_is_refused(project: Project) -> None:
+    """migrate only goes forward: a --to=REV behind the database is refused, not reported
+    as "already there"."""
+    head = head_revision()
+    project.migrated()
+
+    past = project.fails("migrate", "--to=base")
+
+    assert f"the dev database is at {head}, past base: migrate only goes forward" in past
+    assert "`invoke rollback --env=dev --to=base` goes back to it" in past
+    assert version(project) == [head]
+    assert "already there" in project.ok("migrate", f"--to={head[:6]}").stderr  # at it
+
+
 def test_rollback_at_base_has_nothing_to_do(project: Project) -> None:
     result = project.ok("rollback")
     assert "nothing to do" in result.stderr
