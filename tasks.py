@@ -830,6 +830,10 @@ def reported(c: Context, debug: bool) -> Iterator[None]:
             raise
         text = str(exc) if isinstance(exc, Interrupted) else f"error: {exc}"
         raise Exit(text, code=exc.exit_code) from None
+    except KeyboardInterrupt:  # a task that reads, or a second Ctrl-C: invoke exits 1, silently
+        if debug or c.config.db.debug:
+            raise
+        raise Exit("interrupted (SIGINT)", code=128 + signal.SIGINT) from None
     finally:
         # and what the task made: the collections that end the interpreter would scan it
         # all (freed, a no-op fleet run ended 0.1 s after its last line; frozen, 0.01 s)

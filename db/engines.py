@@ -9,7 +9,7 @@ import socket
 import sqlite3
 import time
 from collections.abc import AsyncIterator, Callable, Coroutine, Iterator, Mapping
-from contextlib import asynccontextmanager, contextmanager
+from contextlib import asynccontextmanager, contextmanager, suppress
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, TypeVar
 
@@ -174,11 +174,12 @@ def connect(
 async def connect_async(
     engine: AsyncEngine, wait: float = 0, stopped: Callable[[], None] = lambda: None
 ) -> AsyncIterator[AsyncConnection]:
-    """Like :func:`connect`, for an async engine."""
+    """Like :func:`connect`, for an async engine; ``stopped`` also ends an attempt that the
+    server holds (one that accepts and never answers would hold it for CONNECT_TIMEOUT)."""
     delays = backoff(wait)
     while True:
         try:
-            connection = await engine.connect()
+            connection = await _attempt(engine, stopped)
             break
         except Exception as exc:  # SQLAlchemy 2.0 lets asyncpg's own errors through
             if not isinstance(exc, _CONNECT_ERRORS) and not _from_driver(exc):
@@ -192,6 +193,21 @@ async def connect_async(
         yield connection
     finally:
         await connection.close()
+
+
+async def _attempt(engine: AsyncEngine, stopped: Callable[[], None]) -> AsyncConnection:
+    """One try at connecting, given up (cancelled) when ``stopped`` raises."""
+    attempt = asyncio.ensure_future(engine.connect())
+    try:
+        while not attempt.done():
+            stopped()
+            await asyncio.wait({attempt}, timeout=0.1)
+    except BaseException:
+        attempt.cancel()
+        with suppress(asyncio.CancelledError, Exception):
+            await attempt
+        raise
+    return attempt.result()
 
 
 def _from_driver(exc: BaseException) -> bool:

@@ -344,8 +344,9 @@ def first_error(exc: Exception) -> Exception:
 def read_heads(run: Run) -> tuple[str, ...]:
     """The revision(s) in the version table, on a new connection, after a failure."""
     # a server that is restarting answers again within seconds; a signal wants out at once
-    wait = 0 if run.stop.requested else 5
-    return current_heads(run.url, run.connect_timeout, run.schema, wait=wait)
+    if run.stop.requested:
+        return current_heads(run.url, min(run.connect_timeout, 2), run.schema)
+    return current_heads(run.url, run.connect_timeout, run.schema, wait=5)
 
 
 def current_heads(

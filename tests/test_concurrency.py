@@ -8,7 +8,9 @@ import socket
 import sqlite3
 import subprocess
 import threading
-from contextlib import suppress
+from collections.abc import Iterator
+from contextlib import contextmanager, suppress
+from typing import Any
 
 import pytest
 from conftest import (
@@ -220,33 +222,66 @@ def test_a_signal_ends_the_wait_for_the_lock_with_nothing_changed(
     )
 
 
-def test_a_signal_ends_the_wait_for_the_server(project: Project) -> None:
-    """``--wait`` retries a server that turns the run away; Ctrl-C ends the retries at once."""
-    attempts = []
-    with socket.create_server(("127.0.0.1", 0)) as refusing:
-        port = refusing.getsockname()[1]
+@contextmanager
+def fake_server(hold: bool) -> Iterator[tuple[int, list[socket.socket]]]:
+    """A port whose server accepts each connection and then closes it (a server turning
+    runs away) or holds it without a word (a hung one); yields the port and what it took."""
+    taken: list[socket.socket] = []
+    with socket.create_server(("127.0.0.1", 0)) as listener:
 
-        def turn_away() -> None:
-            with suppress(OSError):  # closed at the end of the test
+        def serve() -> None:
+            with suppress(OSError):  # the listener closes at the end of the test
                 while True:
-                    refusing.accept()[0].close()
-                    attempts.append(1)
+                    client = listener.accept()[0]
+                    taken.append(client)
+                    if not hold:
+                        client.close()
 
-        threading.Thread(target=turn_away, daemon=True).start()
-        project.write_env("down", f"DATABASE_URL=postgresql+asyncpg://u@127.0.0.1:{port}/shop\n")
-        run = popen(project, "migrate", "--env=down", "--wait=60")
-        try:
-            wait_until(lambda: len(attempts) >= 2, "a second attempt", process=run)
-            run.send_signal(signal.SIGINT)
-            _, err = run.communicate(timeout=20)
-        finally:
-            if run.poll() is None:
-                run.process.kill()
+        threading.Thread(target=serve, daemon=True).start()
+        yield listener.getsockname()[1], taken
+    for client in taken:
+        client.close()
 
-    assert run.returncode == 130, err  # at once, not when the 60 s ran out
+
+def interrupted(
+    project: Project, port: int, taken: list[Any], tries: int, *args: str
+) -> tuple[int | None, str]:
+    """Run a task against the fake server, SIGINT it once it has tried ``tries`` times to
+    connect, and return its exit code and stderr."""
+    url = f"postgresql+asyncpg://u@127.0.0.1:{port}/shop"
+    project.write_env("down", f"DATABASE_URL={url}\nCONNECT_TIMEOUT=60\n")
+    run = popen(project, *args, "--env=down")
+    try:
+        wait_until(lambda: len(taken) >= tries, f"{tries} tries to connect", process=run)
+        run.send_signal(signal.SIGINT)
+        _, err = run.communicate(timeout=20)  # at once, not when the 60 s ran out
+    finally:
+        if run.poll() is None:
+            run.process.kill()
+    return run.returncode, err
+
+
+@pytest.mark.parametrize(("hold", "tries", "flags"), [(False, 2, ["--wait=60"]), (True, 1, [])])
+def test_a_signal_ends_the_wait_for_the_server(
+    project: Project, hold: bool, tries: int, flags: list[str]
+) -> None:
+    """``--wait`` retries a server that turns the run away, and a hung server holds an
+    attempt for CONNECT_TIMEOUT: Ctrl-C ends either at once."""
+    with fake_server(hold) as (port, taken):
+        code, err = interrupted(project, port, taken, tries, "migrate", *flags)
+
+    assert code == 130, err
     last = err.strip().splitlines()[-1]
     assert last.startswith("interrupted: its revision could not be read back"), err
     assert last.endswith("; no revision was run") and "Traceback" not in err
+
+
+def test_a_task_that_only_reads_says_it_was_interrupted(project: Project) -> None:
+    with fake_server(hold=True) as (port, taken):
+        code, err = interrupted(project, port, taken, 1, "status")
+
+    assert code == 130, err
+    assert err.strip().splitlines()[-1] == "interrupted (SIGINT)" and "Traceback" not in err
 
 
 def test_a_signal_ends_the_wait_for_a_locked_sqlite_file(project: Project) -> None:
