@@ -772,6 +772,7 @@ def event(outcome: Outcome) -> str:
         "problems": f"check failed: {outcome.detail}",
         "locked": f"locked by another run: {outcome.detail}",
         "failed": f"failed: {outcome.detail}",
+        "stopped": f"stopped: {outcome.detail}",
         "skipped": f"skipped ({outcome.detail})",
     }.get(outcome.state, outcome.state)
 
@@ -790,7 +791,7 @@ def print_summary(env: Environment, outcomes: list[Outcome]) -> None:
     )
     names: dict[str, list[str]] = defaultdict(list)
     for o in outcomes:
-        if o.state in ("failed", "problems"):
+        if o.state in ("failed", "stopped", "problems"):
             print(f"  {o.state:<11} {o.target}: {o.detail}", file=sys.stderr)
         else:
             names[o.state].append(o.target)

@@ -69,6 +69,13 @@ class Interrupted(DbError):
         self.exit_code = 128 + signum
 
 
+class Halted(DbError):
+    """A fleet stopped this target before its next revision because another target failed;
+    the revision that was running finished first."""
+
+    exit_code = 6
+
+
 class GuardRefused(DbError):
     """A safety guard said no: a protected environment, a changed file, a mismatched env."""
 

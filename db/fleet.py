@@ -51,7 +51,7 @@ class Outcome:
 
     target: str
     # migrated, up to date, rolled back, stamped, seeded, read, passed, problems,
-    # locked (retried at the end), failed, skipped
+    # locked (retried at the end), failed, stopped (after a revision: another failed), skipped
     state: str
     detail: str = ""  # the revisions applied, or the one-line reason
     current: tuple[str, ...] | None = None  # its revision(s), () at base; None: not known
@@ -68,7 +68,7 @@ class Outcome:
 
     @property
     def failed(self) -> bool:
-        return self.state in ("failed", "skipped")
+        return self.state in ("failed", "stopped", "skipped")
 
 
 class TaskArgs(TypedDict, total=False):
@@ -274,8 +274,8 @@ def report(
 def target_json(o: Outcome) -> dict[str, Any]:
     row = {k: v for k, v in asdict(o).items() if k not in ("applied", "exit_code", "detail")}
     row.update(
-        up_to_date=o.state not in ("failed", "skipped") and not o.pending,
-        detail=o.detail if o.state not in ("failed", "skipped") else "",
+        up_to_date=not o.failed and not o.pending,
+        detail=o.detail if not o.failed else "",
         error=o.detail if o.failed else None,
     )
     return {key: list(v) if isinstance(v, tuple) else v for key, v in row.items()}
@@ -308,10 +308,11 @@ def run(
 ) -> list[Outcome]:
     """``plan.task`` on every target, ``plan.jobs`` at a time, in worker processes.
 
-    The first failure stops new targets from starting (those are ``skipped``), unless
-    ``keep_going``; ``canary``: the first N go first, and the rest only if all N succeeded.
-    A target whose lock another run holds is retried once the others are done. Outcomes come
-    back in the order of ``chosen``. A requested ``stop`` (a signal) starts no more targets;
+    The first failure stops new targets from starting (those are ``skipped``) and the
+    running ones after their current revision (``stopped``), unless ``keep_going``;
+    ``canary``: the first N go first, and the rest only if all N succeeded. A target whose
+    lock another run holds is retried once the others are done. Outcomes come back in the
+    order of ``chosen``. A requested ``stop`` (a signal) starts no more targets;
     the running ones stop as one run would.
     """
     from db.workers import Pool

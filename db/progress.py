@@ -23,7 +23,7 @@ from alembic.script import Script
 from sqlalchemy import event
 
 from db import audit
-from db.errors import Interrupted
+from db.errors import Halted, Interrupted
 from db.locks import Fence
 
 if TYPE_CHECKING:
@@ -54,9 +54,11 @@ class Step:
 
 @dataclass
 class Stop:
-    """Set from a signal handler: the run stops before the next revision commits."""
+    """Set from a signal handler: the run stops before the next revision commits. Or
+    ``halt``ed (a fleet whose other target failed): the running revision finishes first."""
 
     signum: int | None = None
+    halted: str | None = None  # why, when halted
     _cancellers: list[Callable[[], None]] = field(default_factory=list)
 
     def request(self, signum: int) -> None:
@@ -70,6 +72,10 @@ class Stop:
         self._cancellers.append(cancel)
         return lambda: self._cancellers.remove(cancel)
 
+    def halt(self, why: str) -> None:
+        """Stop before the next revision starts, cancelling nothing."""
+        self.halted = why
+
     @property
     def requested(self) -> bool:
         return self.signum is not None
@@ -78,6 +84,8 @@ class Stop:
         if self.signum is not None:
             name = signal.Signals(self.signum).name
             raise Interrupted(f"{name} received", self.signum)
+        if self.halted is not None:
+            raise Halted(self.halted)
 
 
 @dataclass

@@ -39,6 +39,7 @@ from db.environments import CONNECT_TIMEOUT, ENV_DIR, Environment, mask
 from db.errors import (
     BrokenRevisions,
     DbError,
+    Halted,
     Interrupted,
     LockLost,
     MigrationFailed,
@@ -236,7 +237,8 @@ def run_env(
             script.run_env()
     except Exception as exc:
         ran = progress is not None and (progress.running is not None or progress.applied)
-        if progress is not None and (ran or run.stop.requested):  # say where the database is
+        stopped = run.stop.requested or isinstance(exc, Halted)
+        if progress is not None and (ran or stopped):  # say where the database is
             if not kw.get("as_sql"):
                 raise failure(exc, progress, run, script) from exc
             if progress.running is not None and not isinstance(exc, DbError):
@@ -277,6 +279,8 @@ def _failure(exc: Exception, progress: Progress, run: Run, text: str) -> DbError
     step = progress.running
     if run.stop.signum is not None:
         return Interrupted(f"interrupted: {text}", run.stop.signum)
+    if isinstance(exc, Halted):
+        return Halted(f"{exc}: {text}")
     cause = describe(exc)
     if step is None:
         return MigrationFailed(f"the run failed after its last revision: {cause}\n{text}")

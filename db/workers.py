@@ -30,7 +30,7 @@ from sqlalchemy.exc import DBAPIError
 
 from db import commands, guards
 from db.environments import Environment, load_environment
-from db.errors import CheckFailed, DbError, LockTimeout
+from db.errors import CheckFailed, DbError, Halted, LockTimeout
 from db.fleet import Outcome, Plan, Target, TaskArgs, environment
 from db.progress import Stop
 from db.runner import (
@@ -60,6 +60,7 @@ class Pool:
         self.hosts, self.cap, self.stop = hosts, cap, stop or Stop()
         context = multiprocessing.get_context("fork")  # workers start from this process's state
         self._signal, self._stopped = context.Value("i", 0), context.Event()
+        self._halted = context.Event()  # a target failed: the others stop after this revision
         self._preload()
         # what the workers inherit stays out of their collections: none scans it, and none
         # copies its pages to write the collector's marks (Python's advice before a fork)
@@ -68,7 +69,7 @@ class Pool:
             max_workers=max(1, plan.jobs),
             mp_context=context,
             initializer=_start_worker,
-            initargs=(self._signal, self._stopped),
+            initargs=(self._signal, self._stopped, self._halted),
         )
         self._forget = self.stop.on_request(self._tell_workers)
 
@@ -143,6 +144,7 @@ class Pool:
                     continue
                 done[target.name] = outcome
                 if outcome.state == "failed" and not self.plan.keep_going:
+                    self._halted.set()
                     waiting.extend(later)
                     later.clear()
                     why = "interrupted" if self.stop.requested else "after a failure"
@@ -187,9 +189,11 @@ def _outcome(future: Future[Outcome], target: Target) -> Outcome:
 _STOP = Stop()
 
 
-def _start_worker(shared_signal: Any, stopped: Any) -> None:
+def _start_worker(shared_signal: Any, stopped: Any, halted: Any) -> None:
     """Signals are the parent's to handle: it sets ``stopped``, with the signal's number in
-    ``shared_signal``, and each worker stops its run as a signal would have."""
+    ``shared_signal``, and each worker stops its run as a signal would have. It sets
+    ``halted`` when a target failed: each worker lets its running revision finish, then
+    stops."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
 
@@ -197,7 +201,12 @@ def _start_worker(shared_signal: Any, stopped: Any) -> None:
         stopped.wait()
         _STOP.request(shared_signal.value)
 
-    threading.Thread(target=watch, daemon=True).start()
+    def halt() -> None:
+        halted.wait()
+        _STOP.halt("another target failed, so it stopped before its next revision")
+
+    for job in (watch, halt):
+        threading.Thread(target=job, daemon=True).start()
 
 
 def _work(
@@ -217,6 +226,9 @@ def _work(
         outcome = Outcome(target.name, "failed", one_line(exc), exit_code=exc.exit_code)
         if args.get("retry"):
             outcome = Outcome(target.name, "locked", "another run holds its lock: retried last")
+    except Halted as exc:
+        why = one_line(exc)
+        outcome = Outcome(target.name, "stopped", why, current=exc.at, exit_code=exc.exit_code)
     except DbError as exc:  # where the target is, if the run read it back after failing
         why = one_line(exc)
         outcome = Outcome(target.name, "failed", why, current=exc.at, exit_code=exc.exit_code)

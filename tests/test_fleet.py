@@ -100,6 +100,28 @@ def test_the_report_says_where_a_failed_target_is_and_not_a_skipped_one(fleet: P
     )
 
 
+def test_after_a_failure_running_targets_finish_their_revision_and_stop(fleet: Project) -> None:
+    fleet.ok("migrate", "--env=shops")
+    nap = "__import__('time').sleep(2)"
+    # alpha fails after 1 s, while beta is one second into this revision's two
+    beta_later = "__import__('time').sleep(2 if 'beta' in str(op.get_bind().engine.url) else 1)"
+    notes = 'op.create_table("notes", sa.Column("id", sa.Integer))'
+    fleet.add_revision("s1", revision("slow01", HEAD, f"{beta_later}\n    {notes}"))
+    fleet.add_revision("s2", revision("slow02", "slow01", nap))
+    fleet.add_revision("s3", revision("slow03", "slow02", nap))
+    with closing(sqlite3.connect(fleet.root / "var" / "shops" / "alpha.sqlite3")) as db:
+        db.execute("create table notes (id integer)")  # alpha cannot take slow01
+
+    result = fleet.invoke("migrate", "--env=shops", "--jobs=2")
+
+    assert result.returncode == 6, result.stderr
+    assert at(fleet, "alpha") == [HEAD] and at(fleet, "gamma") == [HEAD]  # gamma not started
+    assert at(fleet, "beta") == ["slow01"], result.stderr  # its running revision finished
+    stopped = "  stopped     beta: another target failed, so it stopped before its next revision"
+    assert f"{stopped}: the database is at slow01; slow01 was committed" in result.stderr
+    assert "3 targets: 1 failed, 1 stopped, 1 skipped" in result.stderr
+
+
 def test_keep_going_migrates_the_rest_and_a_rerun_only_the_fixed(fleet: Project) -> None:
     break_beta(fleet)
 
