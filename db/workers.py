@@ -18,6 +18,7 @@ import time
 from collections import Counter, deque
 from collections.abc import Callable, Mapping
 from concurrent.futures import FIRST_COMPLETED, Future, ProcessPoolExecutor, wait
+from concurrent.futures.process import BrokenProcessPool
 from contextlib import suppress
 from dataclasses import replace
 from pathlib import Path
@@ -43,6 +44,8 @@ from db.runner import (
     revision_error,
 )
 
+HALT = -1  # told to the workers when a target failed (a signal's number, when signalled)
+
 
 class Pool:
     """Worker processes for one fleet run; ``run`` sends them the targets."""
@@ -58,20 +61,25 @@ class Pool:
     ) -> None:
         self.env, self.environ, self.plan = env, dict(environ), plan
         self.hosts, self.cap, self.stop = hosts, cap, stop or Stop()
-        context = multiprocessing.get_context("fork")  # workers start from this process's state
-        self._signal, self._stopped = context.Value("i", 0), context.Event()
-        self._halted = context.Event()  # a target failed: the others stop after this revision
         self._preload()
         # what the workers inherit stays out of their collections: none scans it, and none
         # copies its pages to write the collector's marks (Python's advice before a fork)
         gc.freeze()
+        self._start()
+        self._forget = self.stop.on_request(self._tell_workers)
+
+    def _start(self) -> None:
+        """Start the workers (again, after one died and broke the pool)."""
+        context = multiprocessing.get_context("fork")  # workers start from this process's state
+        # what the workers are told: 0 go on, HALT (a target failed), or a signal's number.
+        # Shared memory they poll, not an Event: setting one a killed worker waited on hangs
+        self._told = context.RawValue("i", 0)
         self._executor = ProcessPoolExecutor(
-            max_workers=max(1, plan.jobs),
+            max_workers=max(1, self.plan.jobs),
             mp_context=context,
             initializer=_start_worker,
-            initargs=(self._signal, self._stopped, self._halted),
+            initargs=(self._told,),
         )
-        self._forget = self.stop.on_request(self._tell_workers)
 
     def __enter__(self) -> Pool:
         return self
@@ -82,8 +90,12 @@ class Pool:
         gc.unfreeze()  # the workers are gone; a caller's process may live on and collect
 
     def _tell_workers(self) -> None:
-        self._signal.value = self.stop.signum or signal.SIGTERM
-        self._stopped.set()
+        self._told.value = self.stop.signum or signal.SIGTERM
+
+    def _halt(self) -> None:
+        """A target failed: each running one finishes the revision it is in, then stops."""
+        if self._told.value == 0:
+            self._told.value = HALT
 
     def _preload(self) -> None:
         """Do once here, before the workers fork, what each would do on its first target:
@@ -125,18 +137,10 @@ class Pool:
                 waiting.extend(later)
                 later.clear()
                 self._skip(waiting, done, "interrupted", on_done)
-            while len(running) < self.plan.jobs and (target := self._next(waiting, running)):
-                args = TaskArgs(**self.plan.args, retry=not final)
-                where = (self.env.root, self.env.name, self.environ)
-                running[self._executor.submit(_work, *where, target, self.plan.task, args)] = target
-                if on_start is not None:
-                    on_start(target)
-            if not running:
+            broken = not self._fill(waiting, running, final, on_start)
+            if not running and not broken:
                 continue
-            finished, _ = wait(running, return_when=FIRST_COMPLETED)
-            for future in finished:
-                target = running.pop(future)
-                outcome = _outcome(future, target)
+            for target, outcome in self._collect(running, broken):
                 if on_done is not None:
                     on_done(outcome)
                 if outcome.state == "locked":
@@ -144,12 +148,59 @@ class Pool:
                     continue
                 done[target.name] = outcome
                 if outcome.state == "failed" and not self.plan.keep_going:
-                    self._halted.set()
+                    self._halt()
                     waiting.extend(later)
                     later.clear()
                     why = "interrupted" if self.stop.requested else "after a failure"
                     self._skip(waiting, done, why, on_done)
         return [done[target.name] for target in chosen]
+
+    def _fill(
+        self,
+        waiting: deque[Target],
+        running: dict[Future[Outcome], Target],
+        final: bool,
+        on_start: Callable[[Target], None] | None,
+    ) -> bool:
+        """Start waiting targets while there is room; False if the pool broke."""
+        while len(running) < self.plan.jobs and (target := self._next(waiting, running)):
+            args = TaskArgs(**self.plan.args, retry=not final)
+            where = (self.env.root, self.env.name, self.environ)
+            try:
+                future = self._executor.submit(_work, *where, target, self.plan.task, args)
+            except BrokenProcessPool:
+                waiting.appendleft(target)
+                return False
+            running[future] = target
+            if on_start is not None:
+                on_start(target)
+        return True
+
+    def _collect(
+        self, running: dict[Future[Outcome], Target], broken: bool
+    ) -> list[tuple[Target, Outcome]]:
+        """The targets that finished (waiting for the first), or every running one if the
+        pool broke (a worker died)."""
+        if not broken:
+            finished, _ = wait(running, return_when=FIRST_COMPLETED)
+            if not any(isinstance(f.exception(), BrokenProcessPool) for f in finished):
+                found = []
+                for future in finished:
+                    target = running.pop(future)
+                    found.append((target, _outcome(future, target)))
+                return found
+        return self._recover(running)
+
+    def _recover(self, running: dict[Future[Outcome], Target]) -> list[tuple[Target, Outcome]]:
+        """A worker died (killed, out of memory) and broke the pool: the others finish the
+        revision they are in, each target that was running is read back, and new workers
+        start for the targets still to go."""
+        self._halt()
+        self._executor.shutdown(wait=True)
+        lost = [(target, _lost(self.env, target)) for target in running.values()]
+        running.clear()
+        self._start()
+        return lost
 
     def _next(
         self, waiting: deque[Target], running: Mapping[Future[Outcome], Target]
@@ -176,6 +227,25 @@ class Pool:
         waiting.clear()
 
 
+def _lost(env: Environment, target: Target) -> Outcome:
+    """A target whose run the broken pool cut short, and where it is, read from here."""
+    why = "a worker process died (killed?), so its run ended early"
+    here = environment(env, target)
+    try:
+        current = current_heads(here.url(), here.connect_timeout, here.schema)
+    except (DbError, DBAPIError) as exc:
+        return Outcome(
+            target.name,
+            "failed",
+            f"{why}; its revision could not be read back ({describe(exc)})",
+            exit_code=1,
+        )
+    at = ", ".join(current) or "base"
+    return Outcome(
+        target.name, "failed", f"{why}; the database is at {at}", current=current, exit_code=1
+    )
+
+
 def _outcome(future: Future[Outcome], target: Target) -> Outcome:
     try:
         return future.result()
@@ -189,24 +259,21 @@ def _outcome(future: Future[Outcome], target: Target) -> Outcome:
 _STOP = Stop()
 
 
-def _start_worker(shared_signal: Any, stopped: Any, halted: Any) -> None:
-    """Signals are the parent's to handle: it sets ``stopped``, with the signal's number in
-    ``shared_signal``, and each worker stops its run as a signal would have. It sets
-    ``halted`` when a target failed: each worker lets its running revision finish, then
-    stops."""
+def _start_worker(told: Any) -> None:
+    """Signals are the parent's to handle: it writes a signal's number in ``told``, and each
+    worker stops its run as that signal would have; or HALT, when a target failed, and each
+    worker lets its running revision finish, then stops."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     signal.signal(signal.SIGTERM, signal.SIG_IGN)
 
     def watch() -> None:
-        stopped.wait()
-        _STOP.request(shared_signal.value)
+        while (value := told.value) <= 0:
+            if value == HALT and _STOP.halted is None:
+                _STOP.halt("another target failed, so it stopped before its next revision")
+            time.sleep(0.05)
+        _STOP.request(value)
 
-    def halt() -> None:
-        halted.wait()
-        _STOP.halt("another target failed, so it stopped before its next revision")
-
-    for job in (watch, halt):
-        threading.Thread(target=job, daemon=True).start()
+    threading.Thread(target=watch, daemon=True).start()
 
 
 def _work(

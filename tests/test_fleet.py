@@ -3,13 +3,24 @@
 from __future__ import annotations
 
 import json
+import os
+import signal
 import sqlite3
 import uuid
 from collections.abc import Iterator
-from contextlib import closing
+from contextlib import closing, suppress
+from pathlib import Path
 
 import pytest
-from conftest import Project, head_revision, pg_execute, pg_fetch, popen, revision
+from conftest import (
+    Project,
+    head_revision,
+    pg_execute,
+    pg_fetch,
+    popen,
+    revision,
+    wait_until,
+)
 
 HEAD = head_revision()
 SHOPS = ("alpha", "beta", "gamma")
@@ -120,6 +131,36 @@ def test_after_a_failure_running_targets_finish_their_revision_and_stop(fleet: P
     stopped = "  stopped     beta: another target failed, so it stopped before its next revision"
     assert f"{stopped}: the database is at slow01; slow01 was committed" in result.stderr
     assert "3 targets: 1 failed, 1 stopped, 1 skipped" in result.stderr
+
+
+def children(pid: int) -> list[int]:
+    """The processes ``pid`` started (a fleet run's workers)."""
+    found = []
+    for entry in Path("/proc").iterdir():
+        with suppress(OSError):  # gone meanwhile
+            stat = (entry / "stat").read_text()
+            if entry.name.isdigit() and stat.rsplit(")", 1)[1].split()[1] == str(pid):
+                found.append(int(entry.name))
+    return found
+
+
+def test_a_killed_worker_is_reported_with_where_its_targets_are(fleet: Project) -> None:
+    fleet.ok("migrate", "--env=shops")
+    started = "__import__('pathlib').Path(op.get_bind().engine.url.database + '.started').touch()"
+    fleet.add_revision("s", revision("slow01", HEAD, f"{started}\n    __import__('time').sleep(2)"))
+    run = popen(fleet, "migrate", "--env=shops", "--jobs=2", "--keep-going")
+    shops = fleet.root / "var" / "shops"
+    wait_until(lambda: len(list(shops.glob("*.started"))) == 2, "two under way", process=run)
+
+    os.kill(children(run.pid)[0], signal.SIGKILL)  # as the out-of-memory killer would
+    _, err = run.communicate(timeout=60)
+
+    assert run.returncode == 6, err
+    assert "Traceback" not in err
+    for shop in ("alpha", "beta"):  # the two running: one rolled back, one stopped after it
+        died = f"{shop}: a worker process died (killed?), so its run ended early"
+        assert f"{died}; the database is at {at(fleet, shop)[0]}" in err
+    assert at(fleet, "gamma") == ["slow01"]  # new workers took the rest
 
 
 def test_keep_going_migrates_the_rest_and_a_rerun_only_the_fixed(fleet: Project) -> None:
