@@ -659,6 +659,7 @@ def run_fleet(
     from datetime import datetime, timezone
 
     from db import fleet
+    from db.errors import ConfigError
 
     chosen = fleet.targets(env, only)
     hosts = {fleet.host(fleet.environment(env, t)) for t in chosen}
@@ -678,7 +679,10 @@ def run_fleet(
     report = fleet.report(env, plan, outcomes, started, code)
     print_summary(env, outcomes)
     if plan.task in fleet.CHANGING:
-        print(f"report: {env.relative(fleet.write_report(env, report))}", file=sys.stderr)
+        try:
+            print(f"report: {env.relative(fleet.write_report(env, report))}", file=sys.stderr)
+        except ConfigError as exc:  # a full disk: the run happened all the same
+            print(f"warning: {exc}; the run itself is as printed above", file=sys.stderr)
     if json_:
         print_json(report)
     if code:

@@ -156,6 +156,18 @@ def test_a_run_report_is_kept_and_printed_with_json(fleet: Project) -> None:
     assert len(kept_now) == 2 and kept[0].name not in kept_now  # the oldest went
 
 
+def test_a_report_that_cannot_be_written_does_not_fail_the_run(fleet: Project) -> None:
+    (fleet.root / "var").mkdir()
+    (fleet.root / "var" / "runs").write_text("not a folder\n")  # as a full disk would refuse
+
+    result = fleet.invoke("migrate", "--env=shops", "--json")
+
+    assert result.returncode == 0, result.stderr
+    assert "warning: cannot write the run's report to var/runs" in result.stderr
+    assert json.loads(result.stdout)["counts"] == {"migrated": 3}
+    assert all(versions(fleet, shop) == [HEAD] for shop in SHOPS)
+
+
 def test_a_protected_fleet_shows_its_plan_and_asks_once(project: Project) -> None:
     project.write_env("shops", SQLITE_FLEET + "PROTECTED=true\n")
     refused = project.invoke("migrate", "--env=shops")
