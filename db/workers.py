@@ -5,13 +5,17 @@ hands out targets so that no server has more than ``MAX_CONNECTIONS_PER_HOST`` o
 once. A target whose migration lock another run holds comes back ``locked`` and is tried
 again, waiting for the lock this time, once the other targets are done. A signal to the
 parent stops new targets, and the running ones stop as a single run would (the revision
-under way is rolled back, those before it stay).
+under way is rolled back, those before it stay). After a failure, unless the run keeps
+going, the running ones finish the revision under way and stop there. A worker that dies
+breaks Python's pool: the others stop likewise, the targets that were running are read
+back from here, and new workers take the rest.
 """
 
 from __future__ import annotations
 
 import gc
 import multiprocessing
+import os
 import signal
 import threading
 import time
@@ -74,11 +78,12 @@ class Pool:
         # what the workers are told: 0 go on, HALT (a target failed), or a signal's number.
         # Shared memory they poll, not an Event: setting one a killed worker waited on hangs
         self._told = context.RawValue("i", 0)
+        self._leave = context.RawValue("i", 0)  # 1: the pool broke, leave once idle
         self._executor = ProcessPoolExecutor(
             max_workers=max(1, self.plan.jobs),
             mp_context=context,
             initializer=_start_worker,
-            initargs=(self._told,),
+            initargs=(self._told, self._leave),
         )
 
     def __enter__(self) -> Pool:
@@ -196,6 +201,7 @@ class Pool:
         revision they are in, each target that was running is read back, and new workers
         start for the targets still to go."""
         self._halt()
+        self._leave.value = 1  # Python 3.13 sends no worker of a broken pool off, so they go
         self._executor.shutdown(wait=True)
         lost = [(target, _lost(self.env, target)) for target in running.values()]
         running.clear()
@@ -257,21 +263,27 @@ def _outcome(future: Future[Outcome], target: Target) -> Outcome:
 # --- inside a worker ----------------------------------------------------------------------
 
 _STOP = Stop()
+_BUSY = threading.Event()  # set while the worker runs a target
 
 
-def _start_worker(told: Any) -> None:
+def _start_worker(told: Any, leave: Any) -> None:
     """Signals are the parent's to handle: it writes a signal's number in ``told``, and each
     worker stops its run as that signal would have; or HALT, when a target failed, and each
-    worker lets its running revision finish, then stops."""
+    worker lets its running revision finish, then stops. ``leave``: the pool broke (a worker
+    died), so no result will be read: each worker exits once its target is done."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)
-    signal.signal(signal.SIGTERM, signal.SIG_IGN)
+    signal.signal(signal.SIGTERM, signal.SIG_IGN)  # and so Python's terminate() on a broken pool
 
     def watch() -> None:
-        while (value := told.value) <= 0:
-            if value == HALT and _STOP.halted is None:
+        while True:
+            value = told.value
+            if value > 0 and not _STOP.requested:
+                _STOP.request(value)
+            elif value == HALT and _STOP.halted is None:
                 _STOP.halt("another target failed, so it stopped before its next revision")
+            if leave.value and not _BUSY.is_set():
+                os._exit(0)
             time.sleep(0.05)
-        _STOP.request(value)
 
     threading.Thread(target=watch, daemon=True).start()
 
@@ -285,6 +297,21 @@ def _work(
     args: TaskArgs,
 ) -> Outcome:
     """One task on one target, through the one-database path."""
+    _BUSY.set()
+    try:
+        return _outcome_of(root, env_name, environ, target, task, args)
+    finally:
+        _BUSY.clear()
+
+
+def _outcome_of(
+    root: Path,
+    env_name: str,
+    environ: dict[str, str],
+    target: Target,
+    task: str,
+    args: TaskArgs,
+) -> Outcome:
     clock = time.perf_counter()
     try:
         env = environment(load_environment(root, env_name, environ), target)
