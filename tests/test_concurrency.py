@@ -208,6 +208,7 @@ def test_a_signal_ends_the_wait_for_the_lock_with_nothing_changed(
         finally:
             if run.poll() is None:
                 run.process.kill()
+                run.communicate()
             await blocker.close()
 
     run, err = asyncio.run(scenario())
@@ -258,6 +259,7 @@ def interrupted(
     finally:
         if run.poll() is None:
             run.process.kill()
+            run.communicate()
     return run.returncode, err
 
 
@@ -298,6 +300,7 @@ def test_a_signal_ends_the_wait_for_a_locked_sqlite_file(project: Project) -> No
     finally:
         if run.poll() is None:
             run.process.kill()
+            run.communicate()
         blocker.execute("ROLLBACK")
         blocker.close()
 

@@ -150,10 +150,14 @@ def test_a_killed_worker_is_reported_with_where_its_targets_are(fleet: Project) 
     fleet.add_revision("s", revision("slow01", HEAD, f"{started}\n    __import__('time').sleep(2)"))
     run = popen(fleet, "migrate", "--env=shops", "--jobs=2", "--keep-going")
     shops = fleet.root / "var" / "shops"
-    wait_until(lambda: len(list(shops.glob("*.started"))) == 2, "two under way", process=run)
-
-    os.kill(children(run.pid)[0], signal.SIGKILL)  # as the out-of-memory killer would
-    _, err = run.communicate(timeout=60)
+    try:
+        wait_until(lambda: len(list(shops.glob("*.started"))) == 2, "two under way", process=run)
+        os.kill(children(run.pid)[0], signal.SIGKILL)  # as the out-of-memory killer would
+        _, err = run.communicate(timeout=60)
+    finally:  # a run that hangs is killed, with its workers, not left to the next test
+        for pid in [*children(run.pid), run.pid] if run.poll() is None else []:
+            os.kill(pid, signal.SIGKILL)
+        run.communicate()
 
     assert run.returncode == 6, err
     assert "Traceback" not in err
