@@ -13,6 +13,7 @@ back from here, and new workers take the rest.
 
 from __future__ import annotations
 
+import functools
 import gc
 import multiprocessing
 import os
@@ -27,7 +28,7 @@ from contextlib import suppress
 from dataclasses import replace
 from pathlib import Path
 from types import TracebackType
-from typing import Any
+from typing import Any, ParamSpec
 
 from alembic.script import ScriptDirectory
 from alembic.util import CommandError
@@ -48,6 +49,7 @@ from db.runner import (
     revision_error,
 )
 
+P = ParamSpec("P")
 HALT = -1  # told to the workers when a target failed (a signal's number, when signalled)
 
 
@@ -288,6 +290,22 @@ def _start_worker(told: Any, leave: Any) -> None:
     threading.Thread(target=watch, daemon=True).start()
 
 
+def _busy(work: Callable[P, Outcome]) -> Callable[P, Outcome]:
+    """``work``, with the worker marked busy while it runs (a broken pool's worker leaves
+    only once idle)."""
+
+    @functools.wraps(work)
+    def marked(*args: P.args, **kwargs: P.kwargs) -> Outcome:
+        _BUSY.set()
+        try:
+            return work(*args, **kwargs)
+        finally:
+            _BUSY.clear()
+
+    return marked
+
+
+@_busy
 def _work(
     root: Path,
     env_name: str,
@@ -297,21 +315,6 @@ def _work(
     args: TaskArgs,
 ) -> Outcome:
     """One task on one target, through the one-database path."""
-    _BUSY.set()
-    try:
-        return _outcome_of(root, env_name, environ, target, task, args)
-    finally:
-        _BUSY.clear()
-
-
-def _outcome_of(
-    root: Path,
-    env_name: str,
-    environ: dict[str, str],
-    target: Target,
-    task: str,
-    args: TaskArgs,
-) -> Outcome:
     clock = time.perf_counter()
     try:
         env = environment(load_environment(root, env_name, environ), target)
