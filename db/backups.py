@@ -148,13 +148,17 @@ def _check_backup(env: Environment, path: Path) -> None:
 
 
 def _keep_replaced(env: Environment, live: Path) -> Path | None:
-    """Keep the database a restore replaces: as a verified backup, or as-is when corrupt."""
+    """Keep the database a restore replaces: as a verified backup, or, when corrupt, moved
+    aside as it is with its journal (SQLite cannot copy over a file it cannot read, and
+    would play that file's journal back into the restored one)."""
     if not live.is_file() or live.stat().st_size == 0:
         return None
     if _quick_check(live) is None:
         return sqlite_backup(env, make_url(f"sqlite:///{live}"))
     kept = _new_file(env, "corrupt")
-    shutil.copyfile(live, kept)
+    for suffix in ("-journal", ""):  # its journal first: one left behind would be played back
+        if Path(f"{live}{suffix}").exists():
+            shutil.move(f"{live}{suffix}", f"{kept}{suffix}")
     return kept
 
 

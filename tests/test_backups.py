@@ -138,6 +138,28 @@ def test_a_restore_keeps_what_it_replaces_so_it_can_be_undone(project: Project) 
     assert version(project) == ["next01"]
 
 
+def test_a_restore_puts_a_backup_over_a_file_corrupt_from_its_first_byte(
+    project: Project,
+) -> None:
+    project.migrated()
+    pending_revision(project)
+    project.migrated()  # the backup holds the database at HEAD
+    live = project.root / "var" / "dev.sqlite3"
+    damaged = b"\xa5" * 4096 + live.read_bytes()[4096:]  # the header too: not a database now
+    live.write_bytes(damaged)
+    (project.root / "var" / "dev.sqlite3-journal").write_bytes(b"\xa5" * 512)  # and its journal
+
+    restored = project.ok("restore").stderr
+
+    assert version(project) == [HEAD]
+    kept = project.root / restored.split("kept the database it replaced as ")[1].split()[0]
+    assert kept.suffix == ".corrupt" and kept.read_bytes() == damaged
+    assert Path(f"{kept}-journal").read_bytes() == b"\xa5" * 512  # moved with it, not replayed
+    assert not (project.root / "var" / "dev.sqlite3-journal").exists()
+    project.ok("migrate")
+    assert version(project) == ["next01"]
+
+
 def test_reset_runs_the_environment_guard(project: Project) -> None:
     project.migrated()
     project.write_env("qa", "DATABASE_URL=sqlite:///var/dev.sqlite3\n")
