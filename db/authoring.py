@@ -49,7 +49,7 @@ def _goes_down(script: ScriptDirectory, start: str, to: str) -> bool:
     try:
         start_rev, to_rev = script.get_revision(start), script.get_revision(to)
     except CommandError as exc:
-        raise revision_error(exc, "dev") from exc
+        raise revision_error(exc, "--env=dev") from exc
     if start_rev is None or to_rev is None:  # None is base
         return start_rev is not None
     if start_rev.revision == to_rev.revision:
@@ -68,7 +68,7 @@ def make_migration(env: Environment, message: str, *, empty: bool = False) -> Pa
     if not empty and set(read_state(env, config, script).current) != set(script.get_heads()):
         raise RevisionError(
             f"the {env.name} database is not at head, so autogenerate would compare the "
-            f"models with an old schema: run `invoke migrate --env={env.name}` first"
+            f"models with an old schema: run `invoke migrate {env.flags}` first"
         )
     try:
         with redirect_stdout(io.StringIO()):  # Alembic's "Running post write hook" chatter
@@ -76,7 +76,7 @@ def make_migration(env: Environment, message: str, *, empty: bool = False) -> Pa
                 config, message=docstring_safe(message.strip()), autogenerate=not empty
             )
     except CommandError as exc:
-        raise revision_error(exc, env.name) from exc
+        raise revision_error(exc, env.flags) from exc
     if not isinstance(written, Script):
         return None
     return parses(Path(written.path))
@@ -110,7 +110,7 @@ def merge(env: Environment, message: str = "merge heads") -> Path:
         with redirect_stdout(io.StringIO()):
             written = command.merge(config, "heads", message=message)
     except CommandError as exc:
-        raise revision_error(exc, env.name) from exc
+        raise revision_error(exc, env.flags) from exc
     if written is None:
         raise DbError("Alembic wrote no merge revision")
     return Path(written.path)

@@ -71,7 +71,7 @@ def check_sqlite(env: Environment, path: Path) -> None:
         raise DbError(
             f"{env.relative(path)} fails SQLite's quick_check ({problem}): the file is "
             "corrupt, so nothing was run and no backup was made of it; put a good backup "
-            f"back with `invoke restore --env={env.name}`"
+            f"back with `invoke restore {env.flags}`"
         )
 
 
@@ -124,7 +124,7 @@ def restore(env: Environment, url: URL, backup: Path | None) -> tuple[Path, Path
     live = Path(url.database or "")
     chosen = backup or next(iter(backups(env)), None)
     if chosen is None or not chosen.is_file():
-        raise DbError(f"no backup to restore for {env.name} (looked in {BACKUP_DIR})")
+        raise DbError(f"no backup to restore for {env.label} (looked in {BACKUP_DIR})")
     if live.exists() and chosen.resolve() == live.resolve():
         raise DbError(f"{env.relative(chosen)} is the live database itself: pick a backup")
     _check_backup(env, chosen)

@@ -46,6 +46,12 @@ class Environment:
         return f"{self.name}.{self.target}" if self.target else self.name
 
     @property
+    def flags(self) -> str:
+        """What names this database on the command line, for the commands messages suggest:
+        ``--env=shops --only=alpha`` for a fleet target (its one-target tasks need both)."""
+        return f"--env={self.name} --only={self.target}" if self.target else f"--env={self.name}"
+
+    @property
     def schema(self) -> str | None:
         """``SCHEMA``: the PostgreSQL schema that holds the tables, the version table and the
         audit trail (schema-per-tenant fleets); None: the server's default (``public``)."""

@@ -60,6 +60,7 @@ class Outcome:
     applied: tuple[str, ...] = ()  # every revision applied (history)
     exit_code: int = 0
     seconds: float = 0.0
+    notes: tuple[str, ...] = ()  # what its run noted on the way: a backup, a warning
 
     @property
     def where(self) -> str | None:

@@ -82,7 +82,7 @@ def _problem(
     return (
         f"{_relative(found.path, env)} changed after revision {rev} was applied "
         f"(sha256 {recorded[:12]} then, {current[:12]} now): restore it, or record the change "
-        f"with `invoke accept-changes --env={env.name} {rev}`"
+        f"with `invoke accept-changes {env.flags} {rev}`"
     )
 
 
@@ -118,8 +118,8 @@ def reached(script: ScriptDirectory, to: str, current: tuple[str, ...], env: Env
     if (found.revision in current) if found is not None else not current:
         return
     raise RevisionError(
-        f"the {env.name} database is at {', '.join(current)}, past {to}: migrate only goes "
-        f"forward; `invoke rollback --env={env.name} --to={to}` goes back to it"
+        f"the {env.label} database is at {', '.join(current)}, past {to}: migrate only goes "
+        f"forward; `invoke rollback {env.flags} --to={to}` goes back to it"
     )
 
 
@@ -144,5 +144,5 @@ def all_finished(log: list[audit.Entry], env: Environment, connection: Connectio
             f"revision {entry.revision} started its non-transactional part at "
             f"{entry.started_at:%Y-%m-%d %H:%M:%S %Z} and never finished (last statement "
             f"started: {statement}); nothing was run: check what it did, then record it with "
-            f"`invoke resolve --env={env.name} {entry.revision} --applied` (or --rolled-back)"
+            f"`invoke resolve {env.flags} {entry.revision} --applied` (or --rolled-back)"
         )

@@ -57,7 +57,7 @@ def stamp(
     try:
         found = script.get_revision(revision)
     except CommandError as exc:
-        raise revision_error(exc, env.name) from exc
+        raise revision_error(exc, env.flags) from exc
     if found is None:
         raise RevisionError("stamp needs a revision, not base: roll back instead")
     gaps = differences(snapshot(env), scratch_schema(env, found.revision))
@@ -147,7 +147,7 @@ def accept_changes(env: Environment, revision: str, options: RunOptions | None =
         try:
             found = script.get_revision(revision)
         except CommandError as exc:
-            raise revision_error(exc, env.name) from exc
+            raise revision_error(exc, env.flags) from exc
         if found is None or found.revision not in applied_revisions(script, current):
             raise RevisionError(f"revision {revision} is not applied to the {env.name} database")
         sums = audit.applied_checksums(audit.entries(connection)).get(found.revision, (None, None))
@@ -175,7 +175,7 @@ def resolve(
         if not found:
             raise RevisionError(
                 f"revision {revision} has no unfinished run on the {env.name} database: "
-                f"nothing to resolve (see `invoke history --env={env.name}`)"
+                f"nothing to resolve (see `invoke history {env.flags}`)"
             )
         if applied and found[-1].direction == "run-down":
             parents = util.to_tuple(script.get_revision(revision).down_revision, default=())

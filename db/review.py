@@ -30,7 +30,7 @@ def check(env: Environment) -> list[str]:
     if pending:
         return [
             *problems,
-            f"{len(pending)} revision(s) pending: run `invoke migrate --env={env.name}`",
+            f"{len(pending)} revision(s) pending: run `invoke migrate {env.flags}`",
         ]
     diffs: list[Any] = []
 

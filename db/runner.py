@@ -85,6 +85,7 @@ class Run:
 
     environment: str
     url: URL
+    flags: str = ""  # --env=NAME (and --only=TARGET), for the commands messages suggest
     schema: str | None = None  # SCHEMA: where the tables, version table and audit trail live
     env_file: str = ""  # where the URL came from, for messages
     connect_timeout: float = CONNECT_TIMEOUT
@@ -124,6 +125,7 @@ def make_config(
     config.attributes["run"] = Run(
         environment=env.name,
         url=url,
+        flags=env.flags,
         schema=env.schema,
         env_file=f"{ENV_DIR}/{env.name}.env",
         connect_timeout=env.connect_timeout,
@@ -249,7 +251,7 @@ def run_env(
         if isinstance(exc, DbError):
             raise
         if isinstance(exc, CommandError):
-            raise revision_error(exc, run.environment) from exc
+            raise revision_error(exc, run.flags) from exc
         if isinstance(exc, DBAPIError):
             raise DbError(f"database error on {mask(run.url)}: {describe(exc)}") from exc
         raise
@@ -290,7 +292,8 @@ def _failure(exc: Exception, progress: Progress, run: Run, text: str) -> DbError
         lost = "the migration lock" if isinstance(exc, LockLost) else _CONNECTION_LOST
         return LockLost(f"lost {lost} during the {doing}: {cause}\n{text}; run the task again")
     if not progress.applied and "already exists" in cause:
-        text += "; a database made without migrations is adopted with `invoke stamp REV`"
+        adopt = f"`invoke stamp {run.flags} REV`"
+        text += f"; a database made without migrations is adopted with {adopt}"
     return MigrationFailed(f"{doing} failed: {cause}\n{text}; fix it and run the task again")
 
 
@@ -327,7 +330,7 @@ def _running(
         return [
             f"{rev} stopped in its non-transactional part (last statement started: "
             f"{progress.last_statement or 'none'}), so part of it may be in the database: "
-            f"check, then run `invoke resolve --env={run.environment} {rev} --applied` "
+            f"check, then run `invoke resolve {run.flags} {rev} --applied` "
             "(or --rolled-back)"
         ]
     if applied is None:
@@ -383,7 +386,7 @@ def _direction(step: RevisionStep) -> str:
     return "up" if step.is_upgrade else "down"
 
 
-def revision_error(exc: CommandError, env_name: str) -> RevisionError:
+def revision_error(exc: CommandError, flags: str) -> RevisionError:
     """Alembic's message, with the precise cause it sometimes hides, and where to look."""
     cause = exc.__cause__ if isinstance(exc.__cause__, ResolutionError) else exc
     relative = _RELATIVE.search(str(cause))
@@ -392,9 +395,9 @@ def revision_error(exc: CommandError, env_name: str) -> RevisionError:
         where = "after" if sign == "+" else "before"
         return RevisionError(
             f"there are not {steps} revision(s) {where} the database's current one, so "
-            f"{relative.group(1)} leads nowhere; see `invoke status --env={env_name}`"
+            f"{relative.group(1)} leads nowhere; see `invoke status {flags}`"
         )
-    return RevisionError(f"{cause}; see `invoke history --env={env_name}`")
+    return RevisionError(f"{cause}; see `invoke history {flags}`")
 
 
 def describe(exc: BaseException) -> str:

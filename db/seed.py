@@ -38,7 +38,7 @@ def seed(env: Environment) -> dict[str, int]:
     except DBAPIError as exc:
         raise DbError(
             f"cannot seed {env.name}: {str(exc.orig).splitlines()[0]} "
-            f"(run `invoke migrate --env={env.name}` first)"
+            f"(run `invoke migrate {env.flags}` first)"
         ) from exc
 
 

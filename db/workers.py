@@ -266,6 +266,7 @@ def _outcome(future: Future[Outcome], target: Target) -> Outcome:
 
 _STOP = Stop()
 _BUSY = threading.Event()  # set while the worker runs a target
+_NOTES: list[str] = []  # what the target's run noted (a backup, a warning), for its outcome
 
 
 def _start_worker(told: Any, leave: Any) -> None:
@@ -316,6 +317,7 @@ def _work(
 ) -> Outcome:
     """One task on one target, through the one-database path."""
     clock = time.perf_counter()
+    _NOTES.clear()
     try:
         env = environment(load_environment(root, env_name, environ), target)
         outcome = TASKS[task](env, args)
@@ -330,12 +332,13 @@ def _work(
         why = one_line(exc)
         outcome = Outcome(target.name, "failed", why, current=exc.at, exit_code=exc.exit_code)
     except CommandError as exc:  # a revision the files do not have
-        found = revision_error(exc, env_name)
+        found = revision_error(exc, env.flags)
         outcome = Outcome(target.name, "failed", one_line(found), exit_code=found.exit_code)
     except DBAPIError as exc:  # reading its version failed: a file that is no database...
         why = f"cannot read its version: {describe(exc)}"
         outcome = Outcome(target.name, "failed", why, exit_code=1)
-    return replace(outcome, seconds=round(time.perf_counter() - clock, 3))
+    seconds = round(time.perf_counter() - clock, 3)
+    return replace(outcome, seconds=seconds, notes=tuple(_NOTES))
 
 
 def one_line(exc: Exception) -> str:
@@ -348,6 +351,7 @@ def _options(args: TaskArgs) -> RunOptions:
         lock_wait=0 if args.get("retry") else args.get("lock_wait", LOCK_WAIT),
         wait=args.get("wait"),
         allow_env_mismatch=args.get("allow_env_mismatch", False),
+        on_note=_NOTES.append,
         stop=_STOP,
     )
 

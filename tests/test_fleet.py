@@ -181,7 +181,7 @@ def test_keep_going_migrates_the_rest_and_a_rerun_only_the_fixed(fleet: Project)
     assert rerun.count("already at") == 2 and "[" in rerun and f"beta] migrated: {HEAD}" in rerun
     past = fleet.invoke("migrate", "--env=shops", "--to=base")
     assert past.returncode == 6 and "3 targets: 3 failed" in past.stderr
-    assert f"  failed      gamma: the shops database is at {HEAD}, past base" in past.stderr
+    assert f"  failed      gamma: the shops.gamma database is at {HEAD}, past base" in past.stderr
 
 
 @pytest.fixture

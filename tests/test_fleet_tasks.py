@@ -6,6 +6,7 @@ from __future__ import annotations
 import json
 import os
 import pty
+import re
 import select
 import sqlite3
 import subprocess
@@ -139,6 +140,36 @@ def test_one_database_tasks_take_one_target_of_a_fleet(fleet: Project) -> None:
     assert f"restored var/backups/{kept[0]}" in restored
 
 
+def hinted(output: str, task: str) -> list[str]:
+    """The arguments of the `invoke TASK ...` command a message tells the user to run."""
+    found = re.search(rf"`invoke ({task} [^`]*)`", output)
+    assert found, output
+    return found.group(1).split()
+
+
+def test_a_targets_messages_name_a_command_that_works_on_it(fleet: Project) -> None:
+    fleet.ok("migrate", "--env=shops")
+    fleet.add_revision("second", revision("second01", HEAD))
+    fleet.ok("migrate", "--env=shops")  # each target backed up at HEAD first
+    (fleet.root / "var" / "shops" / "beta.sqlite3").write_bytes(b"not a database" * 100)
+
+    corrupt = fleet.invoke("migrate", "--env=shops").stderr
+    fleet.ok(*hinted(corrupt, "restore"))
+    assert versions(fleet, "beta") == [HEAD]
+
+    second = fleet.versions / "second.py"
+    second.write_text(second.read_text() + "EDITED_AFTER_IT_WAS_APPLIED = True\n")
+    fleet.add_revision("third", revision("third001", "second01"))
+    changed = fleet.ok("migrate", "--env=shops", "--only=alpha").stderr
+    assert "] migrated: third001\n  warning: db/migrations/versions/second.py changed" in changed
+    newest = max((fleet.root / "var" / "runs").glob("shops-*.json"))
+    [notes] = [t["notes"] for t in json.loads(newest.read_text())["targets"]]
+    assert any(note.startswith("warning: db/migrations/versions/second.py") for note in notes)
+    fleet.ok(*hinted(changed, "accept-changes"))
+    back = fleet.ok("rollback", "--env=shops", "--only=alpha").stderr
+    assert "warning" not in back and versions(fleet, "alpha") == ["second01"]
+
+
 def test_a_run_report_is_kept_and_printed_with_json(fleet: Project) -> None:
     result = fleet.ok("migrate", "--env=shops", "--json")
 
@@ -235,7 +266,7 @@ def test_a_target_that_cannot_be_read_fails_status_and_is_named(fleet: Project) 
     assert "Traceback" not in result.stderr
     bad = fleet.invoke("migrate", "--env=shops", "--to=zzzz")
     assert bad.returncode == 6 and "No such revision or branch 'zzzz'" in bad.stderr
-    assert "see `invoke history --env=shops`" in bad.stderr
+    assert "see `invoke history --env=shops --only=alpha`" in bad.stderr
 
 
 def test_a_negative_jobs_count_is_a_usage_error(fleet: Project) -> None:

@@ -42,7 +42,7 @@ def test_migrate_on_a_database_made_without_migrations_points_to_stamp(adopted: 
     error = adopted.fails("migrate")
 
     assert "table categories already exists" in error
-    assert "adopted with `invoke stamp REV`" in error
+    assert "adopted with `invoke stamp --env=dev REV`" in error
 
 
 def test_stamp_adopts_a_matching_database(adopted: Project) -> None:
