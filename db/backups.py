@@ -129,8 +129,25 @@ def restore(env: Environment, url: URL, backup: Path | None) -> tuple[Path, Path
         raise DbError(f"{env.relative(chosen)} is the live database itself: pick a backup")
     _check_backup(env, chosen)
     kept = _keep_replaced(env, live)
-    _copy(chosen, live)
+    try:
+        _copy(chosen, live)
+    except (sqlite3.Error, OSError) as exc:  # a full disk
+        raise DbError(
+            f"restoring {env.relative(chosen)} failed ({exc}), so {_unrestored(env, live, kept)}; "
+            f"free some space for {env.relative(live)} and run it again"
+        ) from None
     return chosen, kept
+
+
+def _unrestored(env: Environment, live: Path, kept: Path | None) -> str:
+    """What a restore that failed part way left, in words. Over a sound database, SQLite
+    rolled the copy back; a new file (there was none, or a corrupt one moved aside) goes."""
+    if kept is not None and kept.suffix != ".corrupt":
+        return "nothing was restored: the database is as it was"
+    for suffix in ("-journal", ""):
+        Path(f"{live}{suffix}").unlink(missing_ok=True)
+    moved = f" (the corrupt one is in {env.relative(kept)})" if kept is not None else ""
+    return f"nothing was restored and there is no database file{moved}"
 
 
 def _check_backup(env: Environment, path: Path) -> None:

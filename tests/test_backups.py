@@ -66,9 +66,9 @@ def tmpfs(path: Path, size: str) -> Iterator[Path]:
         subprocess.run(["umount", "-l", str(path)], check=True)
 
 
-def grow(project: Project, kilobytes: int) -> None:
-    """Add about ``kilobytes`` of data to the dev database."""
-    with project.sqlite() as db:
+def grow(project: Project, kilobytes: int, relative: str = "var/dev.sqlite3") -> None:
+    """Add about ``kilobytes`` of data to the database (the dev one by default)."""
+    with project.sqlite(relative) as db:
         db.execute("create table if not exists ballast (data blob)")
         db.executemany("insert into ballast values (randomblob(1024))", [()] * kilobytes)
         db.commit()
@@ -158,6 +158,36 @@ def test_a_restore_puts_a_backup_over_a_file_corrupt_from_its_first_byte(
     assert not (project.root / "var" / "dev.sqlite3-journal").exists()
     project.ok("migrate")
     assert version(project) == ["next01"]
+
+
+def test_a_restore_that_fills_the_disk_leaves_the_database_as_it_was(project: Project) -> None:
+    project.write_env("small", "DATABASE_URL=sqlite:///data/shop.sqlite3\n")
+    with tmpfs(project.root / "data", "320k"):
+        project.ok("migrate", "--env=small")
+        grow(project, 160, "data/shop.sqlite3")  # room for it, not for it and its journal
+        pending_revision(project)
+        project.ok("migrate", "--env=small")  # the backup holds it at HEAD, in var/backups
+        before = (project.root / "data" / "shop.sqlite3").read_bytes()
+
+        error = project.fails("restore", "--env=small")
+
+        assert "database or disk is full" in error and "Traceback" not in error
+        assert "nothing was restored: the database is as it was" in error
+        assert (project.root / "data" / "shop.sqlite3").read_bytes() == before
+        assert version(project, "data/shop.sqlite3") == ["next01"]
+
+        live = project.root / "data" / "shop.sqlite3"
+        live.write_bytes(b"\xa5" * 4096)  # corrupt: to be moved aside to var/backups
+        disk = os.statvfs(live.parent)
+        room = disk.f_bavail * disk.f_frsize - 64 * 1024  # not enough for the backup
+        (live.parent / "ballast").write_bytes(b"\0" * room)
+        error = project.fails("restore", "--env=small")
+
+        assert "database or disk is full" in error and "Traceback" not in error
+        assert "nothing was restored and there is no database file (the corrupt one is in " in error
+        assert not live.exists() and not Path(f"{live}-journal").exists()
+        [corrupt] = (project.root / "var" / "backups").glob("small-*.corrupt")
+        assert corrupt.read_bytes() == b"\xa5" * 4096
 
 
 def test_reset_runs_the_environment_guard(project: Project) -> None:
