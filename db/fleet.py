@@ -97,7 +97,16 @@ class Plan:
 
 
 def is_fleet(env: Environment) -> bool:
-    return any(env.get(key).strip() for key in ("TARGETS", "TARGETS_FILE", "TARGETS_QUERY"))
+    """Whether the environment names targets. A ``{target}`` left with none named (an empty
+    ``TARGETS``) is refused: it would make one database literally called ``{target}``."""
+    named = any(env.get(key).strip() for key in ("TARGETS", "TARGETS_FILE", "TARGETS_QUERY"))
+    placeholders = [key for key in _TEMPLATED if PLACEHOLDER in env.get(key)]
+    if placeholders and not named:
+        raise ConfigError(
+            f"{env.name}: {placeholders[0]} has {PLACEHOLDER}, but no targets are named: set "
+            "TARGETS, TARGETS_FILE or TARGETS_QUERY"
+        )
+    return named
 
 
 def targets(env: Environment, only: str = "") -> list[Target]:

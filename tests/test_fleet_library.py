@@ -77,6 +77,9 @@ def test_schema_per_target_and_what_a_fleet_must_name(project: Project) -> None:
     )
     with pytest.raises(ConfigError, match="SCHEMA may hold letters, digits and _ only"):
         _ = fleet.environment(dashed, fleet.targets(dashed)[0]).schema
+    unnamed = shops(project, "DATABASE_URL=sqlite:///var/{target}.db\nTARGETS=\n")
+    with pytest.raises(ConfigError, match=r"DATABASE_URL has \{target\}, but no targets are named"):
+        fleet.is_fleet(unnamed)
     sqlite = shops(project, "DATABASE_URL=sqlite:///var/x.db\nSCHEMA={target}\nTARGETS=a\n")
     with pytest.raises(ConfigError, match="SQLite has no schemas"):
         fleet.environment(sqlite, fleet.targets(sqlite)[0]).url()

@@ -269,6 +269,15 @@ def test_a_target_that_cannot_be_read_fails_status_and_is_named(fleet: Project) 
     assert "see `invoke history --env=shops --only=alpha`" in bad.stderr
 
 
+def test_a_target_placeholder_with_no_targets_named_is_refused(project: Project) -> None:
+    project.write_env("shops", "DATABASE_URL=sqlite:///var/shops/{target}.sqlite3\nTARGETS=\n")
+
+    error = project.fails("migrate", "--env=shops")
+
+    assert "shops: DATABASE_URL has {target}, but no targets are named" in error
+    assert not (project.root / "var" / "shops").exists()
+
+
 def test_a_negative_jobs_count_is_a_usage_error(fleet: Project) -> None:
     error = fleet.fails("migrate", "--env=shops", "--jobs=-2")
     assert "--jobs takes a whole number, 0 or more, not '-2'" in error
