@@ -703,17 +703,24 @@ def confirm_fleet(env: Environment, chosen: list[Target], plan: Plan, yes: bool)
 
     status = replace(plan, task="status", args=TaskArgs(), keep_going=True, canary=0)
     read = fleet.run(env, os.environ, chosen, status)
-    groups: dict[tuple[str, ...], list[str]] = defaultdict(list)
+    groups: dict[str, list[str]] = defaultdict(list)
     for outcome in read:
-        groups[outcome.pending if not outcome.failed else ("unreadable",)].append(outcome.target)
+        what = f"unreadable: {outcome.detail}" if outcome.failed else in_short(outcome.pending)
+        groups[what].append(outcome.target)
     print(f"plan for {len(chosen)} targets:", file=sys.stderr)
-    for pending, names in groups.items():
-        what = ", ".join(pending) if pending else "nothing (at head)"
+    for what, names in groups.items():
         print(f"  {len(names)} target(s): {what}  [{short(names)}]", file=sys.stderr)
     behind = {o.target for o in read if o.pending or o.failed}
     if behind:
         confirm(env, yes, f"migrate {len(behind)} target(s) of", need_yes=False)
     return [t for t in chosen if t.name in behind]
+
+
+def in_short(pending: tuple[str, ...]) -> str:
+    """Revisions to apply, in a plan's short form: a few by name, many as a range."""
+    if len(pending) > 3:
+        return f"{len(pending)} revisions, {pending[0]} to {pending[-1]}"
+    return ", ".join(pending) or "nothing (at head)"
 
 
 def short(names: list[str], most: int = 5) -> str:

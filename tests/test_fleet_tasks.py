@@ -223,6 +223,23 @@ def test_a_protected_fleet_shows_its_plan_and_asks_once(project: Project) -> Non
     assert all(versions(project, shop) == [HEAD] for shop in SHOPS)
 
 
+def test_a_protected_fleets_plan_is_short_and_says_why_a_target_is_unreadable(
+    project: Project,
+) -> None:
+    project.write_env("shops", SQLITE_FLEET + "PROTECTED=true\n")
+    down = HEAD
+    for rev in ("second01", "third001", "fourth01"):
+        project.add_revision(rev, revision(rev, down))
+        down = rev
+    (project.root / "var" / "shops").mkdir(parents=True)
+    (project.root / "var" / "shops" / "beta.sqlite3").write_bytes(b"no database" * 100)
+
+    plan = project.invoke("migrate", "--env=shops").stderr
+
+    assert f"2 target(s): 4 revisions, {HEAD} to fourth01  [alpha, gamma]" in plan
+    assert "1 target(s): unreadable: cannot read its version: DatabaseError: file is not a " in plan
+
+
 def test_a_terminal_shows_a_progress_line(fleet: Project) -> None:
     leader, follower = pty.openpty()
     process = subprocess.Popen(
