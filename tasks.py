@@ -400,8 +400,9 @@ def offline_sql(
                 sys.stdout.write("".join(f"-- target: {n}\n{sql}" for n, sql in scripts.items()))
             return
         sql = authoring.offline_sql(target, from_ or None, to)
+        if output:
+            authoring.write_sql(Path(output), sql)
     if output:
-        Path(output).write_text(sql, encoding="utf-8")
         print(f"wrote the SQL for {target.name} to {output}", file=sys.stderr)
     else:
         sys.stdout.write(sql)

@@ -232,13 +232,11 @@ def offline_sql(env: Environment, only: str, start: str | None, to: str) -> dict
 
 def write_sql(folder: Path, scripts: Mapping[str, str]) -> dict[str, Path]:
     """Write each target's SQL to ``folder/NAME.sql``; returns the paths."""
-    try:
-        folder.mkdir(parents=True, exist_ok=True)
-        written = {name: folder / f"{name}.sql" for name in scripts}
-        for name, path in written.items():
-            path.write_text(scripts[name], encoding="utf-8")
-    except OSError as exc:
-        raise ConfigError(f"cannot write the SQL to {folder}: {exc.strerror}") from None
+    from db.authoring import write_sql
+
+    written = {name: folder / f"{name}.sql" for name in scripts}
+    for name, path in written.items():
+        write_sql(path, scripts[name])
     return written
 
 

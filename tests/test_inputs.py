@@ -189,6 +189,18 @@ def test_offline_sql_refuses_a_downgrade_range(project: Project) -> None:
     assert result.stdout == ""
 
 
+def test_offline_sql_to_a_file_it_cannot_write_is_a_clear_error(project: Project) -> None:
+    (project.root / "var").mkdir()
+
+    for where, why in (("var", "Is a directory"), ("/proc/1/no.sql", "No such file")):
+        result = project.invoke("offline-sql", f"--output={where}")
+        assert result.returncode == 2, result.stderr
+        assert f"error: cannot write the SQL to {where}: {why}" in result.stderr
+        assert "Traceback" not in result.stderr
+    project.ok("offline-sql", "--output=var/sql/new/all.sql")  # its folder is made
+    assert "CREATE TABLE" in (project.root / "var" / "sql" / "new" / "all.sql").read_text()
+
+
 def _revision(rev: str, down: str) -> str:
     from test_errors import revision
 
