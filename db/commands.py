@@ -79,6 +79,8 @@ def rollback(
     def plan(script: ScriptDirectory, current: tuple[str, ...]) -> list[RevisionStep]:
         if to is None and not current:
             return []
+        if to is not None:
+            guards.not_ahead(script, to, current, env)
         return plan_steps(script, to or steps_back(script, current, steps), current, up=False)
 
     return _change(env, options, plan)

@@ -123,6 +123,24 @@ def reached(script: ScriptDirectory, to: str, current: tuple[str, ...], env: Env
     )
 
 
+def not_ahead(script: ScriptDirectory, to: str, current: tuple[str, ...], env: Environment) -> None:
+    """Refuse a rollback --to=REV the database has not reached: rollback does not go
+    forward, and Alembic's "not a valid downgrade target" does not say why."""
+    try:
+        found = script.get_revision(to)
+    except CommandError:  # relative or unknown: Alembic plans it, or says so
+        return
+    if found is None or found.revision in current:
+        return
+    below = {rev.revision for rev in script.iterate_revisions(found.revision, "base")}
+    if all(head in below for head in current):  # every head on the way to it: it is ahead
+        at = ", ".join(current) or "base (nothing applied)"
+        raise RevisionError(
+            f"the {env.label} database is at {at}, before {to}: rollback only goes back; "
+            f"`invoke migrate {env.flags} --to={to}` goes forward to it"
+        )
+
+
 def known_revisions(script: ScriptDirectory, current: tuple[str, ...], env: Environment) -> None:
     valid_ids(current)
     for rev in current:

@@ -98,6 +98,22 @@ def test_migrate_to_a_revision_the_database_is_past_is_refused(project: Project)
     assert "already there" in project.ok("migrate", f"--to={head[:6]}").stderr  # at it
 
 
+def test_rollback_to_a_revision_the_database_has_not_reached_is_refused(
+    project: Project,
+) -> None:
+    """rollback only goes back: a --to=REV ahead of the database says so, and which
+    command goes there."""
+    head = head_revision()
+
+    ahead = project.fails("rollback", f"--to={head}")
+
+    assert f"the dev database is at base (nothing applied), before {head}: rollback only" in ahead
+    assert f"`invoke migrate --env=dev --to={head}` goes forward to it" in ahead
+    project.ok("migrate", f"--to={head}")
+    assert "nothing to do" in project.ok("rollback", f"--to={head}").stderr  # at it
+    assert version(project) == [head]
+
+
 def test_rollback_at_base_has_nothing_to_do(project: Project) -> None:
     result = project.ok("rollback")
     assert "nothing to do" in result.stderr
