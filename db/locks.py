@@ -195,7 +195,8 @@ async def pg_lock(
         if holder is None:
             row = (await connection.execute(_HOLDER, params)).first()
             holder = f"pid {row[0]}, application_name {row[1]!r}" if row else "another run"
-            note(f"waiting up to {wait:g}s for the migration lock, held by {holder}")
+            if wait > 0:  # no wait (a fleet's first try): the error or the retry says it all
+                note(f"waiting up to {wait:g}s for the migration lock, held by {holder}")
         await connection.commit()
         stopped()
         if time.monotonic() >= deadline:
@@ -285,7 +286,8 @@ def _begin_immediate(
     try:
         return _begin(connection, busy_timeout=0)
     except _Busy:
-        note(f"waiting up to {wait:g}s for another migration of this SQLite file to finish")
+        if wait > 0:
+            note(f"waiting up to {wait:g}s for another migration of this SQLite file to finish")
     while (left := deadline - time.monotonic()) > 0:
         stopped()
         with suppress(_Busy):

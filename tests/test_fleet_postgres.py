@@ -144,6 +144,8 @@ def test_a_target_locked_by_another_run_is_retried_last(
     gamma = next(i for i, line in enumerate(lines) if "gamma] migrated" in line)
     beta = next(i for i, line in enumerate(lines) if f"beta] migrated: {HEAD}" in line)
     assert locked < gamma < beta
+    assert lines[beta + 1].startswith("  waiting up to 60s for the migration lock, held by pid")
+    assert "waiting up to 0s" not in err  # the first try, which did not wait
     for shop in SHOPS:
         rows = pg_fetch(pg_database.dsn, f"select revision, direction from {shop}.migration_log")
         assert [(r["revision"], r["direction"]) for r in rows] == [(HEAD, "up")]
