@@ -11,10 +11,10 @@ from alembic import command
 from conftest import REPO, PgDatabase, head_revision
 from sqlalchemy import create_engine, inspect, make_url, select, text
 
-from db import commands
+from db import commands, fleet
 from db.engines import make_async_engine
 from db.environments import Environment, load_environment
-from db.errors import LockLost
+from db.errors import ConfigError, LockLost
 from db.locks import pg_lock, prepare_session
 from db.models import Category, User
 from db.runner import make_config
@@ -66,6 +66,24 @@ def test_migrate_from_inside_a_running_event_loop(tmp_path: Path) -> None:
     assert asyncio.run(app_startup()) == [head_revision()]
 
 
+def test_app_sessions_on_a_fleet_are_one_shops(tmp_path: Path) -> None:
+    one = sqlite_env(tmp_path)
+    text = "DATABASE_URL=sqlite:///var/{target}.sqlite3\nTARGETS=alpha beta\n"
+    (tmp_path / "environments" / "shops.env").write_text(text)
+    shops = load_environment(tmp_path, "shops", {})
+    for target in fleet.targets(shops):
+        commands.migrate(fleet.environment(shops, target))
+
+    assert use_the_shop(shops, "alpha") == ["e-books"]
+    assert use_the_shop(shops, "beta") == ["e-books"]  # its own database: one category each
+    with pytest.raises(ConfigError, match="shops is a fleet: name the shop, e.g. target='alpha'"):
+        session_factory(shops)
+    with pytest.raises(ConfigError, match="shops has no target 'gamma'"):
+        session_factory(shops, "gamma")
+    with pytest.raises(ConfigError, match="t is one database, not a fleet: it has no 'alpha'"):
+        session_factory(one, "alpha")
+
+
 @pytest.mark.postgres
 def test_migrate_postgres_from_inside_a_running_event_loop(
     tmp_path: Path, pg_database: PgDatabase
@@ -81,7 +99,7 @@ def test_migrate_postgres_from_inside_a_running_event_loop(
     assert asyncio.run(app_startup()) == [head_revision()]
 
 
-def use_the_shop(env: Environment) -> list[str]:
+def use_the_shop(env: Environment, target: str = "") -> list[str]:
     """Add a category and a user through the app's sessions; read them back.
 
     Times come back aware and in UTC on both backends, so comparing them with
@@ -89,7 +107,7 @@ def use_the_shop(env: Environment) -> list[str]:
     """
 
     async def scenario() -> list[str]:
-        Session = session_factory(env)
+        Session = session_factory(env, target)
         given = datetime(2026, 1, 2, 3, 4, 5, tzinfo=timezone(timedelta(hours=3)))
         async with Session() as session, session.begin():
             session.add(Category(name="e-books"))
