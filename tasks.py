@@ -49,6 +49,37 @@ sys.dont_write_bytecode = bool(sys.flags.dont_write_bytecode)
 # colour HTML error pages, which no task renders: 40 ms of every task's start-up. Without
 # its plugin Mako falls back to plain text.
 sys.modules.setdefault("mako.ext.pygmentplugin", None)  # type: ignore[arg-type]
+
+
+def _quiet_when_the_reader_leaves() -> None:
+    """``invoke history | head``: once stdout's reader has gone, end without a traceback,
+    as Unix tools do (exit 141, as SIGPIPE would). Python ignores SIGPIPE, so that a
+    server's closed socket raises an error instead of killing a run; a closed pipe raises
+    BrokenPipeError."""
+    hook = sys.excepthook
+
+    def cut_short(kind: type[BaseException], value: BaseException, traceback: Any) -> None:
+        if issubclass(kind, BrokenPipeError) and _stdout_reader_gone():
+            sys.stderr.flush()
+            os._exit(128 + signal.SIGPIPE)
+        hook(kind, value, traceback)
+
+    sys.excepthook = cut_short
+
+
+def _stdout_reader_gone() -> bool:
+    """Whether stdout is a pipe nobody reads any more (not some socket's broken pipe)."""
+    import select
+
+    try:
+        poller = select.poll()
+        poller.register(sys.stdout.fileno(), select.POLLOUT)
+        return any(events & select.POLLERR for _, events in poller.poll(0))
+    except (OSError, ValueError):  # no stdout to ask
+        return False
+
+
+_quiet_when_the_reader_leaves()
 COMMON = {
     "env": "environment name, a file in environments/ (default: dev, or INVOKE_DB_ENV)",
     "debug": "show the Python traceback of a failure (or set INVOKE_DB_DEBUG=1)",

@@ -6,6 +6,10 @@ The environment rules are tested in-process; what the command line does with a m
 
 from __future__ import annotations
 
+import os
+import signal
+import subprocess
+import sys
 from pathlib import Path
 
 import pytest
@@ -199,6 +203,29 @@ def test_offline_sql_to_a_file_it_cannot_write_is_a_clear_error(project: Project
         assert "Traceback" not in result.stderr
     project.ok("offline-sql", "--output=var/sql/new/all.sql")  # its folder is made
     assert "CREATE TABLE" in (project.root / "var" / "sql" / "new" / "all.sql").read_text()
+
+
+def test_a_reader_that_leaves_early_ends_the_output_quietly(project: Project) -> None:
+    """``invoke history | head -1``: the rest of the output has nowhere to go; that is
+    no error of the task's, and no traceback."""
+    project.migrated()
+    for args in (["history"], ["offline-sql"], ["status", "--json"]):
+        reader, writer = os.pipe()
+        os.close(reader)  # as head does once it has its line
+        try:
+            done = subprocess.run(
+                [sys.executable, "-m", "invoke", *args],
+                cwd=project.root,
+                env=project.environ,
+                stdout=writer,
+                stderr=subprocess.PIPE,
+                text=True,
+                timeout=60,
+            )
+        finally:
+            os.close(writer)
+        assert "Traceback" not in done.stderr and "Exception ignored" not in done.stderr
+        assert done.returncode == 128 + signal.SIGPIPE, done.stderr  # as a SIGPIPE would
 
 
 def _revision(rev: str, down: str) -> str:
