@@ -130,7 +130,7 @@ def migrate(
 
     with reported(c, debug):
         to = named("--to", to)
-        target = environment(c, env, banner=True, fleet_ok=True)
+        target = environment(c, env, banner=True, fleet_ok=True, only=only)
         options = run_options(lock_wait, wait, allow_env_mismatch)
         if is_fleet(target):
             plan = fleet_plan(
@@ -185,7 +185,7 @@ def rollback(
 
     with reported(c, debug):
         count = whole("--steps", steps, default=1, least=1)
-        target = environment(c, env, banner=True, fleet_ok=True)
+        target = environment(c, env, banner=True, fleet_ok=True, only=only)
         options = run_options(lock_wait, wait, allow_env_mismatch)
         if is_fleet(target):
             if target.protected:
@@ -319,7 +319,7 @@ def stamp(
 
     with reported(c, debug):
         revision = named("REVISION", revision)
-        target = environment(c, env, banner=True, fleet_ok=True)
+        target = environment(c, env, banner=True, fleet_ok=True, only=only)
         if target.protected:
             confirm(target, yes, f"record {revision} as applied on", need_yes=False)
         options = run_options(lock_wait, "", allow_env_mismatch)
@@ -421,7 +421,7 @@ def offline_sql(
 
     with reported(c, debug):
         to = named("--to", to)
-        target = environment(c, env, fleet_ok=True)
+        target = environment(c, env, fleet_ok=True, only=only)
         if is_fleet(target):
             scripts = fleet.offline_sql(target, only, from_ or None, to)
             if output:
@@ -460,7 +460,7 @@ def status(
     from db import commands
 
     with reported(c, debug):
-        target = environment(c, env, banner=True, fleet_ok=True)
+        target = environment(c, env, banner=True, fleet_ok=True, only=only)
         if is_fleet(target):
             plan = fleet_plan("status", None, jobs, keep_going=True)
             outcomes = run_fleet(target, plan, only, run_options(), json_=json_)
@@ -495,7 +495,7 @@ def history(
     from db import commands, fleet
 
     with reported(c, debug):
-        target = environment(c, env, banner=True, fleet_ok=True)
+        target = environment(c, env, banner=True, fleet_ok=True, only=only)
         if is_fleet(target):
             plan = fleet_plan("history", None, jobs, keep_going=True)
             outcomes = run_fleet(target, plan, only, run_options(), quiet=json_)
@@ -553,7 +553,7 @@ def check(c: Context, env: str = "", only: str = "", jobs: str = "", debug: bool
     from db import review
 
     with reported(c, debug):
-        target = environment(c, env, banner=True, fleet_ok=True)
+        target = environment(c, env, banner=True, fleet_ok=True, only=only)
         if is_fleet(target):
             outcomes = run_fleet(target, fleet_plan("check", None, jobs, True), only, run_options())
             if any(o.state == "problems" for o in outcomes):
@@ -589,7 +589,7 @@ def seed(c: Context, env: str = "", only: str = "", jobs: str = "", debug: bool 
 
     with reported(c, debug):
         why = "seed data is for development databases"
-        target = environment(c, env, banner=True, refuse_protected=why, fleet_ok=True)
+        target = environment(c, env, banner=True, refuse_protected=why, fleet_ok=True, only=only)
         if is_fleet(target):
             run_fleet(target, fleet_plan("seed", None, jobs, False), only, run_options())
             return
@@ -630,18 +630,21 @@ def environment(
 
     ``refuse_protected`` (why) refuses a protected environment before its secrets are needed.
     A fleet stays whole where the task runs on fleets (``fleet_ok``); elsewhere ``only`` must
-    name one of its targets.
+    name one of its targets. ``only`` on one database is refused.
     """
     from db import fleet
     from db.environments import load_environment
-    from db.errors import GuardRefused
+    from db.errors import GuardRefused, UsageError
 
     loaded = load_environment(ROOT, name or c.config.db.env, os.environ)
     for warning in loaded.warnings:
         print(warning, file=sys.stderr)
     if refuse_protected and loaded.protected:
         raise GuardRefused(f"{loaded.name} is protected: {refuse_protected}")
-    if fleet.is_fleet(loaded) and not fleet_ok:
+    if not fleet.is_fleet(loaded):
+        if only:  # a mistaken --env must not run on the whole database
+            raise UsageError(f"{loaded.name} is one database, not a fleet: --only does not apply")
+    elif not fleet_ok:
         loaded = fleet.one(loaded, only)
     if banner:
         announce(loaded)

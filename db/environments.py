@@ -141,9 +141,11 @@ def load_environment(root: Path, name: str, environ: Mapping[str, str]) -> Envir
     base = root / ENV_DIR / f"{name}.env"
     if not _NAME.fullmatch(name) or not base.is_file():
         known = ", ".join(known_environments(root)) or "none"
+        create = f"add {ENV_DIR}/{name}.env to create it"
+        if not _NAME.fullmatch(name):
+            create = "a name holds letters, digits, _ and - only"
         raise ConfigError(
-            f"unknown environment {name!r}: known environments are {known} "
-            f"(add {ENV_DIR}/{name}.env to create it)"
+            f"unknown environment {name!r}: known environments are {known} ({create})"
         )
     raw: dict[str, tuple[str, Path]] = {}
     local = base.with_name(f"{name}.local.env")

@@ -22,7 +22,17 @@ def test_unknown_environment_lists_the_known_ones(project: Project) -> None:
 
 def test_environment_name_cannot_escape_the_directory(project: Project) -> None:
     error = project.fails("status", "--env=../tasks")
-    assert "unknown environment" in error
+    assert "unknown environment '../tasks'" in error
+    assert "(a name holds letters, digits, _ and - only)" in error and ".env to create" not in error
+
+
+def test_only_on_one_database_is_refused(project: Project) -> None:
+    """--only narrows a fleet; given with an --env that is one database (a mistaken env),
+    the run must not go on over the whole database."""
+    for task in ("migrate", "status", "reset"):
+        error = project.fails(task, "--only=alpha")
+        assert "dev is one database, not a fleet: --only does not apply" in error
+    assert not (project.root / "var" / "dev.sqlite3").exists()
 
 
 def test_unreadable_env_file(project: Project) -> None:
