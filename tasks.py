@@ -279,7 +279,10 @@ def resolve(
 
     with reported(c, debug):
         if applied == rolled_back:
-            raise UsageError("say how the revision ended: pass --applied or --rolled-back")
+            which = "not both" if applied else "one of them"
+            raise UsageError(
+                f"say how the revision ended: pass --applied or --rolled-back, {which}"
+            )
         revision = named("REVISION", revision)
         target = environment(c, env, banner=True, only=only)
         if target.protected:

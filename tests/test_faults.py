@@ -191,9 +191,10 @@ def test_a_revision_resolved_as_rolled_back_runs_again(
 
 
 def test_resolve_needs_to_be_told_how_the_revision_ended(shop: Project) -> None:
-    assert "pass --applied or --rolled-back" in shop.fails("resolve", "p02", "--env=ci")
+    error = shop.fails("resolve", "p02", "--env=ci")
+    assert "pass --applied or --rolled-back, one of them" in error
     result = shop.invoke("resolve", "p02", "--applied", "--rolled-back", "--env=ci")
-    assert result.returncode == 2
+    assert result.returncode == 2 and "--rolled-back, not both" in result.stderr
 
 
 def test_server_idle_timeouts_never_fail_a_good_run(shop: Project, pg_database: PgDatabase) -> None:
