@@ -103,3 +103,28 @@ def test_migration_url_takes_migrations_past_the_pooler(
     env = load_environment(project.root, "ci", {})
     assert env.url().port == SERVER.port
     assert env.url(app=True).port == transaction_pool  # the app keeps the pooled URL
+
+
+def test_a_fleet_behind_a_transaction_pool_migrates_through_its_migration_url(
+    project: Project, pg_database: PgDatabase, pg_database_2: PgDatabase, transaction_pool: int
+) -> None:
+    """Each target's run refuses the pooler as one database's does; a templated
+    MIGRATION_URL takes every target's migrations past it, and the app keeps the pool."""
+    names = f"{pg_database.name} {pg_database_2.name}"
+    pooled_fleet = f"postgresql+asyncpg://postgres@127.0.0.1:{transaction_pool}/{{target}}"
+    project.write_env("shops", f"DATABASE_URL={pooled_fleet}\nTARGETS={names}\n")
+
+    refused = project.invoke("migrate", "--env=shops")
+
+    assert refused.returncode == 6, refused.stderr
+    assert refused.stderr.count("pooler in transaction mode") >= 2  # each target's line
+    assert "Traceback" not in refused.stderr
+    for database in (pg_database, pg_database_2):  # nothing ran on either
+        assert not pg_fetch(database.dsn, "select 1 from pg_tables where schemaname = 'public'")
+    direct = f"postgresql+asyncpg://postgres@{SERVER.host}:{SERVER.port or 5432}/{{target}}"
+    project.extend_env("shops", f"MIGRATION_URL={direct}\n")
+    project.ok("migrate", "--env=shops")
+    for database in (pg_database, pg_database_2):
+        assert versions_of(database.dsn) == [head_revision()]
+    env = load_environment(project.root, "shops", {})
+    assert f":{transaction_pool}/{{target}}" in env.get("DATABASE_URL")  # the app's, pooled
