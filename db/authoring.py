@@ -29,7 +29,7 @@ def offline_sql(env: Environment, start: str | None = None, to: str = "head") ->
     script = load_scripts(config)
     if to == "head":
         guards.single_head(script)
-    if start is not None and _goes_down(script, start, to):
+    if start is not None and _goes_down(script, start, to, env):
         raise RevisionError(
             f"--from={start} is already past --to={to}: offline-sql writes upgrade SQL only; "
             "swap the two for the upgrade, or use `invoke rollback` against a database"
@@ -44,12 +44,12 @@ def offline_sql(env: Environment, start: str | None = None, to: str = "head") ->
     return output.getvalue()
 
 
-def _goes_down(script: ScriptDirectory, start: str, to: str) -> bool:
+def _goes_down(script: ScriptDirectory, start: str, to: str, env: Environment) -> bool:
     """Whether ``to`` comes before ``start`` in the history (a downgrade)."""
     try:
         start_rev, to_rev = script.get_revision(start), script.get_revision(to)
     except CommandError as exc:
-        raise revision_error(exc, "--env=dev") from exc
+        raise revision_error(exc, env.flags) from exc
     if start_rev is None or to_rev is None:  # None is base
         return start_rev is not None
     if start_rev.revision == to_rev.revision:

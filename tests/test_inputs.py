@@ -191,6 +191,8 @@ def test_offline_sql_refuses_a_downgrade_range(project: Project) -> None:
     assert result.returncode == 1
     assert "offline-sql writes upgrade SQL only" in result.stderr
     assert result.stdout == ""
+    unknown = project.fails("offline-sql", "--env=prod", "--from=zzzz")
+    assert "No such revision or branch 'zzzz'; see `invoke history --env=prod`" in unknown
 
 
 def test_offline_sql_to_a_file_it_cannot_write_is_a_clear_error(project: Project) -> None:
