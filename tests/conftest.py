@@ -39,6 +39,13 @@ COPIED = ["tasks.py", "alembic.ini", "pyproject.toml", ".squawk.toml", "db", "en
 
 
 INVOKE_TIMEOUT = int(os.environ.get("TEST_INVOKE_TIMEOUT", "120"))
+# a task's stdio when a test reads its output: no input, stdout and stderr as text
+PIPES: dict[str, Any] = {
+    "stdin": subprocess.DEVNULL,
+    "stdout": subprocess.PIPE,
+    "stderr": subprocess.PIPE,
+    "text": True,
+}
 
 
 class Launcher:
@@ -134,21 +141,23 @@ class Project:
     ) -> subprocess.CompletedProcess[str]:
         if self.launcher is not None:
             run = Background(self.launcher.start(list(args), cwd or self.root, self.environ | env))
-            try:
-                out, err = run.communicate(INVOKE_TIMEOUT)
-            except subprocess.TimeoutExpired:
-                os.kill(run.pid, signal.SIGKILL)
-                raise
-            return subprocess.CompletedProcess(["invoke", *args], run.wait(), out, err)
-        return subprocess.run(
-            [sys.executable, "-m", "invoke", *args],
-            cwd=cwd or self.root,
-            env={**self.environ, **env},
-            stdin=subprocess.DEVNULL,
-            capture_output=True,
-            text=True,
-            timeout=INVOKE_TIMEOUT,
-        )
+        else:
+            run = Background(self.start(*args, cwd=cwd or self.root, env=env, **PIPES))
+        try:
+            out, err = run.communicate(INVOKE_TIMEOUT)
+        except subprocess.TimeoutExpired:
+            os.kill(run.pid, signal.SIGKILL)
+            raise
+        return subprocess.CompletedProcess(["invoke", *args], run.wait(), out, err)
+
+    def start(
+        self, *args: str, env: dict[str, str] | None = None, **stdio: Any
+    ) -> subprocess.Popen[Any]:
+        """``python -m invoke ARGS`` in a fresh interpreter in this copy, with the stdio
+        given (a terminal, a pipe nobody reads): what the warm launcher cannot hand over."""
+        command = [sys.executable, "-m", "invoke", *args]
+        where = {"cwd": self.root, **stdio}
+        return subprocess.Popen(command, env={**self.environ, **(env or {})}, **where)
 
     def ok(self, *args: str, **env: str) -> subprocess.CompletedProcess[str]:
         result = self.invoke(*args, **env)
@@ -445,17 +454,7 @@ def popen(project: Project, *args: str, **env: str) -> Background:
     """Start an ``invoke`` task in the background (its pid is the task's own, for signals)."""
     if project.launcher is not None:
         return Background(project.launcher.start(list(args), project.root, project.environ | env))
-    return Background(
-        subprocess.Popen(
-            [sys.executable, "-m", "invoke", *args],
-            cwd=project.root,
-            env={**project.environ, **env},
-            stdin=subprocess.DEVNULL,
-            stdout=subprocess.PIPE,
-            stderr=subprocess.PIPE,
-            text=True,
-        )
-    )
+    return Background(project.start(*args, env=env, **PIPES))
 
 
 def wait_until(check: Any, what: str, seconds: float = 30, process: Any = None) -> Any:

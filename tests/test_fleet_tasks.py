@@ -10,7 +10,6 @@ import re
 import select
 import sqlite3
 import subprocess
-import sys
 from contextlib import closing
 
 import pytest
@@ -242,10 +241,10 @@ def test_a_protected_fleets_plan_is_short_and_says_why_a_target_is_unreadable(
 
 def test_a_terminal_shows_a_progress_line(fleet: Project) -> None:
     leader, follower = pty.openpty()
-    process = subprocess.Popen(
-        [sys.executable, "-m", "invoke", "migrate", "--env=shops", "--jobs=1"],
-        cwd=fleet.root,
-        env=fleet.environ,
+    process = fleet.start(
+        "migrate",
+        "--env=shops",
+        "--jobs=1",
         stdin=subprocess.DEVNULL,
         stdout=follower,
         stderr=follower,

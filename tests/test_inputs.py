@@ -9,7 +9,6 @@ from __future__ import annotations
 import os
 import signal
 import subprocess
-import sys
 from pathlib import Path
 
 import pytest
@@ -215,19 +214,12 @@ def test_a_reader_that_leaves_early_ends_the_output_quietly(project: Project) ->
         reader, writer = os.pipe()
         os.close(reader)  # as head does once it has its line
         try:
-            done = subprocess.run(
-                [sys.executable, "-m", "invoke", *args],
-                cwd=project.root,
-                env=project.environ,
-                stdout=writer,
-                stderr=subprocess.PIPE,
-                text=True,
-                timeout=60,
-            )
+            task = project.start(*args, stdout=writer, stderr=subprocess.PIPE, text=True)
+            _, err = task.communicate(timeout=60)
         finally:
             os.close(writer)
-        assert "Traceback" not in done.stderr and "Exception ignored" not in done.stderr
-        assert done.returncode == 128 + signal.SIGPIPE, done.stderr  # as a SIGPIPE would
+        assert "Traceback" not in err and "Exception ignored" not in err
+        assert task.returncode == 128 + signal.SIGPIPE, err  # as a SIGPIPE would
 
 
 def _revision(rev: str, down: str) -> str:

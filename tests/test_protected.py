@@ -6,7 +6,6 @@ import os
 import pty
 import stat
 import subprocess
-import sys
 
 from conftest import Project, add_notes, head_revision, migrated_shop, revision, tables, version
 
@@ -16,14 +15,8 @@ SAFE = "DATABASE_URL=sqlite:///var/safe.sqlite3\nPROTECTED=true\n"
 def on_terminal(project: Project, typed: str, *args: str) -> tuple[int, str]:
     """Run a task with a terminal as stdin, typing ``typed``; returns exit code and stderr."""
     controller, terminal = pty.openpty()
-    process = subprocess.Popen(
-        [sys.executable, "-m", "invoke", *args],
-        cwd=project.root,
-        env=project.environ,
-        stdin=terminal,
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
+    process = project.start(
+        *args, stdin=terminal, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
     )
     os.close(terminal)
     os.write(controller, typed.encode() + b"\n")

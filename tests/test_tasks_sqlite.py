@@ -10,7 +10,7 @@ import sys
 from pathlib import Path
 
 import pytest
-from conftest import REPO, Project, add_coupon_model, head_revision, tables, version
+from conftest import PIPES, REPO, Project, add_coupon_model, head_revision, tables, version
 
 SHOP_TABLES = {"users", "categories", "products", "purchases"}
 
@@ -331,16 +331,10 @@ def test_a_task_keeps_the_bytecode_of_what_it_loads_as_python_would(
     user's shell starts one (the tests' warm one was started with its own setting)."""
     for cache in list(project.root.rglob("__pycache__")):
         shutil.rmtree(cache)
-    migrated = subprocess.run(
-        [sys.executable, "-m", "invoke", "migrate", "--env=dev"],
-        cwd=project.root,
-        env={**project.environ, "PYTHONDONTWRITEBYTECODE": dont_write},
-        capture_output=True,
-        text=True,
-        timeout=120,
-    )
+    migrated = project.start("migrate", env={"PYTHONDONTWRITEBYTECODE": dont_write}, **PIPES)
+    _, err = migrated.communicate(timeout=120)
 
-    assert migrated.returncode == 0, migrated.stderr
+    assert migrated.returncode == 0, err
     written = {path.parent.relative_to(project.root) for path in project.root.rglob("*.pyc")}
     wanted = {Path("db/__pycache__"), Path("db/migrations/__pycache__")}
     wanted.add(Path("db/migrations/versions/__pycache__"))
