@@ -188,10 +188,9 @@ def rollback(
         target = environment(c, env, banner=True, fleet_ok=True, only=only)
         options = run_options(lock_wait, wait, allow_env_mismatch)
         if is_fleet(target):
-            if target.protected:
-                confirm(target, yes, "roll back every chosen target of", need_yes=True)
             flags: TaskArgs = {**fleet_args(options), "steps": count, "to": to or None}
-            run_fleet(target, fleet_plan("rollback", flags, jobs, keep_going), only, options)
+            plan = fleet_plan("rollback", flags, jobs, keep_going)
+            run_fleet(target, plan, only, options, yes=yes)
             return
         if target.protected:  # shown and confirmed inside the run, under the lock
 
@@ -323,13 +322,14 @@ def stamp(
     with reported(c, debug):
         revision = named("REVISION", revision)
         target = environment(c, env, banner=True, fleet_ok=True, only=only)
-        if target.protected:
-            confirm(target, yes, f"record {revision} as applied on", need_yes=False)
         options = run_options(lock_wait, "", allow_env_mismatch)
         if is_fleet(target):
             flags: TaskArgs = {**fleet_args(options), "revision": revision, "force": force}
-            run_fleet(target, fleet_plan("stamp", flags, jobs, keep_going), only, options)
+            plan = fleet_plan("stamp", flags, jobs, keep_going)
+            run_fleet(target, plan, only, options, yes=yes)
             return
+        if target.protected:
+            confirm(target, yes, f"record {revision} as applied on", need_yes=False)
         done = records.stamp(target, revision, force, options)
     for gap in done.differences:
         print(f"  differs (--force): {gap}", file=sys.stderr)
@@ -681,6 +681,13 @@ def fleet_plan(
     return Plan(task_name, args or TaskArgs(), count, keep_going, whole("--canary", canary, 0, 0))
 
 
+# what a protected fleet asks before a run that changes its targets (migrate shows a plan)
+PROTECTED_ASKS = {
+    "rollback": ("roll back every chosen target of", True),
+    "stamp": ("record {revision} as applied on", False),
+}
+
+
 def run_fleet(
     env: Environment,
     plan: Plan,
@@ -700,6 +707,7 @@ def run_fleet(
     from db.errors import ConfigError
 
     chosen = fleet.targets(env, only)
+    fleet.check(env, plan, chosen)  # what would fail every target alike fails here, once
     hosts = {fleet.host(fleet.environment(env, t)) for t in chosen}
     plan = replace(plan, jobs=plan.jobs or fleet.default_jobs(len(chosen), len(hosts)))
     if env.protected and plan.task == "migrate":
@@ -707,6 +715,9 @@ def run_fleet(
         if not chosen:
             print(f"{env.name}: nothing to do, every target is already there", file=sys.stderr)
             return []
+    elif env.protected and plan.task in PROTECTED_ASKS:
+        action, need_yes = PROTECTED_ASKS[plan.task]
+        confirm(env, yes, action.format(**plan.args), need_yes=need_yes)
     out = sys.stdout if plan.task == "status" else sys.stderr
     board = Board(len(chosen), quiet=quiet or json_, out=out)
     started = datetime.now(timezone.utc)

@@ -96,6 +96,26 @@ class Plan:
     canary: int = 0
 
 
+def check(env: Environment, plan: Plan, chosen: list[Target]) -> None:
+    """Refuse, before any of the ``chosen`` targets starts, what would fail on every target
+    alike: revision files that do not load, several heads for a migrate to head, a revision
+    (``--to``, or the one to stamp) that the files do not have."""
+    from db import guards
+    from db.records import stamp_target
+    from db.runner import known_revision, load_scripts, make_config
+
+    if plan.task not in ("migrate", "rollback", "stamp"):
+        return
+    # the files are the same for every target; a target's own settings make the Config
+    script = load_scripts(make_config(environment(env, chosen[0]), offline=True))
+    if plan.task == "stamp":
+        stamp_target(script, plan.args.get("revision", ""), env.flags)
+    elif plan.task == "migrate" and plan.args.get("to") == "head":
+        guards.single_head(script, to_flag=True)
+    elif plan.args.get("to"):
+        known_revision(script, plan.args.get("to") or "", env.flags)
+
+
 def is_fleet(env: Environment) -> bool:
     """Whether the environment names targets. A ``{target}`` left with none named (an empty
     ``TARGETS``) is refused: it would make one database literally called ``{target}``."""

@@ -19,7 +19,7 @@ from typing import TypeVar
 from alembic import util
 from alembic.runtime.migration import MigrationContext as Context
 from alembic.runtime.migration import RevisionStep
-from alembic.script import ScriptDirectory
+from alembic.script import Script, ScriptDirectory
 from alembic.util import CommandError
 from sqlalchemy import Connection, text
 from sqlalchemy.engine import URL
@@ -46,6 +46,17 @@ class Stamped:
     differences: list[str]  # what --force went past; empty when the schemas matched
 
 
+def stamp_target(script: ScriptDirectory, revision: str, flags: str) -> Script:
+    """The one revision ``stamp`` may record: one the files have, and not base."""
+    try:
+        found = script.get_revision(revision)
+    except CommandError as exc:
+        raise revision_error(exc, flags) from exc
+    if found is None:
+        raise RevisionError("stamp needs a revision, not base: roll back instead")
+    return found
+
+
 def stamp(
     env: Environment, revision: str, force: bool = False, options: RunOptions | None = None
 ) -> Stamped:
@@ -54,12 +65,7 @@ def stamp(
     options = options or RunOptions()
     config = make_config(env, options, lock=True)
     script = load_scripts(config)
-    try:
-        found = script.get_revision(revision)
-    except CommandError as exc:
-        raise revision_error(exc, env.flags) from exc
-    if found is None:
-        raise RevisionError("stamp needs a revision, not base: roll back instead")
+    found = stamp_target(script, revision, env.flags)
     gaps = differences(snapshot(env), scratch_schema(env, found.revision))
     if gaps and not force:
         raise GuardRefused(

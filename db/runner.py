@@ -52,6 +52,7 @@ from db.progress import Progress, Revision, Step, Stop
 VERSION_TABLE = "alembic_version"
 LOCK_WAIT = 60.0  # seconds a run waits for another run's migration lock, by default
 _RELATIVE = re.compile(r"Relative revision ([+-]\d+) didn't produce (\d+) migrations")
+_RELATIVE_ID = re.compile(r"(?:.+@)?\w*[+-]\d+")  # +2, -1, ae1027a6acf+2, branch@-1
 _FOLLOW_UPS = (PendingRollbackError, ResourceClosedError, InterfaceError)
 _CONNECTION_LOST = "the connection, and with it the migration lock,"
 __all__ = ["Progress", "Run", "RunOptions", "Step", "Stop", "make_config", "run_env"]
@@ -384,6 +385,17 @@ def _kept(step: Step, applied: set[str]) -> bool:
 
 def _direction(step: RevisionStep) -> str:
     return "up" if step.is_upgrade else "down"
+
+
+def known_revision(script: ScriptDirectory, revision: str, flags: str) -> None:
+    """Refuse a revision the files do not have. Steps relative to a database's own revision
+    (``+N``, ``-N``, ``REV@-N``) depend on that database, so they are left to its run."""
+    if _RELATIVE_ID.fullmatch(revision):
+        return
+    try:
+        script.get_revisions(revision)
+    except CommandError as exc:
+        raise revision_error(exc, flags) from exc
 
 
 def revision_error(exc: CommandError, flags: str) -> RevisionError:

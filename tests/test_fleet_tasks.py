@@ -280,9 +280,9 @@ def test_a_target_that_cannot_be_read_fails_status_and_is_named(fleet: Project) 
     )
     assert "error: 1 target(s) failed or skipped\n" in result.stderr
     assert "Traceback" not in result.stderr
-    bad = fleet.invoke("migrate", "--env=shops", "--to=zzzz")
-    assert bad.returncode == 6 and "No such revision or branch 'zzzz'" in bad.stderr
-    assert "see `invoke history --env=shops --only=alpha`" in bad.stderr
+    bad = fleet.invoke("migrate", "--env=shops", "--to=+2")  # relative: each target's own
+    assert bad.returncode == 6 and "so +2 leads nowhere" in bad.stderr
+    assert "see `invoke status --env=shops --only=alpha`" in bad.stderr
 
 
 def test_a_target_placeholder_with_no_targets_named_is_refused(project: Project) -> None:
@@ -300,3 +300,34 @@ def test_a_negative_jobs_count_is_a_usage_error(fleet: Project) -> None:
     assert "--canary takes a whole number" in fleet.fails("migrate", "--env=shops", "--canary=x")
     assert "--jobs takes a whole number" in fleet.fails("status", "--env=shops", "--jobs=two")
     assert not (fleet.root / "var" / "shops").exists()
+
+
+def test_what_would_fail_every_target_alike_is_refused_once_before_any_starts(
+    project: Project,
+) -> None:
+    project.write_env("shops", SQLITE_FLEET + "PROTECTED=true\n")
+    project.ok("migrate", "--env=shops", "--yes")
+    runs = len(list((project.root / "var" / "runs").glob("shops-*.json")))
+    history = "see `invoke history --env=shops`"
+
+    # refused before the protected fleet asks (without --yes it would refuse to go on)
+    for task in (["migrate", "--to=nope"], ["rollback", "--to=nope"], ["stamp", "nope"]):
+        error = project.fails(*task, "--env=shops")
+        assert f"error: No such revision or branch 'nope'; {history}" in error
+        assert "] failed" not in error and "--yes" not in error
+    base = project.fails("stamp", "base", "--env=shops", "--yes")
+    assert "error: stamp needs a revision, not base: roll back instead" in base
+    project.add_revision("fork", revision("fork0001", HEAD))
+    project.add_revision("other", revision("other001", HEAD))
+    heads = project.fails("migrate", "--env=shops", "--yes")
+    assert "error: the revisions have 2 heads (fork0001, other001): merge them" in heads
+    assert "plan for 3 targets" not in heads
+    project.add_revision("broken", "this is not python(\n")
+    broken = project.fails("rollback", "--env=shops", "--yes")
+    assert "error: the revision files cannot be loaded: SyntaxError:" in broken
+    (project.versions / "broken.py").unlink()
+
+    assert len(list((project.root / "var" / "runs").glob("shops-*.json"))) == runs
+    assert all(versions(project, shop) == [HEAD] for shop in SHOPS)
+    project.ok("migrate", "--env=shops", "--yes", "--to=fork0001")
+    assert all(versions(project, shop) == ["fork0001"] for shop in SHOPS)
