@@ -353,5 +353,5 @@ def run(
         return first + run(env, environ, rest, replace(plan, canary=0), on_done, on_start, stop)
     hosts = {t.name: host(environment(env, t)) for t in chosen}
     cap = int(env.number("MAX_CONNECTIONS_PER_HOST", 0)) or plan.jobs
-    with Pool(env, environ, plan, hosts, cap, stop) as pool:
+    with Pool(env, environ, plan, hosts, cap, stop, first=chosen[0] if chosen else None) as pool:
         return pool.run(chosen, on_done, on_start)

@@ -64,10 +64,12 @@ class Pool:
         hosts: Mapping[str, str],
         cap: int,
         stop: Stop | None = None,
+        first: Target | None = None,
     ) -> None:
         self.env, self.environ, self.plan = env, dict(environ), plan
         self.hosts, self.cap, self.stop = hosts, cap, stop or Stop()
-        self._preload()
+        # a target's own environment: the fleet's may hold {target} where a name must be
+        self._preload(environment(env, first) if first else env)
         # what the workers inherit stays out of their collections: none scans it, and none
         # copies its pages to write the collector's marks (Python's advice before a fork)
         gc.freeze()
@@ -104,9 +106,10 @@ class Pool:
         if self._told.value == 0:
             self._told.value = HALT
 
-    def _preload(self) -> None:
-        """Do once here, before the workers fork, what each would do on its first target:
-        import the modules, load and checksum the revision files, read who runs them."""
+    def _preload(self, env: Environment) -> None:
+        """Do once here, before the workers fork, what each would do on its first target
+        (``env``): import the modules, load and checksum the revision files, read who runs
+        them."""
         import importlib
 
         from db import audit, locks  # noqa: F401  (env.py's)
@@ -116,14 +119,14 @@ class Pool:
         if self.plan.task in extra:
             importlib.import_module(extra[self.plan.task])
 
-        if is_async(self.env.url(need_secrets=False)):  # which imports the dialect too
+        if is_async(env.url(need_secrets=False)):  # which imports the dialect too
             import asyncpg  # type: ignore[import-untyped]  # noqa: F401
             import sqlalchemy.ext.asyncio  # noqa: F401
 
         with suppress(DbError):  # broken files: each target reports it
-            script = load_scripts(make_config(self.env, offline=True))
+            script = load_scripts(make_config(env, offline=True))
             if self.plan.task in ("migrate", "rollback"):
-                audit.Who.here(self.env)
+                audit.Who.here(env)
                 for revision in script.walk_revisions():
                     audit.checksum(revision.path)
                     audit.code_checksum(revision.path)

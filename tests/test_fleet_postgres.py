@@ -5,10 +5,12 @@ from __future__ import annotations
 
 import asyncio
 import json
+import os
 import signal
 import threading
 from collections.abc import Iterator
 from contextlib import contextmanager
+from pathlib import Path
 
 import asyncpg
 import pytest
@@ -82,6 +84,22 @@ def test_schema_per_tenant_keeps_each_shop_in_its_schema(
     assert "added 3 users" in seeded.stderr
     assert pg_fetch(dsn, "select count(*) as n from beta.users")[0]["n"] == 3
     assert pg_fetch(dsn, "select count(*) as n from alpha.users")[0]["n"] == 0
+
+
+def test_a_schema_fleet_reads_who_runs_it_once_before_the_workers_fork(
+    tenants: Project, tmp_path: Path
+) -> None:
+    # each run of `git` (the commit an audit row names) leaves a line: done before the
+    # workers fork, it runs once; a worker doing it on its first target adds one of its own
+    calls = tmp_path / "git-calls"
+    shim = tmp_path / "bin" / "git"
+    shim.parent.mkdir()
+    shim.write_text(f'#!/bin/sh\necho "$*" >> {calls}\nexit 128\n')
+    shim.chmod(0o755)
+
+    tenants.ok("migrate", "--env=tenants", "--jobs=3", PATH=f"{shim.parent}:{os.environ['PATH']}")
+
+    assert calls.read_text().splitlines() == ["rev-parse HEAD"]
 
 
 async def _hold(dsn: str, key_name: str, held: asyncio.Event, release: asyncio.Event) -> None:
