@@ -7,7 +7,7 @@ only ``${VAR}`` references inside values (``$$`` writes a literal ``$``).
 from __future__ import annotations
 
 import re
-from collections.abc import Mapping
+from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -20,6 +20,7 @@ from db.errors import ConfigError
 ENV_DIR = "environments"
 CONNECT_TIMEOUT = 10.0  # seconds, unless the env file says otherwise
 SECRET_KEYS = ("DATABASE_URL", "MIGRATION_URL", "DATABASE_PASSWORD")
+CATALOG_KEY = "TARGETS_DATABASE_URL"  # a fleet's catalog of targets
 SUPPORTED_DRIVERS = ("sqlite", "sqlite+pysqlite", "postgresql+asyncpg")
 _NAME = re.compile(r"[A-Za-z0-9_-]+")
 _SCHEMA = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
@@ -119,15 +120,25 @@ class Environment:
         With ``need_secrets=False`` unset variables count as empty.
         """
         if need_secrets:
-            for key in SECRET_KEYS:
-                if key in self.missing:
-                    raise ConfigError(
-                        f"{self.relative(self.sources[key])}: {key} uses ${{{self.missing[key]}}}, "
-                        f"which is not set; export it, or set it in "
-                        f"{ENV_DIR}/{self.name}.local.env"
-                    )
+            self._secrets_set(SECRET_KEYS)
         key = "MIGRATION_URL" if self.get("MIGRATION_URL") and not app else "DATABASE_URL"
         return _database_url(self, key)
+
+    def catalog_url(self) -> URL:
+        """``TARGETS_DATABASE_URL``, the catalog a fleet's ``TARGETS_QUERY`` runs on. It is
+        a URL of its own, password included: the targets' ``DATABASE_PASSWORD`` and
+        ``SCHEMA`` are not the catalog's."""
+        self._secrets_set([CATALOG_KEY])
+        return _database_url(self, CATALOG_KEY)
+
+    def _secrets_set(self, keys: Iterable[str]) -> None:
+        """Refuse a secret that names a variable nobody set."""
+        for key in keys:
+            if key in self.missing:
+                raise ConfigError(
+                    f"{self.relative(self.sources[key])}: {key} uses ${{{self.missing[key]}}}, "
+                    f"which is not set; export it, or set it in {ENV_DIR}/{self.name}.local.env"
+                )
 
 
 def known_environments(root: Path) -> list[str]:
@@ -222,23 +233,30 @@ def _expand(
     return _REFERENCE.sub(replace, text), unset
 
 
-def _database_url(env: Environment, key: str) -> URL:
-    if not env.get(key):
-        raise ConfigError(f"{ENV_DIR}/{env.name}.env does not set {key}")
-    where = env.relative(env.sources[key])
+def parse_url(text: str, where: str, what: str) -> URL:
+    """``text`` as a URL of a supported driver; errors say ``where: what ...``, and never
+    echo the text, which may hold a password."""
     try:
-        url = make_url(env.get(key))
+        url = make_url(text)
     except (ArgumentError, ValueError):
-        # never echo the value: it may hold a password
         raise ConfigError(
-            f"{where}: {key} is not a valid database URL "
+            f"{where}: {what} is not a valid database URL "
             "(expected e.g. postgresql+asyncpg://user@host:5432/name or sqlite:///var/dev.sqlite3)"
         ) from None
     if url.drivername not in SUPPORTED_DRIVERS:
         raise ConfigError(
-            f"{where}: unsupported driver {url.drivername!r} in {key}; "
+            f"{where}: unsupported driver {url.drivername!r} in {what}; "
             f"use one of {', '.join(d + '://' for d in SUPPORTED_DRIVERS)}"
         )
+    return url
+
+
+def _database_url(env: Environment, key: str) -> URL:
+    if not env.get(key):
+        raise ConfigError(f"{ENV_DIR}/{env.name}.env does not set {key}")
+    url = parse_url(env.get(key), env.relative(env.sources[key]), key)
+    if key == CATALOG_KEY:  # the catalog's URL is all its own
+        return _sqlite_path(env, url)
     if "DATABASE_PASSWORD" in env.values and url.get_backend_name() == "sqlite":
         where = env.relative(env.sources["DATABASE_PASSWORD"])
         raise ConfigError(f"{where}: SQLite has no passwords: remove DATABASE_PASSWORD")
@@ -247,6 +265,11 @@ def _database_url(env: Environment, key: str) -> URL:
     if url.get_backend_name() == "sqlite" and env.get("SCHEMA").strip():
         where = env.relative(env.sources["SCHEMA"])
         raise ConfigError(f"{where}: SQLite has no schemas: remove SCHEMA, or use PostgreSQL")
+    return _sqlite_path(env, url)
+
+
+def _sqlite_path(env: Environment, url: URL) -> URL:
+    """A SQLite file's path, resolved against the project (absolute paths stay as they are)."""
     if url.get_backend_name() == "sqlite" and url.database not in (None, "", ":memory:"):
-        url = url.set(database=str(env.root / url.database))  # absolute paths stay as they are
+        url = url.set(database=str(env.root / url.database))
     return url

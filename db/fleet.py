@@ -26,7 +26,7 @@ from typing import TYPE_CHECKING, Any, TypedDict
 
 from sqlalchemy.exc import DBAPIError
 
-from db.environments import Environment
+from db.environments import Environment, parse_url
 from db.errors import ConfigError, first_line
 
 if TYPE_CHECKING:
@@ -160,6 +160,9 @@ def _check_names(env: Environment, found: list[Target]) -> None:
     for t in found:
         if not _NAME.fullmatch(t.name):
             raise ConfigError(f"{env.name}: target {t.name!r} may hold letters, digits, . _ - only")
+    for t in found:
+        if t.url:  # said here, not as if the env file's DATABASE_URL were wrong
+            parse_url(t.url, env.name, f"the URL {source} gives target {t.name}")
     twice = [name for name, count in Counter(t.name for t in found).items() if count > 1]
     if twice:
         raise ConfigError(
@@ -189,8 +192,7 @@ def _from_catalog(env: Environment) -> list[Target]:
 
     if not env.get("TARGETS_DATABASE_URL"):
         raise ConfigError(f"{env.name}: TARGETS_QUERY needs TARGETS_DATABASE_URL, the catalog")
-    catalog = replace(env, values={**env.values, "DATABASE_URL": env.get("TARGETS_DATABASE_URL")})
-    catalog_url = catalog.url(app=True)
+    catalog_url = env.catalog_url()
 
     def rows(connection: Connection) -> list[Target]:
         found = connection.execute(text(env.get("TARGETS_QUERY")))

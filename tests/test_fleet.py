@@ -263,6 +263,35 @@ def test_targets_can_come_from_a_catalog_query(project: Project) -> None:
     assert "TARGETS_QUERY failed: no such table: nowhere" in project.fails("status", "--env=shops")
 
 
+def test_a_catalogs_url_and_the_urls_it_gives_are_checked_as_theirs(project: Project) -> None:
+    (project.root / "var").mkdir()
+    with closing(sqlite3.connect(project.root / "var" / "catalog.sqlite3")) as db:
+        db.execute("create table shops (slug text, dsn text)")
+        db.execute("insert into shops values ('alpha', 'not a url')")
+        db.commit()
+    fleet = "DATABASE_URL=sqlite:///var/shops/{target}.sqlite3\n"
+
+    project.write_env(
+        "shops",
+        fleet + "TARGETS_DATABASE_URL=sqlite:///var/${CATALOG}.sqlite3\n"
+        "TARGETS_QUERY=select slug from shops\n",
+    )
+    unset = project.fails("status", "--env=shops")
+    assert "environments/shops.env: TARGETS_DATABASE_URL uses ${CATALOG}, which is not set" in unset
+    project.write_env(
+        "shops",
+        fleet + "TARGETS_DATABASE_URL=sqlite:///var/catalog.sqlite3\n"
+        "TARGETS_QUERY=select slug, dsn from shops\n",
+    )
+    bad = project.fails("status", "--env=shops")
+    assert "error: shops: the URL TARGETS_QUERY gives target alpha is not a valid" in bad
+    assert "DATABASE_URL is" not in bad
+    project.write_env("shops", fleet + "TARGETS_FILE=shops.txt\n")
+    (project.root / "shops.txt").write_text("alpha mysql://shop@db/alpha\n")
+    driver = project.fails("status", "--env=shops")
+    assert "unsupported driver 'mysql' in the URL TARGETS_FILE gives target alpha" in driver
+
+
 @pytest.mark.postgres
 def test_max_connections_per_host_caps_the_targets_running_at_once(
     pg_fleet: tuple[Project, str], pg_server: str

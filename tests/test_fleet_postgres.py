@@ -7,9 +7,10 @@ import asyncio
 import json
 import os
 import signal
+import sqlite3
 import threading
 from collections.abc import Iterator
-from contextlib import contextmanager
+from contextlib import closing, contextmanager
 from pathlib import Path
 
 import asyncpg
@@ -84,6 +85,28 @@ def test_schema_per_tenant_keeps_each_shop_in_its_schema(
     assert "added 3 users" in seeded.stderr
     assert pg_fetch(dsn, "select count(*) as n from beta.users")[0]["n"] == 3
     assert pg_fetch(dsn, "select count(*) as n from alpha.users")[0]["n"] == 0
+
+
+def test_a_sqlite_catalog_serves_a_schema_fleet_with_a_password(
+    project: Project, pg_database: PgDatabase
+) -> None:
+    # the fleet's DATABASE_PASSWORD and SCHEMA are its targets', not the catalog's
+    (project.root / "var").mkdir()
+    with closing(sqlite3.connect(project.root / "var" / "catalog.sqlite3")) as db:
+        db.execute("create table shops (slug text)")
+        db.executemany("insert into shops values (?)", [("alpha",), ("beta",)])
+        db.commit()
+    project.write_env(
+        "tenants",
+        f"DATABASE_URL={pg_database.url}\nDATABASE_PASSWORD=trusted-anyway\nSCHEMA={{target}}\n"
+        "TARGETS_DATABASE_URL=sqlite:///var/catalog.sqlite3\n"
+        "TARGETS_QUERY=select slug from shops order by slug\n",
+    )
+
+    result = project.ok("migrate", "--env=tenants")
+
+    assert "2 targets: 2 migrated" in result.stderr
+    assert [schema_versions(pg_database.dsn, s) for s in ("alpha", "beta")] == [[HEAD], [HEAD]]
 
 
 def test_a_schema_fleet_reads_who_runs_it_once_before_the_workers_fork(
