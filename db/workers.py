@@ -276,18 +276,24 @@ def _start_worker(told: Any, leave: Any) -> None:
     """Signals are the parent's to handle: it writes a signal's number in ``told``, and each
     worker stops its run as that signal would have; or HALT, when a target failed, and each
     worker lets its running revision finish, then stops. ``leave``: the pool broke (a worker
-    died), so no result will be read: each worker exits once its target is done."""
+    died), so no result will be read: each worker exits once its target is done. A parent
+    that died without a word (SIGKILL, the OOM killer) counts as SIGTERM and as ``leave``:
+    no worker lives on without it."""
     signal.signal(signal.SIGINT, signal.SIG_IGN)
     signal.signal(signal.SIGTERM, signal.SIG_IGN)  # and so Python's terminate() on a broken pool
+    parent = os.getppid()
 
     def watch() -> None:
         while True:
             value = told.value
-            if value > 0 and not _STOP.requested:
+            orphaned = os.getppid() != parent
+            if orphaned and not _STOP.requested:
+                _STOP.request(signal.SIGTERM)
+            elif value > 0 and not _STOP.requested:
                 _STOP.request(value)
             elif value == HALT and _STOP.halted is None:
                 _STOP.halt("another target failed, so it stopped before its next revision")
-            if leave.value and not _BUSY.is_set():
+            if (leave.value or orphaned) and not _BUSY.is_set():
                 os._exit(0)
             time.sleep(0.05)
 

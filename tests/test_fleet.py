@@ -167,6 +167,35 @@ def test_a_killed_worker_is_reported_with_where_its_targets_are(fleet: Project) 
     assert at(fleet, "gamma") == ["slow01"]  # new workers took the rest
 
 
+def alive(pid: int) -> bool:
+    """Whether ``pid`` still runs (a zombie left for its new parent to reap does not)."""
+    try:
+        return Path(f"/proc/{pid}/stat").read_text().rsplit(")", 1)[1].split()[0] != "Z"
+    except OSError:
+        return False
+
+
+def test_workers_do_not_outlive_a_parent_killed_without_a_word(fleet: Project) -> None:
+    fleet.ok("migrate", "--env=shops")
+    started = "__import__('pathlib').Path(op.get_bind().engine.url.database + '.started').touch()"
+    fleet.add_revision("s", revision("slow01", HEAD, f"{started}\n    __import__('time').sleep(2)"))
+    run = popen(fleet, "migrate", "--env=shops", "--jobs=2")
+    shops = fleet.root / "var" / "shops"
+    workers: list[int] = []
+    try:
+        wait_until(lambda: len(list(shops.glob("*.started"))) == 2, "two under way", process=run)
+        workers = children(run.pid)
+        os.kill(run.pid, signal.SIGKILL)  # as a CI job's time limit or the OOM killer would
+        run.communicate(timeout=60)
+        wait_until(lambda: not any(map(alive, workers)), "the orphaned workers to exit")
+    finally:  # whatever is left is killed, not left to the next test
+        for pid in filter(alive, [*workers, run.pid]):
+            os.kill(pid, signal.SIGKILL)
+
+    for shop in SHOPS:  # each at a revision of its own, as far as its worker got
+        assert at(fleet, shop) in ([HEAD], ["slow01"])
+
+
 def test_keep_going_migrates_the_rest_and_a_rerun_only_the_fixed(fleet: Project) -> None:
     break_beta(fleet)
 
