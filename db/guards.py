@@ -148,7 +148,7 @@ def known_revisions(script: ScriptDirectory, current: tuple[str, ...], env: Envi
             script.get_revision(rev)
         except CommandError:
             raise RevisionError(
-                f"the {env.name} database is at revision {rev}, which is not in "
+                f"the {env.label} database is at revision {rev}, which is not in "
                 f"{Path(script.versions).relative_to(env.root)}: check out the code that "
                 "matches this database, or restore that revision's file"
             ) from None

@@ -372,7 +372,13 @@ def _read(env: Environment, to: str = "heads") -> Outcome:
 
 
 def _at(env: Environment, script: ScriptDirectory, current: tuple[str, ...], to: str) -> Outcome:
-    """A target at ``current``, and what is pending to ``to``."""
+    """A target at ``current``, and what is pending to ``to``; a revision no file has is
+    refused as on one database, saying where the target is."""
+    try:
+        guards.known_revisions(script, current, env)
+    except DbError as exc:
+        exc.at = current
+        raise
     pending = commands.plan_steps(script, to, current, up=True)
     return Outcome(
         env.target,

@@ -331,3 +331,22 @@ def test_what_would_fail_every_target_alike_is_refused_once_before_any_starts(
     assert all(versions(project, shop) == [HEAD] for shop in SHOPS)
     project.ok("migrate", "--env=shops", "--yes", "--to=fork0001")
     assert all(versions(project, shop) == ["fork0001"] for shop in SHOPS)
+
+
+def test_a_target_at_a_revision_no_file_has_is_told_as_on_one_database(fleet: Project) -> None:
+    fleet.add_revision("second", revision("second01", HEAD))
+    fleet.ok("migrate", "--env=shops", "--only=alpha")
+    (fleet.versions / "second.py").unlink()  # the code of an older checkout
+
+    status = fleet.invoke("status", "--env=shops", "--json")
+    migrate = fleet.invoke("migrate", "--env=shops").stderr
+
+    unknown = (
+        "alpha: the shops.alpha database is at revision second01, which is not in "
+        "db/migrations/versions: check out the code that matches this database"
+    )
+    assert status.returncode == 6 and unknown in status.stderr
+    assert unknown in migrate and "No such revision" not in migrate
+    [alpha] = [t for t in json.loads(status.stdout)["targets"] if t["target"] == "alpha"]
+    assert alpha["current"] == ["second01"] and alpha["state"] == "failed"
+    assert versions(fleet, "alpha") == ["second01"]
