@@ -23,7 +23,7 @@ import threading
 import time
 import uuid
 from collections.abc import Iterator
-from contextlib import contextmanager, suppress
+from contextlib import closing, contextmanager, suppress
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
@@ -222,6 +222,23 @@ class Project:
                 yield connection
         finally:
             connection.close()
+
+
+CATALOG_URL = "sqlite:///var/catalog.sqlite3"
+
+
+def sqlite_catalog(project: Project, columns: str, *rows: tuple[object, ...]) -> None:
+    """A catalog of shops at ``CATALOG_URL``: a table ``shops (columns)`` holding ``rows``."""
+    (project.root / "var").mkdir(exist_ok=True)
+    with closing(sqlite3.connect(project.root / "var" / "catalog.sqlite3")) as db:
+        db.execute(f"create table shops ({columns})")
+        db.executemany(f"insert into shops values ({', '.join('?' * len(rows[0]))})", rows)
+        db.commit()
+
+
+def catalog_env(fleet: str, query: str, url: str = CATALOG_URL) -> str:
+    """An env file's text: ``fleet``'s settings, its targets from ``query`` on ``url``."""
+    return f"{fleet}TARGETS_DATABASE_URL={url}\nTARGETS_QUERY={query}\n"
 
 
 def head_revision() -> str:

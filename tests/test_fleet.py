@@ -14,23 +14,24 @@ from pathlib import Path
 import pytest
 from conftest import (
     Project,
+    catalog_env,
     head_revision,
     pg_execute,
     pg_fetch,
     popen,
     revision,
+    sqlite_catalog,
     wait_until,
 )
 
 HEAD = head_revision()
 SHOPS = ("alpha", "beta", "gamma")
+FLEET = "DATABASE_URL=sqlite:///var/shops/{target}.sqlite3\n"  # its targets named apart
 
 
 @pytest.fixture
 def fleet(project: Project) -> Project:
-    project.write_env(
-        "shops", "DATABASE_URL=sqlite:///var/shops/{target}.sqlite3\nTARGETS=alpha, beta gamma\n"
-    )
+    project.write_env("shops", FLEET + "TARGETS=alpha, beta gamma\n")
     return project
 
 
@@ -267,55 +268,30 @@ def test_a_failed_canary_keeps_the_rest_untouched(fleet: Project) -> None:
 
 
 def test_targets_can_come_from_a_catalog_query(project: Project) -> None:
-    (project.root / "var").mkdir()
-    with closing(sqlite3.connect(project.root / "var" / "catalog.sqlite3")) as db:
-        db.execute("create table shops (slug text, active int)")
-        db.executemany("insert into shops values (?, ?)", [("alpha", 1), ("beta", 0), ("gamma", 1)])
-        db.commit()
-    project.write_env(
-        "shops",
-        "DATABASE_URL=sqlite:///var/shops/{target}.sqlite3\n"
-        "TARGETS_DATABASE_URL=sqlite:///var/catalog.sqlite3\n"
-        "TARGETS_QUERY=select slug from shops where active = 1 order by slug\n",
-    )
+    sqlite_catalog(project, "slug text, active int", ("alpha", 1), ("beta", 0), ("gamma", 1))
+    query = "select slug from shops where active = 1 order by slug"
+    project.write_env("shops", catalog_env(FLEET, query))
 
     result = project.ok("migrate", "--env=shops")
 
     assert "2 targets: 2 migrated" in result.stderr
     assert at(project, "alpha") == [HEAD] == at(project, "gamma")
-    project.write_env(
-        "shops",
-        "DATABASE_URL=sqlite:///var/shops/{target}.sqlite3\n"
-        "TARGETS_DATABASE_URL=sqlite:///var/catalog.sqlite3\n"
-        "TARGETS_QUERY=select slug from nowhere\n",
-    )
+    project.write_env("shops", catalog_env(FLEET, "select slug from nowhere"))
     assert "TARGETS_QUERY failed: no such table: nowhere" in project.fails("status", "--env=shops")
 
 
 def test_a_catalogs_url_and_the_urls_it_gives_are_checked_as_theirs(project: Project) -> None:
-    (project.root / "var").mkdir()
-    with closing(sqlite3.connect(project.root / "var" / "catalog.sqlite3")) as db:
-        db.execute("create table shops (slug text, dsn text)")
-        db.execute("insert into shops values ('alpha', 'not a url')")
-        db.commit()
-    fleet = "DATABASE_URL=sqlite:///var/shops/{target}.sqlite3\n"
+    sqlite_catalog(project, "slug text, dsn text", ("alpha", "not a url"))
 
-    project.write_env(
-        "shops",
-        fleet + "TARGETS_DATABASE_URL=sqlite:///var/${CATALOG}.sqlite3\n"
-        "TARGETS_QUERY=select slug from shops\n",
-    )
-    unset = project.fails("status", "--env=shops")
-    assert "environments/shops.env: TARGETS_DATABASE_URL uses ${CATALOG}, which is not set" in unset
-    project.write_env(
-        "shops",
-        fleet + "TARGETS_DATABASE_URL=sqlite:///var/catalog.sqlite3\n"
-        "TARGETS_QUERY=select slug, dsn from shops\n",
-    )
+    unset = "sqlite:///var/${CATALOG}.sqlite3"
+    project.write_env("shops", catalog_env(FLEET, "select slug from shops", unset))
+    error = project.fails("status", "--env=shops")
+    assert "environments/shops.env: TARGETS_DATABASE_URL uses ${CATALOG}, which is not set" in error
+    project.write_env("shops", catalog_env(FLEET, "select slug, dsn from shops"))
     bad = project.fails("status", "--env=shops")
     assert "error: shops: the URL TARGETS_QUERY gives target alpha is not a valid" in bad
     assert "DATABASE_URL is" not in bad
-    project.write_env("shops", fleet + "TARGETS_FILE=shops.txt\n")
+    project.write_env("shops", FLEET + "TARGETS_FILE=shops.txt\n")
     (project.root / "shops.txt").write_text("alpha mysql://shop@db/alpha\n")
     driver = project.fails("status", "--env=shops")
     assert "unsupported driver 'mysql' in the URL TARGETS_FILE gives target alpha" in driver

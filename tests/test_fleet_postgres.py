@@ -7,10 +7,9 @@ import asyncio
 import json
 import os
 import signal
-import sqlite3
 import threading
 from collections.abc import Iterator
-from contextlib import closing, contextmanager
+from contextlib import contextmanager
 from pathlib import Path
 
 import asyncpg
@@ -18,6 +17,7 @@ import pytest
 from conftest import (
     PgDatabase,
     Project,
+    catalog_env,
     cluster,
     head_revision,
     pg_execute,
@@ -25,6 +25,7 @@ from conftest import (
     popen,
     revision,
     running_query,
+    sqlite_catalog,
     wait_until,
 )
 
@@ -91,17 +92,11 @@ def test_a_sqlite_catalog_serves_a_schema_fleet_with_a_password(
     project: Project, pg_database: PgDatabase
 ) -> None:
     # the fleet's DATABASE_PASSWORD and SCHEMA are its targets', not the catalog's
-    (project.root / "var").mkdir()
-    with closing(sqlite3.connect(project.root / "var" / "catalog.sqlite3")) as db:
-        db.execute("create table shops (slug text)")
-        db.executemany("insert into shops values (?)", [("alpha",), ("beta",)])
-        db.commit()
-    project.write_env(
-        "tenants",
+    sqlite_catalog(project, "slug text", ("alpha",), ("beta",))
+    tenants = (
         f"DATABASE_URL={pg_database.url}\nDATABASE_PASSWORD=trusted-anyway\nSCHEMA={{target}}\n"
-        "TARGETS_DATABASE_URL=sqlite:///var/catalog.sqlite3\n"
-        "TARGETS_QUERY=select slug from shops order by slug\n",
     )
+    project.write_env("tenants", catalog_env(tenants, "select slug from shops order by slug"))
 
     result = project.ok("migrate", "--env=tenants")
 
