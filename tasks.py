@@ -735,10 +735,30 @@ def run_fleet(
     if json_:
         print_json(report)
     if code:
-        failed = sum(o.failed for o in outcomes)
-        again = "; rerun to retry them" if plan.task in fleet.CHANGING else ""
-        raise Exit(f"error: {failed} target(s) failed or skipped{again}", code=code)
+        raise Exit(not_there(plan, outcomes), code=code)
     return outcomes
+
+
+def not_there(plan: Plan, outcomes: list[Outcome]) -> str:
+    """A fleet run's last line when some targets did not get there: how many, and how to
+    retry them. A rollback retries them by name: run again, it would take the rest further."""
+    from collections import Counter
+
+    from db import fleet
+
+    states = Counter(o.state for o in outcomes if o.failed)
+    counts = ", ".join(f"{states[s]} {s}" for s in ("failed", "stopped", "skipped") if states[s])
+    line = f"error: {counts} of {counted(len(outcomes), 'target')}"
+    if plan.task == "rollback":
+        names = ",".join(o.target for o in outcomes if o.failed)
+        return f"{line}; retry only them with --only={names}"
+    if plan.task == "migrate":
+        return line + "; rerun to retry them (targets already there are skipped)"
+    return line + ("; rerun to retry them" if plan.task in fleet.CHANGING else "")
+
+
+def counted(n: int, noun: str) -> str:
+    return f"{n} {noun}" + ("" if n == 1 else "s")
 
 
 def confirm_fleet(env: Environment, chosen: list[Target], plan: Plan, yes: bool) -> list[Target]:
@@ -848,9 +868,8 @@ def print_summary(env: Environment, outcomes: list[Outcome]) -> None:
     versions = Counter(o.where for o in outcomes if o.where is not None)
     skew = ", ".join(f"{count} at {rev}" for rev, count in versions.most_common())
     summary = ", ".join(f"{count} {state}" for state, count in states.items())
-    print(
-        f"{env.name}: {len(outcomes)} targets: {summary} ({skew or 'none read'})", file=sys.stderr
-    )
+    skew = f" ({skew})" if skew else ""  # none when no target's revision was read
+    print(f"{env.name}: {counted(len(outcomes), 'target')}: {summary}{skew}", file=sys.stderr)
     names: dict[str, list[str]] = defaultdict(list)
     for o in outcomes:
         if o.state in ("failed", "stopped", "problems"):

@@ -67,7 +67,7 @@ def make_migration(env: Environment, message: str, *, empty: bool = False) -> Pa
     guards.single_head(script)
     if not empty and set(read_state(env, config, script).current) != set(script.get_heads()):
         raise RevisionError(
-            f"the {env.name} database is not at head, so autogenerate would compare the "
+            f"the {env.label} database is not at head, so autogenerate would compare the "
             f"models with an old schema: run `invoke migrate {env.flags}` first"
         )
     try:

@@ -69,7 +69,7 @@ def stamp(
     gaps = differences(snapshot(env), scratch_schema(env, found.revision))
     if gaps and not force:
         raise GuardRefused(
-            f"the {env.name} database is not what revision {found.revision} produces "
+            f"the {env.label} database is not what revision {found.revision} produces "
             f"({'; '.join(gaps[:5])}{'; ...' if len(gaps) > 5 else ''}): nothing was recorded; "
             "make them match, or pass --force if you are sure"
         )
@@ -155,7 +155,7 @@ def accept_changes(env: Environment, revision: str, options: RunOptions | None =
         except CommandError as exc:
             raise revision_error(exc, env.flags) from exc
         if found is None or found.revision not in applied_revisions(script, current):
-            raise RevisionError(f"revision {revision} is not applied to the {env.name} database")
+            raise RevisionError(f"revision {revision} is not applied to the {env.label} database")
         sums = audit.applied_checksums(audit.entries(connection)).get(found.revision, (None, None))
         changed = sums[0] is not None and not audit.unchanged(found.path, *sums)
         if changed:
@@ -180,7 +180,7 @@ def resolve(
         found = [e for e in audit.unfinished(audit.entries(connection)) if e.revision == revision]
         if not found:
             raise RevisionError(
-                f"revision {revision} has no unfinished run on the {env.name} database: "
+                f"revision {revision} has no unfinished run on the {env.label} database: "
                 f"nothing to resolve (see `invoke history {env.flags}`)"
             )
         if applied and found[-1].direction == "run-down":

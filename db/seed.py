@@ -37,7 +37,7 @@ def seed(env: Environment) -> dict[str, int]:
         return run_coroutine(_seed(env))
     except DBAPIError as exc:
         raise DbError(
-            f"cannot seed {env.name}: {str(exc.orig).splitlines()[0]} "
+            f"cannot seed {env.label}: {str(exc.orig).splitlines()[0]} "
             f"(run `invoke migrate {env.flags}` first)"
         ) from exc
 

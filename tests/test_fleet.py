@@ -91,6 +91,8 @@ def test_a_failed_target_stops_new_ones_and_is_named(fleet: Project) -> None:
     assert beta_tables(fleet) == {"purchases"}  # the three tables before it were rolled back
     assert not (fleet.root / "var" / "shops" / "gamma.sqlite3").exists()  # skipped
     assert "1 skipped" in result.stderr and "Traceback" not in result.stderr
+    last = "error: 1 failed, 1 skipped of 3 targets; rerun to retry them (targets already there"
+    assert result.stderr.splitlines()[-1].startswith(last)
 
 
 def test_the_report_says_where_a_failed_target_is_and_not_a_skipped_one(fleet: Project) -> None:

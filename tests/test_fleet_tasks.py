@@ -63,6 +63,23 @@ def test_rollback_on_chosen_targets_and_history_counts_them(fleet: Project) -> N
     assert rows[0]["id"] == "second01" and rows[0]["applied_on"] == ["gamma"]
 
 
+def test_a_failed_fleet_rollback_says_to_retry_only_the_target_that_failed(
+    fleet: Project,
+) -> None:
+    fleet.add_revision("second", revision("second01", HEAD))
+    fleet.ok("migrate", "--env=shops")
+    (fleet.root / "var" / "shops" / "beta.sqlite3").write_bytes(b"this is no database" * 100)
+
+    result = fleet.invoke("rollback", "--env=shops", "--keep-going")
+
+    assert result.returncode == 6, result.stderr
+    assert [versions(fleet, shop) for shop in ("alpha", "gamma")] == [[HEAD], [HEAD]]
+    # a plain rerun would take alpha and gamma a step further back: beta alone is retried
+    assert result.stderr.endswith(
+        "error: 1 failed of 3 targets; retry only them with --only=beta\n"
+    )
+
+
 def test_check_on_a_fleet_names_the_target_behind(fleet: Project) -> None:
     fleet.ok("migrate", "--env=shops", "--only=alpha,gamma")
 
@@ -77,12 +94,20 @@ def test_check_on_a_fleet_names_the_target_behind(fleet: Project) -> None:
 
 
 def test_stamp_and_seed_on_every_target(fleet: Project) -> None:
+    refused = fleet.invoke("stamp", "--env=shops", HEAD, "--only=alpha")  # empty: not HEAD's
+    assert refused.returncode == 4 and "the shops.alpha database is not what revision" in (
+        refused.stderr
+    )
     stamped = fleet.ok("stamp", "--env=shops", HEAD, "--force")
 
     assert stamped.stderr.count(f"recorded {HEAD} as applied") == 3
     assert all(versions(fleet, shop) == [HEAD] for shop in SHOPS)
     for shop in SHOPS:  # --force over empty databases: the tables are not there to seed
         query(fleet, shop, "drop table alembic_version")
+    unseeded = fleet.invoke("seed", "--env=shops", "--only=beta")
+    assert unseeded.returncode == 6, unseeded.stderr
+    assert "cannot seed shops.beta: no such table: users" in unseeded.stderr  # which database
+    assert "shops: 1 target: 1 failed\n" in unseeded.stderr  # no version was read to count
     fleet.ok("migrate", "--env=shops")
     seeded = fleet.ok("seed", "--env=shops")
     assert seeded.stderr.count("added 3 users") == 3
@@ -278,7 +303,7 @@ def test_a_target_that_cannot_be_read_fails_status_and_is_named(fleet: Project) 
     assert "beta] failed: cannot read its version: DatabaseError: file is not a database" in (
         result.stdout
     )
-    assert "error: 1 target(s) failed or skipped\n" in result.stderr
+    assert "error: 1 failed of 3 targets\n" in result.stderr  # status: nothing to rerun
     assert "Traceback" not in result.stderr
     bad = fleet.invoke("migrate", "--env=shops", "--to=+2")  # relative: each target's own
     assert bad.returncode == 6 and "so +2 leads nowhere" in bad.stderr
