@@ -741,7 +741,9 @@ def run_fleet(
 
 def not_there(plan: Plan, outcomes: list[Outcome]) -> str:
     """A fleet run's last line when some targets did not get there: how many, and how to
-    retry them. A rollback retries them by name: run again, it would take the rest further."""
+    retry them. A rollback retries them by name: run again, it would take the rest further;
+    and, when it went back several steps, to a revision: one stopped part way would count
+    its steps again from where it stopped."""
     from collections import Counter
 
     from db import fleet
@@ -751,7 +753,8 @@ def not_there(plan: Plan, outcomes: list[Outcome]) -> str:
     line = f"error: {counts} of {counted(len(outcomes), 'target')}"
     if plan.task == "rollback":
         names = ",".join(o.target for o in outcomes if o.failed)
-        return f"{line}; retry only them with --only={names}"
+        several = not plan.args.get("to") and plan.args.get("steps", 1) > 1
+        return f"{line}; retry only them with --only={names}" + (" --to=REV" if several else "")
     if plan.task == "migrate":
         return line + "; rerun to retry them (targets already there are skipped)"
     return line + ("; rerun to retry them" if plan.task in fleet.CHANGING else "")

@@ -70,14 +70,16 @@ def test_a_failed_fleet_rollback_says_to_retry_only_the_target_that_failed(
     fleet.ok("migrate", "--env=shops")
     (fleet.root / "var" / "shops" / "beta.sqlite3").write_bytes(b"this is no database" * 100)
 
-    result = fleet.invoke("rollback", "--env=shops", "--keep-going")
+    result = fleet.invoke("rollback", "--env=shops", "--keep-going", "--steps=2")
 
     assert result.returncode == 6, result.stderr
-    assert [versions(fleet, shop) for shop in ("alpha", "gamma")] == [[HEAD], [HEAD]]
-    # a plain rerun would take alpha and gamma a step further back: beta alone is retried
-    assert result.stderr.endswith(
-        "error: 1 failed of 3 targets; retry only them with --only=beta\n"
-    )
+    assert [versions(fleet, shop) for shop in ("alpha", "gamma")] == [[], []]
+    # a plain rerun would take alpha and gamma further back, and --steps would count again
+    # from where a target stopped: beta alone, to a revision
+    last = "error: 1 failed of 3 targets; retry only them with --only=beta --to=REV\n"
+    assert result.stderr.endswith(last)
+    again = fleet.invoke("rollback", "--env=shops", "--keep-going", "--to=base")
+    assert again.stderr.endswith("error: 1 failed of 3 targets; retry only them with --only=beta\n")
 
 
 def test_check_on_a_fleet_names_the_target_behind(fleet: Project) -> None:
