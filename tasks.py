@@ -333,7 +333,7 @@ def stamp(
         done = records.stamp(target, revision, force, options)
     for gap in done.differences:
         print(f"  differs (--force): {gap}", file=sys.stderr)
-    print(f"{target.name}: recorded {done.revision} as applied, not run", file=sys.stderr)
+    print(f"{target.label}: {done.what}", file=sys.stderr)
 
 
 @task(
@@ -850,7 +850,7 @@ def event(outcome: Outcome) -> str:
         "up to date": f"already at {where}{detail}",
         "rolled back": f"rolled back {outcome.detail}; now at {where}",
         "unchanged": f"nothing to roll back, at {where}",
-        "stamped": f"recorded {outcome.detail}",
+        "stamped": outcome.detail,
         "seeded": f"added {outcome.detail}",
         "read": f"at {where}, {len(outcome.pending) or 'nothing'} pending",
         "passed": "check passed",

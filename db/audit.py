@@ -52,8 +52,9 @@ LOG = Table(
     MetaData(),
     Column("id", Integer, primary_key=True),
     Column("revision", String(64), nullable=False),
-    # up, down, accept, stamp, env (renamed); run-up/run-down: a non-transactional revision that
-    # started and has not finished; aborted: one an operator said was rolled back
+    # up, down, accept, stamp, unstamp (a stamp back past it), env (renamed); run-up/run-down:
+    # a non-transactional revision that started and has not finished; aborted: one an
+    # operator said was rolled back
     Column("direction", String(8), nullable=False),
     Column("environment", String(64), nullable=False),
     Column("started_at", DateTime(timezone=True), nullable=False),
@@ -304,7 +305,7 @@ def applied_checksums(log: list[Entry]) -> dict[str, tuple[str | None, str | Non
     are applied."""
     state: dict[str, tuple[str | None, str | None]] = {}
     for entry in log:
-        if entry.direction == "down":
+        if entry.direction in ("down", "unstamp"):
             state.pop(entry.revision, None)
         elif entry.direction in ("up", "accept", "stamp"):
             state[entry.revision] = (entry.checksum, entry.code_checksum)

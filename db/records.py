@@ -44,6 +44,18 @@ T = TypeVar("T")
 class Stamped:
     revision: str  # the full id
     differences: list[str]  # what --force went past; empty when the schemas matched
+    recorded: tuple[str, ...] = ()  # revisions now recorded as applied that were not
+    unrecorded: tuple[str, ...] = ()  # revisions no longer applied (a stamp back), newest first
+
+    @property
+    def what(self) -> str:
+        """What the stamp did to the version table, in words."""
+        if self.unrecorded:
+            gone = ", ".join(self.unrecorded)
+            return f"recorded {self.revision} as its revision, not run; no longer applied: {gone}"
+        if self.recorded:
+            return f"recorded {self.revision} as applied, not run"
+        return f"already at {self.revision}: nothing recorded"
 
 
 def stamp_target(script: ScriptDirectory, revision: str, flags: str) -> Script:
@@ -74,6 +86,9 @@ def stamp(
             "make them match, or pass --force if you are sure"
         )
 
+    added: list[str] = []
+    removed: list[str] = []
+
     def record(current: tuple[str, ...], context: Context) -> list[RevisionStep]:
         connection = connection_of(context)
         guards.known_revisions(script, current, env)
@@ -84,13 +99,19 @@ def stamp(
         context.stamp(script, found.revision)
         audit.ensure_table(connection.execute)
         now = applied_revisions(script, tuple(context.get_current_heads()))
-        for rev in script.iterate_revisions(found.revision, "base"):  # Scripts, with paths
+        # a row for each revision the stamp added, and one for each it took away (a stamp
+        # back to an older revision), so the trail says which files count as applied
+        for rev in script.walk_revisions():  # newest first, Scripts with their paths
             if rev.revision in now - before:
+                added.append(rev.revision)
                 record_event(connection, env, rev.revision, "stamp", rev.path)
+            elif rev.revision in before - now:
+                removed.append(rev.revision)
+                record_event(connection, env, rev.revision, "unstamp", rev.path)
         return []
 
     run_env(config, script, record)
-    return Stamped(found.revision, gaps)
+    return Stamped(found.revision, gaps, tuple(added), tuple(removed))
 
 
 def scratch_schema(env: Environment, revision: str) -> dict[str, dict[str, object]]:

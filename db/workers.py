@@ -447,9 +447,9 @@ def _stamp(env: Environment, args: TaskArgs) -> Outcome:
     forced = (
         f"; --force went past {len(done.differences)} difference(s)" if done.differences else ""
     )
-    return replace(
-        _read(env), state="stamped", detail=f"{done.revision} as applied, not run{forced}"
-    )
+    if not done.recorded and not done.unrecorded:
+        return replace(_read(env), state="up to date", detail="nothing recorded")
+    return replace(_read(env), state="stamped", detail=done.what + forced)
 
 
 def _seed(env: Environment, _args: TaskArgs) -> Outcome:

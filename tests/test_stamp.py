@@ -12,6 +12,7 @@ from conftest import (
     log_rows,
     pg_execute,
     pg_fetch,
+    revision,
     version,
     versions_of,
 )
@@ -53,6 +54,26 @@ def test_stamp_adopts_a_matching_database(adopted: Project) -> None:
     assert [row[1] for row in log_rows(adopted)] == ["stamp"]
     assert "nothing to do" in adopted.ok("migrate").stderr
     assert f"{HEAD}  applied" in adopted.ok("history").stdout
+
+
+def test_a_stamp_back_says_what_it_took_away_and_the_trail_records_it(project: Project) -> None:
+    project.add_revision("empty", revision("empty001", HEAD))  # no schema change: stamp agrees
+    project.ok("migrate")
+
+    again = project.ok("stamp", "head")
+    assert "dev: already at empty001: nothing recorded" in again.stderr  # nothing changed
+    back = project.ok("stamp", HEAD)
+
+    assert f"dev: recorded {HEAD} as its revision, not run; no longer applied: empty001" in (
+        back.stderr
+    )
+    assert version(project) == [HEAD]
+    assert [(row[0], row[1]) for row in log_rows(project)][-1] == ("empty001", "unstamp")
+    project.add_revision(
+        "empty", revision("empty001", HEAD) + "EDITED = True  # once stamped away\n"
+    )
+    status = project.ok("status")  # no longer applied: its edit is no applied file's change
+    assert "changed after revision" not in status.stderr and "pending: 1" in status.stdout
 
 
 def test_stamp_refuses_a_schema_that_differs_unless_forced(adopted: Project) -> None:
