@@ -106,10 +106,11 @@ def steps_back(script: ScriptDirectory, current: tuple[str, ...], steps: int) ->
                 "ambiguous: roll back the merge alone (--steps=1), then a branch with --to=REV@-1"
             )
         return str(parents[0])  # Alembic undoes only the merge: both parents stay applied
-    if steps > _depth(script, current[0]):
+    depth = _depth(script, current[0])
+    if steps > depth:
+        applied = "only 1 is applied" if depth == 1 else f"only {depth} are applied"
         raise RevisionError(
-            f"cannot roll back {steps} revisions: only {_depth(script, current[0])} "
-            "are applied (use --to=base to undo them all)"
+            f"cannot roll back {steps} revisions: {applied} (use --to=base to undo them all)"
         )
     return f"-{steps}"
 

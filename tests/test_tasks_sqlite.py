@@ -79,7 +79,7 @@ def test_rollback_more_steps_than_applied_is_refused(project: Project) -> None:
     project.migrated()
     error = project.fails("rollback", "--steps=3")
 
-    assert "only 1 are applied" in error
+    assert "cannot roll back 3 revisions: only 1 is applied" in error
     assert "--to=base" in error
     assert tables(project) == SHOP_TABLES
 
