@@ -104,6 +104,8 @@ def test_stamp_and_seed_on_every_target(fleet: Project) -> None:
 
     assert stamped.stderr.count(f"recorded {HEAD} as applied") == 3
     assert all(versions(fleet, shop) == [HEAD] for shop in SHOPS)
+    again = fleet.ok("stamp", "--env=shops", HEAD, "--force").stderr
+    assert again.count(f"already at {HEAD} (nothing recorded)") == 3 and "3 up to date" in again
     for shop in SHOPS:  # --force over empty databases: the tables are not there to seed
         query(fleet, shop, "drop table alembic_version")
     unseeded = fleet.invoke("seed", "--env=shops", "--only=beta")
