@@ -16,6 +16,7 @@ from db import audit, guards
 from db.commands import plan_steps, read_state
 from db.environments import Environment
 from db.errors import ConfigError, DbError, RevisionError
+from db.files import write_whole
 from db.runner import Progress, load_scripts, make_config, revision_error, run_env
 
 
@@ -119,7 +120,6 @@ def merge(env: Environment, message: str = "merge heads") -> Path:
 def write_sql(path: Path, sql: str) -> None:
     """Write offline SQL to ``path``, making its folder; a clear error if it cannot."""
     try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_text(sql, encoding="utf-8")
+        write_whole(path, sql)
     except OSError as exc:
         raise ConfigError(f"cannot write the SQL to {path}: {exc.strerror}") from None

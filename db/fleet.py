@@ -28,6 +28,7 @@ from sqlalchemy.exc import DBAPIError
 
 from db.environments import Environment, parse_url
 from db.errors import ConfigError, first_line
+from db.files import write_whole
 
 if TYPE_CHECKING:
     from db.progress import Stop
@@ -317,8 +318,7 @@ def write_report(env: Environment, data: Mapping[str, Any]) -> Path:
     stamp = datetime.now(timezone.utc).strftime("%Y%m%dT%H%M%S.%fZ")
     path = env.root / RUNS_DIR / f"{env.name}-{stamp}.json"
     try:
-        path.parent.mkdir(parents=True, exist_ok=True)
-        path.write_text(json.dumps(data, indent=2) + "\n", encoding="utf-8")
+        write_whole(path, json.dumps(data, indent=2) + "\n")
     except OSError as exc:
         raise ConfigError(f"cannot write the run's report to {RUNS_DIR}: {exc.strerror}") from None
     keep = int(env.number("RUNS_KEEP", 100))

@@ -241,6 +241,23 @@ def catalog_env(fleet: str, query: str, url: str = CATALOG_URL) -> str:
     return f"{fleet}TARGETS_DATABASE_URL={url}\nTARGETS_QUERY={query}\n"
 
 
+@contextmanager
+def tmpfs(path: Path, size: str) -> Iterator[Path]:
+    """A small tmpfs mounted at ``path`` (needs root), unmounted afterwards."""
+    path.mkdir(parents=True, exist_ok=True)
+    command = ["mount", "-t", "tmpfs", "-o", f"size={size},mode=0700", "tmpfs", str(path)]
+    mounted = subprocess.run(command, capture_output=True, text=True)
+    if mounted.returncode != 0:
+        reason = f"cannot mount a tmpfs to fill ({mounted.stderr.strip()}): run as root"
+        if os.environ.get("CI", "").lower() == "true":
+            pytest.fail(reason)
+        pytest.skip(reason)
+    try:
+        yield path
+    finally:
+        subprocess.run(["umount", "-l", str(path)], check=True)
+
+
 def head_revision() -> str:
     """The id of the bundled head revision, read from the files."""
     from alembic.config import Config

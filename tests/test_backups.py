@@ -10,8 +10,7 @@ import shutil
 import signal
 import sqlite3
 import subprocess
-from collections.abc import Iterator
-from contextlib import closing, contextmanager
+from contextlib import closing
 from pathlib import Path
 
 import pytest
@@ -22,6 +21,7 @@ from conftest import (
     pg_execute,
     popen,
     revision,
+    tmpfs,
     version,
     wait_until,
 )
@@ -47,23 +47,6 @@ def corrupt(path: Path) -> None:
     with path.open("r+b") as file:
         file.seek(4096)
         file.write(b"\xa5" * 4096)
-
-
-@contextmanager
-def tmpfs(path: Path, size: str) -> Iterator[Path]:
-    """A small tmpfs mounted at ``path`` (needs root), unmounted afterwards."""
-    path.mkdir(parents=True, exist_ok=True)
-    command = ["mount", "-t", "tmpfs", "-o", f"size={size},mode=0700", "tmpfs", str(path)]
-    mounted = subprocess.run(command, capture_output=True, text=True)
-    if mounted.returncode != 0:
-        reason = f"cannot mount a tmpfs to fill ({mounted.stderr.strip()}): run as root"
-        if os.environ.get("CI", "").lower() == "true":
-            pytest.fail(reason)
-        pytest.skip(reason)
-    try:
-        yield path
-    finally:
-        subprocess.run(["umount", "-l", str(path)], check=True)
 
 
 def grow(project: Project, kilobytes: int, relative: str = "var/dev.sqlite3") -> None:

@@ -13,7 +13,7 @@ import subprocess
 from contextlib import closing
 
 import pytest
-from conftest import Project, head_revision, revision
+from conftest import Project, head_revision, revision, tmpfs
 
 HEAD = head_revision()
 SHOPS = ("alpha", "beta", "gamma")
@@ -225,6 +225,39 @@ def test_a_report_that_cannot_be_written_does_not_fail_the_run(fleet: Project) -
     assert "warning: cannot write the run's report to var/runs" in result.stderr
     assert json.loads(result.stdout)["counts"] == {"migrated": 3}
     assert all(versions(fleet, shop) == [HEAD] for shop in SHOPS)
+
+
+def test_sql_that_does_not_fit_on_the_disk_leaves_no_part_of_a_file(fleet: Project) -> None:
+    with tmpfs(fleet.root / "out", "8k") as out:  # two files of offline SQL fit, not three
+        result = fleet.invoke("offline-sql", "--env=shops", "--output=out")
+
+        assert result.returncode == 2, result.stderr
+        assert "cannot write the SQL to" in result.stderr and "No space left on device" in (
+            result.stderr
+        )
+        written = {p.name: p.read_text() for p in out.iterdir()}
+        assert set(written) < {"alpha.sql", "beta.sql", "gamma.sql"}  # none half written
+        for name, sql in written.items():  # each ends with its target's audit row
+            assert sql.rstrip().endswith(f"'{name.removesuffix('.sql')}');"), name
+        first = min(written)  # written again, it does not fit: the old one stays whole
+        only = f"--only={first.removesuffix('.sql')}"
+        again = fleet.invoke("offline-sql", "--env=shops", only, "--output=out")
+        assert again.returncode == 2 and "No space left on device" in again.stderr
+        assert (out / first).read_text() == written[first]
+        assert sorted(p.name for p in out.iterdir()) == sorted(written)  # no temporary file
+
+
+def test_a_report_on_a_full_disk_is_a_warning_and_leaves_no_part_of_a_file(
+    fleet: Project,
+) -> None:
+    with tmpfs(fleet.root / "var" / "runs", "4k") as runs:
+        (runs / "filler").write_bytes(b"x" * 3000)  # the one page is taken
+
+        result = fleet.invoke("migrate", "--env=shops")
+
+        assert result.returncode == 0, result.stderr
+        assert "No space left on device; the run itself is as printed above" in result.stderr
+        assert [p.name for p in runs.iterdir()] == ["filler"]
 
 
 def test_a_protected_fleet_shows_its_plan_and_asks_once(project: Project) -> None:
