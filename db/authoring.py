@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import io
 from collections.abc import Iterator
-from contextlib import redirect_stdout
+from contextlib import contextmanager, redirect_stdout
 from pathlib import Path
 
 from alembic import command
@@ -71,8 +71,9 @@ def make_migration(env: Environment, message: str, *, empty: bool = False) -> Pa
             f"the {env.label} database is not at head, so autogenerate would compare the "
             f"models with an old schema: run `invoke migrate {env.flags}` first"
         )
+    quiet = redirect_stdout(io.StringIO())  # Alembic's "Running post write hook" chatter
     try:
-        with redirect_stdout(io.StringIO()):  # Alembic's "Running post write hook" chatter
+        with quiet, whole_or_none(env, script):
             written = command.revision(
                 config, message=docstring_safe(message.strip()), autogenerate=not empty
             )
@@ -81,6 +82,24 @@ def make_migration(env: Environment, message: str, *, empty: bool = False) -> Pa
     if not isinstance(written, Script):
         return None
     return parses(Path(written.path))
+
+
+@contextmanager
+def whole_or_none(env: Environment, script: ScriptDirectory) -> Iterator[None]:
+    """A new revision file is written whole or not at all: one that a full disk cut short
+    is deleted, so no task breaks on it."""
+    folder = Path(script.versions)
+    before = set(folder.iterdir())
+    try:
+        yield
+    except OSError as exc:
+        for path in set(folder.iterdir()) - before:
+            if path.is_file():
+                path.unlink(missing_ok=True)
+        raise ConfigError(
+            f"cannot write the new revision to {env.relative(folder)}: {exc.strerror}; "
+            "nothing was written"
+        ) from None
 
 
 def docstring_safe(message: str) -> str:
@@ -104,11 +123,11 @@ def parses(path: Path) -> Path:
 def merge(env: Environment, message: str = "merge heads") -> Path:
     """Write a revision that joins every head into one; no database needed."""
     config = make_config(env, offline=True)
-    heads = load_scripts(config).get_heads()
-    if len(heads) < 2:
+    script = load_scripts(config)
+    if len(script.get_heads()) < 2:
         raise DbError("there is only one head: nothing to merge")
     try:
-        with redirect_stdout(io.StringIO()):
+        with redirect_stdout(io.StringIO()), whole_or_none(env, script):
             written = command.merge(config, "heads", message=message)
     except CommandError as exc:
         raise revision_error(exc, env.flags) from exc

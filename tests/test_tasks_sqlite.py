@@ -10,7 +10,17 @@ import sys
 from pathlib import Path
 
 import pytest
-from conftest import PIPES, REPO, Project, add_coupon_model, head_revision, tables, version
+from conftest import (
+    PIPES,
+    REPO,
+    Project,
+    add_coupon_model,
+    head_revision,
+    revision,
+    tables,
+    tmpfs,
+    version,
+)
 
 SHOP_TABLES = {"users", "categories", "products", "purchases"}
 
@@ -159,6 +169,32 @@ def test_makemigration_empty_writes_a_revision_to_fill_by_hand(project: Project)
     assert "def upgrade() -> None:\n    pass" in written.read_text()
     assert not (project.root / "var" / "dev.sqlite3").exists()  # no database needed
     assert "wrote" in result.stderr
+
+
+def test_a_revision_that_does_not_fit_on_the_disk_is_not_left_behind(project: Project) -> None:
+    kept = {p.name: p.read_bytes() for p in project.versions.glob("*.py")}
+    with tmpfs(project.versions, "16k") as versions:  # a page per file: four fit
+        for name, body in kept.items():
+            (versions / name).write_bytes(body)
+        project.add_revision("a", revision("branch_a", head_revision()))
+        project.add_revision("b", revision("branch_b", head_revision()))
+        (versions / "filler").write_bytes(b"x" * 4096)
+        before = sorted(versions.iterdir())
+
+        merge = project.invoke("merge")
+        (versions / "b.py").unlink()  # one head again, and the page it held filled
+        (versions / "filler2").write_bytes(b"x" * 4096)
+        empty = project.invoke("makemigration", "add coupons", "--empty")
+
+        for result in (merge, empty):  # no traceback, and no empty file that breaks the rest
+            assert result.returncode == 2, result.stderr
+            assert "cannot write the new revision to db/migrations/versions: No space left" in (
+                result.stderr
+            )
+            assert "nothing was written" in result.stderr and "Traceback" not in result.stderr
+        expected = {*before, versions / "filler2"} - {versions / "b.py"}
+        assert sorted(versions.iterdir()) == sorted(expected)
+        project.ok("status")
 
 
 def test_makemigration_needs_a_message(project: Project) -> None:
