@@ -55,16 +55,30 @@ def _quiet_when_the_reader_leaves() -> None:
     """``invoke history | head``: once stdout's reader has gone, end without a traceback,
     as Unix tools do (exit 141, as SIGPIPE would). Python ignores SIGPIPE, so that a
     server's closed socket raises an error instead of killing a run; a closed pipe raises
-    BrokenPipeError."""
+    BrokenPipeError. ``invoke offline-sql > upgrade.sql`` on a full disk: one line, exit 2
+    (the files the tasks write themselves say which file they could not write)."""
     hook = sys.excepthook
 
     def cut_short(kind: type[BaseException], value: BaseException, traceback: Any) -> None:
         if issubclass(kind, BrokenPipeError) and _stdout_reader_gone():
             sys.stderr.flush()
             os._exit(128 + signal.SIGPIPE)
+        if isinstance(value, OSError) and _no_room_for_output(value):
+            print(f"error: cannot write the output: {value.strerror}", file=sys.stderr)
+            sys.stderr.flush()
+            os._exit(2)  # not through Python's exit, which would write stdout's rest again
         hook(kind, value, traceback)
 
     sys.excepthook = cut_short
+
+
+def _no_room_for_output(error: OSError) -> bool:
+    """Whether writing stdout failed for lack of room: an error with no file name (the
+    files the tasks write name theirs), unless the user asked for tracebacks."""
+    import errno
+
+    full = error.errno in (errno.ENOSPC, errno.EDQUOT, errno.EFBIG) and error.filename is None
+    return full and "--debug" not in sys.argv and not os.environ.get("INVOKE_DB_DEBUG")
 
 
 def _stdout_reader_gone() -> bool:

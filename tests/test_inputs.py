@@ -12,7 +12,7 @@ import subprocess
 from pathlib import Path
 
 import pytest
-from conftest import Project, head_revision
+from conftest import Project, head_revision, revision, tmpfs
 
 from db.environments import load_environment
 from db.errors import ConfigError
@@ -222,9 +222,21 @@ def test_a_reader_that_leaves_early_ends_the_output_quietly(project: Project) ->
         assert task.returncode == 128 + signal.SIGPIPE, err  # as a SIGPIPE would
 
 
-def _revision(rev: str, down: str) -> str:
-    from test_errors import revision
+def test_output_to_a_full_disk_ends_with_one_line(project: Project) -> None:
+    """``invoke history > out.txt`` on a full disk: the task says so, without a traceback."""
+    project.migrated()
+    with tmpfs(project.root / "full", "4k") as full:
+        (full / "filler").write_bytes(b"x" * 4096)
+        for args in (["history"], ["offline-sql"], ["status", "--json"]):
+            with (full / "out").open("w") as out:
+                task = project.start(*args, stdout=out, stderr=subprocess.PIPE, text=True)
+                _, err = task.communicate(timeout=60)
+            assert task.returncode == 2, err
+            assert err.endswith("error: cannot write the output: No space left on device\n")
+            assert "Traceback" not in err and "Exception ignored" not in err
 
+
+def _revision(rev: str, down: str) -> str:
     return revision(rev, down, f'op.create_table("{rev}")')
 
 
