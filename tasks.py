@@ -611,8 +611,7 @@ def seed(c: Context, env: str = "", only: str = "", jobs: str = "", debug: bool 
             run_fleet(target, fleet_plan("seed", None, jobs, False), only, run_options())
             return
         added = seed.seed(target)
-    counts = ", ".join(f"{count} {kind}" for kind, count in added.items())
-    print(f"{target.name}: added {counts}", file=sys.stderr)
+    print(f"{target.label}: {seed.described(added)}", file=sys.stderr)
 
 
 @task
@@ -865,7 +864,7 @@ def event(outcome: Outcome) -> str:
         "rolled back": f"rolled back {outcome.detail}; now at {where}",
         "unchanged": f"nothing to roll back, at {where}",
         "stamped": outcome.detail,
-        "seeded": f"added {outcome.detail}",
+        "seeded": outcome.detail,
         "read": f"at {where}, {len(outcome.pending) or 'nothing'} pending",
         "passed": "check passed",
         "problems": f"check failed: {outcome.detail}",

@@ -42,6 +42,13 @@ def seed(env: Environment) -> dict[str, int]:
         ) from exc
 
 
+def described(added: dict[str, int]) -> str:
+    """What a seed added, in words."""
+    if not any(added.values()):
+        return "the sample shop is already there: nothing added"
+    return "added " + ", ".join(f"{count} {kind}" for kind, count in added.items())
+
+
 async def _seed(env: Environment) -> dict[str, int]:
     sessions = session_factory(env)
     try:

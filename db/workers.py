@@ -455,9 +455,7 @@ def _stamp(env: Environment, args: TaskArgs) -> Outcome:
 def _seed(env: Environment, _args: TaskArgs) -> Outcome:
     from db import seed
 
-    added = seed.seed(env)
-    counts = ", ".join(f"{count} {kind}" for kind, count in added.items())
-    return Outcome(env.target, "seeded", counts)
+    return Outcome(env.target, "seeded", seed.described(seed.seed(env)))
 
 
 TASKS: dict[str, Callable[[Environment, TaskArgs], Outcome]] = {

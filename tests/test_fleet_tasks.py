@@ -115,6 +115,8 @@ def test_stamp_and_seed_on_every_target(fleet: Project) -> None:
     fleet.ok("migrate", "--env=shops")
     seeded = fleet.ok("seed", "--env=shops")
     assert seeded.stderr.count("added 3 users") == 3
+    again = fleet.ok("seed", "--env=shops", "--only=beta").stderr
+    assert "[1/1 beta] the sample shop is already there: nothing added" in again
     assert all(query(fleet, shop, "select count(*) from users") == [(3,)] for shop in SHOPS)
 
 
