@@ -617,6 +617,7 @@ def seed(c: Context, env: str = "", only: str = "", jobs: str = "", debug: bool 
 @task
 def envs(c: Context) -> None:
     """List the known environments with their dialect and masked URL."""
+    from db import fleet
     from db.environments import known_environments, load_environment, mask
     from db.errors import DbError
 
@@ -624,8 +625,10 @@ def envs(c: Context) -> None:
         try:
             loaded = load_environment(ROOT, name, os.environ)
             url = loaded.url(need_secrets=False)
-            guard = "  (protected)" if loaded.protected else ""
-            print(f"{name:<10} {url.get_backend_name():<11} {mask(url)}{guard}")
+            marks = [("a fleet", fleet.is_fleet(loaded)), ("protected", loaded.protected)]
+            said = ", ".join(mark for mark, holds in marks if holds)
+            said = f"  ({said})" if said else ""
+            print(f"{name:<10} {url.get_backend_name():<11} {mask(url)}{said}")
         except DbError as exc:
             print(f"{name:<10} {'?':<11} error: {exc}")
 

@@ -241,12 +241,15 @@ def test_history_is_newest_first_and_marks_applied(project: Project) -> None:
 
 
 def test_envs_lists_dialects_and_masked_urls_without_secrets(project: Project) -> None:
+    project.write_env("shops", "DATABASE_URL=sqlite:///var/{target}.sqlite3\nTARGETS=a b\n")
     result = project.ok("envs")
 
     lines = {line.split()[0]: line for line in result.stdout.splitlines()}
-    assert set(lines) == {"dev", "staging", "prod"}
-    assert "sqlite" in lines["dev"]
+    assert set(lines) == {"dev", "staging", "prod", "shops"}
+    assert "sqlite" in lines["dev"] and "(" not in lines["dev"]
     assert "postgresql+asyncpg://shop:***@prod-db.internal:5432/shop" in lines["prod"]
+    assert lines["prod"].endswith("  (protected)")
+    assert lines["shops"].endswith("/var/{target}.sqlite3  (a fleet)")
 
 
 def test_envs_never_shows_a_password(project: Project) -> None:
