@@ -271,7 +271,7 @@ def test_a_protected_fleet_shows_its_plan_and_asks_once(project: Project) -> Non
         project, "alpha"
     )
 
-    assert "{target}.sqlite3  (protected)" in project.ok("envs").stdout
+    assert "{target}.sqlite3  (a fleet, protected)" in project.ok("envs").stdout
     project.ok("migrate", "--env=shops", "--yes", "--only=alpha")
     result = project.ok("migrate", "--env=shops", "--yes")
 
