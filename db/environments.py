@@ -143,7 +143,7 @@ class Environment:
 
 def known_environments(root: Path) -> list[str]:
     """Names of the environments defined under ``root/environments``."""
-    files = (root / ENV_DIR).glob("*.env")
+    files = (p for p in (root / ENV_DIR).glob("*.env") if p.is_file())
     return sorted(p.name[: -len(".env")] for p in files if not p.name.endswith(".local.env"))
 
 

@@ -26,6 +26,17 @@ def test_known_environments_ignore_local_files(root: Path) -> None:
     assert known_environments(root) == ["dev", "prod"]
 
 
+def test_a_folder_named_like_an_env_file_is_no_environment(root: Path) -> None:
+    write(root, "dev.env", "DATABASE_URL=sqlite:///var/dev.sqlite3\n")
+    (root / "environments" / "old.env").mkdir()
+
+    assert known_environments(root) == ["dev"]
+    with pytest.raises(
+        ConfigError, match=r"unknown environment 'old': known environments are dev \("
+    ):
+        load_environment(root, "old", {})
+
+
 def test_variables_come_from_the_given_environ(root: Path) -> None:
     write(root, "x.env", "DATABASE_URL=postgresql+asyncpg://u@${HOST}/db\n")
     env = load_environment(root, "x", {"HOST": "db.example"})
