@@ -22,6 +22,18 @@ CONNECT_TIMEOUT = 10.0  # seconds, unless the env file says otherwise
 SECRET_KEYS = ("DATABASE_URL", "MIGRATION_URL", "DATABASE_PASSWORD")
 CATALOG_KEY = "TARGETS_DATABASE_URL"  # a fleet's catalog of targets
 SUPPORTED_DRIVERS = ("sqlite", "sqlite+pysqlite", "postgresql+asyncpg")
+# What asyncpg takes from a URL's query: SQLAlchemy hands the query to asyncpg.connect()
+# as text, so anything else fails there (a timeout as text, libpq's sslmode); the timeouts
+# are the env file's own keys
+ASYNCPG_QUERY = (
+    "ssl",
+    "host",
+    "passfile",
+    "target_session_attrs",
+    "krbsrvname",
+    "gsslib",
+    "prepared_statement_cache_size",
+)
 _NAME = re.compile(r"[A-Za-z0-9_-]+")
 _SCHEMA = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
 _DURATION = re.compile(r"\d+(\.\d+)?\s*(us|ms|s|min|h|d)?")
@@ -248,7 +260,22 @@ def parse_url(text: str, where: str, what: str) -> URL:
             f"{where}: unsupported driver {url.drivername!r} in {what}; "
             f"use one of {', '.join(d + '://' for d in SUPPORTED_DRIVERS)}"
         )
+    unknown = [key for key in url.query if key not in ASYNCPG_QUERY]
+    if url.drivername == "postgresql+asyncpg" and unknown:
+        raise ConfigError(
+            f"{where}: {what} has ?{unknown[0]}=, which asyncpg cannot take from a URL "
+            f"(it takes {', '.join(ASYNCPG_QUERY)}){_QUERY_HINTS.get(unknown[0], '')}"
+        )
     return url
+
+
+_QUERY_HINTS = {
+    "sslmode": "; for TLS write ?ssl=require (asyncpg's name for sslmode)",
+    **dict.fromkeys(
+        ("timeout", "connect_timeout", "command_timeout", "statement_timeout"),
+        "; set CONNECT_TIMEOUT, LOCK_TIMEOUT or STATEMENT_TIMEOUT in the env file instead",
+    ),
+}
 
 
 def _database_url(env: Environment, key: str) -> URL:

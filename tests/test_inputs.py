@@ -7,6 +7,7 @@ The environment rules are tested in-process; what the command line does with a m
 from __future__ import annotations
 
 import os
+import re
 import signal
 import subprocess
 from pathlib import Path
@@ -88,6 +89,35 @@ def test_a_password_for_sqlite_is_a_clear_error(tmp_path: Path) -> None:
 
     with pytest.raises(ConfigError, match="SQLite has no passwords"):
         load_environment(root, "x", {}).url()
+
+
+@pytest.mark.parametrize(
+    ("query", "said"),
+    [
+        ("sslmode=require", "?sslmode=, which asyncpg cannot take from a URL"),
+        ("ssl=require&command_timeout=5", "set CONNECT_TIMEOUT, LOCK_TIMEOUT or STATEMENT_TIMEOUT"),
+    ],
+)
+def test_a_url_parameter_asyncpg_cannot_take_is_named(
+    tmp_path: Path, query: str, said: str
+) -> None:
+    """SQLAlchemy hands the query to asyncpg.connect(), which raised a TypeError on it."""
+    url = "postgresql+asyncpg://shop:pw@db.invalid:5432/shop"
+    root = env_file(tmp_path, f"DATABASE_URL={url}?{query}\n")
+
+    with pytest.raises(ConfigError, match=re.escape(said)) as raised:
+        load_environment(root, "x", {}).url()
+    assert "pw" not in str(raised.value)
+    env_file(tmp_path, f"DATABASE_URL={url}?ssl=require&target_session_attrs=primary\n")
+    assert load_environment(root, "x", {}).url().query["ssl"] == "require"
+
+
+def test_libpqs_sslmode_gets_a_clear_error_from_the_task(project: Project) -> None:
+    project.write_env("dev", "DATABASE_URL=postgresql+asyncpg://u@127.0.0.1/x?sslmode=require\n")
+
+    error = project.fails("status")
+
+    assert "for TLS write ?ssl=require (asyncpg's name for sslmode)" in error
 
 
 def test_a_folder_that_cannot_be_made_is_a_clear_error(project: Project) -> None:
