@@ -271,6 +271,7 @@ def parse_url(text: str, where: str, what: str) -> URL:
 
 _QUERY_HINTS = {
     "sslmode": "; for TLS write ?ssl=require (asyncpg's name for sslmode)",
+    "statement_cache_size": "; write ?prepared_statement_cache_size=N (SQLAlchemy's name for it)",
     **dict.fromkeys(
         ("timeout", "connect_timeout", "command_timeout", "statement_timeout"),
         "; set CONNECT_TIMEOUT, LOCK_TIMEOUT or STATEMENT_TIMEOUT in the env file instead",

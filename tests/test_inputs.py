@@ -96,6 +96,7 @@ def test_a_password_for_sqlite_is_a_clear_error(tmp_path: Path) -> None:
     [
         ("sslmode=require", "?sslmode=, which asyncpg cannot take from a URL"),
         ("ssl=require&command_timeout=5", "set CONNECT_TIMEOUT, LOCK_TIMEOUT or STATEMENT_TIMEOUT"),
+        ("statement_cache_size=0", "write ?prepared_statement_cache_size=N (SQLAlchemy's"),
     ],
 )
 def test_a_url_parameter_asyncpg_cannot_take_is_named(
