@@ -35,7 +35,8 @@ ASYNCPG_QUERY = (
     "prepared_statement_cache_size",
 )
 _NAME = re.compile(r"[A-Za-z0-9_-]+")
-_SCHEMA = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
+SCHEMA_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
+SCHEMA_RULE = "must start with a letter or _ and hold letters, digits and _ only"
 _DURATION = re.compile(r"\d+(\.\d+)?\s*(us|ms|s|min|h|d)?")
 _TRUE, _FALSE = ("true", "yes", "on", "1"), ("false", "no", "off", "0", "")
 _REFERENCE = re.compile(r"\$\$|\$\{([A-Za-z_][A-Za-z0-9_]*)\}")
@@ -71,9 +72,9 @@ class Environment:
         name = self.get("SCHEMA").strip()
         if not name:
             return None
-        if not _SCHEMA.fullmatch(name):
+        if not SCHEMA_NAME.fullmatch(name):
             where = self.relative(self.sources.get("SCHEMA", self.root))
-            raise ConfigError(f"{where}: SCHEMA may hold letters, digits and _ only, not {name!r}")
+            raise ConfigError(f"{where}: SCHEMA {SCHEMA_RULE}, not {name!r}")
         return name
 
     def get(self, key: str, default: str = "") -> str:

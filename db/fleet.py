@@ -26,7 +26,7 @@ from typing import TYPE_CHECKING, Any, TypedDict
 
 from sqlalchemy.exc import DBAPIError
 
-from db.environments import Environment, parse_url
+from db.environments import SCHEMA_NAME, SCHEMA_RULE, Environment, parse_url
 from db.errors import ConfigError, first_line
 from db.files import write_whole
 
@@ -164,6 +164,14 @@ def _check_names(env: Environment, found: list[Target]) -> None:
     for t in found:
         if t.url:  # said here, not as if the env file's DATABASE_URL were wrong
             parse_url(t.url, env.name, f"the URL {source} gives target {t.name}")
+    template = env.get("SCHEMA")
+    for t in found if PLACEHOLDER in template else []:  # before any target runs
+        schema = template.replace(PLACEHOLDER, t.name)
+        if not SCHEMA_NAME.fullmatch(schema):
+            raise ConfigError(
+                f"{env.name}: target {t.name!r} makes SCHEMA {schema!r}, which {SCHEMA_RULE}: "
+                f"rename the target, or put a prefix in SCHEMA (SCHEMA=shop_{PLACEHOLDER})"
+            )
     twice = [name for name, count in Counter(t.name for t in found).items() if count > 1]
     if twice:
         raise ConfigError(

@@ -73,10 +73,13 @@ def test_schema_per_target_and_what_a_fleet_must_name(project: Project) -> None:
     with pytest.raises(ConfigError, match="may hold letters, digits"):
         fleet.targets(odd)
     dashed = shops(
-        project, "DATABASE_URL=postgresql+asyncpg://s@h/x\nSCHEMA={target}\nTARGETS=a-b\n"
+        project, "DATABASE_URL=postgresql+asyncpg://s@h/x\nSCHEMA={target}\nTARGETS=ok a-b\n"
     )
-    with pytest.raises(ConfigError, match="SCHEMA may hold letters, digits and _ only"):
-        _ = fleet.environment(dashed, fleet.targets(dashed)[0]).schema
+    with pytest.raises(ConfigError, match=r"target 'a-b' makes SCHEMA 'a-b', which must start"):
+        fleet.targets(dashed, "ok")  # refused for the whole fleet, before any target runs
+    digit = shops(project, "DATABASE_URL=postgresql+asyncpg://s@h/x\nSCHEMA=9lives\n")
+    with pytest.raises(ConfigError, match=r"SCHEMA must start with a letter or _ .*'9lives'"):
+        _ = digit.schema  # one database: said of the env file's own SCHEMA
     unnamed = shops(project, "DATABASE_URL=sqlite:///var/{target}.db\nTARGETS=\n")
     with pytest.raises(ConfigError, match=r"DATABASE_URL has \{target\}, but no targets are named"):
         fleet.is_fleet(unnamed)
