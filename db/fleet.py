@@ -205,7 +205,20 @@ def _from_catalog(env: Environment) -> list[Target]:
 
     def rows(connection: Connection) -> list[Target]:
         found = connection.execute(text(env.get("TARGETS_QUERY")))
-        return [_parse([str(value or "") for value in row[:2]]) for row in found]
+        if not found.returns_rows:  # an UPDATE, say: rolled back as the connection closes
+            raise ConfigError(
+                f"{env.name}: TARGETS_QUERY returns no rows: it must be a query that lists "
+                "the targets (select name[, url] from ...)"
+            )
+        listed = []
+        for number, row in enumerate(found, start=1):
+            if row[0] is None or not str(row[0]).strip():  # a shop that would go unmigrated
+                raise ConfigError(
+                    f"{env.name}: row {number} of TARGETS_QUERY has no name (its first "
+                    "column is empty); give every shop a name, or leave it out in the query"
+                )
+            listed.append(_parse(["" if value is None else str(value) for value in row[:2]]))
+        return listed
 
     try:
         return with_connection(catalog_url, rows, connect_timeout=env.connect_timeout)

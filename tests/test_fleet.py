@@ -282,6 +282,27 @@ def test_targets_can_come_from_a_catalog_query(project: Project) -> None:
     assert "TARGETS_QUERY failed: no such table: nowhere" in project.fails("status", "--env=shops")
 
 
+def test_a_catalog_row_without_a_name_or_a_query_without_rows_is_refused(
+    project: Project,
+) -> None:
+    sqlite_catalog(project, "id int, slug text", (0, "alpha"), (1, None), (2, "gamma"))
+    project.write_env("shops", catalog_env(FLEET, "select slug from shops order by id"))
+
+    unnamed = project.fails("status", "--env=shops")
+
+    assert "error: shops: row 2 of TARGETS_QUERY has no name" in unnamed
+    assert "Traceback" not in unnamed
+    project.write_env("shops", catalog_env(FLEET, "select id from shops order by id"))
+    numbered = project.ok("status", "--env=shops")  # 0 is a name, not a missing one
+    assert "read        0, 1, 2" in numbered.stderr
+    project.write_env("shops", catalog_env(FLEET, "update shops set slug = 'x'"))
+    writing = project.fails("status", "--env=shops")
+    assert "error: shops: TARGETS_QUERY returns no rows: it must be a query" in writing
+    assert "Traceback" not in writing
+    with closing(sqlite3.connect(project.root / "var" / "catalog.sqlite3")) as db:
+        assert db.execute("select count(*) from shops where slug = 'x'").fetchone() == (0,)
+
+
 def test_a_catalogs_url_and_the_urls_it_gives_are_checked_as_theirs(project: Project) -> None:
     sqlite_catalog(project, "slug text, dsn text", ("alpha", "not a url"))
 
