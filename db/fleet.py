@@ -135,7 +135,7 @@ def targets(env: Environment, only: str = "") -> list[Target]:
     if env.get("TARGETS_QUERY").strip():
         found = _from_catalog(env)
     elif env.get("TARGETS_FILE").strip():
-        found = [_parse(line.split("#")[0].split()) for line in _targets_file(env).splitlines()]
+        found = _from_file(env)
     else:
         found = [Target(name) for name in re.split(r"[\s,]+", env.get("TARGETS"))]
     found = [t for t in found if t.name]
@@ -183,14 +183,26 @@ def _parse(words: list[str]) -> Target:
     return Target(words[0], words[1] if len(words) > 1 else "") if words else Target("")
 
 
-def _targets_file(env: Environment) -> str:
+def _from_file(env: Environment) -> list[Target]:
+    """Targets from ``TARGETS_FILE``: a name a line, and optionally its URL; ``#`` comments."""
     path = env.root / env.get("TARGETS_FILE").strip()
+    where = f"TARGETS_FILE {env.relative(path)}"
     try:
-        return path.read_text(encoding="utf-8")
+        lines = path.read_text(encoding="utf-8").splitlines()
     except OSError as exc:
-        raise ConfigError(
-            f"cannot read TARGETS_FILE {env.relative(path)}: {exc.strerror}"
-        ) from None
+        raise ConfigError(f"cannot read {where}: {exc.strerror}") from None
+    except UnicodeDecodeError:
+        raise ConfigError(f"cannot read {where}: not UTF-8 text") from None
+    found = []
+    for number, line in enumerate(lines, start=1):
+        words = line.split("#")[0].split()
+        if len(words) > 2:  # a name with a space in it, or a URL cut in two: say so
+            raise ConfigError(
+                f"{where}, line {number}: {len(words)} words; a line holds a target's name "
+                "and, optionally, its URL"
+            )
+        found.append(_parse(words))
+    return found
 
 
 def _from_catalog(env: Environment) -> list[Target]:

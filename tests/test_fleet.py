@@ -68,6 +68,18 @@ def test_only_selects_targets_by_glob(fleet: Project) -> None:
     assert "no target matches" in fleet.fails("status", "--env=shops", "--only=zz*")
 
 
+def test_an_empty_only_is_refused_not_read_as_every_target(fleet: Project) -> None:
+    """``--only=$FAILED`` with FAILED unset must not roll back (or migrate) the whole fleet."""
+    fleet.ok("migrate", "--env=shops")
+
+    for empty in ("--only=", "--only=,", "--only= , "):
+        result = fleet.invoke("rollback", "--env=shops", empty)
+        assert result.returncode == 2, result.stderr
+        assert "error: --only is empty: name targets or globs" in result.stderr
+    assert [at(fleet, name) for name in SHOPS] == [[HEAD]] * len(SHOPS)
+    assert "--only is empty" in fleet.fails("status", "--env=dev", "--only=")
+
+
 def break_beta(project: Project) -> None:
     (project.root / "var" / "shops").mkdir(parents=True)
     with closing(sqlite3.connect(project.root / "var" / "shops" / "beta.sqlite3")) as db:

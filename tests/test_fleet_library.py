@@ -39,6 +39,17 @@ def test_a_target_named_twice_is_refused(project: Project) -> None:
         fleet.targets(listed)
 
 
+def test_a_targets_file_that_is_not_names_and_urls_is_refused_by_line(project: Project) -> None:
+    env = shops(project, "DATABASE_URL=sqlite:///var/{target}.db\nTARGETS_FILE=shops.txt\n")
+    (project.root / "shops.txt").write_text("alpha\nnew shop sqlite:///var/new.db\n")
+    with pytest.raises(ConfigError, match="shops.txt, line 2: 3 words; a line holds a target's"):
+        fleet.targets(env)
+
+    (project.root / "shops.txt").write_bytes(b"alpha\nb\xe9ta\n")  # Latin-1, not UTF-8
+    with pytest.raises(ConfigError, match="cannot read TARGETS_FILE shops.txt: not UTF-8 text"):
+        fleet.targets(env)
+
+
 def test_a_targets_file_line_may_give_the_targets_own_url(project: Project) -> None:
     (project.root / "shops.txt").write_text(
         "# name [url]\nnear\nfar postgresql+asyncpg://shop@10.0.0.7/shop_far  # other server\n"
