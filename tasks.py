@@ -126,7 +126,7 @@ YES = "confirm a protected environment without a prompt (needed where there is n
 )
 def migrate(
     c: Context,
-    env: str = "",
+    env: str | None = None,
     to: str = "head",
     yes: bool = False,
     lock_wait: str = "",
@@ -182,7 +182,7 @@ def migrate(
 )
 def rollback(
     c: Context,
-    env: str = "",
+    env: str | None = None,
     steps: str = "",
     to: str = "",
     yes: bool = False,
@@ -221,7 +221,7 @@ def rollback(
 
 
 @task(help={**COMMON, "only": ONE})
-def reset(c: Context, env: str = "", only: str | None = None, debug: bool = False) -> None:
+def reset(c: Context, env: str | None = None, only: str | None = None, debug: bool = False) -> None:
     """Drop every table and migrate from scratch (never on a protected environment)."""
     from db import commands
 
@@ -244,7 +244,7 @@ def reset(c: Context, env: str = "", only: str | None = None, debug: bool = Fals
 )
 def restore(
     c: Context,
-    env: str = "",
+    env: str | None = None,
     file: str = "",
     yes: bool = False,
     only: str | None = None,
@@ -278,7 +278,7 @@ def restore(
 def resolve(
     c: Context,
     revision: str,
-    env: str = "",
+    env: str | None = None,
     applied: bool = False,
     rolled_back: bool = False,
     yes: bool = False,
@@ -320,7 +320,7 @@ def resolve(
 def stamp(
     c: Context,
     revision: str,
-    env: str = "",
+    env: str | None = None,
     force: bool = False,
     yes: bool = False,
     lock_wait: str = "",
@@ -362,7 +362,7 @@ def stamp(
 def accept_changes(
     c: Context,
     revision: str,
-    env: str = "",
+    env: str | None = None,
     yes: bool = False,
     lock_wait: str = "",
     only: str | None = None,
@@ -394,7 +394,7 @@ def accept_changes(
 def makemigration(
     c: Context,
     message: str,
-    env: str = "",
+    env: str | None = None,
     empty: bool = False,
     only: str | None = None,
     debug: bool = False,
@@ -426,7 +426,7 @@ def makemigration(
 )
 def offline_sql(
     c: Context,
-    env: str = "",
+    env: str | None = None,
     from_: str = "",
     to: str = "head",
     output: str = "",
@@ -466,7 +466,7 @@ def offline_sql(
 )
 def status(
     c: Context,
-    env: str = "",
+    env: str | None = None,
     json_: bool = False,
     check: bool = False,
     only: str | None = None,
@@ -502,7 +502,7 @@ def status(
 @task(help={**COMMON, **FLEET, "json": "print the history as JSON (fields in the README)"})
 def history(
     c: Context,
-    env: str = "",
+    env: str | None = None,
     json_: bool = False,
     only: str | None = None,
     jobs: str = "",
@@ -566,7 +566,7 @@ def lint(
 
 @task(help={**COMMON, **FLEET})
 def check(
-    c: Context, env: str = "", only: str | None = None, jobs: str = "", debug: bool = False
+    c: Context, env: str | None = None, only: str | None = None, jobs: str = "", debug: bool = False
 ) -> None:
     """Fail when models and database differ, there are several heads, or applied files changed."""
     from db import review
@@ -599,13 +599,13 @@ def merge(c: Context, message: str = "merge heads", debug: bool = False) -> None
     from db import authoring
 
     with reported(c, debug):
-        written = authoring.merge(environment(c, ""), message)
+        written = authoring.merge(environment(c, None), message)
     print(f"wrote {written.relative_to(ROOT)}", file=sys.stderr)
 
 
 @task(help={**COMMON, **FLEET})
 def seed(
-    c: Context, env: str = "", only: str | None = None, jobs: str = "", debug: bool = False
+    c: Context, env: str | None = None, only: str | None = None, jobs: str = "", debug: bool = False
 ) -> None:
     """Fill the database with a small sample shop (idempotent; never on protected envs)."""
     from db import seed
@@ -644,7 +644,7 @@ def envs(c: Context) -> None:
 
 def environment(
     c: Context,
-    name: str,
+    name: str | None,
     *,
     banner: bool = False,
     refuse_protected: str = "",
@@ -658,7 +658,7 @@ def environment(
     name one of its targets. ``only`` on one database is refused.
     """
     from db import fleet
-    from db.environments import load_environment
+    from db.environments import known_environments, load_environment
     from db.errors import GuardRefused, UsageError
 
     if only is not None and not only.replace(",", "").strip():  # --only=$SHOPS, SHOPS unset
@@ -666,7 +666,10 @@ def environment(
             "--only is empty: name targets or globs (--only='beta*,gamma'), or "
             "leave it out for every target"
         )
-    loaded = load_environment(ROOT, name or c.config.db.env, os.environ)
+    if name is not None and not name.strip():  # --env=$DEPLOY_ENV, unset: not the default
+        known = ", ".join(known_environments(ROOT))
+        raise UsageError(f"--env is empty: name one of {known}, or leave --env out")
+    loaded = load_environment(ROOT, c.config.db.env if name is None else name, os.environ)
     for warning in loaded.warnings:
         print(warning, file=sys.stderr)
     if refuse_protected and loaded.protected:

@@ -20,6 +20,16 @@ def test_unknown_environment_lists_the_known_ones(project: Project) -> None:
     assert "environments/qa.env" in error
 
 
+def test_an_empty_env_is_refused_not_read_as_the_default(project: Project) -> None:
+    """``--env=$DEPLOY_ENV`` with DEPLOY_ENV unset must not migrate dev and exit 0, as if
+    the deploy had migrated its database."""
+    for task, flags in (("migrate", ["--yes"]), ("status", []), ("lint", [])):
+        error = project.fails(task, "--env=", *flags)
+        assert "error: --env is empty: name one of dev, prod, staging, or leave --env out" in error
+    assert not (project.root / "var" / "dev.sqlite3").exists()
+    assert project.ok("status").stderr.startswith("[dev]")  # no --env: the default, as before
+
+
 def test_environment_name_cannot_escape_the_directory(project: Project) -> None:
     error = project.fails("status", "--env=../tasks")
     assert "unknown environment '../tasks'" in error
