@@ -129,13 +129,13 @@ def migrate(
     env: str | None = None,
     to: str = "head",
     yes: bool = False,
-    lock_wait: str = "",
-    wait: str = "",
+    lock_wait: str | None = None,
+    wait: str | None = None,
     allow_env_mismatch: bool = False,
     only: str | None = None,
-    jobs: str = "",
+    jobs: str | None = None,
     keep_going: bool = False,
-    canary: str = "",
+    canary: str | None = None,
     json_: bool = False,
     debug: bool = False,
 ) -> None:
@@ -183,14 +183,14 @@ def migrate(
 def rollback(
     c: Context,
     env: str | None = None,
-    steps: str = "",
-    to: str = "",
+    steps: str | None = None,
+    to: str | None = None,
     yes: bool = False,
-    lock_wait: str = "",
-    wait: str = "",
+    lock_wait: str | None = None,
+    wait: str | None = None,
     allow_env_mismatch: bool = False,
     only: str | None = None,
-    jobs: str = "",
+    jobs: str | None = None,
     keep_going: bool = False,
     debug: bool = False,
 ) -> None:
@@ -199,10 +199,11 @@ def rollback(
 
     with reported(c, debug):
         count = whole("--steps", steps, default=1, least=1)
+        to = None if to is None else named("--to", to)
         target = environment(c, env, banner=True, fleet_ok=True, only=only)
         options = run_options(lock_wait, wait, allow_env_mismatch)
         if is_fleet(target):
-            flags: TaskArgs = {**fleet_args(options), "steps": count, "to": to or None}
+            flags: TaskArgs = {**fleet_args(options), "steps": count, "to": to}
             plan = fleet_plan("rollback", flags, jobs, keep_going)
             run_fleet(target, plan, only or "", options, yes=yes)
             return
@@ -216,7 +217,7 @@ def rollback(
 
             options.on_plan = ask
         with on_signals(options):
-            done = commands.rollback(target, count, to or None, options)
+            done = commands.rollback(target, count, to, options)
         summarize("rolled back", target, done)
 
 
@@ -245,20 +246,24 @@ def reset(c: Context, env: str | None = None, only: str | None = None, debug: bo
 def restore(
     c: Context,
     env: str | None = None,
-    file: str = "",
+    file: str | None = None,
     yes: bool = False,
     only: str | None = None,
     debug: bool = False,
 ) -> None:
     """Put a SQLite backup from var/backups back in place of the database."""
     from db import backups
+    from db.errors import UsageError
 
     with reported(c, debug):
+        if file is not None and not file.strip():  # --file=$BACKUP, unset: not the newest
+            raise UsageError("--file is empty: name a backup, or leave --file out for the newest")
         target = environment(c, env, only=only)
         if target.protected:
             confirm(target, yes, "restore a backup over", need_yes=True)
         announce(target)
-        used, kept = backups.restore(target, target.url(), Path(file).resolve() if file else None)
+        chosen = None if file is None else Path(file).resolve()
+        used, kept = backups.restore(target, target.url(), chosen)
     if kept is not None:
         print(f"  kept the database it replaced as {target.relative(kept)}", file=sys.stderr)
     print(f"{target.name}: restored {target.relative(used)}", file=sys.stderr)
@@ -282,7 +287,7 @@ def resolve(
     applied: bool = False,
     rolled_back: bool = False,
     yes: bool = False,
-    lock_wait: str = "",
+    lock_wait: str | None = None,
     only: str | None = None,
     debug: bool = False,
 ) -> None:
@@ -323,10 +328,10 @@ def stamp(
     env: str | None = None,
     force: bool = False,
     yes: bool = False,
-    lock_wait: str = "",
+    lock_wait: str | None = None,
     allow_env_mismatch: bool = False,
     only: str | None = None,
-    jobs: str = "",
+    jobs: str | None = None,
     keep_going: bool = False,
     debug: bool = False,
 ) -> None:
@@ -336,7 +341,7 @@ def stamp(
     with reported(c, debug):
         revision = named("REVISION", revision)
         target = environment(c, env, banner=True, fleet_ok=True, only=only)
-        options = run_options(lock_wait, "", allow_env_mismatch)
+        options = run_options(lock_wait, None, allow_env_mismatch)
         if is_fleet(target):
             flags: TaskArgs = {**fleet_args(options), "revision": revision, "force": force}
             plan = fleet_plan("stamp", flags, jobs, keep_going)
@@ -364,7 +369,7 @@ def accept_changes(
     revision: str,
     env: str | None = None,
     yes: bool = False,
-    lock_wait: str = "",
+    lock_wait: str | None = None,
     only: str | None = None,
     debug: bool = False,
 ) -> None:
@@ -427,27 +432,31 @@ def makemigration(
 def offline_sql(
     c: Context,
     env: str | None = None,
-    from_: str = "",
+    from_: str | None = None,
     to: str = "head",
-    output: str = "",
+    output: str | None = None,
     only: str | None = None,
     debug: bool = False,
 ) -> None:
     """Print the SQL of a range of revisions, without connecting to any database."""
     from db import authoring, fleet
+    from db.errors import UsageError
 
     with reported(c, debug):
         to = named("--to", to)
+        from_ = None if from_ is None else named("--from", from_)
+        if output is not None and not output.strip():
+            raise UsageError("--output is empty: give a file (a folder, on a fleet)")
         target = environment(c, env, fleet_ok=True, only=only)
         if is_fleet(target):
-            scripts = fleet.offline_sql(target, only or "", from_ or None, to)
+            scripts = fleet.offline_sql(target, only or "", from_, to)
             if output:
                 for name, path in fleet.write_sql(Path(output).resolve(), scripts).items():
                     print(f"wrote the SQL for {target.name} {name} to {path}", file=sys.stderr)
             else:
                 sys.stdout.write("".join(f"-- target: {n}\n{sql}" for n, sql in scripts.items()))
             return
-        sql = authoring.offline_sql(target, from_ or None, to)
+        sql = authoring.offline_sql(target, from_, to)
         if output:
             authoring.write_sql(Path(output), sql)
     if output:
@@ -470,7 +479,7 @@ def status(
     json_: bool = False,
     check: bool = False,
     only: str | None = None,
-    jobs: str = "",
+    jobs: str | None = None,
     debug: bool = False,
 ) -> None:
     """Show the current revision, the head, and the pending revisions in order."""
@@ -505,7 +514,7 @@ def history(
     env: str | None = None,
     json_: bool = False,
     only: str | None = None,
-    jobs: str = "",
+    jobs: str | None = None,
     debug: bool = False,
 ) -> None:
     """List every revision, newest first: applied ones with when and by whom."""
@@ -566,7 +575,11 @@ def lint(
 
 @task(help={**COMMON, **FLEET})
 def check(
-    c: Context, env: str | None = None, only: str | None = None, jobs: str = "", debug: bool = False
+    c: Context,
+    env: str | None = None,
+    only: str | None = None,
+    jobs: str | None = None,
+    debug: bool = False,
 ) -> None:
     """Fail when models and database differ, there are several heads, or applied files changed."""
     from db import review
@@ -605,7 +618,11 @@ def merge(c: Context, message: str = "merge heads", debug: bool = False) -> None
 
 @task(help={**COMMON, **FLEET})
 def seed(
-    c: Context, env: str | None = None, only: str | None = None, jobs: str = "", debug: bool = False
+    c: Context,
+    env: str | None = None,
+    only: str | None = None,
+    jobs: str | None = None,
+    debug: bool = False,
 ) -> None:
     """Fill the database with a small sample shop (idempotent; never on protected envs)."""
     from db import seed
@@ -702,7 +719,11 @@ def fleet_args(options: RunOptions) -> TaskArgs:
 
 
 def fleet_plan(
-    task_name: str, args: TaskArgs | None, jobs: str, keep_going: bool, canary: str = ""
+    task_name: str,
+    args: TaskArgs | None,
+    jobs: str | None,
+    keep_going: bool,
+    canary: str | None = None,
 ) -> Plan:
     """The fleet run the flags ask for; ``jobs`` 0 means the default for the fleet."""
     from db.fleet import Plan, TaskArgs
@@ -1024,8 +1045,10 @@ def print_json(data: object) -> None:
     print(json.dumps(data, indent=2, default=lambda value: value.isoformat()))
 
 
-def run_options(lock_wait: str = "", wait: str = "", allow_mismatch: bool = False) -> RunOptions:
-    """The library's options from the flags; an empty flag keeps the library's default."""
+def run_options(
+    lock_wait: str | None = None, wait: str | None = None, allow_mismatch: bool = False
+) -> RunOptions:
+    """The library's options from the flags; a flag not given keeps the library's default."""
     from db.runner import RunOptions
 
     options = RunOptions(
@@ -1034,20 +1057,21 @@ def run_options(lock_wait: str = "", wait: str = "", allow_mismatch: bool = Fals
         on_step=print_step,
         on_note=lambda text: print(f"  {text}", file=sys.stderr),
     )
-    if lock_wait:
+    if lock_wait is not None:
         options.lock_wait = seconds("--lock-wait", lock_wait)
-    if wait:
+    if wait is not None:
         options.wait = seconds("--wait", wait)
     return options
 
 
-def whole(flag: str, text: str, default: int, least: int) -> int:
+def whole(flag: str, text: str | None, default: int, least: int) -> int:
     """A whole-number flag (declared as text: invoke's own int conversion fails with a
-    traceback); an empty one keeps ``default``."""
+    traceback); one not given keeps ``default``, an empty one (``--canary=$N``, N unset) is
+    refused rather than read as the default."""
     from db.errors import UsageError
 
     try:
-        value = int(text) if text else default
+        value = default if text is None else int(text)
     except ValueError:
         value = least - 1
     if value < least:

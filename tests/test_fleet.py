@@ -68,7 +68,7 @@ def test_only_selects_targets_by_glob(fleet: Project) -> None:
     assert "no target matches" in fleet.fails("status", "--env=shops", "--only=zz*")
 
 
-def test_an_empty_only_is_refused_not_read_as_every_target(fleet: Project) -> None:
+def test_an_empty_only_canary_or_jobs_is_refused_not_read_as_the_default(fleet: Project) -> None:
     """``--only=$FAILED`` with FAILED unset must not roll back (or migrate) the whole fleet."""
     fleet.ok("migrate", "--env=shops")
 
@@ -78,6 +78,11 @@ def test_an_empty_only_is_refused_not_read_as_every_target(fleet: Project) -> No
         assert "error: --only is empty: name targets or globs" in result.stderr
     assert [at(fleet, name) for name in SHOPS] == [[HEAD]] * len(SHOPS)
     assert "--only is empty" in fleet.fails("status", "--env=dev", "--only=")
+    for empty in ("--canary=", "--jobs="):  # not "no canary", nor the default
+        result = fleet.invoke("rollback" if empty == "--jobs=" else "migrate", "--env=shops", empty)
+        assert result.returncode == 2, result.stderr
+        assert f"error: {empty[:-1]} takes a whole number, 0 or more, not ''" in result.stderr
+    assert [at(fleet, name) for name in SHOPS] == [[HEAD]] * len(SHOPS)
 
 
 def break_beta(project: Project) -> None:

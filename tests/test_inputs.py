@@ -13,7 +13,7 @@ import subprocess
 from pathlib import Path
 
 import pytest
-from conftest import Project, head_revision, revision, tmpfs
+from conftest import Project, head_revision, revision, tmpfs, version
 
 from db.environments import load_environment
 from db.errors import ConfigError
@@ -162,7 +162,9 @@ def test_a_bad_count_is_a_usage_error(project: Project, args: tuple[str, ...]) -
     "args",
     [
         ("migrate", "--to="),
+        ("rollback", "--to="),
         ("offline-sql", "--to="),
+        ("offline-sql", "--from="),
         ("stamp", ""),
         ("accept-changes", " "),
         ("resolve", "", "--applied"),
@@ -177,6 +179,32 @@ def test_an_empty_revision_is_a_usage_error(project: Project, args: tuple[str, .
     assert result.returncode == 2, result.stderr
     assert "is empty: give a revision id, a prefix, or head" in result.stderr
     assert "Traceback" not in result.stderr
+
+
+@pytest.mark.parametrize(
+    ("args", "said"),
+    [
+        (("migrate", "--lock-wait="), "--lock-wait takes a number of seconds, 0 or more, not ''"),
+        (("rollback", "--wait="), "--wait takes a number of seconds, 0 or more, not ''"),
+        (("rollback", "--steps="), "--steps takes a whole number, 1 or more, not ''"),
+        (("offline-sql", "--output="), "--output is empty: give a file"),
+        (("restore", "--file="), "--file is empty: name a backup, or leave --file out"),
+    ],
+)
+def test_an_empty_flag_is_refused_not_read_as_its_default(
+    project: Project, args: tuple[str, ...], said: str
+) -> None:
+    """``--steps=$N`` or ``--file=$BACKUP`` with the variable unset: a usage error, not a run
+    with the default (one step back, the newest backup) that the caller did not ask for."""
+    project.add_revision("b", revision("second", HEAD))  # one step back is a real change
+    project.migrated()
+
+    result = project.invoke(*args)
+
+    assert result.returncode == 2, result.stderr
+    assert said in result.stderr
+    assert "Traceback" not in result.stderr
+    assert version(project) == ["second"]
 
 
 def test_seconds_flags_show_a_value_in_help(project: Project) -> None:
