@@ -780,7 +780,9 @@ def run_fleet(
     print_summary(env, outcomes)
     if plan.task in fleet.CHANGING:
         try:
-            print(f"report: {env.relative(fleet.write_report(env, report))}", file=sys.stderr)
+            kept = fleet.write_report(env, report)
+            if kept is not None:  # RUNS_KEEP=0 keeps none
+                print(f"report: {env.relative(kept)}", file=sys.stderr)
         except ConfigError as exc:  # a full disk: the run happened all the same
             print(f"warning: {exc}; the run itself is as printed above", file=sys.stderr)
     if json_:

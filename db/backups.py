@@ -19,7 +19,10 @@ BACKUP_DIR = Path("var") / "backups"
 
 
 def before_change(env: Environment, url: URL) -> str | None:
-    """Back the database up if the environment wants it; say what happened, if anything."""
+    """Back the database up if the environment wants it; say what happened, if anything.
+    ``BACKUP_KEEP=0`` keeps none, so takes none (rather than one that is pruned at once)."""
+    if _keep(env) == 0:
+        return None
     if url.get_backend_name() == "sqlite":
         path = sqlite_backup(env, url)
         return f"backed up to {env.relative(path)}" if path else None
@@ -30,8 +33,9 @@ def before_change(env: Environment, url: URL) -> str | None:
     return f"backed up to {env.relative(pg_dump(env, url))} with pg_dump"
 
 
-def sqlite_backup(env: Environment, url: URL) -> Path | None:
+def sqlite_backup(env: Environment, url: URL, least: int = 0) -> Path | None:
     """A verified copy through SQLite's backup API, mode 0600; None for an empty file.
+    Then the newest ``BACKUP_KEEP`` backups are kept, and at least ``least``.
 
     A copy that cannot be written or does not pass ``quick_check`` is deleted, and the run
     stops before any change.
@@ -52,7 +56,7 @@ def sqlite_backup(env: Environment, url: URL) -> Path | None:
             f"the backup to {env.relative(target)} failed ({exc}), so nothing was changed: "
             f"free some space in {BACKUP_DIR} and run the task again"
         ) from None
-    _prune(env, "sqlite3")
+    _prune(env, "sqlite3", least)
     return target
 
 
@@ -170,8 +174,8 @@ def _keep_replaced(env: Environment, live: Path) -> Path | None:
     would play that file's journal back into the restored one)."""
     if not live.is_file() or live.stat().st_size == 0:
         return None
-    if _quick_check(live) is None:
-        return sqlite_backup(env, make_url(f"sqlite:///{live}"))
+    if _quick_check(live) is None:  # kept even with BACKUP_KEEP=0: a restore can be undone
+        return sqlite_backup(env, make_url(f"sqlite:///{live}"), least=1)
     kept = _new_file(env, "corrupt")
     for suffix in ("-journal", ""):  # its journal first: one left behind would be played back
         if Path(f"{live}{suffix}").exists():
@@ -194,7 +198,11 @@ def _new_file(env: Environment, suffix: str) -> Path:
     return target
 
 
-def _prune(env: Environment, suffix: str) -> None:
-    keep = int(env.number("BACKUP_KEEP", 5))
-    for old in backups(env, suffix)[keep:]:
+def _keep(env: Environment) -> int:
+    return int(env.number("BACKUP_KEEP", 5))
+
+
+def _prune(env: Environment, suffix: str, least: int = 0) -> None:
+    """Keep the newest ``BACKUP_KEEP`` backups, and at least ``least``."""
+    for old in backups(env, suffix)[max(_keep(env), least) :]:
         old.unlink()

@@ -113,7 +113,7 @@ class Environment:
             value = float(text) if text else default
         except ValueError:
             value = -1.0
-        if value < 0:
+        if not 0 <= value < float("inf"):  # nan and inf too: int() of them is a traceback
             where = self.relative(self.sources[key])
             raise ConfigError(f"{where}: {key} must be a number, 0 or more, not {text!r}")
         return value

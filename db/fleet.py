@@ -100,11 +100,13 @@ class Plan:
 def check(env: Environment, plan: Plan, chosen: list[Target]) -> None:
     """Refuse, before any of the ``chosen`` targets starts, what would fail on every target
     alike: revision files that do not load, several heads for a migrate to head, a revision
-    (``--to``, or the one to stamp) that the files do not have."""
+    (``--to``, or the one to stamp) that the files do not have, a bad ``RUNS_KEEP``."""
     from db import guards
     from db.records import stamp_target
     from db.runner import known_revision, load_scripts, make_config
 
+    if plan.task in CHANGING:  # a bad setting, said now rather than after the run
+        env.number("RUNS_KEEP", 100)
     if plan.task not in ("migrate", "rollback", "stamp"):
         return
     # the files are the same for every target; a target's own settings make the Config
@@ -345,19 +347,21 @@ def target_json(o: Outcome) -> dict[str, Any]:
     return {key: list(v) if isinstance(v, tuple) else v for key, v in row.items()}
 
 
-def write_report(env: Environment, data: Mapping[str, Any]) -> Path:
+def write_report(env: Environment, data: Mapping[str, Any]) -> Path | None:
     """Keep a run's report in ``var/runs``, and the newest ``RUNS_KEEP`` (default 100) of
-    the environment's; returns its path."""
+    the environment's; returns its path, or None when ``RUNS_KEEP=0`` keeps none."""
+    keep = int(env.number("RUNS_KEEP", 100))
     stamp = datetime.now(timezone.utc).strftime("%Y%m%dT%H%M%S.%fZ")
     path = env.root / RUNS_DIR / f"{env.name}-{stamp}.json"
-    try:
-        write_whole(path, json.dumps(data, indent=2) + "\n")
-    except OSError as exc:
-        raise ConfigError(f"cannot write the run's report to {RUNS_DIR}: {exc.strerror}") from None
-    keep = int(env.number("RUNS_KEEP", 100))
+    if keep:
+        try:
+            write_whole(path, json.dumps(data, indent=2) + "\n")
+        except OSError as exc:
+            why = exc.strerror
+            raise ConfigError(f"cannot write the run's report to {RUNS_DIR}: {why}") from None
     for old in sorted(path.parent.glob(f"{env.name}-*.json"), reverse=True)[keep:]:
         old.unlink(missing_ok=True)
-    return path
+    return path if keep else None
 
 
 def run(

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import pytest
 from conftest import (
     Project,
     add_good_then_bad,
@@ -84,10 +85,11 @@ def test_unsupported_driver(project: Project) -> None:
     assert "postgresql+asyncpg://" in error
 
 
-def test_bad_connect_timeout(project: Project) -> None:
-    project.write_env("slow", "DATABASE_URL=sqlite:///var/x.sqlite3\nCONNECT_TIMEOUT=soon\n")
+@pytest.mark.parametrize("value", ["soon", "nan", "inf", "-1"])
+def test_bad_connect_timeout(project: Project, value: str) -> None:
+    project.write_env("slow", f"DATABASE_URL=sqlite:///var/x.sqlite3\nCONNECT_TIMEOUT={value}\n")
     error = project.fails("status", "--env=slow")
-    assert "CONNECT_TIMEOUT must be a number, 0 or more, not 'soon'" in error
+    assert f"CONNECT_TIMEOUT must be a number, 0 or more, not '{value}'" in error
 
 
 def test_unknown_revision(project: Project) -> None:

@@ -217,6 +217,29 @@ def test_a_run_report_is_kept_and_printed_with_json(fleet: Project) -> None:
     assert len(kept_now) == 2 and kept[0].name not in kept_now  # the oldest went
 
 
+def test_runs_keep_0_keeps_no_report_and_names_none(fleet: Project) -> None:
+    fleet.ok("migrate", "--env=shops", "--only=alpha")
+    fleet.extend_env("shops", "RUNS_KEEP=0\n")
+
+    result = fleet.ok("migrate", "--env=shops", "--json")
+
+    assert "report:" not in result.stderr  # it would name a file that is not there
+    assert json.loads(result.stdout)["counts"] == {"migrated": 2, "up to date": 1}
+    assert not list((fleet.root / "var" / "runs").glob("shops-*.json"))
+
+
+@pytest.mark.parametrize("value", ["x", "nan", "inf"])
+def test_a_bad_runs_keep_is_refused_before_any_target_runs(fleet: Project, value: str) -> None:
+    fleet.extend_env("shops", f"RUNS_KEEP={value}\n")
+
+    result = fleet.invoke("migrate", "--env=shops")
+
+    assert result.returncode == 2, result.stderr
+    assert f"shops.env: RUNS_KEEP must be a number, 0 or more, not '{value}'" in result.stderr
+    assert "Traceback" not in result.stderr
+    assert not (fleet.root / "var" / "shops").exists()  # no target ran
+
+
 def test_a_report_that_cannot_be_written_does_not_fail_the_run(fleet: Project) -> None:
     (fleet.root / "var").mkdir()
     (fleet.root / "var" / "runs").write_text("not a folder\n")  # as a full disk would refuse

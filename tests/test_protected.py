@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import os
 import pty
+import re
 import stat
 import subprocess
 
@@ -150,6 +151,30 @@ def test_only_the_newest_backups_are_kept(project: Project) -> None:
         project.ok("rollback")
         project.ok("migrate")
     assert len(list((project.root / "var" / "backups").glob("dev-*.sqlite3"))) == 2
+
+
+def test_backup_keep_0_takes_no_backup_but_a_restore_still_keeps_what_it_replaces(
+    project: Project,
+) -> None:
+    """Each message names a file that is there: no "backed up to X" for an X pruned at once."""
+    project.migrated()
+    project.ok("rollback")  # a backup, while BACKUP_KEEP is 5
+    project.extend_env("dev", "BACKUP_KEEP=0\n")
+    folder = project.root / "var" / "backups"
+
+    migrated = project.ok("migrate")
+
+    assert "backed up" not in migrated.stderr
+    assert len(list(folder.glob("dev-*.sqlite3"))) == 1  # the one taken before, left alone
+    project.ok("rollback")
+    (project.root / "var" / "spare.sqlite3").write_bytes(
+        (project.root / "var" / "dev.sqlite3").read_bytes()
+    )
+    project.ok("migrate")
+    restored = project.ok("restore", "--file=var/spare.sqlite3")
+    kept = re.search(r"kept the database it replaced as (\S+)", restored.stderr)
+    assert kept and (project.root / kept.group(1)).is_file()
+    assert version(project) == []
 
 
 def test_a_readable_local_env_file_gets_a_warning(project: Project) -> None:
