@@ -8,6 +8,7 @@ import json
 import os
 import signal
 import threading
+import uuid
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -28,6 +29,7 @@ from conftest import (
     sqlite_catalog,
     wait_until,
 )
+from sqlalchemy.engine import make_url
 
 from db.locks import NAMESPACE
 
@@ -86,6 +88,31 @@ def test_schema_per_tenant_keeps_each_shop_in_its_schema(
     assert "added 3 users" in seeded.stderr
     assert pg_fetch(dsn, "select count(*) as n from beta.users")[0]["n"] == 3
     assert pg_fetch(dsn, "select count(*) as n from alpha.users")[0]["n"] == 0
+
+
+def test_a_schema_made_for_the_migrating_role_needs_no_create_on_the_database(
+    project: Project, pg_database: PgDatabase
+) -> None:
+    """A DBA makes each tenant's schema for a role that may not create schemas: PostgreSQL
+    checks that privilege even for ``CREATE SCHEMA IF NOT EXISTS``, so a run must not ask."""
+    role, admin = f"shop_{uuid.uuid4().hex[:10]}", pg_database.dsn
+    pg_execute(admin, f"create role {role} login", f"create schema alpha authorization {role}")
+    try:
+        url = make_url(pg_database.url).set(username=role).render_as_string(hide_password=False)
+        project.write_env("tenants", f"DATABASE_URL={url}\nSCHEMA={{target}}\nTARGETS=alpha,beta\n")
+
+        result = project.invoke("migrate", "--env=tenants", "--keep-going")
+
+        assert result.returncode == 6, result.stderr
+        assert "  migrated    alpha" in result.stderr
+        assert (
+            "beta: cannot create schema beta: ProgrammingError: permission denied for database "
+            f"{pg_database.name}; no revision was run; create it for the migrating role"
+        ) in result.stderr
+        assert schema_versions(admin, "alpha") == [HEAD]
+        assert pg_fetch(admin, "select 1 from pg_namespace where nspname = 'beta'") == []
+    finally:
+        pg_execute(admin, f"drop owned by {role}", f"drop role {role}")
 
 
 def test_a_sqlite_catalog_serves_a_schema_fleet_with_a_password(

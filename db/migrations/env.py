@@ -17,6 +17,7 @@ from alembic.operations import MigrationScript
 from alembic.runtime.migration import MigrationContext
 from sqlalchemy import Connection, DateTime, MetaData, text
 from sqlalchemy.engine import make_url
+from sqlalchemy.exc import DBAPIError
 from sqlalchemy.types import TypeDecorator
 
 from db.engines import (
@@ -29,7 +30,7 @@ from db.engines import (
 )
 from db.errors import ConfigError, MigrationFailed
 from db.locks import Fence, canceller, pg_lock, prepare_session, sqlite_run
-from db.runner import VERSION_TABLE, Run, configure_logging, version_of
+from db.runner import VERSION_TABLE, Run, configure_logging, describe, version_of
 
 if TYPE_CHECKING:
     from alembic.autogenerate.api import AutogenContext
@@ -142,13 +143,29 @@ def do_run_migrations(connection: Connection, fence: Fence | None = None) -> Non
         run.progress.fence = fence
     elif fence is not None:
         checks = (lambda ctx, **_kw: fence.check(ctx.connection),)
-    if run.schema and run.lock:  # committed now: Alembic runs all in one open transaction
-        connection.execute(text(f'CREATE SCHEMA IF NOT EXISTS "{run.schema}"'))
-        connection.commit()
+    if run.schema and run.lock:
+        create_schema(connection, run.schema)
     context.configure(connection=connection, **options(checks))
     guard_blocks(fence)
     with context.begin_transaction():
         context.run_migrations()
+
+
+def create_schema(connection: Connection, schema: str) -> None:
+    """The run's schema, made if missing and committed now (Alembic runs all in one open
+    transaction). One that is there needs no CREATE on the database, which PostgreSQL
+    checks even for ``IF NOT EXISTS``: a DBA may have made it for the migrating role."""
+    there = text("select 1 from pg_namespace where nspname = :name")
+    if connection.execute(there, {"name": schema}).first() is None:
+        try:
+            connection.execute(text(f'CREATE SCHEMA IF NOT EXISTS "{schema}"'))
+        except DBAPIError as exc:
+            raise MigrationFailed(
+                f"cannot create schema {schema}: {describe(exc)}\nno revision was run; create "
+                f"it for the migrating role (CREATE SCHEMA {schema} AUTHORIZATION role), or "
+                "grant that role CREATE on the database"
+            ) from exc
+    connection.commit()
 
 
 def guard_blocks(fence: Fence | None) -> None:
