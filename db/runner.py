@@ -254,8 +254,26 @@ def run_env(
         if isinstance(exc, CommandError):
             raise revision_error(exc, run.flags) from exc
         if isinstance(exc, DBAPIError):
-            raise DbError(f"database error on {mask(run.url)}: {describe(exc)}") from exc
+            text = f"database error on {mask(run.url)}: {describe(exc)}"
+            if progress is not None:  # a changing run, stopped before its first revision
+                text += f"\n{_NONE_RUN}{_lacking(exc, run)}"
+            raise DbError(text) from exc
         raise
+
+
+def _lacking(exc: DBAPIError, run: Run) -> str:
+    """What to do when the migrating role lacks a privilege (SQLSTATE 42501), or nothing."""
+    if getattr(exc.orig, "sqlstate", None) != "42501":
+        return ""
+    role, said = run.url.username or "the migrating role", first_line(exc)
+    if " for schema " not in said:
+        return f"; grant {role} that privilege, or migrate as the database's owner"
+    schema = said.rsplit(" ", 1)[-1]
+    return (
+        f"; the version table and the audit trail need CREATE on it: GRANT CREATE ON SCHEMA "
+        f"{schema} TO {role} (PostgreSQL 15 and later give it in public only to the "
+        "database's owner), or migrate as the owner"
+    )
 
 
 def failure(exc: Exception, progress: Progress, run: Run, script: ScriptDirectory) -> DbError:

@@ -8,6 +8,7 @@ import socket
 import subprocess
 import threading
 import time
+import uuid
 from collections.abc import Iterator
 
 import pytest
@@ -19,6 +20,7 @@ from conftest import (
     pg_execute,
     pg_fetch,
 )
+from sqlalchemy.engine import make_url
 
 pytestmark = pytest.mark.postgres
 
@@ -177,3 +179,30 @@ def test_after_migrate_a_new_session_can_use_the_schema(
     rows = pg_fetch(pg_database.dsn, "select name from categories")
     assert [row["name"] for row in rows] == ["e-books"]
     assert re.fullmatch(r"[0-9a-f]{12}", pg_version(pg_database)[0])
+
+
+def test_a_role_that_may_not_create_tables_is_told_which_grant_it_needs(
+    project: Project, pg_database: PgDatabase
+) -> None:
+    """PostgreSQL 15 and later let only a database's owner create in ``public``: a
+    migrating role that is not the owner fails before its first revision, and is told so."""
+    role, admin = f"shop_{uuid.uuid4().hex[:10]}", pg_database.dsn
+    pg_execute(admin, f"create role {role} login", "revoke create on schema public from public")
+    try:
+        url = make_url(pg_database.url).set(username=role).render_as_string(hide_password=False)
+        project.write_env("ci", f"DATABASE_URL={url}\n")
+
+        refused = project.fails("migrate", "--env=ci")
+
+        assert "ProgrammingError: permission denied for schema public\n" in refused
+        assert refused.endswith(
+            "no revision was run; the version table and the audit trail need CREATE on it: "
+            f"GRANT CREATE ON SCHEMA public TO {role} (PostgreSQL 15 and later give it in "
+            "public only to the database's owner), or migrate as the owner\n"
+        )
+        assert pg_version(pg_database) == []
+        pg_execute(admin, f"grant create on schema public to {role}")
+        project.ok("migrate", "--env=ci")
+        assert pg_version(pg_database) == [head_revision()]
+    finally:
+        pg_execute(admin, f"drop owned by {role}", f"drop role {role}")
