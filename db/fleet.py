@@ -292,6 +292,10 @@ def write_sql(folder: Path, scripts: Mapping[str, str]) -> dict[str, Path]:
     """Write each target's SQL to ``folder/NAME.sql``; returns the paths."""
     from db.authoring import write_sql
 
+    if folder.exists() and not folder.is_dir():
+        raise ConfigError(
+            f"{folder} is a file: on a fleet, --output names a folder (a file per target)"
+        )
     written = {name: folder / f"{name}.sql" for name in scripts}
     for name, path in written.items():
         write_sql(path, scripts[name])

@@ -146,6 +146,11 @@ def test_offline_sql_gives_each_target_its_own_audit_rows_and_schema(project: Pr
         assert f"'{HEAD}', 'up', 'shops'," in audit_row(sql) and f", '{shop}')" in audit_row(sql)
     project.ok("offline-sql", "--env=shops", "--output=each")
     assert ", 'beta')" in audit_row((project.root / "each" / "beta.sql").read_text())
+    (project.root / "one.sql").write_text("")
+    to_a_file = project.fails("offline-sql", "--env=shops", "--output=one.sql")
+    assert to_a_file.endswith(
+        "one.sql is a file: on a fleet, --output names a folder (a file per target)\n"
+    )
     project.write_env("shops", "DATABASE_URL=sqlite:///var/{target}.sqlite3\nTARGETS=, ,\n")
     assert "shops: TARGETS names no targets" in project.fails("status", "--env=shops")
 
