@@ -314,12 +314,16 @@ def default_jobs(count: int, hosts: int) -> int:
     return max(1, min(count, 2 * (os.cpu_count() or 1) * max(1, hosts)))
 
 
-def exit_code(outcomes: list[Outcome]) -> int:
+def exit_code(outcomes: list[Outcome], signum: int | None = None) -> int:
     """0 when every target got there; else the failures' common code (3: lock waits ran out,
-    4: guards refused, 130/143: interrupted), or 6 when they differ."""
+    4: guards refused, 130/143: interrupted), or 6 when they differ. ``signum``: the signal
+    that stopped the run, whose code it is when no target failed otherwise (say, a signal
+    before any target started, so that all were skipped)."""
     from db.errors import FleetFailed
 
     codes = {o.exit_code for o in outcomes if o.state == "failed"}
+    if signum and codes <= {128 + signum} and any(o.failed for o in outcomes):
+        return 128 + signum
     if len(codes) == 1 and codes <= {3, 4, 130, 143}:
         return codes.pop()
     return FleetFailed.exit_code if codes or any(o.failed for o in outcomes) else 0

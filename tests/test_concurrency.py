@@ -245,16 +245,21 @@ def fake_server(hold: bool) -> Iterator[tuple[int, list[socket.socket]]]:
 
 
 def interrupted(
-    project: Project, port: int, taken: list[Any], tries: int, *args: str
+    project: Project,
+    port: int,
+    taken: list[Any],
+    tries: int,
+    *args: str,
+    signum: int = signal.SIGINT,
 ) -> tuple[int | None, str]:
-    """Run a task against the fake server, SIGINT it once it has tried ``tries`` times to
-    connect, and return its exit code and stderr."""
+    """Run a task against the fake server, signal it (SIGINT) once it has tried ``tries``
+    times to connect, and return its exit code and stderr."""
     url = f"postgresql+asyncpg://u@127.0.0.1:{port}/shop"
     project.write_env("down", f"DATABASE_URL={url}\nCONNECT_TIMEOUT=60\n")
     run = popen(project, *args, "--env=down")
     try:
         wait_until(lambda: len(taken) >= tries, f"{tries} tries to connect", process=run)
-        run.send_signal(signal.SIGINT)
+        run.send_signal(signum)
         _, err = run.communicate(timeout=20)  # at once, not when the 60 s ran out
     finally:
         if run.poll() is None:
@@ -278,12 +283,17 @@ def test_a_signal_ends_the_wait_for_the_server(
     assert last.endswith("; no revision was run") and "Traceback" not in err
 
 
-def test_a_task_that_only_reads_says_it_was_interrupted(project: Project) -> None:
+@pytest.mark.parametrize(
+    ("signum", "name"), [(signal.SIGINT, "SIGINT"), (signal.SIGTERM, "SIGTERM")]
+)
+def test_a_task_that_only_reads_says_it_was_interrupted(
+    project: Project, signum: int, name: str
+) -> None:
     with fake_server(hold=True) as (port, taken):
-        code, err = interrupted(project, port, taken, 1, "status")
+        code, err = interrupted(project, port, taken, 1, "status", signum=signum)
 
-    assert code == 130, err
-    assert err.strip().splitlines()[-1] == "interrupted (SIGINT)" and "Traceback" not in err
+    assert code == 128 + signum, err
+    assert err.strip().splitlines()[-1] == f"interrupted ({name})" and "Traceback" not in err
 
 
 def test_a_signal_ends_the_wait_for_a_locked_sqlite_file(project: Project) -> None:

@@ -3,6 +3,8 @@ is, and how a run's outcomes become one exit code."""
 
 from __future__ import annotations
 
+import signal
+
 import pytest
 from conftest import Project
 
@@ -128,6 +130,14 @@ def test_a_fleet_runs_exit_code(
         for i, state in enumerate(states)
     ]
     assert fleet.exit_code(outcomes) == expected
+
+
+def test_a_fleet_run_stopped_by_a_signal_exits_with_its_code() -> None:
+    """A signal before any target started skips them all: 130, not 6 as if targets failed."""
+    skipped = [Outcome(name, "skipped", "interrupted") for name in ("alpha", "beta")]
+    assert fleet.exit_code(skipped, signal.SIGINT) == 130
+    assert fleet.exit_code([Outcome("alpha", "failed", exit_code=1), *skipped], 15) == 6
+    assert fleet.exit_code([Outcome("alpha", "migrated")], signal.SIGTERM) == 0  # all there
 
 
 def test_default_jobs_grow_with_servers_and_never_pass_the_targets() -> None:
