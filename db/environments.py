@@ -1,7 +1,8 @@
 """Named environments: ``environments/NAME.env`` plus an optional ``NAME.local.env``.
 
 Keys come only from those files; the process environment never replaces one. It feeds
-only ``${VAR}`` references inside values (``$$`` writes a literal ``$``).
+only ``${VAR}`` references inside values (``${VAR:-default}`` as python-dotenv reads it;
+``$$`` writes a literal ``$``).
 """
 
 from __future__ import annotations
@@ -39,7 +40,8 @@ SCHEMA_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
 SCHEMA_RULE = "must start with a letter or _ and hold letters, digits and _ only"
 _DURATION = re.compile(r"\d+(\.\d+)?\s*(us|ms|s|min|h|d)?")
 _TRUE, _FALSE = ("true", "yes", "on", "1"), ("false", "no", "off", "0", "")
-_REFERENCE = re.compile(r"\$\$|\$\{([A-Za-z_][A-Za-z0-9_]*)\}")
+_REFERENCE = re.compile(r"\$\$|\$\{([A-Za-z_][A-Za-z0-9_]*)(?::-([^}]*))?\}")
+_DOLLARS = re.compile(r"\$\$|\$\{[^}]*\}?")  # what _REFERENCE must match whole, or refuse
 
 
 @dataclass(frozen=True)
@@ -182,7 +184,12 @@ def load_environment(root: Path, name: str, environ: Mapping[str, str]) -> Envir
         warnings = (f"warning: {where} may hold secrets but others can read it: chmod 600 {where}",)
     values: dict[str, str] = {}
     missing: dict[str, str] = {}
-    for key, (text, _path) in raw.items():
+    for key, (text, path) in raw.items():
+        if any(not _REFERENCE.fullmatch(m.group()) for m in _DOLLARS.finditer(text)):
+            raise ConfigError(  # left as it is, it would be part of a password, silently
+                f"{path.relative_to(root)}: {key} has a ${{...}} that is neither ${{NAME}} nor "
+                "${NAME:-default}: write $$ for a literal $"
+            )
         values[key], unset = _expand(text, values, environ)
         if unset:
             missing[key] = unset[0]
@@ -234,10 +241,10 @@ def _expand(
     unset: list[str] = []
 
     def replace(match: re.Match[str]) -> str:
-        var = match.group(1)
+        var, default = match.group(1, 2)
         if var is None:
             return "$"
-        value = defined.get(var, environ.get(var))
+        value = defined.get(var, environ.get(var, default))  # the default: VAR is not set
         if value is None:
             unset.append(var)
             return ""

@@ -76,6 +76,26 @@ def test_double_dollar_is_a_literal_dollar(root: Path) -> None:
     assert load_environment(root, "x", {}).get("DATABASE_PASSWORD") == "pa$$word"
 
 
+def test_a_reference_may_give_a_default_as_python_dotenv_reads_it(root: Path) -> None:
+    write(root, "x.env", "DATABASE_URL=sqlite:///a\nDATABASE_PASSWORD=${PW:-dev pass}\n")
+    assert load_environment(root, "x", {}).get("DATABASE_PASSWORD") == "dev pass"
+    assert load_environment(root, "x", {"PW": "s3cret"}).get("DATABASE_PASSWORD") == "s3cret"
+    assert load_environment(root, "x", {"PW": ""}).get("DATABASE_PASSWORD") == ""  # set: kept
+
+
+@pytest.mark.parametrize("value", ["${PW:?unset}", "${PW-d}", "pa${ss", "${1}", "${}"])
+def test_a_reference_it_cannot_expand_is_refused_not_kept_as_text(root: Path, value: str) -> None:
+    """Kept as text, ``${PW:?unset}`` would silently become part of the password."""
+    write(root, "x.env", f"DATABASE_URL=sqlite:///a\nDATABASE_PASSWORD='{value}'\n")
+    with pytest.raises(ConfigError) as refused:
+        load_environment(root, "x", {"PW": "s3cret"})
+    said = str(refused.value)
+    assert said == (
+        "environments/x.env: DATABASE_PASSWORD has a ${...} that is neither ${NAME} nor "
+        "${NAME:-default}: write $$ for a literal $"
+    )
+
+
 def test_missing_variable_is_an_error_only_when_secrets_are_needed(root: Path) -> None:
     write(root, "x.env", "DATABASE_URL=postgresql+asyncpg://u@h/db\nDATABASE_PASSWORD=${PW}\n")
     env = load_environment(root, "x", {})
