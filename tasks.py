@@ -197,7 +197,10 @@ def rollback(
     """Downgrade the database by --steps revisions, or to --to=REV (every target of a fleet)."""
     with reported(c, debug):
         from db import commands
+        from db.errors import UsageError
 
+        if steps is not None and to is not None:  # which one was meant? neither is guessed
+            raise UsageError("--steps and --to do not go together: give one of them")
         count = whole("--steps", steps, default=1, least=1)
         to = None if to is None else named("--to", to)
         target = environment(c, env, banner=True, fleet_ok=True, only=only)

@@ -94,6 +94,17 @@ def test_rollback_more_steps_than_applied_is_refused(project: Project) -> None:
     assert tables(project) == SHOP_TABLES
 
 
+def test_rollback_with_both_steps_and_to_is_refused(project: Project) -> None:
+    """--steps=2 --to=base could mean either: neither is guessed."""
+    project.migrated()
+
+    result = project.invoke("rollback", "--steps=1", "--to=base")
+
+    assert result.returncode == 2, result.stderr
+    assert "error: --steps and --to do not go together: give one of them" in result.stderr
+    assert tables(project) == SHOP_TABLES
+
+
 def test_migrate_to_a_revision_the_database_is_past_is_refused(project: Project) -> None:
     """migrate only goes forward: a --to=REV behind the database is refused, not reported
     as "already there"."""
