@@ -35,6 +35,7 @@ ASYNCPG_QUERY = (
     "gsslib",
     "prepared_statement_cache_size",
 )
+SQLITE_QUERY = ("check_same_thread", "cached_statements")  # the rest pysqlite ignores, or we set
 _NAME = re.compile(r"[A-Za-z0-9_-]+")
 SCHEMA_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
 SCHEMA_RULE = "must start with a letter or _ and hold letters, digits and _ only"
@@ -268,6 +269,8 @@ def parse_url(text: str, where: str, what: str) -> URL:
             f"{where}: unsupported driver {url.drivername!r} in {what}; "
             f"use one of {', '.join(d + '://' for d in SUPPORTED_DRIVERS)}"
         )
+    if url.get_backend_name() == "sqlite":
+        _check_sqlite(url, where, what)
     unknown = [key for key in url.query if key not in ASYNCPG_QUERY]
     if url.drivername == "postgresql+asyncpg" and unknown:
         raise ConfigError(
@@ -275,6 +278,24 @@ def parse_url(text: str, where: str, what: str) -> URL:
             f"(it takes {', '.join(ASYNCPG_QUERY)}){_QUERY_HINTS.get(unknown[0], '')}"
         )
     return url
+
+
+def _check_sqlite(url: URL, where: str, what: str) -> None:
+    """A SQLite file, named by a plain path: an in-memory database would be migrated and
+    gone when the task ends; a query option pysqlite ignores (``?mode=ro``) would be ignored
+    silently, and a ``file:`` URI is no path to back up or check."""
+    if url.database in (None, "", ":memory:"):
+        raise ConfigError(
+            f"{where}: {what} is an in-memory SQLite database, which is gone when the task "
+            "ends: name a file (sqlite:///var/dev.sqlite3)"
+        )
+    unknown = [key for key in url.query if key not in SQLITE_QUERY]
+    if unknown:
+        hint = _QUERY_HINTS.get(unknown[0], "; name the file by a plain path, without options")
+        raise ConfigError(
+            f"{where}: {what} has ?{unknown[0]}=, which these tasks do not take for SQLite "
+            f"(they take {', '.join(SQLITE_QUERY)}){hint}"
+        )
 
 
 _QUERY_HINTS = {

@@ -126,6 +126,13 @@ def test_relative_sqlite_paths_resolve_against_the_root(root: Path) -> None:
         ("DATABASE_URL=mysql://u@h/db", "unsupported driver 'mysql'"),
         ("DATABASE_URL=not a url", "not a valid database URL"),
         ("CONNECT_TIMEOUT=1", "does not set DATABASE_URL"),
+        # migrated, then gone with the task: every later task would find it at base
+        ("DATABASE_URL=sqlite://", "DATABASE_URL is an in-memory SQLite database, which is gone"),
+        ("DATABASE_URL=sqlite:///:memory:", "is an in-memory SQLite database"),
+        # pysqlite ignores ?mode=ro (with a warning, after the run wrote to the file)
+        ("DATABASE_URL=sqlite:///x.db?mode=ro", r"has \?mode=, which these tasks do not take"),
+        ("DATABASE_URL=sqlite:///file:x.db?uri=true", r"has \?uri=, .* by a plain path"),
+        ("DATABASE_URL=sqlite:///x.db?timeout=9", "set CONNECT_TIMEOUT"),
     ],
 )
 def test_bad_urls(root: Path, line: str, message: str) -> None:
