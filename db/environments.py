@@ -269,6 +269,8 @@ def parse_url(text: str, where: str, what: str) -> URL:
             f"{where}: unsupported driver {url.drivername!r} in {what}; "
             f"use one of {', '.join(d + '://' for d in SUPPORTED_DRIVERS)}"
         )
+    if url.port is not None and not 0 < url.port < 65536:  # else an OverflowError, connecting
+        raise ConfigError(f"{where}: {what} has port {url.port}; a port is 1 to 65535")
     if url.get_backend_name() == "sqlite":
         _check_sqlite(url, where, what)
     unknown = [key for key in url.query if key not in ASYNCPG_QUERY]

@@ -125,6 +125,7 @@ def test_relative_sqlite_paths_resolve_against_the_root(root: Path) -> None:
     [
         ("DATABASE_URL=mysql://u@h/db", "unsupported driver 'mysql'"),
         ("DATABASE_URL=not a url", "not a valid database URL"),
+        ("DATABASE_URL=postgresql+asyncpg://u@h:99999/db", "has port 99999; a port is 1 to 65535"),
         ("CONNECT_TIMEOUT=1", "does not set DATABASE_URL"),
         # migrated, then gone with the task: every later task would find it at base
         ("DATABASE_URL=sqlite://", "DATABASE_URL is an in-memory SQLite database, which is gone"),
