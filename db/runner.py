@@ -313,7 +313,32 @@ def _failure(exc: Exception, progress: Progress, run: Run, text: str) -> DbError
     if not progress.applied and "already exists" in cause:
         adopt = f"`invoke stamp {run.flags} REV`"
         text += f"; a database made without migrations is adopted with {adopt}"
+    limit = _time_limit(exc, run)
+    if limit is not None:  # nothing to fix in the revision: the session's own limit ended it
+        said, fix = limit
+        return MigrationFailed(f"{doing} failed: {said}\n{text}; {fix}")
     return MigrationFailed(f"{doing} failed: {cause}\n{text}; fix it and run the task again")
+
+
+def _time_limit(exc: Exception, run: Run) -> tuple[str, str] | None:
+    """A statement the session's LOCK_TIMEOUT or STATEMENT_TIMEOUT ended: what happened,
+    and what to do (the revision itself may be fine)."""
+    state, said = getattr(cause_of(exc), "sqlstate", None), first_line(exc)
+    settings = run.session_settings
+    if state == "55P03":  # lock_not_available
+        return (
+            f"it waited {settings.get('lock_timeout')} (LOCK_TIMEOUT) for a lock that another "
+            f"session holds ({said})",
+            "run the task again once that session (a long transaction?) is done, or raise "
+            "LOCK_TIMEOUT",
+        )
+    if state == "57014" and "statement timeout" in said:
+        return (
+            f"a statement ran longer than {settings.get('statement_timeout')} "
+            f"(STATEMENT_TIMEOUT) ({said})",
+            "raise STATEMENT_TIMEOUT in the env file, or make the revision do less at once",
+        )
+    return None
 
 
 def _outcome(

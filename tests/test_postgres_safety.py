@@ -74,9 +74,37 @@ def test_a_migration_waiting_behind_a_long_query_fails_fast(
     seconds, code, stderr = asyncio.run(scenario())
 
     assert code == 1, stderr
-    assert "upgrade of revision alter1 (add email) failed" in stderr
-    assert "lock timeout" in stderr
+    assert (
+        "upgrade of revision alter1 (add email) failed: it waited 1s (LOCK_TIMEOUT) for a lock "
+        "that another session holds (canceling statement due to lock timeout)\n"
+    ) in stderr
+    assert stderr.endswith(  # nothing in the revision to fix: not "fix it and run again"
+        "alter1 was rolled back; run the task again once that session (a long transaction?) "
+        "is done, or raise LOCK_TIMEOUT\n"
+    )
     assert seconds < 15
+    rows = pg_fetch(pg_database.dsn, "select version_num from alembic_version")
+    assert [r["version_num"] for r in rows] == [head_revision()]
+
+
+def test_a_revision_past_statement_timeout_says_which_limit_ended_it(
+    pg_project: Project, pg_database: PgDatabase
+) -> None:
+    pg_project.extend_env("ci", "STATEMENT_TIMEOUT=300ms\n")
+    pg_project.add_revision(
+        "slow", revision("slow1", head_revision(), 'op.execute("select pg_sleep(5)")')
+    )
+
+    error = pg_project.fails("migrate", "--env=ci")
+
+    assert (
+        "upgrade of revision slow1 (hand written) failed: a statement ran longer than 300ms"
+        in error
+    )
+    assert error.endswith(
+        "slow1 was rolled back; raise STATEMENT_TIMEOUT in the env file, or make the revision "
+        "do less at once\n"
+    )
     rows = pg_fetch(pg_database.dsn, "select version_num from alembic_version")
     assert [r["version_num"] for r in rows] == [head_revision()]
 
