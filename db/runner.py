@@ -456,6 +456,10 @@ def revision_error(exc: CommandError, flags: str) -> RevisionError:
 
 
 def describe(exc: BaseException) -> str:
-    """The first line of a failure, as the database or the revision said it."""
-    name, text = type(cause_of(exc)).__name__, first_line(exc)
+    """The first line of a failure, as the database or the revision said it, named by its
+    class (the driver's own where SQLAlchemy's is the bare ``Error``: DeadlockDetectedError)."""
+    cause = cause_of(exc)
+    if type(cause).__name__ == "Error" and cause.__cause__ is not None:
+        cause = cause.__cause__
+    name, text = type(cause).__name__, first_line(exc)
     return name if text == name else f"{name}: {text}"

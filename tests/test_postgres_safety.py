@@ -109,6 +109,18 @@ def test_a_revision_past_statement_timeout_says_which_limit_ended_it(
     assert [r["version_num"] for r in rows] == [head_revision()]
 
 
+def test_a_failing_revision_is_named_by_the_drivers_own_error_class(pg_project: Project) -> None:
+    """SQLAlchemy maps many asyncpg errors to a bare ``Error``: the driver's class says more."""
+    pg_project.add_revision("zero", revision("zero1", head_revision(), 'op.execute("select 1/0")'))
+
+    error = pg_project.fails("migrate", "--env=ci")
+
+    assert (
+        "upgrade of revision zero1 (hand written) failed: DivisionByZeroError: division by zero\n"
+        in error
+    )
+
+
 def test_the_audit_trail_on_postgres(pg_project: Project, pg_database: PgDatabase) -> None:
     pg_project.migrated("ci")
     pg_project.ok("rollback", "--env=ci")
