@@ -10,7 +10,7 @@ from sqlalchemy.ext.asyncio import AsyncSession
 
 from db.engines import run_coroutine
 from db.environments import Environment
-from db.errors import DbError, GuardRefused
+from db.errors import DbError, GuardRefused, first_line
 from db.models import Category, Product, Purchase, User
 from db.session import session_factory
 
@@ -36,10 +36,10 @@ def seed(env: Environment) -> dict[str, int]:
     try:
         return run_coroutine(_seed(env))
     except DBAPIError as exc:
-        raise DbError(
-            f"cannot seed {env.label}: {str(exc.orig).splitlines()[0]} "
-            f"(run `invoke migrate {env.flags}` first)"
-        ) from exc
+        said = first_line(exc)
+        behind = any(words in said for words in ("no such", "does not exist"))  # table, column
+        fix = f"run `invoke migrate {env.flags}` first" if behind else "nothing was added"
+        raise DbError(f"cannot seed {env.label}: {said} ({fix})") from exc
 
 
 def described(added: dict[str, int]) -> str:

@@ -162,6 +162,21 @@ def test_seed_refuses_protected_and_unmigrated_databases(project: Project) -> No
     assert "run `invoke migrate --env=dev` first" in project.fails("seed")
 
 
+def test_a_seed_that_fails_on_a_migrated_database_does_not_say_to_migrate(
+    project: Project,
+) -> None:
+    project.migrated()
+    project.extend_env("dev", "CONNECT_TIMEOUT=0.2\n")
+    with project.sqlite() as blocker:
+        blocker.execute("BEGIN IMMEDIATE")  # another writer holds the file
+
+        error = project.fails("seed")
+
+    assert error.endswith("cannot seed dev: database is locked (nothing was added)\n"), error
+    with project.sqlite() as connection:
+        assert connection.execute("select count(*) from users").fetchone() == (0,)
+
+
 @pytest.mark.postgres
 def test_seed_through_asyncpg(project: Project, pg_database: PgDatabase) -> None:
     project.write_env("pg", f"DATABASE_URL={pg_database.url}\n")
