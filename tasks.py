@@ -870,8 +870,10 @@ class Board:
         self._progress()
 
     def done(self, outcome: Outcome) -> None:
+        from db.fleet import RETRIED_LAST
+
         self.running -= outcome.state != "skipped"  # a skipped target never started
-        if outcome.state != "locked":
+        if outcome.state not in RETRIED_LAST:
             self.finished += 1
             self.failed += outcome.failed
         if not self.quiet:
@@ -912,6 +914,7 @@ def event(outcome: Outcome) -> str:
         "passed": "check passed",
         "problems": f"check failed: {outcome.detail}",
         "locked": f"locked by another run: {outcome.detail}",
+        "busy": outcome.detail,
         "failed": f"failed: {outcome.detail}",
         "stopped": f"stopped: {outcome.detail}",
         "skipped": f"skipped ({outcome.detail})",

@@ -144,9 +144,17 @@ def connect_error(url: URL, exc: BaseException) -> ConnectError:
         text = f"unknown host ({reason.strerror})"
     elif isinstance(reason, OSError) and reason.errno:
         text = f"{os.strerror(reason.errno)} (is the server running on that host and port?)"
+    busy = getattr(reason, "sqlstate", None) == "53300"  # too_many_connections
+    if busy:
+        text += (
+            " (the server has no free connection: lower --jobs or MAX_CONNECTIONS_PER_HOST, "
+            "or wait for one with --wait=SECONDS)"
+        )
     if url.password:
         text = text.replace(url.password, "***")
-    return ConnectError(f"cannot connect to {mask(url)}: {text}")
+    error = ConnectError(f"cannot connect to {mask(url)}: {text}")
+    error.busy = busy
+    return error
 
 
 @contextmanager

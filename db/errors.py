@@ -40,6 +40,8 @@ class BrokenRevisions(ConfigError):
 class ConnectError(DbError):
     """The database server could not be reached, or it refused the login."""
 
+    busy = False  # the server had no free connection (too many clients): worth a later try
+
 
 class RevisionError(DbError):
     """A revision is unknown or ambiguous, or the history is not in a usable state."""

@@ -38,6 +38,9 @@ RUNS_DIR = Path("var") / "runs"
 _NAME = re.compile(r"[A-Za-z0-9_.-]+")
 _TEMPLATED = ("DATABASE_URL", "MIGRATION_URL", "SCHEMA")
 CHANGING = ("migrate", "rollback", "stamp", "seed")  # the tasks that write a run report
+# a target's run came back without an outcome: locked by another run, or its server had no
+# free connection; it is tried again once the other targets are done
+RETRIED_LAST = ("locked", "busy")
 
 
 @dataclass(frozen=True)

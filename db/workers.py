@@ -36,8 +36,8 @@ from sqlalchemy.exc import DBAPIError
 
 from db import commands, guards
 from db.environments import Environment, load_environment
-from db.errors import CheckFailed, DbError, Halted, LockTimeout
-from db.fleet import Outcome, Plan, Target, TaskArgs, environment
+from db.errors import CheckFailed, ConnectError, DbError, Halted, LockTimeout
+from db.fleet import RETRIED_LAST, Outcome, Plan, Target, TaskArgs, environment
 from db.progress import Stop
 from db.runner import (
     LOCK_WAIT,
@@ -51,6 +51,7 @@ from db.runner import (
 
 P = ParamSpec("P")
 HALT = -1  # told to the workers when a target failed (a signal's number, when signalled)
+RETRY_CONNECT_WAIT = 10.0  # seconds a target tried again last retries connecting
 
 
 class Pool:
@@ -153,7 +154,7 @@ class Pool:
             for target, outcome in self._collect(running, broken):
                 if on_done is not None:
                     on_done(outcome)
-                if outcome.state == "locked":
+                if outcome.state in RETRIED_LAST:
                     later.append(target)
                     continue
                 done[target.name] = outcome
@@ -337,6 +338,12 @@ def _work(
     except Halted as exc:
         why = one_line(exc)
         outcome = Outcome(target.name, "stopped", why, current=exc.at, exit_code=exc.exit_code)
+    except ConnectError as exc:  # a server the run itself may have filled up: tried again last
+        outcome = Outcome(target.name, "failed", one_line(exc), exit_code=exc.exit_code)
+        if exc.busy and args.get("retry"):
+            outcome = Outcome(
+                target.name, "busy", "its server had no free connection: retried last"
+            )
     except DbError as exc:  # where the target is, if the run read it back after failing
         why = one_line(exc)
         outcome = Outcome(target.name, "failed", why, current=exc.at, exit_code=exc.exit_code)
@@ -356,9 +363,14 @@ def one_line(exc: Exception) -> str:
 
 
 def _options(args: TaskArgs) -> RunOptions:
+    """A target's run: the first try gives a held lock up at once; the last, of a target
+    that came back locked or busy, waits for the lock, and a while for a free connection
+    (the run's own targets that filled the server are ending then)."""
+    last = args.get("retry") is False
+    wait = args.get("wait")
     return RunOptions(
         lock_wait=0 if args.get("retry") else args.get("lock_wait", LOCK_WAIT),
-        wait=args.get("wait"),
+        wait=max(wait or 0.0, RETRY_CONNECT_WAIT) if last else wait,
         allow_env_mismatch=args.get("allow_env_mismatch", False),
         on_note=_NOTES.append,
         stop=_STOP,

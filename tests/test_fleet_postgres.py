@@ -7,6 +7,7 @@ import asyncio
 import json
 import os
 import signal
+import subprocess
 import threading
 import uuid
 from collections.abc import Iterator
@@ -333,3 +334,70 @@ def test_sigterm_stops_a_fleet_run_and_it_says_where_each_target_is(
     assert "gamma] skipped (interrupted)" in err
     assert schema_versions(pg_database.dsn, "beta") == [HEAD]
     assert schema_versions(pg_database.dsn, "gamma") == []
+
+
+@contextmanager
+def sessions_held(dsn: str, count: int) -> Iterator[None]:
+    """``count`` idle sessions on the server, by psql processes ended (by PID) after."""
+    sleeping = (
+        "select count(*) as n from pg_stat_activity "
+        "where query = 'select pg_sleep(120)' and pid <> pg_backend_pid()"
+    )
+    held = [
+        subprocess.Popen(["psql", "-X", "-q", "-d", dsn, "-c", "select pg_sleep(120)"])
+        for _ in range(count)
+    ]
+    try:
+        wait_until(lambda: pg_fetch(dsn, sleeping)[0]["n"] == count, f"{count} sessions")
+        yield
+    finally:
+        for process in held:
+            process.kill()
+            process.wait()
+        # a backend in pg_sleep does not notice its client went: end it, and see it gone
+        pg_execute(dsn, sleeping.replace("count(*) as n", "pg_terminate_backend(pid, 5000)"))
+        wait_until(lambda: pg_fetch(dsn, sleeping)[0]["n"] == 0, "the sessions ended")
+
+
+def test_a_target_whose_server_is_full_is_tried_again_last(project: Project) -> None:
+    """A server with no free connection (a fleet's own targets can fill it) turns a target
+    away: it is tried again once the others are done, instead of failing the run."""
+    with cluster() as server:
+        # five connections, the last for superusers (the test's own); the fleet runs as shop
+        admin = f"postgresql://postgres@127.0.0.1:{server.port}/postgres"
+        pg_execute(
+            admin,
+            "alter system set max_connections = 5",
+            "alter system set superuser_reserved_connections = 1",
+        )
+        server.restart()
+        pg_execute(
+            admin,
+            "create role shop login",
+            "create database shop_a owner shop",
+            "create database shop_b owner shop",
+        )
+        slow = revision("slow1", HEAD, 'op.execute("select pg_sleep(2)")')  # holds its slot
+        project.add_revision("slow", slow)
+        url = f"postgresql+asyncpg://shop@127.0.0.1:{server.port}/shop_{{target}}"
+        project.write_env("full", f"DATABASE_URL={url}\nTARGETS=a b\n")
+
+        with sessions_held(admin, 3):  # one connection left for the two targets
+            result = project.invoke("migrate", "--env=full", "--jobs=2")
+
+        assert result.returncode == 0, result.stderr
+        # one of the two at least: which gets the last connection is the race's to decide
+        assert "its server had no free connection: retried last" in result.stderr
+        assert result.stderr.count("migrated: ") == 2
+        for shop in ("a", "b"):
+            dsn = f"postgresql://postgres@127.0.0.1:{server.port}/shop_{shop}"
+            assert [r["version_num"] for r in pg_fetch(dsn, "select * from alembic_version")] == [
+                "slow1"
+            ]
+        project.write_env("one", f"DATABASE_URL={url.format(target='a')}\n")
+        with sessions_held(admin, 4):  # none left
+            full = project.fails("status", "--env=one")
+        assert full.endswith(
+            "(the server has no free connection: lower --jobs or MAX_CONNECTIONS_PER_HOST, or "
+            "wait for one with --wait=SECONDS)\n"
+        )
