@@ -47,7 +47,16 @@ def _assignments(path: Path) -> dict[str, object]:
 
 
 def problem(versions: Path, root: Path) -> str | None:
-    """A duplicate revision id or a parent that no file has, naming the files."""
+    """A file whose revision id is no id, a duplicate revision id, or a parent that no file
+    has, naming the files."""
+    for path in sorted(versions.glob("*.py")):
+        values = _assignments(path)
+        rev = values.get("revision", "?")
+        if not isinstance(rev, str) or not rev.strip():  # Alembic: "'NoneType' not iterable"
+            return (
+                f"{path.relative_to(root)}: `revision = {rev!r}` is no revision id: give it "
+                'one, a string (revision = "1a2b3c4d5e6f"), as in its file name'
+            )
     files = declared(versions)
     owners: dict[str, list[Path]] = {}
     for path, (rev, _parents) in files.items():

@@ -219,7 +219,8 @@ def _checked(script: ScriptDirectory, config: Config) -> ScriptDirectory:
                 where = revision_files.culprit(exc, versions, root) or "the revision files"
                 where += f" cannot be loaded: {describe(exc)}"
             raise BrokenRevisions(where) from exc
-    if caught:
+    nameless = any(not rev.revision for rev in script.walk_revisions())  # Alembic takes ""
+    if caught or nameless:
         where = revision_files.problem(versions, root)
         raise BrokenRevisions(where or f"the revision files: {caught[0].message}")
     return script

@@ -59,6 +59,22 @@ def test_a_parent_no_file_has_names_the_file_and_the_id(project: Project) -> Non
     assert "KeyError" not in error
 
 
+@pytest.mark.parametrize("written", ["None", "''", "12"])
+def test_a_file_whose_revision_is_no_id_is_named(project: Project, written: str) -> None:
+    """``revision = None`` failed as "'NoneType' object is not iterable"; ``''`` was taken,
+    a revision with no id to migrate to."""
+    text = revision("placeholder", HEAD).replace(
+        'revision = "placeholder"', f"revision = {written}"
+    )
+    project.add_revision("noid", text)
+
+    result = project.invoke("status")
+
+    assert result.returncode == 2, result.stderr
+    said = f"db/migrations/versions/noid.py: `revision = {written}` is no revision id: give it one"
+    assert said in result.stderr and "Traceback" not in result.stderr
+
+
 def test_a_revision_that_cannot_be_imported_is_named(project: Project) -> None:
     project.add_revision(
         "broken",
