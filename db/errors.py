@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import re
+
 from sqlalchemy.exc import DBAPIError
 
 
@@ -11,9 +13,13 @@ def cause_of(exc: BaseException) -> BaseException:
 
 
 def first_line(exc: BaseException) -> str:
-    """The first line of a failure's message (the rest is the driver's detail), or its type."""
+    """The first line of a failure's message (the rest is the driver's detail), or its type.
+    SQLAlchemy 2.0 starts an asyncpg error's message with its class, which is left out."""
     lines = str(cause_of(exc)).strip().splitlines()
-    return lines[0] if lines else type(cause_of(exc)).__name__
+    return _DRIVER_CLASS.sub("", lines[0]) if lines else type(cause_of(exc)).__name__
+
+
+_DRIVER_CLASS = re.compile(r"^<class '[\w.]+'>: ")  # "<class 'asyncpg.exceptions.X'>: "
 
 
 class DbError(Exception):

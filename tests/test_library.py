@@ -322,3 +322,18 @@ def test_a_confirmed_migrate_reads_the_files_and_enters_env_py_once(
 
     assert len(entered) == 1
     assert planned == [(head_revision(),)] == [tuple(step.revision for step in steps)]
+
+
+def test_a_drivers_message_is_shown_without_the_class_sqlalchemy_2_0_puts_first() -> None:
+    """SQLAlchemy 2.0 (what Python 3.10 gets) words an asyncpg error as
+    "<class 'asyncpg.exceptions.DivisionByZeroError'>: division by zero"; 2.1 does not."""
+    from db.errors import first_line
+
+    worded = ValueError(
+        "<class 'asyncpg.exceptions.DivisionByZeroError'>: division by zero\nDETAIL"
+    )
+    assert first_line(worded) == "division by zero"
+    assert (
+        first_line(ValueError("column <class 'x'>: kept inside"))
+        == "column <class 'x'>: kept inside"
+    )
