@@ -35,7 +35,7 @@ if TYPE_CHECKING:
 
 PLACEHOLDER = "{target}"
 RUNS_DIR = Path("var") / "runs"
-_NAME = re.compile(r"[A-Za-z0-9_.-]+")
+_NAME = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.-]*")  # never "..": a name is a path part
 _TEMPLATED = ("DATABASE_URL", "MIGRATION_URL", "SCHEMA")
 CHANGING = ("migrate", "rollback", "stamp", "seed")  # the tasks that write a run report
 # a target's run came back without an outcome: locked by another run, or its server had no
@@ -165,7 +165,10 @@ def _check_names(env: Environment, found: list[Target]) -> None:
         raise ConfigError(f"{env.name}: {source} names no targets")
     for t in found:
         if not _NAME.fullmatch(t.name):
-            raise ConfigError(f"{env.name}: target {t.name!r} may hold letters, digits, . _ - only")
+            raise ConfigError(
+                f"{env.name}: target {t.name!r} must start with a letter, a digit or _, and "
+                "hold letters, digits, . _ - only"
+            )
     for t in found:
         if t.url:  # said here, not as if the env file's DATABASE_URL were wrong
             parse_url(t.url, env.name, f"the URL {source} gives target {t.name}")

@@ -28,6 +28,16 @@ def test_targets_take_commas_or_whitespace_and_only_takes_globs(project: Project
         fleet.targets(env, "zz")
 
 
+@pytest.mark.parametrize("name", ["..", ".hidden", "-rf", "a/b", "shop$"])
+def test_a_target_name_that_is_no_plain_name_is_refused(project: Project, name: str) -> None:
+    """A catalog's slug goes into a path or a database name: ``..`` would leave the folder
+    (``sqlite:///var/shops/{target}/db.sqlite3``)."""
+    (project.root / "shops.txt").write_text(f"alpha\n{name}\n")
+    env = shops(project, "DATABASE_URL=sqlite:///var/{target}/db.sqlite3\nTARGETS_FILE=shops.txt\n")
+    with pytest.raises(ConfigError, match="must start with a letter, a digit or _, and hold"):
+        fleet.targets(env)
+
+
 def test_a_target_named_twice_is_refused(project: Project) -> None:
     """A run reports on each target by its name: one named twice would be migrated by two
     workers at once and reported twice with one outcome."""
@@ -83,7 +93,7 @@ def test_schema_per_target_and_what_a_fleet_must_name(project: Project) -> None:
     with pytest.raises(ConfigError, match=r"needs \{target\} in DATABASE_URL or in SCHEMA"):
         fleet.targets(bad)
     odd = shops(project, "DATABASE_URL=sqlite:///var/{target}.db\nTARGETS=a/b\n")
-    with pytest.raises(ConfigError, match="may hold letters, digits"):
+    with pytest.raises(ConfigError, match="hold letters, digits, . _ - only"):
         fleet.targets(odd)
     dashed = shops(
         project, "DATABASE_URL=postgresql+asyncpg://s@h/x\nSCHEMA={target}\nTARGETS=ok a-b\n"
