@@ -37,8 +37,9 @@ ASYNCPG_QUERY = (
 )
 SQLITE_QUERY = ("check_same_thread", "cached_statements")  # the rest pysqlite ignores, or we set
 _NAME = re.compile(r"[A-Za-z0-9_-]+")
-SCHEMA_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]*")
-SCHEMA_RULE = "must start with a letter or _ and hold letters, digits and _ only"
+# PostgreSQL cuts a longer name to 63 bytes: two long tenants' schemas would be one
+SCHEMA_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]{0,62}")
+SCHEMA_RULE = "must start with a letter or _, hold letters, digits and _ only, and be 63 at most"
 _DURATION = re.compile(r"\d+(\.\d+)?\s*(us|ms|s|min|h|d)?")
 _TRUE, _FALSE = ("true", "yes", "on", "1"), ("false", "no", "off", "0", "")
 _REFERENCE = re.compile(r"\$\$|\$\{([A-Za-z_][A-Za-z0-9_]*)(?::-([^}]*))?\}")

@@ -101,8 +101,11 @@ def test_schema_per_target_and_what_a_fleet_must_name(project: Project) -> None:
     with pytest.raises(ConfigError, match=r"target 'a-b' makes SCHEMA 'a-b', which must start"):
         fleet.targets(dashed, "ok")  # refused for the whole fleet, before any target runs
     digit = shops(project, "DATABASE_URL=postgresql+asyncpg://s@h/x\nSCHEMA=9lives\n")
-    with pytest.raises(ConfigError, match=r"SCHEMA must start with a letter or _ .*'9lives'"):
+    with pytest.raises(ConfigError, match=r"SCHEMA must start with a letter or _, .*'9lives'"):
         _ = digit.schema  # one database: said of the env file's own SCHEMA
+    long = shops(project, f"DATABASE_URL=postgresql+asyncpg://s@h/x\nSCHEMA=t_{'x' * 62}\n")
+    with pytest.raises(ConfigError, match="and be 63 at most"):  # PostgreSQL would cut it
+        _ = long.schema
     unnamed = shops(project, "DATABASE_URL=sqlite:///var/{target}.db\nTARGETS=\n")
     with pytest.raises(ConfigError, match=r"DATABASE_URL has \{target\}, but no targets are named"):
         fleet.is_fleet(unnamed)
