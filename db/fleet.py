@@ -172,6 +172,14 @@ def _check_names(env: Environment, found: list[Target]) -> None:
     for t in found:
         if t.url:  # said here, not as if the env file's DATABASE_URL were wrong
             parse_url(t.url, env.name, f"the URL {source} gives target {t.name}")
+    for t in found if PLACEHOLDER in env.get("DATABASE_URL") + env.get("MIGRATION_URL") else []:
+        for url in {environment(env, t).url(need_secrets=False, app=app) for app in (True, False)}:
+            name = url.database or ""
+            if url.get_backend_name() == "postgresql" and len(name.encode()) > 63:
+                raise ConfigError(  # the server cuts it: two long names would be one database
+                    f"{env.name}: target {t.name!r} makes the database name {name!r}, longer "
+                    "than PostgreSQL's 63 bytes: give it a shorter name"
+                )
     template = env.get("SCHEMA")
     for t in found if PLACEHOLDER in template else []:  # before any target runs
         schema = template.replace(PLACEHOLDER, t.name)

@@ -38,6 +38,24 @@ def test_a_target_name_that_is_no_plain_name_is_refused(project: Project, name: 
         fleet.targets(env)
 
 
+def test_a_target_that_makes_a_database_name_postgresql_would_cut_is_refused(
+    project: Project,
+) -> None:
+    """PostgreSQL cuts a name to 63 bytes: two long shops would share one database."""
+    long = "x" * 60
+    env = shops(
+        project, f"DATABASE_URL=postgresql+asyncpg://s@h/shop_{{target}}\nTARGETS=ok {long}\n"
+    )
+    with pytest.raises(ConfigError, match=f"target '{long}' makes the database name 'shop_{long}'"):
+        fleet.targets(env, "ok")  # the whole fleet is refused, not only the long one
+    assert [
+        t.name
+        for t in fleet.targets(
+            shops(project, f"DATABASE_URL=sqlite:///var/{{target}}.db\nTARGETS={long}\n")
+        )
+    ] == [long]  # a file
+
+
 def test_a_target_named_twice_is_refused(project: Project) -> None:
     """A run reports on each target by its name: one named twice would be migrated by two
     workers at once and reported twice with one outcome."""
