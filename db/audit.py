@@ -99,7 +99,16 @@ def _machine(root: Path) -> Who:
         version = metadata.version("shop-migrations")
     except metadata.PackageNotFoundError:
         version = "unknown"
-    return Who(getpass.getuser(), socket.gethostname(), version, _git_commit(root))
+    return Who(_user(), socket.gethostname(), version, _git_commit(root))
+
+
+def _user() -> str:
+    """The OS user; a container's bare UID (no name for it in /etc/passwd, nor in $USER)
+    as ``uid 1000``, where ``getpass`` raises."""
+    try:
+        return getpass.getuser()
+    except (KeyError, OSError):
+        return f"uid {os.getuid()}"
 
 
 @dataclass(frozen=True)

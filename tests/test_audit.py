@@ -4,10 +4,12 @@ from __future__ import annotations
 
 import getpass
 import hashlib
+import os
 import socket
 import subprocess
 from pathlib import Path
 
+import pytest
 from conftest import Project, add_notes, head_revision, log_rows, revision, version
 
 
@@ -206,3 +208,29 @@ def test_a_protected_rollback_shows_what_it_would_undo(project: Project) -> None
     assert refused.returncode == 4
     assert "plan: 1 to undo" in refused.stderr
     assert f"  {head_revision()}  create shop tables" in refused.stderr
+
+
+def test_a_user_with_no_name_is_recorded_by_uid() -> None:
+    """A container may run as a UID that /etc/passwd does not name (``docker run --user
+    4242``): ``getpass`` raises there, which ended every changing task in a traceback."""
+    from db import audit
+
+    if os.geteuid() != 0:
+        reason = "taking a UID that has no name needs root"
+        if os.environ.get("CI", "").lower() == "true":
+            pytest.fail(reason)
+        pytest.skip(reason)
+    read, write = os.pipe()
+    child = os.fork()
+    if child == 0:  # the child becomes that user, and says who it is recorded as
+        try:
+            os.setuid(4242)
+            for name in ("USER", "LOGNAME", "LNAME", "USERNAME"):
+                os.environ.pop(name, None)
+            os.write(write, audit._user().encode())
+        finally:
+            os._exit(0)
+    os.close(write)
+    os.waitpid(child, 0)
+    with os.fdopen(read) as said:
+        assert said.read() == "uid 4242"
