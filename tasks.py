@@ -257,10 +257,8 @@ def restore(
     """Put a SQLite backup from var/backups back in place of the database."""
     with reported(c, debug):
         from db import backups
-        from db.errors import UsageError
 
-        if file is not None and not file.strip():  # --file=$BACKUP, unset: not the newest
-            raise UsageError("--file is empty: name a backup, or leave --file out for the newest")
+        file = filled("--file", file, "name a backup, or leave --file out for the newest")
         target = environment(c, env, only=only)
         if target.protected:
             confirm(target, yes, "restore a backup over", need_yes=True)
@@ -444,12 +442,10 @@ def offline_sql(
     """Print the SQL of a range of revisions, without connecting to any database."""
     with reported(c, debug):
         from db import authoring, fleet
-        from db.errors import UsageError
 
         to = named("--to", to)
         from_ = None if from_ is None else named("--from", from_)
-        if output is not None and not output.strip():
-            raise UsageError("--output is empty: give a file (a folder, on a fleet)")
+        output = filled("--output", output, "give a file (a folder, on a fleet)")
         target = environment(c, env, fleet_ok=True, only=only)
         if is_fleet(target):
             scripts = fleet.offline_sql(target, only or "", from_, to)
@@ -681,14 +677,10 @@ def environment(
     from db.environments import known_environments, load_environment
     from db.errors import GuardRefused, UsageError
 
-    if only is not None and not only.replace(",", "").strip():  # --only=$SHOPS, SHOPS unset
-        raise UsageError(
-            "--only is empty: name targets or globs (--only='beta*,gamma'), or "
-            "leave it out for every target"
-        )
-    if name is not None and not name.strip():  # --env=$DEPLOY_ENV, unset: not the default
-        known = ", ".join(known_environments(ROOT))
-        raise UsageError(f"--env is empty: name one of {known}, or leave --env out")
+    every = "name targets or globs (--only='beta*,gamma'), or leave it out for every target"
+    filled("--only", only and only.replace(",", " "), every)  # "," is empty too
+    known = ", ".join(known_environments(ROOT))
+    filled("--env", name, f"name one of {known}, or leave --env out")
     loaded = load_environment(ROOT, c.config.db.env if name is None else name, os.environ)
     for warning in loaded.warnings:
         print(warning, file=sys.stderr)
@@ -1102,13 +1094,19 @@ def whole(flag: str, text: str | None, default: int, least: int) -> int:
     return value
 
 
-def named(flag: str, revision: str) -> str:
-    """A revision given on the command line; an empty one (``--to=$REV``, with REV unset) is
-    refused rather than read as anything."""
+def filled(flag: str, value: str | None, instead: str) -> str | None:
+    """A text flag, None when not given. Given empty (``--env=$DEPLOY_ENV`` with the variable
+    unset) it is refused, saying what to give ``instead``, never read as the default."""
     from db.errors import UsageError
 
-    if not revision.strip():
-        raise UsageError(f"{flag} is empty: give a revision id, a prefix, or head")
+    if value is not None and not value.strip():
+        raise UsageError(f"{flag} is empty: {instead}")
+    return value
+
+
+def named(flag: str, revision: str) -> str:
+    """A revision given on the command line: not empty (``--to=$REV``, REV unset)."""
+    filled(flag, revision, "give a revision id, a prefix, or head")
     return revision.strip()
 
 
