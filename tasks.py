@@ -10,6 +10,7 @@ from __future__ import annotations
 import gc
 import json
 import os
+import re
 import signal
 import sys
 import warnings
@@ -1105,8 +1106,13 @@ def filled(flag: str, value: str | None, instead: str) -> str | None:
 
 
 def named(flag: str, revision: str) -> str:
-    """A revision given on the command line: not empty (``--to=$REV``, REV unset)."""
+    """A revision given on the command line: not empty (``--to=$REV``, REV unset), and not
+    a step of 0 (``+0``), which Alembic words as "didn't produce 0 migrations"."""
+    from db.errors import UsageError
+
     filled(flag, revision, "give a revision id, a prefix, or head")
+    if re.fullmatch(r"(?:.+@)?\w*[+-]0+", revision.strip()):
+        raise UsageError(f"{flag}={revision.strip()} moves nowhere: give a step of 1 or more")
     return revision.strip()
 
 

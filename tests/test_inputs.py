@@ -207,6 +207,17 @@ def test_an_empty_flag_is_refused_not_read_as_its_default(
     assert version(project) == ["second"]
 
 
+@pytest.mark.parametrize("args", [("migrate", "--to=+0"), ("rollback", "--to=-0")])
+def test_a_step_of_nothing_is_a_usage_error(project: Project, args: tuple[str, ...]) -> None:
+    """Alembic words ``+0`` as "Relative revision 0 didn't produce 0 migrations"."""
+    project.migrated()
+
+    result = project.invoke(*args)
+
+    assert result.returncode == 2, result.stderr
+    assert f"error: {args[1]} moves nowhere: give a step of 1 or more" in result.stderr
+
+
 def test_seconds_flags_show_a_value_in_help(project: Project) -> None:
     shown = project.ok("--help", "migrate").stdout
 
