@@ -221,8 +221,10 @@ def _checked(script: ScriptDirectory, config: Config) -> ScriptDirectory:
             raise BrokenRevisions(where) from exc
     nameless = any(not rev.revision for rev in script.walk_revisions())  # Alembic takes ""
     if caught or nameless:
-        where = revision_files.problem(versions, root)
-        raise BrokenRevisions(where or f"the revision files: {caught[0].message}")
+        said = caught[0].message if caught else "a file's `revision =` is empty"
+        raise BrokenRevisions(
+            revision_files.problem(versions, root) or f"the revision files: {said}"
+        )
     return script
 
 

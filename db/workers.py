@@ -339,7 +339,8 @@ def _work(
         why = one_line(exc)
         outcome = Outcome(target.name, "stopped", why, current=exc.at, exit_code=exc.exit_code)
     except ConnectError as exc:  # a server the run itself may have filled up: tried again last
-        outcome = Outcome(target.name, "failed", one_line(exc), exit_code=exc.exit_code)
+        why = one_line(exc)
+        outcome = Outcome(target.name, "failed", why, current=exc.at, exit_code=exc.exit_code)
         if exc.busy and args.get("retry"):
             outcome = Outcome(
                 target.name, "busy", "its server had no free connection: retried last"
