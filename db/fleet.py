@@ -414,5 +414,9 @@ def run(
         return first + run(env, environ, rest, replace(plan, canary=0), on_done, on_start, stop)
     hosts = {t.name: host(environment(env, t)) for t in chosen}
     cap = int(env.number("MAX_CONNECTIONS_PER_HOST", 0)) or plan.jobs
+    # no more workers than can run at once: each is a process forked up front (--jobs=2000
+    # on two targets forked 2000 of them)
+    useful = min(plan.jobs, len(chosen), cap * len(set(hosts.values())))
+    plan = replace(plan, jobs=max(1, useful))
     with Pool(env, environ, plan, hosts, cap, stop, first=chosen[0] if chosen else None) as pool:
         return pool.run(chosen, on_done, on_start)

@@ -3,6 +3,8 @@ is, and how a run's outcomes become one exit code."""
 
 from __future__ import annotations
 
+import multiprocessing
+import os
 import signal
 
 import pytest
@@ -11,7 +13,7 @@ from conftest import Project
 from db import fleet
 from db.environments import Environment, load_environment
 from db.errors import ConfigError
-from db.fleet import Outcome, Target
+from db.fleet import Outcome, Plan, Target
 
 
 def shops(project: Project, text: str) -> Environment:
@@ -174,3 +176,26 @@ def test_a_fleet_run_stopped_by_a_signal_exits_with_its_code() -> None:
 def test_default_jobs_grow_with_servers_and_never_pass_the_targets() -> None:
     assert fleet.default_jobs(1, 1) == 1
     assert fleet.default_jobs(500, 2) == 2 * fleet.default_jobs(500, 1)
+
+
+def test_a_run_forks_no_more_workers_than_targets_can_use(project: Project) -> None:
+    """Each worker is a process forked up front: ``--jobs=2000`` on two targets forked 2000
+    of them (a minute of forking); MAX_CONNECTIONS_PER_HOST caps one server's share too."""
+    env = shops(project, "DATABASE_URL=sqlite:///var/{target}.db\nTARGETS=alpha beta gamma\n")
+    seen: list[int] = []
+
+    def count(_target: Target) -> None:
+        seen.append(len(multiprocessing.active_children()))
+
+    outcomes = fleet.run(
+        env, os.environ, fleet.targets(env)[:2], Plan("status", jobs=50), None, count
+    )
+    assert [o.state for o in outcomes] == ["read", "read"] and max(seen) == 2
+    capped = shops(
+        project,
+        "DATABASE_URL=sqlite:///var/{target}.db\nTARGETS=alpha beta gamma\n"
+        "MAX_CONNECTIONS_PER_HOST=1\n",
+    )
+    seen.clear()
+    fleet.run(capped, os.environ, fleet.targets(capped), Plan("status", jobs=50), None, count)
+    assert max(seen) == 1  # one server, one at a time: one worker
