@@ -37,6 +37,7 @@ PLACEHOLDER = "{target}"
 RUNS_DIR = Path("var") / "runs"
 _NAME = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.-]*")  # never "..": a name is a path part
 _TEMPLATED = ("DATABASE_URL", "MIGRATION_URL", "SCHEMA")
+_SOURCES = ("TARGETS", "TARGETS_FILE", "TARGETS_QUERY")  # where a fleet's targets come from
 CHANGING = ("migrate", "rollback", "stamp", "seed")  # the tasks that write a run report
 # a target's run came back without an outcome: locked by another run, or its server had no
 # free connection; it is tried again once the other targets are done
@@ -125,7 +126,7 @@ def check(env: Environment, plan: Plan, chosen: list[Target]) -> None:
 def is_fleet(env: Environment) -> bool:
     """Whether the environment names targets. A ``{target}`` left with none named (an empty
     ``TARGETS``) is refused: it would make one database literally called ``{target}``."""
-    named = any(env.get(key).strip() for key in ("TARGETS", "TARGETS_FILE", "TARGETS_QUERY"))
+    named = any(env.get(key).strip() for key in _SOURCES)
     placeholders = [key for key in _TEMPLATED if PLACEHOLDER in env.get(key)]
     if placeholders and not named:
         raise ConfigError(
@@ -137,6 +138,12 @@ def is_fleet(env: Environment) -> bool:
 
 def targets(env: Environment, only: str = "") -> list[Target]:
     """The fleet's targets, in order, narrowed to those matching ``only`` (globs)."""
+    sources = [key for key in _SOURCES if env.get(key).strip()]
+    if len(sources) > 1:  # which one wins would be a guess: a forgotten TARGETS, say
+        raise ConfigError(
+            f"{env.name}: {' and '.join(sources)} are both set: a fleet's targets come from "
+            "one of TARGETS, TARGETS_FILE and TARGETS_QUERY"
+        )
     if env.get("TARGETS_QUERY").strip():
         found = _from_catalog(env)
     elif env.get("TARGETS_FILE").strip():
@@ -160,7 +167,7 @@ def targets(env: Environment, only: str = "") -> list[Target]:
 
 def _check_names(env: Environment, found: list[Target]) -> None:
     """Some targets, each named once (a run reports on each by its name), in plain words."""
-    source = next(k for k in ("TARGETS_QUERY", "TARGETS_FILE", "TARGETS") if env.get(k).strip())
+    source = next(k for k in _SOURCES if env.get(k).strip())
     if not found:
         raise ConfigError(f"{env.name}: {source} names no targets")
     for t in found:

@@ -58,6 +58,16 @@ def test_a_target_that_makes_a_database_name_postgresql_would_cut_is_refused(
     ] == [long]  # a file
 
 
+def test_targets_from_two_sources_are_refused(project: Project) -> None:
+    """A TARGETS left in while TARGETS_QUERY was added: which wins would be a guess."""
+    (project.root / "shops.txt").write_text("alpha\n")
+    env = shops(
+        project, "DATABASE_URL=sqlite:///var/{target}.db\nTARGETS=beta\nTARGETS_FILE=shops.txt\n"
+    )
+    with pytest.raises(ConfigError, match="shops: TARGETS and TARGETS_FILE are both set"):
+        fleet.targets(env)
+
+
 def test_a_target_named_twice_is_refused(project: Project) -> None:
     """A run reports on each target by its name: one named twice would be migrated by two
     workers at once and reported twice with one outcome."""
