@@ -26,7 +26,7 @@ from typing import TYPE_CHECKING, Any, TypedDict
 
 from sqlalchemy.exc import DBAPIError
 
-from db.environments import SCHEMA_NAME, SCHEMA_RULE, Environment, parse_url
+from db.environments import SCHEMA_NAME, SCHEMA_RULE, Environment, mask, parse_url
 from db.errors import ConfigError, first_line
 from db.files import write_whole
 
@@ -151,13 +151,13 @@ def targets(env: Environment, only: str = "") -> list[Target]:
     else:
         found = [Target(name) for name in re.split(r"[\s,]+", env.get("TARGETS"))]
     found = [t for t in found if t.name]
-    _check_names(env, found)
     templated = any(PLACEHOLDER in env.get(key) for key in ("DATABASE_URL", "SCHEMA"))
     if not templated and not all(t.url for t in found):
         raise ConfigError(
             f"{env.name}: a fleet needs {PLACEHOLDER} in DATABASE_URL or in SCHEMA "
             "(or a URL for every target)"
         )
+    _check_names(env, found)
     patterns = [p.strip() for p in only.split(",") if p.strip()]
     chosen = [t for t in found if not patterns or any(fnmatch.fnmatch(t.name, p) for p in patterns)]
     if not chosen:
@@ -179,14 +179,11 @@ def _check_names(env: Environment, found: list[Target]) -> None:
     for t in found:
         if t.url:  # said here, not as if the env file's DATABASE_URL were wrong
             parse_url(t.url, env.name, f"the URL {source} gives target {t.name}")
-    for t in found if PLACEHOLDER in env.get("DATABASE_URL") + env.get("MIGRATION_URL") else []:
-        for url in {environment(env, t).url(need_secrets=False, app=app) for app in (True, False)}:
-            name = url.database or ""
-            if url.get_backend_name() == "postgresql" and len(name.encode()) > 63:
-                raise ConfigError(  # the server cuts it: two long names would be one database
-                    f"{env.name}: target {t.name!r} makes the database name {name!r}, longer "
-                    "than PostgreSQL's 63 bytes: give it a shorter name"
-                )
+    twice = [name for name, count in Counter(t.name for t in found).items() if count > 1]
+    if twice:
+        raise ConfigError(
+            f"{env.name}: {source} names {', '.join(twice)} more than once; name each target once"
+        )
     template = env.get("SCHEMA")
     for t in found if PLACEHOLDER in template else []:  # before any target runs
         schema = template.replace(PLACEHOLDER, t.name)
@@ -195,11 +192,34 @@ def _check_names(env: Environment, found: list[Target]) -> None:
                 f"{env.name}: target {t.name!r} makes SCHEMA {schema!r}, which {SCHEMA_RULE}: "
                 f"rename the target, or put a prefix in SCHEMA (SCHEMA=shop_{PLACEHOLDER})"
             )
-    twice = [name for name, count in Counter(t.name for t in found).items() if count > 1]
-    if twice:
-        raise ConfigError(
-            f"{env.name}: {source} names {', '.join(twice)} more than once; name each target once"
-        )
+    _distinct(env, found)
+
+
+def _distinct(env: Environment, found: list[Target]) -> None:
+    """Each target a database (and schema) of its own: a MIGRATION_URL without {target}, or
+    a catalog giving two shops one URL, would migrate one database as several, and report
+    the others as up to date; so would a name PostgreSQL cuts to its 63 bytes."""
+    seen: dict[tuple[object, ...], str] = {}
+    for t in found:
+        here = environment(env, t)
+        for url in {here.url(need_secrets=False, app=app) for app in (True, False)}:
+            name = url.database or ""
+            if url.get_backend_name() == "postgresql" and len(name.encode()) > 63:
+                raise ConfigError(
+                    f"{env.name}: target {t.name!r} makes the database name {name!r}, longer "
+                    "than PostgreSQL's 63 bytes: give it a shorter name"
+                )
+        url, schema = here.url(need_secrets=False), env.get("SCHEMA").replace(PLACEHOLDER, t.name)
+        where = (url.get_backend_name(), url.host, url.port or 5432, url.database, schema)
+        if where in seen:
+            place = mask(url) + (f", schema {schema}" if schema else "")
+            fix = "give each target its own URL"
+            if env.get("MIGRATION_URL") and PLACEHOLDER not in env.get("MIGRATION_URL"):
+                fix = f"put {PLACEHOLDER} in MIGRATION_URL too"
+            raise ConfigError(
+                f"{env.name}: targets {seen[where]} and {t.name} are one database ({place}): {fix}"
+            )
+        seen[where] = t.name
 
 
 def _parse(words: list[str]) -> Target:

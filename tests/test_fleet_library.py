@@ -58,6 +58,31 @@ def test_a_target_that_makes_a_database_name_postgresql_would_cut_is_refused(
     ] == [long]  # a file
 
 
+def test_two_targets_that_are_one_database_are_refused(project: Project) -> None:
+    """A MIGRATION_URL without {target} (copied from a one-database env file) migrated one
+    database as every target, and reported the others as up to date."""
+    pooled = shops(
+        project,
+        "DATABASE_URL=sqlite:///var/{target}.db\nMIGRATION_URL=sqlite:///var/one.db\n"
+        "TARGETS=alpha beta\n",
+    )
+    with pytest.raises(ConfigError) as one:
+        fleet.targets(pooled, "alpha")  # the whole fleet is refused, whichever is chosen
+    assert str(one.value) == (
+        f"shops: targets alpha and beta are one database (sqlite:///{project.root}/var/one.db): "
+        "put {target} in MIGRATION_URL too"
+    )
+    (project.root / "shops.txt").write_text(
+        "alpha postgresql+asyncpg://shop@db/shop\nbeta postgresql+asyncpg://shop:pw@db/shop\n"
+    )
+    listed = shops(
+        project, "DATABASE_URL=postgresql+asyncpg://s@h/{target}\nTARGETS_FILE=shops.txt\n"
+    )
+    with pytest.raises(ConfigError, match="give each target its own URL") as same:
+        fleet.targets(listed)
+    assert "pw" not in str(same.value)  # the URL is masked
+
+
 def test_targets_from_two_sources_are_refused(project: Project) -> None:
     """A TARGETS left in while TARGETS_QUERY was added: which wins would be a guess."""
     (project.root / "shops.txt").write_text("alpha\n")
