@@ -316,18 +316,20 @@ def _failure(exc: Exception, progress: Progress, run: Run, text: str) -> DbError
     if not progress.applied and "already exists" in cause:
         adopt = f"`invoke stamp {run.flags} REV`"
         text += f"; a database made without migrations is adopted with {adopt}"
-    limit = _time_limit(exc, run)
-    if limit is not None:  # nothing to fix in the revision: the session's own limit ended it
-        said, fix = limit
+    outside = _not_the_revision(exc, run)
+    if outside is not None:  # nothing to fix in the revision: a limit or the disk ended it
+        said, fix = outside
         return MigrationFailed(f"{doing} failed: {said}\n{text}; {fix}")
     return MigrationFailed(f"{doing} failed: {cause}\n{text}; fix it and run the task again")
 
 
-def _time_limit(exc: Exception, run: Run) -> tuple[str, str] | None:
-    """A statement the session's LOCK_TIMEOUT or STATEMENT_TIMEOUT ended: what happened,
-    and what to do (the revision itself may be fine)."""
+def _not_the_revision(exc: Exception, run: Run) -> tuple[str, str] | None:
+    """A statement the session's LOCK_TIMEOUT or STATEMENT_TIMEOUT ended, or a full disk:
+    what happened, and what to do (the revision itself may be fine)."""
     state, said = getattr(cause_of(exc), "sqlstate", None), first_line(exc)
     settings = run.session_settings
+    if state == "53100" or "database or disk is full" in said:  # PostgreSQL's, SQLite's
+        return (f"the disk is full ({describe(exc)})", "free some space and run the task again")
     if state == "55P03":  # lock_not_available
         return (
             f"it waited {settings.get('lock_timeout')} (LOCK_TIMEOUT) for a lock that another "

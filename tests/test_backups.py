@@ -243,8 +243,9 @@ def test_a_full_disk_at_commit_leaves_no_false_applied_line(project: Project) ->
 
         with closing(sqlite3.connect(small / "shop.sqlite3")) as db:
             [(at,)] = db.execute("select version_num from alembic_version").fetchall()
-        assert "database or disk is full" in error
+        assert "failed: the disk is full (OperationalError: database or disk is full)" in error
         assert f"the database is at {at};" in error
+        assert error.endswith("; free some space and run the task again\n")  # not "fix it"
         lineage = {HEAD: [HEAD], "fill01": [HEAD, "fill01"]}[at]
         printed = [rev for rev in ("fill01", "fill02") if f"applied {rev} " in error]
         assert set(printed) <= set(lineage)  # nothing printed as applied that is not there
