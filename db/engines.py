@@ -135,6 +135,17 @@ def _sqlite_transactions(engine: Engine, *, foreign_keys: bool) -> None:
         connection.exec_driver_sql(connection.get_execution_options().get("sqlite_begin", "BEGIN"))
 
 
+# what to do when the server turns a login away, by SQLSTATE
+_LOGIN_ADVICE = {
+    "53300": "the server has no free connection: lower --jobs or MAX_CONNECTIONS_PER_HOST, "
+    "or wait for one with --wait=SECONDS",
+    "3D000": "create that database first, or fix the database name in the URL",
+    "28000": "fix the user in the URL, or let it in: create the role, or add it to the "
+    "server's pg_hba.conf",
+    "28P01": "check the password the env file gives (DATABASE_PASSWORD)",
+}
+
+
 def connect_error(url: URL, exc: BaseException) -> ConnectError:
     """A one-line ConnectError naming the masked URL and the driver's reason."""
     reason, text = cause_of(exc), first_line(exc)
@@ -144,12 +155,10 @@ def connect_error(url: URL, exc: BaseException) -> ConnectError:
         text = f"unknown host ({reason.strerror})"
     elif isinstance(reason, OSError) and reason.errno:
         text = f"{os.strerror(reason.errno)} (is the server running on that host and port?)"
-    busy = getattr(reason, "sqlstate", None) == "53300"  # too_many_connections
-    if busy:
-        text += (
-            " (the server has no free connection: lower --jobs or MAX_CONNECTIONS_PER_HOST, "
-            "or wait for one with --wait=SECONDS)"
-        )
+    state = getattr(reason, "sqlstate", None)
+    busy = state == "53300"  # too_many_connections
+    if state in _LOGIN_ADVICE:
+        text += f" ({_LOGIN_ADVICE[state]})"
     if url.password:
         text = text.replace(url.password, "***")
     error = ConnectError(f"cannot connect to {mask(url)}: {text}")

@@ -259,14 +259,18 @@ def run_env(
         if isinstance(exc, DBAPIError):
             text = f"database error on {mask(run.url)}: {describe(exc)}"
             if progress is not None:  # a changing run, stopped before its first revision
-                text += f"\n{_NONE_RUN}{_lacking(exc, run)}"
+                text += f"\n{_NONE_RUN}{_advice(exc, run)}"
             raise DbError(text) from exc
         raise
 
 
-def _lacking(exc: DBAPIError, run: Run) -> str:
-    """What to do when the migrating role lacks a privilege (SQLSTATE 42501), or nothing."""
-    if getattr(exc.orig, "sqlstate", None) != "42501":
+def _advice(exc: DBAPIError, run: Run) -> str:
+    """What to do when the run failed before its first revision for want of a privilege
+    (SQLSTATE 42501) or on a read-only server (25006), or nothing."""
+    state = getattr(exc.orig, "sqlstate", None)
+    if state == "25006":  # read_only_sql_transaction
+        return f"; {_READ_ONLY}"
+    if state != "42501":
         return ""
     role, said = run.url.username or "the migrating role", first_line(exc)
     if " for schema " not in said:
@@ -277,6 +281,13 @@ def _lacking(exc: DBAPIError, run: Run) -> str:
         f"{schema} TO {role} (PostgreSQL 15 and later give it in public only to the "
         "database's owner), or migrate as the owner"
     )
+
+
+_READ_ONLY = (
+    "the server takes only reads there: it is a standby (point the URL at the primary), or "
+    "default_transaction_read_only is on for the database or the role (ALTER ... SET "
+    "default_transaction_read_only = off)"
+)
 
 
 def failure(exc: Exception, progress: Progress, run: Run, script: ScriptDirectory) -> DbError:

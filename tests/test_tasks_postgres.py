@@ -126,6 +126,54 @@ def test_unreachable_server_is_a_clear_error(project: Project) -> None:
     assert "refused" in error.lower()
 
 
+def test_a_database_or_role_the_server_lacks_says_what_to_do(
+    project: Project, pg_database: PgDatabase
+) -> None:
+    base = pg_database.url.rsplit("/", 1)[0]
+    project.write_env("nodb", f"DATABASE_URL={base}/{pg_database.name}_missing\n")
+    project.write_env("norole", f"DATABASE_URL={base.replace('postgres@', 'no_such_role@')}/x\n")
+
+    missing = project.fails("migrate", "--env=nodb")
+    stranger = project.fails("status", "--env=norole")
+
+    assert missing.endswith(
+        f'database "{pg_database.name}_missing" does not exist (create that database first, '
+        "or fix the database name in the URL)\n"
+    )
+    assert stranger.endswith(
+        'role "no_such_role" does not exist (fix the user in the URL, or let it in: create '
+        "the role, or add it to the server's pg_hba.conf)\n"
+    )
+
+
+def test_a_read_only_database_is_refused_before_any_revision_with_what_to_do(
+    project: Project, pg_database: PgDatabase
+) -> None:
+    """A standby, or a database a DBA set read-only: the run says so, not just the error."""
+    project.write_env("ci", f"DATABASE_URL={pg_database.url}\n")
+    pg_execute(
+        pg_database.dsn,
+        f'ALTER DATABASE "{pg_database.name}" SET default_transaction_read_only = on',
+    )
+
+    refused = project.fails("migrate", "--env=ci")
+
+    assert "cannot execute CREATE TABLE in a read-only transaction\n" in refused
+    assert refused.endswith(
+        "no revision was run; the server takes only reads there: it is a standby (point the "
+        "URL at the primary), or default_transaction_read_only is on for the database or the "
+        "role (ALTER ... SET default_transaction_read_only = off)\n"
+    )
+    pg_execute(
+        pg_database.dsn,
+        "SET default_transaction_read_only = off",
+        f'ALTER DATABASE "{pg_database.name}" RESET default_transaction_read_only',
+    )
+    assert pg_version(pg_database) == []
+    project.ok("migrate", "--env=ci")
+    assert pg_version(pg_database) == [head_revision()]
+
+
 @pytest.fixture
 def silent_server() -> Iterator[int]:
     """A TCP port that accepts connections and never answers, like a firewalled server."""
