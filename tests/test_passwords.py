@@ -105,7 +105,8 @@ def test_wrong_password_is_a_clear_error_without_the_password(
     error = project.fails("migrate", "--env=wrong")
 
     assert f"cannot connect to postgresql+asyncpg://shop:***@127.0.0.1:{shop_role}/shop" in error
-    assert 'password authentication failed for user "shop" (check the password the env file ' in error
+    said = 'password authentication failed for user "shop" (check the password the env file '
+    assert said in error
     assert "Not-The-Pa55word" not in error
 
 
