@@ -92,17 +92,30 @@ def _search_path(engine: Engine, schema: str) -> None:
 def _options(url: URL, connect_timeout: float, migrating: bool) -> dict[str, Any]:
     connect_args: dict[str, Any] = {"timeout": connect_timeout}
     if url.get_backend_name() == "sqlite" and url.database not in (None, "", ":memory:"):
-        folder = Path(url.database).parent
-        try:
-            folder.mkdir(parents=True, exist_ok=True)
-        except OSError as exc:
-            raise ConnectError(
-                f"cannot create {folder} for the SQLite database ({exc.strerror}): "
-                "create it, or point DATABASE_URL elsewhere"
-            ) from None
+        _sqlite_place(Path(url.database))
     if migrating and url.get_driver_name() == "asyncpg":
         connect_args.update(UNCACHED_STATEMENTS)
     return {"connect_args": connect_args, "poolclass": pool.NullPool}
+
+
+def _sqlite_place(path: Path) -> None:
+    """Make the SQLite file's folder; refuse a path that is a folder, or that runs through
+    a file (where SQLite would say only "unable to open database file")."""
+    if path.is_dir():
+        raise ConnectError(f"{path} is a folder, not a SQLite file: point DATABASE_URL at a file")
+    in_the_way = next((p for p in path.parents if p.exists() and not p.is_dir()), None)
+    if in_the_way is not None:
+        raise ConnectError(
+            f"cannot create {path.parent} for the SQLite database: {in_the_way} is a file; "
+            "move it, or point DATABASE_URL elsewhere"
+        )
+    try:
+        path.parent.mkdir(parents=True, exist_ok=True)
+    except OSError as exc:
+        raise ConnectError(
+            f"cannot create {path.parent} for the SQLite database ({exc.strerror}): "
+            "create it, or point DATABASE_URL elsewhere"
+        ) from None
 
 
 # Migration sessions keep no prepared statements: each DDL statement invalidates

@@ -125,7 +125,20 @@ def test_a_folder_that_cannot_be_made_is_a_clear_error(project: Project) -> None
     (project.root / "blocked").write_text("a file where a folder should be\n")
     project.write_env("dev", "DATABASE_URL=sqlite:///blocked/dev.sqlite3\n")
 
-    assert "cannot create" in project.fails("status")
+    assert project.fails("status").endswith(
+        f"error: cannot create {project.root}/blocked for the SQLite database: "
+        f"{project.root}/blocked is a file; move it, or point DATABASE_URL elsewhere\n"
+    )
+
+
+def test_a_folder_where_the_sqlite_file_should_be_is_named(project: Project) -> None:
+    (project.root / "var" / "dev.sqlite3").mkdir(parents=True)
+    project.write_env("dev", "DATABASE_URL=sqlite:///var/dev.sqlite3\n")
+
+    assert project.fails("migrate").endswith(
+        f"error: {project.root}/var/dev.sqlite3 is a folder, not a SQLite file: point "
+        "DATABASE_URL at a file\n"
+    )
 
 
 def test_a_backups_folder_that_cannot_be_made_stops_the_run(project: Project) -> None:
