@@ -61,9 +61,25 @@ def sqlite_backup(env: Environment, url: URL, least: int = 0) -> Path | None:
 
 
 def check_file(env: Environment, url: URL) -> None:
-    """Refuse a SQLite database file that is not sound (nothing to check on a server)."""
+    """Refuse a SQLite database file that is not sound, or that a change could not write
+    (nothing to check on a server)."""
     if url.get_backend_name() == "sqlite":
-        check_sqlite(env, Path(url.database or ""))
+        path = Path(url.database or "")
+        check_sqlite(env, path)
+        _check_writable(env, path)
+
+
+def _check_writable(env: Environment, path: Path) -> None:
+    """Refuse, before a backup or the lock, a file SQLite could only read: on a read-only
+    file system, or not writable; its folder too, where SQLite writes its journal."""
+    folder = "its journal (and a new database) in that folder"
+    for place, what in ((path, "the database"), (path.parent, folder)):
+        if place.exists() and not os.access(place, os.W_OK):
+            raise DbError(
+                f"{env.relative(place)} is read-only (a read-only file system, or its "
+                f"permissions), and SQLite must write {what}: nothing was run; make it "
+                "writable and run the task again"
+            )
 
 
 def check_sqlite(env: Environment, path: Path) -> None:

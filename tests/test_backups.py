@@ -251,3 +251,33 @@ def test_a_full_disk_at_commit_leaves_no_false_applied_line(project: Project) ->
         assert set(printed) <= set(lineage)  # nothing printed as applied that is not there
         if at == HEAD:
             assert "fill01 of this run did not commit either" in error
+
+
+def test_a_read_only_sqlite_file_is_refused_before_anything(project: Project) -> None:
+    """A database on a file system mounted read-only: refused before a backup or a
+    revision, instead of failing inside the revision with "fix it"."""
+    with tmpfs(project.root / "ro", "1m") as disk:
+        project.write_env("ro", f"DATABASE_URL=sqlite:///{disk}/shop.sqlite3\n")
+        project.migrated("ro")
+        pending_revision(project, "next01")
+        subprocess.run(["mount", "-o", "remount,ro", str(disk)], check=True)
+
+        error = project.fails("migrate", "--env=ro")
+
+        assert error.endswith(
+            "error: ro/shop.sqlite3 is read-only (a read-only file system, or its "
+            "permissions), and SQLite must write the database: nothing was run; make it "
+            "writable and run the task again\n"
+        )
+        assert not backups(project)
+        project.write_env("new", f"DATABASE_URL=sqlite:///{disk}/new.sqlite3\n")
+        assert project.fails("migrate", "--env=new").endswith(
+            "error: ro is read-only (a read-only file system, or its permissions), and SQLite "
+            "must write its journal (and a new database) in that folder: nothing was run; "
+            "make it writable and run the task again\n"
+        )
+        assert "pending: 1" in project.ok("status", "--env=ro").stdout  # read-only tasks work
+        subprocess.run(["mount", "-o", "remount,rw", str(disk)], check=True)
+        project.ok("migrate", "--env=ro")
+        with closing(sqlite3.connect(disk / "shop.sqlite3")) as db:
+            assert db.execute("select version_num from alembic_version").fetchall() == [("next01",)]
