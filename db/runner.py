@@ -258,26 +258,33 @@ def run_env(
             raise revision_error(exc, run.flags) from exc
         if isinstance(exc, DBAPIError):
             text = f"database error on {mask(run.url)}: {describe(exc)}"
+            advice = _advice(exc, run)
             if progress is not None:  # a changing run, stopped before its first revision
-                text += f"\n{_NONE_RUN}{_advice(exc, run)}"
+                text += f"\n{_NONE_RUN}" + (f"; {advice}" if advice else "")
+            elif advice:
+                text += f"\n{advice}"
             raise DbError(text) from exc
         raise
 
 
 def _advice(exc: DBAPIError, run: Run) -> str:
-    """What to do when the run failed before its first revision for want of a privilege
-    (SQLSTATE 42501) or on a read-only server (25006), or nothing."""
-    state = getattr(exc.orig, "sqlstate", None)
+    """What to do when the run failed before its first revision: for want of a privilege
+    (SQLSTATE 42501), on a read-only server (25006), on a corrupt SQLite file; or ""."""
+    state, said = getattr(exc.orig, "sqlstate", None), first_line(exc)
     if state == "25006":  # read_only_sql_transaction
-        return f"; {_READ_ONLY}"
+        return _READ_ONLY
+    if "file is not a database" in said or "database disk image is malformed" in said:
+        return (
+            f"the SQLite file is corrupt: put a good backup back with `invoke restore {run.flags}`"
+        )
     if state != "42501":
         return ""
-    role, said = run.url.username or "the migrating role", first_line(exc)
+    role = run.url.username or "the migrating role"
     if " for schema " not in said:
-        return f"; grant {role} that privilege, or migrate as the database's owner"
+        return f"grant {role} that privilege, or migrate as the database's owner"
     schema = said.rsplit(" ", 1)[-1]
     return (
-        f"; the version table and the audit trail need CREATE on it: GRANT CREATE ON SCHEMA "
+        f"the version table and the audit trail need CREATE on it: GRANT CREATE ON SCHEMA "
         f"{schema} TO {role} (PostgreSQL 15 and later give it in public only to the "
         "database's owner), or migrate as the owner"
     )

@@ -70,6 +70,13 @@ def test_a_corrupt_sqlite_file_is_refused_before_anything_and_not_backed_up(
         assert "nothing was run and no backup was made" in error
         assert "invoke restore --env=dev" in error
     assert backups(project) == []
+    for task in ("status", "history"):  # tasks that only read say what to do too
+        error = project.fails(task)
+        assert "malformed" in error or "not a database" in error
+        assert error.endswith(
+            "\nthe SQLite file is corrupt: put a good backup back with `invoke restore "
+            "--env=dev`\n"
+        )
 
 
 def test_a_backup_that_fills_the_disk_stops_the_run_and_keeps_the_good_ones(
