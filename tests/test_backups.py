@@ -74,8 +74,7 @@ def test_a_corrupt_sqlite_file_is_refused_before_anything_and_not_backed_up(
         error = project.fails(task)
         assert "malformed" in error or "not a database" in error
         assert error.endswith(
-            "\nthe SQLite file is corrupt: put a good backup back with `invoke restore "
-            "--env=dev`\n"
+            "\nthe SQLite file is corrupt: put a good backup back with `invoke restore --env=dev`\n"
         )
 
 
