@@ -21,6 +21,15 @@ from db.errors import ConfigError
 ENV_DIR = "environments"
 CONNECT_TIMEOUT = 10.0  # seconds, unless the env file says otherwise
 SECRET_KEYS = ("DATABASE_URL", "MIGRATION_URL", "DATABASE_PASSWORD")
+# every key the tasks and the app's sessions read from an env file (README, "Environments")
+SETTINGS = (
+    *SECRET_KEYS,
+    *("CONNECT_TIMEOUT", "CONNECT_WAIT", "PROTECTED", "SCHEMA", "BACKUP", "BACKUP_KEEP"),
+    *("LOCK_TIMEOUT", "STATEMENT_TIMEOUT", "APPLICATION_NAME", "CLIENT_CHECK_INTERVAL"),
+    *("TARGETS", "TARGETS_FILE", "TARGETS_QUERY", "TARGETS_DATABASE_URL"),
+    *("MAX_CONNECTIONS_PER_HOST", "RUNS_KEEP"),
+    *("POOL_SIZE", "MAX_OVERFLOW", "POOL_TIMEOUT", "POOL_RECYCLE"),
+)
 CATALOG_KEY = "TARGETS_DATABASE_URL"  # a fleet's catalog of targets
 SUPPORTED_DRIVERS = ("sqlite", "sqlite+pysqlite", "postgresql+asyncpg")
 # What asyncpg takes from a URL's query: SQLAlchemy hands the query to asyncpg.connect()
@@ -196,9 +205,40 @@ def load_environment(root: Path, name: str, environ: Mapping[str, str]) -> Envir
         if unset:
             missing[key] = unset[0]
     sources = {key: path for key, (_text, path) in raw.items()}
+    _no_misspelled_settings(root, raw)
     loaded = Environment(name, root, values, sources, missing, warnings)
     loaded.flag("PROTECTED")  # a typo there must not silently mean "unprotected"
     return loaded
+
+
+def _no_misspelled_settings(root: Path, raw: Mapping[str, tuple[str, Path]]) -> None:
+    """Refuse a key that is a setting misspelled (``PROTECTD``, ``LOCK_TIMOUT``): it would be
+    ignored, silently. Other keys (the app's own, or ones that feed a ``${VAR}``) may stay."""
+    referenced = {m.group(1) for text, _ in raw.values() for m in _REFERENCE.finditer(text)}
+    for key, (_text, path) in raw.items():
+        if key in SETTINGS or key in referenced:
+            continue
+        meant = next((known for known in SETTINGS if _typo_of(key, known)), None)
+        if meant is not None:
+            raise ConfigError(
+                f"{path.relative_to(root)}: {key} is no setting; did you mean {meant}? "
+                "(a misspelled setting would be ignored without a word)"
+            )
+
+
+def _typo_of(key: str, known: str) -> bool:
+    """Whether ``key`` is ``known`` in the wrong case, or a letter or two off (two for the
+    long names): Levenshtein's distance."""
+    key = key.upper()
+    most = 2 if len(known) >= 8 else 1
+    if abs(len(key) - len(known)) > most:
+        return False
+    row = list(range(len(known) + 1))
+    for i, char in enumerate(key, 1):
+        previous, row[0] = row[0], i
+        for j, other in enumerate(known, 1):
+            previous, row[j] = row[j], min(row[j] + 1, row[j - 1] + 1, previous + (char != other))
+    return row[-1] <= most
 
 
 def mask(url: URL) -> str:

@@ -44,6 +44,66 @@ def test_a_local_file_may_still_override_a_key(tmp_path: Path) -> None:
     assert not load_environment(root, "x", {}).protected
 
 
+@pytest.mark.parametrize(
+    ("line", "meant"),
+    [
+        ("PROTECTD=true", "PROTECTED"),
+        ("protected=true", "PROTECTED"),
+        ("LOCK_TIMOUT=1s", "LOCK_TIMEOUT"),
+        ("STATEMNT_TIMEOT=1min", "STATEMENT_TIMEOUT"),
+        ("TARGET=alpha", "TARGETS"),
+        ("BACKUPS_KEEP=2", "BACKUP_KEEP"),
+    ],
+)
+def test_a_misspelled_setting_is_refused_not_ignored(tmp_path: Path, line: str, meant: str) -> None:
+    """``PROTECTD=true`` would leave production unprotected without a word."""
+    root = env_file(tmp_path, "DATABASE_URL=sqlite://\n", f"{line}\n")
+    key = line.split("=")[0]
+
+    with pytest.raises(ConfigError) as refused:
+        load_environment(root, "x", {})
+
+    assert str(refused.value) == (
+        f"environments/x.local.env: {key} is no setting; did you mean {meant}? (a misspelled "
+        "setting would be ignored without a word)"
+    )
+
+
+def test_keys_that_are_no_misspelled_setting_may_stay(tmp_path: Path) -> None:
+    """The app's own keys, and a key that only feeds a ${VAR}, even one that looks close."""
+    root = env_file(
+        tmp_path,
+        "BOT_TOKEN=123:abc\nDATABASE_URL_RO=sqlite://\nDATABASE_USER=shop\nSCHEMAS=x\n"
+        "DATABASE_URL=sqlite:///var/${SCHEMAS}.sqlite3\n",
+    )
+
+    assert load_environment(root, "x", {}).url().database == str(tmp_path / "var" / "x.sqlite3")
+
+
+def test_every_key_the_code_reads_is_a_known_setting() -> None:
+    """SETTINGS is the one list the typo check knows: a key read anywhere must be in it."""
+    from db.environments import SETTINGS
+    from db.session import POOL_DEFAULTS
+
+    read = re.compile(r"(?<!environ)\.(?:get|number|duration|flag)\(\s*\"([A-Z_]+)\"")
+    sources = [*Path("db").rglob("*.py"), Path("tasks.py")]
+    keys = {key for path in sources for key in read.findall(path.read_text())}
+    assert len(keys) > 10  # the pattern still finds the reads
+    assert keys | set(POOL_DEFAULTS) <= set(SETTINGS)
+
+
+def test_a_misspelled_setting_stops_the_task(project: Project) -> None:
+    project.write_env("dev", "DATABASE_URL=sqlite:///var/dev.sqlite3\nPROTECTD=true\n")
+
+    result = project.invoke("migrate")
+
+    assert result.returncode == 2
+    assert result.stderr.endswith(
+        "did you mean PROTECTED? (a misspelled setting would be ignored without a word)\n"
+    )
+    assert not (project.root / "var" / "dev.sqlite3").exists()
+
+
 @pytest.mark.parametrize("value", ["ture", "true#x", "maybe", "2"])
 def test_a_boolean_that_is_not_one_is_an_error(tmp_path: Path, value: str) -> None:
     root = env_file(tmp_path, f"DATABASE_URL=sqlite://\nPROTECTED={value}\n")
