@@ -55,6 +55,10 @@ _RELATIVE = re.compile(r"Relative revision ([+-]\d+) didn't produce (\d+) migrat
 _RELATIVE_ID = re.compile(r"(?:.+@)?\w*[+-]\d+")  # +2, -1, ae1027a6acf+2, branch@-1
 _FOLLOW_UPS = (PendingRollbackError, ResourceClosedError, InterfaceError)
 _CONNECTION_LOST = "the connection, and with it the migration lock,"
+# what a revision's code may raise: SystemExit too (a helper that calls sys.exit), which
+# would end the task, or a whole fleet, without a word on where the database is; never
+# KeyboardInterrupt (a second Ctrl-C ends the task at once)
+REVISION_ERRORS = (Exception, SystemExit)
 __all__ = ["Progress", "Run", "RunOptions", "Step", "Stop", "make_config", "run_env"]
 
 
@@ -213,7 +217,7 @@ def _checked(script: ScriptDirectory, config: Config) -> ScriptDirectory:
         warnings.simplefilter("always")
         try:
             script.revision_map.heads  # noqa: B018 (loads every file)
-        except Exception as exc:
+        except REVISION_ERRORS as exc:
             where = revision_files.problem(versions, root)
             if where is None:
                 where = revision_files.culprit(exc, versions, root) or "the revision files"
@@ -241,7 +245,7 @@ def run_env(
     try:
         with EnvironmentContext(config, script, fn=fn, **kw):
             script.run_env()
-    except Exception as exc:
+    except REVISION_ERRORS as exc:
         ran = progress is not None and (progress.running is not None or progress.applied)
         stopped = run.stop.requested or isinstance(exc, Halted)
         if progress is not None and (ran or stopped):  # say where the database is
@@ -297,7 +301,7 @@ _READ_ONLY = (
 )
 
 
-def failure(exc: Exception, progress: Progress, run: Run, script: ScriptDirectory) -> DbError:
+def failure(exc: BaseException, progress: Progress, run: Run, script: ScriptDirectory) -> DbError:
     """What happened, and where the database is now, read back on a new connection."""
     step, heads = progress.running, None
     try:
@@ -316,7 +320,7 @@ def failure(exc: Exception, progress: Progress, run: Run, script: ScriptDirector
 _NONE_RUN = "no revision was run"
 
 
-def _failure(exc: Exception, progress: Progress, run: Run, text: str) -> DbError:
+def _failure(exc: BaseException, progress: Progress, run: Run, text: str) -> DbError:
     """The error for what stopped the run; ``text`` says where the database is now."""
     step = progress.running
     if run.stop.signum is not None:
@@ -341,7 +345,7 @@ def _failure(exc: Exception, progress: Progress, run: Run, text: str) -> DbError
     return MigrationFailed(f"{doing} failed: {cause}\n{text}; fix it and run the task again")
 
 
-def _not_the_revision(exc: Exception, run: Run) -> tuple[str, str] | None:
+def _not_the_revision(exc: BaseException, run: Run) -> tuple[str, str] | None:
     """A statement the session's LOCK_TIMEOUT or STATEMENT_TIMEOUT ended, or a full disk:
     what happened, and what to do (the revision itself may be fine)."""
     state, said = getattr(cause_of(exc), "sqlstate", None), first_line(exc)
@@ -407,7 +411,7 @@ def _running(
     return [f"{what} was {'committed' if committed else 'rolled back'}"]
 
 
-def first_error(exc: Exception) -> Exception:
+def first_error(exc: BaseException) -> BaseException:
     """The error that started a failure, not one raised while cleaning up after it (an
     unusable transaction, a closed connection)."""
     while isinstance(exc, _FOLLOW_UPS) and isinstance(exc.__context__, Exception):

@@ -162,6 +162,23 @@ def test_failing_migration_names_the_revision_and_leaves_nothing_behind(project:
     assert "boom in the middle" in again.stderr and version(project) == ["good01"]
 
 
+def test_a_revision_that_calls_sys_exit_fails_like_any_other(project: Project) -> None:
+    """A helper that calls sys.exit (a script's main, argparse) ended the task with its
+    text alone, without a word on where the database is."""
+    project.migrated()
+    add_good_then_bad(project, 'import sys\n    sys.exit("bad input in the backfill")')
+
+    error = project.fails("migrate")
+
+    assert "upgrade of revision bad001 (add coupons) failed: SystemExit: bad input in " in error
+    assert error.endswith(
+        "the database is at good01; this run kept good01; bad001 was rolled back; fix it and "
+        "run the task again\n"
+    )
+    assert version(project) == ["good01"]
+    assert "coupons" not in tables(project)
+
+
 def test_failing_sql_in_a_migration(project: Project) -> None:
     project.add_revision(
         "bad",

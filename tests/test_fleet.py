@@ -60,6 +60,22 @@ def test_every_target_is_migrated_and_status_reads_them_all(fleet: Project) -> N
     assert again.count(f"already at {HEAD}") == 3
 
 
+def test_a_revision_that_calls_sys_exit_fails_its_targets_not_the_run(fleet: Project) -> None:
+    """SystemExit from a revision in a worker ended the whole run with its text alone: no
+    summary, no report, and no word on where each target is."""
+    fleet.ok("migrate", "--env=shops")
+    body = 'op.create_table("coupons", sa.Column("id", sa.Integer))\n    raise SystemExit(3)'
+    fleet.add_revision("exits", revision("exits1", HEAD, body, message="exits"))
+
+    result = fleet.invoke("migrate", "--env=shops", "--keep-going")
+
+    assert result.returncode == 6, result.stderr
+    said = "exits1 (exits) failed: SystemExit: 3; the database is at "
+    assert result.stderr.count(said) == 6  # each target's line, and its row in the summary
+    assert "3 targets: 3 failed" in result.stderr and "report: var/runs/shops-" in result.stderr
+    assert [at(fleet, shop) for shop in SHOPS] == [[HEAD]] * 3
+
+
 def test_only_selects_targets_by_glob(fleet: Project) -> None:
     fleet.ok("migrate", "--env=shops", "--only=a*,gam*")
 

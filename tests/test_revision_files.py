@@ -89,6 +89,21 @@ def test_a_revision_that_cannot_be_imported_is_named(project: Project) -> None:
     assert "No module named 'not_a_module'" in error
 
 
+def test_a_revision_that_exits_as_it_is_loaded_is_named(project: Project) -> None:
+    project.add_revision(
+        "script",
+        revision("script1", HEAD, "pass").replace(
+            "import sqlalchemy as sa", "import sqlalchemy as sa\nraise SystemExit(2)"
+        ),
+    )
+
+    error = project.fails("status")
+
+    assert error.endswith(
+        "error: db/migrations/versions/script.py, line 5 cannot be loaded: SystemExit: 2\n"
+    )
+
+
 def test_declared_reads_ids_without_importing(tmp_path: object) -> None:
 
     versions = Path(str(tmp_path))
