@@ -50,6 +50,7 @@ from db.errors import (
 from db.progress import Progress, Revision, Step, Stop
 
 VERSION_TABLE = "alembic_version"
+VERSION_ID_MAX = 32  # characters: Alembic's alembic_version.version_num is a VARCHAR(32)
 LOCK_WAIT = 60.0  # seconds a run waits for another run's migration lock, by default
 _RELATIVE = re.compile(r"Relative revision ([+-]\d+) didn't produce (\d+) migrations")
 _RELATIVE_ID = re.compile(r"(?:.+@)?\w*[+-]\d+")  # +2, -1, ae1027a6acf+2, branch@-1
@@ -229,6 +230,15 @@ def _checked(script: ScriptDirectory, config: Config) -> ScriptDirectory:
         raise BrokenRevisions(
             revision_files.problem(versions, root) or f"the revision files: {said}"
         )
+    for rev in script.walk_revisions():
+        if len(rev.revision) > VERSION_ID_MAX:
+            file = Path(rev.path).relative_to(root) if rev.path else rev.revision
+            raise BrokenRevisions(
+                f"{file}: revision id {rev.revision!r} is {len(rev.revision)} characters, and "
+                f"the version table holds {VERSION_ID_MAX} (PostgreSQL would refuse it after "
+                "the revision ran; SQLite would not, so dev would pass): shorten it, in "
+                "`revision =`, in its file name and in the down_revision that names it"
+            )
     return script
 
 

@@ -5,7 +5,7 @@ from __future__ import annotations
 from pathlib import Path
 
 import pytest
-from conftest import Project, head_revision, revision
+from conftest import Project, head_revision, revision, version
 
 from db.revision_files import declared
 
@@ -73,6 +73,27 @@ def test_a_file_whose_revision_is_no_id_is_named(project: Project, written: str)
     assert result.returncode == 2, result.stderr
     said = f"db/migrations/versions/noid.py: `revision = {written}` is no revision id: give it one"
     assert said in result.stderr and "Traceback" not in result.stderr
+
+
+def test_a_revision_id_longer_than_the_version_table_holds_is_named(project: Project) -> None:
+    """SQLite takes a 33-character id into alembic_version; PostgreSQL refuses it after the
+    revision ran. Refused on every database, before anything runs."""
+    long_id = "add_coupons_for_the_spring_sale_1"  # 33
+    project.add_revision("long", revision(long_id, HEAD, "pass"))
+
+    result = project.invoke("migrate")
+
+    assert result.returncode == 2, result.stderr
+    assert result.stderr.endswith(
+        f"error: db/migrations/versions/long.py: revision id '{long_id}' is 33 characters, and "
+        "the version table holds 32 (PostgreSQL would refuse it after the revision ran; "
+        "SQLite would not, so dev would pass): shorten it, in `revision =`, in its file name "
+        "and in the down_revision that names it\n"
+    )
+    assert not (project.root / "var" / "dev.sqlite3").exists()  # refused before connecting
+    project.add_revision("long", revision(long_id[:32], HEAD, "pass"))
+    project.ok("migrate")
+    assert version(project) == [long_id[:32]]
 
 
 def test_a_revision_that_cannot_be_imported_is_named(project: Project) -> None:
