@@ -245,6 +245,7 @@ def reset(c: Context, env: str | None = None, only: str | None = None, debug: bo
         "file": "the backup to restore (default: the newest in var/backups)",
         "yes": YES,
         "only": ONE,
+        "allow_env_mismatch": "restore a backup that another env name (or fleet target) made",
     }
 )
 def restore(
@@ -253,6 +254,7 @@ def restore(
     file: str | None = None,
     yes: bool = False,
     only: str | None = None,
+    allow_env_mismatch: bool = False,
     debug: bool = False,
 ) -> None:
     """Put a SQLite backup from var/backups back in place of the database."""
@@ -265,7 +267,7 @@ def restore(
             confirm(target, yes, "restore a backup over", need_yes=True)
         announce(target)
         chosen = None if file is None else Path(file).resolve()
-        used, kept = backups.restore(target, target.url(), chosen)
+        used, kept = backups.restore(target, target.url(), chosen, allow_env_mismatch)
     if kept is not None:
         print(f"  kept the database it replaced as {target.relative(kept)}", file=sys.stderr)
     print(f"{target.name}: restored {target.relative(used)}", file=sys.stderr)

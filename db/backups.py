@@ -13,7 +13,7 @@ from pathlib import Path
 from sqlalchemy.engine import URL, make_url
 
 from db.environments import Environment
-from db.errors import ConfigError, DbError
+from db.errors import ConfigError, DbError, GuardRefused
 
 BACKUP_DIR = Path("var") / "backups"
 
@@ -133,11 +133,14 @@ def backups(env: Environment, suffix: str = "sqlite3") -> list[Path]:
     return sorted(found, key=lambda p: p.name, reverse=True)
 
 
-def restore(env: Environment, url: URL, backup: Path | None) -> tuple[Path, Path | None]:
+def restore(
+    env: Environment, url: URL, backup: Path | None, allow_mismatch: bool = False
+) -> tuple[Path, Path | None]:
     """Put a SQLite backup back in place of the database.
 
-    The backup must be a sound SQLite database with a version table; the database it
-    replaces is kept as a backup first. Returns the file used and where the old one went.
+    The backup must be a sound SQLite database with a version table, last migrated as this
+    environment (and fleet target) unless ``allow_mismatch``; the database it replaces is
+    kept as a backup first. Returns the file used and where the old one went.
     """
     if url.get_backend_name() != "sqlite":
         raise ConfigError(f"{env.name} is PostgreSQL: restore a pg_dump backup with pg_restore")
@@ -148,6 +151,13 @@ def restore(env: Environment, url: URL, backup: Path | None) -> tuple[Path, Path
     if live.exists() and chosen.resolve() == live.resolve():
         raise DbError(f"{env.relative(chosen)} is the live database itself: pick a backup")
     _check_backup(env, chosen)
+    made = _migrated_as(chosen)
+    if made is not None and made != env.label and not allow_mismatch:
+        raise GuardRefused(
+            f"{env.relative(chosen)} is a backup of {made}, not {env.label}: nothing was "
+            "restored; pass --allow-env-mismatch to put it here anyway (migrate will ask "
+            "for it too)"
+        )
     kept = _keep_replaced(env, live)
     try:
         _copy(chosen, live)
@@ -182,6 +192,22 @@ def _check_backup(env: Environment, path: Path) -> None:
         raise DbError(
             f"{env.relative(path)} is not a usable backup ({problem}); nothing was restored"
         )
+
+
+def _migrated_as(path: Path) -> str | None:
+    """The environment (``shops.alpha`` for a fleet's target) that last migrated the
+    database in ``path``, from its audit trail; None if it has none."""
+    with closing(sqlite3.connect(f"file:{path}?mode=ro", uri=True)) as db:
+        columns = {row[1] for row in db.execute("pragma table_info(migration_log)")}
+        if "environment" not in columns:
+            return None
+        target = "target" if "target" in columns else "null"
+        row = db.execute(
+            f"select environment, {target} from migration_log order by id desc limit 1"
+        ).fetchone()
+    if row is None:
+        return None
+    return f"{row[0]}.{row[1]}" if row[1] else str(row[0])
 
 
 def _keep_replaced(env: Environment, live: Path) -> Path | None:

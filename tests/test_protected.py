@@ -142,6 +142,54 @@ def test_sqlite_is_backed_up_before_a_change_and_can_be_restored(project: Projec
         assert connection.execute("select count(*) from purchases").fetchone() == (1,)
 
 
+def test_a_backup_another_environment_made_is_not_restored_without_saying_so(
+    project: Project,
+) -> None:
+    """staging's backup put over dev's database (or one shop's over another's): refused,
+    as migrate refuses a database migrated under another name."""
+    project.write_env("staging", "DATABASE_URL=sqlite:///var/staging.sqlite3\n")
+    project.migrated("staging")
+    project.migrated()
+    add_notes(project)
+    project.ok("migrate", "--env=staging")  # backs staging up
+    [backup] = (project.root / "var" / "backups").glob("staging-*.sqlite3")
+    chosen = f"--file=var/backups/{backup.name}"
+
+    refused = project.invoke("restore", chosen)
+
+    assert refused.returncode == 4, refused.stderr
+    assert refused.stderr.endswith(
+        f"error: var/backups/{backup.name} is a backup of staging, not dev: nothing was "
+        "restored; pass --allow-env-mismatch to put it here anyway (migrate will ask for it "
+        "too)\n"
+    )
+    assert not list((project.root / "var" / "backups").glob("dev-*"))  # nothing kept aside
+    with project.sqlite() as connection:
+        assert connection.execute("select count(*) from migration_log").fetchone() == (1,)
+
+    project.ok("restore", chosen, "--allow-env-mismatch")
+    with project.sqlite() as connection:
+        rows = connection.execute("select environment from migration_log").fetchall()
+    assert rows == [("staging",)]
+    assert "last migrated as 'staging'" in project.fails("migrate")
+
+
+def test_a_fleet_targets_backup_is_not_restored_over_another_target(project: Project) -> None:
+    project.write_env("shops", "DATABASE_URL=sqlite:///var/shops/{target}.sqlite3\nTARGETS=a,b\n")
+    project.ok("migrate", "--env=shops")
+    add_notes(project)
+    project.ok("migrate", "--env=shops")
+    [backup] = (project.root / "var" / "backups").glob("shops.a-*.sqlite3")
+
+    refused = project.invoke("restore", "--env=shops", "--only=b", f"--file={backup}")
+
+    assert refused.returncode == 4, refused.stderr
+    assert f"{backup.name} is a backup of shops.a, not shops.b: nothing was restored" in (
+        refused.stderr
+    )
+    project.ok("restore", "--env=shops", "--only=a", f"--file={backup}")
+
+
 def test_only_the_newest_backups_are_kept(project: Project) -> None:
     (project.root / "environments" / "dev.env").write_text(
         "DATABASE_URL=sqlite:///var/dev.sqlite3\nBACKUP_KEEP=2\n"
