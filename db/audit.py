@@ -122,6 +122,7 @@ class Entry:
     host: str | None
     checksum: str | None
     code_checksum: str | None = None
+    target: str | None = None  # the fleet target it was written for
 
 
 def checksum(path: str | Path) -> str:
@@ -268,6 +269,7 @@ def entries(connection: Connection) -> list[Entry]:
         return []
     columns = _columns(connection)
     code = LOG.c.code_checksum if "code_checksum" in columns else null()
+    target = LOG.c.target if "target" in columns else null()
     rows = connection.execute(
         select(
             LOG.c.id,
@@ -279,9 +281,10 @@ def entries(connection: Connection) -> list[Entry]:
             LOG.c.host,
             LOG.c.checksum,
             code,
+            target,
         ).order_by(LOG.c.id)
     )
-    entries = [Entry(*row) for row in rows]
+    entries = [Entry(*tuple(row)) for row in rows]
     # SQLite keeps no time zone; the times were written in UTC
     return [
         e if e.started_at.tzinfo else replace(e, started_at=e.started_at.replace(tzinfo=UTC))

@@ -27,16 +27,27 @@ def valid_ids(ids: Iterable[str]) -> None:
 
 
 def same_environment(log: list[audit.Entry], env: Environment, allow: bool) -> bool:
-    """Refuse a database last migrated under another environment name (Rails' guard).
+    """Refuse a database last migrated under another environment name (Rails' guard), or,
+    on a fleet, as another target (two shops' URLs swapped in a catalog).
 
     Returns True when ``allow`` overrode a mismatch, so the caller can re-stamp the name.
     """
-    if not log or log[-1].environment == env.name:
+    if not log:
+        return False
+    last = log[-1]
+    other_target = bool(last.target and env.target and last.target != env.target)
+    if last.environment == env.name and not other_target:
         return False
     if allow:
         return True
+    if other_target:
+        raise GuardRefused(
+            f"this database was last migrated as {last.environment}.{last.target!s}, not "
+            f"{env.label}: check that the target's URL (TARGETS_FILE, the catalog) names its "
+            "own database, or pass --allow-env-mismatch if it really is this target's"
+        )
     raise GuardRefused(
-        f"this database was last migrated as {log[-1].environment!r}, not {env.name!r}: check "
+        f"this database was last migrated as {last.environment!r}, not {env.name!r}: check "
         f"that environments/{env.name}.env points at the right server, or pass "
         "--allow-env-mismatch if it really is the same database under a new name"
     )

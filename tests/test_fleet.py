@@ -288,6 +288,32 @@ def test_targets_can_come_from_a_file(project: Project) -> None:
     assert at(project, "alpha") == [HEAD] == at(project, "gamma")
 
 
+def test_two_targets_whose_urls_were_swapped_are_refused(project: Project) -> None:
+    """The env-name guard, per target: a catalog that swapped two shops' URLs would run
+    each shop's migrations (a data migration for that shop, say) on the other's data."""
+    urls = {name: f"sqlite:///var/shops/{name}.sqlite3" for name in ("alpha", "beta")}
+    listing = project.root / "shops.txt"
+    listing.write_text(f"alpha {urls['alpha']}\nbeta {urls['beta']}\n")
+    project.write_env("shops", "DATABASE_URL=sqlite:///unused.sqlite3\nTARGETS_FILE=shops.txt\n")
+    project.ok("migrate", "--env=shops")
+    project.add_revision("next", revision("next01", HEAD, "pass", message="next"))
+    listing.write_text(f"alpha {urls['beta']}\nbeta {urls['alpha']}\n")
+
+    result = project.invoke("migrate", "--env=shops", "--keep-going")
+
+    assert result.returncode == 4, result.stderr
+    for was, now in (("alpha", "beta"), ("beta", "alpha")):
+        assert (
+            f"this database was last migrated as shops.{was}, not shops.{now}: check that the "
+            "target's URL (TARGETS_FILE, the catalog) names its own database, or pass "
+            "--allow-env-mismatch if it really is this target's"
+        ) in result.stderr
+    assert at(project, "alpha") == [HEAD] == at(project, "beta")
+    project.ok("migrate", "--env=shops", "--only=alpha", "--allow-env-mismatch")
+    assert at(project, "beta") == ["next01"]  # alpha's name now, on beta's file
+    assert "--allow-env-mismatch" in project.fails("migrate", "--env=shops", "--only=beta")
+
+
 def test_a_failed_canary_keeps_the_rest_untouched(fleet: Project) -> None:
     (fleet.root / "var" / "shops").mkdir(parents=True)
     with closing(sqlite3.connect(fleet.root / "var" / "shops" / "alpha.sqlite3")) as db:
