@@ -21,7 +21,7 @@ from typing import Any
 from alembic.config import Config
 from alembic.runtime.environment import EnvironmentContext
 from alembic.runtime.migration import MigrationContext, RevisionStep
-from alembic.script import ScriptDirectory
+from alembic.script import Script, ScriptDirectory
 from alembic.script.revision import ResolutionError
 from alembic.util import CommandError
 from sqlalchemy import Connection
@@ -38,6 +38,7 @@ from db.engines import with_connection
 from db.environments import CONNECT_TIMEOUT, ENV_DIR, Environment, mask
 from db.errors import (
     BrokenRevisions,
+    ConfigError,
     DbError,
     Halted,
     Interrupted,
@@ -180,8 +181,20 @@ def load_scripts(config: Config) -> ScriptDirectory:
     key = (str(versions), *((f.name, *_stamp(f)) for f in files))
     if key not in _LOADED:
         _LOADED.clear()  # one tree per process: a changed file replaces the old copy
-        _LOADED[key] = _checked(ScriptDirectory.from_config(config), config)
+        _LOADED[key] = _checked(_script_directory(config), config)
     return _LOADED[key]
+
+
+def _script_directory(config: Config) -> ScriptDirectory:
+    """Alembic's view of the revision files, from alembic.ini; a missing or broken ini
+    is a clear error, not Alembic's "No 'script_location' key found"."""
+    try:
+        return ScriptDirectory.from_config(config)
+    except CommandError as exc:
+        ini = config.config_file_name or "alembic.ini"
+        missing = "is missing" if not Path(ini).is_file() else "is broken"
+        said = str(exc).rstrip(".")
+        raise ConfigError(f"{ini} {missing} ({said}): restore it from the repository") from None
 
 
 _FOLDERS: dict[tuple[object, ...], Path] = {}
@@ -192,11 +205,11 @@ def _versions(config: Config) -> Path:
     changes (parsing it costs more than the rest of a cached ``load_scripts``)."""
     ini = Path(config.config_file_name or "")
     if not ini.is_file():
-        return Path(ScriptDirectory.from_config(config).versions)
+        return Path(_script_directory(config).versions)
     key = (str(ini), *_stamp(ini))
     if key not in _FOLDERS:
         _FOLDERS.clear()
-        _FOLDERS[key] = Path(ScriptDirectory.from_config(config).versions)
+        _FOLDERS[key] = Path(_script_directory(config).versions)
     return _FOLDERS[key]
 
 
@@ -231,6 +244,7 @@ def _checked(script: ScriptDirectory, config: Config) -> ScriptDirectory:
             revision_files.problem(versions, root) or f"the revision files: {said}"
         )
     for rev in script.walk_revisions():
+        _utf8(rev, root)
         if len(rev.revision) > VERSION_ID_MAX:
             file = Path(rev.path).relative_to(root) if rev.path else rev.revision
             raise BrokenRevisions(
@@ -240,6 +254,20 @@ def _checked(script: ScriptDirectory, config: Config) -> ScriptDirectory:
                 "`revision =`, in its file name and in the down_revision that names it"
             )
     return script
+
+
+def _utf8(rev: Script, root: Path) -> None:
+    """A revision file is UTF-8 text (Python may load one that is not, if the odd bytes
+    are in a comment, but its checksum and plan would then fail to read it)."""
+    if not rev.path:
+        return
+    try:
+        Path(rev.path).read_bytes().decode("utf-8")
+    except UnicodeDecodeError as exc:
+        raise BrokenRevisions(
+            f"{Path(rev.path).relative_to(root)} is not UTF-8 text (byte {exc.start}): save "
+            "it as UTF-8"
+        ) from None
 
 
 def run_env(

@@ -125,6 +125,41 @@ def test_a_revision_that_exits_as_it_is_loaded_is_named(project: Project) -> Non
     )
 
 
+def test_a_revision_file_that_is_not_utf8_is_named(project: Project) -> None:
+    """Python loads it when the odd byte is in a comment; reading it for its plan was a
+    UnicodeDecodeError traceback."""
+    text = revision("latin1", HEAD, "pass").replace("import sqlalchemy as sa", "# café")
+    (project.root / "db" / "migrations" / "versions" / "latin.py").write_bytes(
+        text.encode("latin-1")
+    )
+
+    result = project.invoke("status")
+
+    assert result.returncode == 2, result.stderr
+    assert result.stderr.endswith(
+        "error: db/migrations/versions/latin.py is not UTF-8 text (byte "
+        f"{text.index('é')}): save it as UTF-8\n"
+    )
+
+
+@pytest.mark.parametrize("ini", [None, "[alembic]\n"])
+def test_a_missing_or_broken_alembic_ini_is_named(project: Project, ini: str | None) -> None:
+    path = project.root / "alembic.ini"
+    if ini is None:
+        path.unlink()
+    else:
+        path.write_text(ini)
+
+    for task in ("status", "makemigration", "offline-sql"):
+        args = ("makemigration", "--empty", "x") if task == "makemigration" else (task,)
+        result = project.invoke(*args)
+        assert result.returncode == 2, result.stderr
+        assert result.stderr.endswith(
+            f"error: {path} is {'missing' if ini is None else 'broken'} (No 'script_location' "
+            "key found in configuration): restore it from the repository\n"
+        )
+
+
 def test_declared_reads_ids_without_importing(tmp_path: object) -> None:
 
     versions = Path(str(tmp_path))
