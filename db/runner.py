@@ -311,10 +311,16 @@ def run_env(
 
 def _advice(exc: DBAPIError, run: Run) -> str:
     """What to do when the run failed before its first revision: for want of a privilege
-    (SQLSTATE 42501), on a read-only server (25006), on a corrupt SQLite file; or ""."""
+    (SQLSTATE 42501), on a read-only server (25006), with no schema to create in (3F000),
+    on a corrupt SQLite file; or ""."""
     state, said = getattr(exc.orig, "sqlstate", None), first_line(exc)
     if state == "25006":  # read_only_sql_transaction
         return _READ_ONLY
+    if state == "3F000":  # invalid_schema_name: no schema on the search_path exists
+        return (
+            "no schema on the role's search_path exists (public was dropped?): create it "
+            "(CREATE SCHEMA public), or name one with SCHEMA in the env file"
+        )
     if "file is not a database" in said or "database disk image is malformed" in said:
         return (
             f"the SQLite file is corrupt: put a good backup back with `invoke restore {run.flags}`"

@@ -174,6 +174,23 @@ def test_a_read_only_database_is_refused_before_any_revision_with_what_to_do(
     assert pg_version(pg_database) == [head_revision()]
 
 
+def test_a_database_without_a_schema_to_create_in_says_what_to_do(
+    project: Project, pg_database: PgDatabase
+) -> None:
+    project.write_env("ci", f"DATABASE_URL={pg_database.url}\n")
+    pg_execute(pg_database.dsn, "DROP SCHEMA public")
+
+    refused = project.fails("migrate", "--env=ci")
+
+    assert "InvalidSchemaNameError: no schema has been selected to create in\n" in refused
+    assert refused.endswith(
+        "no revision was run; no schema on the role's search_path exists (public was "
+        "dropped?): create it (CREATE SCHEMA public), or name one with SCHEMA in the env file\n"
+    )
+    project.write_env("ci", f"DATABASE_URL={pg_database.url}\nSCHEMA=shop\n")
+    project.ok("migrate", "--env=ci")
+
+
 @pytest.fixture
 def silent_server() -> Iterator[int]:
     """A TCP port that accepts connections and never answers, like a firewalled server."""
