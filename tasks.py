@@ -33,6 +33,7 @@ if TYPE_CHECKING:
     from db.lint import Finding
     from db.progress import Revision
     from db.runner import RunOptions, Step
+    from db.stop import Stop
 
 ROOT = Path(__file__).resolve().parent
 # A task is a short-lived process that imports ~100,000 long-lived objects (SQLAlchemy,
@@ -165,7 +166,7 @@ def migrate(
                     confirm(target, yes, "migrate", need_yes=False)
 
             options.on_plan = ask
-        with on_signals(options):
+        with on_signals(options.stop):
             steps = commands.migrate(target, to, options)
         summarize("migrated", target, steps)
 
@@ -220,7 +221,7 @@ def rollback(
                 confirm(target, yes, "roll back", need_yes=True)
 
             options.on_plan = ask
-        with on_signals(options):
+        with on_signals(options.stop):
             done = commands.rollback(target, count, to, options)
         summarize("rolled back", target, done)
 
@@ -234,7 +235,7 @@ def reset(c: Context, env: str | None = None, only: str | None = None, debug: bo
         why = "reset drops every table and never runs there"
         target = environment(c, env, banner=True, refuse_protected=why, only=only)
         options = run_options()
-        with on_signals(options):
+        with on_signals(options.stop):
             steps = commands.reset(target, options)
         summarize("reset and migrated", target, steps)
 
@@ -260,6 +261,7 @@ def restore(
     """Put a SQLite backup from var/backups back in place of the database."""
     with reported(c, debug):
         from db import backups
+        from db.stop import Stop
 
         file = filled("--file", file, "name a backup, or leave --file out for the newest")
         target = environment(c, env, only=only)
@@ -267,7 +269,11 @@ def restore(
             confirm(target, yes, "restore a backup over", need_yes=True)
         announce(target)
         chosen = None if file is None else Path(file).resolve()
-        used, kept = backups.restore(target, target.url(), chosen, allow_env_mismatch)
+        stop = Stop()
+        with on_signals(stop):
+            used, kept = backups.restore(
+                target, target.url(), chosen, allow_env_mismatch, stopped=stop.check
+            )
     if kept is not None:
         print(f"  kept the database it replaced as {target.relative(kept)}", file=sys.stderr)
     print(f"{target.name}: restored {target.relative(used)}", file=sys.stderr)
@@ -770,7 +776,7 @@ def run_fleet(
     out = sys.stdout if plan.task == "status" else sys.stderr
     board = Board(len(chosen), quiet=quiet or json_, out=out)
     started = datetime.now(timezone.utc)
-    with on_signals(options):
+    with on_signals(options.stop):
         outcomes = fleet.run(env, os.environ, chosen, plan, board.done, board.start, options.stop)
     board.close()
     code = fleet.exit_code(outcomes, options.stop.signum)
@@ -995,24 +1001,24 @@ class Terminated(BaseException):
 
 
 @contextmanager
-def on_signals(options: RunOptions) -> Iterator[None]:
+def on_signals(stop: Stop) -> Iterator[None]:
     """SIGINT and SIGTERM stop the run at the next safe point instead of killing it.
 
     A second signal of the same kind acts as it would have without this handler.
     """
     previous: dict[int, Any] = {}
 
-    def stop(signum: int, _frame: object) -> None:
+    def handler(signum: int, _frame: object) -> None:
         signal.signal(signum, previous[signum])
-        options.stop.request(signum)
+        stop.request(signum)
 
     for kind in (signal.SIGINT, signal.SIGTERM):
-        previous[kind] = signal.signal(kind, stop)
+        previous[kind] = signal.signal(kind, handler)
     try:
         yield
     finally:
-        for number, handler in previous.items():
-            signal.signal(number, handler)
+        for number, before in previous.items():
+            signal.signal(number, before)
 
 
 def confirm(env: Environment, yes: bool, action: str, *, need_yes: bool) -> None:

@@ -6,6 +6,7 @@ import os
 import shutil
 import sqlite3
 import subprocess
+from collections.abc import Callable
 from contextlib import closing
 from datetime import datetime
 from pathlib import Path
@@ -13,7 +14,7 @@ from pathlib import Path
 from sqlalchemy.engine import URL, make_url
 
 from db.environments import Environment
-from db.errors import ConfigError, DbError, GuardRefused
+from db.errors import ConfigError, DbError, GuardRefused, Interrupted
 
 BACKUP_DIR = Path("var") / "backups"
 
@@ -106,9 +107,20 @@ def _quick_check(path: Path) -> str | None:
     return None if found == "ok" else found
 
 
-def _copy(source: Path, target: Path) -> None:
+def _copy(source: Path, target: Path, stopped: Callable[[], None] = lambda: None) -> None:
+    """Copy through SQLite's backup API, in steps; ``stopped`` raises to end the copy, and
+    SQLite rolls back what it wrote (the target stays as it was). Never after the last
+    step: the copy is committed by then, and stays."""
+
+    def step(_status: int, left: int, _total: int) -> None:
+        if left:
+            stopped()
+
     with closing(sqlite3.connect(source)) as live, closing(sqlite3.connect(target)) as copy:
-        live.backup(copy)
+        live.backup(copy, pages=_STEP_PAGES, progress=step)
+
+
+_STEP_PAGES = 2048  # 8 MB of 4 kB pages a step: a signal ends a large copy within a moment
 
 
 def pg_dump(env: Environment, url: URL) -> Path:
@@ -134,13 +146,19 @@ def backups(env: Environment, suffix: str = "sqlite3") -> list[Path]:
 
 
 def restore(
-    env: Environment, url: URL, backup: Path | None, allow_mismatch: bool = False
+    env: Environment,
+    url: URL,
+    backup: Path | None,
+    allow_mismatch: bool = False,
+    stopped: Callable[[], None] = lambda: None,
 ) -> tuple[Path, Path | None]:
     """Put a SQLite backup back in place of the database.
 
     The backup must be a sound SQLite database with a version table, last migrated as this
     environment (and fleet target) unless ``allow_mismatch``; the database it replaces is
-    kept as a backup first. Returns the file used and where the old one went.
+    kept as a backup first. ``stopped`` raises Interrupted (a signal) to end the restore
+    before the copy is done, leaving the database as it was. Returns the file used and
+    where the old one went.
     """
     if url.get_backend_name() != "sqlite":
         raise ConfigError(f"{env.name} is PostgreSQL: restore a pg_dump backup with pg_restore")
@@ -158,9 +176,16 @@ def restore(
             "restored; pass --allow-env-mismatch to put it here anyway (migrate will ask "
             "for it too)"
         )
+    try:
+        stopped()
+    except Interrupted as exc:
+        raise Interrupted(f"interrupted: {_AS_IT_WAS}", exc.signum) from None
     kept = _keep_replaced(env, live)
     try:
-        _copy(chosen, live)
+        stopped()
+        _copy(chosen, live, stopped)
+    except Interrupted as exc:
+        raise Interrupted(f"interrupted: {_unrestored(env, live, kept)}", exc.signum) from None
     except (sqlite3.Error, OSError) as exc:  # a full disk
         raise DbError(
             f"restoring {env.relative(chosen)} failed ({exc}), so {_unrestored(env, live, kept)}; "
@@ -169,11 +194,14 @@ def restore(
     return chosen, kept
 
 
+_AS_IT_WAS = "nothing was restored: the database is as it was"
+
+
 def _unrestored(env: Environment, live: Path, kept: Path | None) -> str:
     """What a restore that failed part way left, in words. Over a sound database, SQLite
     rolled the copy back; a new file (there was none, or a corrupt one moved aside) goes."""
     if kept is not None and kept.suffix != ".corrupt":
-        return "nothing was restored: the database is as it was"
+        return _AS_IT_WAS
     for suffix in ("-journal", ""):
         Path(f"{live}{suffix}").unlink(missing_ok=True)
     moved = f" (the corrupt one is in {env.relative(kept)})" if kept is not None else ""

@@ -31,7 +31,7 @@ from db.errors import ConfigError, first_line
 from db.files import write_whole
 
 if TYPE_CHECKING:
-    from db.progress import Stop
+    from db.stop import Stop
 
 PLACEHOLDER = "{target}"
 RUNS_DIR = Path("var") / "runs"

@@ -9,7 +9,6 @@ that the next run refuses to pass blindly.
 
 from __future__ import annotations
 
-import signal
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -23,8 +22,8 @@ from alembic.script import Script
 from sqlalchemy import event
 
 from db import audit
-from db.errors import Halted, Interrupted
 from db.locks import Fence
+from db.stop import Stop
 
 if TYPE_CHECKING:
     from sqlalchemy import Connection
@@ -50,42 +49,6 @@ class Step:
     message: str
     direction: str
     seconds: float
-
-
-@dataclass
-class Stop:
-    """Set from a signal handler: the run stops before the next revision commits. Or
-    ``halt``ed (a fleet whose other target failed): the running revision finishes first."""
-
-    signum: int | None = None
-    halted: str | None = None  # why, when halted
-    _cancellers: list[Callable[[], None]] = field(default_factory=list)
-
-    def request(self, signum: int) -> None:
-        """Ask the run to stop; cut short a running statement where that loses nothing."""
-        self.signum = signum
-        for cancel in list(self._cancellers):
-            cancel()
-
-    def on_request(self, cancel: Callable[[], None]) -> Callable[[], None]:
-        """Call ``cancel`` if a stop is requested; returns the function that unregisters it."""
-        self._cancellers.append(cancel)
-        return lambda: self._cancellers.remove(cancel)
-
-    def halt(self, why: str) -> None:
-        """Stop before the next revision starts, cancelling nothing."""
-        self.halted = why
-
-    @property
-    def requested(self) -> bool:
-        return self.signum is not None
-
-    def check(self) -> None:
-        if self.signum is not None:
-            name = signal.Signals(self.signum).name
-            raise Interrupted(f"{name} received", self.signum)
-        if self.halted is not None:
-            raise Halted(self.halted)
 
 
 @dataclass

@@ -48,7 +48,8 @@ from db.errors import (
     cause_of,
     first_line,
 )
-from db.progress import Progress, Revision, Step, Stop
+from db.progress import Progress, Revision, Step
+from db.stop import Stop
 
 VERSION_TABLE = "alembic_version"
 VERSION_ID_MAX = 32  # characters: Alembic's alembic_version.version_num is a VARCHAR(32)

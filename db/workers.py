@@ -38,7 +38,6 @@ from db import commands, guards
 from db.environments import Environment, load_environment
 from db.errors import CheckFailed, ConnectError, DbError, Halted, LockTimeout
 from db.fleet import RETRIED_LAST, Outcome, Plan, Target, TaskArgs, environment
-from db.progress import Stop
 from db.runner import (
     LOCK_WAIT,
     RunOptions,
@@ -48,6 +47,7 @@ from db.runner import (
     make_config,
     revision_error,
 )
+from db.stop import Stop
 
 P = ParamSpec("P")
 HALT = -1  # told to the workers when a target failed (a signal's number, when signalled)

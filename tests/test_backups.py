@@ -233,6 +233,39 @@ def test_sigint_on_sqlite_keeps_what_committed_and_says_so(project: Project) -> 
     assert version(project) == ["fast01"]
 
 
+def test_a_signal_during_a_restore_leaves_the_database_as_it_was_and_says_so(
+    project: Project,
+) -> None:
+    """SIGTERM while a large backup was copied in: the copy finished, the task said only
+    "interrupted (SIGTERM)", and never where it had kept the database it replaced."""
+    project.migrated()
+    big = project.root / "var" / "backups" / "dev-20990101-000000-000000.sqlite3"
+    big.parent.mkdir(mode=0o700)
+    shutil.copy(project.root / "var" / "dev.sqlite3", big)
+    with closing(sqlite3.connect(big)) as db:  # about 140 MB: its copy takes a while
+        db.execute(
+            "create table big as with recursive c(x) as (select 1 union all select x + 1 "
+            "from c where x < 400000) select randomblob(350) b from c"
+        )
+        db.commit()
+    run = popen(project, "restore", f"--file={big}")
+    wait_until(lambda: len(backups(project)) == 2, "the replaced database kept", process=run)
+
+    os.kill(run.pid, signal.SIGTERM)
+    rest = run.communicate(timeout=30)[1]
+
+    assert run.returncode == 143, rest
+    assert rest.strip().splitlines()[-1] == (
+        "interrupted: nothing was restored: the database is as it was"
+    )
+    with project.sqlite() as connection:
+        names = {row[0] for row in connection.execute("select name from sqlite_master")}
+    assert "big" not in names and "purchases" in names
+    project.ok("restore", f"--file={big}")  # a restore let finish puts it in place
+    with project.sqlite() as connection:
+        assert connection.execute("select count(*) from big").fetchone() == (400000,)
+
+
 def test_a_full_disk_at_commit_leaves_no_false_applied_line(project: Project) -> None:
     with tmpfs(project.root / "small", "192k") as small:
         project.write_env("tight", f"DATABASE_URL=sqlite:///{small}/shop.sqlite3\n")
