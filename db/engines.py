@@ -18,7 +18,7 @@ from sqlalchemy.engine import URL
 from sqlalchemy.exc import DBAPIError
 
 from db.environments import CONNECT_TIMEOUT, mask
-from db.errors import ConnectError, cause_of, first_line
+from db.errors import ConfigError, ConnectError, cause_of, first_line
 
 if TYPE_CHECKING:
     from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
@@ -172,10 +172,18 @@ def connect_error(url: URL, exc: BaseException) -> ConnectError:
     busy = state == "53300"  # too_many_connections
     if state in _LOGIN_ADVICE:
         text += f" ({_LOGIN_ADVICE[state]})"
+    statement_pool = "statement pooling mode" in text  # PgBouncer's, refusing BEGIN
+    if statement_pool:
+        text += (
+            " (a pooler in statement mode runs no transactions: set MIGRATION_URL in the env "
+            "file to a direct URL, or a session-mode pool, for migrations)"
+        )
     if url.password:
         text = text.replace(url.password, "***")
     error = ConnectError(f"cannot connect to {mask(url)}: {text}")
     error.busy = busy
+    if statement_pool:  # a setting to change, as for a pooler in transaction mode
+        error.exit_code = ConfigError.exit_code
     return error
 
 

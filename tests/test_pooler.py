@@ -88,6 +88,23 @@ def test_transaction_mode_is_refused_before_anything_runs(
     assert tables == []
 
 
+def test_statement_mode_is_refused_with_what_to_do(project: Project, pg_server: str) -> None:
+    """PgBouncer in statement mode refuses the transaction the connection opens with."""
+    with pgbouncer(SERVER.port or 5432, "statement") as port:
+        project.write_env(
+            "ci", f"DATABASE_URL=postgresql+asyncpg://postgres@127.0.0.1:{port}/test\n"
+        )
+
+        result = project.invoke("migrate", "--env=ci")
+
+    assert result.returncode == 2, result.stderr
+    assert result.stderr.endswith(
+        "transaction blocks not allowed in statement pooling mode (a pooler in statement mode "
+        "runs no transactions: set MIGRATION_URL in the env file to a direct URL, or a "
+        "session-mode pool, for migrations)\n"
+    )
+
+
 def test_migration_url_takes_migrations_past_the_pooler(
     project: Project, pg_database: PgDatabase, transaction_pool: int
 ) -> None:
