@@ -24,6 +24,7 @@ from db.runner import (
     Progress,
     RunOptions,
     Step,
+    known_revision,
     load_scripts,
     make_config,
     run_env,
@@ -61,6 +62,7 @@ def migrate(env: Environment, to: str = "head", options: RunOptions | None = Non
     """Upgrade to ``to`` (head, an id or prefix, or ``+N``); returns the steps applied."""
 
     def plan(script: ScriptDirectory, current: tuple[str, ...]) -> list[RevisionStep]:
+        known_revision(script, to, env.flags)
         steps = plan_steps(script, to, current, up=True)
         if not steps:
             guards.reached(script, to, current, env)
@@ -80,6 +82,7 @@ def rollback(
         if to is None and not current:
             return []
         if to is not None:
+            known_revision(script, to, env.flags)
             guards.not_ahead(script, to, current, env)
         return plan_steps(script, to or steps_back(script, current, steps), current, up=False)
 

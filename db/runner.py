@@ -503,12 +503,21 @@ def _direction(step: RevisionStep) -> str:
 
 
 def known_revision(script: ScriptDirectory, revision: str, flags: str) -> None:
-    """Refuse a revision the files do not have. Steps relative to a database's own revision
-    (``+N``, ``-N``, ``REV@-N``) depend on that database, so they are left to its run."""
-    if _RELATIVE_ID.fullmatch(revision):
-        return
+    """Refuse a revision the files do not have, and a ``BRANCH@REV`` whose branch they do
+    not have: Alembic reads ``typo@base`` as base (a rollback of everything), and ``@`` or
+    ``REV@`` fail inside it. Steps relative to a database's own revision (``+N``, ``-N``,
+    ``REV@-N``) depend on that database, so they are left to its run."""
+    branch, at, rest = revision.partition("@")
+    if at and not (branch and rest):
+        raise RevisionError(
+            f"{revision!r} is no revision: write BRANCH@REV, with a branch label (or a "
+            f"revision) before the @ and a revision after it; see `invoke history {flags}`"
+        )
     try:
-        script.get_revisions(revision)
+        if at:
+            script.get_revisions(branch)
+        if not _RELATIVE_ID.fullmatch(revision):
+            script.get_revisions(revision)
     except CommandError as exc:
         raise revision_error(exc, flags) from exc
 

@@ -99,6 +99,30 @@ def test_unknown_revision(project: Project) -> None:
     assert not (project.root / "var" / "dev.sqlite3").exists() or tables(project) == set()
 
 
+def test_a_branch_label_no_file_has_never_reads_as_base(project: Project) -> None:
+    """Alembic read ``rollback --to=typo@base`` as base: every revision rolled back."""
+    project.migrated()
+
+    error = project.fails("rollback", "--to=shop@base")
+
+    assert "No such revision or branch 'shop'" in error
+    assert version(project) == [head_revision()]
+
+
+@pytest.mark.parametrize("spec", ["@", "@head", f"{head_revision()}@"])
+def test_a_revision_with_an_empty_side_of_at_is_refused(project: Project, spec: str) -> None:
+    """``--to=@`` was an AssertionError traceback from inside Alembic."""
+    project.migrated()
+
+    for task in ("migrate", "rollback"):
+        error = project.fails(task, f"--to={spec}")
+        assert error.endswith(
+            f"error: {spec!r} is no revision: write BRANCH@REV, with a branch label (or a "
+            "revision) before the @ and a revision after it; see `invoke history --env=dev`\n"
+        )
+    assert version(project) == [head_revision()]
+
+
 def test_ambiguous_revision_prefix(project: Project) -> None:
     project.add_revision("a1", revision("abcd11", head_revision()))
     project.add_revision("a2", revision("abcd22", "abcd11"))
