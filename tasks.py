@@ -1114,13 +1114,18 @@ def filled(flag: str, value: str | None, instead: str) -> str | None:
 
 
 def named(flag: str, revision: str) -> str:
-    """A revision given on the command line: not empty (``--to=$REV``, REV unset), and not
-    a step of 0 (``+0``), which Alembic words as "didn't produce 0 migrations"."""
+    """A revision given on the command line: not empty (``--to=$REV``, REV unset), not a
+    step of 0 (``+0``), which Alembic words as "didn't produce 0 migrations", and not
+    malformed (``@``, which fails inside Alembic)."""
     from db.errors import UsageError
+    from db.runner import malformed
 
     filled(flag, revision, "give a revision id, a prefix, or head")
     if re.fullmatch(r"(?:.+@)?\w*[+-]0+", revision.strip()):
         raise UsageError(f"{flag}={revision.strip()} moves nowhere: give a step of 1 or more")
+    problem = malformed(revision.strip())
+    if problem is not None:
+        raise UsageError(f"{flag}: {problem}")
     return revision.strip()
 
 

@@ -507,12 +507,10 @@ def known_revision(script: ScriptDirectory, revision: str, flags: str) -> None:
     not have: Alembic reads ``typo@base`` as base (a rollback of everything), and ``@`` or
     ``REV@`` fail inside it. Steps relative to a database's own revision (``+N``, ``-N``,
     ``REV@-N``) depend on that database, so they are left to its run."""
-    branch, at, rest = revision.partition("@")
-    if at and not (branch and rest):
-        raise RevisionError(
-            f"{revision!r} is no revision: write BRANCH@REV, with a branch label (or a "
-            f"revision) before the @ and a revision after it; see `invoke history {flags}`"
-        )
+    problem = malformed(revision)
+    if problem is not None:
+        raise RevisionError(f"{problem}; see `invoke history {flags}`")
+    branch, at, _rest = revision.partition("@")
     try:
         if at:
             script.get_revisions(branch)
@@ -520,6 +518,18 @@ def known_revision(script: ScriptDirectory, revision: str, flags: str) -> None:
             script.get_revisions(revision)
     except CommandError as exc:
         raise revision_error(exc, flags) from exc
+
+
+def malformed(revision: str) -> str | None:
+    """What is wrong with the shape of a revision as given (an empty side of ``@``, which
+    fails inside Alembic), or None."""
+    branch, at, rest = revision.partition("@")
+    if at and not (branch and rest):
+        return (
+            f"{revision!r} is no revision: write BRANCH@REV, with a branch label (or a "
+            "revision) before the @ and a revision after it"
+        )
+    return None
 
 
 def revision_error(exc: CommandError, flags: str) -> RevisionError:

@@ -13,6 +13,10 @@ from conftest import (
     version,
 )
 
+from db import commands
+from db.environments import load_environment
+from db.errors import RevisionError
+
 
 def test_unknown_environment_lists_the_known_ones(project: Project) -> None:
     error = project.fails("migrate", "--env=qa")
@@ -111,16 +115,21 @@ def test_a_branch_label_no_file_has_never_reads_as_base(project: Project) -> Non
 
 @pytest.mark.parametrize("spec", ["@", "@head", f"{head_revision()}@"])
 def test_a_revision_with_an_empty_side_of_at_is_refused(project: Project, spec: str) -> None:
-    """``--to=@`` was an AssertionError traceback from inside Alembic."""
+    """``--to=@`` was an AssertionError traceback from inside Alembic, in every task that
+    takes a revision."""
     project.migrated()
 
-    for task in ("migrate", "rollback"):
-        error = project.fails(task, f"--to={spec}")
-        assert error.endswith(
-            f"error: {spec!r} is no revision: write BRANCH@REV, with a branch label (or a "
-            "revision) before the @ and a revision after it; see `invoke history --env=dev`\n"
+    for args in (("migrate", f"--to={spec}"), ("rollback", f"--to={spec}"), ("stamp", spec)):
+        result = project.invoke(*args)
+        assert result.returncode == 2, result.stderr
+        assert result.stderr.endswith(
+            f"{spec!r} is no revision: write BRANCH@REV, with a branch label (or a revision) "
+            "before the @ and a revision after it\n"
         )
+    assert "is no revision" in project.fails("offline-sql", f"--from={spec}")
     assert version(project) == [head_revision()]
+    with pytest.raises(RevisionError, match="is no revision"):  # and through the library
+        commands.migrate(load_environment(project.root, "dev", {}), spec)
 
 
 def test_ambiguous_revision_prefix(project: Project) -> None:
