@@ -39,7 +39,7 @@ def offline_sql(env: Environment, start: str | None = None, to: str = "head") ->
 
     def upgrade(current: tuple[str, ...], context: MigrationContext) -> Iterator[RevisionStep]:
         audit.ensure_table(context.execute)
-        return progress.steps(plan_steps(script, to, current, up=True), context)
+        return progress.steps(plan_steps(script, to, current, up=True, flags=env.flags), context)
 
     run_env(config, script, upgrade, progress, as_sql=True, starting_rev=start, destination_rev=to)
     return output.getvalue()

@@ -21,6 +21,7 @@ from db.environments import Environment
 from db.errors import DbError, GuardRefused, RevisionError
 from db.progress import Revision
 from db.runner import (
+    PAST_THE_ENDS,
     Progress,
     RunOptions,
     Step,
@@ -63,7 +64,7 @@ def migrate(env: Environment, to: str = "head", options: RunOptions | None = Non
 
     def plan(script: ScriptDirectory, current: tuple[str, ...]) -> list[RevisionStep]:
         known_revision(script, to, env.flags)
-        steps = plan_steps(script, to, current, up=True)
+        steps = plan_steps(script, to, current, up=True, flags=env.flags)
         if not steps:
             guards.reached(script, to, current, env)
         return steps
@@ -84,7 +85,8 @@ def rollback(
         if to is not None:
             known_revision(script, to, env.flags)
             guards.not_ahead(script, to, current, env)
-        return plan_steps(script, to or steps_back(script, current, steps), current, up=False)
+        back = to or steps_back(script, current, steps)
+        return plan_steps(script, back, current, up=False, flags=env.flags)
 
     return _change(env, options, plan)
 
@@ -275,8 +277,13 @@ def _depth(script: ScriptDirectory, rev: str) -> int:
 
 
 def plan_steps(
-    script: ScriptDirectory, to: str, current: tuple[str, ...], *, up: bool
+    script: ScriptDirectory, to: str, current: tuple[str, ...], *, up: bool, flags: str = ""
 ) -> list[RevisionStep]:
-    """The steps from ``current`` to ``to``, as ``alembic upgrade``/``downgrade`` plan them."""
+    """The steps from ``current`` to ``to``, as ``alembic upgrade``/``downgrade`` plan them;
+    ``flags`` name the database in the message for a ``to`` past the history's ends."""
     heads = cast(str, current)  # Alembic's own commands pass the heads tuple, typed as str
-    return script._upgrade_revs(to, heads) if up else script._downgrade_revs(to, heads)
+    try:
+        return script._upgrade_revs(to, heads) if up else script._downgrade_revs(to, heads)
+    except AssertionError:  # Alembic asserts where REV+N, REV-N or head-N finds nothing
+        where = " ".join(("invoke history", flags)).strip()
+        raise RevisionError(f"{to!r}: {PAST_THE_ENDS}; see `{where}`") from None

@@ -543,7 +543,12 @@ def revision_error(exc: CommandError, flags: str) -> RevisionError:
             f"there are not {steps} revision(s) {where} the database's current one, so "
             f"{relative.group(1)} leads nowhere; see `invoke status {flags}`"
         )
+    if str(cause) == "Walked too far":  # a downgrade target past the ends of the history
+        return RevisionError(f"{PAST_THE_ENDS}; see `invoke history {flags}`")
     return RevisionError(f"{cause}; see `invoke history {flags}`")
+
+
+PAST_THE_ENDS = "that leads past the ends of the revision history, where there is no revision"
 
 
 def describe(exc: BaseException) -> str:

@@ -392,7 +392,7 @@ def _at(env: Environment, script: ScriptDirectory, current: tuple[str, ...], to:
     except DbError as exc:
         exc.at = current
         raise
-    pending = commands.plan_steps(script, to, current, up=True)
+    pending = commands.plan_steps(script, to, current, up=True, flags=env.flags)
     return Outcome(
         env.target,
         "read",

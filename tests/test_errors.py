@@ -132,6 +132,30 @@ def test_a_revision_with_an_empty_side_of_at_is_refused(project: Project, spec: 
         commands.migrate(load_environment(project.root, "dev", {}), spec)
 
 
+@pytest.mark.parametrize(
+    "args",
+    [
+        ("migrate", f"--to={head_revision()}+1"),
+        ("migrate", "--to=heads+1"),
+        ("offline-sql", f"--to={head_revision()}-1"),
+        ("rollback", "--to=heads+1"),
+    ],
+)
+def test_a_step_past_the_ends_of_the_history_is_refused(
+    project: Project, args: tuple[str, str]
+) -> None:
+    """Alembic asserts (an AssertionError traceback), or says "Walked too far"."""
+    project.migrated()
+
+    error = project.fails(*args)
+
+    assert error.endswith(
+        "that leads past the ends of the revision history, where there is no revision; see "
+        "`invoke history --env=dev`\n"
+    )
+    assert version(project) == [head_revision()]
+
+
 def test_ambiguous_revision_prefix(project: Project) -> None:
     project.add_revision("a1", revision("abcd11", head_revision()))
     project.add_revision("a2", revision("abcd22", "abcd11"))
