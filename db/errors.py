@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import re
+import traceback
+from pathlib import Path
 
 from sqlalchemy.exc import DBAPIError
 
@@ -41,6 +43,23 @@ class UsageError(ConfigError):
 
 class BrokenRevisions(ConfigError):
     """The revision files cannot make a history: a duplicate id, a missing parent, a bad file."""
+
+
+class BrokenModels(ConfigError):
+    """db/models.py cannot be imported (makemigration, check and seed need it)."""
+
+    @classmethod
+    def of(cls, exc: Exception) -> BrokenModels:
+        """The error for ``exc``, raised importing the models, naming the line it came from."""
+        frames = traceback.extract_tb(exc.__traceback__)
+        lines = [f.lineno for f in frames if Path(f.filename).parts[-2:] == ("db", "models.py")]
+        line = exc.lineno if isinstance(exc, SyntaxError) else (lines or [None])[-1]
+        where = f", line {line}" if line else ""
+        said = exc.msg if isinstance(exc, SyntaxError) else first_line(exc)  # no "(file, line)"
+        return cls(
+            f"db/models.py{where} cannot be imported: {type(exc).__name__}: {said}; "
+            "fix it (makemigration, check and seed use the models)"
+        )
 
 
 class ConnectError(DbError):

@@ -10,9 +10,13 @@ from sqlalchemy.ext.asyncio import AsyncSession
 
 from db.engines import run_coroutine
 from db.environments import Environment
-from db.errors import DbError, GuardRefused, first_line
-from db.models import Category, Product, Purchase, User
+from db.errors import BrokenModels, DbError, GuardRefused, first_line
 from db.session import session_factory
+
+try:
+    from db.models import Category, Product, Purchase, User
+except Exception as exc:  # the models being edited: named, not a traceback
+    raise BrokenModels.of(exc) from exc
 
 USERS = [(100001, "anna_k", "Anna"), (100002, "boris", "Boris"), (100003, None, "Chen")]
 CATEGORIES = ["E-books", "Courses", "Templates"]

@@ -213,6 +213,32 @@ def test_makemigration_needs_a_message(project: Project) -> None:
     assert "needs a message" in error
 
 
+@pytest.mark.parametrize(
+    ("mistake", "said"),
+    [
+        ("coupon = Column(Integer", "SyntaxError: '(' was never closed"),
+        ("import not_a_module", "ModuleNotFoundError: No module named 'not_a_module'"),
+    ],
+)
+def test_models_that_cannot_be_imported_are_named_with_their_line(
+    project: Project, mistake: str, said: str
+) -> None:
+    """A typo while editing the models was a traceback from makemigration, check and seed."""
+    project.migrated()
+    models = project.root / "db" / "models.py"
+    line = len(models.read_text().splitlines()) + 1
+    models.write_text(models.read_text() + mistake + "\n")
+
+    for task in (("makemigration", "add coupons"), ("check",), ("seed",)):
+        result = project.invoke(*task)
+        assert result.returncode == 2, result.stderr
+        assert result.stderr.endswith(
+            f"error: db/models.py, line {line} cannot be imported: {said}; fix it "
+            "(makemigration, check and seed use the models)\n"
+        )
+    assert not list((project.root / "db" / "migrations" / "versions").glob("*coupons*"))
+
+
 def test_makemigration_refuses_when_the_database_is_behind(project: Project) -> None:
     add_coupon_model(project)
     error = project.fails("makemigration", "add coupons")

@@ -28,7 +28,7 @@ from db.engines import (
     make_engine,
     run_coroutine,
 )
-from db.errors import ConfigError, MigrationFailed
+from db.errors import BrokenModels, ConfigError, MigrationFailed
 from db.locks import Fence, canceller, pg_lock, prepare_session, sqlite_run
 from db.runner import VERSION_TABLE, Run, configure_logging, describe, version_of
 
@@ -91,11 +91,14 @@ def render_item(type_: str, obj: object, _autogen_context: AutogenContext) -> st
 
 
 def target_metadata() -> MetaData | None:
-    """The models' metadata, imported only by the runs that compare against it."""
+    """The models' metadata, imported only by the runs that compare against it; a models
+    file that cannot be imported is named, with its line, not a traceback."""
     if not run.models:
         return None
-    from db.models import Base
-
+    try:
+        from db.models import Base
+    except Exception as exc:
+        raise BrokenModels.of(exc) from exc
     return Base.metadata
 
 
