@@ -228,7 +228,8 @@ def _no_misspelled_settings(root: Path, raw: Mapping[str, tuple[str, Path]]) -> 
 
 def _typo_of(key: str, known: str) -> bool:
     """Whether ``key`` is ``known`` in the wrong case, or a letter or two off (two for the
-    long names): Levenshtein's distance."""
+    long names): Levenshtein's distance. (difflib's similarity would also take an app's
+    ``DATABASE_USER`` for ``DATABASE_URL``.)"""
     key = key.upper()
     most = 2 if len(known) >= 8 else 1
     if abs(len(key) - len(known)) > most:
