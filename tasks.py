@@ -647,11 +647,13 @@ def seed(
 
 @task
 def envs(c: Context) -> None:
-    """List the known environments with their dialect and masked URL."""
+    """List the known environments with their dialect and masked URL (exit 2 if one of
+    them cannot be loaded)."""
     from db import fleet
     from db.environments import known_environments, load_environment, mask
     from db.errors import DbError
 
+    broken = 0
     for name in known_environments(ROOT):
         try:
             loaded = load_environment(ROOT, name, os.environ)
@@ -662,6 +664,9 @@ def envs(c: Context) -> None:
             print(f"{name:<10} {url.get_backend_name():<11} {mask(url)}{said}")
         except DbError as exc:
             print(f"{name:<10} {'?':<11} error: {exc}")
+            broken += 1
+    if broken:  # a CI step that runs `invoke envs` to check the files fails on them
+        raise Exit(f"error: {broken} environment(s) cannot be loaded: see above", code=2)
 
 
 # --- the command-line edge -------------------------------------------------------------

@@ -289,6 +289,22 @@ def test_envs_lists_dialects_and_masked_urls_without_secrets(project: Project) -
     assert lines["shops"].endswith("/var/{target}.sqlite3  (a fleet)")
 
 
+def test_envs_lists_every_environment_and_fails_on_a_broken_one(project: Project) -> None:
+    """``invoke envs`` as a CI check of the env files: a broken one fails it."""
+    project.write_env("qa", "DATABASE_URL=sqlite:///var/qa.sqlite3\nPROTECTD=true\n")
+
+    result = project.invoke("envs")
+
+    assert result.returncode == 2, result.stderr
+    lines = {line.split()[0]: line for line in result.stdout.splitlines()}
+    assert set(lines) == {"dev", "staging", "prod", "qa"}
+    assert (
+        "error: environments/qa.env: PROTECTD is no setting; did you mean PROTECTED?"
+        in (lines["qa"])
+    )
+    assert result.stderr == "error: 1 environment(s) cannot be loaded: see above\n"
+
+
 def test_envs_never_shows_a_password(project: Project) -> None:
     result = project.ok("envs", PROD_DB_PASSWORD="s3cret-Pa55")
     assert "s3cret-Pa55" not in result.stdout + result.stderr
