@@ -171,7 +171,10 @@ def connect_error(url: URL, exc: BaseException) -> ConnectError:
     state = getattr(reason, "sqlstate", None)
     busy = state == "53300"  # too_many_connections
     if state in _LOGIN_ADVICE:
-        text += f" ({_LOGIN_ADVICE[state]})"
+        advice = _LOGIN_ADVICE[state]
+        if state == "28P01" and url.password and url.password != url.password.strip():
+            advice += ": it starts or ends with a space or a newline (a secret file's last line?)"
+        text += f" ({advice})"
     statement_pool = "statement pooling mode" in text  # PgBouncer's, refusing BEGIN
     if statement_pool:
         text += (

@@ -110,6 +110,26 @@ def test_wrong_password_is_a_clear_error_without_the_password(
     assert "Not-The-Pa55word" not in error
 
 
+def test_a_password_with_a_trailing_newline_is_pointed_out(
+    project: Project, shop_role: int
+) -> None:
+    """A secret mounted from a file often ends with a newline, which is part of it."""
+    project.write_env(
+        "ci",
+        f"DATABASE_URL=postgresql+asyncpg://shop@127.0.0.1:{shop_role}/shop\n"
+        "DATABASE_PASSWORD=${SHOP_PASSWORD}\n",
+    )
+
+    error = project.fails("migrate", "--env=ci", SHOP_PASSWORD=NASTY + "\n")
+
+    assert error.endswith(
+        "(check the password the env file gives (DATABASE_PASSWORD): it starts or ends with a "
+        "space or a newline (a secret file's last line?))\n"
+    )
+    assert NASTY not in error
+    project.ok("migrate", "--env=ci", SHOP_PASSWORD=NASTY)
+
+
 def test_a_fleet_never_prints_a_targets_password(project: Project, shop_role: int) -> None:
     """Two targets on the password-checking server, one of which does not exist."""
     admin = f"postgresql://postgres:{ADMIN_PASSWORD}@127.0.0.1:{shop_role}/postgres"
