@@ -42,7 +42,7 @@ def same_environment(log: list[audit.Entry], env: Environment, allow: bool) -> b
         return True
     if other_target:
         raise GuardRefused(
-            f"this database was last migrated as {last.environment}.{last.target!s}, not "
+            f"this database was last migrated as {last.environment}.{last.target}, not "
             f"{env.label}: check that the target's URL (TARGETS_FILE, the catalog) names its "
             "own database, or pass --allow-env-mismatch if it really is this target's"
         )
