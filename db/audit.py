@@ -44,6 +44,7 @@ from sqlalchemy.schema import CreateTable
 from sqlalchemy.sql.expression import Executable
 
 from db.environments import Environment
+from db.errors import DbError
 
 UTC = timezone.utc
 Execute = Callable[[Executable], Any]
@@ -175,7 +176,7 @@ def ensure_table(execute: Execute) -> None:
     execute(CreateTable(LOG, if_not_exists=True))
     connection = getattr(execute, "__self__", None)
     if isinstance(connection, Connection):  # a table made by an older version of the tool
-        columns = _columns(connection)
+        columns = _ours(_columns(connection))
         for added in _ADDED:
             if added.split()[0] not in columns:
                 connection.exec_driver_sql(f"ALTER TABLE migration_log ADD COLUMN {added}")
@@ -257,6 +258,23 @@ def _connection(target: Connection | MigrationContext) -> Connection:
     return connection
 
 
+def _ours(columns: set[str]) -> set[str]:
+    """``columns``, if they are those of this tool's audit trail (an older one lacks only
+    the ``_ADDED`` ones); an app's own table of that name is refused, not read or altered."""
+    missing = [c.name for c in LOG.columns if c.name not in columns and not _added(c.name)]
+    if missing:
+        raise DbError(
+            f"the database has a table {LOG.name} that is not this tool's audit trail (it has "
+            f"no {missing[0]} column): nothing was run; rename that table, since the tasks "
+            "keep their audit trail under that name"
+        )
+    return columns
+
+
+def _added(name: str) -> bool:
+    return any(added.split()[0] == name for added in _ADDED)
+
+
 def _columns(connection: Connection) -> set[str]:
     """The table's columns, from an empty select: one cheap query, where reflecting the table
     costs several (and a fleet's worker asks on every target)."""
@@ -267,7 +285,7 @@ def entries(connection: Connection) -> list[Entry]:
     """Every row, oldest first; none where the table does not exist yet."""
     if not inspect(connection).has_table(LOG.name):
         return []
-    columns = _columns(connection)
+    columns = _ours(_columns(connection))
     code = LOG.c.code_checksum if "code_checksum" in columns else null()
     target = LOG.c.target if "target" in columns else null()
     rows = connection.execute(

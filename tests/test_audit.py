@@ -6,7 +6,9 @@ import getpass
 import hashlib
 import os
 import socket
+import sqlite3
 import subprocess
+from contextlib import closing
 from pathlib import Path
 
 import pytest
@@ -234,3 +236,21 @@ def test_a_user_with_no_name_is_recorded_by_uid() -> None:
     os.waitpid(child, 0)
     with os.fdopen(read) as said:
         assert said.read() == "uid 4242"
+
+
+def test_an_apps_own_table_named_like_the_audit_trail_is_refused(project: Project) -> None:
+    """Read as the audit trail, it failed as "no such column: migration_log.revision"."""
+    (project.root / "var").mkdir()
+    with closing(sqlite3.connect(project.root / "var" / "dev.sqlite3")) as db:
+        db.execute("create table migration_log (id integer primary key, note text)")
+        db.commit()
+
+    for task in ("migrate", "status"):
+        assert project.fails(task).endswith(
+            "error: the database has a table migration_log that is not this tool's audit trail "
+            "(it has no revision column): nothing was run; rename that table, since the tasks "
+            "keep their audit trail under that name\n"
+        )
+    with closing(sqlite3.connect(project.root / "var" / "dev.sqlite3")) as db:
+        tables = {row[0] for row in db.execute("select name from sqlite_master")}
+    assert "users" not in tables  # no revision ran
