@@ -247,6 +247,8 @@ def reset(c: Context, env: str | None = None, only: str | None = None, debug: bo
         "yes": YES,
         "only": ONE,
         "allow_env_mismatch": "restore a backup that another env name (or fleet target) made",
+        "lock_wait": "seconds to wait while another connection (the app) keeps the file "
+        "locked (default 60)",
     }
 )
 def restore(
@@ -256,11 +258,13 @@ def restore(
     yes: bool = False,
     only: str | None = None,
     allow_env_mismatch: bool = False,
+    lock_wait: str | None = None,
     debug: bool = False,
 ) -> None:
     """Put a SQLite backup from var/backups back in place of the database."""
     with reported(c, debug):
         from db import backups
+        from db.locks import LOCK_WAIT
         from db.stop import Stop
 
         file = filled("--file", file, "name a backup, or leave --file out for the newest")
@@ -269,10 +273,11 @@ def restore(
             confirm(target, yes, "restore a backup over", need_yes=True)
         announce(target)
         chosen = None if file is None else Path(file).resolve()
+        waits = LOCK_WAIT if lock_wait is None else seconds("--lock-wait", lock_wait)
         stop = Stop()
         with on_signals(stop):
             used, kept = backups.restore(
-                target, target.url(), chosen, allow_env_mismatch, stopped=stop.check
+                target, target.url(), chosen, allow_env_mismatch, stop.check, waits
             )
     if kept is not None:
         print(f"  kept the database it replaced as {target.relative(kept)}", file=sys.stderr)

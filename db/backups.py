@@ -6,6 +6,7 @@ import os
 import shutil
 import sqlite3
 import subprocess
+import time
 from collections.abc import Callable
 from contextlib import closing
 from datetime import datetime
@@ -14,7 +15,8 @@ from pathlib import Path
 from sqlalchemy.engine import URL, make_url
 
 from db.environments import Environment
-from db.errors import ConfigError, DbError, GuardRefused, Interrupted
+from db.errors import ConfigError, DbError, GuardRefused, Interrupted, LockTimeout
+from db.locks import LOCK_WAIT
 
 BACKUP_DIR = Path("var") / "backups"
 
@@ -107,20 +109,38 @@ def _quick_check(path: Path) -> str | None:
     return None if found == "ok" else found
 
 
-def _copy(source: Path, target: Path, stopped: Callable[[], None] = lambda: None) -> None:
+def _copy(
+    source: Path,
+    target: Path,
+    stopped: Callable[[], None] = lambda: None,
+    lock_wait: float = LOCK_WAIT,
+) -> None:
     """Copy through SQLite's backup API, in steps; ``stopped`` raises to end the copy, and
     SQLite rolls back what it wrote (the target stays as it was). Never after the last
-    step: the copy is committed by then, and stays."""
+    step: the copy is committed by then, and stays. A target another connection keeps
+    locked (the app, in a long transaction) for ``lock_wait`` seconds ends it the same way,
+    with LockTimeout, instead of a wait without end."""
+    locked_since: float | None = None
 
-    def step(_status: int, left: int, _total: int) -> None:
+    def step(status: int, left: int, _total: int) -> None:
+        nonlocal locked_since
         if left:
             stopped()
+        if status not in _LOCKED:
+            locked_since = None
+            return
+        locked_since = locked_since or time.monotonic()
+        if time.monotonic() - locked_since > lock_wait:
+            raise LockTimeout(f"another connection kept it locked for {lock_wait:g} s")
 
-    with closing(sqlite3.connect(source)) as live, closing(sqlite3.connect(target)) as copy:
+    # the target's own busy wait short (not sqlite3's 5 s a step): ``step`` counts the wait
+    copy_to = closing(sqlite3.connect(target, timeout=0.1))
+    with closing(sqlite3.connect(source)) as live, copy_to as copy:
         live.backup(copy, pages=_STEP_PAGES, progress=step)
 
 
 _STEP_PAGES = 2048  # 8 MB of 4 kB pages a step: a signal ends a large copy within a moment
+_LOCKED = (5, 6)  # SQLITE_BUSY, SQLITE_LOCKED: the backup API tries the step again
 
 
 def pg_dump(env: Environment, url: URL) -> Path:
@@ -151,14 +171,16 @@ def restore(
     backup: Path | None,
     allow_mismatch: bool = False,
     stopped: Callable[[], None] = lambda: None,
+    lock_wait: float = LOCK_WAIT,
 ) -> tuple[Path, Path | None]:
     """Put a SQLite backup back in place of the database.
 
     The backup must be a sound SQLite database with a version table, last migrated as this
     environment (and fleet target) unless ``allow_mismatch``; the database it replaces is
     kept as a backup first. ``stopped`` raises Interrupted (a signal) to end the restore
-    before the copy is done, leaving the database as it was. Returns the file used and
-    where the old one went.
+    before the copy is done, leaving the database as it was; so does a database another
+    connection keeps locked for ``lock_wait`` seconds. Returns the file used and where the
+    old one went.
     """
     if url.get_backend_name() != "sqlite":
         raise ConfigError(f"{env.name} is PostgreSQL: restore a pg_dump backup with pg_restore")
@@ -183,9 +205,14 @@ def restore(
     kept = _keep_replaced(env, live)
     try:
         stopped()
-        _copy(chosen, live, stopped)
+        _copy(chosen, live, stopped, lock_wait)
     except Interrupted as exc:
         raise Interrupted(f"interrupted: {_unrestored(env, live, kept)}", exc.signum) from None
+    except LockTimeout as exc:
+        raise LockTimeout(
+            f"{env.relative(live)}: {exc} (the app, in a long transaction?), so "
+            f"{_unrestored(env, live, kept)}; stop it, or wait longer with --lock-wait"
+        ) from None
     except (sqlite3.Error, OSError) as exc:  # a full disk
         raise DbError(
             f"restoring {env.relative(chosen)} failed ({exc}), so {_unrestored(env, live, kept)}; "

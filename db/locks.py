@@ -46,6 +46,7 @@ from db.errors import ConfigError, LockLost, LockTimeout, first_line
 if TYPE_CHECKING:
     from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
+LOCK_WAIT = 60.0  # seconds a run waits for another's lock (a migration's, a file's), by default
 NAMESPACE = 0x5A11  # first key of the two-key advisory lock, kept apart from app locks
 _KEY = "hashtext(current_database() || '.' || :table)"
 _MINE = (

@@ -48,12 +48,12 @@ from db.errors import (
     cause_of,
     first_line,
 )
+from db.locks import LOCK_WAIT
 from db.progress import Progress, Revision, Step
 from db.stop import Stop
 
 VERSION_TABLE = "alembic_version"
 VERSION_ID_MAX = 32  # characters: Alembic's alembic_version.version_num is a VARCHAR(32)
-LOCK_WAIT = 60.0  # seconds a run waits for another run's migration lock, by default
 _RELATIVE = re.compile(r"Relative revision ([+-]\d+) didn't produce (\d+) migrations")
 _RELATIVE_ID = re.compile(r"(?:.+@)?\w*[+-]\d+")  # +2, -1, ae1027a6acf+2, branch@-1
 _FOLLOW_UPS = (PendingRollbackError, ResourceClosedError, InterfaceError)

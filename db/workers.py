@@ -38,8 +38,8 @@ from db import commands, guards
 from db.environments import Environment, load_environment
 from db.errors import CheckFailed, ConnectError, DbError, Halted, LockTimeout
 from db.fleet import RETRIED_LAST, Outcome, Plan, Target, TaskArgs, environment
+from db.locks import LOCK_WAIT
 from db.runner import (
-    LOCK_WAIT,
     RunOptions,
     current_heads,
     describe,

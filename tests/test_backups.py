@@ -266,6 +266,33 @@ def test_a_signal_during_a_restore_leaves_the_database_as_it_was_and_says_so(
         assert connection.execute("select count(*) from big").fetchone() == (400000,)
 
 
+def test_a_restore_over_a_file_the_app_keeps_locked_gives_up_and_says_so(
+    project: Project,
+) -> None:
+    """It waited without end, and without a word, while the app held a write lock."""
+    project.migrated()
+    pending_revision(project)
+    project.migrated()  # backs the database at HEAD up
+    [backup] = backups(project)
+    app = sqlite3.connect(project.root / "var" / "dev.sqlite3", isolation_level=None)
+    try:
+        app.execute("begin immediate")  # the app, in a long write transaction
+
+        result = project.invoke("restore", f"--file={backup}", "--lock-wait=1")
+    finally:
+        app.close()
+
+    assert result.returncode == 3, result.stderr
+    assert result.stderr.endswith(
+        "error: var/dev.sqlite3: another connection kept it locked for 1 s (the app, in a long "
+        "transaction?), so nothing was restored: the database is as it was; stop it, or wait "
+        "longer with --lock-wait\n"
+    )
+    assert version(project) == ["next01"]
+    project.ok("restore", f"--file={backup}")
+    assert version(project) == [HEAD]
+
+
 def test_a_full_disk_at_commit_leaves_no_false_applied_line(project: Project) -> None:
     with tmpfs(project.root / "small", "192k") as small:
         project.write_env("tight", f"DATABASE_URL=sqlite:///{small}/shop.sqlite3\n")
