@@ -96,32 +96,27 @@ def test_a_revision_id_longer_than_the_version_table_holds_is_named(project: Pro
     assert version(project) == [long_id[:32]]
 
 
-def test_a_revision_that_cannot_be_imported_is_named(project: Project) -> None:
+@pytest.mark.parametrize(
+    ("line", "said"),
+    [
+        ("import not_a_module", "ModuleNotFoundError: No module named 'not_a_module'"),
+        ("raise SystemExit(2)", "SystemExit: 2"),  # a script's main, as the file loads
+    ],
+)
+def test_a_revision_that_cannot_be_imported_is_named(
+    project: Project, line: str, said: str
+) -> None:
     project.add_revision(
         "broken",
         revision("broken1", HEAD, "pass").replace(
-            "import sqlalchemy as sa", "import sqlalchemy as sa\nimport not_a_module"
-        ),
-    )
-
-    error = project.fails("migrate")
-
-    assert "db/migrations/versions/broken.py, line 5 cannot be loaded" in error
-    assert "No module named 'not_a_module'" in error
-
-
-def test_a_revision_that_exits_as_it_is_loaded_is_named(project: Project) -> None:
-    project.add_revision(
-        "script",
-        revision("script1", HEAD, "pass").replace(
-            "import sqlalchemy as sa", "import sqlalchemy as sa\nraise SystemExit(2)"
+            "import sqlalchemy as sa", f"import sqlalchemy as sa\n{line}"
         ),
     )
 
     error = project.fails("status")
 
     assert error.endswith(
-        "error: db/migrations/versions/script.py, line 5 cannot be loaded: SystemExit: 2\n"
+        f"error: db/migrations/versions/broken.py, line 5 cannot be loaded: {said}\n"
     )
 
 
