@@ -256,10 +256,13 @@ def sqlite_run(
     """One write transaction for the run; yields ``next_revision`` to call after each one.
 
     A revision that raises is rolled back to its savepoint; the ones before it commit, and
-    ``on_commit`` is called once they have. ``stopped``: as for :func:`pg_lock`.
+    ``on_commit`` is called once they have. SQLite itself may have rolled the whole
+    transaction back (a full disk, an I/O error): then none of them committed, and the
+    error that did it is the one raised. ``stopped``: as for :func:`pg_lock`.
     """
     outer = _begin_immediate(connection, wait, note, stopped)
     connection.exec_driver_sql("SAVEPOINT revision")
+    sqlite = connection.connection.driver_connection
 
     def next_revision() -> None:
         connection.exec_driver_sql("RELEASE revision")
@@ -268,6 +271,9 @@ def sqlite_run(
     try:
         yield next_revision
     except BaseException:
+        if not sqlite.in_transaction:  # type: ignore[union-attr]
+            outer.rollback()  # SQLite's own rollback: only SQLAlchemy's side is left to end
+            raise
         connection.exec_driver_sql("ROLLBACK TO revision")
         outer.commit()
         on_commit()

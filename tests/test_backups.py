@@ -319,6 +319,41 @@ def test_a_full_disk_at_commit_leaves_no_false_applied_line(project: Project) ->
             assert "fill01 of this run did not commit either" in error
 
 
+def test_a_full_disk_inside_a_revision_is_named_whichever_statement_it_stops(
+    project: Project,
+) -> None:
+    """SQLite may roll a whole transaction back on a full disk. The run then said "no such
+    savepoint: revision" (its own clean-up failing) and told the user to fix the revision.
+    Each free space below stops the revision at another statement (seen: 8 to 16 KB)."""
+    pending_revision(project, "fill01")
+    with tmpfs(project.root / "small", "256k") as small:
+        project.write_env("tight", f"DATABASE_URL=sqlite:///{small}/shop.sqlite3\nBACKUP_KEEP=0\n")
+        failed = 0
+        for free_kb in (4, 8, 12, 16, 20):
+            (small / "shop.sqlite3").unlink(missing_ok=True)
+            (small / "filler").unlink(missing_ok=True)
+            project.migrated("tight", to=HEAD)
+            available = shutil.disk_usage(small).free // 1024
+            (small / "filler").write_bytes(b"\0" * (available - free_kb) * 1024)
+
+            result = project.invoke("migrate", "--env=tight")
+
+            with closing(sqlite3.connect(small / "shop.sqlite3")) as db:
+                [(at,)] = db.execute("select version_num from alembic_version").fetchall()
+            if result.returncode == 0:
+                assert at == "fill01"
+                continue
+            failed += 1
+            assert at == HEAD, result.stderr
+            assert "failed: the disk is full (OperationalError: database or disk is full)" in (
+                result.stderr
+            )
+            assert f"the database is at {HEAD}; fill01 was rolled back; free some space" in (
+                result.stderr
+            )
+        assert failed  # the disk did fill up
+
+
 def test_a_read_only_sqlite_file_is_refused_before_anything(project: Project) -> None:
     """A database on a file system mounted read-only: refused before a backup or a
     revision, instead of failing inside the revision with "fix it"."""
