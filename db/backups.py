@@ -29,7 +29,7 @@ def before_change(env: Environment, url: URL) -> str | None:
     if url.get_backend_name() == "sqlite":
         path = sqlite_backup(env, url)
         return f"backed up to {env.relative(path)}" if path else None
-    if env.get("BACKUP").strip().lower() != "pg_dump":
+    if env.backup != "pg_dump":
         return None
     if shutil.which("pg_dump") is None:
         return "BACKUP=pg_dump, but pg_dump is not installed here: skipped the backup"

@@ -98,6 +98,19 @@ class Environment:
         """``PROTECTED=true``: migrate asks first, destructive tasks refuse."""
         return self.flag("PROTECTED")
 
+    @property
+    def backup(self) -> str:
+        """``BACKUP``: ``pg_dump`` to dump a PostgreSQL database before a migrate, or ""
+        (SQLite files are always copied, unless ``BACKUP_KEEP=0``)."""
+        text = self.get("BACKUP").strip().lower()
+        if text in ("", "pg_dump"):
+            return text
+        where = self.relative(self.sources["BACKUP"])
+        raise ConfigError(
+            f"{where}: BACKUP takes only pg_dump (a PostgreSQL dump before each migrate), not "
+            f"{text!r}; SQLite is always copied first, and BACKUP_KEEP=0 takes no backups"
+        )
+
     def flag(self, key: str) -> bool:
         """A yes/no setting: true/false, yes/no, on/off, 1/0; anything else is an error."""
         text = self.get(key).strip().lower()
@@ -208,6 +221,7 @@ def load_environment(root: Path, name: str, environ: Mapping[str, str]) -> Envir
     _no_misspelled_settings(root, raw)
     loaded = Environment(name, root, values, sources, missing, warnings)
     loaded.flag("PROTECTED")  # a typo there must not silently mean "unprotected"
+    loaded.backup  # nor one there (BACKUP=false) "back up as before"  # noqa: B018
     return loaded
 
 

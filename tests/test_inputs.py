@@ -104,6 +104,37 @@ def test_a_misspelled_setting_stops_the_task(project: Project) -> None:
     assert not (project.root / "var" / "dev.sqlite3").exists()
 
 
+@pytest.mark.parametrize("value", ["false", "no", "0", "sqlite", "pg_dumpall"])
+def test_a_backup_setting_that_is_no_kind_of_backup_is_refused(tmp_path: Path, value: str) -> None:
+    """``BACKUP=false`` looks like it turns SQLite's backups off; it was ignored."""
+    root = env_file(tmp_path, f"DATABASE_URL=sqlite://\nBACKUP={value}\n")
+
+    with pytest.raises(ConfigError) as refused:
+        load_environment(root, "x", {})
+
+    assert str(refused.value) == (
+        f"environments/x.env: BACKUP takes only pg_dump (a PostgreSQL dump before each "
+        f"migrate), not {value!r}; SQLite is always copied first, and BACKUP_KEEP=0 takes no "
+        "backups"
+    )
+
+
+def test_backup_takes_pg_dump_in_any_case_or_nothing(tmp_path: Path) -> None:
+    for value, meant in (("pg_dump", "pg_dump"), (" PG_DUMP ", "pg_dump"), ("", "")):
+        root = env_file(tmp_path, f"DATABASE_URL=sqlite://\nBACKUP={value}\n")
+        assert load_environment(root, "x", {}).backup == meant
+
+
+def test_a_backup_setting_that_is_no_backup_stops_the_task(project: Project) -> None:
+    project.extend_env("dev", "BACKUP=false\n")
+
+    result = project.invoke("migrate")
+
+    assert result.returncode == 2
+    assert "BACKUP takes only pg_dump" in result.stderr
+    assert not (project.root / "var" / "dev.sqlite3").exists()
+
+
 @pytest.mark.parametrize("value", ["ture", "true#x", "maybe", "2"])
 def test_a_boolean_that_is_not_one_is_an_error(tmp_path: Path, value: str) -> None:
     root = env_file(tmp_path, f"DATABASE_URL=sqlite://\nPROTECTED={value}\n")
