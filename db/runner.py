@@ -301,7 +301,7 @@ def run_env(
             raise revision_error(exc, run.flags) from exc
         if isinstance(exc, DBAPIError):
             text = f"database error on {mask(run.url)}: {describe(exc)}"
-            advice = _advice(exc, run)
+            advice = what_to_do(exc, run.flags, run.url.username)
             if progress is not None:  # a changing run, stopped before its first revision
                 text += f"\n{_NONE_RUN}" + (f"; {advice}" if advice else "")
             elif advice:
@@ -310,10 +310,10 @@ def run_env(
         raise
 
 
-def _advice(exc: DBAPIError, run: Run) -> str:
-    """What to do when the run failed before its first revision: for want of a privilege
-    (SQLSTATE 42501), on a read-only server (25006), with no schema to create in (3F000),
-    on a corrupt SQLite file; or ""."""
+def what_to_do(exc: DBAPIError, flags: str, role: str | None) -> str:
+    """What to do when a run failed before its first revision, or a read failed: for want
+    of a privilege (SQLSTATE 42501), on a read-only server (25006), with no schema to create
+    in (3F000), on a corrupt SQLite file; or "". ``flags``: the task's --env (and --only)."""
     state, said = getattr(exc.orig, "sqlstate", None), first_line(exc)
     if state == "25006":  # read_only_sql_transaction
         return _READ_ONLY
@@ -323,12 +323,10 @@ def _advice(exc: DBAPIError, run: Run) -> str:
             "(CREATE SCHEMA public), or name one with SCHEMA in the env file"
         )
     if "file is not a database" in said or "database disk image is malformed" in said:
-        return (
-            f"the SQLite file is corrupt: put a good backup back with `invoke restore {run.flags}`"
-        )
+        return f"the SQLite file is corrupt: put a good backup back with `invoke restore {flags}`"
     if state != "42501":
         return ""
-    role = run.url.username or "the migrating role"
+    role = role or "the migrating role"
     if " for schema " not in said:
         return f"grant {role} that privilege, or migrate as the database's owner"
     schema = said.rsplit(" ", 1)[-1]

@@ -46,6 +46,7 @@ from db.runner import (
     load_scripts,
     make_config,
     revision_error,
+    what_to_do,
 )
 from db.stop import Stop
 
@@ -352,7 +353,8 @@ def _work(
         found = revision_error(exc, env.flags)
         outcome = Outcome(target.name, "failed", one_line(found), exit_code=found.exit_code)
     except DBAPIError as exc:  # reading its version failed: a file that is no database...
-        why = f"cannot read its version: {describe(exc)}"
+        advice = what_to_do(exc, env.flags, env.url(need_secrets=False).username)
+        why = f"cannot read its version: {describe(exc)}" + (f"; {advice}" if advice else "")
         outcome = Outcome(target.name, "failed", why, exit_code=1)
     seconds = round(time.perf_counter() - clock, 3)
     return replace(outcome, seconds=seconds, notes=tuple(_NOTES))

@@ -370,6 +370,9 @@ def test_a_target_that_cannot_be_read_fails_status_and_is_named(fleet: Project) 
     assert "beta] failed: cannot read its version: DatabaseError: file is not a database" in (
         result.stdout
     )
+    # what to do, as on one database
+    restore = "the SQLite file is corrupt: put a good backup back with `invoke restore "
+    assert f"{restore}--env=shops --only=beta`" in result.stdout
     assert "error: 1 failed of 3 targets\n" in result.stderr  # status: nothing to rerun
     assert "Traceback" not in result.stderr
     bad = fleet.invoke("migrate", "--env=shops", "--to=+2")  # relative: each target's own
