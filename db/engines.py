@@ -157,6 +157,8 @@ _LOGIN_ADVICE = {
     "server's pg_hba.conf",
     "28P01": "check the password the env file gives (DATABASE_PASSWORD)",
 }
+_SSL_REQUIRED = ("require", "verify-ca", "verify-full")
+_NOT_POSTGRES = "is a PostgreSQL server listening on that host and port?"
 
 
 def connect_error(url: URL, exc: BaseException) -> ConnectError:
@@ -168,6 +170,10 @@ def connect_error(url: URL, exc: BaseException) -> ConnectError:
         text = f"unknown host ({reason.strerror})"
     elif isinstance(reason, OSError) and reason.errno:
         text = f"{os.strerror(reason.errno)} (is the server running on that host and port?)"
+    elif "rejected SSL upgrade" in text:  # asyncpg's, for any answer but PostgreSQL's own
+        text = _no_ssl(url)
+    elif "connection was closed in the middle of operation" in text:
+        text = f"the other end closed the connection ({_NOT_POSTGRES})"
     state = getattr(reason, "sqlstate", None)
     busy = state == "53300"  # too_many_connections
     if state in _LOGIN_ADVICE:
@@ -188,6 +194,18 @@ def connect_error(url: URL, exc: BaseException) -> ConnectError:
     if statement_pool:  # a setting to change, as for a pooler in transaction mode
         error.exit_code = ConfigError.exit_code
     return error
+
+
+def _no_ssl(url: URL) -> str:
+    """What "rejected SSL upgrade" means: PostgreSQL without SSL, where the URL requires it;
+    else whatever answered is no PostgreSQL server (MariaDB's port, a web server's)."""
+    ssl = str(url.query.get("ssl", "")).lower()
+    if ssl in _SSL_REQUIRED:
+        return (
+            f"no SSL connection was possible, and ssl={ssl} requires one (turn ssl on in the "
+            f"server; and {_NOT_POSTGRES})"
+        )
+    return f"what answered there does not speak PostgreSQL's protocol ({_NOT_POSTGRES})"
 
 
 @contextmanager

@@ -10,12 +10,14 @@ import threading
 import time
 import uuid
 from collections.abc import Iterator
+from contextlib import contextmanager
 
 import pytest
 from conftest import (
     PgDatabase,
     Project,
     add_good_then_bad,
+    cluster,
     head_revision,
     pg_execute,
     pg_fetch,
@@ -126,6 +128,39 @@ def test_unreachable_server_is_a_clear_error(project: Project) -> None:
     assert "refused" in error.lower()
 
 
+@pytest.mark.parametrize(
+    ("query", "said"),
+    [
+        ("", "what answered there does not speak PostgreSQL's protocol"),
+        ("?ssl=disable", "the other end closed the connection"),
+    ],
+)
+def test_a_port_where_no_postgresql_answers_is_named_as_such(
+    project: Project, web_server: int, query: str, said: str
+) -> None:
+    """It said "PostgreSQL server at ... rejected SSL upgrade", which reads as a TLS problem."""
+    url = f"postgresql+asyncpg://shop@127.0.0.1:{web_server}/shop{query}"
+    project.write_env("wrong", f"DATABASE_URL={url}\nCONNECT_TIMEOUT=5\n")
+
+    error = project.fails("status", "--env=wrong")
+
+    assert error.endswith(
+        f"error: cannot connect to {url}: {said} (is a PostgreSQL server listening on that "
+        "host and port?)\n"
+    )
+
+
+def test_a_server_without_ssl_where_the_url_requires_it_says_so(project: Project) -> None:
+    with cluster() as server:  # initdb's: ssl off
+        url = f"postgresql+asyncpg://postgres@127.0.0.1:{server.port}/postgres?ssl=require"
+        project.write_env("tls", f"DATABASE_URL={url}\n")
+
+        error = project.fails("status", "--env=tls")
+
+    assert f"cannot connect to {url}: no SSL connection was possible, and ssl=require " in error
+    assert "requires one (turn ssl on in the server; and is a PostgreSQL server" in error
+
+
 def test_a_database_or_role_the_server_lacks_says_what_to_do(
     project: Project, pg_database: PgDatabase
 ) -> None:
@@ -194,21 +229,41 @@ def test_a_database_without_a_schema_to_create_in_says_what_to_do(
 @pytest.fixture
 def silent_server() -> Iterator[int]:
     """A TCP port that accepts connections and never answers, like a firewalled server."""
-    listener = socket.socket()
-    listener.bind(("127.0.0.1", 0))
-    listener.listen(8)
+    with tcp_server(reply=None) as port:
+        yield port
+
+
+@pytest.fixture
+def web_server() -> Iterator[int]:
+    """A port where something that is no PostgreSQL answers, as a web server would: the
+    URL's port is wrong (MariaDB's, an app's)."""
+    with tcp_server(reply=b"HTTP/1.1 400 Bad Request\r\nContent-Length: 0\r\n\r\n") as port:
+        yield port
+
+
+@contextmanager
+def tcp_server(reply: bytes | None) -> Iterator[int]:
+    """A port that takes connections: each gets ``reply`` to its first message and is
+    closed, or (None) is kept open and never answered."""
+    listener = socket.create_server(("127.0.0.1", 0))
+    listener.settimeout(0.2)
     accepted: list[socket.socket] = []
     stop = threading.Event()
 
-    def accept() -> None:
-        listener.settimeout(0.2)
+    def serve() -> None:
         while not stop.is_set():
             try:
-                accepted.append(listener.accept()[0])
+                peer = listener.accept()[0]
             except OSError:
                 continue
+            if reply is None:
+                accepted.append(peer)
+                continue
+            with peer:
+                peer.recv(1024)
+                peer.sendall(reply)
 
-    thread = threading.Thread(target=accept, daemon=True)
+    thread = threading.Thread(target=serve, daemon=True)
     thread.start()
     yield listener.getsockname()[1]
     stop.set()
