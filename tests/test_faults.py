@@ -6,6 +6,7 @@ Each test reads the database back and checks that what the tasks printed is what
 from __future__ import annotations
 
 import os
+import shutil
 import signal
 from collections.abc import Iterator
 
@@ -22,6 +23,7 @@ from conftest import (
     popen,
     revision,
     running_query,
+    tmpfs,
     versions_of,
     wait_until,
 )
@@ -265,3 +267,41 @@ def test_a_server_restart_mid_run_reports_the_first_error(
     assert at.startswith(f"the database is at {head_revision()}; this run kept {head_revision()}")
     assert "rst01 was rolled back" in at
     assert versions_of(dsn) == [head_revision()]
+
+
+def test_a_full_disk_on_the_server_rolls_the_revision_back_and_says_so(
+    project: Project, own_server: Cluster
+) -> None:
+    """The database lives on a small tmpfs (a tablespace there): a revision that writes
+    more than fits fails with PostgreSQL's 53100, and the run says the disk is full."""
+    admin = f"postgresql://postgres@127.0.0.1:{own_server.port}/postgres"
+    with tmpfs(own_server.base / "small", "24m") as small:
+        shutil.chown(small, "postgres", "postgres")
+        pg_execute(
+            admin,
+            f"create tablespace small location '{small}'",
+            "create database tiny tablespace small",
+        )
+        try:
+            dsn = admin.rsplit("/", 1)[0] + "/tiny"
+            project.write_env(
+                "tiny", f"DATABASE_URL={dsn.replace('postgresql:', 'postgresql+asyncpg:')}\n"
+            )
+            big = (
+                "op.execute(\"create table big as select repeat('x', 1000) as x "
+                'from generate_series(1, 40000)")'
+            )
+            project.add_revision("big", revision("big01", head_revision(), big, message="big"))
+
+            error = project.fails("migrate", "--env=tiny")
+
+            assert "failed: the disk is full (DiskFullError: could not extend file" in error
+            assert error.endswith(
+                f"the database is at {head_revision()}; this run kept {head_revision()}; big01 "
+                "was rolled back; free some space and run the task again\n"
+            )
+            assert versions_of(dsn) == [head_revision()]
+            tables = pg_fetch(dsn, "select 1 from pg_tables where tablename = 'big'")
+            assert not tables
+        finally:
+            pg_execute(admin, "drop database if exists tiny", "drop tablespace if exists small")
