@@ -172,7 +172,7 @@ def connect_error(url: URL, exc: BaseException) -> ConnectError:
         text = f"{os.strerror(reason.errno)} (is the server running on that host and port?)"
     elif "rejected SSL upgrade" in text:  # asyncpg's, for any answer but PostgreSQL's own
         text = _no_ssl(url)
-    elif "connection was closed in the middle of operation" in text:
+    elif text == "connection was closed in the middle of operation":  # with no reason given
         text = f"the other end closed the connection ({_NOT_POSTGRES})"
     state = getattr(reason, "sqlstate", None)
     busy = state == "53300"  # too_many_connections
