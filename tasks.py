@@ -45,8 +45,11 @@ ROOT = Path(__file__).resolve().parent
 gc.set_threshold(50_000, 20, 20)
 # invoke turns bytecode caching off for all it imports (its --write-pyc flag), so every
 # task would compile the db package, env.py (once per fleet target) and the revision files
-# again. Python's own setting (-B, PYTHONDONTWRITEBYTECODE) decides instead.
-sys.dont_write_bytecode = bool(sys.flags.dont_write_bytecode)
+# again. Python's own setting (-B, PYTHONDONTWRITEBYTECODE) decides instead, read as Python
+# reads it (also where this interpreter was forked, not started, with that environment).
+sys.dont_write_bytecode = bool(sys.flags.dont_write_bytecode) or (
+    not sys.flags.ignore_environment and bool(os.environ.get("PYTHONDONTWRITEBYTECODE"))
+)
 # Mako, which Alembic imports, loads Pygments (when installed) at import time only to
 # colour HTML error pages, which no task renders: 40 ms of every task's start-up. Without
 # its plugin Mako falls back to plain text.
