@@ -16,7 +16,7 @@ from sqlalchemy import Connection, text
 from sqlalchemy.engine import URL
 
 from db import audit, backups, guards
-from db.engines import connect_async, make_async_engine, run_coroutine
+from db.engines import connect_async, make_async_engine, run_coroutine, sqlite_file_missing
 from db.environments import Environment
 from db.errors import DbError, GuardRefused, RevisionError
 from db.progress import Revision
@@ -130,6 +130,10 @@ def status(env: Environment, options: RunOptions | None = None) -> Status:
     script = load_scripts(config)
     state = read_state(env, config, script)
     guards.unchanged_files(state.log, script, env, options.note)
+    url = run_of(config).url
+    if sqlite_file_missing(url):
+        where = env.relative(Path(url.database or ""))
+        options.note(f"there is no database at {where} yet: `invoke migrate {env.flags}` makes it")
     pending = [step.revision for step in plan_steps(script, "heads", state.current, up=True)]
     return Status(
         current=tuple(Revision.of(script.get_revision(rev)) for rev in state.current),

@@ -37,13 +37,19 @@ def make_engine(
     *,
     connect_timeout: float = CONNECT_TIMEOUT,
     migrating: bool = False,
+    create: bool = True,
 ) -> Engine:
     """A pool-less sync engine; SQLite gets real transactions for DDL.
 
     ``migrating`` turns SQLite's foreign key enforcement off (batch mode rebuilds tables);
-    env.py checks the keys itself before each revision commits.
+    env.py checks the keys itself before each revision commits. ``create=False`` (a run
+    that only reads): a SQLite file not made yet reads as the empty database it would be,
+    and neither it nor its folder is made.
     """
-    engine = create_engine(url, **_options(url, connect_timeout, migrating))
+    options = _options(url, connect_timeout, migrating, create)
+    if not create and sqlite_file_missing(url):
+        url = url.set(database=":memory:")
+    engine = create_engine(url, **options)
     _sqlite_transactions(engine, foreign_keys=not migrating)
     return engine
 
@@ -89,18 +95,29 @@ def _search_path(engine: Engine, schema: str) -> None:
         dbapi_connection.commit()  # the driver began a transaction: a rollback would undo it
 
 
-def _options(url: URL, connect_timeout: float, migrating: bool) -> dict[str, Any]:
+def _options(
+    url: URL, connect_timeout: float, migrating: bool, create: bool = True
+) -> dict[str, Any]:
     connect_args: dict[str, Any] = {"timeout": connect_timeout}
-    if url.get_backend_name() == "sqlite" and url.database not in (None, "", ":memory:"):
-        _sqlite_place(Path(url.database))
+    if _sqlite_file(url):
+        _sqlite_place(Path(url.database or ""), create)
     if migrating and url.get_driver_name() == "asyncpg":
         connect_args.update(UNCACHED_STATEMENTS)
     return {"connect_args": connect_args, "poolclass": pool.NullPool}
 
 
-def _sqlite_place(path: Path) -> None:
-    """Make the SQLite file's folder; refuse a path that is a folder, or that runs through
-    a file (where SQLite would say only "unable to open database file")."""
+def _sqlite_file(url: URL) -> bool:
+    return url.get_backend_name() == "sqlite" and url.database not in (None, "", ":memory:")
+
+
+def sqlite_file_missing(url: URL) -> bool:
+    """Whether ``url`` names a SQLite file that is not there yet (a first migrate makes it)."""
+    return _sqlite_file(url) and not Path(url.database or "").exists()
+
+
+def _sqlite_place(path: Path, create: bool) -> None:
+    """Make the SQLite file's folder (if ``create``); refuse a path that is a folder, or
+    that runs through a file (where SQLite would say only "unable to open database file")."""
     if path.is_dir():
         raise ConnectError(f"{path} is a folder, not a SQLite file: point DATABASE_URL at a file")
     in_the_way = next((p for p in path.parents if p.exists() and not p.is_dir()), None)
@@ -109,6 +126,8 @@ def _sqlite_place(path: Path) -> None:
             f"cannot create {path.parent} for the SQLite database: {in_the_way} is a file; "
             "move it, or point DATABASE_URL elsewhere"
         )
+    if not create:
+        return
     try:
         path.parent.mkdir(parents=True, exist_ok=True)
     except OSError as exc:
@@ -304,7 +323,7 @@ def with_connection(
     if is_async(url):
         engine = make_async_engine(url, connect_timeout=connect_timeout, schema=schema)
         return run_coroutine(_with_async(engine, fn, wait))
-    sync_engine = make_engine(url, connect_timeout=connect_timeout)
+    sync_engine = make_engine(url, connect_timeout=connect_timeout, create=False)  # reads
     try:
         with connect(sync_engine, wait) as connection:
             return fn(connection)

@@ -99,6 +99,7 @@ class Run:
     connect_timeout: float = CONNECT_TIMEOUT
     wait: float = 0.0
     lock: bool = False  # take the migration lock: only runs that change the database
+    creates: bool = True  # may make a SQLite file not there yet (plain Alembic: it may)
     lock_wait: float = LOCK_WAIT
     session_settings: dict[str, str] = field(default_factory=dict)
     note: Callable[[str], None] = field(default=lambda _text: None)
@@ -139,6 +140,7 @@ def make_config(
         connect_timeout=env.connect_timeout,
         wait=options.wait if options.wait is not None else env.number("CONNECT_WAIT", 0),
         lock=lock,
+        creates=lock,  # a run that only reads makes no file
         lock_wait=options.lock_wait,
         session_settings=session_settings(env),
         note=options.note,

@@ -271,6 +271,28 @@ def test_status_lists_pending_revisions_in_order(project: Project) -> None:
     assert lines[3].endswith("first extra") and lines[4].endswith("second extra")
 
 
+def test_tasks_that_only_read_make_no_sqlite_file(project: Project) -> None:
+    """A mistyped path (var/dve.sqlite3) read as "at base" and left a new empty file (and
+    its folders) that the next migrate went on to fill, beside the real database."""
+    project.write_env("typo", "DATABASE_URL=sqlite:///var/typo/dve.sqlite3\n")
+    project.write_env("shops", "DATABASE_URL=sqlite:///var/shops/{target}.sqlite3\nTARGETS=a b\n")
+
+    status = project.ok("status", "--env=typo")
+    for task in (["history"], ["check"], ["status", "--json"]):
+        project.invoke(*task, "--env=typo")
+    project.ok("status", "--env=shops")
+
+    assert "current: base (no revision applied)" in status.stdout
+    assert status.stderr.endswith(
+        "there is no database at var/typo/dve.sqlite3 yet: `invoke migrate --env=typo` makes it\n"
+    )
+    assert not (project.root / "var" / "typo").exists()
+    assert not (project.root / "var" / "shops").exists()
+    project.ok("migrate", "--env=typo")
+    assert (project.root / "var" / "typo" / "dve.sqlite3").is_file()
+    assert "there is no database" not in project.ok("status", "--env=typo").stderr
+
+
 def test_history_is_newest_first_and_marks_applied(project: Project) -> None:
     project.migrated()
     project.ok("makemigration", "later", "--empty")

@@ -279,7 +279,9 @@ def run_migrations_online() -> None:
         )
         run_coroutine(run_async_migrations(engine, owned=True))
         return
-    sync_engine = given or make_engine(run.url, connect_timeout=run.connect_timeout, migrating=True)
+    sync_engine = given or make_engine(
+        run.url, connect_timeout=run.connect_timeout, migrating=True, create=run.creates
+    )
     with connect(sync_engine, run.wait, run.stop.check) as connection:
         if wanted(connection):
             run_on(connection)
