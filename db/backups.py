@@ -118,8 +118,8 @@ def _copy(
     """Copy through SQLite's backup API, in steps; ``stopped`` raises to end the copy, and
     SQLite rolls back what it wrote (the target stays as it was). Never after the last
     step: the copy is committed by then, and stays. A target another connection keeps
-    locked (the app, in a long transaction) for ``lock_wait`` seconds ends it the same way,
-    with LockTimeout, instead of a wait without end."""
+    locked (a migration, or the app in a long transaction) for ``lock_wait`` seconds ends
+    it the same way, with LockTimeout, instead of a wait without end."""
     locked_since: float | None = None
 
     def step(status: int, left: int, _total: int) -> None:
@@ -210,7 +210,7 @@ def restore(
         raise Interrupted(f"interrupted: {_unrestored(env, live, kept)}", exc.signum) from None
     except LockTimeout as exc:
         raise LockTimeout(
-            f"{env.relative(live)}: {exc} (the app, in a long transaction?), so "
+            f"{env.relative(live)}: {exc} (a migration, or the app in a long transaction?), so "
             f"{_unrestored(env, live, kept)}; stop it, or wait longer with --lock-wait"
         ) from None
     except (sqlite3.Error, OSError) as exc:  # a full disk

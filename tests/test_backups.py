@@ -294,17 +294,29 @@ def test_a_signal_during_a_restore_leaves_the_database_as_it_was_and_says_so(
         assert connection.execute("select count(*) from big").fetchone() == (400000,)
 
 
-def test_a_restore_over_a_file_the_app_keeps_locked_gives_up_and_says_so(
-    project: Project,
+@pytest.mark.parametrize("holder", ["app", "migration"])
+def test_a_restore_over_a_file_another_keeps_locked_gives_up_and_says_so(
+    project: Project, holder: str
 ) -> None:
-    """It waited without end, and without a word, while the app held a write lock."""
+    """It waited without end, and without a word, while the app held a write lock; and it
+    must never put a backup in place under a running migration."""
     project.migrated()
     pending_revision(project)
     project.migrated()  # backs the database at HEAD up
     [backup] = backups(project)
     app = sqlite3.connect(project.root / "var" / "dev.sqlite3", isolation_level=None)
+    migration = None
     try:
-        app.execute("begin immediate")  # the app, in a long write transaction
+        if holder == "app":
+            app.execute("begin immediate")  # the app, in a long write transaction
+        else:
+            sleepy = (
+                'op.create_table("sleepy", sa.Column("id", sa.Integer))\n'
+                '    __import__("time").sleep(4)'
+            )
+            project.add_revision("sleepy", revision("sleepy1", "next01", sleepy))
+            migration = popen(project, "migrate")
+            wait_until(lambda: migration.printed("applying sleepy1"), "the run", process=migration)
 
         result = project.invoke("restore", f"--file={backup}", "--lock-wait=1")
     finally:
@@ -312,11 +324,15 @@ def test_a_restore_over_a_file_the_app_keeps_locked_gives_up_and_says_so(
 
     assert result.returncode == 3, result.stderr
     assert result.stderr.endswith(
-        "error: var/dev.sqlite3: another connection kept it locked for 1 s (the app, in a long "
-        "transaction?), so nothing was restored: the database is as it was; stop it, or wait "
-        "longer with --lock-wait\n"
+        "error: var/dev.sqlite3: another connection kept it locked for 1 s (a migration, or "
+        "the app in a long transaction?), so nothing was restored: the database is as it was; "
+        "stop it, or wait longer with --lock-wait\n"
     )
-    assert version(project) == ["next01"]
+    if migration is not None:
+        assert migration.wait(timeout=30) == 0
+        assert version(project) == ["sleepy1"]
+    else:
+        assert version(project) == ["next01"]
     project.ok("restore", f"--file={backup}")
     assert version(project) == [HEAD]
 
