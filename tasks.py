@@ -229,15 +229,21 @@ def rollback(
         summarize("rolled back", target, done)
 
 
-@task(help={**COMMON, "only": ONE})
-def reset(c: Context, env: str | None = None, only: str | None = None, debug: bool = False) -> None:
+@task(help={**COMMON, "only": ONE, "lock_wait": RUN["lock_wait"]})
+def reset(
+    c: Context,
+    env: str | None = None,
+    only: str | None = None,
+    lock_wait: str | None = None,
+    debug: bool = False,
+) -> None:
     """Drop every table and migrate from scratch (never on a protected environment)."""
     with reported(c, debug):
         from db import commands
 
         why = "reset drops every table and never runs there"
         target = environment(c, env, banner=True, refuse_protected=why, only=only)
-        options = run_options()
+        options = run_options(lock_wait)
         with on_signals(options.stop):
             steps = commands.reset(target, options)
         summarize("reset and migrated", target, steps)

@@ -13,16 +13,24 @@ from alembic.config import Config
 from alembic.runtime.migration import MigrationContext, RevisionStep
 from alembic.script import ScriptDirectory
 from sqlalchemy import Connection, text
-from sqlalchemy.engine import URL
 
 from db import audit, backups, guards
-from db.engines import connect_async, make_async_engine, run_coroutine, sqlite_file_missing
+from db.engines import (
+    connect,
+    connect_async,
+    make_async_engine,
+    make_engine,
+    run_coroutine,
+    sqlite_file_missing,
+)
 from db.environments import Environment
 from db.errors import DbError, GuardRefused, RevisionError
+from db.locks import pg_lock, prepare_session, sqlite_locked
 from db.progress import Revision
 from db.runner import (
     PAST_THE_ENDS,
     Progress,
+    Run,
     RunOptions,
     Step,
     known_revision,
@@ -231,21 +239,52 @@ def reset(env: Environment, options: RunOptions | None = None) -> list[Step]:
     state = read_state(env, config, script)
     guards.same_environment(state.log, env, options.allow_env_mismatch)
     guards.unchanged_files(state.log, script, env, options.note)
-    options.note(backups.before_change(env, url))
+
+    def back_up() -> None:
+        options.note(backups.before_change(env, url))
+
     if url.get_backend_name() == "sqlite":
-        Path(url.database or "").unlink(missing_ok=True)
+        _drop_sqlite(run_of(config), back_up)
     else:
-        run_coroutine(_drop_schema(env, url, env.schema or "public"))
+        run_coroutine(_drop_schema(run_of(config), back_up))
     return migrate(env, "head", replace(options, backup=False))  # backed up before the drop
 
 
-async def _drop_schema(env: Environment, url: URL, schema: str) -> None:
-    engine = make_async_engine(url, connect_timeout=env.connect_timeout)
+def _drop_sqlite(run: Run, back_up: Callable[[], None]) -> None:
+    """Under the migration lock (a running migration is waited for): back up, then drop
+    every table, view and trigger. The file stays: one unlinked under a process that has
+    it open (a migration waiting for the lock) would take that run's revisions with it."""
+    engine = make_engine(run.url, connect_timeout=run.connect_timeout, migrating=True)
     try:
-        async with connect_async(engine) as connection:
-            await connection.execute(text(f'DROP SCHEMA IF EXISTS "{schema}" CASCADE'))
-            await connection.execute(text(f'CREATE SCHEMA "{schema}"'))
-            await connection.commit()
+        with (
+            connect(engine, run.wait, run.stop.check) as connection,
+            sqlite_locked(connection, run.lock_wait, run.note, run.stop.check),
+        ):
+            back_up()
+            found = connection.exec_driver_sql(
+                "select type, name from sqlite_master where type in ('table', 'view', "
+                "'trigger') and name not like 'sqlite_%' order by type = 'table'"
+            )
+            for kind, name in found.all():
+                quoted = '"' + name.replace('"', '""') + '"'
+                connection.exec_driver_sql(f"DROP {kind.upper()} IF EXISTS {quoted}")
+    finally:
+        engine.dispose()
+
+
+async def _drop_schema(run: Run, back_up: Callable[[], None]) -> None:
+    """Under the migration lock: back up, then drop the schema and make it again."""
+    schema = run.schema or "public"
+    engine = make_async_engine(run.url, connect_timeout=run.connect_timeout)
+    try:
+        async with connect_async(engine, run.wait, run.stop.check) as connection:
+            pid = await prepare_session(connection, engine, run.session_settings, run.env_file)
+            stopped = run.stop.check
+            async with pg_lock(connection, pid, run.lock_name, run.lock_wait, run.note, stopped):
+                back_up()
+                await connection.execute(text(f'DROP SCHEMA IF EXISTS "{schema}" CASCADE'))
+                await connection.execute(text(f'CREATE SCHEMA "{schema}"'))
+                await connection.commit()
     finally:
         await engine.dispose()
 

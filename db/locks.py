@@ -283,6 +283,22 @@ def sqlite_run(
     on_commit()
 
 
+@contextmanager
+def sqlite_locked(
+    connection: Connection, wait: float, note: Note, stopped: Callable[[], None]
+) -> Iterator[None]:
+    """The block in one write transaction: the file's migration lock, taken as
+    :func:`sqlite_run` takes it; committed if the block ends well, else rolled back."""
+    transaction = _begin_immediate(connection, wait, note, stopped)
+    try:
+        yield
+    except BaseException:
+        if transaction.is_active:
+            transaction.rollback()
+        raise
+    transaction.commit()
+
+
 def _begin_immediate(
     connection: Connection, wait: float, note: Note, stopped: Callable[[], None]
 ) -> RootTransaction:

@@ -9,7 +9,7 @@ import sqlite3
 import subprocess
 import threading
 from collections.abc import Iterator
-from contextlib import contextmanager, suppress
+from contextlib import closing, contextmanager, suppress
 from typing import Any
 
 import pytest
@@ -355,3 +355,57 @@ def test_a_locked_sqlite_file_times_out_with_its_own_exit_code(project: Project)
     assert "kept this SQLite file locked for 1s; nothing was changed" in result.stderr
     assert "waiting up to 1s" in result.stderr
     assert project.ok("migrate").returncode == 0
+
+
+def test_reset_waits_for_a_running_sqlite_migration_and_backs_up_what_it_applied(
+    project: Project,
+) -> None:
+    """reset deleted the file under a running migration: that run went on writing into
+    the deleted file and said "applied", and the backup missed what it applied."""
+    project.migrated()
+    slow_revisions(project, "__import__('time').sleep(1)")
+    run = popen(project, "migrate")
+    wait_until(lambda: run.printed("applying slow01"), "the migration", process=run)
+
+    reset = project.invoke("reset")
+    migrated = run.communicate(timeout=60)[1]
+
+    assert run.returncode == 0 and "applied slow03" in migrated, migrated
+    assert reset.returncode == 0, reset.stderr
+    assert "for another migration of this SQLite file to finish" in reset.stderr
+    backup = sorted((project.root / "var" / "backups").glob("dev-*"))[-1]  # reset's
+    with closing(sqlite3.connect(backup)) as kept:  # it holds what the migration applied
+        assert kept.execute("select version_num from alembic_version").fetchall() == [("slow03",)]
+        assert kept.execute("select count(*) from side_effects").fetchone() == (3,)
+    with project.sqlite() as connection:  # then reset dropped it all and migrated again
+        assert connection.execute("select version_num from alembic_version").fetchall() == [
+            ("slow03",)
+        ]
+        assert connection.execute("select count(*) from side_effects").fetchone() == (3,)
+
+
+@pytest.mark.postgres
+def test_reset_waits_for_a_running_postgres_migration(
+    pg_project: Project, pg_database: PgDatabase
+) -> None:
+    """reset dropped the schema between the revisions of a running migration."""
+    pg_project.migrated("ci")
+    slow_revisions(pg_project, 'op.execute("select pg_sleep(1)")')
+    run = popen(pg_project, "migrate", "--env=ci")
+    wait_until(lambda: run.printed("applying slow01"), "the migration", process=run)
+
+    reset = pg_project.invoke("reset", "--env=ci")
+    migrated = run.communicate(timeout=60)[1]
+
+    assert run.returncode == 0 and "applied slow03" in migrated, migrated
+    assert reset.returncode == 0, reset.stderr
+    assert "waiting up to 60s for the migration lock, held by pid" in reset.stderr
+    rows = pg_fetch(pg_database.dsn, "select rev from side_effects order by rev")
+    assert [row["rev"] for row in rows] == ["slow01", "slow02", "slow03"]
+    directions = pg_fetch(pg_database.dsn, "select revision from migration_log order by id")
+    assert [row["revision"] for row in directions] == [
+        head_revision(),
+        "slow01",
+        "slow02",
+        "slow03",
+    ]  # the reset's own run, on an empty schema: each revision once
