@@ -8,7 +8,7 @@ from sqlalchemy import select
 from sqlalchemy.exc import DBAPIError
 from sqlalchemy.ext.asyncio import AsyncSession
 
-from db.engines import run_coroutine
+from db.engines import run_coroutine, sqlite_file_missing
 from db.environments import Environment
 from db.errors import BrokenModels, DbError, GuardRefused, first_line
 from db.session import session_factory
@@ -37,12 +37,15 @@ def seed(env: Environment) -> dict[str, int]:
     """Add what is missing of the sample shop; returns how many rows of each were added."""
     if env.protected:
         raise GuardRefused(f"{env.name} is protected: seed data is for development databases")
+    migrate_first = f"run `invoke migrate {env.flags}` first"
+    if sqlite_file_missing(env.url(app=True)):  # the app's engine would make an empty one
+        raise DbError(f"cannot seed {env.label}: it has no database yet ({migrate_first})")
     try:
         return run_coroutine(_seed(env))
     except DBAPIError as exc:
         said = first_line(exc)
         behind = any(words in said for words in ("no such", "does not exist"))  # table, column
-        fix = f"run `invoke migrate {env.flags}` first" if behind else "nothing was added"
+        fix = migrate_first if behind else "nothing was added"
         raise DbError(f"cannot seed {env.label}: {said} ({fix})") from exc
 
 

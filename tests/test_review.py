@@ -159,7 +159,15 @@ def test_seed_refuses_protected_and_unmigrated_databases(project: Project) -> No
     project.write_env("safe", "DATABASE_URL=sqlite:///var/safe.sqlite3\nPROTECTED=true\n")
     refused = project.invoke("seed", "--env=safe")
     assert refused.returncode == 4 and "seed data is for development databases" in refused.stderr
-    assert "run `invoke migrate --env=dev` first" in project.fails("seed")
+    unmigrated = project.fails("seed")
+    assert unmigrated.endswith(
+        "cannot seed dev: it has no database yet (run `invoke migrate --env=dev` first)\n"
+    )
+    assert not (project.root / "var" / "dev.sqlite3").exists()  # no empty file left behind
+    project.write_env("empty", "DATABASE_URL=sqlite:///var/empty.sqlite3\n")
+    (project.root / "var").mkdir()
+    (project.root / "var" / "empty.sqlite3").touch()  # a file, but no tables
+    assert "run `invoke migrate --env=empty` first" in project.fails("seed", "--env=empty")
 
 
 def test_a_seed_that_fails_on_a_migrated_database_does_not_say_to_migrate(
