@@ -96,7 +96,7 @@ def rollback(
         back = to or steps_back(script, current, steps)
         return plan_steps(script, back, current, up=False, flags=env.flags)
 
-    return _change(env, options, plan)
+    return _change(env, options, plan, creates=False)  # nothing to undo in a file not made
 
 
 def steps_back(script: ScriptDirectory, current: tuple[str, ...], steps: int) -> str:
@@ -187,11 +187,17 @@ def read_state(env: Environment, config: Config, script: ScriptDirectory) -> Sta
 
 
 def _change(
-    env: Environment, options: RunOptions | None, plan: Plan, *, single_head: bool = False
+    env: Environment,
+    options: RunOptions | None,
+    plan: Plan,
+    *,
+    single_head: bool = False,
+    creates: bool = True,
 ) -> list[Step]:
-    """Run the steps ``plan(script, current)`` chooses, under the lock, after the guards."""
+    """Run the steps ``plan(script, current)`` chooses, under the lock, after the guards;
+    ``creates``: a SQLite file not there yet is made (migrate), or read as empty."""
     options = options or RunOptions()
-    config = make_config(env, options, lock=True)
+    config = make_config(env, options, lock=True, creates=creates)
     backups.check_file(env, run_of(config).url)
     script = load_scripts(config)
     if single_head:

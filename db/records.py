@@ -221,8 +221,8 @@ def _locked(
     work: Callable[[ScriptDirectory, tuple[str, ...], Context], T],
 ) -> T:
     """Run ``work`` under the migration lock, once the database's revision is known to the
-    files; returns what it returns (it runs no revision)."""
-    config = make_config(env, options or RunOptions(), lock=True)
+    files; returns what it returns (it runs no revision, so it makes no SQLite file)."""
+    config = make_config(env, options or RunOptions(), lock=True, creates=False)
     script = load_scripts(config)
     results: list[T] = []
 

@@ -122,10 +122,12 @@ def make_config(
     lock: bool = False,
     models: bool = False,
     output: io.StringIO | None = None,
+    creates: bool | None = None,
 ) -> Config:
     """Alembic's Config for ``env``; the URL goes in the Run, never through ConfigParser.
 
-    ``offline`` needs no secrets: only the dialect matters for printing SQL.
+    ``offline`` needs no secrets: only the dialect matters for printing SQL. ``creates``:
+    whether the run may make a SQLite file not there yet (default: if it takes the lock).
     """
     options = options or RunOptions()
     quiet = Namespace(quiet=True)  # progress is the caller's to report
@@ -140,7 +142,7 @@ def make_config(
         connect_timeout=env.connect_timeout,
         wait=options.wait if options.wait is not None else env.number("CONNECT_WAIT", 0),
         lock=lock,
-        creates=lock,  # a run that only reads makes no file
+        creates=lock if creates is None else creates,  # a run that only reads makes none
         lock_wait=options.lock_wait,
         session_settings=session_settings(env),
         note=options.note,

@@ -271,14 +271,16 @@ def test_status_lists_pending_revisions_in_order(project: Project) -> None:
     assert lines[3].endswith("first extra") and lines[4].endswith("second extra")
 
 
-def test_tasks_that_only_read_make_no_sqlite_file(project: Project) -> None:
+def test_only_migrate_makes_a_sqlite_file(project: Project) -> None:
     """A mistyped path (var/dve.sqlite3) read as "at base" and left a new empty file (and
     its folders) that the next migrate went on to fill, beside the real database."""
     project.write_env("typo", "DATABASE_URL=sqlite:///var/typo/dve.sqlite3\n")
     project.write_env("shops", "DATABASE_URL=sqlite:///var/shops/{target}.sqlite3\nTARGETS=a b\n")
+    head = head_revision()
 
     status = project.ok("status", "--env=typo")
-    for task in (["history"], ["check"], ["status", "--json"]):
+    others = (["history"], ["check"], ["status", "--json"], ["rollback"], ["seed"])
+    for task in (*others, ["accept-changes", head], ["resolve", head, "--applied"]):
         project.invoke(*task, "--env=typo")
     project.ok("status", "--env=shops")
 
