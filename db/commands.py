@@ -24,7 +24,7 @@ from db.engines import (
     sqlite_file_missing,
 )
 from db.environments import Environment
-from db.errors import DbError, GuardRefused, RevisionError
+from db.errors import DbError, GuardRefused, Interrupted, RevisionError
 from db.locks import pg_lock, prepare_session, sqlite_locked
 from db.progress import Revision
 from db.runner import (
@@ -249,10 +249,14 @@ def reset(env: Environment, options: RunOptions | None = None) -> list[Step]:
     def back_up() -> None:
         options.note(backups.before_change(env, url))
 
-    if url.get_backend_name() == "sqlite":
-        _drop_sqlite(run_of(config), back_up)
-    else:
-        run_coroutine(_drop_schema(run_of(config), back_up))
+    try:
+        if url.get_backend_name() == "sqlite":
+            _drop_sqlite(run_of(config), back_up)
+        else:
+            run_coroutine(_drop_schema(run_of(config), back_up))
+    except Interrupted as exc:  # waiting for the lock, or backing up: nothing dropped yet
+        as_it_was = "interrupted: nothing was dropped: the database is as it was"
+        raise Interrupted(as_it_was, exc.signum) from None
     return migrate(env, "head", replace(options, backup=False))  # backed up before the drop
 
 

@@ -409,3 +409,28 @@ def test_reset_waits_for_a_running_postgres_migration(
         "slow02",
         "slow03",
     ]  # the reset's own run, on an empty schema: each revision once
+
+
+def test_a_signal_ends_resets_wait_for_a_running_migration_with_nothing_dropped(
+    project: Project,
+) -> None:
+    project.migrated()
+    with project.sqlite() as connection:
+        connection.execute("insert into categories (name) values ('kept')")
+    slow_revisions(project, "__import__('time').sleep(1)")
+    run = popen(project, "migrate")
+    wait_until(lambda: run.printed("applying slow01"), "the migration", process=run)
+    reset = popen(project, "reset")
+    wait_until(lambda: reset.printed("for another migration"), "the reset's wait", process=reset)
+
+    os.kill(reset.pid, signal.SIGINT)
+    said = reset.communicate(timeout=30)[1]
+
+    assert reset.returncode == 130, said
+    assert said.strip().splitlines()[-1] == (
+        "interrupted: nothing was dropped: the database is as it was"
+    )
+    assert run.wait(timeout=60) == 0
+    with project.sqlite() as connection:
+        assert connection.execute("select name from categories").fetchall() == [("kept",)]
+        assert connection.execute("select count(*) from side_effects").fetchone() == (3,)
