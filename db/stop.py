@@ -41,6 +41,7 @@ class Stop:
     def check(self) -> None:
         if self.signum is not None:
             name = signal.Signals(self.signum).name
-            raise Interrupted(f"{name} received", self.signum)
+            # the words of a task interrupted outside a run; a run says where it stopped
+            raise Interrupted(f"interrupted ({name})", self.signum)
         if self.halted is not None:
             raise Halted(self.halted)
