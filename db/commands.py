@@ -13,6 +13,7 @@ from alembic.config import Config
 from alembic.runtime.migration import MigrationContext, RevisionStep
 from alembic.script import ScriptDirectory
 from sqlalchemy import Connection, text
+from sqlalchemy.exc import DBAPIError
 
 from db import audit, backups, guards
 from db.engines import (
@@ -33,9 +34,11 @@ from db.runner import (
     Run,
     RunOptions,
     Step,
+    describe,
     known_revision,
     load_scripts,
     make_config,
+    not_the_revision,
     run_env,
     run_of,
 )
@@ -257,6 +260,12 @@ def reset(env: Environment, options: RunOptions | None = None) -> list[Step]:
     except Interrupted as exc:  # waiting for the lock, or backing up: nothing dropped yet
         as_it_was = "interrupted: nothing was dropped: the database is as it was"
         raise Interrupted(as_it_was, exc.signum) from None
+    except DBAPIError as exc:  # the drop's transaction was rolled back
+        said, fix = not_the_revision(exc, run_of(config)) or (describe(exc), "fix that")
+        raise DbError(
+            f"reset could not drop the tables: {said}\nnothing was dropped: the database is "
+            f"as it was; {fix}"
+        ) from exc
     return migrate(env, "head", replace(options, backup=False))  # backed up before the drop
 
 

@@ -385,14 +385,14 @@ def _failure(exc: BaseException, progress: Progress, run: Run, text: str) -> DbE
     if not progress.applied and "already exists" in cause:
         adopt = f"`invoke stamp {run.flags} REV`"
         text += f"; a database made without migrations is adopted with {adopt}"
-    outside = _not_the_revision(exc, run)
+    outside = not_the_revision(exc, run)
     if outside is not None:  # nothing to fix in the revision: a limit or the disk ended it
         said, fix = outside
         return MigrationFailed(f"{doing} failed: {said}\n{text}; {fix}")
     return MigrationFailed(f"{doing} failed: {cause}\n{text}; fix it and run the task again")
 
 
-def _not_the_revision(exc: BaseException, run: Run) -> tuple[str, str] | None:
+def not_the_revision(exc: BaseException, run: Run) -> tuple[str, str] | None:
     """A statement the session's LOCK_TIMEOUT or STATEMENT_TIMEOUT ended, or a full disk:
     what happened, and what to do (the revision itself may be fine)."""
     state, said = getattr(cause_of(exc), "sqlstate", None), first_line(exc)

@@ -87,6 +87,37 @@ def test_a_migration_waiting_behind_a_long_query_fails_fast(
     assert [r["version_num"] for r in rows] == [head_revision()]
 
 
+def test_reset_behind_a_long_query_drops_nothing_and_says_why(
+    pg_project: Project, pg_database: PgDatabase
+) -> None:
+    """reset now drops under the session's LOCK_TIMEOUT: a lock it could not get ended in a
+    traceback. Before that, it waited for the query as long as the query ran."""
+    pg_project.migrated("ci")
+    pg_project.ok("seed", "--env=ci")
+
+    async def scenario() -> subprocess.CompletedProcess[str]:
+        reader = await asyncpg.connect(pg_database.dsn)
+        transaction = reader.transaction()
+        await transaction.start()
+        await reader.execute("lock table users in access share mode")  # a long report query
+        try:
+            return await asyncio.to_thread(pg_project.invoke, "reset", "--env=ci")
+        finally:
+            await transaction.rollback()
+            await reader.close()
+
+    result = asyncio.run(scenario())
+
+    assert result.returncode == 1, result.stderr
+    assert result.stderr.endswith(
+        "error: reset could not drop the tables: it waited 1s (LOCK_TIMEOUT) for a lock that "
+        "another session holds (canceling statement due to lock timeout)\nnothing was dropped: "
+        "the database is as it was; run the task again once that session (a long "
+        "transaction?) is done, or raise LOCK_TIMEOUT\n"
+    )
+    assert pg_fetch(pg_database.dsn, "select count(*) as n from purchases")[0]["n"] == 3
+
+
 def test_a_revision_past_statement_timeout_says_which_limit_ended_it(
     pg_project: Project, pg_database: PgDatabase
 ) -> None:
