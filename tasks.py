@@ -239,13 +239,13 @@ def reset(
 ) -> None:
     """Drop every table and migrate from scratch (never on a protected environment)."""
     with reported(c, debug):
-        from db import commands
+        from db.reset import reset as reset_database
 
         why = "reset drops every table and never runs there"
         target = environment(c, env, banner=True, refuse_protected=why, only=only)
         options = run_options(lock_wait)
         with on_signals(options.stop):
-            steps = commands.reset(target, options)
+            steps = reset_database(target, options)
         summarize("reset and migrated", target, steps)
 
 

@@ -1,0 +1,102 @@
+"""reset: drop everything under the migration lock, then migrate from scratch."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import replace
+
+from sqlalchemy import text
+from sqlalchemy.exc import DBAPIError
+
+from db import backups, guards
+from db.commands import migrate, read_state
+from db.engines import connect, connect_async, make_async_engine, make_engine, run_coroutine
+from db.environments import Environment
+from db.errors import DbError, GuardRefused, Interrupted
+from db.locks import pg_lock, prepare_session, sqlite_locked
+from db.runner import (
+    Run,
+    RunOptions,
+    Step,
+    describe,
+    load_scripts,
+    make_config,
+    not_the_revision,
+    run_of,
+)
+
+
+def reset(env: Environment, options: RunOptions | None = None) -> list[Step]:
+    """Drop everything and migrate from scratch; never on a protected environment.
+
+    It runs the guards ``migrate`` runs (the env name, a sound SQLite file), and backs the
+    database up before it drops anything.
+    """
+    if env.protected:
+        raise GuardRefused(f"{env.name} is protected: reset drops every table and never runs there")
+    options = options or RunOptions()
+    url = env.url()
+    backups.check_file(env, url)
+    config = make_config(env, options)
+    script = load_scripts(config)
+    state = read_state(env, config, script)
+    guards.same_environment(state.log, env, options.allow_env_mismatch)
+    guards.unchanged_files(state.log, script, env, options.note)
+
+    def back_up() -> None:
+        options.note(backups.before_change(env, url))
+
+    try:
+        if url.get_backend_name() == "sqlite":
+            _drop_sqlite(run_of(config), back_up)
+        else:
+            run_coroutine(_drop_schema(run_of(config), back_up))
+    except Interrupted as exc:  # waiting for the lock, or backing up: nothing dropped yet
+        as_it_was = "interrupted: nothing was dropped: the database is as it was"
+        raise Interrupted(as_it_was, exc.signum) from None
+    except DBAPIError as exc:  # the drop's transaction was rolled back
+        said, fix = not_the_revision(exc, run_of(config)) or (describe(exc), "fix that")
+        raise DbError(
+            f"reset could not drop the tables: {said}\nnothing was dropped: the database is "
+            f"as it was; {fix}"
+        ) from exc
+    return migrate(env, "head", replace(options, backup=False))  # backed up before the drop
+
+
+def _drop_sqlite(run: Run, back_up: Callable[[], None]) -> None:
+    """Under the migration lock (a running migration is waited for): back up, then drop
+    every table, view and trigger. The file stays: one unlinked under a process that has
+    it open (a migration waiting for the lock) would take that run's revisions with it."""
+    engine = make_engine(run.url, connect_timeout=run.connect_timeout, migrating=True)
+    try:
+        with (
+            connect(engine, run.wait, run.stop.check) as connection,
+            sqlite_locked(connection, run.lock_wait, run.note, run.stop.check),
+        ):
+            back_up()
+            found = connection.exec_driver_sql(
+                "select type, name from sqlite_master where type in ('table', 'view', "
+                "'trigger') and name not like 'sqlite_%' order by type = 'table'"
+            )
+            for kind, name in found.all():
+                quoted = '"' + name.replace('"', '""') + '"'
+                connection.exec_driver_sql(f"DROP {kind.upper()} IF EXISTS {quoted}")
+    finally:
+        engine.dispose()
+
+
+async def _drop_schema(run: Run, back_up: Callable[[], None]) -> None:
+    """Under the migration lock: back up, then drop the schema and make it again."""
+    schema = run.schema or "public"
+    engine = make_async_engine(run.url, connect_timeout=run.connect_timeout)
+    try:
+        async with connect_async(engine, run.wait, run.stop.check) as connection:
+            pid = await prepare_session(connection, engine, run.session_settings, run.env_file)
+            stopped = run.stop.check
+            async with pg_lock(connection, pid, run.lock_name, run.lock_wait, run.note, stopped):
+                back_up()
+                await connection.execute(text(f'DROP SCHEMA IF EXISTS "{schema}" CASCADE'))
+                await connection.execute(text(f'CREATE SCHEMA "{schema}"'))
+                await connection.commit()
+    finally:
+        await engine.dispose()
