@@ -238,6 +238,9 @@ def test_sigint_on_sqlite_says_what_the_run_kept(
     project.add_revision("slow", revision("slow01", "fast01", body, message="slow one"))
     run = popen(project, "migrate")
     wait_until(lambda: run.printed("applying slow01"), "the slow revision", process=run)
+    if body == SLOW_INSERT:  # the INSERT itself under way: it has spilled pages to the file
+        live = project.root / "var" / "dev.sqlite3"
+        wait_until(lambda: live.stat().st_size > 2**21, "the insert", process=run)
 
     os.kill(run.pid, signal.SIGINT)
     rest = run.communicate(timeout=30)[1]
