@@ -3,20 +3,35 @@
 from __future__ import annotations
 
 import os
-import tempfile
+import secrets
+import stat
 from pathlib import Path
+
+STREAMS = ("/dev/", "/proc/")  # /dev/stdout, and >(psql)'s /dev/fd/63, name a stream
 
 
 def write_whole(path: Path, text: str) -> None:
     """Write ``text`` to ``path`` whole or not at all: a full disk leaves no truncated file
     that a reader would take for the real one, and keeps what ``path`` held before.
-    Raises OSError."""
+
+    The file keeps its mode (a new one gets the umask's, as any file would) and a link
+    keeps pointing at it. What is no file (a pipe, a terminal, a device) is written to as
+    it is, never replaced by a file. Raises OSError."""
+    if str(path.absolute()).startswith(STREAMS) or (path.exists() and not path.is_file()):
+        with open(path, "w", encoding="utf-8") as stream:
+            stream.write(text)
+        return
+    path = path.resolve()  # through links: the file they name gets the text
     path.parent.mkdir(parents=True, exist_ok=True)
-    handle, temporary = tempfile.mkstemp(prefix=f".{path.name}.", dir=path.parent)
+    mode = stat.S_IMODE(path.stat().st_mode) if path.exists() else None
+    temporary = path.parent / f".{path.name}.{secrets.token_hex(4)}"
+    handle = os.open(temporary, os.O_WRONLY | os.O_CREAT | os.O_EXCL, 0o666)  # less the umask
     try:
         with os.fdopen(handle, "w", encoding="utf-8") as file:
+            if mode is not None:
+                os.fchmod(file.fileno(), mode)
             file.write(text)
         os.replace(temporary, path)
     except BaseException:
-        Path(temporary).unlink(missing_ok=True)
+        temporary.unlink(missing_ok=True)
         raise

@@ -9,6 +9,7 @@ from __future__ import annotations
 import os
 import re
 import signal
+import stat
 import subprocess
 from pathlib import Path
 
@@ -378,6 +379,45 @@ def test_offline_sql_to_a_file_it_cannot_write_is_a_clear_error(project: Project
         assert "Traceback" not in result.stderr
     project.ok("offline-sql", "--output=var/sql/new/all.sql")  # its folder is made
     assert "CREATE TABLE" in (project.root / "var" / "sql" / "new" / "all.sql").read_text()
+
+
+def test_offline_sql_to_a_pipe_writes_into_it(project: Project) -> None:
+    """``--output=>(psql ...)`` names a pipe: the SQL goes down it. Writing the file whole
+    (a new file renamed over the path) replaced the pipe with a file, and its reader waited
+    for ever."""
+    pipe = project.root / "to-psql"
+    os.mkfifo(pipe)
+    reader = subprocess.Popen(["cat", str(pipe)], stdout=subprocess.PIPE, text=True)
+    try:
+        result = project.invoke("offline-sql", f"--output={pipe}")
+        read, _ = reader.communicate(timeout=30)
+    finally:
+        reader.kill()
+        reader.wait()
+    assert result.returncode == 0, result.stderr
+    assert "CREATE TABLE users" in read
+    assert stat.S_ISFIFO(pipe.lstat().st_mode)
+
+
+def test_offline_sql_to_a_file_keeps_its_mode_and_its_link(project: Project) -> None:
+    """A file written whole is still the user's file: an existing one keeps its mode, a
+    new one gets the umask's (not a temporary file's 0600), and a link still points at it."""
+    shared = project.root / "shared"
+    shared.mkdir()
+    (shared / "schema.sql").write_text("old\n")
+    (shared / "schema.sql").chmod(0o640)
+    (project.root / "schema.sql").symlink_to(shared / "schema.sql")
+    umask = os.umask(0o022)
+    os.umask(umask)
+
+    project.ok("offline-sql", "--output=schema.sql")
+    project.ok("offline-sql", "--output=new.sql")
+
+    assert (project.root / "schema.sql").is_symlink()
+    assert "CREATE TABLE users" in (shared / "schema.sql").read_text()
+    assert stat.S_IMODE((shared / "schema.sql").stat().st_mode) == 0o640
+    assert stat.S_IMODE((project.root / "new.sql").stat().st_mode) == 0o666 & ~umask
+    assert [p.name for p in shared.iterdir()] == ["schema.sql"]  # no temporary file left
 
 
 def test_a_reader_that_leaves_early_ends_the_output_quietly(project: Project) -> None:
