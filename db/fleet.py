@@ -34,6 +34,7 @@ if TYPE_CHECKING:
     from db.stop import Stop
 
 PLACEHOLDER = "{target}"
+_BRACED = re.compile(r"\{\w*\}")
 RUNS_DIR = Path("var") / "runs"
 _NAME = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.-]*")  # never "..": a name is a path part
 _TEMPLATED = ("DATABASE_URL", "MIGRATION_URL", "SCHEMA")
@@ -127,6 +128,14 @@ def is_fleet(env: Environment) -> bool:
     """Whether the environment names targets. A ``{target}`` left with none named (an empty
     ``TARGETS``) is refused: it would make one database literally called ``{target}``."""
     named = any(env.get(key).strip() for key in _SOURCES)
+    for key in _TEMPLATED:  # {tenant}, {TARGET}: left as it is, it names one odd database
+        where = re.sub(r"//[^/]*@", "//", env.get(key))  # never a password's braces
+        other = next((m for m in _BRACED.findall(where) if m != PLACEHOLDER), None)
+        if other:
+            raise ConfigError(
+                f"{env.name}: {key} has {other}, which nothing fills in: the placeholder a "
+                f"fleet fills with each target's name is {PLACEHOLDER}"
+            )
     placeholders = [key for key in _TEMPLATED if PLACEHOLDER in env.get(key)]
     if placeholders and not named:
         raise ConfigError(

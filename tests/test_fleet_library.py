@@ -164,6 +164,11 @@ def test_schema_per_target_and_what_a_fleet_must_name(project: Project) -> None:
     unnamed = shops(project, "DATABASE_URL=sqlite:///var/{target}.db\nTARGETS=\n")
     with pytest.raises(ConfigError, match=r"DATABASE_URL has \{target\}, but no targets are named"):
         fleet.is_fleet(unnamed)
+    upper = shops(project, "DATABASE_URL=postgresql+asyncpg://s@h/x\nSCHEMA={TARGET}\n")
+    with pytest.raises(ConfigError, match=r"SCHEMA has \{TARGET\}, which nothing fills in"):
+        fleet.is_fleet(upper)
+    braced = "DATABASE_URL=postgresql+asyncpg://s:p{w}d@h/{target}\nTARGETS=a\n"
+    assert fleet.is_fleet(shops(project, braced))  # a password's braces are no placeholder
     sqlite = shops(project, "DATABASE_URL=sqlite:///var/x.db\nSCHEMA={target}\nTARGETS=a\n")
     with pytest.raises(ConfigError, match="SQLite has no schemas"):
         fleet.environment(sqlite, fleet.targets(sqlite)[0]).url()

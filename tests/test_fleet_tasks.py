@@ -389,6 +389,21 @@ def test_a_target_placeholder_with_no_targets_named_is_refused(project: Project)
     assert not (project.root / "var" / "shops").exists()
 
 
+def test_a_placeholder_other_than_target_is_refused(project: Project) -> None:
+    """``{tenant}`` for ``{target}``: nothing fills it in, so each run migrated one database
+    literally called ``{tenant}`` (with TARGETS set, the fleet was refused for lacking a
+    placeholder, without saying which word was wrong)."""
+    project.write_env("shops", "DATABASE_URL=sqlite:///var/shops/{tenant}.sqlite3\n")
+
+    error = project.fails("migrate", "--env=shops")
+
+    assert (
+        "shops: DATABASE_URL has {tenant}, which nothing fills in: the placeholder a fleet "
+        "fills with each target's name is {target}"
+    ) in error
+    assert not (project.root / "var" / "shops").exists()
+
+
 def test_a_negative_jobs_count_is_a_usage_error(fleet: Project) -> None:
     error = fleet.fails("migrate", "--env=shops", "--jobs=-2")
     assert "--jobs takes a whole number, 0 or more, not '-2'" in error
