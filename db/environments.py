@@ -8,7 +8,7 @@ only ``${VAR}`` references inside values (``${VAR:-default}`` as python-dotenv r
 from __future__ import annotations
 
 import re
-from collections.abc import Iterable, Mapping
+from collections.abc import Callable, Iterable, Mapping
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -329,13 +329,48 @@ def parse_url(text: str, where: str, what: str) -> URL:
         raise ConfigError(f"{where}: {what} has port {url.port}; a port is 1 to 65535")
     if url.get_backend_name() == "sqlite":
         _check_sqlite(url, where, what)
+    if url.drivername == "postgresql+asyncpg":
+        _check_asyncpg_query(url, where, what)
+    return url
+
+
+def _check_asyncpg_query(url: URL, where: str, what: str) -> None:
     unknown = [key for key in url.query if key not in ASYNCPG_QUERY]
-    if url.drivername == "postgresql+asyncpg" and unknown:
+    if unknown:
         raise ConfigError(
             f"{where}: {what} has ?{unknown[0]}=, which asyncpg cannot take from a URL "
             f"(it takes {', '.join(ASYNCPG_QUERY)}){_QUERY_HINTS.get(unknown[0], '')}"
         )
-    return url
+    _check_query_values(url, where, what)
+
+
+def _check_query_values(url: URL, where: str, what: str) -> None:
+    """Each option of the query once, with a value the driver knows. Else the driver fails
+    connecting, with exit 1 as if the server were at fault and in words that are not the
+    URL's (``sslmode`` for ``?ssl=``), or SQLAlchemy fails with a traceback (a size as text)."""
+    for key, value in url.query.items():
+        if not isinstance(value, str):  # ?ssl=require&ssl=disable: which one holds?
+            raise ConfigError(f"{where}: {what} has ?{key}= {len(value)} times: give it once")
+        takes, rule = _QUERY_VALUES.get(key, (lambda _value: True, ""))
+        if not takes(value):
+            raise ConfigError(f"{where}: {what} has ?{key}={value}; it takes {rule}")
+
+
+_SSL_MODES = ("disable", "allow", "prefer", "require", "verify-ca", "verify-full")  # libpq's
+_SESSIONS = ("any", "primary", "standby", "prefer-standby", "read-write", "read-only")
+_WHOLE = (str.isdigit, "a whole number, 0 or more")
+# What each option takes, as the driver (or SQLAlchemy, for a boolean) reads it
+_QUERY_VALUES: dict[str, tuple[Callable[[str], bool], str]] = {
+    "ssl": (lambda v: v.replace("_", "-") in _SSL_MODES, f"one of {', '.join(_SSL_MODES)}"),
+    "target_session_attrs": (lambda v: v in _SESSIONS, f"one of {', '.join(_SESSIONS)}"),
+    "gsslib": (lambda v: v in ("gssapi", "sspi"), "gssapi or sspi"),
+    "prepared_statement_cache_size": _WHOLE,
+    "cached_statements": _WHOLE,
+    "check_same_thread": (
+        lambda v: v.strip().lower() in ("true", "false", "yes", "no", "on", "off", "1", "0"),
+        "true or false",
+    ),
+}
 
 
 def _check_sqlite(url: URL, where: str, what: str) -> None:
@@ -354,6 +389,7 @@ def _check_sqlite(url: URL, where: str, what: str) -> None:
             f"{where}: {what} has ?{unknown[0]}=, which these tasks do not take for SQLite "
             f"(they take {', '.join(SQLITE_QUERY)}){hint}"
         )
+    _check_query_values(url, where, what)
 
 
 _QUERY_HINTS = {

@@ -205,6 +205,51 @@ def test_a_url_parameter_asyncpg_cannot_take_is_named(
     assert load_environment(root, "x", {}).url().query["ssl"] == "require"
 
 
+@pytest.mark.parametrize(
+    ("url", "said"),
+    [
+        ("postgresql+asyncpg://s:pw@h/d?ssl=REQUIRE", "?ssl=REQUIRE; it takes one of disable,"),
+        ("postgresql+asyncpg://s:pw@h/d?ssl=require&ssl=disable", "?ssl= 2 times: give it once"),
+        ("postgresql+asyncpg://s:pw@h/d?target_session_attrs=rw", "one of any, primary,"),
+        ("postgresql+asyncpg://s:pw@h/d?gsslib=krb", "?gsslib=krb; it takes gssapi or sspi"),
+        ("postgresql+asyncpg://s:pw@h/d?prepared_statement_cache_size=x", "a whole number"),
+        ("sqlite:///var/x.sqlite3?cached_statements=many", "?cached_statements=many; it takes a"),
+        ("sqlite:///var/x.sqlite3?check_same_thread=maybe", "?check_same_thread=maybe; it take"),
+    ],
+)
+def test_a_url_parameter_with_a_value_the_driver_cannot_take_is_named(
+    tmp_path: Path, url: str, said: str
+) -> None:
+    """asyncpg refused these only when connecting (exit 1, as if the server were at fault,
+    with a cache size as text a traceback) in words that were not the URL's: ``sslmode``
+    for ``?ssl=``, and for ``?ssl=`` given twice that no PostgreSQL answered at all."""
+    root = env_file(tmp_path, f"DATABASE_URL={url}\n")
+
+    with pytest.raises(ConfigError, match=re.escape(said)) as raised:
+        load_environment(root, "x", {}).url()
+    assert "pw" not in str(raised.value)
+
+
+def test_url_parameters_the_drivers_take_are_taken(tmp_path: Path) -> None:
+    for query in ("ssl=verify_ca&target_session_attrs=read-write", "ssl=allow&gsslib=sspi"):
+        root = env_file(tmp_path, f"DATABASE_URL=postgresql+asyncpg://s@h/d?{query}\n")
+        assert load_environment(root, "x", {}).url().query
+    query = "check_same_thread=False&cached_statements=10"
+    root = env_file(tmp_path, f"DATABASE_URL=sqlite:///var/x.sqlite3?{query}\n")
+    assert load_environment(root, "x", {}).url().query["check_same_thread"] == "False"
+
+
+def test_a_bad_url_parameter_is_a_usage_error_of_the_task(project: Project) -> None:
+    project.write_env("dev", "DATABASE_URL=sqlite:///var/dev.sqlite3?cached_statements=many\n")
+
+    result = project.invoke("migrate")
+
+    assert result.returncode == 2
+    assert result.stderr.endswith("it takes a whole number, 0 or more\n")
+    assert "Traceback" not in result.stderr
+    assert not (project.root / "var" / "dev.sqlite3").exists()
+
+
 def test_libpqs_sslmode_gets_a_clear_error_from_the_task(project: Project) -> None:
     project.write_env("dev", "DATABASE_URL=postgresql+asyncpg://u@127.0.0.1/x?sslmode=require\n")
 
