@@ -349,6 +349,8 @@ def _check_query_values(url: URL, where: str, what: str) -> None:
     connecting, with exit 1 as if the server were at fault and in words that are not the
     URL's (``sslmode`` for ``?ssl=``), or SQLAlchemy fails with a traceback (a size as text)."""
     for key, value in url.query.items():
+        if key == "host":  # given again and again: the hosts to try in turn (SQLAlchemy's)
+            continue
         if not isinstance(value, str):  # ?ssl=require&ssl=disable: which one holds?
             raise ConfigError(f"{where}: {what} has ?{key}= {len(value)} times: give it once")
         takes, rule = _QUERY_VALUES.get(key, (lambda _value: True, ""))

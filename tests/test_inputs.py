@@ -231,7 +231,12 @@ def test_a_url_parameter_with_a_value_the_driver_cannot_take_is_named(
 
 
 def test_url_parameters_the_drivers_take_are_taken(tmp_path: Path) -> None:
-    for query in ("ssl=verify_ca&target_session_attrs=read-write", "ssl=allow&gsslib=sspi"):
+    multihost = "host=a:5432&host=b:5433&target_session_attrs=primary"  # SQLAlchemy's form
+    for query in (
+        "ssl=verify_ca&target_session_attrs=read-write",
+        "ssl=allow&gsslib=sspi",
+        multihost,
+    ):
         root = env_file(tmp_path, f"DATABASE_URL=postgresql+asyncpg://s@h/d?{query}\n")
         assert load_environment(root, "x", {}).url().query
     query = "check_same_thread=False&cached_statements=10"

@@ -58,6 +58,26 @@ def test_up_to_head_down_to_base_and_up_again(pg_project: Project, pg_database: 
     assert pg_tables(pg_database) == SHOP_TABLES
 
 
+def test_a_url_with_several_hosts_tries_them_in_turn(
+    pg_project: Project, pg_database: PgDatabase
+) -> None:
+    """SQLAlchemy's form for several hosts, ``?host=A:port&host=B:port``: the query's one
+    option that may come more than once. The first host here has nothing listening."""
+    url = make_url(pg_database.url)
+    with socket.socket() as probe:
+        probe.bind(("127.0.0.1", 0))
+        closed = probe.getsockname()[1]
+    hosts = f"host=127.0.0.1:{closed}&host={url.host}:{url.port or 5432}"
+    pg_project.write_env(
+        "ci", f"DATABASE_URL=postgresql+asyncpg://{url.username}@/{url.database}?{hosts}\n"
+    )
+
+    pg_project.ok("migrate", "--env=ci")
+
+    assert pg_version(pg_database) == [head_revision()]
+    assert "pending: none" in pg_project.ok("status", "--env=ci").stdout
+
+
 def test_status_history_and_makemigration_on_postgres(pg_project: Project) -> None:
     assert "pending: 1" in pg_project.ok("status", "--env=ci").stdout
     pg_project.migrated("ci")
