@@ -355,7 +355,12 @@ def write_sql(folder: Path, scripts: Mapping[str, str]) -> dict[str, Path]:
 def host(env: Environment) -> str:
     """The server a target lives on (``local files`` for SQLite), for the per-host cap."""
     url = env.url(need_secrets=False)
-    return f"{url.host}:{url.port or 5432}" if url.host else "local files"
+    if url.get_backend_name() == "sqlite":
+        return "local files"
+    if url.host:
+        return f"{url.host}:{url.port or 5432}"
+    given = url.query.get("host", "")  # a socket's folder, or several hosts tried in turn
+    return ",".join(given) if isinstance(given, tuple) else given or "the local socket"
 
 
 def default_jobs(count: int, hosts: int) -> int:

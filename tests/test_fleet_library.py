@@ -138,6 +138,19 @@ def test_a_targets_file_line_may_give_the_targets_own_url(project: Project) -> N
     assert fleet.host(near_env) != fleet.host(far_env)
 
 
+def test_the_server_of_a_target_without_a_host_in_its_url(project: Project) -> None:
+    """A socket's folder, or several hosts, in the query: a server of its own for the
+    per-host cap, not a SQLite fleet's "local files" that every such target shared."""
+    servers = {}
+    for name, query in (("a", "host=/run/a"), ("b", "host=/run/b"), ("c", "host=h1&host=h2")):
+        url = f"postgresql+asyncpg://s@/shop_{{target}}?{query}"
+        env = shops(project, f"DATABASE_URL={url}\nTARGETS=x\n")
+        servers[name] = fleet.host(fleet.environment(env, fleet.targets(env)[0]))
+    assert servers == {"a": "/run/a", "b": "/run/b", "c": "h1,h2"}
+    socket = shops(project, "DATABASE_URL=postgresql+asyncpg://s@/shop_{target}\nTARGETS=x\n")
+    assert fleet.host(fleet.environment(socket, fleet.targets(socket)[0])) == "the local socket"
+
+
 def test_schema_per_target_and_what_a_fleet_must_name(project: Project) -> None:
     env = shops(
         project, "DATABASE_URL=postgresql+asyncpg://s@h/shops\nSCHEMA={target}\nTARGETS=a1 b2\n"
