@@ -664,8 +664,9 @@ def envs(c: Context) -> None:
     """List the known environments with their dialect and masked URL (exit 2 if one of
     them cannot be loaded)."""
     from db import fleet
-    from db.environments import known_environments, load_environment, mask
+    from db.environments import known_environments, load_environment
     from db.errors import DbError
+    from db.urls import mask
 
     broken = 0
     for name in known_environments(ROOT):
@@ -970,7 +971,7 @@ def check_failed() -> int:
 
 
 def announce(env: Environment) -> None:
-    from db.environments import mask
+    from db.urls import mask
 
     print(f"[{env.label}] {mask(env.url())}", file=sys.stderr)
 

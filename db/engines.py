@@ -17,8 +17,9 @@ from sqlalchemy import Connection, Engine, create_engine, event, pool
 from sqlalchemy.engine import URL
 from sqlalchemy.exc import DBAPIError
 
-from db.environments import CONNECT_TIMEOUT, mask
+from db.environments import CONNECT_TIMEOUT
 from db.errors import ConfigError, ConnectError, cause_of, first_line
+from db.urls import mask
 
 if TYPE_CHECKING:
     from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine

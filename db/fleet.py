@@ -26,9 +26,10 @@ from typing import TYPE_CHECKING, Any, TypedDict
 
 from sqlalchemy.exc import DBAPIError
 
-from db.environments import SCHEMA_NAME, SCHEMA_RULE, Environment, mask, parse_url
+from db.environments import SCHEMA_NAME, SCHEMA_RULE, Environment
 from db.errors import ConfigError, first_line
 from db.files import write_whole
+from db.urls import mask, parse_url
 
 if TYPE_CHECKING:
     from db.stop import Stop

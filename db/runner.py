@@ -35,7 +35,7 @@ from sqlalchemy.exc import (
 
 from db import revision_files
 from db.engines import with_connection
-from db.environments import CONNECT_TIMEOUT, ENV_DIR, Environment, mask
+from db.environments import CONNECT_TIMEOUT, ENV_DIR, Environment
 from db.errors import (
     BrokenRevisions,
     ConfigError,
@@ -51,6 +51,7 @@ from db.errors import (
 from db.locks import LOCK_WAIT
 from db.progress import Progress, Revision, Step
 from db.stop import Stop
+from db.urls import mask
 
 VERSION_TABLE = "alembic_version"
 VERSION_ID_MAX = 32  # characters: Alembic's alembic_version.version_num is a VARCHAR(32)

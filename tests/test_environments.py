@@ -6,8 +6,9 @@ from pathlib import Path
 
 import pytest
 
-from db.environments import known_environments, load_environment, mask
+from db.environments import known_environments, load_environment
 from db.errors import ConfigError
+from db.urls import mask
 
 
 @pytest.fixture
