@@ -1138,7 +1138,7 @@ def named(flag: str, revision: str) -> str:
     step of 0 (``+0``), which Alembic words as "didn't produce 0 migrations", and not
     malformed (``@``, which fails inside Alembic)."""
     from db.errors import UsageError
-    from db.runner import malformed
+    from db.revision_ids import malformed
 
     filled(flag, revision, "give a revision id, a prefix, or head")
     if re.fullmatch(r"(?:.+@)?\w*[+-]0+", revision.strip()):

@@ -17,7 +17,8 @@ from db.commands import plan_steps, read_state
 from db.environments import Environment
 from db.errors import ConfigError, DbError, RevisionError, UsageError
 from db.files import write_whole
-from db.runner import Progress, load_scripts, make_config, revision_error, run_env
+from db.revision_ids import revision_error
+from db.runner import Progress, load_scripts, make_config, run_env
 
 
 def offline_sql(env: Environment, start: str | None = None, to: str = "head") -> str:

@@ -21,17 +21,8 @@ from db.engines import (
 from db.environments import Environment
 from db.errors import DbError, RevisionError
 from db.progress import Revision
-from db.runner import (
-    PAST_THE_ENDS,
-    Progress,
-    RunOptions,
-    Step,
-    known_revision,
-    load_scripts,
-    make_config,
-    run_env,
-    run_of,
-)
+from db.revision_ids import PAST_THE_ENDS, known_revision
+from db.runner import Progress, RunOptions, Step, load_scripts, make_config, run_env, run_of
 
 Plan = Callable[[ScriptDirectory, tuple[str, ...]], list[RevisionStep]]
 

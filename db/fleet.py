@@ -109,7 +109,8 @@ def check(env: Environment, plan: Plan, chosen: list[Target]) -> None:
     (``--to``, or the one to stamp) that the files do not have, a bad ``RUNS_KEEP``."""
     from db import guards
     from db.records import stamp_target
-    from db.runner import known_revision, load_scripts, make_config
+    from db.revision_ids import known_revision
+    from db.runner import load_scripts, make_config
 
     if plan.task in CHANGING:  # a bad setting, said now rather than after the run
         env.number("RUNS_KEEP", 100)

@@ -34,7 +34,8 @@ from db.commands import (
 from db.engines import with_connection
 from db.environments import Environment
 from db.errors import DbError, GuardRefused, RevisionError
-from db.runner import RunOptions, load_scripts, make_config, revision_error, run_env
+from db.revision_ids import revision_error
+from db.runner import RunOptions, load_scripts, make_config, run_env
 from db.schema import differences, snapshot
 
 T = TypeVar("T")

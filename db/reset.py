@@ -13,17 +13,9 @@ from db.commands import migrate, read_state
 from db.engines import connect, connect_async, make_async_engine, make_engine, run_coroutine
 from db.environments import Environment
 from db.errors import DbError, GuardRefused, Interrupted
+from db.failures import describe, not_the_revision
 from db.locks import pg_lock, prepare_session, sqlite_locked
-from db.runner import (
-    Run,
-    RunOptions,
-    Step,
-    describe,
-    load_scripts,
-    make_config,
-    not_the_revision,
-    run_of,
-)
+from db.runner import Run, RunOptions, Step, load_scripts, make_config, run_of
 
 
 def reset(env: Environment, options: RunOptions | None = None) -> list[Step]:

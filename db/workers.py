@@ -37,18 +37,13 @@ from sqlalchemy.exc import DBAPIError
 from db import commands, guards
 from db.environments import Environment, load_environment
 from db.errors import CheckFailed, ConnectError, DbError, Halted, LockTimeout
+from db.failures import describe, what_to_do
 from db.fleet import RETRIED_LAST, Outcome, Plan, Target, TaskArgs, environment
 from db.locks import LOCK_WAIT
-from db.runner import (
-    RunOptions,
-    current_heads,
-    describe,
-    load_scripts,
-    make_config,
-    revision_error,
-    what_to_do,
-)
+from db.revision_ids import revision_error
+from db.runner import RunOptions, load_scripts, make_config
 from db.stop import Stop
+from db.versions import current_heads
 
 P = ParamSpec("P")
 HALT = -1  # told to the workers when a target failed (a signal's number, when signalled)

@@ -29,8 +29,10 @@ from db.engines import (
     run_coroutine,
 )
 from db.errors import BrokenModels, ConfigError, MigrationFailed
+from db.failures import describe
 from db.locks import Fence, canceller, pg_lock, prepare_session, sqlite_run
-from db.runner import VERSION_TABLE, Run, configure_logging, describe, version_of
+from db.runner import Run, configure_logging
+from db.versions import VERSION_TABLE, version_of
 
 if TYPE_CHECKING:
     from alembic.autogenerate.api import AutogenContext

@@ -1,0 +1,29 @@
+"""A database's revision(s), as its version table holds them."""
+
+from __future__ import annotations
+
+from alembic.runtime.migration import MigrationContext
+from sqlalchemy import Connection
+from sqlalchemy.engine import URL
+
+from db.engines import with_connection
+
+VERSION_TABLE = "alembic_version"
+VERSION_ID_MAX = 32  # characters: Alembic's alembic_version.version_num is a VARCHAR(32)
+
+
+def current_heads(
+    url: URL, connect_timeout: float, schema: str | None = None, wait: float = 0
+) -> tuple[str, ...]:
+    """The revision(s) in a database's version table, read without env.py or the lock."""
+
+    def read(connection: Connection) -> tuple[str, ...]:
+        return version_of(connection, schema)
+
+    return with_connection(url, read, connect_timeout=connect_timeout, wait=wait, schema=schema)
+
+
+def version_of(connection: Connection, schema: str | None = None) -> tuple[str, ...]:
+    """The revision(s) in the version table, read on ``connection``."""
+    opts = {"version_table": VERSION_TABLE, "version_table_schema": schema}
+    return tuple(MigrationContext.configure(connection, opts=opts).get_current_heads())
