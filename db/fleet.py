@@ -447,7 +447,7 @@ def run(
     order of ``chosen``. A requested ``stop`` (a signal) starts no more targets;
     the running ones stop as one run would.
     """
-    from db.workers import Pool
+    from db.pool import Pool
 
     if plan.canary:
         batch, rest = chosen[: plan.canary], chosen[plan.canary :]
