@@ -29,7 +29,8 @@ if TYPE_CHECKING:
     from alembic.runtime.migration import RevisionStep
 
     from db.environments import Environment
-    from db.fleet import Outcome, Plan, Target, TaskArgs
+    from db.fleet import Target
+    from db.fleet_runs import Outcome, Plan, TaskArgs
     from db.lint import Finding
     from db.progress import Revision
     from db.runner import RunOptions, Step
@@ -464,16 +465,16 @@ def offline_sql(
 ) -> None:
     """Print the SQL of a range of revisions, without connecting to any database."""
     with reported(c, debug):
-        from db import authoring, fleet
+        from db import authoring, fleet_runs
 
         to = named("--to", to)
         from_ = None if from_ is None else named("--from", from_)
         output = filled("--output", output, "give a file (a folder, on a fleet)")
         target = environment(c, env, fleet_ok=True, only=only)
         if is_fleet(target):
-            scripts = fleet.offline_sql(target, only or "", from_, to)
+            scripts = fleet_runs.offline_sql(target, only or "", from_, to)
             if output:
-                for name, path in fleet.write_sql(Path(output).resolve(), scripts).items():
+                for name, path in fleet_runs.write_sql(Path(output).resolve(), scripts).items():
                     print(f"wrote the SQL for {target.name} {name} to {path}", file=sys.stderr)
             else:
                 sys.stdout.write("".join(f"-- target: {n}\n{sql}" for n, sql in scripts.items()))
@@ -541,13 +542,13 @@ def history(
 ) -> None:
     """List every revision, newest first: applied ones with when and by whom."""
     with reported(c, debug):
-        from db import commands, fleet
+        from db import commands, fleet_runs
 
         target = environment(c, env, banner=True, fleet_ok=True, only=only)
         if is_fleet(target):
             plan = fleet_plan("history", None, jobs, keep_going=True)
             outcomes = run_fleet(target, plan, only or "", run_options(), quiet=json_)
-            rows = fleet.history(target, outcomes)
+            rows = fleet_runs.history(target, outcomes)
             if json_:
                 print_json([{**asdict(rev), "applied_on": on} for rev, on in rows])
                 return
@@ -733,7 +734,7 @@ def is_fleet(env: Environment) -> bool:
 
 def fleet_args(options: RunOptions) -> TaskArgs:
     """What every target's run takes from the flags."""
-    from db.fleet import TaskArgs
+    from db.fleet_runs import TaskArgs
 
     return TaskArgs(
         lock_wait=options.lock_wait,
@@ -750,7 +751,7 @@ def fleet_plan(
     canary: str | None = None,
 ) -> Plan:
     """The fleet run the flags ask for; ``jobs`` 0 means the default for the fleet."""
-    from db.fleet import Plan, TaskArgs
+    from db.fleet_runs import Plan, TaskArgs
 
     count = whole("--jobs", jobs, default=0, least=0)
     return Plan(task_name, args or TaskArgs(), count, keep_going, whole("--canary", canary, 0, 0))
@@ -778,13 +779,13 @@ def run_fleet(
     from dataclasses import replace
     from datetime import datetime, timezone
 
-    from db import fleet
+    from db import fleet, fleet_runs
     from db.errors import ConfigError
 
     chosen = fleet.targets(env, only)
-    fleet.check(env, plan, chosen)  # what would fail every target alike fails here, once
+    fleet_runs.check(env, plan, chosen)  # what would fail every target alike fails here, once
     hosts = {fleet.host(fleet.environment(env, t)) for t in chosen}
-    plan = replace(plan, jobs=plan.jobs or fleet.default_jobs(len(chosen), len(hosts)))
+    plan = replace(plan, jobs=plan.jobs or fleet_runs.default_jobs(len(chosen), len(hosts)))
     if env.protected and plan.task == "migrate":
         chosen = confirm_fleet(env, chosen, plan, yes)
         if not chosen:
@@ -797,14 +798,16 @@ def run_fleet(
     board = Board(len(chosen), quiet=quiet or json_, out=out)
     started = datetime.now(timezone.utc)
     with on_signals(options.stop):
-        outcomes = fleet.run(env, os.environ, chosen, plan, board.done, board.start, options.stop)
+        outcomes = fleet_runs.run(
+            env, os.environ, chosen, plan, board.done, board.start, options.stop
+        )
     board.close()
-    code = fleet.exit_code(outcomes, options.stop.signum)
-    report = fleet.report(env, plan, outcomes, started, code)
+    code = fleet_runs.exit_code(outcomes, options.stop.signum)
+    report = fleet_runs.report(env, plan, outcomes, started, code)
     print_summary(env, outcomes)
-    if plan.task in fleet.CHANGING:
+    if plan.task in fleet_runs.CHANGING:
         try:
-            kept = fleet.write_report(env, report)
+            kept = fleet_runs.write_report(env, report)
             if kept is not None:  # RUNS_KEEP=0 keeps none
                 print(f"report: {env.relative(kept)}", file=sys.stderr)
         except ConfigError as exc:  # a full disk: the run happened all the same
@@ -823,7 +826,7 @@ def not_there(plan: Plan, outcomes: list[Outcome]) -> str:
     its steps again from where it stopped."""
     from collections import Counter
 
-    from db import fleet
+    from db import fleet_runs
 
     states = Counter(o.state for o in outcomes if o.failed)
     counts = ", ".join(f"{states[s]} {s}" for s in ("failed", "stopped", "skipped") if states[s])
@@ -834,7 +837,7 @@ def not_there(plan: Plan, outcomes: list[Outcome]) -> str:
         return f"{line}; retry only them with --only={names}" + (" --to=REV" if several else "")
     if plan.task == "migrate":
         return line + "; rerun to retry them (targets already there are skipped)"
-    return line + ("; rerun to retry them" if plan.task in fleet.CHANGING else "")
+    return line + ("; rerun to retry them" if plan.task in fleet_runs.CHANGING else "")
 
 
 def counted(n: int, noun: str) -> str:
@@ -847,11 +850,11 @@ def confirm_fleet(env: Environment, chosen: list[Target], plan: Plan, yes: bool)
     from collections import defaultdict
     from dataclasses import replace
 
-    from db import fleet
-    from db.fleet import TaskArgs
+    from db import fleet_runs
+    from db.fleet_runs import TaskArgs
 
     status = replace(plan, task="status", args=TaskArgs(), keep_going=True, canary=0)
-    read = fleet.run(env, os.environ, chosen, status)
+    read = fleet_runs.run(env, os.environ, chosen, status)
     groups: dict[str, list[str]] = defaultdict(list)
     for outcome in read:
         what = f"unreadable: {outcome.detail}" if outcome.failed else in_short(outcome.pending)
@@ -891,7 +894,7 @@ class Board:
         self._progress()
 
     def done(self, outcome: Outcome) -> None:
-        from db.fleet import RETRIED_LAST
+        from db.fleet_runs import RETRIED_LAST
 
         self.running -= outcome.state != "skipped"  # a skipped target never started
         if outcome.state not in RETRIED_LAST:

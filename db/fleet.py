@@ -3,127 +3,39 @@
 An env file names its targets with ``TARGETS`` (commas or whitespace), ``TARGETS_FILE``
 (a name a line, optionally followed by that target's own URL) or ``TARGETS_QUERY`` (run on
 ``TARGETS_DATABASE_URL``: a name, and optionally a URL, per row), and puts ``{target}`` in
-``DATABASE_URL`` (database per shop) or in ``SCHEMA`` (schema per shop).
-
-Each target is an ordinary environment of its own, run through the one-database path with
-all its promises (its own lock, per-revision atomicity, audit rows, checksums, guards).
-Alembic keeps its state in module globals, so targets run in worker processes (each starts
-once and takes target after target), never in threads of one interpreter.
+``DATABASE_URL`` (database per shop) or in ``SCHEMA`` (schema per shop). Here the targets
+are read and checked, and each becomes an ordinary environment of its own; a run over
+them is :mod:`db.fleet_runs`.
 """
 
 from __future__ import annotations
 
 import fnmatch
-import json
-import os
 import re
 from collections import Counter
-from collections.abc import Callable, Mapping
-from dataclasses import asdict, dataclass, field, replace
-from datetime import datetime, timezone
-from pathlib import Path
-from typing import TYPE_CHECKING, Any, TypedDict
+from dataclasses import dataclass, replace
+from typing import TYPE_CHECKING
 
 from sqlalchemy.exc import DBAPIError
 
 from db.environments import SCHEMA_NAME, SCHEMA_RULE, Environment
 from db.errors import ConfigError, first_line
-from db.files import write_whole
 from db.urls import mask, parse_url
 
 if TYPE_CHECKING:
-    from db.stop import Stop
+    pass
 
 PLACEHOLDER = "{target}"
 _BRACED = re.compile(r"\{\w*\}")
-RUNS_DIR = Path("var") / "runs"
 _NAME = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.-]*")  # never "..": a name is a path part
 _TEMPLATED = ("DATABASE_URL", "MIGRATION_URL", "SCHEMA")
 _SOURCES = ("TARGETS", "TARGETS_FILE", "TARGETS_QUERY")  # where a fleet's targets come from
-CHANGING = ("migrate", "rollback", "stamp", "seed")  # the tasks that write a run report
-# a target's run came back without an outcome: locked by another run, or its server had no
-# free connection; it is tried again once the other targets are done
-RETRIED_LAST = ("locked", "busy")
 
 
 @dataclass(frozen=True)
 class Target:
     name: str
     url: str = ""  # its own DATABASE_URL, from TARGETS_FILE or TARGETS_QUERY; "": the template
-
-
-@dataclass(frozen=True)
-class Outcome:
-    """What became of one target."""
-
-    target: str
-    # migrated, up to date, rolled back, stamped, seeded, read, passed, problems,
-    # locked (retried at the end), failed, stopped (after a revision: another failed), skipped
-    state: str
-    detail: str = ""  # the revisions applied, or the one-line reason
-    current: tuple[str, ...] | None = None  # its revision(s), () at base; None: not known
-    heads: tuple[str, ...] = ()
-    pending: tuple[str, ...] = ()  # revision ids still to apply, oldest first
-    applied: tuple[str, ...] = ()  # every revision applied (history)
-    exit_code: int = 0
-    seconds: float = 0.0
-    notes: tuple[str, ...] = ()  # what its run noted on the way: a backup, a warning
-
-    @property
-    def where(self) -> str | None:
-        """Its revision(s) in words ("base" for none), or None when not known."""
-        return None if self.current is None else ", ".join(self.current) or "base"
-
-    @property
-    def failed(self) -> bool:
-        return self.state in ("failed", "stopped", "skipped")
-
-
-class TaskArgs(TypedDict, total=False):
-    """What each target's task takes from the command line."""
-
-    to: str | None  # migrate: the revision to reach; rollback: the one to go back to
-    steps: int  # rollback
-    revision: str  # stamp
-    force: bool  # stamp
-    lock_wait: float
-    wait: float | None
-    allow_env_mismatch: bool
-    retry: bool  # set by the pool: False on the last try, which waits for the lock
-
-
-@dataclass(frozen=True)
-class Plan:
-    """How a fleet run goes: how many at once, what stops it, what each target is asked."""
-
-    task: str
-    args: TaskArgs = field(default_factory=lambda: TaskArgs())
-    jobs: int = 1
-    keep_going: bool = False
-    canary: int = 0
-
-
-def check(env: Environment, plan: Plan, chosen: list[Target]) -> None:
-    """Refuse, before any of the ``chosen`` targets starts, what would fail on every target
-    alike: revision files that do not load, several heads for a migrate to head, a revision
-    (``--to``, or the one to stamp) that the files do not have, a bad ``RUNS_KEEP``."""
-    from db import guards
-    from db.records import stamp_target
-    from db.revision_ids import known_revision
-    from db.runner import load_scripts, make_config
-
-    if plan.task in CHANGING:  # a bad setting, said now rather than after the run
-        env.number("RUNS_KEEP", 100)
-    if plan.task not in ("migrate", "rollback", "stamp"):
-        return
-    # the files are the same for every target; a target's own settings make the Config
-    script = load_scripts(make_config(environment(env, chosen[0]), offline=True))
-    if plan.task == "stamp":
-        stamp_target(script, plan.args.get("revision", ""), env.flags)
-    elif plan.task == "migrate" and plan.args.get("to") == "head":
-        guards.single_head(script, to_flag=True)
-    elif plan.args.get("to"):
-        known_revision(script, plan.args.get("to") or "", env.flags)
 
 
 def is_fleet(env: Environment) -> bool:
@@ -320,40 +232,6 @@ def one(env: Environment, only: str) -> Environment:
     return environment(env, chosen[0])
 
 
-def history(env: Environment, outcomes: list[Outcome]) -> list[tuple[Any, list[str]]]:
-    """Every revision, newest first, with the targets it is applied on."""
-    from db.progress import Revision
-    from db.runner import load_scripts, make_config
-
-    script = load_scripts(make_config(env, offline=True))
-    return [
-        (Revision.of(rev), [o.target for o in outcomes if rev.revision in o.applied])
-        for rev in script.walk_revisions()
-    ]
-
-
-def offline_sql(env: Environment, only: str, start: str | None, to: str) -> dict[str, str]:
-    """Each chosen target's SQL: its own, since its audit rows name it (and its schema, or its
-    own URL's dialect, may differ)."""
-    from db.authoring import offline_sql as render
-
-    return {t.name: render(environment(env, t), start, to) for t in targets(env, only)}
-
-
-def write_sql(folder: Path, scripts: Mapping[str, str]) -> dict[str, Path]:
-    """Write each target's SQL to ``folder/NAME.sql``; returns the paths."""
-    from db.authoring import write_sql
-
-    if folder.exists() and not folder.is_dir():
-        raise ConfigError(
-            f"{folder} is a file: on a fleet, --output names a folder (a file per target)"
-        )
-    written = {name: folder / f"{name}.sql" for name in scripts}
-    for name, path in written.items():
-        write_sql(path, scripts[name])
-    return written
-
-
 def host(env: Environment) -> str:
     """The server a target lives on (``local files`` for SQLite), for the per-host cap."""
     url = env.url(need_secrets=False)
@@ -363,103 +241,3 @@ def host(env: Environment) -> str:
         return f"{url.host}:{url.port or 5432}"
     given = url.query.get("host", "")  # a socket's folder, or several hosts tried in turn
     return ",".join(given) if isinstance(given, tuple) else given or "the local socket"
-
-
-def default_jobs(count: int, hosts: int) -> int:
-    """Two targets per core and server (they mostly wait on their servers), at most the
-    number of targets."""
-    return max(1, min(count, 2 * (os.cpu_count() or 1) * max(1, hosts)))
-
-
-def exit_code(outcomes: list[Outcome], signum: int | None = None) -> int:
-    """0 when every target got there; else the failures' common code (3: lock waits ran out,
-    4: guards refused, 130/143: interrupted), or 6 when they differ. ``signum``: the signal
-    that stopped the run, whose code it is when no target failed otherwise (say, a signal
-    before any target started, so that all were skipped)."""
-    from db.errors import FleetFailed
-
-    codes = {o.exit_code for o in outcomes if o.state == "failed"}
-    if signum and codes <= {128 + signum} and any(o.failed for o in outcomes):
-        return 128 + signum
-    if len(codes) == 1 and codes <= {3, 4, 130, 143}:
-        return codes.pop()
-    return FleetFailed.exit_code if codes or any(o.failed for o in outcomes) else 0
-
-
-def report(
-    env: Environment, plan: Plan, outcomes: list[Outcome], started: datetime, code: int
-) -> dict[str, Any]:
-    """The run as data: what ``--json`` prints and ``var/runs/ENV-TIMESTAMP.json`` keeps."""
-    finished = datetime.now(timezone.utc)
-    return {
-        "environment": env.name,
-        "task": plan.task,
-        "started_at": started.isoformat(),
-        "seconds": round((finished - started).total_seconds(), 3),
-        "exit_code": code,
-        "counts": {s: sum(o.state == s for o in outcomes) for s in {o.state for o in outcomes}},
-        "targets": [target_json(o) for o in outcomes],
-    }
-
-
-def target_json(o: Outcome) -> dict[str, Any]:
-    row = {k: v for k, v in asdict(o).items() if k not in ("applied", "exit_code", "detail")}
-    row.update(
-        up_to_date=not o.failed and not o.pending,
-        detail=o.detail if not o.failed else "",
-        error=o.detail if o.failed else None,
-    )
-    return {key: list(v) if isinstance(v, tuple) else v for key, v in row.items()}
-
-
-def write_report(env: Environment, data: Mapping[str, Any]) -> Path | None:
-    """Keep a run's report in ``var/runs``, and the newest ``RUNS_KEEP`` (default 100) of
-    the environment's; returns its path, or None when ``RUNS_KEEP=0`` keeps none."""
-    keep = int(env.number("RUNS_KEEP", 100))
-    stamp = datetime.now(timezone.utc).strftime("%Y%m%dT%H%M%S.%fZ")
-    path = env.root / RUNS_DIR / f"{env.name}-{stamp}.json"
-    if keep:
-        try:
-            write_whole(path, json.dumps(data, indent=2) + "\n")
-        except OSError as exc:
-            why = exc.strerror
-            raise ConfigError(f"cannot write the run's report to {RUNS_DIR}: {why}") from None
-    for old in sorted(path.parent.glob(f"{env.name}-*.json"), reverse=True)[keep:]:
-        old.unlink(missing_ok=True)
-    return path if keep else None
-
-
-def run(
-    env: Environment,
-    environ: Mapping[str, str],
-    chosen: list[Target],
-    plan: Plan,
-    on_done: Callable[[Outcome], None] | None = None,
-    on_start: Callable[[Target], None] | None = None,
-    stop: Stop | None = None,
-) -> list[Outcome]:
-    """``plan.task`` on every target, ``plan.jobs`` at a time, in worker processes.
-
-    The first failure stops new targets from starting (those are ``skipped``) and the
-    running ones after their current revision (``stopped``), unless ``keep_going``;
-    ``canary``: the first N go first, and the rest only if all N succeeded. A target whose
-    lock another run holds is retried once the others are done. Outcomes come back in the
-    order of ``chosen``. A requested ``stop`` (a signal) starts no more targets;
-    the running ones stop as one run would.
-    """
-    from db.pool import Pool
-
-    if plan.canary:
-        batch, rest = chosen[: plan.canary], chosen[plan.canary :]
-        first = run(env, environ, batch, replace(plan, canary=0), on_done, on_start, stop)
-        if any(o.failed for o in first):
-            return first + [Outcome(t.name, "skipped", "a canary failed") for t in rest]
-        return first + run(env, environ, rest, replace(plan, canary=0), on_done, on_start, stop)
-    hosts = {t.name: host(environment(env, t)) for t in chosen}
-    cap = int(env.number("MAX_CONNECTIONS_PER_HOST", 0)) or plan.jobs
-    # no more workers than can run at once: each is a process forked up front (--jobs=2000
-    # on two targets forked 2000 of them)
-    useful = min(plan.jobs, len(chosen), cap * len(set(hosts.values())))
-    plan = replace(plan, jobs=max(1, useful))
-    with Pool(env, environ, plan, hosts, cap, stop, first=chosen[0] if chosen else None) as pool:
-        return pool.run(chosen, on_done, on_start)

@@ -28,7 +28,8 @@ from sqlalchemy.exc import DBAPIError
 from db.environments import Environment
 from db.errors import DbError
 from db.failures import describe
-from db.fleet import RETRIED_LAST, Outcome, Plan, Target, TaskArgs, environment
+from db.fleet import Target, environment
+from db.fleet_runs import RETRIED_LAST, Outcome, Plan, TaskArgs
 from db.runner import load_scripts, make_config
 from db.stop import Stop
 from db.versions import current_heads

@@ -23,7 +23,8 @@ from db import commands, guards
 from db.environments import Environment, load_environment
 from db.errors import CheckFailed, ConnectError, DbError, Halted, LockTimeout
 from db.failures import describe, what_to_do
-from db.fleet import Outcome, Target, TaskArgs, environment
+from db.fleet import Target, environment
+from db.fleet_runs import Outcome, TaskArgs
 from db.locks import LOCK_WAIT
 from db.revision_ids import revision_error
 from db.runner import RunOptions, load_scripts, make_config

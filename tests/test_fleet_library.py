@@ -10,10 +10,11 @@ import signal
 import pytest
 from conftest import Project
 
-from db import fleet
+from db import fleet, fleet_runs
 from db.environments import Environment, load_environment
 from db.errors import ConfigError
-from db.fleet import Outcome, Plan, Target
+from db.fleet import Target
+from db.fleet_runs import Outcome, Plan
 
 
 def shops(project: Project, text: str) -> Environment:
@@ -215,20 +216,20 @@ def test_a_fleet_runs_exit_code(
         Outcome(f"t{i}", state, exit_code=codes[i] if i < len(codes) and state == "failed" else 0)
         for i, state in enumerate(states)
     ]
-    assert fleet.exit_code(outcomes) == expected
+    assert fleet_runs.exit_code(outcomes) == expected
 
 
 def test_a_fleet_run_stopped_by_a_signal_exits_with_its_code() -> None:
     """A signal before any target started skips them all: 130, not 6 as if targets failed."""
     skipped = [Outcome(name, "skipped", "interrupted") for name in ("alpha", "beta")]
-    assert fleet.exit_code(skipped, signal.SIGINT) == 130
-    assert fleet.exit_code([Outcome("alpha", "failed", exit_code=1), *skipped], 15) == 6
-    assert fleet.exit_code([Outcome("alpha", "migrated")], signal.SIGTERM) == 0  # all there
+    assert fleet_runs.exit_code(skipped, signal.SIGINT) == 130
+    assert fleet_runs.exit_code([Outcome("alpha", "failed", exit_code=1), *skipped], 15) == 6
+    assert fleet_runs.exit_code([Outcome("alpha", "migrated")], signal.SIGTERM) == 0  # all there
 
 
 def test_default_jobs_grow_with_servers_and_never_pass_the_targets() -> None:
-    assert fleet.default_jobs(1, 1) == 1
-    assert fleet.default_jobs(500, 2) == 2 * fleet.default_jobs(500, 1)
+    assert fleet_runs.default_jobs(1, 1) == 1
+    assert fleet_runs.default_jobs(500, 2) == 2 * fleet_runs.default_jobs(500, 1)
 
 
 def test_a_run_forks_no_more_workers_than_targets_can_use(project: Project) -> None:
@@ -240,7 +241,7 @@ def test_a_run_forks_no_more_workers_than_targets_can_use(project: Project) -> N
     def count(_target: Target) -> None:
         seen.append(len(multiprocessing.active_children()))
 
-    outcomes = fleet.run(
+    outcomes = fleet_runs.run(
         env, os.environ, fleet.targets(env)[:2], Plan("status", jobs=50), None, count
     )
     assert [o.state for o in outcomes] == ["read", "read"] and max(seen) == 2
@@ -250,5 +251,5 @@ def test_a_run_forks_no_more_workers_than_targets_can_use(project: Project) -> N
         "MAX_CONNECTIONS_PER_HOST=1\n",
     )
     seen.clear()
-    fleet.run(capped, os.environ, fleet.targets(capped), Plan("status", jobs=50), None, count)
+    fleet_runs.run(capped, os.environ, fleet.targets(capped), Plan("status", jobs=50), None, count)
     assert max(seen) == 1  # one server, one at a time: one worker
