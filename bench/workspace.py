@@ -15,7 +15,9 @@ ALEMBIC = [sys.executable, "-m", "alembic"]
 # A user's Python caches the revisions' bytecode; with PYTHONDONTWRITEBYTECODE set (as in
 # some shells and containers) every run of every tool would compile them all again.
 CHILD_ENV = {name: value for name, value in os.environ.items() if name != "PYTHONDONTWRITEBYTECODE"}
-PROJECT_FILES = ["tasks.py", "alembic.ini", "pyproject.toml", ".squawk.toml", "db", "environments"]
+PROJECT_FILES = [
+    *("tasks.py", "alembic.ini", "pyproject.toml", ".squawk.toml", "cli", "db", "environments")
+]
 
 REVISION = '''"""create table t{n:04d}"""
 

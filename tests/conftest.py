@@ -35,7 +35,7 @@ from db.locks import NAMESPACE
 
 REPO = Path(__file__).resolve().parent.parent
 PG_ADMIN = os.environ.get("TEST_PG_URL", "postgresql://postgres@127.0.0.1:5432/postgres")
-COPIED = ["tasks.py", "alembic.ini", "pyproject.toml", ".squawk.toml", "db", "environments"]
+COPIED = ["tasks.py", "alembic.ini", "pyproject.toml", ".squawk.toml", "cli", "db", "environments"]
 
 
 INVOKE_TIMEOUT = int(os.environ.get("TEST_INVOKE_TIMEOUT", "120"))
@@ -273,6 +273,7 @@ def compiled() -> None:
     """The project's bytecode, made once, so that each copy's ``invoke`` does not compile
     every module again (the copies write none: PYTHONDONTWRITEBYTECODE). A copied file a
     test edits gets a new mtime, so Python ignores its old bytecode and reads the source."""
+    compileall.compile_dir(str(REPO / "cli"), quiet=1)
     compileall.compile_dir(str(REPO / "db"), quiet=1)
     compileall.compile_file(str(REPO / "tasks.py"), quiet=1)
 

@@ -4,7 +4,7 @@ Most of an ``invoke`` command's cost in the tests is starting Python and importi
 SQLAlchemy, Alembic and asyncpg (~0.3 s of ~0.35 s). This process imports those libraries
 once, then forks a child for each request. The child takes the request's folder,
 environment, stdin, stdout and stderr, and runs ``invoke`` exactly as ``python -m invoke``
-does (``runpy``), so the project's ``tasks.py``, ``db/`` and revisions are imported by the
+does (``runpy``), so the project's ``tasks.py``, ``cli/``, ``db/`` and revisions are imported by the
 child, from the project copy, as in a fresh process. Only third-party modules are preloaded,
 never the project's own. The caller gets the child's pid, to signal it, and then its exit
 status as ``subprocess`` reports it.

@@ -1,0 +1,289 @@
+"""The command line's edge: the environment a task names, its flags read, and the
+library's errors and signals turned into a short message and an exit code."""
+
+from __future__ import annotations
+
+import gc
+import os
+import re
+import signal
+import sys
+import warnings
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import TYPE_CHECKING, Any
+
+from invoke.context import Context
+from invoke.exceptions import Exit
+
+from cli.output import print_start, print_step
+
+if TYPE_CHECKING:
+    from db.environments import Environment
+    from db.runner import RunOptions
+    from db.stop import Stop
+
+ROOT = Path(__file__).resolve().parent.parent  # the project: environments/, alembic.ini
+
+
+def quiet_when_the_reader_leaves() -> None:
+    """``invoke history | head``: once stdout's reader has gone, end without a traceback,
+    as Unix tools do (exit 141, as SIGPIPE would). Python ignores SIGPIPE, so that a
+    server's closed socket raises an error instead of killing a run; a closed pipe raises
+    BrokenPipeError. ``invoke offline-sql > upgrade.sql`` on a full disk: one line, exit 2
+    (the files the tasks write themselves say which file they could not write)."""
+    hook = sys.excepthook
+
+    def cut_short(kind: type[BaseException], value: BaseException, traceback: Any) -> None:
+        if issubclass(kind, BrokenPipeError) and _stdout_reader_gone():
+            sys.stderr.flush()
+            os._exit(128 + signal.SIGPIPE)
+        if isinstance(value, OSError) and _no_room_for_output(value):
+            print(f"error: cannot write the output: {value.strerror}", file=sys.stderr)
+            sys.stderr.flush()
+            os._exit(2)  # not through Python's exit, which would write stdout's rest again
+        hook(kind, value, traceback)
+
+    sys.excepthook = cut_short
+
+
+def _no_room_for_output(error: OSError) -> bool:
+    """Whether writing stdout failed for lack of room: an error with no file name (the
+    files the tasks write name theirs), unless the user asked for tracebacks."""
+    import errno
+
+    full = error.errno in (errno.ENOSPC, errno.EDQUOT, errno.EFBIG) and error.filename is None
+    return full and "--debug" not in sys.argv and not os.environ.get("INVOKE_DB_DEBUG")
+
+
+def _stdout_reader_gone() -> bool:
+    """Whether stdout is a pipe nobody reads any more (not some socket's broken pipe)."""
+    import select
+
+    try:
+        poller = select.poll()
+        poller.register(sys.stdout.fileno(), select.POLLOUT)
+        return any(events & select.POLLERR for _, events in poller.poll(0))
+    except (OSError, ValueError):  # no stdout to ask
+        return False
+
+
+def environment(
+    c: Context,
+    name: str | None,
+    *,
+    banner: bool = False,
+    refuse_protected: str = "",
+    only: str | None = None,
+    fleet_ok: bool = False,
+) -> Environment:
+    """Load the named environment (or invoke's configured default) and announce it.
+
+    ``refuse_protected`` (why) refuses a protected environment before its secrets are needed.
+    A fleet stays whole where the task runs on fleets (``fleet_ok``); elsewhere ``only`` must
+    name one of its targets. ``only`` on one database is refused.
+    """
+    from db import fleet
+    from db.environments import known_environments, load_environment
+    from db.errors import GuardRefused, UsageError
+
+    every = "name targets or globs (--only='beta*,gamma'), or leave it out for every target"
+    filled("--only", only and only.replace(",", " "), every)  # "," is empty too
+    known = ", ".join(known_environments(ROOT))
+    filled("--env", name, f"name one of {known}, or leave --env out")
+    loaded = load_environment(ROOT, c.config.db.env if name is None else name, os.environ)
+    for warning in loaded.warnings:
+        print(warning, file=sys.stderr)
+    if refuse_protected and loaded.protected:
+        raise GuardRefused(f"{loaded.name} is protected: {refuse_protected}")
+    if not fleet.is_fleet(loaded):
+        if only:  # a mistaken --env must not run on the whole database
+            raise UsageError(f"{loaded.name} is one database, not a fleet: --only does not apply")
+    elif not fleet_ok:
+        loaded = fleet.one(loaded, only or "")
+    if banner:
+        announce(loaded)
+    return loaded
+
+
+def is_fleet(env: Environment) -> bool:
+    from db import fleet
+
+    return fleet.is_fleet(env) and not env.target
+
+
+def check_failed() -> int:
+    """The exit code of a check that found something (pending revisions, problems, lint)."""
+    from db.errors import CheckFailed
+
+    return CheckFailed.exit_code
+
+
+def announce(env: Environment) -> None:
+    from db.urls import mask
+
+    print(f"[{env.label}] {mask(env.url())}", file=sys.stderr)
+
+
+@contextmanager
+def reported(c: Context, debug: bool) -> Iterator[None]:
+    """Turn the library's expected errors into a short message and their exit code.
+
+    A task's body runs in it from its first line (its imports take a while): SIGINT or
+    SIGTERM there, outside a run (which stops at a safe point instead), ends the task with
+    ``interrupted (SIGTERM)`` and 143, not invoke's silent exit 1 or a bare kill.
+    """
+    from db.errors import DbError, Interrupted
+
+    def terminated(_signum: int, _frame: object) -> None:
+        raise Terminated
+
+    gc.freeze()  # what is imported so far lives until exit: no collection scans it again
+    previous = signal.signal(signal.SIGTERM, terminated)
+    try:
+        with warnings.catch_warnings(record=True) as caught:
+            warnings.simplefilter("always")
+            try:
+                yield
+            finally:  # a library's warning, as one line of ours (never a raw UserWarning)
+                for warned in caught:
+                    print(f"warning: {warned.message}", file=sys.stderr)
+    except DbError as exc:
+        if debug or c.config.db.debug:
+            raise
+        text = str(exc) if isinstance(exc, Interrupted) else f"error: {exc}"
+        raise Exit(text, code=exc.exit_code) from None
+    except (KeyboardInterrupt, Terminated) as exc:  # a task that reads, or a second signal
+        if debug or c.config.db.debug:
+            raise
+        signum = signal.SIGTERM if isinstance(exc, Terminated) else signal.SIGINT
+        raise Exit(f"interrupted ({signum.name})", code=128 + signum) from None
+    finally:
+        signal.signal(signal.SIGTERM, previous)
+        # and what the task made: the collections that end the interpreter would scan it
+        # all (freed, a no-op fleet run ended 0.1 s after its last line; frozen, 0.01 s)
+        gc.freeze()
+
+
+class Terminated(BaseException):
+    """SIGTERM outside a run, raised as Ctrl-C raises KeyboardInterrupt."""
+
+
+@contextmanager
+def on_signals(stop: Stop) -> Iterator[None]:
+    """SIGINT and SIGTERM stop the run at the next safe point instead of killing it.
+
+    A second signal of the same kind acts as it would have without this handler.
+    """
+    previous: dict[int, Any] = {}
+
+    def handler(signum: int, _frame: object) -> None:
+        signal.signal(signum, previous[signum])
+        stop.request(signum)
+
+    for kind in (signal.SIGINT, signal.SIGTERM):
+        previous[kind] = signal.signal(kind, handler)
+    try:
+        yield
+    finally:
+        for number, before in previous.items():
+            signal.signal(number, before)
+
+
+def confirm(env: Environment, yes: bool, action: str, *, need_yes: bool) -> None:
+    """Ask for the environment's name on a protected environment; refuse if it isn't typed."""
+    from db.errors import GuardRefused
+
+    interactive = sys.stdin is not None and sys.stdin.isatty()
+    if need_yes and not yes:
+        raise GuardRefused(f"{env.name} is protected: to {action} it, pass --yes")
+    if yes and (not need_yes or not interactive):
+        return
+    if not interactive:
+        raise GuardRefused(
+            f"{env.name} is protected and there is no terminal to confirm on: "
+            "pass --yes to go ahead"
+        )
+    print(f"{env.name} is protected. Type its name to {action}: ", end="", file=sys.stderr)
+    stop = signal.signal(signal.SIGINT, signal.default_int_handler)  # Ctrl-C ends the prompt
+    try:
+        typed = sys.stdin.readline().strip()
+    except KeyboardInterrupt:
+        typed = ""
+    finally:
+        signal.signal(signal.SIGINT, stop)
+    if typed != env.name:
+        raise GuardRefused("the name did not match; nothing was changed")
+
+
+def run_options(
+    lock_wait: str | None = None, wait: str | None = None, allow_mismatch: bool = False
+) -> RunOptions:
+    """The library's options from the flags; a flag not given keeps the library's default."""
+    from db.runner import RunOptions
+
+    options = RunOptions(
+        allow_env_mismatch=allow_mismatch,
+        on_start=print_start,
+        on_step=print_step,
+        on_note=lambda text: print(f"  {text}", file=sys.stderr),
+    )
+    if lock_wait is not None:
+        options.lock_wait = seconds("--lock-wait", lock_wait)
+    if wait is not None:
+        options.wait = seconds("--wait", wait)
+    return options
+
+
+def whole(flag: str, text: str | None, default: int, least: int) -> int:
+    """A whole-number flag (declared as text: invoke's own int conversion fails with a
+    traceback); one not given keeps ``default``, an empty one (``--canary=$N``, N unset) is
+    refused rather than read as the default."""
+    from db.errors import UsageError
+
+    try:
+        value = default if text is None else int(text)
+    except ValueError:
+        value = least - 1
+    if value < least:
+        raise UsageError(f"{flag} takes a whole number, {least} or more, not {text!r}")
+    return value
+
+
+def filled(flag: str, value: str | None, instead: str) -> str | None:
+    """A text flag, None when not given. Given empty (``--env=$DEPLOY_ENV`` with the variable
+    unset) it is refused, saying what to give ``instead``, never read as the default."""
+    from db.errors import UsageError
+
+    if value is not None and not value.strip():
+        raise UsageError(f"{flag} is empty: {instead}")
+    return value
+
+
+def named(flag: str, revision: str) -> str:
+    """A revision given on the command line: not empty (``--to=$REV``, REV unset), not a
+    step of 0 (``+0``), which Alembic words as "didn't produce 0 migrations", and not
+    malformed (``@``, which fails inside Alembic)."""
+    from db.errors import UsageError
+    from db.revision_ids import malformed
+
+    filled(flag, revision, "give a revision id, a prefix, or head")
+    if re.fullmatch(r"(?:.+@)?\w*[+-]0+", revision.strip()):
+        raise UsageError(f"{flag}={revision.strip()} moves nowhere: give a step of 1 or more")
+    problem = malformed(revision.strip())
+    if problem is not None:
+        raise UsageError(f"{flag}: {problem}")
+    return revision.strip()
+
+
+def seconds(flag: str, text: str) -> float:
+    from db.errors import UsageError
+
+    try:
+        value = float(text)
+    except ValueError:
+        value = -1
+    if not 0 <= value < float("inf"):
+        raise UsageError(f"{flag} takes a number of seconds, 0 or more, not {text!r}")
+    return value

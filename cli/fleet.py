@@ -1,0 +1,244 @@
+"""A task on a fleet, as the command line shows it: the plan a protected fleet confirms, a
+line per target, a progress line on a terminal, the summary and the exit code."""
+
+from __future__ import annotations
+
+import os
+import sys
+from typing import TYPE_CHECKING, TextIO
+
+from invoke.exceptions import Exit
+
+from cli.edge import confirm, on_signals, whole
+from cli.output import counted, print_json, short
+
+if TYPE_CHECKING:
+    from db.environments import Environment
+    from db.fleet import Target
+    from db.fleet_runs import Outcome, Plan, TaskArgs
+    from db.runner import RunOptions
+
+
+def fleet_args(options: RunOptions) -> TaskArgs:
+    """What every target's run takes from the flags."""
+    from db.fleet_runs import TaskArgs
+
+    return TaskArgs(
+        lock_wait=options.lock_wait,
+        wait=options.wait,
+        allow_env_mismatch=options.allow_env_mismatch,
+    )
+
+
+def fleet_plan(
+    task_name: str,
+    args: TaskArgs | None,
+    jobs: str | None,
+    keep_going: bool,
+    canary: str | None = None,
+) -> Plan:
+    """The fleet run the flags ask for; ``jobs`` 0 means the default for the fleet."""
+    from db.fleet_runs import Plan, TaskArgs
+
+    count = whole("--jobs", jobs, default=0, least=0)
+    return Plan(task_name, args or TaskArgs(), count, keep_going, whole("--canary", canary, 0, 0))
+
+
+# what a protected fleet asks before a run that changes its targets (migrate shows a plan)
+PROTECTED_ASKS = {
+    "rollback": ("roll back every chosen target of", True),
+    "stamp": ("record {revision} as applied on", False),
+}
+
+
+def run_fleet(
+    env: Environment,
+    plan: Plan,
+    only: str,
+    options: RunOptions,
+    *,
+    json_: bool = False,
+    quiet: bool = False,
+    yes: bool = False,
+) -> list[Outcome]:
+    """Run a task on every chosen target of a fleet: a line per target, then a summary; a
+    protected fleet's migrate shows its plan and asks once. Exits non-zero if targets failed."""
+    from dataclasses import replace
+    from datetime import datetime, timezone
+
+    from db import fleet, fleet_runs
+    from db.errors import ConfigError
+
+    chosen = fleet.targets(env, only)
+    fleet_runs.check(env, plan, chosen)  # what would fail every target alike fails here, once
+    hosts = {fleet.host(fleet.environment(env, t)) for t in chosen}
+    plan = replace(plan, jobs=plan.jobs or fleet_runs.default_jobs(len(chosen), len(hosts)))
+    if env.protected and plan.task == "migrate":
+        chosen = confirm_fleet(env, chosen, plan, yes)
+        if not chosen:
+            print(f"{env.name}: nothing to do, every target is already there", file=sys.stderr)
+            return []
+    elif env.protected and plan.task in PROTECTED_ASKS:
+        action, need_yes = PROTECTED_ASKS[plan.task]
+        confirm(env, yes, action.format(**plan.args), need_yes=need_yes)
+    out = sys.stdout if plan.task == "status" else sys.stderr
+    board = Board(len(chosen), quiet=quiet or json_, out=out)
+    started = datetime.now(timezone.utc)
+    with on_signals(options.stop):
+        outcomes = fleet_runs.run(
+            env, os.environ, chosen, plan, board.done, board.start, options.stop
+        )
+    board.close()
+    code = fleet_runs.exit_code(outcomes, options.stop.signum)
+    report = fleet_runs.report(env, plan, outcomes, started, code)
+    print_summary(env, outcomes)
+    if plan.task in fleet_runs.CHANGING:
+        try:
+            kept = fleet_runs.write_report(env, report)
+            if kept is not None:  # RUNS_KEEP=0 keeps none
+                print(f"report: {env.relative(kept)}", file=sys.stderr)
+        except ConfigError as exc:  # a full disk: the run happened all the same
+            print(f"warning: {exc}; the run itself is as printed above", file=sys.stderr)
+    if json_:
+        print_json(report)
+    if code:
+        raise Exit(not_there(plan, outcomes), code=code)
+    return outcomes
+
+
+def not_there(plan: Plan, outcomes: list[Outcome]) -> str:
+    """A fleet run's last line when some targets did not get there: how many, and how to
+    retry them. A rollback retries them by name: run again, it would take the rest further;
+    and, when it went back several steps, to a revision: one stopped part way would count
+    its steps again from where it stopped."""
+    from collections import Counter
+
+    from db import fleet_runs
+
+    states = Counter(o.state for o in outcomes if o.failed)
+    counts = ", ".join(f"{states[s]} {s}" for s in ("failed", "stopped", "skipped") if states[s])
+    line = f"error: {counts} of {counted(len(outcomes), 'target')}"
+    if plan.task == "rollback":
+        names = ",".join(o.target for o in outcomes if o.failed)
+        several = not plan.args.get("to") and plan.args.get("steps", 1) > 1
+        return f"{line}; retry only them with --only={names}" + (" --to=REV" if several else "")
+    if plan.task == "migrate":
+        return line + "; rerun to retry them (targets already there are skipped)"
+    return line + ("; rerun to retry them" if plan.task in fleet_runs.CHANGING else "")
+
+
+def confirm_fleet(env: Environment, chosen: list[Target], plan: Plan, yes: bool) -> list[Target]:
+    """A protected fleet's plan, targets by pending revisions in short form, confirmed once;
+    returns the targets that are behind (none: nothing to confirm)."""
+    from collections import defaultdict
+    from dataclasses import replace
+
+    from db import fleet_runs
+    from db.fleet_runs import TaskArgs
+
+    status = replace(plan, task="status", args=TaskArgs(), keep_going=True, canary=0)
+    read = fleet_runs.run(env, os.environ, chosen, status)
+    groups: dict[str, list[str]] = defaultdict(list)
+    for outcome in read:
+        what = f"unreadable: {outcome.detail}" if outcome.failed else in_short(outcome.pending)
+        groups[what].append(outcome.target)
+    print(f"plan for {len(chosen)} targets:", file=sys.stderr)
+    for what, names in groups.items():
+        print(f"  {len(names)} target(s): {what}  [{short(names)}]", file=sys.stderr)
+    behind = {o.target for o in read if o.pending or o.failed}
+    if behind:
+        confirm(env, yes, f"migrate {len(behind)} target(s) of", need_yes=False)
+    return [t for t in chosen if t.name in behind]
+
+
+def in_short(pending: tuple[str, ...]) -> str:
+    """Revisions to apply, in a plan's short form: a few by name, many as a range."""
+    if len(pending) > 3:
+        return f"{len(pending)} revisions, {pending[0]} to {pending[-1]}"
+    return ", ".join(pending) or "nothing (at head)"
+
+
+class Board:
+    """What a fleet run shows: a line per target event, and on a terminal a progress line."""
+
+    def __init__(self, total: int, *, quiet: bool, out: TextIO) -> None:
+        self.total, self.quiet, self.out = total, quiet, out
+        self.finished = self.running = self.failed = 0
+        self.live = not quiet and sys.stderr.isatty()
+        self.width = len(str(total))
+
+    def start(self, _target: Target) -> None:
+        self.running += 1
+        self._progress()
+
+    def done(self, outcome: Outcome) -> None:
+        from db.fleet_runs import RETRIED_LAST
+
+        self.running -= outcome.state != "skipped"  # a skipped target never started
+        if outcome.state not in RETRIED_LAST:
+            self.finished += 1
+            self.failed += outcome.failed
+        if not self.quiet:
+            self._clear()
+            count = f"{self.finished:>{self.width}}/{self.total}"
+            lines = [f"[{count} {outcome.target}] {event(outcome)}"]
+            lines += [f"  {note}" for note in outcome.notes]  # as one database's run shows them
+            print("\n".join(lines), file=self.out, flush=True)
+        self._progress()
+
+    def _progress(self) -> None:
+        if self.live:
+            text = (
+                f"{self.finished}/{self.total} done, {self.running} running, {self.failed} failed"
+            )
+            print(f"\r\033[K{text}", end="", file=sys.stderr, flush=True)
+
+    def _clear(self) -> None:
+        if self.live:
+            print("\r\033[K", end="", file=sys.stderr, flush=True)
+
+    def close(self) -> None:
+        self._clear()
+
+
+def event(outcome: Outcome) -> str:
+    """One target's event, in words."""
+    where = outcome.where
+    detail = f" ({outcome.detail})" if outcome.detail else ""
+    return {
+        "migrated": f"migrated: {outcome.detail}",
+        "up to date": f"already at {where}{detail}",
+        "rolled back": f"rolled back {outcome.detail}; now at {where}",
+        "unchanged": f"nothing to roll back, at {where}",
+        "stamped": outcome.detail,
+        "seeded": outcome.detail,
+        "read": f"at {where}, {len(outcome.pending) or 'nothing'} pending",
+        "passed": "check passed",
+        "problems": f"check failed: {outcome.detail}",
+        "locked": f"locked by another run: {outcome.detail}",
+        "busy": outcome.detail,
+        "failed": f"failed: {outcome.detail}",
+        "stopped": f"stopped: {outcome.detail}",
+        "skipped": f"skipped ({outcome.detail})",
+    }.get(outcome.state, outcome.state)
+
+
+def print_summary(env: Environment, outcomes: list[Outcome]) -> None:
+    """The counts and the version skew, then a row per state: its targets, and each failed
+    target with its one-line reason."""
+    from collections import Counter, defaultdict
+
+    states = Counter(o.state for o in outcomes)
+    versions = Counter(o.where for o in outcomes if o.where is not None)
+    skew = ", ".join(f"{count} at {rev}" for rev, count in versions.most_common())
+    summary = ", ".join(f"{count} {state}" for state, count in states.items())
+    skew = f" ({skew})" if skew else ""  # none when no target's revision was read
+    print(f"{env.name}: {counted(len(outcomes), 'target')}: {summary}{skew}", file=sys.stderr)
+    names: dict[str, list[str]] = defaultdict(list)
+    for o in outcomes:
+        if o.state in ("failed", "stopped", "problems"):
+            print(f"  {o.state:<11} {o.target}: {o.detail}", file=sys.stderr)
+        else:
+            names[o.state].append(o.target)
+    for state, targets in names.items():
+        print(f"  {state:<11} {short(targets)}", file=sys.stderr)

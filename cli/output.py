@@ -1,0 +1,73 @@
+"""What the tasks print: revisions applied and planned, lint findings, JSON."""
+
+from __future__ import annotations
+
+import json
+import sys
+from typing import TYPE_CHECKING, TextIO
+
+if TYPE_CHECKING:
+    from alembic.runtime.migration import RevisionStep
+
+    from db.environments import Environment
+    from db.lint import Finding
+    from db.progress import Revision
+    from db.runner import Step
+
+
+def show_plan(env: Environment, plan: tuple[Revision, ...], findings: list[Finding] | None) -> None:
+    """The pending revisions, and on PostgreSQL what squawk says of them."""
+    print(f"plan: {len(plan) or 'nothing'} to apply", file=sys.stderr)
+    for rev in plan:
+        print(f"  {rev.id}  {rev.message}{marker(rev)}", file=sys.stderr)
+    if plan and findings is not None:
+        planned = {rev.id for rev in plan}
+        mine = [found for found in findings if found.revision in planned]
+        print(f"lint: {len(mine) or 'no'} finding(s)", file=sys.stderr)
+        print_findings(mine, file=sys.stderr)
+
+
+def print_findings(findings: list[Finding], file: TextIO = sys.stdout) -> None:
+    for found in findings:
+        print(f"{found.revision}: {found.rule}: {found.message}", file=file)
+        print(f"    {found.statement}", file=file)
+
+
+def print_json(data: object) -> None:
+    print(json.dumps(data, indent=2, default=lambda value: value.isoformat()))
+
+
+def print_start(step: RevisionStep) -> None:
+    verb = "applying" if step.is_upgrade else "reverting"
+    print(f"  {verb} {step.revision.revision}  {step.revision.doc}...", file=sys.stderr)
+
+
+def print_step(step: Step) -> None:
+    verb = "applied" if step.direction == "up" else "reverted"
+    print(f"  {verb} {step.revision}  {step.message}  ({step.seconds:.3f}s)", file=sys.stderr)
+
+
+def summarize(verb: str, env: Environment, steps: list[Step]) -> None:
+    if not steps:
+        print(f"{env.name}: nothing to do, the database is already there", file=sys.stderr)
+        return
+    total = sum(step.seconds for step in steps)
+    count = f"{len(steps)} revision{'s' if len(steps) != 1 else ''}"
+    print(f"{env.name}: {verb} {count} in {total:.3f}s", file=sys.stderr)
+
+
+def labels(revisions: tuple[Revision, ...]) -> str:
+    return ", ".join(f"{rev.id} ({rev.message})" for rev in revisions)
+
+
+def marker(rev: Revision) -> str:
+    return "" if rev.transactional else "  [non-transactional: autocommit_block]"
+
+
+def counted(n: int, noun: str) -> str:
+    return f"{n} {noun}" + ("" if n == 1 else "s")
+
+
+def short(names: list[str], most: int = 5) -> str:
+    shown = ", ".join(names[:most])
+    return shown + (f" and {len(names) - most} more" if len(names) > most else "")
