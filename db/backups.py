@@ -296,7 +296,7 @@ def _new_file(env: Environment, suffix: str) -> Path:
 
 
 def _keep(env: Environment) -> int:
-    return int(env.number("BACKUP_KEEP", 5))
+    return env.count("BACKUP_KEEP", 5)
 
 
 def _prune(env: Environment, suffix: str, least: int = 0) -> None:

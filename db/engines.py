@@ -74,7 +74,7 @@ def make_async_engine(
     options = _options(url, connect_timeout, migrating)
     if pool is not None:
         del options["poolclass"]
-        options.update(pool_pre_ping=True, **{k: int(v) for k, v in pool.items()})
+        options.update(pool_pre_ping=True, **pool)
     engine = create_async_engine(url, **options)
     _sqlite_transactions(engine.sync_engine, foreign_keys=not migrating)
     if schema is not None:

@@ -118,8 +118,17 @@ class Environment:
             )
         return text
 
+    def count(self, key: str, default: int) -> int:
+        """A whole-number setting such as ``BACKUP_KEEP`` or ``POOL_SIZE``: ``2.5`` would be
+        cut to 2 unseen (and a cap of ``0.5`` to 0, which means none)."""
+        text = self.get(key).strip()
+        if text and not (text.isascii() and text.isdigit()):
+            where = self.relative(self.sources[key])
+            raise ConfigError(f"{where}: {key} must be a whole number, 0 or more, not {text!r}")
+        return int(text) if text else default
+
     def number(self, key: str, default: float) -> float:
-        """A numeric setting such as ``CONNECT_TIMEOUT`` (seconds) or ``BACKUP_KEEP``."""
+        """A numeric setting such as ``CONNECT_TIMEOUT`` (seconds)."""
         text = self.get(key)
         try:
             value = float(text) if text else default

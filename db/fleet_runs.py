@@ -96,7 +96,7 @@ def check(env: Environment, plan: Plan, chosen: list[Target]) -> None:
     from db.runner import load_scripts, make_config
 
     if plan.task in CHANGING:  # a bad setting, said now rather than after the run
-        env.number("RUNS_KEEP", 100)
+        env.count("RUNS_KEEP", 100)
     if plan.task not in ("migrate", "rollback", "stamp"):
         return
     # the files are the same for every target; a target's own settings make the Config
@@ -193,7 +193,7 @@ def target_json(o: Outcome) -> dict[str, Any]:
 def write_report(env: Environment, data: Mapping[str, Any]) -> Path | None:
     """Keep a run's report in ``var/runs``, and the newest ``RUNS_KEEP`` (default 100) of
     the environment's; returns its path, or None when ``RUNS_KEEP=0`` keeps none."""
-    keep = int(env.number("RUNS_KEEP", 100))
+    keep = env.count("RUNS_KEEP", 100)
     stamp = datetime.now(timezone.utc).strftime("%Y%m%dT%H%M%S.%fZ")
     path = env.root / RUNS_DIR / f"{env.name}-{stamp}.json"
     if keep:
@@ -234,7 +234,7 @@ def run(
             return first + [Outcome(t.name, "skipped", "a canary failed") for t in rest]
         return first + run(env, environ, rest, replace(plan, canary=0), on_done, on_start, stop)
     hosts = {t.name: host(environment(env, t)) for t in chosen}
-    cap = int(env.number("MAX_CONNECTIONS_PER_HOST", 0)) or plan.jobs
+    cap = env.count("MAX_CONNECTIONS_PER_HOST", 0) or plan.jobs
     # no more workers than can run at once: each is a process forked up front (--jobs=2000
     # on two targets forked 2000 of them)
     useful = min(plan.jobs, len(chosen), cap * len(set(hosts.values())))

@@ -11,7 +11,8 @@ from db.errors import ConfigError
 _ASYNC_DRIVERS = {"sqlite": "sqlite+aiosqlite", "sqlite+pysqlite": "sqlite+aiosqlite"}
 
 
-POOL_DEFAULTS = {"POOL_SIZE": 5, "MAX_OVERFLOW": 10, "POOL_TIMEOUT": 30, "POOL_RECYCLE": 1800}
+POOL_COUNTS = {"POOL_SIZE": 5, "MAX_OVERFLOW": 10}  # connections
+POOL_SECONDS = {"POOL_TIMEOUT": 30.0, "POOL_RECYCLE": 1800.0}
 
 
 def async_engine(env: Environment, target: str = "") -> AsyncEngine:
@@ -22,7 +23,8 @@ def async_engine(env: Environment, target: str = "") -> AsyncEngine:
     env = shop(env, target)
     url = env.url(app=True)
     url = url.set(drivername=_ASYNC_DRIVERS.get(url.drivername, url.drivername))
-    pool = {key.lower(): env.number(key, default) for key, default in POOL_DEFAULTS.items()}
+    pool: dict[str, float] = {key.lower(): env.count(key, n) for key, n in POOL_COUNTS.items()}
+    pool.update({key.lower(): env.number(key, s) for key, s in POOL_SECONDS.items()})
     return make_async_engine(url, connect_timeout=env.connect_timeout, pool=pool, schema=env.schema)
 
 

@@ -233,14 +233,14 @@ def test_runs_keep_0_keeps_no_report_and_names_none(fleet: Project) -> None:
     assert not list((fleet.root / "var" / "runs").glob("shops-*.json"))
 
 
-@pytest.mark.parametrize("value", ["x", "nan", "inf"])
+@pytest.mark.parametrize("value", ["x", "nan", "inf", "2.5", "-1"])
 def test_a_bad_runs_keep_is_refused_before_any_target_runs(fleet: Project, value: str) -> None:
     fleet.extend_env("shops", f"RUNS_KEEP={value}\n")
 
     result = fleet.invoke("migrate", "--env=shops")
 
     assert result.returncode == 2, result.stderr
-    assert f"shops.env: RUNS_KEEP must be a number, 0 or more, not '{value}'" in result.stderr
+    assert f"shops.env: RUNS_KEEP must be a whole number, 0 or more, not '{value}'" in result.stderr
     assert "Traceback" not in result.stderr
     assert not (fleet.root / "var" / "shops").exists()  # no target ran
 

@@ -84,13 +84,56 @@ def test_keys_that_are_no_misspelled_setting_may_stay(tmp_path: Path) -> None:
 def test_every_key_the_code_reads_is_a_known_setting() -> None:
     """SETTINGS is the one list the typo check knows: a key read anywhere must be in it."""
     from db.environments import SETTINGS
-    from db.session import POOL_DEFAULTS
+    from db.session import POOL_COUNTS, POOL_SECONDS
 
-    read = re.compile(r"(?<!environ)\.(?:get|number|duration|flag)\(\s*\"([A-Z_]+)\"")
-    sources = [*Path("db").rglob("*.py"), Path("tasks.py")]
+    read = re.compile(r"(?<!environ)\.(?:get|number|count|duration|flag)\(\s*\"([A-Z_]+)\"")
+    sources = [*Path("db").rglob("*.py"), *Path("cli").rglob("*.py"), Path("tasks.py")]
     keys = {key for path in sources for key in read.findall(path.read_text())}
     assert len(keys) > 10  # the pattern still finds the reads
-    assert keys | set(POOL_DEFAULTS) <= set(SETTINGS)
+    assert keys | set(POOL_COUNTS) | set(POOL_SECONDS) <= set(SETTINGS)
+
+
+@pytest.mark.parametrize("key", ["BACKUP_KEEP", "RUNS_KEEP", "POOL_SIZE", "MAX_OVERFLOW"])
+@pytest.mark.parametrize("value", ["2.5", "-1", "x", "\u00b2"])
+def test_a_count_setting_takes_whole_numbers_only(tmp_path: Path, key: str, value: str) -> None:
+    """A count was read as any number and cut: ``BACKUP_KEEP=2.5`` kept 2 unseen, and
+    ``MAX_CONNECTIONS_PER_HOST=0.5`` became 0, which means no cap at all."""
+    root = env_file(tmp_path, f"DATABASE_URL=sqlite:///x.sqlite3\n{key}={value}\n")
+
+    with pytest.raises(ConfigError, match=f"{key} must be a whole number, 0 or more"):
+        load_environment(root, "x", {}).count(key, 5)
+    env_file(tmp_path, f"DATABASE_URL=sqlite:///x.sqlite3\n{key}=7\n")
+    assert load_environment(root, "x", {}).count(key, 5) == 7
+    env_file(tmp_path, "DATABASE_URL=sqlite:///x.sqlite3\n")
+    assert load_environment(root, "x", {}).count(key, 5) == 5
+
+
+def test_the_apps_pool_takes_its_settings_as_given(tmp_path: Path) -> None:
+    """``POOL_TIMEOUT=0.5`` was cut to 0 (a checkout that never waits for a connection)."""
+    from db.session import async_engine
+
+    settings = "POOL_SIZE=3\nMAX_OVERFLOW=0\nPOOL_TIMEOUT=0.5\nPOOL_RECYCLE=90.5\n"
+    root = env_file(tmp_path, f"DATABASE_URL=postgresql+asyncpg://s@h/d\n{settings}")
+    pool = async_engine(load_environment(root, "x", {})).sync_engine.pool
+
+    assert (pool.size(), pool.timeout(), pool._recycle) == (3, 0.5, 90.5)  # type: ignore[attr-defined]
+    env_file(tmp_path, "DATABASE_URL=postgresql+asyncpg://s@h/d\nPOOL_SIZE=2.5\n")
+    with pytest.raises(ConfigError, match="POOL_SIZE must be a whole number"):
+        async_engine(load_environment(root, "x", {}))
+
+
+def test_a_fractional_cap_on_a_fleet_is_refused(project: Project) -> None:
+    project.write_env(
+        "shops",
+        "DATABASE_URL=sqlite:///var/shops/{target}.sqlite3\nTARGETS=a b\n"
+        "MAX_CONNECTIONS_PER_HOST=0.5\n",
+    )
+
+    result = project.invoke("migrate", "--env=shops")
+
+    assert result.returncode == 2, result.stderr
+    assert "MAX_CONNECTIONS_PER_HOST must be a whole number, 0 or more, not '0.5'" in result.stderr
+    assert not (project.root / "var" / "shops").exists()
 
 
 def test_a_misspelled_setting_stops_the_task(project: Project) -> None:
