@@ -15,7 +15,7 @@ from pathlib import Path
 from sqlalchemy.engine import URL, make_url
 
 from db.environments import Environment
-from db.errors import ConfigError, DbError, GuardRefused, Interrupted, LockTimeout
+from db.errors import ConfigError, DbError, GuardRefused, Interrupted, LockTimeout, UsageError
 from db.locks import LOCK_WAIT
 
 BACKUP_DIR = Path("var") / "backups"
@@ -185,8 +185,14 @@ def restore(
     if url.get_backend_name() != "sqlite":
         raise ConfigError(f"{env.name} is PostgreSQL: restore a pg_dump backup with pg_restore")
     live = Path(url.database or "")
+    if backup is not None and not backup.is_file():  # not "no backup": one was named
+        what = "is a folder, not a backup" if backup.is_dir() else "does not exist"
+        raise UsageError(
+            f"{env.relative(backup)} {what}: nothing was restored; the backups are in "
+            f"{BACKUP_DIR}, and without --file the newest is taken"
+        )
     chosen = backup or next(iter(backups(env)), None)
-    if chosen is None or not chosen.is_file():
+    if chosen is None:
         raise DbError(f"no backup to restore for {env.label} (looked in {BACKUP_DIR})")
     if live.exists() and chosen.resolve() == live.resolve():
         raise DbError(f"{env.relative(chosen)} is the live database itself: pick a backup")

@@ -114,6 +114,21 @@ def test_restore_refuses_what_is_not_a_backup_and_the_live_file(project: Project
     assert version(project) == [HEAD]
 
 
+def test_restore_of_a_file_that_is_not_there_names_it(project: Project) -> None:
+    """A mistyped --file was answered "no backup to restore for dev", as if there were
+    none at all."""
+    project.migrated()
+    pending_revision(project)
+    project.ok("migrate")  # a backup exists now
+
+    for given, what in (("var/backups/dev-typo.sqlite3", "does not exist"), ("var", "is a folder")):
+        result = project.invoke("restore", f"--file={given}")
+        assert result.returncode == 2, result.stderr
+        assert f"error: {given} {what}" in result.stderr
+        assert "nothing was restored; the backups are in var/backups" in result.stderr
+    assert version(project) == ["next01"]
+
+
 def test_a_restore_keeps_what_it_replaces_so_it_can_be_undone(project: Project) -> None:
     project.migrated()
     pending_revision(project)
