@@ -25,6 +25,8 @@ from cli.edge import (
     announce,
     check_failed,
     confirm,
+    confirm_migrate,
+    confirm_rollback,
     environment,
     filled,
     is_fleet,
@@ -37,11 +39,10 @@ from cli.edge import (
     whole,
 )
 from cli.fleet import fleet_args, fleet_plan, run_fleet
-from cli.output import labels, marker, print_findings, print_json, show_plan, summarize
+from cli.output import labels, marker, print_findings, print_json, summarize
 
 if TYPE_CHECKING:
     from db.fleet_runs import TaskArgs
-    from db.progress import Revision
 
 # A task is a short-lived process that imports ~100,000 long-lived objects (SQLAlchemy,
 # Alembic) and then makes many short-lived ones: collect garbage less often, as mypy does,
@@ -122,17 +123,7 @@ def migrate(
             run_fleet(target, plan, only or "", options, json_=json_, yes=yes)
             return
         if target.protected:  # shown and confirmed inside the run, under the lock
-            from db import lint
-
-            # offline, so before the run: env.py cannot nest; the plan shows its own part
-            findings = lint.lint(target) if lint.applies(target) else None
-
-            def ask(plan: tuple[Revision, ...]) -> None:
-                show_plan(target, plan, findings)
-                if plan:
-                    confirm(target, yes, "migrate", need_yes=False)
-
-            options.on_plan = ask
+            options.on_plan = confirm_migrate(target, yes)
         with on_signals(options.stop):
             steps = commands.migrate(target, to, options)
         summarize("migrated", target, steps)
@@ -180,14 +171,7 @@ def rollback(
             run_fleet(target, plan, only or "", options, yes=yes)
             return
         if target.protected:  # shown and confirmed inside the run, under the lock
-
-            def ask(plan: tuple[Revision, ...]) -> None:
-                print(f"plan: {len(plan) or 'nothing'} to undo", file=sys.stderr)
-                for rev in plan:
-                    print(f"  {rev.id}  {rev.message}{marker(rev)}", file=sys.stderr)
-                confirm(target, yes, "roll back", need_yes=True)
-
-            options.on_plan = ask
+            options.on_plan = confirm_rollback(target, yes)
         with on_signals(options.stop):
             done = commands.rollback(target, count, to, options)
         summarize("rolled back", target, done)

@@ -9,7 +9,7 @@ import re
 import signal
 import sys
 import warnings
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
@@ -17,10 +17,11 @@ from typing import TYPE_CHECKING, Any
 from invoke.context import Context
 from invoke.exceptions import Exit
 
-from cli.output import print_start, print_step
+from cli.output import marker, print_start, print_step, show_plan
 
 if TYPE_CHECKING:
     from db.environments import Environment
+    from db.progress import Revision
     from db.runner import RunOptions
     from db.stop import Stop
 
@@ -215,6 +216,34 @@ def confirm(env: Environment, yes: bool, action: str, *, need_yes: bool) -> None
         signal.signal(signal.SIGINT, stop)
     if typed != env.name:
         raise GuardRefused("the name did not match; nothing was changed")
+
+
+def confirm_migrate(env: Environment, yes: bool) -> Callable[[tuple[Revision, ...]], None]:
+    """What a protected migrate does with its plan, inside the run and under the lock: show
+    it, with what squawk says of it on PostgreSQL, and ask for the typed name."""
+    from db import lint
+
+    # offline, so before the run: env.py cannot nest; the plan shows its own part
+    findings = lint.lint(env) if lint.applies(env) else None
+
+    def ask(plan: tuple[Revision, ...]) -> None:
+        show_plan(env, plan, findings)
+        if plan:
+            confirm(env, yes, "migrate", need_yes=False)
+
+    return ask
+
+
+def confirm_rollback(env: Environment, yes: bool) -> Callable[[tuple[Revision, ...]], None]:
+    """What a protected rollback does with its plan: show it, and ask (``--yes`` needed)."""
+
+    def ask(plan: tuple[Revision, ...]) -> None:
+        print(f"plan: {len(plan) or 'nothing'} to undo", file=sys.stderr)
+        for rev in plan:
+            print(f"  {rev.id}  {rev.message}{marker(rev)}", file=sys.stderr)
+        confirm(env, yes, "roll back", need_yes=True)
+
+    return ask
 
 
 def run_options(
