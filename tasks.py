@@ -39,7 +39,13 @@ from cli.edge import (
     whole,
 )
 from cli.fleet import fleet_args, fleet_plan, run_fleet
-from cli.output import labels, marker, print_findings, print_json, summarize
+from cli.output import (
+    print_findings,
+    print_history,
+    print_json,
+    print_status,
+    summarize,
+)
 
 if TYPE_CHECKING:
     from db.fleet_runs import TaskArgs
@@ -467,13 +473,7 @@ def status(
     if json_:
         print_json({"environment": target.name, **asdict(found), "up_to_date": not found.pending})
     else:
-        print(f"current: {labels(found.current) or 'base (no revision applied)'}")
-        print(f"head:    {labels(found.heads) or 'none (no revisions yet)'}")
-        if len(found.heads) > 1:
-            print(f"         {len(found.heads)} heads: run `invoke merge` to join them")
-        print(f"pending: {len(found.pending) or 'none'}")
-        for rev in found.pending:
-            print(f"  {rev.id}  {rev.message}{marker(rev)}")
+        print_status(found)
     if check and found.pending:
         raise Exit(f"{target.name}: {len(found.pending)} revision(s) pending", code=check_failed())
 
@@ -498,21 +498,15 @@ def history(
             rows = fleet_runs.history(target, outcomes)
             if json_:
                 print_json([{**asdict(rev), "applied_on": on} for rev, on in rows])
-                return
-            for rev, on in rows:
-                print(f"{rev.id}  applied on {len(on)}/{len(outcomes)}  {rev.message}")
+            else:
+                for rev, on in rows:
+                    print(f"{rev.id}  applied on {len(on)}/{len(outcomes)}  {rev.message}")
             return
         entries = commands.history(target)
     if json_:
         print_json([asdict(entry) for entry in entries])
-        return
-    for entry in entries:
-        mark = "applied" if entry.applied else "pending"
-        head = "  (head)" if entry.is_head else ""
-        when = ""
-        if entry.applied_at is not None:
-            when = f"  [{entry.applied_at:%Y-%m-%d %H:%M:%S %z} by {entry.applied_by}]"
-        print(f"{entry.revision.id}  {mark}  {entry.revision.message}{head}{when}")
+    else:
+        print_history(entries)
 
 
 @task(

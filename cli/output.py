@@ -9,6 +9,7 @@ from typing import TYPE_CHECKING, TextIO
 if TYPE_CHECKING:
     from alembic.runtime.migration import RevisionStep
 
+    from db.commands import HistoryEntry, Status
     from db.environments import Environment
     from db.lint import Finding
     from db.progress import Revision
@@ -71,3 +72,25 @@ def counted(n: int, noun: str) -> str:
 def short(names: list[str], most: int = 5) -> str:
     shown = ", ".join(names[:most])
     return shown + (f" and {len(names) - most} more" if len(names) > most else "")
+
+
+def print_status(found: Status) -> None:
+    """One database's revision, its head(s), and what is pending, in order."""
+    print(f"current: {labels(found.current) or 'base (no revision applied)'}")
+    print(f"head:    {labels(found.heads) or 'none (no revisions yet)'}")
+    if len(found.heads) > 1:
+        print(f"         {len(found.heads)} heads: run `invoke merge` to join them")
+    print(f"pending: {len(found.pending) or 'none'}")
+    for rev in found.pending:
+        print(f"  {rev.id}  {rev.message}{marker(rev)}")
+
+
+def print_history(entries: list[HistoryEntry]) -> None:
+    """Every revision, newest first: applied ones with when and by whom."""
+    for entry in entries:
+        mark = "applied" if entry.applied else "pending"
+        head = "  (head)" if entry.is_head else ""
+        when = ""
+        if entry.applied_at is not None:
+            when = f"  [{entry.applied_at:%Y-%m-%d %H:%M:%S %z} by {entry.applied_by}]"
+        print(f"{entry.revision.id}  {mark}  {entry.revision.message}{head}{when}")
