@@ -76,6 +76,11 @@ class MigrationFailed(DbError):
     """A revision raised while running; the database stays at the last good revision."""
 
 
+class OwnTransaction(MigrationFailed):
+    """A revision ran COMMIT, ROLLBACK or BEGIN itself, which would end its transaction part
+    way; refused before it ran, so the revision rolls back whole."""
+
+
 class LockTimeout(DbError):
     """Another run held the migration lock for longer than we were willing to wait."""
 

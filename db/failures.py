@@ -213,4 +213,6 @@ def describe(exc: BaseException) -> str:
     if type(cause).__name__ == "Error" and cause.__cause__ is not None:
         cause = cause.__cause__
     name, text = type(cause).__name__, first_line(exc)
+    if isinstance(cause, DbError):  # the library's own words need no class name
+        return text
     return name if text == name else f"{name}: {text}"

@@ -9,6 +9,7 @@ that the next run refuses to pass blindly.
 
 from __future__ import annotations
 
+import re
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
@@ -22,11 +23,19 @@ from alembic.script import Script
 from sqlalchemy import event
 
 from db import audit
+from db.errors import OwnTransaction
 from db.locks import Fence
 from db.stop import Stop
 
 if TYPE_CHECKING:
     from sqlalchemy import Connection
+
+
+# A statement that ends or starts a transaction (ROLLBACK TO a savepoint does neither)
+_TRANSACTION_CONTROL = re.compile(
+    r"\s*(begin|start\s+transaction|commit|end|abort|rollback(?!\s+(work\s+|transaction\s+)?to\b))\b",
+    re.IGNORECASE,
+)
 
 
 @dataclass(frozen=True)
@@ -108,6 +117,28 @@ class Progress:
                 ctx, self._row(self.running.info, "run-" + self._direction(self.running))
             )
         self.in_block = True
+
+    @contextmanager
+    def keeping_transactions(self, connection: Connection) -> Iterator[None]:
+        """Refuse a revision's own COMMIT, ROLLBACK or BEGIN (``op.execute("COMMIT")``, an old
+        recipe for CREATE INDEX CONCURRENTLY). It would end the revision's transaction part
+        way: what came before it stays, what comes after runs outside any transaction, and a
+        later failure rolls neither back, while the run would say the revision was."""
+
+        def refuse(_conn: Connection, _cursor: Any, statement: str, *_args: Any) -> None:
+            if self.running is not None and _TRANSACTION_CONTROL.match(statement):
+                rev, word = self.running.revision.revision, statement.split()[0].upper()
+                raise OwnTransaction(
+                    f"revision {rev} runs {word} itself, which would end its transaction part "
+                    "way; what must run outside a transaction goes in "
+                    "`with op.get_context().autocommit_block():`"
+                )
+
+        event.listen(connection, "before_cursor_execute", refuse)
+        try:
+            yield
+        finally:
+            event.remove(connection, "before_cursor_execute", refuse)
 
     @contextmanager
     def noting_statements(self, connection: Connection) -> Iterator[None]:

@@ -346,3 +346,26 @@ def test_a_role_that_may_not_create_tables_is_told_which_grant_it_needs(
         assert pg_version(pg_database) == [head_revision()]
     finally:
         pg_execute(admin, f"drop owned by {role}", f"drop role {role}")
+
+
+def test_a_revision_that_commits_itself_is_refused_whole_on_postgres(
+    pg_project: Project, pg_database: PgDatabase
+) -> None:
+    """``op.execute("COMMIT")`` mid-revision committed what came before it, ran the rest
+    outside any transaction, and a later failure left both in the database while the run
+    said the revision was rolled back. Its own savepoints are its business."""
+    savepoints = 'op.execute("SAVEPOINT mine")\n    op.execute("ROLLBACK TO SAVEPOINT mine")\n    '
+    own_commit = (
+        savepoints + 'op.execute("COMMIT")\n'
+        '    op.create_table("leftover", sa.Column("id", sa.Integer))\n'
+        '    op.execute("select 1/0")'
+    )
+    add_good_then_bad(pg_project, own_commit)
+
+    error = pg_project.fails("migrate", "--env=ci")
+
+    assert "revision bad001 runs COMMIT itself, which would end its transaction" in error
+    assert "the database is at good01; this run kept" in error
+    assert "; bad001 was rolled back; fix it" in error
+    assert pg_version(pg_database) == ["good01"]
+    assert pg_tables(pg_database) == SHOP_TABLES | {"notes"}  # no coupons, no leftover

@@ -15,6 +15,7 @@ from conftest import (
     REPO,
     Project,
     add_coupon_model,
+    add_good_then_bad,
     head_revision,
     revision,
     tables,
@@ -506,3 +507,31 @@ def test_offline_sql_for_sqlite(project: Project) -> None:
     assert "CREATE TABLE users" in sql
     assert "created_at DATETIME DEFAULT CURRENT_TIMESTAMP NOT NULL" in sql  # SQLite dialect
     assert "SET lock_timeout" not in sql
+
+
+# A revision that ends its own transaction, then fails: the old recipe for statements that
+# cannot run in a transaction, with a table made on each side of its COMMIT
+OWN_COMMIT = (
+    'op.execute("{word}")\n'
+    '    op.create_table("leftover", sa.Column("id", sa.Integer))\n'
+    '    raise RuntimeError("later in the revision")'
+)
+
+
+@pytest.mark.parametrize("word", ["COMMIT", "end", "  Rollback", "BEGIN"])
+def test_a_revision_that_ends_its_own_transaction_is_refused_whole(
+    project: Project, word: str
+) -> None:
+    """Its COMMIT ended the run's transaction part way: what came before stayed, what came
+    after ran outside any transaction, and the run said the revision was rolled back."""
+    project.migrated()
+    add_good_then_bad(project, OWN_COMMIT.format(word=word))
+
+    error = project.fails("migrate")
+
+    assert f"revision bad001 runs {word.split()[0].upper()} itself" in error
+    assert "goes in `with op.get_context().autocommit_block():`" in error
+    assert "the database is at good01; this run kept" in error
+    assert "; bad001 was rolled back; fix it" in error
+    assert version(project) == ["good01"]
+    assert tables(project) == SHOP_TABLES | {"notes"}  # no coupons, no leftover

@@ -9,7 +9,7 @@ progress hooks. A caller may instead hand over an Engine or a Connection as
 from __future__ import annotations
 
 from collections.abc import Callable, Iterator, Mapping
-from contextlib import contextmanager, nullcontext
+from contextlib import AbstractContextManager, contextmanager, nullcontext
 from typing import TYPE_CHECKING, Any
 
 from alembic import context
@@ -152,7 +152,7 @@ def do_run_migrations(connection: Connection, fence: Fence | None = None) -> Non
         create_schema(connection, run.schema)
     context.configure(connection=connection, **options(checks))
     guard_blocks(fence)
-    with context.begin_transaction():
+    with context.begin_transaction(), own_transactions_refused(connection):
         context.run_migrations()
 
 
@@ -171,6 +171,11 @@ def create_schema(connection: Connection, schema: str) -> None:
                 "grant that role CREATE on the database"
             ) from exc
     connection.commit()
+
+
+def own_transactions_refused(connection: Connection) -> AbstractContextManager[None]:
+    """A revision may not end its own transaction (``op.execute("COMMIT")``)."""
+    return run.progress.keeping_transactions(connection) if run.progress else nullcontext()
 
 
 def guard_blocks(fence: Fence | None) -> None:
@@ -210,7 +215,7 @@ def run_sqlite(connection: Connection) -> None:
         last = (lambda **_kw: next_revision(),)
         context.configure(connection=connection, **options(last=last))
         context.get_context().autocommit_block = nullcontext  # type: ignore[method-assign, assignment]
-        with context.begin_transaction():
+        with context.begin_transaction(), own_transactions_refused(connection):
             context.run_migrations()
 
 
