@@ -31,6 +31,7 @@ if TYPE_CHECKING:
 
 _FOLLOW_UPS = (PendingRollbackError, ResourceClosedError, InterfaceError)
 _CONNECTION_LOST = "the connection, and with it the migration lock,"
+_IN_A_BLOCK = "a revision runs such a statement in `with op.get_context().autocommit_block():`"
 
 
 def what_to_do(exc: DBAPIError, flags: str, role: str | None) -> str:
@@ -94,6 +95,8 @@ def _failure(exc: BaseException, progress: Progress, run: Run, text: str) -> DbE
     if isinstance(exc, Halted):
         return Halted(f"{exc}: {text}")
     cause = describe(exc)
+    if getattr(cause_of(exc), "sqlstate", None) == "25001":  # cannot run inside a transaction
+        cause += f" ({_IN_A_BLOCK})"
     if step is None:
         return MigrationFailed(f"the run failed after its last revision: {cause}\n{text}")
     doing = f"{'upgrade' if step.is_upgrade else 'downgrade'} of revision {step.revision.revision}"

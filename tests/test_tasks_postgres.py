@@ -369,3 +369,16 @@ def test_a_revision_that_commits_itself_is_refused_whole_on_postgres(
     assert "; bad001 was rolled back; fix it" in error
     assert pg_version(pg_database) == ["good01"]
     assert pg_tables(pg_database) == SHOP_TABLES | {"notes"}  # no coupons, no leftover
+
+
+def test_a_statement_that_cannot_run_in_a_transaction_points_to_autocommit_block(
+    pg_project: Project, pg_database: PgDatabase
+) -> None:
+    concurrently = 'op.execute("create index concurrently ix_coupons_id on coupons (id)")'
+    add_good_then_bad(pg_project, concurrently)
+
+    error = pg_project.fails("migrate", "--env=ci")
+
+    assert "CREATE INDEX CONCURRENTLY cannot run inside a transaction block (a revision" in error
+    assert "runs such a statement in `with op.get_context().autocommit_block():`)" in error
+    assert pg_version(pg_database) == ["good01"]
