@@ -31,6 +31,10 @@ if TYPE_CHECKING:
 
 _FOLLOW_UPS = (PendingRollbackError, ResourceClosedError, InterfaceError)
 _CONNECTION_LOST = "the connection, and with it the migration lock,"
+_SEVERAL_STATEMENTS = (
+    "cannot insert multiple commands into a prepared statement",
+    "You can only execute one statement at a time",
+)
 _IN_A_BLOCK = "a revision runs such a statement in `with op.get_context().autocommit_block():`"
 
 
@@ -97,6 +101,8 @@ def _failure(exc: BaseException, progress: Progress, run: Run, text: str) -> DbE
     cause = describe(exc)
     if getattr(cause_of(exc), "sqlstate", None) == "25001":  # cannot run inside a transaction
         cause += f" ({_IN_A_BLOCK})"
+    if any(said in cause for said in _SEVERAL_STATEMENTS):  # asyncpg's words, and SQLite's
+        cause += " (give each statement its own op.execute())"
     if step is None:
         return MigrationFailed(f"the run failed after its last revision: {cause}\n{text}")
     doing = f"{'upgrade' if step.is_upgrade else 'downgrade'} of revision {step.revision.revision}"

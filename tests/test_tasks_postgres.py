@@ -382,3 +382,14 @@ def test_a_statement_that_cannot_run_in_a_transaction_points_to_autocommit_block
     assert "CREATE INDEX CONCURRENTLY cannot run inside a transaction block (a revision" in error
     assert "runs such a statement in `with op.get_context().autocommit_block():`)" in error
     assert pg_version(pg_database) == ["good01"]
+
+
+def test_several_statements_in_one_execute_on_postgres_get_a_way_to_split_them(
+    pg_project: Project, pg_database: PgDatabase
+) -> None:
+    add_good_then_bad(pg_project, 'op.execute("create table a (x int); create table b (x int)")')
+
+    error = pg_project.fails("migrate", "--env=ci")
+
+    assert "cannot insert multiple commands into a prepared statement (give each" in error
+    assert pg_version(pg_database) == ["good01"]

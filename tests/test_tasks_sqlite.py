@@ -535,3 +535,13 @@ def test_a_revision_that_ends_its_own_transaction_is_refused_whole(
     assert "; bad001 was rolled back; fix it" in error
     assert version(project) == ["good01"]
     assert tables(project) == SHOP_TABLES | {"notes"}  # no coupons, no leftover
+
+
+def test_several_statements_in_one_execute_get_a_way_to_split_them(project: Project) -> None:
+    project.migrated()
+    add_good_then_bad(project, 'op.execute("create table a (x int); create table b (x int)")')
+
+    error = project.fails("migrate")
+
+    assert "You can only execute one statement at a time. (give each statement its own" in error
+    assert version(project) == ["good01"]
