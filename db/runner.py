@@ -234,8 +234,16 @@ def _checked(script: ScriptDirectory, config: Config) -> ScriptDirectory:
         )
     for rev in script.walk_revisions():
         _utf8(rev, root)
+        missing = [
+            fn for fn in ("upgrade", "downgrade") if not callable(getattr(rev.module, fn, None))
+        ]
+        if missing:  # Alembic finds out only when it plans that direction, with a traceback
+            raise BrokenRevisions(
+                f"{_file(rev, root)} has no {missing[0]}() function: add one (a downgrade that "
+                "cannot undo the revision raises NotImplementedError, saying why)"
+            )
         if len(rev.revision) > VERSION_ID_MAX:
-            file = Path(rev.path).relative_to(root) if rev.path else rev.revision
+            file = _file(rev, root)
             raise BrokenRevisions(
                 f"{file}: revision id {rev.revision!r} is {len(rev.revision)} characters, and "
                 f"the version table holds {VERSION_ID_MAX} (PostgreSQL would refuse it after "
@@ -243,6 +251,14 @@ def _checked(script: ScriptDirectory, config: Config) -> ScriptDirectory:
                 "`revision =`, in its file name and in the down_revision that names it"
             )
     return script
+
+
+def _file(rev: Script, root: Path) -> str:
+    """A revision's file, named from the project (or whole, if it lies elsewhere)."""
+    if not rev.path:
+        return rev.revision
+    path = Path(rev.path)
+    return str(path.relative_to(root)) if path.is_relative_to(root) else str(path)
 
 
 def _utf8(rev: Script, root: Path) -> None:
@@ -254,8 +270,7 @@ def _utf8(rev: Script, root: Path) -> None:
         Path(rev.path).read_bytes().decode("utf-8")
     except UnicodeDecodeError as exc:
         raise BrokenRevisions(
-            f"{Path(rev.path).relative_to(root)} is not UTF-8 text (byte {exc.start}): save "
-            "it as UTF-8"
+            f"{_file(rev, root)} is not UTF-8 text (byte {exc.start}): save it as UTF-8"
         ) from None
 
 

@@ -137,6 +137,26 @@ def test_a_revision_file_that_is_not_utf8_is_named(project: Project) -> None:
     )
 
 
+@pytest.mark.parametrize("function", ["upgrade", "downgrade"])
+def test_a_revision_file_without_its_two_functions_is_named(
+    project: Project, function: str
+) -> None:
+    """A file without downgrade() migrated, and its rollback ended in an AttributeError
+    traceback; without upgrade() the migrate did."""
+    project.migrated()
+    text = revision("nofn01", HEAD, "pass").replace(f"def {function}()", f"def _{function}()")
+    project.add_revision("nofn", text)
+
+    for task in ("migrate", "rollback", "status"):
+        result = project.invoke(task)
+        assert result.returncode == 2, result.stderr
+        assert result.stderr.endswith(
+            f"error: db/migrations/versions/nofn.py has no {function}() function: add one (a "
+            "downgrade that cannot undo the revision raises NotImplementedError, saying why)\n"
+        )
+    assert version(project) == [HEAD]
+
+
 @pytest.mark.parametrize("ini", [None, "[alembic]\n"])
 def test_a_missing_or_broken_alembic_ini_is_named(project: Project, ini: str | None) -> None:
     path = project.root / "alembic.ini"
