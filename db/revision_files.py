@@ -75,6 +75,38 @@ def problem(versions: Path, root: Path) -> str | None:
                     f"{path.relative_to(root)}: down_revision {parent!r} names no revision "
                     "file: restore that file, or point down_revision at the revision before"
                 )
+    return _bad_reference(versions, root, set(owners))
+
+
+def _bad_reference(versions: Path, root: Path, revisions: set[str]) -> str | None:
+    """A ``down_revision`` that is no id (``42``), or a ``depends_on`` that names neither a
+    revision nor a branch label: Alembic says only ``TypeError`` or ``KeyError: 'x'``."""
+    found = {path: _assignments(path) for path in sorted(versions.glob("*.py"))}
+    labels = {
+        label for values in found.values() for label in _ids(values.get("branch_labels")) or ()
+    }
+    for path, values in found.items():
+        down = values.get("down_revision")
+        if _ids(down) is None:
+            return (
+                f"{path.relative_to(root)}: `down_revision = {down!r}` is no revision id: "
+                "write the id of the revision before it, as a string"
+            )
+        for need in _ids(values.get("depends_on")) or ():
+            if need not in revisions and need not in labels:
+                return (
+                    f"{path.relative_to(root)}: depends_on {need!r} names no revision file "
+                    "and no branch label: restore that file, or take it out of depends_on"
+                )
+    return None
+
+
+def _ids(value: object) -> tuple[str, ...] | None:
+    """A file's ids as a tuple (none for None); None when ``value`` is no id or ids."""
+    if value is None or isinstance(value, str):
+        return () if value is None else (value,)
+    if isinstance(value, (tuple, list)) and all(isinstance(v, str) for v in value):
+        return tuple(value)
     return None
 
 

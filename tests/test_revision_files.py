@@ -137,6 +137,42 @@ def test_a_revision_file_that_is_not_utf8_is_named(project: Project) -> None:
     )
 
 
+@pytest.mark.parametrize(
+    ("line", "said"),
+    [
+        ("down_revision = 42", "`down_revision = 42` is no revision id: write the id of"),
+        ('depends_on = "nothere"', "depends_on 'nothere' names no revision file and no branch"),
+    ],
+)
+def test_a_reference_alembic_cannot_follow_is_named(project: Project, line: str, said: str) -> None:
+    """Alembic said only ``TypeError: sequence item 0: expected str instance, int found``
+    or ``KeyError: 'nothere'``, naming no file."""
+    text = revision("refs01", HEAD, "pass")
+    if line.startswith("down_revision"):
+        text = text.replace(f"down_revision = {HEAD!r}", line)
+    else:
+        text = text.replace("depends_on = None", line)
+    project.add_revision("refs", text)
+
+    result = project.invoke("status")
+
+    assert result.returncode == 2, result.stderr
+    assert f"error: db/migrations/versions/refs.py: {said}" in result.stderr
+
+
+def test_depends_on_a_branch_label_is_followed(project: Project) -> None:
+    labelled = revision("feat01", HEAD, "pass").replace(
+        "branch_labels = None", 'branch_labels = ("feature",)'
+    )
+    needing = revision("need01", HEAD, "pass").replace(
+        "depends_on = None", 'depends_on = "feature"'
+    )
+    project.add_revision("feat", labelled)
+    project.add_revision("need", needing)
+
+    assert "pending:" in project.ok("status").stdout
+
+
 @pytest.mark.parametrize("function", ["upgrade", "downgrade"])
 def test_a_revision_file_without_its_two_functions_is_named(
     project: Project, function: str
