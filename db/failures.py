@@ -98,11 +98,7 @@ def _failure(exc: BaseException, progress: Progress, run: Run, text: str) -> DbE
         return Interrupted(f"interrupted: {text}", run.stop.signum)
     if isinstance(exc, Halted):
         return Halted(f"{exc}: {text}")
-    cause = describe(exc)
-    if getattr(cause_of(exc), "sqlstate", None) == "25001":  # cannot run inside a transaction
-        cause += f" ({_IN_A_BLOCK})"
-    if any(said in cause for said in _SEVERAL_STATEMENTS):  # asyncpg's words, and SQLite's
-        cause += " (give each statement its own op.execute())"
+    cause = _hinted(exc)
     if step is None:
         return MigrationFailed(f"the run failed after its last revision: {cause}\n{text}")
     doing = f"{'upgrade' if step.is_upgrade else 'downgrade'} of revision {step.revision.revision}"
@@ -118,6 +114,16 @@ def _failure(exc: BaseException, progress: Progress, run: Run, text: str) -> DbE
         said, fix = outside
         return MigrationFailed(f"{doing} failed: {said}\n{text}; {fix}")
     return MigrationFailed(f"{doing} failed: {cause}\n{text}; fix it and run the task again")
+
+
+def _hinted(exc: BaseException) -> str:
+    """A revision's failure in the driver's words, with the way out where they hide it."""
+    cause = describe(exc)
+    if getattr(cause_of(exc), "sqlstate", None) == "25001":  # cannot run inside a transaction
+        return f"{cause} ({_IN_A_BLOCK})"
+    if any(said in cause for said in _SEVERAL_STATEMENTS):  # asyncpg's words, and SQLite's
+        return f"{cause} (give each statement its own op.execute())"
+    return cause
 
 
 def not_the_revision(exc: BaseException, run: Run) -> tuple[str, str] | None:
