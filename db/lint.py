@@ -115,7 +115,14 @@ def _squawk(root: Path, files: list[Path]) -> list[dict[str, Any]]:
         command[1:1] = ["--config", str(config)]
     done = subprocess.run(command, capture_output=True, text=True)
     try:
-        reported = json.loads(done.stdout or "[]")
+        reported = json.loads(done.stdout)
     except json.JSONDecodeError:
-        raise DbError(f"squawk failed: {done.stderr.strip() or done.stdout.strip()}") from None
+        reported = None
+    # findings exit 1 with their list; a failure exits 1 with none (a broken .squawk.toml),
+    # which read as "[]" passed the lint
+    if not isinstance(reported, list) or (done.returncode != 0 and not reported):
+        said = done.stderr.strip() or done.stdout.strip() or f"exit status {done.returncode}"
+        if said.startswith("Configuration error") and config.is_file():
+            raise ConfigError(f"{config.name}: squawk cannot read it: {said}")
+        raise DbError(f"squawk failed: {said}")
     return [item for item in reported if isinstance(item, dict)]

@@ -121,6 +121,19 @@ def test_a_squawk_ignore_comment_excuses_one_statement(project: Project) -> None
     assert "no findings" in project.ok("lint", "--env=prod", "--all").stderr
 
 
+def test_a_squawk_config_it_cannot_read_fails_the_lint(project: Project) -> None:
+    """squawk exits 1 on a broken .squawk.toml, with no findings on stdout: read as "[]",
+    it passed the lint of a revision with a blocking index."""
+    project.add_revision("ix", revision("idx001", head_revision(), INDEX, message="index"))
+    (project.root / ".squawk.toml").write_text("excluded_rules = [ not toml\n")
+
+    result = project.invoke("lint", "--env=prod", "--all")
+
+    assert result.returncode == 2, result.stderr
+    assert "error: .squawk.toml: squawk cannot read it: Configuration error" in result.stderr
+    assert "no findings" not in result.stderr
+
+
 def test_lint_needs_a_postgresql_environment(project: Project) -> None:
     result = project.invoke("lint", "--env=dev", "--all")
     assert result.returncode == 2 and "dev is not a PostgreSQL environment" in result.stderr
