@@ -146,7 +146,7 @@ _LOCKED = (5, 6)  # SQLITE_BUSY, SQLITE_LOCKED: the backup API tries the step ag
 def pg_dump(env: Environment, url: URL) -> Path:
     target = _new_file(env, "dump")
     command = ["pg_dump", "--format=custom", f"--file={target}", "--no-password"]
-    command += [f"--host={url.host or 'localhost'}", f"--port={url.port or 5432}"]
+    command += _server(url)
     command += [f"--username={url.username or ''}", url.database or ""]
     command += [f"--schema={env.schema}"] if env.schema else []  # a tenant's schema alone
     environ = {**os.environ, "PGPASSWORD": url.password or ""} if url.password else None
@@ -157,6 +157,23 @@ def pg_dump(env: Environment, url: URL) -> Path:
         raise DbError(f"pg_dump failed, so nothing was migrated: {reason}")
     _prune(env, "dump")
     return target
+
+
+def _server(url: URL) -> list[str]:
+    """pg_dump's ``--host`` and ``--port`` for the server(s) asyncpg reaches: the URL's own,
+    or those its query names, a socket's folder (``?host=/run/postgresql``) or several hosts
+    tried in turn (``?host=a:5432&host=b:5433``, which libpq takes as lists); none given,
+    libpq's default, the local socket, as asyncpg's. Never a guess such as ``localhost``,
+    which may be another server with a database of the same name."""
+    port = str(url.port or 5432)
+    if url.host:
+        return [f"--host={url.host}", f"--port={port}"]
+    given = url.query.get("host")
+    if not given:
+        return [f"--port={port}"]
+    places = [given] if isinstance(given, str) else list(given)
+    pairs = [p.rsplit(":", 1) if ":" in p and not p.startswith("/") else [p, port] for p in places]
+    return [f"--host={','.join(h for h, _ in pairs)}", f"--port={','.join(n for _, n in pairs)}"]
 
 
 def backups(env: Environment, suffix: str = "sqlite3") -> list[Path]:

@@ -18,9 +18,12 @@ from conftest import (
     Project,
     add_good_then_bad,
     cluster,
+    free_port,
     head_revision,
+    need,
     pg_execute,
     pg_fetch,
+    revision,
 )
 from sqlalchemy.engine import make_url
 
@@ -393,3 +396,25 @@ def test_several_statements_in_one_execute_on_postgres_get_a_way_to_split_them(
 
     assert "cannot insert multiple commands into a prepared statement (give each" in error
     assert pg_version(pg_database) == ["good01"]
+
+
+def test_a_pg_dump_backup_reaches_the_server_the_url_names(project: Project) -> None:
+    """Hosts in the query (several tried in turn, or a socket's folder) leave the URL no
+    host of its own: pg_dump was sent to localhost:5432, another server, which has no such
+    database (or, worse, one of the same name to dump instead)."""
+    [pg_restore] = need("pg_restore")
+    with cluster() as own:
+        pg_execute(f"postgresql://postgres@127.0.0.1:{own.port}/postgres", "CREATE DATABASE dumped")
+        hosts = f"host=127.0.0.1:{free_port()}&host=127.0.0.1:{own.port}"  # the first is dead
+        project.write_env("ci", f"DATABASE_URL=postgresql+asyncpg://postgres@/dumped?{hosts}\n")
+        project.extend_env("ci", "BACKUP=pg_dump\n")
+        project.ok("migrate", "--env=ci")
+        project.add_revision("next", revision("next01", head_revision()))
+
+        result = project.ok("migrate", "--env=ci")
+
+    said = re.search(r"backed up to (var/backups/ci-\S+\.dump) with pg_dump", result.stderr)
+    assert said is not None, result.stderr
+    dump = project.root / said.group(1)
+    listed = subprocess.run([pg_restore, "--list", str(dump)], capture_output=True, text=True)
+    assert "TABLE public users" in listed.stdout  # the migrated database, from its server
