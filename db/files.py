@@ -18,7 +18,9 @@ def write_whole(path: Path, text: str) -> None:
     keeps pointing at it. What is no file (a pipe, a terminal, a device) is written to as
     it is, never replaced by a file. Raises OSError."""
     if str(path.absolute()).startswith(STREAMS) or (path.exists() and not path.is_file()):
-        with open(path, "w", encoding="utf-8") as stream:
+        # appended: /dev/stdout reopens the file a shell's `>> log.sql` points it at, which
+        # "w" would empty (a pipe or a terminal takes either alike)
+        with open(path, "a", encoding="utf-8") as stream:
             stream.write(text)
         return
     path = path.resolve()  # through links: the file they name gets the text

@@ -492,6 +492,19 @@ def test_offline_sql_to_a_pipe_writes_into_it(project: Project) -> None:
     assert stat.S_ISFIFO(pipe.lstat().st_mode)
 
 
+def test_offline_sql_to_dev_stdout_keeps_what_the_file_held(project: Project) -> None:
+    """``invoke offline-sql --output=/dev/stdout >> all.sql``: /dev/stdout reopens the file,
+    and opening it to write emptied it first."""
+    log = project.root / "all.sql"
+    log.write_text("-- earlier\n")
+    with log.open("a") as appending:
+        task = project.start("offline-sql", "--output=/dev/stdout", stdout=appending)
+        assert task.wait(timeout=60) == 0
+
+    assert log.read_text().startswith("-- earlier\n")
+    assert "CREATE TABLE users" in log.read_text()
+
+
 def test_offline_sql_to_a_file_keeps_its_mode_and_its_link(project: Project) -> None:
     """A file written whole is still the user's file: an existing one keeps its mode, a
     new one gets the umask's (not a temporary file's 0600), and a link still points at it."""
