@@ -21,7 +21,7 @@ from db.engines import (
 from db.environments import Environment
 from db.errors import DbError, RevisionError
 from db.progress import Revision
-from db.revision_ids import PAST_THE_ENDS, known_revision
+from db.revision_ids import PAST_THE_ENDS, known_revision, one_way
 from db.runner import Progress, RunOptions, Step, load_scripts, make_config, run_env, run_of
 
 Plan = Callable[[ScriptDirectory, tuple[str, ...]], list[RevisionStep]]
@@ -53,6 +53,7 @@ class State:
 
 def migrate(env: Environment, to: str = "head", options: RunOptions | None = None) -> list[Step]:
     """Upgrade to ``to`` (head, an id or prefix, or ``+N``); returns the steps applied."""
+    one_way(to, up=True, flags=env.flags)
 
     def plan(script: ScriptDirectory, current: tuple[str, ...]) -> list[RevisionStep]:
         known_revision(script, to, env.flags)
@@ -70,6 +71,8 @@ def rollback(
     """Downgrade ``steps`` revisions, or to ``to`` (an id, prefix or ``base``)."""
     if steps < 1:
         raise DbError(f"--steps must be 1 or more, not {steps}")
+    if to is not None:
+        one_way(to, up=False, flags=env.flags)
 
     def plan(script: ScriptDirectory, current: tuple[str, ...]) -> list[RevisionStep]:
         if to is None and not current:

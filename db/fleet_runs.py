@@ -92,11 +92,13 @@ def check(env: Environment, plan: Plan, chosen: list[Target]) -> None:
     (``--to``, or the one to stamp) that the files do not have, a bad ``RUNS_KEEP``."""
     from db import guards
     from db.records import stamp_target
-    from db.revision_ids import known_revision
+    from db.revision_ids import known_revision, one_way
     from db.runner import load_scripts, make_config
 
     if plan.task in CHANGING:  # a bad setting, said now rather than after the run
         env.count("RUNS_KEEP", 100)
+    if plan.task in ("migrate", "rollback") and plan.args.get("to"):
+        one_way(plan.args.get("to") or "", up=plan.task == "migrate", flags=env.flags)
     if plan.task not in ("migrate", "rollback", "stamp"):
         return
     # the files are the same for every target; a target's own settings make the Config

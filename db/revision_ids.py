@@ -13,6 +13,8 @@ from db.errors import RevisionError
 
 _RELATIVE = re.compile(r"Relative revision ([+-]\d+) didn't produce (\d+) migrations")
 _RELATIVE_ID = re.compile(r"(?:.+@)?\w*[+-]\d+")  # +2, -1, ae1027a6acf+2, branch@-1
+# steps counted from the database's own revision, which go one way only
+_BACK, _FORWARD = re.compile(r"(?:[^@]+@)?-\d+"), re.compile(r"(?:[^@]+@)?\+\d+")
 
 
 def known_revision(script: ScriptDirectory, revision: str, flags: str) -> None:
@@ -31,6 +33,22 @@ def known_revision(script: ScriptDirectory, revision: str, flags: str) -> None:
             script.get_revisions(revision)
     except CommandError as exc:
         raise revision_error(exc, flags) from exc
+
+
+def one_way(to: str, *, up: bool, flags: str) -> None:
+    """Refuse steps from the database's revision that go the other way (``migrate --to=-1``,
+    ``rollback --to=+1``): Alembic finds they "didn't produce" their migrations, which read
+    as if there were no revisions there."""
+    if up and _BACK.fullmatch(to):
+        raise RevisionError(
+            f"--to={to} goes back from the database's revision, and migrate only goes "
+            f"forward: `invoke rollback {flags} --to={to}` goes back"
+        )
+    if not up and _FORWARD.fullmatch(to):
+        raise RevisionError(
+            f"--to={to} goes forward from the database's revision, and rollback only goes "
+            f"back: `invoke migrate {flags} --to={to}` goes forward"
+        )
 
 
 def malformed(revision: str) -> str | None:

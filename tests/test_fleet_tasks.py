@@ -378,6 +378,10 @@ def test_a_target_that_cannot_be_read_fails_status_and_is_named(fleet: Project) 
     bad = fleet.invoke("migrate", "--env=shops", "--to=+2")  # relative: each target's own
     assert bad.returncode == 6 and "so +2 leads nowhere" in bad.stderr
     assert "see `invoke status --env=shops --only=alpha`" in bad.stderr
+    back = fleet.invoke("migrate", "--env=shops", "--to=-1")  # the other way: refused once
+    assert back.returncode == 1, back.stderr
+    assert back.stderr.count("migrate only goes forward: `invoke rollback --env=shops") == 1
+    assert "[" not in back.stderr.split("\n", 1)[1]  # no target started
 
 
 def test_a_target_placeholder_with_no_targets_named_is_refused(project: Project) -> None:

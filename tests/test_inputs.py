@@ -443,6 +443,30 @@ def test_tasks_without_a_to_flag_do_not_suggest_one(project: Project) -> None:
     assert "--to=REV" in project.fails("migrate")
 
 
+def test_a_relative_target_the_other_way_says_which_task_goes_there(project: Project) -> None:
+    """``migrate --to=-1`` with a revision before the current one was answered "there are not
+    1 revision(s) before the database's current one"; ``rollback --to=+1`` likewise."""
+    table = 'op.create_table("next01", sa.Column("id", sa.Integer))'
+    project.add_revision("next", revision("next01", HEAD, table))
+    project.ok("migrate", f"--to={HEAD}")
+
+    back = project.invoke("migrate", "--to=-1")
+    forward = project.invoke("rollback", "--to=+1")
+
+    assert back.returncode == 1 and forward.returncode == 1
+    assert back.stderr.endswith(
+        "error: --to=-1 goes back from the database's revision, and migrate only goes forward: "
+        "`invoke rollback --env=dev --to=-1` goes back\n"
+    )
+    assert "rollback only goes back: `invoke migrate --env=dev --to=+1` goes forward" in (
+        forward.stderr
+    )
+    assert version(project) == [HEAD]
+    project.ok("migrate", "--to=+1")  # each, the right way round, gets there
+    project.ok("rollback", "--to=-1")
+    assert version(project) == [HEAD]
+
+
 def test_a_relative_target_past_head_says_so(project: Project) -> None:
     project.migrated()
 
