@@ -154,7 +154,7 @@ def _from_file(env: Environment) -> list[Target]:
     path = env.root / env.get("TARGETS_FILE").strip()
     where = f"TARGETS_FILE {env.relative(path)}"
     try:
-        lines = path.read_text(encoding="utf-8").splitlines()
+        lines = path.read_text(encoding="utf-8-sig").splitlines()  # a BOM: Notepad
     except OSError as exc:
         raise ConfigError(f"cannot read {where}: {exc.strerror}") from None
     except UnicodeDecodeError:

@@ -118,6 +118,13 @@ def test_a_targets_file_that_is_not_names_and_urls_is_refused_by_line(project: P
         fleet.targets(env)
 
 
+def test_a_targets_file_saved_on_windows_reads_as_the_same_names(project: Project) -> None:
+    env = shops(project, "DATABASE_URL=sqlite:///var/{target}.db\nTARGETS_FILE=shops.txt\n")
+    (project.root / "shops.txt").write_bytes(b"\xef\xbb\xbfalpha\r\nbeta  # new\r\n")  # BOM, CRLF
+
+    assert [t.name for t in fleet.targets(env)] == ["alpha", "beta"]
+
+
 def test_a_targets_file_line_may_give_the_targets_own_url(project: Project) -> None:
     (project.root / "shops.txt").write_text(
         "# name [url]\nnear\nfar postgresql+asyncpg://shop@10.0.0.7/shop_far  # other server\n"
