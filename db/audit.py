@@ -153,7 +153,7 @@ def _file_checksum(path: str, *_version: int) -> str:
 @functools.lru_cache(maxsize=4096)
 def _code_checksum(path: str, *_version: int) -> str | None:
     try:
-        tree = ast.parse(Path(path).read_text(encoding="utf-8"))
+        tree = ast.parse(Path(path).read_bytes())  # as Python reads it: a BOM, a coding line
     except (SyntaxError, ValueError, UnicodeDecodeError):
         return None
     for node in ast.walk(tree):

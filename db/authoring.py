@@ -112,7 +112,7 @@ def docstring_safe(message: str) -> str:
 def parses(path: Path) -> Path:
     """A written revision must compile; one that does not is deleted, so no task breaks on it."""
     try:
-        compile(path.read_text(encoding="utf-8"), str(path), "exec")
+        compile(path.read_bytes(), str(path), "exec")
     except (SyntaxError, ValueError) as exc:
         path.unlink(missing_ok=True)
         raise RevisionError(

@@ -27,7 +27,7 @@ def declared(versions: Path) -> dict[Path, tuple[str, tuple[str, ...]]]:
 def _assignments(path: Path) -> dict[str, object]:
     """Module-level ``NAME = literal`` (or ``NAME: type = literal``) in a file."""
     try:
-        tree = ast.parse(path.read_text(encoding="utf-8"))
+        tree = ast.parse(path.read_bytes())  # as Python reads it: a BOM, a coding line
     except (SyntaxError, ValueError, OSError, UnicodeDecodeError):
         return {}  # importing it reports the problem, with the file's name
     values: dict[str, object] = {}

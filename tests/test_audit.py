@@ -184,13 +184,16 @@ def test_the_audit_row_records_the_git_commit_when_there_is_one(project: Project
         assert connection.execute("select git_commit from migration_log").fetchall() == [(head,)]
 
 
-def test_a_formatting_only_edit_is_not_a_change(project: Project) -> None:
+@pytest.mark.parametrize(
+    "start", ["# reformatted by a newer ruff\n", "\ufeff"], ids=["comment", "byte-order-mark"]
+)
+def test_a_formatting_only_edit_is_not_a_change(project: Project, start: str) -> None:
     project.write_env("safe", "DATABASE_URL=sqlite:///var/safe.sqlite3\nPROTECTED=true\n")
     project.migrated("safe")
     path = Path(initial_file(project))
     text = path.read_text()
     reformatted = text.replace('"""create shop tables', '"""Create the shop tables', 1)
-    path.write_text("# reformatted by a newer ruff\n" + reformatted.replace("\n\n\n", "\n\n"))
+    path.write_text(start + reformatted.replace("\n\n\n", "\n\n"), encoding="utf-8")
 
     result = project.ok("status", "--env=safe")
 
