@@ -93,9 +93,25 @@ def check_sqlite(env: Environment, path: Path) -> None:
     if problem:
         raise DbError(
             f"{env.relative(path)} fails SQLite's quick_check ({problem}): the file is "
-            "corrupt, so nothing was run and no backup was made of it; put a good backup "
-            f"back with `invoke restore {env.flags}`"
+            f"corrupt, so nothing was run and no backup was made of it; {repair(env.flags)}"
         )
+
+
+def repair(flags: str) -> str:
+    """What to do about a corrupt SQLite file: ``flags`` are the task's --env (and --only)."""
+    return (
+        f"put a good backup back with `invoke restore {flags}`, or, with none, start it over "
+        f"with `invoke reset {flags}` (which keeps the corrupt file)"
+    )
+
+
+def set_aside_corrupt(env: Environment, url: URL) -> Path | None:
+    """Move a corrupt SQLite file (with its journal) into the backups, as it is, so that a
+    reset can start a new one: nothing in it can be dropped. None when it is sound."""
+    path = Path(url.database or "") if url.get_backend_name() == "sqlite" else None
+    if path is None or not path.is_file() or path.stat().st_size == 0 or not _quick_check(path):
+        return None
+    return _set_aside(env, path)
 
 
 def _quick_check(path: Path) -> str | None:
@@ -296,6 +312,10 @@ def _keep_replaced(env: Environment, live: Path) -> Path | None:
         return None
     if _quick_check(live) is None:  # kept even with BACKUP_KEEP=0: a restore can be undone
         return sqlite_backup(env, make_url(f"sqlite:///{live}"), least=1)
+    return _set_aside(env, live)
+
+
+def _set_aside(env: Environment, live: Path) -> Path:
     kept = _new_file(env, "corrupt")
     for suffix in ("-journal", ""):  # its journal first: one left behind would be played back
         if Path(f"{live}{suffix}").exists():

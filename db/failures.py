@@ -14,6 +14,7 @@ from sqlalchemy.exc import (
     ResourceClosedError,
 )
 
+from db.backups import repair
 from db.errors import (
     DbError,
     Halted,
@@ -51,7 +52,7 @@ def what_to_do(exc: DBAPIError, flags: str, role: str | None) -> str:
             "(CREATE SCHEMA public), or name one with SCHEMA in the env file"
         )
     if "file is not a database" in said or "database disk image is malformed" in said:
-        return f"the SQLite file is corrupt: put a good backup back with `invoke restore {flags}`"
+        return f"the SQLite file is corrupt: {repair(flags)}"
     if state != "42501":
         return ""
     role = role or "the migrating role"

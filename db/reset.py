@@ -22,12 +22,17 @@ def reset(env: Environment, options: RunOptions | None = None) -> list[Step]:
     """Drop everything and migrate from scratch; never on a protected environment.
 
     It runs the guards ``migrate`` runs (the env name, a sound SQLite file), and backs the
-    database up before it drops anything.
+    database up before it drops anything. A corrupt SQLite file, which has nothing that can
+    be dropped, is moved into the backups as it is, and a new one is migrated.
     """
     if env.protected:
         raise GuardRefused(f"{env.name} is protected: reset drops every table and never runs there")
     options = options or RunOptions()
     url = env.url()
+    kept = backups.set_aside_corrupt(env, url)
+    if kept is not None:  # nothing in it to drop or back up: a new file, migrated from scratch
+        options.note(f"the corrupt database file was moved to {env.relative(kept)}")
+        return migrate(env, "head", replace(options, backup=False))
     backups.check_file(env, url)
     config = make_config(env, options)
     script = load_scripts(config)

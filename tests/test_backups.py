@@ -74,8 +74,29 @@ def test_a_corrupt_sqlite_file_is_refused_before_anything_and_not_backed_up(
         error = project.fails(task)
         assert "malformed" in error or "not a database" in error
         assert error.endswith(
-            "\nthe SQLite file is corrupt: put a good backup back with `invoke restore --env=dev`\n"
+            "\nthe SQLite file is corrupt: put a good backup back with `invoke restore --env=dev`"
+            ", or, with none, start it over with `invoke reset --env=dev` (which keeps the "
+            "corrupt file)\n"
         )
+
+
+def test_reset_starts_a_corrupt_file_with_no_backup_over_and_keeps_it(project: Project) -> None:
+    project.migrated()
+    live = project.root / "var" / "dev.sqlite3"
+    corrupt(live)
+    damaged = live.read_bytes()
+    assert "no backup to restore for dev" in project.fails("restore", "--yes")
+
+    result = project.ok("reset")
+
+    [kept] = (project.root / "var" / "backups").glob("dev-*.corrupt")
+    assert f"the corrupt database file was moved to var/backups/{kept.name}\n" in result.stderr
+    assert kept.read_bytes() == damaged
+    assert version(project) == [HEAD]
+    project.write_env("safe", "DATABASE_URL=sqlite:///var/dev.sqlite3\nPROTECTED=true\n")
+    corrupt(live)
+    assert "reset drops every table and never runs there" in project.fails("reset", "--env=safe")
+    assert len(list((project.root / "var" / "backups").glob("dev-*.corrupt"))) == 1
 
 
 def test_a_backup_that_fills_the_disk_stops_the_run_and_keeps_the_good_ones(
