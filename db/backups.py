@@ -50,6 +50,8 @@ def sqlite_backup(env: Environment, url: URL, least: int = 0) -> Path | None:
     target = _new_file(env, "sqlite3")
     try:
         _copy(source, target)
+        with closing(sqlite3.connect(target)) as copy:  # a copy of a WAL-mode file is one too,
+            copy.execute("PRAGMA journal_mode=DELETE")  # and would grow a -wal and a -shm
         problem = _quick_check(target)
         if problem:
             raise sqlite3.DatabaseError(f"the copy fails quick_check: {problem}")
@@ -268,7 +270,7 @@ def _unrestored(env: Environment, live: Path, kept: Path | None) -> str:
     rolled the copy back; a new file (there was none, or a corrupt one moved aside) goes."""
     if kept is not None and kept.suffix != ".corrupt":
         return _AS_IT_WAS
-    for suffix in ("-journal", ""):
+    for suffix in _COMPANIONS + ("",):
         Path(f"{live}{suffix}").unlink(missing_ok=True)
     moved = f" (the corrupt one is in {env.relative(kept)})" if kept is not None else ""
     return f"nothing was restored and there is no database file{moved}"
@@ -304,10 +306,12 @@ def _migrated_as(path: Path) -> str | None:
     return f"{row[0]}.{row[1]}" if row[1] else str(row[0])
 
 
+_COMPANIONS = ("-journal", "-wal", "-shm")  # the files SQLite keeps beside a database
+
+
 def _keep_replaced(env: Environment, live: Path) -> Path | None:
     """Keep the database a restore replaces: as a verified backup, or, when corrupt, moved
-    aside as it is with its journal (SQLite cannot copy over a file it cannot read, and
-    would play that file's journal back into the restored one)."""
+    aside as it is (SQLite cannot copy over a file it cannot read)."""
     if not live.is_file() or live.stat().st_size == 0:
         return None
     if _quick_check(live) is None:  # kept even with BACKUP_KEEP=0: a restore can be undone
@@ -316,8 +320,11 @@ def _keep_replaced(env: Environment, live: Path) -> Path | None:
 
 
 def _set_aside(env: Environment, live: Path) -> Path:
+    """Move a corrupt file aside with its journal, or its write-ahead log and that log's
+    index (WAL mode: the last commits may be only there), which go first: one left behind
+    would be played back into the new file, and the kept copy would lack those commits."""
     kept = _new_file(env, "corrupt")
-    for suffix in ("-journal", ""):  # its journal first: one left behind would be played back
+    for suffix in _COMPANIONS + ("",):
         if Path(f"{live}{suffix}").exists():
             shutil.move(f"{live}{suffix}", f"{kept}{suffix}")
     return kept

@@ -10,6 +10,7 @@ import shutil
 import signal
 import sqlite3
 import subprocess
+import sys
 from contextlib import closing
 from pathlib import Path
 
@@ -97,6 +98,62 @@ def test_reset_starts_a_corrupt_file_with_no_backup_over_and_keeps_it(project: P
     corrupt(live)
     assert "reset drops every table and never runs there" in project.fails("reset", "--env=safe")
     assert len(list((project.root / "var" / "backups").glob("dev-*.corrupt"))) == 1
+
+
+def test_a_corrupt_file_set_aside_keeps_the_rows_its_write_ahead_log_holds(
+    project: Project,
+) -> None:
+    """An app in WAL mode that was killed leaves its last commits in dev.sqlite3-wal. A
+    corrupt file moved aside without that log lost them: the kept copy is what a user
+    salvages rows from."""
+    project.migrated()
+    live = project.root / "var" / "dev.sqlite3"
+    app = (
+        "import sqlite3, time\n"
+        f"db = sqlite3.connect({str(live)!r})\n"
+        "db.execute('pragma journal_mode=wal'); db.execute('pragma wal_autocheckpoint=0')\n"
+        "db.execute('create table orders (id integer primary key, note text)')\n"
+        "db.executemany('insert into orders (note) values (?)', [('paid',)] * 50)\n"
+        "db.commit(); print('committed', flush=True); time.sleep(60)\n"
+    )
+    with subprocess.Popen([sys.executable, "-c", app], stdout=subprocess.PIPE) as running:
+        assert running.stdout is not None and running.stdout.readline() == b"committed\n"
+        running.kill()  # as a crash would: no checkpoint, the commits only in the log
+    assert Path(f"{live}-wal").stat().st_size > 0
+    corrupt(live)
+
+    result = project.ok("reset")
+
+    [kept] = (project.root / "var" / "backups").glob("dev-*.corrupt")
+    assert f"moved to var/backups/{kept.name}" in result.stderr
+    with closing(sqlite3.connect(kept)) as salvaged:
+        assert salvaged.execute("select count(*) from orders").fetchone() == (50,)
+    assert not Path(f"{live}-wal").exists() and not Path(f"{live}-shm").exists()
+    assert version(project) == [HEAD]
+    with project.sqlite() as db:
+        assert db.execute("select name from sqlite_master where name = 'orders'").fetchall() == []
+
+
+def test_a_backup_of_a_database_in_wal_mode_is_one_file(project: Project) -> None:
+    """The app may put its database in WAL mode; a copy of it was in WAL mode too, and
+    checking it left a -wal and a -shm beside it in var/backups that pruning never removed."""
+    project.migrated()
+    with project.sqlite() as db:
+        assert db.execute("pragma journal_mode=wal").fetchone() == ("wal",)
+    pending_revision(project)
+    project.ok("migrate", "--env=dev")
+    project.ok("rollback", "--env=dev")  # a second backup, at next01
+
+    made = backups(project)
+    assert [p.suffix for p in made] == [".sqlite3", ".sqlite3"], made
+    for backup in made:
+        with closing(sqlite3.connect(backup)) as copy:
+            assert copy.execute("pragma journal_mode").fetchone() == ("delete",)
+    project.ok("restore", f"--file={made[-1].relative_to(project.root)}", "--yes")
+    assert version(project) == ["next01"]
+    with project.sqlite() as db:  # the live database keeps the app's mode
+        assert db.execute("pragma journal_mode").fetchone() == ("wal",)
+        assert db.execute("pragma quick_check").fetchone() == ("ok",)
 
 
 def test_a_backup_that_fills_the_disk_stops_the_run_and_keeps_the_good_ones(
