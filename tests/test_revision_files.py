@@ -26,6 +26,16 @@ def test_any_message_makes_a_revision_that_parses_and_reads_back_the_same(
         compile(path.read_text(), str(path), "exec")
 
 
+def test_a_message_on_several_lines_is_one_line_in_every_listing(project: Project) -> None:
+    """Pasted with its line break, a message made the listings' lines break in two."""
+    project.ok("makemigration", "--empty", "--message=add coupons\n\tand their\r\nlimits ")
+
+    history = project.ok("history").stdout
+    assert "pending  add coupons and their limits  (head)\n" in history
+    [written] = project.versions.glob("*_add_coupons_and_their_limits.py")
+    assert written.read_text().startswith('"""add coupons and their limits\n')
+
+
 def test_an_empty_revision_keeps_its_imports(project: Project) -> None:
     project.ok("makemigration", "--empty", "--message=backfill")
 
