@@ -39,8 +39,10 @@ def print_json(data: object) -> None:
 
 
 def print_start(step: RevisionStep) -> None:
+    from db.progress import message_of  # loaded by then: a revision is starting
+
     verb = "applying" if step.is_upgrade else "reverting"
-    print(f"  {verb} {step.revision.revision}  {step.revision.doc}...", file=sys.stderr)
+    print(f"  {verb} {step.revision.revision}  {message_of(step.revision)}...", file=sys.stderr)
 
 
 def print_step(step: Step) -> None:

@@ -24,7 +24,7 @@ from db.errors import (
     cause_of,
     first_line,
 )
-from db.progress import Progress, Step
+from db.progress import Progress, Step, message_of
 from db.versions import current_heads
 
 if TYPE_CHECKING:
@@ -103,7 +103,7 @@ def _failure(exc: BaseException, progress: Progress, run: Run, text: str) -> DbE
     if step is None:
         return MigrationFailed(f"the run failed after its last revision: {cause}\n{text}")
     doing = f"{'upgrade' if step.is_upgrade else 'downgrade'} of revision {step.revision.revision}"
-    doing += f" ({step.revision.doc})"
+    doing += f" ({message_of(step.revision)})"
     if isinstance(exc, LockLost) or (isinstance(exc, DBAPIError) and exc.connection_invalidated):
         lost = "the migration lock" if isinstance(exc, LockLost) else _CONNECTION_LOST
         return LockLost(f"lost {lost} during the {doing}: {cause}\n{text}; run the task again")

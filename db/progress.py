@@ -38,6 +38,11 @@ _TRANSACTION_CONTROL = re.compile(
 )
 
 
+def message_of(script: Script) -> str:
+    """A revision's message as listed: its docstring's first paragraph, on one line."""
+    return " ".join((script.doc or "").split())
+
+
 @dataclass(frozen=True)
 class Revision:
     id: str
@@ -47,7 +52,7 @@ class Revision:
     @classmethod
     def of(cls, script: Script) -> Revision:
         source = Path(script.path).read_text(encoding="utf-8")
-        return cls(script.revision, script.doc or "", "autocommit_block(" not in source)
+        return cls(script.revision, message_of(script), "autocommit_block(" not in source)
 
 
 @dataclass(frozen=True)
@@ -169,7 +174,7 @@ class Progress:
         does both where the row is new."""
         direction = "up" if step.is_upgrade else "down"
         seconds = time.perf_counter() - self._clock
-        done = Step(step.up_revision_id or "", _script(step).doc or "", direction, seconds)
+        done = Step(step.up_revision_id or "", message_of(_script(step)), direction, seconds)
         connection = ctx.connection
         row = self._row(step, direction, done.seconds) if self.who is not None else None
         if self.fence is None or connection is None:

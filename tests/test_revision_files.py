@@ -35,6 +35,16 @@ def test_a_message_on_several_lines_is_one_line_in_every_listing(project: Projec
     [written] = project.versions.glob("*_add_coupons_and_their_limits.py")
     assert written.read_text().startswith('"""add coupons and their limits\n')
 
+    docstring = "Backfill prices\n   for old products\n\nRevision ID: by hand"  # written by hand
+    project.add_revision(
+        "backfill", revision("backfill", written.name.split("_")[1], "pass", docstring)
+    )
+    migrated = project.ok("migrate").stderr
+    assert "applying backfill  Backfill prices for old products...\n" in migrated
+    assert "backfill  applied  Backfill prices for old products  (head)  [" in (
+        project.ok("history").stdout
+    )
+
 
 def test_an_empty_revision_keeps_its_imports(project: Project) -> None:
     project.ok("makemigration", "--empty", "--message=backfill")
