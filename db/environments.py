@@ -318,7 +318,15 @@ def _database_url(env: Environment, key: str) -> URL:
 
 
 def _sqlite_path(env: Environment, url: URL) -> URL:
-    """A SQLite file's path, resolved against the project (absolute paths stay as they are)."""
+    """A SQLite file's path, resolved against the project (absolute paths stay as they are;
+    ``~/`` is the home folder, not a folder named ``~`` in the project)."""
     if url.get_backend_name() == "sqlite" and url.database not in (None, "", ":memory:"):
-        url = url.set(database=str(env.root / url.database))
+        try:
+            path = Path(url.database or "").expanduser()
+        except RuntimeError:  # ~someone, who has no home here
+            raise ConfigError(
+                f"{env.name}: the SQLite path {url.database} starts with a home folder that "
+                "does not exist here: write the path out"
+            ) from None
+        url = url.set(database=str(env.root / path))
     return url

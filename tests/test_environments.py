@@ -121,6 +121,20 @@ def test_relative_sqlite_paths_resolve_against_the_root(root: Path) -> None:
     assert load_environment(root, "y", {}).url().database == "/abs/y.sqlite3"
 
 
+def test_a_sqlite_path_from_home_is_not_a_folder_named_tilde(
+    root: Path, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("HOME", str(root / "home"))
+    write(root, "x.env", "DATABASE_URL=sqlite:///~/shop/dev.sqlite3\n")
+    assert load_environment(root, "x", {}).url().database == str(root / "home/shop/dev.sqlite3")
+    assert load_environment(root, "x", {}).url(app=True).database == str(
+        root / "home/shop/dev.sqlite3"
+    )
+    write(root, "y.env", "DATABASE_URL=sqlite:///~nobody_here_at_all/dev.sqlite3\n")
+    with pytest.raises(ConfigError, match="starts with a home folder that does not exist here"):
+        load_environment(root, "y", {}).url()
+
+
 @pytest.mark.parametrize(
     ("line", "message"),
     [
