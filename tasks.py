@@ -593,7 +593,9 @@ def seed(
         from db import seed
 
         why = "seed data is for development databases"
-        target = environment(c, env, banner=True, refuse_protected=why, fleet_ok=True, only=only)
+        target = environment(
+            c, env, banner=True, refuse_protected=why, fleet_ok=True, only=only, app=True
+        )
         if is_fleet(target):
             run_fleet(target, fleet_plan("seed", None, jobs, False), only or "", run_options())
             return

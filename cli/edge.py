@@ -78,8 +78,10 @@ def environment(
     refuse_protected: str = "",
     only: str | None = None,
     fleet_ok: bool = False,
+    app: bool = False,
 ) -> Environment:
-    """Load the named environment (or invoke's configured default) and announce it.
+    """Load the named environment (or invoke's configured default) and announce it: the
+    URL migrations use, or with ``app`` the app's (seed writes through the app's engine).
 
     ``refuse_protected`` (why) refuses a protected environment before its secrets are needed.
     A fleet stays whole where the task runs on fleets (``fleet_ok``); elsewhere ``only`` must
@@ -104,7 +106,7 @@ def environment(
     elif not fleet_ok:
         loaded = fleet.one(loaded, only or "")
     if banner:
-        announce(loaded)
+        announce(loaded, app)
     return loaded
 
 
@@ -121,10 +123,10 @@ def check_failed() -> int:
     return CheckFailed.exit_code
 
 
-def announce(env: Environment) -> None:
+def announce(env: Environment, app: bool = False) -> None:
     from db.urls import mask
 
-    print(f"[{env.label}] {mask(env.url())}", file=sys.stderr)
+    print(f"[{env.label}] {mask(env.url(app=app))}", file=sys.stderr)
 
 
 @contextmanager

@@ -62,22 +62,31 @@ def make_async_engine(
     migrating: bool = False,
     pool: Mapping[str, float] | None = None,
     schema: str | None = None,
+    pooler: bool = False,
 ) -> AsyncEngine:
     """Like :func:`make_engine`, for an asyncio driver (asyncpg, aiosqlite).
 
     ``pool`` (``pool_size``, ``max_overflow``, ``pool_timeout``, ``pool_recycle``) gives the
     engine a real pool, checked before each use: the app's engine. Without it, none.
     ``schema`` (PostgreSQL) puts that schema alone on each connection's ``search_path``.
+    ``pooler``: ``url`` may be a pooler in transaction mode (PgBouncer), which hands the
+    server connection to another client between transactions. Then no prepared statement
+    is named (the next server connection lacks it), and ``schema`` is set in each
+    transaction, never on the connection, which the next client would get with it.
     """
     from sqlalchemy.ext.asyncio import create_async_engine  # only async runs pay for it
 
     options = _options(url, connect_timeout, migrating)
+    if pooler and url.get_driver_name() == "asyncpg":
+        options["connect_args"].update(UNCACHED_STATEMENTS, statement_cache_size=0)
     if pool is not None:
         del options["poolclass"]
         options.update(pool_pre_ping=True, **pool)
     engine = create_async_engine(url, **options)
     _sqlite_transactions(engine.sync_engine, foreign_keys=not migrating)
-    if schema is not None:
+    if schema is not None and pooler:
+        _search_path_each_transaction(engine.sync_engine, schema)
+    elif schema is not None:
         _search_path(engine.sync_engine, schema)
     return engine
 
@@ -94,6 +103,16 @@ def _search_path(engine: Engine, schema: str) -> None:
         cursor.execute(f"SET search_path TO {quoted}")
         cursor.close()
         dbapi_connection.commit()  # the driver began a transaction: a rollback would undo it
+
+
+def _search_path_each_transaction(engine: Engine, schema: str) -> None:
+    """Each transaction works in ``schema`` (``SET LOCAL``, gone at its end): behind a
+    pooler in transaction mode, a transaction is all that one server connection serves."""
+    statement = 'SET LOCAL search_path TO "' + schema.replace('"', '""') + '"'
+
+    @event.listens_for(engine, "begin")
+    def _begin(connection: Connection) -> None:
+        connection.exec_driver_sql(statement)
 
 
 def _options(

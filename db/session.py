@@ -19,13 +19,17 @@ def async_engine(env: Environment, target: str = "") -> AsyncEngine:
     """The app's async engine for ``env`` (aiosqlite for SQLite, asyncpg for PostgreSQL),
     with a pool of connections sized by the env file's ``POOL_*`` keys, working in ``SCHEMA``
     if the env file names one. On a fleet, ``target`` names the shop whose database (or
-    schema) it is."""
+    schema) it is. With ``MIGRATION_URL`` set, ``DATABASE_URL`` is a pooler in transaction
+    mode, and the engine is made for it (see :func:`db.engines.make_async_engine`)."""
     env = shop(env, target)
     url = env.url(app=True)
     url = url.set(drivername=_ASYNC_DRIVERS.get(url.drivername, url.drivername))
     pool: dict[str, float] = {key.lower(): env.count(key, n) for key, n in POOL_COUNTS.items()}
     pool.update({key.lower(): env.number(key, s) for key, s in POOL_SECONDS.items()})
-    return make_async_engine(url, connect_timeout=env.connect_timeout, pool=pool, schema=env.schema)
+    pooler = bool(env.get("MIGRATION_URL"))  # what it is for: DATABASE_URL is a pooler
+    return make_async_engine(
+        url, connect_timeout=env.connect_timeout, pool=pool, schema=env.schema, pooler=pooler
+    )
 
 
 def session_factory(env: Environment, target: str = "") -> async_sessionmaker[AsyncSession]:

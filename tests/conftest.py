@@ -603,8 +603,9 @@ def cluster(*initdb_args: str) -> Iterator[Cluster]:
 
 
 @contextmanager
-def pgbouncer(server_port: int, mode: str) -> Iterator[int]:
-    """PgBouncer in ``mode`` (session or transaction) in front of a server; yields its port."""
+def pgbouncer(server_port: int, mode: str, pool_size: int = 4) -> Iterator[int]:
+    """PgBouncer in ``mode`` (session or transaction) in front of a server, with up to
+    ``pool_size`` server connections per database; yields its port."""
     [program] = need("pgbouncer")
     base = owned_dir("pgbouncer-")
     port = free_port()
@@ -619,7 +620,7 @@ unix_socket_dir =
 auth_type = trust
 auth_file = {base}/users.txt
 pool_mode = {mode}
-default_pool_size = 4
+default_pool_size = {pool_size}
 max_client_conn = 100
 logfile = {base}/log
 pidfile = {base}/pid

@@ -3,6 +3,7 @@ refused unless MIGRATION_URL gives migrations a direct connection."""
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import Iterator
 
 import pytest
@@ -19,9 +20,12 @@ from conftest import (
     settings_revision,
     versions_of,
 )
+from sqlalchemy import func, select
 from sqlalchemy.engine import make_url
 
 from db.environments import load_environment
+from db.models import Category
+from db.session import session_factory
 
 pytestmark = pytest.mark.postgres
 SERVER = make_url(PG_ADMIN)
@@ -145,3 +149,43 @@ def test_a_fleet_behind_a_transaction_pool_migrates_through_its_migration_url(
         assert versions_of(database.dsn) == [head_revision()]
     env = load_environment(project.root, "shops", {})
     assert f":{transaction_pool}/{{target}}" in env.get("DATABASE_URL")  # the app's, pooled
+
+
+def test_the_apps_sessions_through_a_transaction_pool_stay_in_their_schema(
+    project: Project, pg_database: PgDatabase, pg_server: str
+) -> None:
+    """Where PgBouncer hands one server connection to client after client, a schema set on
+    connecting is the last client's: a shop's rows went into another shop's schema, and
+    asyncpg's named prepared statements were missing on the next server connection. With
+    MIGRATION_URL set (DATABASE_URL is the pooler), the app's engine sets the schema in
+    each transaction and names no prepared statement."""
+    with pgbouncer(SERVER.port or 5432, "transaction", pool_size=1) as port:
+        project.write_env(
+            "tenants",
+            f"DATABASE_URL={pooled(pg_database, port)}\nMIGRATION_URL={pg_database.url}\n"
+            "SCHEMA={target}\nTARGETS=alpha,beta\n",
+        )
+        project.ok("migrate", "--env=tenants")
+        env = load_environment(project.root, "tenants", {})
+
+        async def shops_take_turns() -> None:
+            alpha, beta = session_factory(env, "alpha"), session_factory(env, "beta")
+            for n, sessions in enumerate([alpha, beta, alpha, beta, alpha]):
+                async with sessions() as session, session.begin():
+                    session.add(Category(name=f"c{n}"))
+                    assert await session.scalar(select(func.count()).select_from(Category))
+            for sessions in (alpha, beta):
+                await sessions.kw["bind"].dispose()
+
+        asyncio.run(shops_take_turns())
+        seeded = project.ok("seed", "--env=tenants").stderr
+        assert seeded.startswith(f"[tenants] postgresql+asyncpg://postgres@127.0.0.1:{port}/")
+
+    def names(schema: str) -> list[str]:
+        rows = pg_fetch(pg_database.dsn, f"select name from {schema}.categories order by id")
+        return [row["name"] for row in rows]
+
+    sample = ["E-books", "Courses", "Templates"]
+    assert names("alpha") == ["c0", "c2", "c4", *sample]
+    assert names("beta") == ["c1", "c3", *sample]
+    assert not pg_fetch(pg_database.dsn, "select 1 from pg_tables where schemaname = 'public'")
