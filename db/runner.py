@@ -7,8 +7,10 @@ revision back on a new connection, so the message says where the database really
 
 from __future__ import annotations
 
+import contextlib
 import functools
 import io
+import sys
 import warnings
 from argparse import Namespace
 from collections.abc import Callable
@@ -170,8 +172,15 @@ def load_scripts(config: Config) -> ScriptDirectory:
     key = (str(versions), *((f.name, *_stamp(f)) for f in files))
     if key not in _LOADED:
         _LOADED.clear()  # one tree per process: a changed file replaces the old copy
-        _LOADED[key] = _checked(_script_directory(config), config)
+        with revisions_print_to_stderr():  # importing them runs their top level
+            _LOADED[key] = _checked(_script_directory(config), config)
     return _LOADED[key]
+
+
+def revisions_print_to_stderr() -> contextlib.AbstractContextManager[object]:
+    """What revision files (and env.py) print goes to stderr, where the user sees it:
+    stdout carries a task's own output, such as JSON or offline SQL."""
+    return contextlib.redirect_stdout(sys.stderr)
 
 
 def _script_directory(config: Config) -> ScriptDirectory:
@@ -285,7 +294,7 @@ def run_env(
     run = run_of(config)
     run.progress = progress
     try:
-        with EnvironmentContext(config, script, fn=fn, **kw):
+        with EnvironmentContext(config, script, fn=fn, **kw), revisions_print_to_stderr():
             script.run_env()
     except REVISION_ERRORS as exc:
         ran = progress is not None and (progress.running is not None or progress.applied)

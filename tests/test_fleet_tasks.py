@@ -222,6 +222,25 @@ def test_a_run_report_is_kept_and_printed_with_json(fleet: Project) -> None:
     assert len(kept_now) == 2 and kept[0].name not in kept_now  # the oldest went
 
 
+def test_what_a_revision_prints_never_mixes_into_json_or_sql_on_stdout(fleet: Project) -> None:
+    """A revision's own print (progress of a backfill, when imported or when it runs) went
+    to stdout, where it broke `--json | jq` and the SQL that offline-sql prints."""
+    chatty = 'print("backfilling 3 rows")'
+    body = revision("chatty01", HEAD, chatty).replace("import sqlalchemy as sa\n", f"{chatty}\n", 1)
+    fleet.add_revision("chatty", body)
+
+    migrated = fleet.ok("migrate", "--env=shops", "--json")
+    sql = fleet.ok("offline-sql", "--env=shops").stdout
+    status = fleet.ok("status", "--env=shops", "--json").stdout
+
+    assert json.loads(migrated.stdout)["counts"] == {"migrated": 3}
+    assert migrated.stderr.count("backfilling 3 rows") >= 3  # where the user still sees it
+    assert "backfilling" not in sql and sql.startswith("-- target: alpha\n")
+    assert len(json.loads(status)["targets"]) == 3
+    one = fleet.ok("offline-sql", "--env=dev").stdout
+    assert "backfilling" not in one and one.lstrip().upper().startswith(("CREATE", "BEGIN"))
+
+
 def test_runs_keep_0_keeps_no_report_and_names_none(fleet: Project) -> None:
     fleet.ok("migrate", "--env=shops", "--only=alpha")
     fleet.extend_env("shops", "RUNS_KEEP=0\n")
