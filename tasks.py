@@ -128,6 +128,13 @@ def migrate(
             )
             run_fleet(target, plan, only or "", options, json_=json_, yes=yes)
             return
+        if json_:  # printing nothing where JSON was asked for would pass for a report
+            from db.errors import UsageError
+
+            raise UsageError(
+                f"--json prints a fleet run's report, and {target.name} is one database: "
+                f"`invoke status {target.flags} --json` says where it is"
+            )
         if target.protected:  # shown and confirmed inside the run, under the lock
             options.on_plan = confirm_migrate(target, yes)
         with on_signals(options.stop):
