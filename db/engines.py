@@ -339,9 +339,11 @@ def with_connection(
     schema: str | None = None,
 ) -> T:
     """Run ``fn`` on a new connection to ``url``, through the sync or async driver it names;
-    retry connecting for ``wait`` seconds. ``schema``: as for :func:`make_async_engine`."""
+    retry connecting for ``wait`` seconds. ``schema``: as for :func:`make_async_engine`.
+    What ``fn`` does (a read, mostly: status goes through ``DATABASE_URL`` where there is
+    no ``MIGRATION_URL``) works through a pooler in transaction mode too."""
     if is_async(url):
-        engine = make_async_engine(url, connect_timeout=connect_timeout, schema=schema)
+        engine = make_async_engine(url, connect_timeout=connect_timeout, schema=schema, pooler=True)
         return run_coroutine(_with_async(engine, fn, wait))
     sync_engine = make_engine(url, connect_timeout=connect_timeout, create=False)  # reads
     try:

@@ -4,6 +4,7 @@ refused unless MIGRATION_URL gives migrations a direct connection."""
 from __future__ import annotations
 
 import asyncio
+import json
 from collections.abc import Iterator
 
 import pytest
@@ -189,3 +190,28 @@ def test_the_apps_sessions_through_a_transaction_pool_stay_in_their_schema(
     assert names("alpha") == ["c0", "c2", "c4", *sample]
     assert names("beta") == ["c1", "c3", *sample]
     assert not pg_fetch(pg_database.dsn, "select 1 from pg_tables where schemaname = 'public'")
+
+
+def test_status_through_a_transaction_pool_reads_each_schema_right(
+    project: Project, pg_database: PgDatabase, pg_server: str
+) -> None:
+    """status needs no MIGRATION_URL: it reads through DATABASE_URL. Through PgBouncer in
+    transaction mode, targets read at once failed on asyncpg's named statements (another
+    client's were on the server connection), and a schema set on connecting could be the
+    one another target's read had set."""
+    shops = [f"s{n}" for n in range(8)]
+    fleet = f"SCHEMA={{target}}\nTARGETS={','.join(shops)}\n"
+    project.write_env("direct", f"DATABASE_URL={pg_database.url}\n{fleet}")
+    project.ok("migrate", "--env=direct", "--only=s0,s2,s4,s6")
+    with pgbouncer(SERVER.port or 5432, "transaction", pool_size=2) as port:
+        project.write_env("pooled", f"DATABASE_URL={pooled(pg_database, port)}\n{fleet}")
+
+        result = project.invoke("status", "--env=pooled", "--jobs=8")
+        one = project.invoke("status", "--env=pooled", "--only=s2", "--json")
+
+    assert result.returncode == 0, result.stdout + result.stderr
+    for n, shop in enumerate(shops):
+        at = f"at {head_revision()}, nothing pending" if n % 2 == 0 else "at base, 1 pending"
+        assert f" {shop}] {at}\n" in result.stdout
+    assert f"8 targets: 8 read (4 at {head_revision()}, 4 at base)\n" in result.stderr
+    assert json.loads(one.stdout)["targets"][0]["current"] == [head_revision()]
