@@ -158,6 +158,17 @@ class Environment:
         key = "MIGRATION_URL" if self.get("MIGRATION_URL") and not app else "DATABASE_URL"
         return _database_url(self, key)
 
+    def path(self, given: str, what: str) -> Path:
+        """A path the env file gives, resolved against the project (an absolute one stays
+        as it is; ``~/`` is the home folder, not a folder named ``~`` in the project)."""
+        try:
+            return self.root / Path(given).expanduser()
+        except RuntimeError:  # ~someone, who has no home here
+            raise ConfigError(
+                f"{self.name}: {what} {given} starts with a home folder that does not exist "
+                "here: write the path out"
+            ) from None
+
     def catalog_url(self) -> URL:
         """``TARGETS_DATABASE_URL``, the catalog a fleet's ``TARGETS_QUERY`` runs on. It is
         a URL of its own, password included: the targets' ``DATABASE_PASSWORD`` and
@@ -318,15 +329,7 @@ def _database_url(env: Environment, key: str) -> URL:
 
 
 def _sqlite_path(env: Environment, url: URL) -> URL:
-    """A SQLite file's path, resolved against the project (absolute paths stay as they are;
-    ``~/`` is the home folder, not a folder named ``~`` in the project)."""
+    """A SQLite file's path, resolved as :meth:`Environment.path` resolves one."""
     if url.get_backend_name() == "sqlite" and url.database not in (None, "", ":memory:"):
-        try:
-            path = Path(url.database or "").expanduser()
-        except RuntimeError:  # ~someone, who has no home here
-            raise ConfigError(
-                f"{env.name}: the SQLite path {url.database} starts with a home folder that "
-                "does not exist here: write the path out"
-            ) from None
-        url = url.set(database=str(env.root / path))
+        url = url.set(database=str(env.path(url.database or "", "the SQLite path")))
     return url

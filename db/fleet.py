@@ -151,7 +151,7 @@ def _parse(words: list[str]) -> Target:
 
 def _from_file(env: Environment) -> list[Target]:
     """Targets from ``TARGETS_FILE``: a name a line, and optionally its URL; ``#`` comments."""
-    path = env.root / env.get("TARGETS_FILE").strip()
+    path = env.path(env.get("TARGETS_FILE").strip(), "TARGETS_FILE")
     where = f"TARGETS_FILE {env.relative(path)}"
     try:
         lines = path.read_text(encoding="utf-8-sig").splitlines()  # a BOM: Notepad

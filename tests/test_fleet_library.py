@@ -125,6 +125,17 @@ def test_a_targets_file_saved_on_windows_reads_as_the_same_names(project: Projec
     assert [t.name for t in fleet.targets(env)] == ["alpha", "beta"]
 
 
+def test_a_targets_file_from_home_is_read_there(
+    project: Project, monkeypatch: pytest.MonkeyPatch
+) -> None:
+    monkeypatch.setenv("HOME", str(project.root / "home"))
+    (project.root / "home").mkdir()
+    (project.root / "home" / "shops.txt").write_text("alpha\nbeta\n")
+    env = shops(project, "DATABASE_URL=sqlite:///var/{target}.db\nTARGETS_FILE=~/shops.txt\n")
+
+    assert [t.name for t in fleet.targets(env)] == ["alpha", "beta"]
+
+
 def test_a_targets_file_line_may_give_the_targets_own_url(project: Project) -> None:
     (project.root / "shops.txt").write_text(
         "# name [url]\nnear\nfar postgresql+asyncpg://shop@10.0.0.7/shop_far  # other server\n"
