@@ -379,6 +379,18 @@ def test_a_terminal_shows_a_progress_line(fleet: Project) -> None:
     assert "[3/3 gamma] migrated" in text
 
 
+def test_status_check_gates_a_deploy_on_every_target(fleet: Project) -> None:
+    """`status --check || migrate`: exit 5 while any target is behind, 0 once all are there."""
+    fleet.ok("migrate", "--env=shops", "--only=alpha,beta")
+
+    behind = fleet.invoke("status", "--env=shops", "--check")
+
+    assert behind.returncode == 5, behind.stderr
+    assert "shops: targets behind head" in behind.stderr
+    fleet.ok("migrate", "--env=shops")
+    assert fleet.invoke("status", "--env=shops", "--check").returncode == 0
+
+
 def test_a_target_that_cannot_be_read_fails_status_and_is_named(fleet: Project) -> None:
     fleet.ok("migrate", "--env=shops")
     (fleet.root / "var" / "shops" / "beta.sqlite3").write_bytes(b"this is no database" * 100)
