@@ -107,11 +107,18 @@ def _search_path(engine: Engine, schema: str) -> None:
 
 def _search_path_each_transaction(engine: Engine, schema: str) -> None:
     """Each transaction works in ``schema`` (``SET LOCAL``, gone at its end): behind a
-    pooler in transaction mode, a transaction is all that one server connection serves."""
+    pooler in transaction mode, a transaction is all that one server connection serves.
+    So AUTOCOMMIT, with no transaction to set it in, is refused: it would run in whatever
+    schema the server connection had."""
     statement = 'SET LOCAL search_path TO "' + schema.replace('"', '""') + '"'
 
     @event.listens_for(engine, "begin")
     def _begin(connection: Connection) -> None:
+        if connection.get_execution_options().get("isolation_level") == "AUTOCOMMIT":
+            raise ConfigError(
+                f"AUTOCOMMIT cannot work in SCHEMA {schema} behind a pooler in transaction "
+                "mode (MIGRATION_URL is set): run it in a transaction"
+            )
         connection.exec_driver_sql(statement)
 
 

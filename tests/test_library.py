@@ -18,7 +18,7 @@ from db.errors import ConfigError, LockLost
 from db.locks import pg_lock, prepare_session
 from db.models import Category, User
 from db.runner import make_config
-from db.session import session_factory
+from db.session import async_engine, session_factory
 
 
 def sqlite_env(tmp_path: Path) -> Environment:
@@ -337,3 +337,31 @@ def test_a_drivers_message_is_shown_without_the_class_sqlalchemy_2_0_puts_first(
         first_line(ValueError("column <class 'x'>: kept inside"))
         == "column <class 'x'>: kept inside"
     )
+
+
+@pytest.mark.postgres
+def test_autocommit_is_refused_where_the_schema_is_set_per_transaction(
+    tmp_path: Path, pg_database: PgDatabase
+) -> None:
+    """Behind a pooler in transaction mode (MIGRATION_URL set) the app's schema lives in
+    each transaction; an AUTOCOMMIT statement ran in the server connection's own schema."""
+    (tmp_path / "environments").mkdir()
+    (tmp_path / "environments" / "pooled.env").write_text(
+        f"DATABASE_URL={pg_database.url}\nMIGRATION_URL={pg_database.url}\nSCHEMA=alpha\n"
+    )
+    env = load_environment(tmp_path, "pooled", {})
+
+    async def scenario() -> str | None:
+        engine = async_engine(env)
+        try:
+            async with engine.connect() as connection:
+                in_transaction = await connection.scalar(text("show search_path"))
+            async with engine.connect() as connection:
+                autocommit = await connection.execution_options(isolation_level="AUTOCOMMIT")
+                with pytest.raises(ConfigError, match="AUTOCOMMIT cannot work in SCHEMA alpha"):
+                    await autocommit.scalar(text("show search_path"))
+            return in_transaction
+        finally:
+            await engine.dispose()
+
+    assert asyncio.run(scenario()) == "alpha"
