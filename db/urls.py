@@ -34,6 +34,10 @@ def mask(url: URL) -> str:
 def parse_url(text: str, where: str, what: str) -> URL:
     """``text`` as a URL of a supported driver; errors say ``where: what ...``, and never
     echo the text, which may hold a password."""
+    if text != text.strip():  # kept by quotes: a database or file name ending in a space
+        raise ConfigError(
+            f"{where}: {what} starts or ends with a space (inside its quotes?): remove it"
+        )
     try:
         url = make_url(text)
     except (ArgumentError, ValueError):

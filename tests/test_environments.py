@@ -149,6 +149,9 @@ def test_a_sqlite_path_from_home_is_not_a_folder_named_tilde(
         ("DATABASE_URL=sqlite:///x.db?mode=ro", r"has \?mode=, which these tasks do not take"),
         ("DATABASE_URL=sqlite:///file:x.db?uri=true", r"has \?uri=, .* by a plain path"),
         ("DATABASE_URL=sqlite:///x.db?timeout=9", "set CONNECT_TIMEOUT"),
+        # quotes keep the space: a file "x.db " made, or a database "shop " not found
+        ('DATABASE_URL="sqlite:///x.db "', "DATABASE_URL starts or ends with a space"),
+        ("DATABASE_URL=' postgresql+asyncpg://u@h/shop'", "starts or ends with a space"),
     ],
 )
 def test_bad_urls(root: Path, line: str, message: str) -> None:
