@@ -209,15 +209,36 @@ def confirm(env: Environment, yes: bool, action: str, *, need_yes: bool) -> None
             "pass --yes to go ahead"
         )
     print(f"{env.name} is protected. Type its name to {action}: ", end="", file=sys.stderr)
-    stop = signal.signal(signal.SIGINT, signal.default_int_handler)  # Ctrl-C ends the prompt
-    try:
-        typed = sys.stdin.readline().strip()
-    except KeyboardInterrupt:
-        typed = ""
-    finally:
-        signal.signal(signal.SIGINT, stop)
+    typed = _answer()
+    if typed is None:
+        raise GuardRefused("no name was typed (end of input); nothing was changed")
     if typed != env.name:
         raise GuardRefused("the name did not match; nothing was changed")
+
+
+class _Signalled(Exception):
+    pass
+
+
+def _answer() -> str | None:
+    """The line typed at the prompt; None at the end of input. SIGINT or SIGTERM ends the
+    wait: a run's own handlers only take note of a signal, and reading would go on (under
+    the migration lock) until a name was typed."""
+    from db.errors import Interrupted
+
+    def handler(signum: int, _frame: object) -> None:
+        raise _Signalled(signum)
+
+    before = {kind: signal.signal(kind, handler) for kind in (signal.SIGINT, signal.SIGTERM)}
+    try:
+        line = sys.stdin.readline()
+    except _Signalled as exc:
+        print(file=sys.stderr)  # the prompt's line ends here
+        raise Interrupted("interrupted at the prompt: nothing was changed", exc.args[0]) from None
+    finally:
+        for kind, previous in before.items():
+            signal.signal(kind, previous)
+    return line.strip() if line else None
 
 
 def confirm_migrate(env: Environment, yes: bool) -> Callable[[tuple[Revision, ...]], None]:

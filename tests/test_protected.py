@@ -5,22 +5,25 @@ from __future__ import annotations
 import os
 import pty
 import re
+import signal
 import stat
 import subprocess
 
+import pytest
 from conftest import Project, add_notes, head_revision, migrated_shop, revision, tables, version
 
 SAFE = "DATABASE_URL=sqlite:///var/safe.sqlite3\nPROTECTED=true\n"
 
 
-def on_terminal(project: Project, typed: str, *args: str) -> tuple[int, str]:
-    """Run a task with a terminal as stdin, typing ``typed``; returns exit code and stderr."""
+def on_terminal(project: Project, typed: str | None, *args: str) -> tuple[int, str]:
+    """Run a task with a terminal as stdin, typing ``typed`` (None: Ctrl-D, the end of
+    input); returns exit code and stderr."""
     controller, terminal = pty.openpty()
     process = project.start(
         *args, stdin=terminal, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True
     )
     os.close(terminal)
-    os.write(controller, typed.encode() + b"\n")
+    os.write(controller, b"\x04" if typed is None else typed.encode() + b"\n")
     _, err = process.communicate(timeout=60)
     os.close(controller)
     return process.returncode, err
@@ -46,11 +49,44 @@ def test_protected_migrate_asks_for_the_typed_name(project: Project) -> None:
 
     code, err = on_terminal(project, "prod", "migrate", "--env=safe")
     assert code == 4 and "the name did not match; nothing was changed" in err
+    code, err = on_terminal(project, None, "migrate", "--env=safe")
+    assert code == 4 and "no name was typed (end of input); nothing was changed" in err
 
     code, err = on_terminal(project, "safe", "migrate", "--env=safe")
     assert code == 0, err
     assert "Type its name to migrate" in err
     assert version(project, "var/safe.sqlite3") == [head_revision()]
+
+
+@pytest.mark.parametrize("signum", [signal.SIGINT, signal.SIGTERM])
+def test_a_signal_at_the_prompt_ends_the_task_with_nothing_changed(
+    project: Project, signum: signal.Signals
+) -> None:
+    """The prompt waits under the migration lock. SIGTERM there was only noted, so the
+    task went on waiting (holding the lock) until a name was typed; Ctrl-C read as a name
+    that "did not match"."""
+    project.write_env("safe", SAFE)
+    controller, terminal = pty.openpty()
+    process = project.start("migrate", "--env=safe", stdin=terminal, stderr=subprocess.PIPE)
+    os.close(terminal)
+    try:
+        assert process.stderr is not None
+        said = b""
+        while b"Type its name to migrate: " not in said:
+            chunk = os.read(process.stderr.fileno(), 4096)
+            assert chunk, said
+            said += chunk
+        process.send_signal(signum)
+        said += process.communicate(timeout=30)[1]  # it ends: it does not wait on
+        code = process.returncode
+    finally:
+        os.close(controller)
+        if process.poll() is None:
+            process.kill()
+
+    assert code == 128 + signum, said
+    assert said.decode().endswith("migrate: \ninterrupted at the prompt: nothing was changed\n")
+    assert version(project, "var/safe.sqlite3") == []
 
 
 def test_protected_migrate_with_nothing_to_do_asks_nothing(project: Project) -> None:
