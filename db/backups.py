@@ -17,13 +17,15 @@ from sqlalchemy.engine import URL, make_url
 from db.environments import Environment
 from db.errors import ConfigError, DbError, GuardRefused, Interrupted, LockTimeout, UsageError
 from db.locks import LOCK_WAIT
+from db.stop import Stop
 
 BACKUP_DIR = Path("var") / "backups"
 
 
-def before_change(env: Environment, url: URL) -> str | None:
+def before_change(env: Environment, url: URL, stop: Stop | None = None) -> str | None:
     """Back the database up if the environment wants it; say what happened, if anything.
-    ``BACKUP_KEEP=0`` keeps none, so takes none (rather than one that is pruned at once)."""
+    ``BACKUP_KEEP=0`` keeps none, so takes none (rather than one that is pruned at once).
+    A stop requested (a signal) while pg_dump runs ends it, and raises Interrupted."""
     if _keep(env) == 0:
         return None
     if url.get_backend_name() == "sqlite":
@@ -33,7 +35,7 @@ def before_change(env: Environment, url: URL) -> str | None:
         return None
     if shutil.which("pg_dump") is None:
         return "BACKUP=pg_dump, but pg_dump is not installed here: skipped the backup"
-    return f"backed up to {env.relative(pg_dump(env, url))} with pg_dump"
+    return f"backed up to {env.relative(pg_dump(env, url, stop or Stop()))} with pg_dump"
 
 
 def sqlite_backup(env: Environment, url: URL, least: int = 0) -> Path | None:
@@ -161,20 +163,46 @@ _STEP_PAGES = 2048  # 8 MB of 4 kB pages a step: a signal ends a large copy with
 _LOCKED = (5, 6)  # SQLITE_BUSY, SQLITE_LOCKED: the backup API tries the step again
 
 
-def pg_dump(env: Environment, url: URL) -> Path:
+def pg_dump(env: Environment, url: URL, stop: Stop) -> Path:
+    """A dump of the database (a tenant's schema alone) in ``var/backups``. Behind a table
+    lock (the app's, or an ALTER queued behind a long query) pg_dump waits ``LOCK_TIMEOUT``
+    at most, as a migration does; a stop requested meanwhile ends it. Either way, no file."""
     target = _new_file(env, "dump")
     command = ["pg_dump", "--format=custom", f"--file={target}", "--no-password"]
-    command += _server(url)
+    command += [f"--lock-wait-timeout={env.duration('LOCK_TIMEOUT', '5s')}", *_server(url)]
     command += [f"--username={url.username or ''}", url.database or ""]
     command += [f"--schema={env.schema}"] if env.schema else []  # a tenant's schema alone
     environ = {**os.environ, "PGPASSWORD": url.password or ""} if url.password else None
-    done = subprocess.run(command, capture_output=True, text=True, env=environ)
-    if done.returncode != 0:
+    with subprocess.Popen(
+        command, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, env=environ
+    ) as running:
+        unregister = stop.on_request(running.terminate)
+        try:
+            said = running.communicate()[1]
+        finally:
+            unregister()
+    if running.returncode != 0:
         target.unlink(missing_ok=True)
-        reason = done.stderr.strip().splitlines()[-1] if done.stderr.strip() else "failed"
-        raise DbError(f"pg_dump failed, so nothing was migrated: {reason}")
+        stop.check()  # ended by a signal (ours, or the terminal's Ctrl-C): say so
+        raise DbError(f"pg_dump failed, so nothing was migrated: {_dump_error(said)}")
     _prune(env, "dump")
     return target
+
+
+def _dump_error(said: str) -> str:
+    """pg_dump's error line (its last line may be a detail, such as the query), and what to
+    do when the statement that failed was a table lock it waited LOCK_TIMEOUT for (ended by
+    a timeout, said one way or another)."""
+    lines = said.strip().splitlines()
+    error = next((line for line in lines if line.startswith("pg_dump: error: ")), None)
+    reason = error.removeprefix("pg_dump: error: ") if error else (lines or ["failed"])[-1]
+    if "Query was: LOCK TABLE" in said:
+        table = said.split("Query was: LOCK TABLE", 1)[1].split()[0]
+        reason += (
+            f" (it waited LOCK_TIMEOUT for a lock on {table} that another session holds): run "
+            "the task again once that session is done, or raise LOCK_TIMEOUT"
+        )
+    return " ".join(reason.split())
 
 
 def _server(url: URL) -> list[str]:

@@ -205,7 +205,7 @@ def _change(
         if options.on_plan is not None:  # under the lock: the plan is what will run
             options.on_plan(tuple(Revision.of(step.revision) for step in steps))
         if steps and options.backup:
-            options.note(backups.before_change(env, run_of(config).url))
+            options.note(backups.before_change(env, run_of(config).url, options.stop))
         if steps or renamed:
             audit.ensure_table(connection.execute)
         if renamed:  # stamp the database with its new environment name

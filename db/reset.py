@@ -41,7 +41,7 @@ def reset(env: Environment, options: RunOptions | None = None) -> list[Step]:
     guards.unchanged_files(state.log, script, env, options.note)
 
     def back_up() -> None:
-        options.note(backups.before_change(env, url))
+        options.note(backups.before_change(env, url, options.stop))
 
     try:
         if url.get_backend_name() == "sqlite":

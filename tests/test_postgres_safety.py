@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import asyncio
+import os
+import signal
 import socket
 import subprocess
 import threading
@@ -18,8 +20,12 @@ from conftest import (
     Project,
     head_revision,
     pg_fetch,
+    popen,
     revision,
+    running_query,
     settings_revision,
+    versions_of,
+    wait_until,
 )
 from sqlalchemy.engine import make_url
 
@@ -191,6 +197,81 @@ def test_pg_dump_backup_when_the_env_file_asks(project: Project, pg_database: Pg
     [dump] = (project.root / "var" / "backups").glob("ci-*.dump")
     assert f"backed up to var/backups/{dump.name} with pg_dump" in result.stderr
     assert dump.stat().st_size > 0 and (dump.stat().st_mode & 0o777) == 0o600
+
+
+def add_email(project: Project) -> None:
+    body = 'op.add_column("users", sa.Column("email", sa.String(100)))'
+    project.add_revision("alter", revision("alter1", head_revision(), body, message="add email"))
+
+
+def dumps(project: Project) -> list[Path]:
+    return sorted((project.root / "var" / "backups").glob("ci-*.dump"))
+
+
+def test_a_pg_dump_behind_a_table_lock_gives_up_after_lock_timeout(
+    pg_project: Project, pg_database: PgDatabase
+) -> None:
+    """pg_dump waits for a lock on every table; behind the app's ACCESS EXCLUSIVE lock (or
+    a migration queued behind a long query) it waited without end, the migration lock held."""
+    pg_project.extend_env("ci", "BACKUP=pg_dump\n")
+    pg_project.ok("migrate", "--env=ci")
+    add_email(pg_project)
+    [first] = dumps(pg_project)
+
+    async def scenario() -> tuple[float, int, str]:
+        app = await asyncpg.connect(pg_database.dsn)
+        transaction = app.transaction()
+        await transaction.start()
+        await app.execute("lock table users in access exclusive mode")
+        try:
+            started = time.monotonic()
+            result = await asyncio.to_thread(pg_project.invoke, "migrate", "--env=ci")
+            return time.monotonic() - started, result.returncode, result.stderr
+        finally:
+            await transaction.rollback()
+            await app.close()
+
+    seconds, code, stderr = asyncio.run(scenario())
+
+    assert code == 1, stderr
+    assert "pg_dump failed, so nothing was migrated: " in stderr
+    assert (
+        "(it waited LOCK_TIMEOUT for a lock on public.users that another session holds): run "
+        "the task again once that session is done, or raise LOCK_TIMEOUT\n"
+    ) in stderr
+    assert seconds < 15
+    assert versions_of(pg_database.dsn) == [head_revision()]
+    assert dumps(pg_project) == [first]  # no half-written dump
+
+
+def test_a_signal_during_pg_dump_ends_it_and_the_task_at_once(
+    project: Project, pg_database: PgDatabase
+) -> None:
+    """The run only took note of SIGTERM while pg_dump ran, and went on waiting for it."""
+    project.write_env("ci", f"DATABASE_URL={pg_database.url}\nBACKUP=pg_dump\nLOCK_TIMEOUT=1min\n")
+    project.ok("migrate", "--env=ci")
+    add_email(project)
+    [first] = dumps(project)
+    locked = "begin; lock table users in access exclusive mode; select pg_sleep(120)"
+    app = subprocess.Popen(["psql", pg_database.dsn, "-c", locked], stdout=subprocess.DEVNULL)
+    try:
+        wait_until(lambda: running_query(pg_database.dsn, "pg_sleep(120)"), "the app's lock")
+        run = popen(project, "migrate", "--env=ci")
+        waiting = "LOCK TABLE public.users IN ACCESS SHARE MODE"
+        wait_until(lambda: running_query(pg_database.dsn, waiting), "pg_dump", process=run)
+
+        os.kill(run.pid, signal.SIGTERM)
+        _, err = run.communicate(timeout=20)
+    finally:
+        app.terminate()
+        app.wait(timeout=10)
+
+    assert run.returncode == 143, err
+    last = err.strip().splitlines()[-1]
+    assert last == f"interrupted: the database is at {head_revision()}; no revision was run", err
+    assert not running_query(pg_database.dsn, waiting)  # pg_dump is gone too
+    assert versions_of(pg_database.dsn) == [head_revision()]
+    assert dumps(project) == [first]
 
 
 def test_pg_dump_missing_skips_the_backup_with_a_message(
