@@ -110,8 +110,9 @@ def repair(flags: str) -> str:
 
 
 def set_aside_corrupt(env: Environment, url: URL) -> Path | None:
-    """Move a corrupt SQLite file (with its journal) into the backups, as it is, so that a
-    reset can start a new one: nothing in it can be dropped. None when it is sound."""
+    """Move a corrupt SQLite file (with its journal, or its WAL files) into the backups, as
+    it is, so that a reset can start a new one: nothing in it can be dropped. None when it
+    is sound."""
     path = Path(url.database or "") if url.get_backend_name() == "sqlite" else None
     if path is None or not path.is_file() or path.stat().st_size == 0 or not _quick_check(path):
         return None

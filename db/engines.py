@@ -116,8 +116,8 @@ def _search_path_each_transaction(engine: Engine, schema: str) -> None:
     def _begin(connection: Connection) -> None:
         if connection.get_execution_options().get("isolation_level") == "AUTOCOMMIT":
             raise ConfigError(
-                f"AUTOCOMMIT cannot work in SCHEMA {schema} behind a pooler in transaction "
-                "mode (MIGRATION_URL is set): run it in a transaction"
+                f"AUTOCOMMIT cannot work in SCHEMA {schema} here: behind a pooler in "
+                "transaction mode the schema is set in each transaction; run it in one"
             )
         connection.exec_driver_sql(statement)
 
