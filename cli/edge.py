@@ -208,8 +208,7 @@ def confirm(env: Environment, yes: bool, action: str, *, need_yes: bool) -> None
             f"{env.name} is protected and there is no terminal to confirm on: "
             "pass --yes to go ahead"
         )
-    print(f"{env.name} is protected. Type its name to {action}: ", end="", file=sys.stderr)
-    typed = _answer()
+    typed = _answer(f"{env.name} is protected. Type its name to {action}: ")
     if typed is None:
         raise GuardRefused("no name was typed (end of input); nothing was changed")
     if typed != env.name:
@@ -220,10 +219,10 @@ class _Signalled(Exception):
     pass
 
 
-def _answer() -> str | None:
-    """The line typed at the prompt; None at the end of input. SIGINT or SIGTERM ends the
+def _answer(prompt: str) -> str | None:
+    """The line typed at ``prompt``; None at the end of input. SIGINT or SIGTERM ends the
     wait: a run's own handlers only take note of a signal, and reading would go on (under
-    the migration lock) until a name was typed."""
+    the migration lock) until a name was typed. The prompt shows once they are in place."""
     from db.errors import Interrupted
 
     def handler(signum: int, _frame: object) -> None:
@@ -231,6 +230,7 @@ def _answer() -> str | None:
 
     before = {kind: signal.signal(kind, handler) for kind in (signal.SIGINT, signal.SIGTERM)}
     try:
+        print(prompt, end="", file=sys.stderr, flush=True)
         line = sys.stdin.readline()
     except _Signalled as exc:
         print(file=sys.stderr)  # the prompt's line ends here
