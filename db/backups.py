@@ -25,25 +25,29 @@ BACKUP_DIR = Path("var") / "backups"
 def before_change(env: Environment, url: URL, stop: Stop | None = None) -> str | None:
     """Back the database up if the environment wants it; say what happened, if anything.
     ``BACKUP_KEEP=0`` keeps none, so takes none (rather than one that is pruned at once).
-    A stop requested (a signal) while pg_dump runs ends it, and raises Interrupted."""
+    A stop requested (a signal) ends the copy or pg_dump, leaving no part of a backup, and
+    raises Interrupted."""
+    stop = stop or Stop()
     if _keep(env) == 0:
         return None
     if url.get_backend_name() == "sqlite":
-        path = sqlite_backup(env, url)
+        path = sqlite_backup(env, url, stopped=stop.check)
         return f"backed up to {env.relative(path)}" if path else None
     if env.backup != "pg_dump":
         return None
     if shutil.which("pg_dump") is None:
         return "BACKUP=pg_dump, but pg_dump is not installed here: skipped the backup"
-    return f"backed up to {env.relative(pg_dump(env, url, stop or Stop()))} with pg_dump"
+    return f"backed up to {env.relative(pg_dump(env, url, stop))} with pg_dump"
 
 
-def sqlite_backup(env: Environment, url: URL, least: int = 0) -> Path | None:
+def sqlite_backup(
+    env: Environment, url: URL, least: int = 0, stopped: Callable[[], None] = lambda: None
+) -> Path | None:
     """A verified copy through SQLite's backup API, mode 0600; None for an empty file.
     Then the newest ``BACKUP_KEEP`` backups are kept, and at least ``least``.
 
     A copy that cannot be written or does not pass ``quick_check`` is deleted, and the run
-    stops before any change.
+    stops before any change; so is one that ``stopped`` ends (it raises Interrupted).
     """
     source = Path(url.database or "")
     if not source.is_file() or source.stat().st_size == 0:
@@ -51,12 +55,15 @@ def sqlite_backup(env: Environment, url: URL, least: int = 0) -> Path | None:
     check_sqlite(env, source)
     target = _new_file(env, "sqlite3")
     try:
-        _copy(source, target)
+        _copy(source, target, stopped)
         with closing(sqlite3.connect(target)) as copy:  # a copy of a WAL-mode file is one too,
             copy.execute("PRAGMA journal_mode=DELETE")  # and would grow a -wal and a -shm
         problem = _quick_check(target)
         if problem:
             raise sqlite3.DatabaseError(f"the copy fails quick_check: {problem}")
+    except Interrupted:
+        target.unlink(missing_ok=True)
+        raise
     except (sqlite3.Error, OSError) as exc:
         target.unlink(missing_ok=True)
         raise DbError(

@@ -346,6 +346,29 @@ def test_sigint_on_sqlite_says_what_the_run_kept(
     assert version(project) == [kept]
 
 
+def test_a_signal_during_the_backup_before_a_migrate_ends_it_at_once(project: Project) -> None:
+    """SIGTERM while a large database was backed up was only noted: the copy went on to its
+    end, and then the run stopped. Now the copy stops, and leaves no part of a backup."""
+    project.migrated()
+    with project.sqlite() as db:  # about 300 MB: its copy takes a while
+        db.execute(
+            "create table big as with recursive c(x) as (select 1 union all select x + 1 "
+            "from c where x < 800000) select randomblob(350) b from c"
+        )
+    pending_revision(project)
+    run = popen(project, "migrate")
+    wait_until(lambda: backups(project), "the backup to start", process=run)
+
+    os.kill(run.pid, signal.SIGTERM)
+    rest = run.communicate(timeout=30)[1]
+
+    assert run.returncode == 143, rest
+    last = rest.strip().splitlines()[-1]
+    assert last == f"interrupted: the database is at {HEAD}; no revision was run", rest
+    assert backups(project) == []
+    assert version(project) == [HEAD]
+
+
 def test_a_signal_during_a_restore_leaves_the_database_as_it_was_and_says_so(
     project: Project,
 ) -> None:
