@@ -40,6 +40,37 @@ def pg_project(pg_project: Project) -> Project:
     return pg_project
 
 
+def add_email(project: Project) -> None:
+    body = 'op.add_column("users", sa.Column("email", sa.String(100)))'
+    project.add_revision("alter", revision("alter1", head_revision(), body, message="add email"))
+
+
+def dumps(project: Project) -> list[Path]:
+    return sorted((project.root / "var" / "backups").glob("ci-*.dump"))
+
+
+def migrate_while_users_is_locked(
+    project: Project, database: PgDatabase, mode: str
+) -> tuple[float, int, str]:
+    """`invoke migrate --env=ci` while another session holds a ``mode`` lock on users (a
+    long report query, or the app); its seconds, exit code and stderr."""
+
+    async def scenario() -> tuple[float, int, str]:
+        holder = await asyncpg.connect(database.dsn)
+        transaction = holder.transaction()
+        await transaction.start()
+        await holder.execute(f"lock table users in {mode} mode")
+        try:
+            started = time.monotonic()
+            result = await asyncio.to_thread(project.invoke, "migrate", "--env=ci")
+            return time.monotonic() - started, result.returncode, result.stderr
+        finally:
+            await transaction.rollback()
+            await holder.close()
+
+    return asyncio.run(scenario())
+
+
 def test_migrations_run_with_the_env_files_session_settings(
     pg_project: Project, pg_database: PgDatabase
 ) -> None:
@@ -54,30 +85,9 @@ def test_a_migration_waiting_behind_a_long_query_fails_fast(
     pg_project: Project, pg_database: PgDatabase
 ) -> None:
     pg_project.ok("migrate", "--env=ci")
-    pg_project.add_revision(
-        "alter",
-        revision(
-            "alter1",
-            head_revision(),
-            'op.add_column("users", sa.Column("email", sa.String(100)))',
-            message="add email",
-        ),
-    )
+    add_email(pg_project)
 
-    async def scenario() -> tuple[float, int, str]:
-        reader = await asyncpg.connect(pg_database.dsn)
-        transaction = reader.transaction()
-        await transaction.start()
-        await reader.execute("lock table users in access share mode")  # a long report query
-        try:
-            started = time.monotonic()
-            result = await asyncio.to_thread(pg_project.invoke, "migrate", "--env=ci")
-            return time.monotonic() - started, result.returncode, result.stderr
-        finally:
-            await transaction.rollback()
-            await reader.close()
-
-    seconds, code, stderr = asyncio.run(scenario())
+    seconds, code, stderr = migrate_while_users_is_locked(pg_project, pg_database, "access share")
 
     assert code == 1, stderr
     assert (
@@ -199,15 +209,6 @@ def test_pg_dump_backup_when_the_env_file_asks(project: Project, pg_database: Pg
     assert dump.stat().st_size > 0 and (dump.stat().st_mode & 0o777) == 0o600
 
 
-def add_email(project: Project) -> None:
-    body = 'op.add_column("users", sa.Column("email", sa.String(100)))'
-    project.add_revision("alter", revision("alter1", head_revision(), body, message="add email"))
-
-
-def dumps(project: Project) -> list[Path]:
-    return sorted((project.root / "var" / "backups").glob("ci-*.dump"))
-
-
 def test_a_pg_dump_behind_a_table_lock_gives_up_after_lock_timeout(
     pg_project: Project, pg_database: PgDatabase
 ) -> None:
@@ -218,20 +219,11 @@ def test_a_pg_dump_behind_a_table_lock_gives_up_after_lock_timeout(
     add_email(pg_project)
     [first] = dumps(pg_project)
 
-    async def scenario() -> tuple[float, int, str]:
-        app = await asyncpg.connect(pg_database.dsn)
-        transaction = app.transaction()
-        await transaction.start()
-        await app.execute("lock table users in access exclusive mode")
-        try:
-            started = time.monotonic()
-            result = await asyncio.to_thread(pg_project.invoke, "migrate", "--env=ci")
-            return time.monotonic() - started, result.returncode, result.stderr
-        finally:
-            await transaction.rollback()
-            await app.close()
-
-    seconds, code, stderr = asyncio.run(scenario())
+    seconds, code, stderr = migrate_while_users_is_locked(
+        pg_project,
+        pg_database,
+        "access exclusive",  # the app's
+    )
 
     assert code == 1, stderr
     assert "pg_dump failed, so nothing was migrated: " in stderr
