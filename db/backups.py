@@ -11,6 +11,7 @@ from collections.abc import Callable
 from contextlib import closing
 from datetime import datetime
 from pathlib import Path
+from typing import TYPE_CHECKING
 
 from sqlalchemy.engine import URL, make_url
 
@@ -18,6 +19,9 @@ from db.environments import Environment
 from db.errors import ConfigError, DbError, GuardRefused, Interrupted, LockTimeout, UsageError
 from db.locks import LOCK_WAIT
 from db.stop import Stop
+
+if TYPE_CHECKING:
+    from db.runner import RunOptions
 
 BACKUP_DIR = Path("var") / "backups"
 
@@ -74,13 +78,33 @@ def sqlite_backup(
     return target
 
 
-def check_file(env: Environment, url: URL) -> None:
+def check_file(env: Environment, url: URL, options: RunOptions | None = None) -> None:
     """Refuse a SQLite database file that is not sound, or that a change could not write
-    (nothing to check on a server)."""
+    (nothing to check on a server). One that another connection keeps locked is waited
+    for, ``options.lock_wait`` seconds at most, as the migration lock is."""
     if url.get_backend_name() == "sqlite":
         path = Path(url.database or "")
-        check_sqlite(env, path)
+        check_sqlite(env, path, options)
         _check_writable(env, path)
+
+
+def _checked(env: Environment, path: Path, options: RunOptions | None) -> str | None:
+    """``_quick_check`` of a file a task is about to change, waiting ``options.lock_wait``
+    seconds at most while another connection keeps it locked. Nothing has been changed
+    when the wait runs out, or a signal ends it, and the error says so."""
+    try:
+        if options is None:
+            return _quick_check(path)
+        return _quick_check(path, options.lock_wait, options.stop.check, options.note)
+    except LockTimeout as exc:
+        raise LockTimeout(
+            f"{env.relative(path)}: {exc} (the app writing a large transaction, or a "
+            "migration?), so nothing was changed: retry when it is done, or wait longer "
+            "with --lock-wait"
+        ) from None
+    except Interrupted as exc:
+        why = f"interrupted while waiting for {env.relative(path)}: nothing was changed"
+        raise Interrupted(why, exc.signum) from None
 
 
 def _check_writable(env: Environment, path: Path) -> None:
@@ -96,11 +120,12 @@ def _check_writable(env: Environment, path: Path) -> None:
             )
 
 
-def check_sqlite(env: Environment, path: Path) -> None:
-    """Refuse a SQLite file that fails ``PRAGMA quick_check``, before anything touches it."""
+def check_sqlite(env: Environment, path: Path, options: RunOptions | None = None) -> None:
+    """Refuse a SQLite file that fails ``PRAGMA quick_check``, before anything touches it;
+    one another connection keeps locked is waited for (``options.lock_wait``)."""
     if not path.is_file():
         return
-    problem = _quick_check(path)
+    problem = _checked(env, path, options)
     if problem:
         raise DbError(
             f"{env.relative(path)} fails SQLite's quick_check ({problem}): the file is "
@@ -116,25 +141,51 @@ def repair(flags: str) -> str:
     )
 
 
-def set_aside_corrupt(env: Environment, url: URL) -> Path | None:
+def set_aside_corrupt(env: Environment, url: URL, options: RunOptions) -> Path | None:
     """Move a corrupt SQLite file (with its journal, or its WAL files) into the backups, as
     it is, so that a reset can start a new one: nothing in it can be dropped. None when it
-    is sound."""
+    is sound (a locked one is waited for, as by ``check_file``)."""
     path = Path(url.database or "") if url.get_backend_name() == "sqlite" else None
-    if path is None or not path.is_file() or path.stat().st_size == 0 or not _quick_check(path):
+    if path is None or not path.is_file() or path.stat().st_size == 0:
         return None
-    return _set_aside(env, path)
+    return _set_aside(env, path) if _checked(env, path, options) else None
 
 
-def _quick_check(path: Path) -> str | None:
-    """None when the file is a sound SQLite database, else what is wrong with it."""
-    try:
-        with closing(sqlite3.connect(f"file:{path}?mode=ro", uri=True)) as db:
-            rows = db.execute("PRAGMA quick_check").fetchall()
-    except sqlite3.Error as exc:
-        return str(exc)
-    found = "; ".join(str(row[0]) for row in rows)
-    return None if found == "ok" else found
+def _quick_check(
+    path: Path,
+    wait: float = 0.0,
+    stopped: Callable[[], None] = lambda: None,
+    note: Callable[[str], None] = lambda _: None,
+) -> str | None:
+    """None when the file is a sound SQLite database, else what is wrong with it.
+
+    A file another connection keeps locked is not corrupt: a writer committing, or one
+    whose changes outgrew its cache, bars every reader until it ends (in SQLite's
+    rollback-journal mode). It is tried again for ``wait`` seconds, in short tries with
+    ``stopped`` (which raises to end the wait) between them, and then LockTimeout.
+    """
+    deadline, noted = time.monotonic() + wait, False
+    while True:
+        left = deadline - time.monotonic()
+        try:
+            connect = sqlite3.connect(f"file:{path}?mode=ro", uri=True, timeout=min(left, 0.25))
+            with closing(connect) as db:
+                rows = db.execute("PRAGMA quick_check").fetchall()
+        except sqlite3.OperationalError as exc:
+            if "locked" not in str(exc):
+                return str(exc)
+            if left <= 0:
+                raise LockTimeout(f"another connection kept it locked for {wait:g} s") from None
+            if not noted:
+                writing = f"another connection to finish writing {path.name}"
+                note(f"waiting up to {wait:g}s for {writing}")
+                noted = True
+            stopped()
+            continue
+        except sqlite3.Error as exc:
+            return str(exc)
+        found = "; ".join(str(row[0]) for row in rows)
+        return None if found == "ok" else found
 
 
 def _copy(
@@ -277,19 +328,14 @@ def restore(
         )
     try:
         stopped()
-    except Interrupted as exc:
-        raise Interrupted(f"interrupted: {_AS_IT_WAS}", exc.signum) from None
-    kept = _keep_replaced(env, live)
+        kept = _keep_replaced(env, live, stopped, lock_wait)
+    except (Interrupted, LockTimeout) as exc:
+        raise _not_restored(exc, env, live, _AS_IT_WAS) from None
     try:
         stopped()
         _copy(chosen, live, stopped, lock_wait)
-    except Interrupted as exc:
-        raise Interrupted(f"interrupted: {_unrestored(env, live, kept)}", exc.signum) from None
-    except LockTimeout as exc:
-        raise LockTimeout(
-            f"{env.relative(live)}: {exc} (a migration, or the app in a long transaction?), so "
-            f"{_unrestored(env, live, kept)}; stop it, or wait longer with --lock-wait"
-        ) from None
+    except (Interrupted, LockTimeout) as exc:
+        raise _not_restored(exc, env, live, _unrestored(env, live, kept)) from None
     except (sqlite3.Error, OSError) as exc:  # a full disk
         raise DbError(
             f"restoring {env.relative(chosen)} failed ({exc}), so {_unrestored(env, live, kept)}; "
@@ -299,6 +345,19 @@ def restore(
 
 
 _AS_IT_WAS = "nothing was restored: the database is as it was"
+
+
+def _not_restored(
+    exc: Interrupted | LockTimeout, env: Environment, live: Path, left: str
+) -> DbError:
+    """The error of a restore that a signal, or another connection's lock, ended; ``left``:
+    what it left, in words."""
+    if isinstance(exc, Interrupted):
+        return Interrupted(f"interrupted: {left}", exc.signum)
+    return LockTimeout(
+        f"{env.relative(live)}: {exc} (a migration, or the app in a long transaction?), so "
+        f"{left}; stop it, or wait longer with --lock-wait"
+    )
 
 
 def _unrestored(env: Environment, live: Path, kept: Path | None) -> str:
@@ -313,7 +372,10 @@ def _unrestored(env: Environment, live: Path, kept: Path | None) -> str:
 
 
 def _check_backup(env: Environment, path: Path) -> None:
-    problem = _quick_check(path)
+    try:
+        problem = _quick_check(path)
+    except LockTimeout:
+        problem = "another connection keeps it locked"
     if problem is None:
         with closing(sqlite3.connect(f"file:{path}?mode=ro", uri=True)) as db:
             found = db.execute(
@@ -345,13 +407,16 @@ def _migrated_as(path: Path) -> str | None:
 _COMPANIONS = ("-journal", "-wal", "-shm")  # the files SQLite keeps beside a database
 
 
-def _keep_replaced(env: Environment, live: Path) -> Path | None:
+def _keep_replaced(
+    env: Environment, live: Path, stopped: Callable[[], None], lock_wait: float
+) -> Path | None:
     """Keep the database a restore replaces: as a verified backup, or, when corrupt, moved
-    aside as it is (SQLite cannot copy over a file it cannot read)."""
+    aside as it is (SQLite cannot copy over a file it cannot read). A file another
+    connection keeps locked is waited for, ``lock_wait`` seconds at most."""
     if not live.is_file() or live.stat().st_size == 0:
         return None
-    if _quick_check(live) is None:  # kept even with BACKUP_KEEP=0: a restore can be undone
-        return sqlite_backup(env, make_url(f"sqlite:///{live}"), least=1)
+    if _quick_check(live, lock_wait, stopped) is None:  # kept even with BACKUP_KEEP=0
+        return sqlite_backup(env, make_url(f"sqlite:///{live}"), least=1, stopped=stopped)
     return _set_aside(env, live)
 
 

@@ -185,7 +185,7 @@ def _change(
     ``creates``: a SQLite file not there yet is made (migrate), or read as empty."""
     options = options or RunOptions()
     config = make_config(env, options, lock=True, creates=creates)
-    backups.check_file(env, run_of(config).url)
+    backups.check_file(env, run_of(config).url, options)
     script = load_scripts(config)
     if single_head:
         guards.single_head(script, to_flag=True)

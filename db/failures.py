@@ -42,7 +42,8 @@ _IN_A_BLOCK = "a revision runs such a statement in `with op.get_context().autoco
 def what_to_do(exc: DBAPIError, flags: str, role: str | None) -> str:
     """What to do when a run failed before its first revision, or a read failed: for want
     of a privilege (SQLSTATE 42501), on a read-only server (25006), with no schema to create
-    in (3F000), on a corrupt SQLite file; or "". ``flags``: the task's --env (and --only)."""
+    in (3F000), on a corrupt or locked SQLite file; or "". ``flags``: the task's --env (and
+    --only)."""
     state, said = getattr(exc.orig, "sqlstate", None), first_line(exc)
     if state == "25006":  # read_only_sql_transaction
         return _READ_ONLY
@@ -53,6 +54,11 @@ def what_to_do(exc: DBAPIError, flags: str, role: str | None) -> str:
         )
     if "file is not a database" in said or "database disk image is malformed" in said:
         return f"the SQLite file is corrupt: {repair(flags)}"
+    if "database is locked" in said:  # past sqlite3's 5 s wait for a writer to finish
+        return (
+            "another connection keeps the SQLite file locked (the app writing a large "
+            "transaction, or a migration?): run it again when it is done"
+        )
     if state != "42501":
         return ""
     role = role or "the migrating role"

@@ -29,11 +29,11 @@ def reset(env: Environment, options: RunOptions | None = None) -> list[Step]:
         raise GuardRefused(f"{env.name} is protected: reset drops every table and never runs there")
     options = options or RunOptions()
     url = env.url()
-    kept = backups.set_aside_corrupt(env, url)
+    kept = backups.set_aside_corrupt(env, url, options)
     if kept is not None:  # nothing in it to drop or back up: a new file, migrated from scratch
         options.note(f"the corrupt database file was moved to {env.relative(kept)}")
         return migrate(env, "head", replace(options, backup=False))
-    backups.check_file(env, url)
+    backups.check_file(env, url, options)
     config = make_config(env, options)
     script = load_scripts(config)
     state = read_state(env, config, script)

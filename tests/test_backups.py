@@ -402,12 +402,14 @@ def test_a_signal_during_a_restore_leaves_the_database_as_it_was_and_says_so(
         assert connection.execute("select count(*) from big").fetchone() == (400000,)
 
 
-@pytest.mark.parametrize("holder", ["app", "migration"])
+@pytest.mark.parametrize("holder", ["app", "app committing", "migration"])
 def test_a_restore_over_a_file_another_keeps_locked_gives_up_and_says_so(
     project: Project, holder: str
 ) -> None:
     """It waited without end, and without a word, while the app held a write lock; and it
-    must never put a backup in place under a running migration."""
+    must never put a backup in place under a running migration. A writer that keeps
+    readers out too (committing) made the file look corrupt: it was moved aside, and the
+    backup put in place under the app."""
     project.migrated()
     pending_revision(project)
     project.migrated()  # backs the database at HEAD up
@@ -415,8 +417,8 @@ def test_a_restore_over_a_file_another_keeps_locked_gives_up_and_says_so(
     app = sqlite3.connect(project.root / "var" / "dev.sqlite3", isolation_level=None)
     migration = None
     try:
-        if holder == "app":
-            app.execute("begin immediate")  # the app, in a long write transaction
+        if holder.startswith("app"):  # the app, in a long write transaction
+            app.execute("begin exclusive" if holder == "app committing" else "begin immediate")
         else:
             sleepy = (
                 'op.create_table("sleepy", sa.Column("id", sa.Integer))\n'
@@ -436,6 +438,7 @@ def test_a_restore_over_a_file_another_keeps_locked_gives_up_and_says_so(
         "the app in a long transaction?), so nothing was restored: the database is as it was; "
         "stop it, or wait longer with --lock-wait\n"
     )
+    assert list((project.root / "var" / "backups").glob("*.corrupt")) == []
     if migration is not None:
         assert migration.wait(timeout=30) == 0
         assert version(project) == ["sleepy1"]

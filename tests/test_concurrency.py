@@ -22,6 +22,7 @@ from conftest import (
     popen,
     revision,
     running_query,
+    version,
     wait_until,
 )
 
@@ -320,6 +321,87 @@ def test_a_signal_ends_the_wait_for_a_locked_sqlite_file(project: Project) -> No
     with project.sqlite() as connection:
         tables = connection.execute("select name from sqlite_master where name = 'notes'")
         assert tables.fetchall() == []
+
+
+@contextmanager
+def writing(project: Project) -> Iterator[sqlite3.Connection]:
+    """Another connection writing the dev database, holding the lock that bars readers too
+    (a writer committing, or one whose changes outgrew its cache, in rollback-journal mode)."""
+    writer = sqlite3.connect(project.root / "var" / "dev.sqlite3", isolation_level=None)
+    writer.execute("BEGIN EXCLUSIVE")
+    try:
+        yield writer
+    finally:
+        if writer.in_transaction:
+            writer.execute("ROLLBACK")
+        writer.close()
+
+
+@pytest.mark.parametrize("task", ["migrate", "rollback", "reset"])
+def test_a_file_a_writer_keeps_from_readers_is_locked_not_corrupt(
+    project: Project, task: str
+) -> None:
+    """The check for a corrupt file read a writer's lock as corruption: the task said to
+    restore a backup or reset, and reset moved the sound file aside and started a new one."""
+    project.migrated()
+    body = 'op.create_table("notes", sa.Column("id", sa.Integer))'
+    project.add_revision("n", revision("notes1", head_revision(), body))
+    with writing(project):
+        result = project.invoke(task, "--lock-wait=1")
+
+    assert result.returncode == 3, result.stderr
+    assert "waiting up to 1s for another connection to finish writing dev.sqlite3" in result.stderr
+    assert result.stderr.endswith(
+        "error: var/dev.sqlite3: another connection kept it locked for 1 s (the app writing a "
+        "large transaction, or a migration?), so nothing was changed: retry when it is done, "
+        "or wait longer with --lock-wait\n"
+    )
+    assert "corrupt" not in result.stderr
+    assert list((project.root / "var" / "backups").glob("*.corrupt")) == []
+    assert version(project) == [head_revision()]
+
+
+@pytest.mark.parametrize("ending", ["the writer commits", "SIGINT"])
+def test_a_run_waits_for_a_writer_that_keeps_readers_out(project: Project, ending: str) -> None:
+    project.migrated()
+    body = 'op.create_table("notes", sa.Column("id", sa.Integer))'
+    project.add_revision("n", revision("notes1", head_revision(), body))
+    with writing(project) as writer:
+        run = popen(project, "migrate", "--lock-wait=60")
+        try:
+            waiting = "waiting up to 60s for another connection to finish writing"
+            wait_until(lambda: run.printed(waiting), "the wait for the writer", process=run)
+            if ending == "SIGINT":
+                run.send_signal(signal.SIGINT)
+            else:
+                writer.execute("COMMIT")
+            _, err = run.communicate(timeout=20)
+        finally:
+            if run.poll() is None:
+                run.process.kill()
+                run.communicate()
+
+    if ending == "SIGINT":
+        assert run.returncode == 130, err  # at once, not when the 60 s ran out
+        last = err.strip().splitlines()[-1]
+        assert last == "interrupted while waiting for var/dev.sqlite3: nothing was changed"
+        assert version(project) == [head_revision()]
+    else:
+        assert run.returncode == 0, err
+        assert "applied notes1" in err
+        assert version(project) == ["notes1"]
+
+
+def test_a_read_of_a_file_a_writer_keeps_locked_says_what_to_do(project: Project) -> None:
+    project.migrated()
+    with writing(project):
+        result = project.invoke("status")
+
+    assert result.returncode != 0
+    assert result.stderr.strip().splitlines()[-1] == (
+        "another connection keeps the SQLite file locked (the app writing a large "
+        "transaction, or a migration?): run it again when it is done"
+    )
 
 
 def test_three_runs_on_one_sqlite_file_apply_everything_once(project: Project) -> None:
