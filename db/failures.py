@@ -20,6 +20,7 @@ from db.errors import (
     Halted,
     Interrupted,
     LockLost,
+    LockTimeout,
     MigrationFailed,
     cause_of,
     first_line,
@@ -105,6 +106,8 @@ def _failure(exc: BaseException, progress: Progress, run: Run, text: str) -> DbE
         return Interrupted(f"interrupted: {text}", run.stop.signum)
     if isinstance(exc, Halted):
         return Halted(f"{exc}: {text}")
+    if isinstance(exc, LockTimeout):  # SQLite's readers kept the run from committing
+        return LockTimeout(f"{exc}\n{text}; retry when they are done, or raise --lock-wait")
     cause = _hinted(exc)
     if step is None:
         return MigrationFailed(f"the run failed after its last revision: {cause}\n{text}")

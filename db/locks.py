@@ -18,13 +18,14 @@ so a second run waits (busy timeout) and then finds the work done.
 from __future__ import annotations
 
 import asyncio
+import sqlite3
 import threading
 import time
 from collections.abc import AsyncIterator, Callable, Iterator, Mapping
 from contextlib import asynccontextmanager, contextmanager, suppress
 from dataclasses import dataclass
 from functools import cached_property
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from sqlalchemy import (
     ColumnElement,
@@ -275,11 +276,11 @@ def sqlite_run(
             outer.rollback()  # SQLite's own rollback: only SQLAlchemy's side is left to end
             raise
         connection.exec_driver_sql("ROLLBACK TO revision")
-        outer.commit()
+        _commit(connection, outer, wait, note, stopped)
         on_commit()
         raise
     connection.exec_driver_sql("RELEASE revision")
-    outer.commit()
+    _commit(connection, outer, wait, note, stopped)
     on_commit()
 
 
@@ -292,11 +293,11 @@ def sqlite_locked(
     transaction = _begin_immediate(connection, wait, note, stopped)
     try:
         yield
+        _commit(connection, transaction, wait, note, stopped)
     except BaseException:
         if transaction.is_active:
             transaction.rollback()
         raise
-    transaction.commit()
 
 
 def _begin_immediate(
@@ -319,6 +320,49 @@ def _begin_immediate(
         f"another process kept this SQLite file locked for {wait:g}s; nothing was changed: "
         "retry later, or raise --lock-wait"
     )
+
+
+def _commit(
+    connection: Connection,
+    transaction: RootTransaction,
+    wait: float,
+    note: Note,
+    stopped: Callable[[], None],
+) -> None:
+    """Commit the write transaction. SQLite writes the file only once every reader is done
+    (the app's read transaction, a report): wait up to ``wait`` seconds for them, in short
+    tries with ``stopped`` between them. A commit that finds the file busy leaves the
+    transaction open, so it can be tried again; ended by a signal or the wait, it is rolled
+    back, and nothing of it is kept."""
+    sqlite = connection.connection.driver_connection
+    deadline, noted = time.monotonic() + wait, False
+    try:
+        sqlite.execute("PRAGMA busy_timeout = 250")  # type: ignore[union-attr]
+        while not _committed(sqlite):
+            if time.monotonic() >= deadline:
+                raise LockTimeout(
+                    f"readers kept this SQLite file busy for {wait:g}s (the app in a long read "
+                    "transaction?), so the run could not commit"
+                )
+            if not noted:
+                note(f"waiting up to {wait:g}s for readers of this SQLite file to finish")
+                noted = True
+            stopped()
+    except BaseException:
+        transaction.rollback()
+        raise
+    transaction.commit()  # SQLAlchemy's side: SQLite has nothing open to commit now
+
+
+def _committed(sqlite: Any) -> bool:
+    """COMMIT, or False while readers keep the file from being written (SQLITE_BUSY)."""
+    try:
+        sqlite.execute("COMMIT")
+    except sqlite3.OperationalError as exc:
+        if "locked" in str(exc):
+            return False
+        raise
+    return True
 
 
 class _Busy(Exception):

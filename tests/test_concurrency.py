@@ -404,6 +404,87 @@ def test_a_read_of_a_file_a_writer_keeps_locked_says_what_to_do(project: Project
     )
 
 
+@contextmanager
+def reading(project: Project) -> Iterator[sqlite3.Connection]:
+    """The app in a read transaction on the dev database: SQLite commits a write only once
+    every reader is done."""
+    reader = sqlite3.connect(project.root / "var" / "dev.sqlite3", isolation_level=None)
+    reader.execute("BEGIN")
+    reader.execute("select count(*) from users").fetchall()
+    try:
+        yield reader
+    finally:
+        if reader.in_transaction:
+            reader.execute("COMMIT")
+        reader.close()
+
+
+def two_pending(project: Project) -> None:
+    for name, down in (("notes1", head_revision()), ("notes2", "notes1")):
+        body = f'op.create_table("{name}", sa.Column("id", sa.Integer))'
+        project.add_revision(name, revision(name, down, body))
+
+
+def tables(project: Project) -> set[str]:
+    with project.sqlite() as connection:
+        return {row[0] for row in connection.execute("select name from sqlite_master")}
+
+
+def test_readers_that_keep_a_run_from_committing_end_it_with_nothing_kept(
+    project: Project,
+) -> None:
+    """The commit failed at once ("database is locked"), blamed on the last revision, with
+    the advice to fix it."""
+    project.migrated()
+    two_pending(project)
+    with reading(project):
+        result = project.invoke("migrate", "--lock-wait=1")
+
+    assert result.returncode == 3, result.stderr
+    assert "waiting up to 1s for readers of this SQLite file to finish" in result.stderr
+    assert result.stderr.strip().splitlines()[-2:] == [
+        "error: readers kept this SQLite file busy for 1s (the app in a long read "
+        "transaction?), so the run could not commit",
+        f"the database is at {head_revision()}; notes1 of this run did not commit either; "
+        "notes2 was rolled back; retry when they are done, or raise --lock-wait",
+    ]
+    assert version(project) == [head_revision()]
+    assert not {"notes1", "notes2"} & tables(project)
+
+
+@pytest.mark.parametrize("ending", ["the reader ends", "SIGINT"])
+def test_a_run_waits_for_readers_to_commit(project: Project, ending: str) -> None:
+    project.migrated()
+    two_pending(project)
+    with reading(project) as reader:
+        run = popen(project, "migrate", "--lock-wait=60")
+        try:
+            waiting = "waiting up to 60s for readers of this SQLite file to finish"
+            wait_until(lambda: run.printed(waiting), "the wait for the reader", process=run)
+            if ending == "SIGINT":
+                run.send_signal(signal.SIGINT)
+            else:
+                reader.execute("COMMIT")
+            _, err = run.communicate(timeout=20)
+        finally:
+            if run.poll() is None:
+                run.process.kill()
+                run.communicate()
+
+    if ending == "SIGINT":
+        assert run.returncode == 130, err  # at once, not when the 60 s ran out
+        assert err.strip().splitlines()[-1] == (
+            f"interrupted: the database is at {head_revision()}; notes1 of this run did not "
+            "commit either; notes2 was rolled back"
+        )
+        assert version(project) == [head_revision()]
+        assert not {"notes1", "notes2"} & tables(project)
+    else:
+        assert run.returncode == 0, err
+        assert version(project) == ["notes2"]
+        assert {"notes1", "notes2"} <= tables(project)
+
+
 def test_three_runs_on_one_sqlite_file_apply_everything_once(project: Project) -> None:
     slow_revisions(project, "__import__('time').sleep(0.5)")
 
