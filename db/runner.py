@@ -11,6 +11,7 @@ import contextlib
 import functools
 import io
 import sys
+import traceback
 import warnings
 from argparse import Namespace
 from collections.abc import Callable
@@ -35,6 +36,7 @@ from db.errors import (
     DbError,
     Halted,
     MigrationFailed,
+    first_line,
 )
 from db.failures import NONE_RUN, describe, failure, what_to_do
 from db.locks import LOCK_WAIT
@@ -293,6 +295,10 @@ def run_env(
     """Run env.py with ``fn`` deciding the steps; turn expected failures into DbError."""
     run = run_of(config)
     run.progress = progress
+    env_py, root = Path(script.env_py_location), Path(config.config_file_name or ".").parent
+    if not env_py.is_file():  # Alembic would run a stale compiled copy from __pycache__
+        where = env_py.relative_to(root) if env_py.is_relative_to(root) else env_py
+        raise ConfigError(f"{where} is missing: restore it from the repository")
     try:
         with EnvironmentContext(config, script, fn=fn, **kw), revisions_print_to_stderr():
             script.run_env()
@@ -319,4 +325,26 @@ def run_env(
             elif advice:
                 text += f"\n{advice}"
             raise DbError(text) from exc
+        broken = _broken_env_py(exc, env_py, root)
+        if broken is not None:
+            raise broken from exc
         raise
+
+
+def _broken_env_py(exc: BaseException, env_py: Path, root: Path) -> ConfigError | None:
+    """The error for env.py's own code failing (an edit that broke it: not Python, a name
+    it imports that is gone), naming its line; None when the failure came from elsewhere."""
+    if isinstance(exc, SyntaxError):
+        if Path(exc.filename or "").resolve() != env_py.resolve():
+            return None
+        line, said = exc.lineno, exc.msg  # without its "(file, line)"
+    else:
+        frames = traceback.extract_tb(exc.__traceback__)
+        if not frames or Path(frames[-1].filename).resolve() != env_py.resolve():
+            return None
+        line, said = frames[-1].lineno, first_line(exc)
+    where = env_py.relative_to(root) if env_py.is_relative_to(root) else env_py
+    return ConfigError(
+        f"{where}, line {line}, failed: {type(exc).__name__}: {said}; fix it, or restore it "
+        "from the repository (--debug shows the traceback)"
+    )

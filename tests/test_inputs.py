@@ -6,7 +6,9 @@ The environment rules are tested in-process; what the command line does with a m
 
 from __future__ import annotations
 
+import importlib.util
 import os
+import py_compile
 import re
 import signal
 import stat
@@ -593,3 +595,47 @@ def test_makemigration_without_a_message_gets_invokes_usage_line(project: Projec
     assert "did not receive required positional arguments: 'message'" in result.stderr
     assert "Traceback" not in result.stderr
     assert not [p for p in project.versions.glob("*.py") if HEAD not in p.name]
+
+
+@pytest.mark.parametrize(
+    ("change", "said"),
+    [
+        (
+            "not Python",
+            "error: db/migrations/env.py, line {last}, failed: SyntaxError: invalid syntax; fix "
+            "it, or restore it from the repository (--debug shows the traceback)",
+        ),
+        (
+            "an import that is gone",
+            "error: db/migrations/env.py, line {line}, failed: ModuleNotFoundError: No module "
+            "named 'db.lockz'; fix it, or restore it from the repository (--debug shows the "
+            "traceback)",
+        ),
+        ("missing", "error: db/migrations/env.py is missing: restore it from the repository"),
+    ],
+)
+def test_a_broken_or_missing_env_py_is_named_and_nothing_runs(
+    project: Project, change: str, said: str
+) -> None:
+    """A user's edit that broke env.py ended in a traceback; a deleted one ran the stale
+    bytecode of an older env.py from __pycache__ (Alembic's fallback for a missing file)."""
+    env_py = project.root / "db" / "migrations" / "env.py"
+    text = env_py.read_text()
+    import_line = next(
+        n for n, line in enumerate(text.splitlines(), 1) if line.startswith("from db.locks ")
+    )
+    if change == "not Python":
+        env_py.write_text(text + "def (\n")
+    elif change == "an import that is gone":
+        env_py.write_text(text.replace("from db.locks import", "from db.lockz import"))
+    else:
+        py_compile.compile(str(env_py), cfile=importlib.util.cache_from_source(str(env_py)))
+        env_py.unlink()  # its bytecode stays in __pycache__
+    last = len(text.splitlines()) + 1
+
+    for task in ("migrate", "offline-sql"):
+        result = project.invoke(task)
+        assert result.returncode == 2, result.stderr
+        assert result.stderr.strip().splitlines()[-1] == said.format(last=last, line=import_line)
+        assert "Traceback" not in result.stderr
+    assert not (project.root / "var" / "dev.sqlite3").exists()
