@@ -11,6 +11,7 @@ from alembic import command
 from alembic.runtime.migration import MigrationContext, RevisionStep
 from alembic.script import Script, ScriptDirectory
 from alembic.util import CommandError
+from mako.exceptions import MakoException  # type: ignore[import-untyped]
 
 from db import audit, guards
 from db.commands import plan_steps, read_state
@@ -90,19 +91,37 @@ def make_migration(env: Environment, message: str, *, empty: bool = False) -> Pa
 @contextmanager
 def whole_or_none(env: Environment, script: ScriptDirectory) -> Iterator[None]:
     """A new revision file is written whole or not at all: one that a full disk cut short
-    is deleted, so no task breaks on it."""
-    folder = Path(script.versions)
+    is deleted, so no task breaks on it. The template new revisions are written from,
+    missing or broken, is named (Alembic says only that a file is missing, or that
+    rendering failed)."""
+    folder, template = Path(script.versions), Path(script.dir) / "script.py.mako"
+    fix = "fix it, or restore it from the repository; nothing was written"
+    if not template.is_file():
+        raise ConfigError(
+            f"{env.relative(template)}, the template of new revisions, is missing: restore "
+            "it from the repository; nothing was written"
+        )
     before = set(folder.iterdir())
     try:
         yield
-    except OSError as exc:
+    except (OSError, MakoException, CommandError) as exc:
         for path in set(folder.iterdir()) - before:
             if path.is_file():
                 path.unlink(missing_ok=True)
-        raise ConfigError(
-            f"cannot write the new revision to {env.relative(folder)}: {exc.strerror}; "
-            "nothing was written"
-        ) from None
+        if isinstance(exc, OSError):
+            raise ConfigError(
+                f"cannot write the new revision to {env.relative(folder)}: {exc.strerror}; "
+                "nothing was written"
+            ) from None
+        if isinstance(exc, MakoException):
+            said = " ".join(str(exc).split())
+            raise ConfigError(
+                f"{env.relative(template)} is no valid template ({said}): {fix}"
+            ) from exc
+        if "Template rendering failed" in str(exc):  # Alembic's words; it names a file
+            said = str(exc).removeprefix("Template rendering failed; ").rstrip(".")
+            raise ConfigError(f"{env.relative(template)} failed to render ({said}): {fix}") from exc
+        raise
 
 
 def docstring_safe(message: str) -> str:

@@ -211,6 +211,36 @@ def test_a_revision_that_does_not_fit_on_the_disk_is_not_left_behind(project: Pr
         project.ok("status", **quiet)
 
 
+@pytest.mark.parametrize(
+    ("mistake", "said"),
+    [
+        ("missing", "the template of new revisions, is missing: restore it from the repository"),
+        ("${", "is no valid template (Expected: \\|,}; unterminated tag or expression"),
+        ("${nowhere.name}", "failed to render (see /"),
+    ],
+)
+def test_a_missing_or_broken_revision_template_is_named_and_nothing_is_written(
+    project: Project, mistake: str, said: str
+) -> None:
+    """A missing script.py.mako was reported as a folder that could not be written to, a
+    broken one ended in a traceback, and one that failed to render was answered with
+    "see `invoke history`"."""
+    template = project.root / "db" / "migrations" / "script.py.mako"
+    if mistake == "missing":
+        template.unlink()
+    else:
+        template.write_text(template.read_text() + mistake + "\n")
+    before = sorted(project.versions.iterdir())
+
+    result = project.invoke("makemigration", "add coupons", "--empty")
+
+    assert result.returncode == 2, result.stderr
+    [line] = result.stderr.strip().splitlines()
+    assert line.startswith("error: db/migrations/script.py.mako") and said in line, line
+    assert line.endswith("nothing was written"), line
+    assert sorted(project.versions.iterdir()) == before
+
+
 def test_makemigration_needs_a_message(project: Project) -> None:
     result = project.invoke("makemigration", "  ")
     assert result.returncode == 2  # a usage error, not a database's
