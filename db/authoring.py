@@ -105,9 +105,14 @@ def whole_or_none(env: Environment, script: ScriptDirectory) -> Iterator[None]:
     try:
         yield
     except (OSError, MakoException, CommandError) as exc:
-        for path in set(folder.iterdir()) - before:
-            if path.is_file():
-                path.unlink(missing_ok=True)
+        written = [path for path in set(folder.iterdir()) - before if path.is_file()]
+        for path in written:
+            path.unlink(missing_ok=True)
+        if _hook_failed(exc, folder, written):
+            raise ConfigError(
+                f"a post-write hook in alembic.ini failed ({exc}): fix [post_write_hooks] "
+                "there; nothing was written"
+            ) from exc
         if isinstance(exc, OSError):
             raise ConfigError(
                 f"cannot write the new revision to {env.relative(folder)}: {exc.strerror}; "
@@ -122,6 +127,18 @@ def whole_or_none(env: Environment, script: ScriptDirectory) -> Iterator[None]:
             said = str(exc).removeprefix("Template rendering failed; ").rstrip(".")
             raise ConfigError(f"{env.relative(template)} failed to render ({said}): {fix}") from exc
         raise
+
+
+def _hook_failed(exc: Exception, folder: Path, written: list[Path]) -> bool:
+    """Whether a post-write hook failed: the file was written, and Alembic's hook found
+    nothing to run (its CommandError), or the program it names is not there."""
+    if not written:
+        return False
+    if isinstance(exc, CommandError):
+        return True
+    if not isinstance(exc, FileNotFoundError | PermissionError) or not exc.filename:
+        return False
+    return Path(str(exc.filename)).parent != folder
 
 
 def docstring_safe(message: str) -> str:

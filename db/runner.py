@@ -217,7 +217,14 @@ def _versions(config: Config) -> Path:
 def configure_logging(ini: str) -> None:
     """Logging as alembic.ini sets it up, once per process: a fleet's worker enters env.py
     for target after target."""
-    fileConfig(ini, disable_existing_loggers=False)
+    try:
+        fileConfig(ini, disable_existing_loggers=False)
+    except Exception as exc:  # a section left out or misspelled: KeyError, ValueError...
+        said = f"{type(exc).__name__}: {first_line(exc)}"
+        raise ConfigError(
+            f"{ini} has broken logging sections ({said}): restore [loggers], [handlers] and "
+            "[formatters] from the repository"
+        ) from exc
 
 
 def _stamp(path: Path) -> tuple[int, int]:

@@ -241,6 +241,65 @@ def test_a_missing_or_broken_revision_template_is_named_and_nothing_is_written(
     assert sorted(project.versions.iterdir()) == before
 
 
+@pytest.mark.parametrize(
+    ("new", "said"),
+    [
+        (
+            "ruff_format.type = module\nruff_format.module = ruff_is_gone",
+            "Could not find module ruff_is_gone",
+        ),
+        (
+            "ruff_format.type = exec\nruff_format.executable = /nowhere/ruff",
+            "[Errno 2] No such file or directory: '/nowhere/ruff'",
+        ),
+    ],
+)
+def test_a_post_write_hook_that_fails_is_named_and_nothing_is_written(
+    project: Project, new: str, said: str
+) -> None:
+    """It was answered with "see `invoke history`", or, for a program that is not there,
+    as a folder that could not be written to."""
+    ini = project.root / "alembic.ini"
+    old = "ruff_format.type = module\nruff_format.module = ruff\n"
+    assert old in ini.read_text()
+    ini.write_text(ini.read_text().replace(old, f"{new}\n"))
+    before = sorted(project.versions.iterdir())
+
+    result = project.invoke("makemigration", "add coupons", "--empty")
+
+    assert result.returncode == 2, result.stderr
+    assert result.stderr.strip().splitlines() == [
+        f"error: a post-write hook in alembic.ini failed ({said}): fix [post_write_hooks] "
+        "there; nothing was written"
+    ]
+    assert sorted(project.versions.iterdir()) == before
+
+
+@pytest.mark.parametrize(
+    ("old", "new", "said"),
+    [
+        ("[handlers]\nkeys = console\n", "", "KeyError: 'handlers'"),
+        ("level = WARNING\n", "level = LOUD\n", "ValueError: Unknown level: 'LOUD'"),
+    ],
+)
+def test_broken_logging_sections_in_alembic_ini_are_named(
+    project: Project, old: str, new: str, said: str
+) -> None:
+    """A missing section, or a level that is none, ended in a traceback."""
+    ini = project.root / "alembic.ini"
+    assert old in ini.read_text()
+    ini.write_text(ini.read_text().replace(old, new))
+
+    result = project.invoke("migrate")
+
+    assert result.returncode == 2, result.stderr
+    assert result.stderr.strip().splitlines()[-1] == (
+        f"error: {ini} has broken logging sections ({said}): restore [loggers], [handlers] "
+        "and [formatters] from the repository"
+    )
+    assert not (project.root / "var" / "dev.sqlite3").exists()
+
+
 def test_makemigration_needs_a_message(project: Project) -> None:
     result = project.invoke("makemigration", "  ")
     assert result.returncode == 2  # a usage error, not a database's
