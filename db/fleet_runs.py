@@ -73,6 +73,7 @@ class TaskArgs(TypedDict, total=False):
     wait: float | None
     allow_env_mismatch: bool
     retry: bool  # set by the pool: False on the last try, which waits for the lock
+    was_locked: bool  # set by the pool: an earlier try found it behind, and locked by another
 
 
 @dataclass(frozen=True)

@@ -51,6 +51,7 @@ class Pool:
     ) -> None:
         self.env, self.environ, self.plan = env, dict(environ), plan
         self.hosts, self.cap, self.stop = hosts, cap, stop or Stop()
+        self._was_locked: set[str] = set()  # targets that came back locked, to retry last
         # a target's own environment: the fleet's may hold {target} where a name must be
         self._preload(environment(env, first) if first else env)
         # what the workers inherit stays out of their collections: none scans it, and none
@@ -138,6 +139,8 @@ class Pool:
                     on_done(outcome)
                 if outcome.state in RETRIED_LAST:
                     later.append(target)
+                    if outcome.state == "locked":
+                        self._was_locked.add(target.name)
                     continue
                 done[target.name] = outcome
                 if outcome.state == "failed" and not self.plan.keep_going:
@@ -157,7 +160,9 @@ class Pool:
     ) -> bool:
         """Start waiting targets while there is room; False if the pool broke."""
         while len(running) < self.plan.jobs and (target := self._next(waiting, running)):
-            args = TaskArgs(**self.plan.args, retry=not final)
+            args = TaskArgs(
+                **self.plan.args, retry=not final, was_locked=target.name in self._was_locked
+            )
             where = (self.env.root, self.env.name, self.environ)
             try:
                 future = self._executor.submit(work, *where, target, self.plan.task, args)

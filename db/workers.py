@@ -188,7 +188,9 @@ def _migrate(env: Environment, args: TaskArgs) -> Outcome:
     before = seen[0]
     if not before.pending:  # at --to=REV, or past it: refused, as on one database
         guards.reached(script, to, before.current or (), env)
-        return replace(before, state="up to date")
+        # behind when its lock was found taken: the run that held it got it there
+        by_another = "migrated by another run" if args.get("was_locked") else ""
+        return replace(before, state="up to date", detail=by_another)
     # every step committed: at head, the target is at the one head the guard checked
     after = replace(before, current=before.heads, pending=()) if to == "head" else _read(env)
     if not steps:  # another run got there first, while this one waited for the lock

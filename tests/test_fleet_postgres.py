@@ -215,6 +215,32 @@ def test_a_target_locked_by_another_run_is_retried_last(
         assert [(r["revision"], r["direction"]) for r in rows] == [(HEAD, "up")]
 
 
+def test_a_target_another_run_migrated_before_its_last_try_says_so(
+    tenants: Project, pg_database: PgDatabase
+) -> None:
+    """beta came back locked: behind, with its lock held by another run. By its last try
+    that run had taken it to head, and the line said only "already at", as if beta had
+    been there all along."""
+    slow = 'op.create_table("slow", sa.Column("id", sa.Integer))\n    __import__("time").sleep(1)'
+    tenants.add_revision("slow", revision("slow1", HEAD, slow))
+    with holding_lock(pg_database.dsn, "beta.alembic_version"):
+        run = popen(tenants, "migrate", "--env=tenants", "--jobs=1")
+        wait_until(lambda: run.printed("beta] locked by another run"), "beta's first try", 60, run)
+        # what the other run does under beta's lock, while this one migrates gamma
+        pg_execute(
+            pg_database.dsn,
+            "create schema beta",
+            "create table beta.alembic_version (version_num varchar(32) primary key)",
+            "insert into beta.alembic_version values ('slow1')",
+        )
+    _, err = run.communicate(timeout=120)
+
+    assert run.returncode == 0, err
+    assert "beta] already at slow1 (migrated by another run)" in err
+    assert "alpha] migrated" in err and "gamma] migrated" in err
+    assert err.count("(migrated by another run)") == 1
+
+
 def sessions_of(admin: str, database: str) -> int:
     """Sessions the database has had, counted once every session to it has ended (a
     backend writes its statistics before it leaves pg_stat_activity)."""
