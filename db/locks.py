@@ -42,7 +42,7 @@ from sqlalchemy.engine import URL
 from sqlalchemy.exc import DBAPIError, OperationalError
 
 from db.engines import with_connection
-from db.errors import ConfigError, LockLost, LockTimeout, first_line
+from db.errors import ConfigError, Halted, LockLost, LockTimeout, first_line
 
 if TYPE_CHECKING:
     from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
@@ -331,9 +331,10 @@ def _commit(
 ) -> None:
     """Commit the write transaction. SQLite writes the file only once every reader is done
     (the app's read transaction, a report): wait up to ``wait`` seconds for them, in short
-    tries with ``stopped`` between them. A commit that finds the file busy leaves the
-    transaction open, so it can be tried again; ended by a signal or the wait, it is rolled
-    back, and nothing of it is kept."""
+    tries with ``stopped`` between them (a signal ends the wait; a fleet's halt, which lets
+    a run finish, does not). A commit that finds the file busy leaves the transaction open,
+    so it can be tried again; ended by a signal or the wait, it is rolled back, and nothing
+    of it is kept."""
     sqlite = connection.connection.driver_connection
     deadline, noted = time.monotonic() + wait, False
     try:
@@ -347,7 +348,8 @@ def _commit(
             if not noted:
                 note(f"waiting up to {wait:g}s for readers of this SQLite file to finish")
                 noted = True
-            stopped()
+            with suppress(Halted):  # a fleet's halt lets the run finish, and this is finishing
+                stopped()
     except BaseException:
         transaction.rollback()
         raise

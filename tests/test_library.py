@@ -3,22 +3,26 @@
 from __future__ import annotations
 
 import asyncio
+import sqlite3
+import threading
+import time
 from datetime import datetime, timedelta, timezone
 from pathlib import Path
 
 import pytest
 from alembic import command
-from conftest import REPO, PgDatabase, head_revision
+from conftest import REPO, PgDatabase, head_revision, wait_until
 from sqlalchemy import create_engine, inspect, make_url, select, text
 
 from db import commands, fleet
-from db.engines import make_async_engine
+from db.engines import make_async_engine, make_engine
 from db.environments import Environment, load_environment
 from db.errors import ConfigError, LockLost
-from db.locks import pg_lock, prepare_session
+from db.locks import pg_lock, prepare_session, sqlite_run
 from db.models import Category, User
 from db.runner import make_config
 from db.session import async_engine, session_factory
+from db.stop import Stop
 
 
 def sqlite_env(tmp_path: Path) -> Environment:
@@ -365,3 +369,36 @@ def test_autocommit_is_refused_where_the_schema_is_set_per_transaction(
             await engine.dispose()
 
     assert asyncio.run(scenario()) == "alpha"
+
+
+def test_a_fleets_halt_lets_a_sqlite_run_waiting_for_readers_commit(tmp_path: Path) -> None:
+    """A halt (another target failed) lets a running target finish: one that was waiting
+    for the app's readers to commit rolled all of its revisions back instead."""
+    path = tmp_path / "shop.sqlite3"
+    sqlite3.connect(path).executescript("create table users (id integer)").close()
+    reader = sqlite3.connect(path, isolation_level=None, check_same_thread=False)
+    reader.execute("begin")
+    reader.execute("select count(*) from users").fetchall()
+    stop, notes = Stop(), []
+    engine = make_engine(make_url(f"sqlite:///{path}"), migrating=True)
+
+    def halt_then_let_go() -> None:
+        wait_until(lambda: notes, "the run to wait for the reader")
+        stop.halt("another target failed")
+        time.sleep(0.5)  # the run keeps waiting, halted
+        reader.execute("commit")
+
+    helper = threading.Thread(target=halt_then_let_go)
+    helper.start()
+    try:
+        with engine.connect() as connection:
+            with sqlite_run(connection, 30, notes.append, lambda: None, stop.check):
+                connection.exec_driver_sql("create table coupons (id integer)")
+    finally:
+        helper.join(timeout=30)
+        reader.close()
+        engine.dispose()
+
+    assert notes == ["waiting up to 30s for readers of this SQLite file to finish"]
+    tables = sqlite3.connect(path).execute("select name from sqlite_master").fetchall()
+    assert ("coupons",) in tables
