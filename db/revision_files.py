@@ -47,9 +47,12 @@ def _assignments(path: Path) -> dict[str, object]:
 
 
 def problem(versions: Path, root: Path) -> str | None:
-    """A file whose revision id is no id, a duplicate revision id, or a parent that no file
-    has, naming the files."""
+    """A file that is no revision Python can read, a file whose revision id is no id, a
+    duplicate revision id, or a parent that no file has, naming the files."""
     for path in sorted(versions.glob("*.py")):
+        unread = unreadable(path, root)
+        if unread is not None:
+            return unread
         values = _assignments(path)
         rev = values.get("revision", "?")
         if not isinstance(rev, str) or not rev.strip():  # Alembic: "'NoneType' not iterable"
@@ -76,6 +79,53 @@ def problem(versions: Path, root: Path) -> str | None:
                     "file: restore that file, or point down_revision at the revision before"
                 )
     return _bad_reference(versions, root, set(owners))
+
+
+def not_utf8(path: Path, root: Path) -> str | None:
+    """Why a file is not UTF-8 text (Python may load one that is not, if the odd bytes are
+    in a comment, but its checksum and plan would then fail to read it); None if it is."""
+    try:
+        path.read_bytes().decode("utf-8")
+    except UnicodeDecodeError as exc:
+        return f"{_named(path, root)} is not UTF-8 text (byte {exc.start}): save it as UTF-8"
+    return None
+
+
+def unreadable(path: Path, root: Path) -> str | None:
+    """Why a file is no revision Python can read: not UTF-8, not Python (cut short, a NUL
+    byte), or without the ``revision =`` every revision declares; None if it is one."""
+    try:
+        data = path.read_bytes()
+    except OSError:
+        return None  # loading it says why, with its name
+    if (wrong := not_utf8(path, root)) is not None:
+        return wrong
+    restore = "fix it, or restore it from the repository"
+    try:
+        tree = ast.parse(data)
+    except SyntaxError as exc:
+        line = f", line {exc.lineno}," if exc.lineno else ""
+        return f"{_named(path, root)}{line} is not valid Python ({exc.msg}): {restore}"
+    except ValueError as exc:  # a NUL byte, before Python 3.12
+        return f"{_named(path, root)} is not valid Python ({exc}): {restore}"
+    names = {
+        target.id
+        for node in tree.body
+        if isinstance(node, ast.Assign | ast.AnnAssign)
+        for target in (node.targets if isinstance(node, ast.Assign) else [node.target])
+        if isinstance(target, ast.Name)
+    }
+    if "revision" not in names:
+        return (
+            f"{_named(path, root)} declares no `revision =`: each .py file in its folder is "
+            "read as a revision; restore it, or move it out of that folder"
+        )
+    return None
+
+
+def _named(path: Path, root: Path) -> str:
+    """A file, named from the project (or whole, if it lies elsewhere)."""
+    return str(path.relative_to(root)) if path.is_relative_to(root) else str(path)
 
 
 def _bad_reference(versions: Path, root: Path, revisions: set[str]) -> str | None:

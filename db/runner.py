@@ -280,16 +280,9 @@ def _file(rev: Script, root: Path) -> str:
 
 
 def _utf8(rev: Script, root: Path) -> None:
-    """A revision file is UTF-8 text (Python may load one that is not, if the odd bytes
-    are in a comment, but its checksum and plan would then fail to read it)."""
-    if not rev.path:
-        return
-    try:
-        Path(rev.path).read_bytes().decode("utf-8")
-    except UnicodeDecodeError as exc:
-        raise BrokenRevisions(
-            f"{_file(rev, root)} is not UTF-8 text (byte {exc.start}): save it as UTF-8"
-        ) from None
+    """A loaded revision file is UTF-8 text too."""
+    if rev.path and (wrong := revision_files.not_utf8(Path(rev.path), root)) is not None:
+        raise BrokenRevisions(wrong)
 
 
 def run_env(

@@ -140,6 +140,39 @@ def test_a_revision_that_cannot_be_imported_is_named(
     )
 
 
+@pytest.mark.parametrize(
+    ("content", "said"),
+    [
+        (
+            b"",
+            " declares no `revision =`: each .py file in its folder is read as a revision; "
+            "restore it, or move it out of that folder",
+        ),
+        (
+            b"x = 1\x00\n",
+            " is not valid Python (source code string cannot contain null bytes): fix it, or "
+            "restore it from the repository",
+        ),
+        (
+            b'revision = "cut1"\ndef upgrade(\n',
+            ", line 2, is not valid Python ('(' was never closed): fix it, or restore it from "
+            "the repository",
+        ),
+    ],
+)
+def test_a_revision_file_cut_short_or_emptied_is_named(
+    project: Project, content: bytes, said: str
+) -> None:
+    """An emptied file got Alembic's "Could not determine revision id ... Upgrading from
+    Alembic 0.1 to 0.2", and a NUL byte or a file cut short a SyntaxError without its path."""
+    (project.root / "db" / "migrations" / "versions" / "cut.py").write_bytes(content)
+
+    result = project.invoke("status")
+
+    assert result.returncode == 2, result.stderr
+    assert result.stderr.endswith(f"error: db/migrations/versions/cut.py{said}\n")
+
+
 def test_a_revision_file_that_is_not_utf8_is_named(project: Project) -> None:
     """Python loads it when the odd byte is in a comment; reading it for its plan was a
     UnicodeDecodeError traceback."""
