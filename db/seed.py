@@ -11,6 +11,7 @@ from sqlalchemy.ext.asyncio import AsyncSession
 from db.engines import run_coroutine, sqlite_file_missing
 from db.environments import Environment
 from db.errors import BrokenModels, DbError, GuardRefused, first_line
+from db.failures import what_to_do
 from db.session import session_factory
 
 try:
@@ -46,7 +47,9 @@ def seed(env: Environment) -> dict[str, int]:
         said = first_line(exc)
         behind = any(words in said for words in ("no such", "does not exist"))  # table, column
         fix = migrate_first if behind else "nothing was added"
-        raise DbError(f"cannot seed {env.label}: {said} ({fix})") from exc
+        advice = what_to_do(exc, env.flags, env.url(need_secrets=False, app=True).username)
+        more = f"\n{advice}" if advice else ""  # a corrupt or locked SQLite file, a standby...
+        raise DbError(f"cannot seed {env.label}: {said} ({fix}){more}") from exc
 
 
 def described(added: dict[str, int]) -> str:

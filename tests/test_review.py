@@ -193,7 +193,11 @@ def test_a_seed_that_fails_on_a_migrated_database_does_not_say_to_migrate(
 
         error = project.fails("seed")
 
-    assert error.endswith("cannot seed dev: database is locked (nothing was added)\n"), error
+    assert error.endswith(
+        "cannot seed dev: database is locked (nothing was added)\nanother connection keeps the "
+        "SQLite file locked (the app writing a large transaction, or a migration?): run it "
+        "again when it is done\n"
+    ), error
     with project.sqlite() as connection:
         assert connection.execute("select count(*) from users").fetchone() == (0,)
 
