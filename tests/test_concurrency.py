@@ -485,6 +485,31 @@ def test_a_run_waits_for_readers_to_commit(project: Project, ending: str) -> Non
         assert {"notes1", "notes2"} <= tables(project)
 
 
+def test_a_second_signal_stops_a_revisions_long_python_step_at_once(project: Project) -> None:
+    """A revision's own Python code runs on after the first signal, which only asks the
+    run to stop at its next safe point: the task said nothing, as if it had not heard."""
+    project.migrated()
+    body = 'op.create_table("notes", sa.Column("id", sa.Integer))\n    __import__("time").sleep(60)'
+    project.add_revision("n", revision("notes1", head_revision(), body))
+    run = popen(project, "migrate")
+    try:
+        wait_until(lambda: run.printed("applying notes1"), "the revision", process=run)
+        run.send_signal(signal.SIGINT)
+        notice = "  stopping at the next safe point (SIGINT again stops at once)"
+        wait_until(lambda: run.printed(notice), "the notice", process=run)
+        run.send_signal(signal.SIGINT)
+        _, err = run.communicate(timeout=20)  # not the 60 s of the step
+    finally:
+        if run.poll() is None:
+            run.process.kill()
+            run.communicate()
+
+    assert run.returncode == 130, err
+    assert err.strip().splitlines()[-1] == "interrupted (SIGINT)"
+    assert version(project) == [head_revision()]
+    assert "notes" not in tables(project)
+
+
 def test_three_runs_on_one_sqlite_file_apply_everything_once(project: Project) -> None:
     slow_revisions(project, "__import__('time').sleep(0.5)")
 

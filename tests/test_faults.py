@@ -229,6 +229,8 @@ def test_a_signal_rolls_back_the_running_revision_and_says_where_the_database_is
     _, err = run.communicate(timeout=20)
 
     assert run.returncode == code, err
+    name = signal.Signals(signum).name
+    assert f"  stopping at the next safe point ({name} again stops at once)\n" in err
     last = err.strip().splitlines()[-1]
     assert (
         last == "interrupted: the database is at sig01; this run kept sig01; sig02 was rolled back"
