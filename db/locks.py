@@ -311,7 +311,7 @@ def _begin_immediate(
         return _begin(connection, busy_timeout=0)
     except _Busy:
         if wait > 0:
-            note(f"waiting up to {wait:g}s for another migration of this SQLite file to finish")
+            note(f"waiting up to {wait:g}s for another writer of this SQLite file to finish")
     while (left := deadline - time.monotonic()) > 0:
         stopped()
         with suppress(_Busy):

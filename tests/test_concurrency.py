@@ -520,7 +520,7 @@ def test_three_runs_on_one_sqlite_file_apply_everything_once(project: Project) -
         rows = connection.execute("select rev from side_effects order by rev").fetchall()
     assert rows == [("slow01",), ("slow02",), ("slow03",)]
     assert sum("applied slow01" in err for _, err in results) == 1
-    assert any("for another migration of this SQLite file" in err for _, err in results)
+    assert any("for another writer of this SQLite file" in err for _, err in results)
 
 
 def test_a_locked_sqlite_file_times_out_with_its_own_exit_code(project: Project) -> None:
@@ -560,7 +560,7 @@ def test_reset_waits_for_a_running_sqlite_migration_and_backs_up_what_it_applied
 
     assert run.returncode == 0 and "applied slow03" in migrated, migrated
     assert reset.returncode == 0, reset.stderr
-    assert "for another migration of this SQLite file to finish" in reset.stderr
+    assert "for another writer of this SQLite file to finish" in reset.stderr
     backup = sorted((project.root / "var" / "backups").glob("dev-*"))[-1]  # reset's
     with closing(sqlite3.connect(backup)) as kept:  # it holds what the migration applied
         assert kept.execute("select version_num from alembic_version").fetchall() == [("slow03",)]
