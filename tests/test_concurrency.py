@@ -609,7 +609,7 @@ def test_a_signal_ends_resets_wait_for_a_running_migration_with_nothing_dropped(
     run = popen(project, "migrate")
     wait_until(lambda: run.printed("applying slow01"), "the migration", process=run)
     reset = popen(project, "reset")
-    wait_until(lambda: reset.printed("for another migration"), "the reset's wait", process=reset)
+    wait_until(lambda: reset.printed("for another writer"), "the reset's wait", process=reset)
 
     os.kill(reset.pid, signal.SIGINT)
     said = reset.communicate(timeout=30)[1]
