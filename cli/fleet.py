@@ -215,7 +215,7 @@ def event(outcome: Outcome) -> str:
         "read": f"at {where}, {len(outcome.pending) or 'nothing'} pending",
         "passed": "check passed",
         "problems": f"check failed: {outcome.detail}",
-        "locked": f"locked by another run: {outcome.detail}",
+        "locked": outcome.detail,
         "busy": outcome.detail,
         "failed": f"failed: {outcome.detail}",
         "stopped": f"stopped: {outcome.detail}",

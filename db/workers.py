@@ -102,7 +102,9 @@ def work(
     except LockTimeout as exc:
         outcome = Outcome(target.name, "failed", one_line(exc), exit_code=exc.exit_code)
         if args.get("retry"):
-            outcome = Outcome(target.name, "locked", "another run holds its lock: retried last")
+            sqlite = env.url(need_secrets=False).get_backend_name() == "sqlite"
+            holder = "another connection (the app?)" if sqlite else "another run"
+            outcome = Outcome(target.name, "locked", f"locked by {holder}: retried last")
     except Halted as exc:
         why = one_line(exc)
         outcome = Outcome(target.name, "stopped", why, current=exc.at, exit_code=exc.exit_code)

@@ -76,6 +76,30 @@ def test_a_revision_that_calls_sys_exit_fails_its_targets_not_the_run(fleet: Pro
     assert [at(fleet, shop) for shop in SHOPS] == [[HEAD]] * 3
 
 
+def test_a_target_file_the_app_keeps_locked_is_retried_last_and_migrated(fleet: Project) -> None:
+    """A writer that keeps readers out made a target's file look corrupt; now the target
+    comes back locked, and its last try (which waits) migrates it once the writer is done."""
+    fleet.ok("migrate", "--env=shops", "--only=beta")
+    fleet.ok("rollback", "--env=shops", "--only=beta")
+    app = sqlite3.connect(fleet.root / "var" / "shops" / "beta.sqlite3", isolation_level=None)
+    app.execute("begin exclusive")  # the app, committing a large write
+    run = popen(fleet, "migrate", "--env=shops", "--jobs=1")
+    try:
+        wait_until(lambda: run.printed("gamma] migrated"), "the other targets", process=run)
+        app.execute("commit")
+        _, err = run.communicate(timeout=60)
+    finally:
+        app.close()
+        if run.poll() is None:
+            run.process.kill()
+            run.communicate()
+
+    assert run.returncode == 0, err
+    assert "beta] locked by another connection (the app?): retried last" in err
+    assert "corrupt" not in err
+    assert all(at(fleet, shop) == [HEAD] for shop in SHOPS)
+
+
 def test_only_selects_targets_by_glob(fleet: Project) -> None:
     fleet.ok("migrate", "--env=shops", "--only=a*,gam*")
 

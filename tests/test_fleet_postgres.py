@@ -204,7 +204,9 @@ def test_a_target_locked_by_another_run_is_retried_last(
 
     assert run.returncode == 0, err
     lines = err.splitlines()
-    locked = next(i for i, line in enumerate(lines) if "beta] locked by another run" in line)
+    locked = next(
+        i for i, line in enumerate(lines) if "beta] locked by another run: retried last" in line
+    )
     gamma = next(i for i, line in enumerate(lines) if "gamma] migrated" in line)
     beta = next(i for i, line in enumerate(lines) if f"beta] migrated: {HEAD}" in line)
     assert locked < gamma < beta
