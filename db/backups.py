@@ -168,7 +168,8 @@ def _quick_check(
     while True:
         left = deadline - time.monotonic()
         try:
-            connect = sqlite3.connect(f"file:{path}?mode=ro", uri=True, timeout=min(left, 0.25))
+            busy = max(0.0, min(left, 0.25))  # SQLite's own wait, in which no signal is seen
+            connect = sqlite3.connect(f"file:{path}?mode=ro", uri=True, timeout=busy)
             with closing(connect) as db:
                 rows = db.execute("PRAGMA quick_check").fetchall()
         except sqlite3.OperationalError as exc:

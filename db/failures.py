@@ -55,7 +55,7 @@ def what_to_do(exc: DBAPIError, flags: str, role: str | None) -> str:
         )
     if "file is not a database" in said or "database disk image is malformed" in said:
         return f"the SQLite file is corrupt: {repair(flags)}"
-    if "database is locked" in said:  # past sqlite3's 5 s wait for a writer to finish
+    if "database is locked" in said:  # past the busy wait, CONNECT_TIMEOUT, for a writer
         return (
             "another connection keeps the SQLite file locked (the app writing a large "
             "transaction, or a migration?): run it again when it is done"
