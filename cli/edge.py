@@ -10,7 +10,7 @@ import signal
 import sys
 import warnings
 from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from contextlib import contextmanager, suppress
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -185,8 +185,10 @@ def on_signals(stop: Stop) -> Iterator[None]:
     def handler(signum: int, _frame: object) -> None:
         signal.signal(signum, previous[signum])
         stop.request(signum)
-        name = signal.Signals(signum).name  # written past Python's buffer: no reentrant print
-        os.write(2, f"  stopping at the next safe point ({name} again stops at once)\n".encode())
+        name = signal.Signals(signum).name
+        notice = f"  stopping at the next safe point ({name} again stops at once)\n"
+        with suppress(OSError):  # past Python's buffer (no reentrant print); a reader gone
+            os.write(2, notice.encode())
 
     for kind in (signal.SIGINT, signal.SIGTERM):
         previous[kind] = signal.signal(kind, handler)
