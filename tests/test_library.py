@@ -6,6 +6,7 @@ import asyncio
 import sqlite3
 import threading
 import time
+from contextlib import closing
 from datetime import datetime, timedelta, timezone
 from pathlib import Path
 
@@ -375,7 +376,8 @@ def test_a_fleets_halt_lets_a_sqlite_run_waiting_for_readers_commit(tmp_path: Pa
     """A halt (another target failed) lets a running target finish: one that was waiting
     for the app's readers to commit rolled all of its revisions back instead."""
     path = tmp_path / "shop.sqlite3"
-    sqlite3.connect(path).executescript("create table users (id integer)").close()
+    with closing(sqlite3.connect(path)) as db:
+        db.executescript("create table users (id integer)")
     reader = sqlite3.connect(path, isolation_level=None, check_same_thread=False)
     reader.execute("begin")
     reader.execute("select count(*) from users").fetchall()
@@ -400,5 +402,6 @@ def test_a_fleets_halt_lets_a_sqlite_run_waiting_for_readers_commit(tmp_path: Pa
         engine.dispose()
 
     assert notes == ["waiting up to 30s for readers of this SQLite file to finish"]
-    tables = sqlite3.connect(path).execute("select name from sqlite_master").fetchall()
+    with closing(sqlite3.connect(path)) as db:
+        tables = db.execute("select name from sqlite_master").fetchall()
     assert ("coupons",) in tables
