@@ -169,8 +169,7 @@ def _quick_check(
         left = deadline - time.monotonic()
         try:
             busy = max(0.0, min(left, 0.25))  # SQLite's own wait, in which no signal is seen
-            connect = sqlite3.connect(f"file:{path}?mode=ro", uri=True, timeout=busy)
-            with closing(connect) as db:
+            with closing(_read_only(path, busy)) as db:
                 rows = db.execute("PRAGMA quick_check").fetchall()
         except sqlite3.OperationalError as exc:
             if "locked" not in str(exc):
@@ -187,6 +186,13 @@ def _quick_check(
             return str(exc)
         found = "; ".join(str(row[0]) for row in rows)
         return None if found == "ok" else found
+
+
+def _read_only(path: Path, busy: float = 5.0) -> sqlite3.Connection:
+    """A connection that only reads ``path``. Its URI escapes the path: in a folder named
+    ``shop #2`` (or with ``?`` or ``%``), SQLite would read the rest as the URI's fragment or
+    query, and open (and make) another file."""
+    return sqlite3.connect(f"{path.absolute().as_uri()}?mode=ro", uri=True, timeout=busy)
 
 
 def _copy(
@@ -378,7 +384,7 @@ def _check_backup(env: Environment, path: Path) -> None:
     except LockTimeout:
         problem = "another connection keeps it locked"
     if problem is None:
-        with closing(sqlite3.connect(f"file:{path}?mode=ro", uri=True)) as db:
+        with closing(_read_only(path)) as db:
             found = db.execute(
                 "select 1 from sqlite_master where type = 'table' and name = 'alembic_version'"
             ).fetchone()
@@ -392,7 +398,7 @@ def _check_backup(env: Environment, path: Path) -> None:
 def _migrated_as(path: Path) -> str | None:
     """The environment (``shops.alpha`` for a fleet's target) that last migrated the
     database in ``path``, from its audit trail; None if it has none."""
-    with closing(sqlite3.connect(f"file:{path}?mode=ro", uri=True)) as db:
+    with closing(_read_only(path)) as db:
         columns = {row[1] for row in db.execute("pragma table_info(migration_log)")}
         if "environment" not in columns:
             return None

@@ -15,6 +15,7 @@ import traceback
 import warnings
 from argparse import Namespace
 from collections.abc import Callable
+from configparser import ConfigParser
 from dataclasses import dataclass, field
 from logging.config import fileConfig
 from pathlib import Path
@@ -119,7 +120,7 @@ def make_config(
     """
     options = options or RunOptions()
     quiet = Namespace(quiet=True)  # progress is the caller's to report
-    config = Config(str(env.root / "alembic.ini"), output_buffer=output, cmd_opts=quiet)
+    config = _Config(str(env.root / "alembic.ini"), output_buffer=output, cmd_opts=quiet)
     url = env.url(need_secrets=not offline)
     config.attributes["run"] = Run(
         environment=env.name,
@@ -139,6 +140,20 @@ def make_config(
         before_lock=options.before_lock,
     )
     return config
+
+
+class _Config(Config):
+    """Alembic's Config, for a project in a folder whose name holds a ``%`` (``50% off``):
+    Alembic gives configparser the folder as ``%(here)s`` unescaped, and every option that
+    names it failed ("'%' must be followed by '%' or '('")."""
+
+    @functools.cached_property
+    def file_config(self) -> ConfigParser:
+        parser = super().file_config
+        here = parser.defaults().get("here", "")
+        if "%" in here:
+            parser.set(parser.default_section, "here", here.replace("%", "%%"))
+        return parser
 
 
 def run_of(config: Config) -> Run:

@@ -4,6 +4,7 @@ and shown with the password masked."""
 from __future__ import annotations
 
 from collections.abc import Callable
+from urllib.parse import quote
 
 from sqlalchemy.engine import URL, make_url
 from sqlalchemy.exc import ArgumentError
@@ -27,8 +28,12 @@ SQLITE_QUERY = ("check_same_thread", "cached_statements")  # the rest pysqlite i
 
 
 def mask(url: URL) -> str:
-    """The URL as text with its password replaced by ``***`` (a fleet's ``{target}`` kept)."""
-    return url.render_as_string(hide_password=True).replace("%7Btarget%7D", "{target}")
+    """The URL as text with its password replaced by ``***`` (a fleet's ``{target}`` kept),
+    and a SQLite file's path as it is (not ``shop%20%2523`` for ``shop #2``)."""
+    text = url.render_as_string(hide_password=True)
+    if url.get_backend_name() == "sqlite" and url.database:
+        text = text.replace("/" + quote(url.database, safe=" +/"), "/" + url.database, 1)
+    return text.replace("%7Btarget%7D", "{target}")
 
 
 def parse_url(text: str, where: str, what: str) -> URL:

@@ -537,3 +537,30 @@ def test_a_read_only_sqlite_file_is_refused_before_anything(project: Project) ->
         project.ok("migrate", "--env=ro")
         with closing(sqlite3.connect(disk / "shop.sqlite3")) as db:
             assert db.execute("select version_num from alembic_version").fetchall() == [("next01",)]
+
+
+@pytest.mark.parametrize("name", ["shop 50%", "shop #2?"])
+def test_a_project_in_a_folder_named_with_url_syntax_checks_and_restores_its_own_file(
+    project: Project, tmp_path: Path, name: str
+) -> None:
+    """In a folder named ``shop 50%``, Alembic's ``%(here)s`` broke every task (a
+    configparser traceback); in one named ``shop #2?``, the read-only checks opened, and
+    made, another file (a ``file:`` URI's path ends at ``#`` or ``?``): a corrupt database
+    passed its check, and restore found no version table in a sound backup."""
+    place = tmp_path / name
+    place.mkdir()
+    shutil.copytree(project.root, place / "bot")
+    shop = Project(place / "bot", project.environ, project.launcher)
+
+    migrated = shop.ok("migrate")
+    pending_revision(shop)
+    shop.ok("migrate")  # backs the database at HEAD up
+    shop.ok("restore")
+
+    assert f"[dev] sqlite:///{place}/bot/var/dev.sqlite3\n" in migrated.stderr
+    assert version(shop) == [HEAD]
+    corrupt(shop.root / "var" / "dev.sqlite3")
+    assert "fails SQLite's quick_check" in shop.fails("migrate")
+    assert sorted(p.name for p in tmp_path.iterdir()) == sorted(
+        p.name for p in (tmp_path / "project", place)
+    )
