@@ -90,8 +90,9 @@ def make_migration(env: Environment, message: str, *, empty: bool = False) -> Pa
 
 @contextmanager
 def whole_or_none(env: Environment, script: ScriptDirectory) -> Iterator[None]:
-    """A new revision file is written whole or not at all: one that a full disk cut short
-    is deleted, so no task breaks on it. The template new revisions are written from,
+    """A new revision file is written whole or not at all: one that a full disk cut short,
+    or a signal ended before its post-write hooks were done, is deleted, so no task breaks
+    on it, and none is left half formatted. The template new revisions are written from,
     missing or broken, is named (Alembic says only that a file is missing, or that
     rendering failed)."""
     folder, template = Path(script.versions), Path(script.dir) / "script.py.mako"
@@ -104,10 +105,12 @@ def whole_or_none(env: Environment, script: ScriptDirectory) -> Iterator[None]:
     before = set(folder.iterdir())
     try:
         yield
-    except (OSError, MakoException, CommandError) as exc:
+    except BaseException as exc:  # a signal too: the file may be written, its hooks not run
         written = [path for path in set(folder.iterdir()) - before if path.is_file()]
         for path in written:
             path.unlink(missing_ok=True)
+        if not isinstance(exc, OSError | MakoException | CommandError):
+            raise
         if _hook_failed(exc, folder, written):
             raise ConfigError(
                 f"a post-write hook in alembic.ini failed ({exc}): fix [post_write_hooks] "

@@ -5,6 +5,7 @@ from __future__ import annotations
 import importlib.util
 import re
 import shutil
+import signal
 import subprocess
 import sys
 from pathlib import Path
@@ -17,10 +18,12 @@ from conftest import (
     add_coupon_model,
     add_good_then_bad,
     head_revision,
+    popen,
     revision,
     tables,
     tmpfs,
     version,
+    wait_until,
 )
 
 SHOP_TABLES = {"users", "categories", "products", "purchases"}
@@ -272,6 +275,33 @@ def test_a_post_write_hook_that_fails_is_named_and_nothing_is_written(
         f"error: a post-write hook in alembic.ini failed ({said}): fix [post_write_hooks] "
         "there; nothing was written"
     ]
+    assert sorted(project.versions.iterdir()) == before
+
+
+def test_a_signal_during_the_post_write_hooks_leaves_no_revision_behind(project: Project) -> None:
+    """The file was written, then left unformatted (its hooks cut short), for the next
+    task to find as a revision nobody meant to keep."""
+    ini = project.root / "alembic.ini"
+    slow = (
+        "[post_write_hooks]\nslow.type = exec\n"
+        f"slow.executable = {sys.executable}\n"
+        'slow.options = -c "import time; time.sleep(30)" REVISION_SCRIPT_FILENAME\n'
+    )
+    text = ini.read_text().replace("hooks = ruff_format", "hooks = slow, ruff_format")
+    ini.write_text(text.replace("[post_write_hooks]\n", slow))
+    before = sorted(project.versions.iterdir())
+    run = popen(project, "makemigration", "add coupons", "--empty")
+    try:
+        wait_until(lambda: list(project.versions.glob("*add_coupons.py")), "the file", process=run)
+        run.send_signal(signal.SIGINT)
+        _, err = run.communicate(timeout=20)
+    finally:
+        if run.poll() is None:
+            run.process.kill()
+            run.communicate()
+
+    assert run.returncode == 130, err
+    assert err.strip().splitlines()[-1] == "interrupted (SIGINT)"
     assert sorted(project.versions.iterdir()) == before
 
 
