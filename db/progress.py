@@ -171,7 +171,11 @@ class Progress:
     def after_each(self, ctx: MigrationContext, step: MigrationInfo, **_kw: Any) -> None:
         """Alembic's ``on_version_apply``: inside the step's transaction, before its commit,
         check the lock (a locked run's ``fence``) and write the audit row; one statement
-        does both where the row is new."""
+        does both where the row is new. A signal that came while the revision's own Python
+        code ran (nothing to cancel there) rolls it back here, before it commits; one whose
+        non-transactional block ran is let commit, as that block could not be undone."""
+        if self.stop.signum is not None and not self.in_block:
+            self.stop.check()
         direction = "up" if step.is_upgrade else "down"
         seconds = time.perf_counter() - self._clock
         done = Step(step.up_revision_id or "", message_of(_script(step)), direction, seconds)

@@ -485,6 +485,32 @@ def test_a_run_waits_for_readers_to_commit(project: Project, ending: str) -> Non
         assert {"notes1", "notes2"} <= tables(project)
 
 
+def test_a_signal_during_a_revisions_python_step_rolls_it_back_before_it_commits(
+    project: Project,
+) -> None:
+    """Nothing in a Python step can be cancelled: once it returned, the revision committed
+    and the run said "migrated", exit 0, although it had been asked to stop."""
+    project.migrated()
+    body = 'op.create_table("notes", sa.Column("id", sa.Integer))\n    __import__("time").sleep(2)'
+    project.add_revision("n", revision("notes1", head_revision(), body))
+    run = popen(project, "migrate")
+    try:
+        wait_until(lambda: run.printed("applying notes1"), "the revision", process=run)
+        run.send_signal(signal.SIGINT)
+        _, err = run.communicate(timeout=20)
+    finally:
+        if run.poll() is None:
+            run.process.kill()
+            run.communicate()
+
+    assert run.returncode == 130, err
+    assert err.strip().splitlines()[-1] == (
+        f"interrupted: the database is at {head_revision()}; notes1 was rolled back"
+    )
+    assert version(project) == [head_revision()]
+    assert "notes" not in tables(project)
+
+
 def test_a_second_signal_stops_a_revisions_long_python_step_at_once(project: Project) -> None:
     """A revision's own Python code runs on after the first signal, which only asks the
     run to stop at its next safe point: the task said nothing, as if it had not heard."""

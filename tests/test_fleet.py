@@ -100,6 +100,27 @@ def test_a_target_file_the_app_keeps_locked_is_retried_last_and_migrated(fleet: 
     assert all(at(fleet, shop) == [HEAD] for shop in SHOPS)
 
 
+def test_a_signal_during_a_revisions_python_step_stops_every_running_target(
+    fleet: Project,
+) -> None:
+    """Each target ran its Python step to the end and committed: the run exited 0, every
+    target "migrated", although it had been asked to stop."""
+    body = 'op.create_table("notes", sa.Column("id", sa.Integer))\n    __import__("time").sleep(2)'
+    fleet.add_revision("n", revision("notes1", HEAD, body))
+    fleet.ok("migrate", "--env=shops", "--to=" + HEAD)
+    run = popen(fleet, "migrate", "--env=shops", "--jobs=3")
+    journals = [fleet.root / "var" / "shops" / f"{shop}.sqlite3-journal" for shop in SHOPS]
+    wait_until(lambda: all(j.exists() for j in journals), "every target's step", process=run)
+    run.send_signal(signal.SIGINT)
+    _, err = run.communicate(timeout=60)
+
+    assert run.returncode == 130, err
+    for shop in SHOPS:
+        said = f"{shop}] failed: interrupted: the database is at {HEAD}; notes1 was rolled back"
+        assert said in err
+        assert at(fleet, shop) == [HEAD]
+
+
 def test_only_selects_targets_by_glob(fleet: Project) -> None:
     fleet.ok("migrate", "--env=shops", "--only=a*,gam*")
 
