@@ -234,14 +234,17 @@ def test_a_missing_or_broken_revision_template_is_named_and_nothing_is_written(
     else:
         template.write_text(template.read_text() + mistake + "\n")
     before = sorted(project.versions.iterdir())
+    scratch = project.root.parent  # where Alembic leaves its account of a failed render
 
-    result = project.invoke("makemigration", "add coupons", "--empty")
+    result = project.invoke("makemigration", "add coupons", "--empty", TMPDIR=str(scratch))
 
     assert result.returncode == 2, result.stderr
     [line] = result.stderr.strip().splitlines()
     assert line.startswith("error: db/migrations/script.py.mako") and said in line, line
     assert line.endswith("nothing was written"), line
     assert sorted(project.versions.iterdir()) == before
+    for named in re.findall(r"see (\S+\.txt)", line):  # the file the message points to
+        assert Path(named).parent == scratch and Path(named).is_file()
 
 
 @pytest.mark.parametrize(
