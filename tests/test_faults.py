@@ -242,6 +242,29 @@ def test_a_signal_rolls_back_the_running_revision_and_says_where_the_database_is
     assert not lock_holders(pg_database)
 
 
+def test_a_signal_during_a_revisions_python_step_rolls_it_back_on_postgres(
+    shop: Project, pg_database: PgDatabase
+) -> None:
+    """No statement runs while a revision's Python code does, so none is cancelled: the
+    revision committed once the step returned, and the run said "migrated" and exited 0."""
+    shop.add_revision("p1", revision("py01", head_revision(), 'op.create_table("t1")'))
+    body = 'op.create_table("t2")\n    __import__("time").sleep(2)'
+    shop.add_revision("p2", revision("py02", "py01", body, message="python step"))
+    run = popen(shop, "migrate", "--env=ci")
+    wait_until(lambda: run.printed("applying py02"), "the Python step", process=run)
+
+    run.send_signal(signal.SIGINT)
+    _, err = run.communicate(timeout=20)
+
+    assert run.returncode == 130, err
+    last = err.strip().splitlines()[-1]
+    assert last == "interrupted: the database is at py01; this run kept py01; py02 was rolled back"
+    assert versions_of(pg_database.dsn) == ["py01"]
+    tables = pg_fetch(pg_database.dsn, "select tablename from pg_tables where tablename like 't_'")
+    assert [row["tablename"] for row in tables] == ["t1"]
+    assert not lock_holders(pg_database)
+
+
 @pytest.fixture
 def own_server(pg_server: str) -> Iterator[Cluster]:
     with cluster("--auth=trust") as found:
