@@ -22,7 +22,7 @@ import tempfile
 import threading
 import time
 import uuid
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import closing, contextmanager, suppress
 from dataclasses import dataclass
 from pathlib import Path
@@ -477,6 +477,28 @@ class Background:
         for reader in self._readers:
             reader.join(timeout)
         return "".join(self._out), "".join(self._err)
+
+    def when(
+        self,
+        ready: Callable[[], Any],
+        what: str,
+        then: Callable[[], object] | None = None,
+        timeout: float = 20,
+    ) -> str:
+        """Once ``ready()`` (waited for as ``what``), do ``then`` (by default, send SIGINT),
+        and wait ``timeout`` seconds at most for the task to end; its stderr. A task still
+        running then is killed, so that no test leaves one behind."""
+        try:
+            wait_until(ready, what, process=self)
+            if then is None:
+                self.send_signal(signal.SIGINT)
+            else:
+                then()
+            return self.communicate(timeout)[1]
+        finally:
+            if self.poll() is None:
+                self.process.kill()
+                self.communicate()
 
 
 def _read_lines(stream: Any, lines: list[str]) -> None:

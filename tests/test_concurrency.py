@@ -202,14 +202,9 @@ def test_a_signal_ends_the_wait_for_the_lock_with_nothing_changed(
         )
         run = popen(pg_project, "migrate", "--env=ci", "--lock-wait=60")
         try:
-            waiting = (lambda: run.printed("waiting up to 60s"), "the wait for the lock", 30, run)
-            await asyncio.to_thread(wait_until, *waiting)
-            run.send_signal(signal.SIGINT)
-            return run, (await asyncio.to_thread(run.communicate, 20))[1]
+            waiting = (lambda: run.printed("waiting up to 60s"), "the wait for the lock")
+            return run, await asyncio.to_thread(run.when, *waiting)
         finally:
-            if run.poll() is None:
-                run.process.kill()
-                run.communicate()
             await blocker.close()
 
     run, err = asyncio.run(scenario())
@@ -258,14 +253,8 @@ def interrupted(
     url = f"postgresql+asyncpg://u@127.0.0.1:{port}/shop"
     project.write_env("down", f"DATABASE_URL={url}\nCONNECT_TIMEOUT=60\n")
     run = popen(project, *args, "--env=down")
-    try:
-        wait_until(lambda: len(taken) >= tries, f"{tries} tries to connect", process=run)
-        run.send_signal(signum)
-        _, err = run.communicate(timeout=20)  # at once, not when the 60 s ran out
-    finally:
-        if run.poll() is None:
-            run.process.kill()
-            run.communicate()
+    tried = f"{tries} tries to connect"  # then at once, not when the 60 s ran out
+    err = run.when(lambda: len(taken) >= tries, tried, lambda: run.send_signal(signum))
     return run.returncode, err
 
 
@@ -305,13 +294,8 @@ def test_a_signal_ends_the_wait_for_a_locked_sqlite_file(project: Project) -> No
     blocker.execute("BEGIN IMMEDIATE")
     run = popen(project, "migrate", "--lock-wait=60")
     try:
-        wait_until(lambda: run.printed("waiting up to 60s"), "the wait for the file", process=run)
-        run.send_signal(signal.SIGINT)
-        _, err = run.communicate(timeout=20)
+        err = run.when(lambda: run.printed("waiting up to 60s"), "the wait for the file")
     finally:
-        if run.poll() is None:
-            run.process.kill()
-            run.communicate()
         blocker.execute("ROLLBACK")
         blocker.close()
 
@@ -368,18 +352,9 @@ def test_a_run_waits_for_a_writer_that_keeps_readers_out(project: Project, endin
     project.add_revision("n", revision("notes1", head_revision(), body))
     with writing(project) as writer:
         run = popen(project, "migrate", "--lock-wait=60")
-        try:
-            waiting = "waiting up to 60s for another connection to finish writing"
-            wait_until(lambda: run.printed(waiting), "the wait for the writer", process=run)
-            if ending == "SIGINT":
-                run.send_signal(signal.SIGINT)
-            else:
-                writer.execute("COMMIT")
-            _, err = run.communicate(timeout=20)
-        finally:
-            if run.poll() is None:
-                run.process.kill()
-                run.communicate()
+        waiting = "waiting up to 60s for another connection to finish writing"
+        commit = None if ending == "SIGINT" else lambda: writer.execute("COMMIT")
+        err = run.when(lambda: run.printed(waiting), "the wait for the writer", commit)
 
     if ending == "SIGINT":
         assert run.returncode == 130, err  # at once, not when the 60 s ran out
@@ -458,18 +433,9 @@ def test_a_run_waits_for_readers_to_commit(project: Project, ending: str) -> Non
     two_pending(project)
     with reading(project) as reader:
         run = popen(project, "migrate", "--lock-wait=60")
-        try:
-            waiting = "waiting up to 60s for readers of this SQLite file to finish"
-            wait_until(lambda: run.printed(waiting), "the wait for the reader", process=run)
-            if ending == "SIGINT":
-                run.send_signal(signal.SIGINT)
-            else:
-                reader.execute("COMMIT")
-            _, err = run.communicate(timeout=20)
-        finally:
-            if run.poll() is None:
-                run.process.kill()
-                run.communicate()
+        waiting = "waiting up to 60s for readers of this SQLite file to finish"
+        end = None if ending == "SIGINT" else lambda: reader.execute("COMMIT")
+        err = run.when(lambda: run.printed(waiting), "the wait for the reader", end)
 
     if ending == "SIGINT":
         assert run.returncode == 130, err  # at once, not when the 60 s ran out
@@ -494,14 +460,7 @@ def test_a_signal_during_a_revisions_python_step_rolls_it_back_before_it_commits
     body = 'op.create_table("notes", sa.Column("id", sa.Integer))\n    __import__("time").sleep(2)'
     project.add_revision("n", revision("notes1", head_revision(), body))
     run = popen(project, "migrate")
-    try:
-        wait_until(lambda: run.printed("applying notes1"), "the revision", process=run)
-        run.send_signal(signal.SIGINT)
-        _, err = run.communicate(timeout=20)
-    finally:
-        if run.poll() is None:
-            run.process.kill()
-            run.communicate()
+    err = run.when(lambda: run.printed("applying notes1"), "the revision")
 
     assert run.returncode == 130, err
     assert err.strip().splitlines()[-1] == (
@@ -518,17 +477,14 @@ def test_a_second_signal_stops_a_revisions_long_python_step_at_once(project: Pro
     body = 'op.create_table("notes", sa.Column("id", sa.Integer))\n    __import__("time").sleep(60)'
     project.add_revision("n", revision("notes1", head_revision(), body))
     run = popen(project, "migrate")
-    try:
-        wait_until(lambda: run.printed("applying notes1"), "the revision", process=run)
+    notice = "  stopping at the next safe point (SIGINT again stops at once)"
+
+    def twice() -> None:
         run.send_signal(signal.SIGINT)
-        notice = "  stopping at the next safe point (SIGINT again stops at once)"
         wait_until(lambda: run.printed(notice), "the notice", process=run)
         run.send_signal(signal.SIGINT)
-        _, err = run.communicate(timeout=20)  # not the 60 s of the step
-    finally:
-        if run.poll() is None:
-            run.process.kill()
-            run.communicate()
+
+    err = run.when(lambda: run.printed("applying notes1"), "the revision", twice)  # not 60 s
 
     assert run.returncode == 130, err
     assert err.strip().splitlines()[-1] == "interrupted (SIGINT)"

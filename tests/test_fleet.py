@@ -85,14 +85,10 @@ def test_a_target_file_the_app_keeps_locked_is_retried_last_and_migrated(fleet: 
     app.execute("begin exclusive")  # the app, committing a large write
     run = popen(fleet, "migrate", "--env=shops", "--jobs=1")
     try:
-        wait_until(lambda: run.printed("gamma] migrated"), "the other targets", process=run)
-        app.execute("commit")
-        _, err = run.communicate(timeout=60)
+        others = (lambda: run.printed("gamma] migrated"), "the other targets")
+        err = run.when(*others, lambda: app.execute("commit"), timeout=60)
     finally:
         app.close()
-        if run.poll() is None:
-            run.process.kill()
-            run.communicate()
 
     assert run.returncode == 0, err
     assert "beta] locked by another connection (the app?): retried last" in err
