@@ -7,6 +7,7 @@ Each target gets the same 20 synthetic revisions. The anchors: a shell-style loo
 `alembic upgrade head` (the stock async template), one database after another; the same
 loop two at a time (`xargs -P2`); and `psql -1` of the offline SQL per database. A second
 `invoke migrate` over the migrated fleet is the no-op run, against a no-op loop.
+Every run of it so far, and where a run's time goes: bench/FLEET.md.
 """
 
 from __future__ import annotations
