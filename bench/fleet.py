@@ -6,7 +6,8 @@ people write today, and the raw SQL floor, interleaved, fresh databases each rou
 Each target gets the same 20 synthetic revisions. The anchors: a shell-style loop of plain
 `alembic upgrade head` (the stock async template), one database after another; the same
 loop two at a time (`xargs -P2`); and `psql -1` of the offline SQL per database. A second
-`invoke migrate` over the migrated fleet is the no-op run, against a no-op loop.
+`invoke migrate` over the migrated fleet is the no-op run, against a no-op loop and against
+one `invoke status` of one of its databases (the issue: "about as fast as one status").
 Every run of it so far, and where a run's time goes: bench/FLEET.md.
 """
 
@@ -38,6 +39,8 @@ def report(pg_admin: str, sizes: list[int], rounds: int) -> str:
             names = [f"t{n:03d}" for n in range(size)]
             env = f"DATABASE_URL={async_base}/fleet_{{target}}\nTARGETS={','.join(names)}\n"
             (ours / "environments" / "fleet.env").write_text(env)
+            one = f"DATABASE_URL={async_base}/fleet_{names[0]}\n"  # one database of the fleet
+            (ours / "environments" / "one.env").write_text(one)
             inis = _inis(plain, async_base, names)
             timings: dict[str, list[float]] = {}
             for _ in range(rounds):
@@ -53,6 +56,7 @@ def _round(pg_admin, base, names, ours, plain, inis, floor):  # type: ignore[no-
     _fresh(pg_admin, names)
     out.append(("ours", workspace.run([*INVOKE, "migrate", "--env=fleet"], ours)))
     out.append(("ours no-op", workspace.run([*INVOKE, "migrate", "--env=fleet"], ours)))
+    out.append(("one status", workspace.run([*INVOKE, "status", "--env=one"], ours)))
     _fresh(pg_admin, names)
     out.append(("alembic loop", _loop(inis, plain, 1)))
     out.append(("alembic no-op loop", _loop(inis, plain, 1)))
@@ -78,7 +82,8 @@ def _lines(size: int, median: dict[str, float]) -> list[str]:
         f"  {size} databases: the floor itself is {floor / loop:.3f}x the loop, so 0.15x the "
         f"loop is {0.15 * loop / floor:.2f}x the floor",
         f"  {size} databases, nothing to do: ours {noop:.2f}, alembic loop {noop_loop:.2f}: "
-        f"{noop / noop_loop:.3f} (target 0.05)",
+        f"{noop / noop_loop:.3f} (target 0.05); one `invoke status` {median['one status']:.2f}: "
+        f"{noop / median['one status']:.2f}x it (target: about 1x)",
     ]
 
 
