@@ -40,8 +40,9 @@ class Outcome:
     """What became of one target."""
 
     target: str
-    # migrated, up to date, rolled back, stamped, seeded, read, passed, problems,
-    # locked (retried at the end), failed, stopped (after a revision: another failed), skipped
+    # migrated, up to date, rolled back, stamped, seeded, at head or behind (what a read
+    # found), passed, problems, locked or busy (retried at the end), failed, stopped (after
+    # a revision: another failed), skipped
     state: str
     detail: str = ""  # the revisions applied, or the one-line reason
     current: tuple[str, ...] | None = None  # its revision(s), () at base; None: not known

@@ -149,15 +149,17 @@ def _options(args: TaskArgs) -> RunOptions:
     )
 
 
-def _read(env: Environment, to: str = "heads") -> Outcome:
-    """Where a target is, read without the lock or env.py, and what is pending to ``to``."""
+def _read(env: Environment) -> Outcome:
+    """Where a target is, read without the lock or env.py: at head, or behind it."""
     script = load_scripts(make_config(env, offline=True))
-    return _at(env, script, current_heads(env.url(), env.connect_timeout, env.schema), to)
+    found = _at(env, script, current_heads(env.url(), env.connect_timeout, env.schema), "heads")
+    return replace(found, state="behind" if found.pending else "at head")
 
 
 def _at(env: Environment, script: ScriptDirectory, current: tuple[str, ...], to: str) -> Outcome:
-    """A target at ``current``, and what is pending to ``to``; a revision no file has is
-    refused as on one database, saying where the target is."""
+    """A target at ``current``, and what is pending to ``to`` (its state, "read", is for
+    the caller to name); a revision no file has is refused as on one database, saying
+    where the target is."""
     try:
         guards.known_revisions(script, current, env)
     except DbError as exc:

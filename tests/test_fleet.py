@@ -394,7 +394,7 @@ def test_a_catalog_row_without_a_name_or_a_query_without_rows_is_refused(
     assert "Traceback" not in unnamed
     project.write_env("shops", catalog_env(FLEET, "select id from shops order by id"))
     numbered = project.ok("status", "--env=shops")  # 0 is a name, not a missing one
-    assert "read        0, 1, 2" in numbered.stderr
+    assert "behind      0, 1, 2" in numbered.stderr
     project.write_env("shops", catalog_env(FLEET, "update shops set slug = 'x'"))
     writing = project.fails("status", "--env=shops")
     assert "error: shops: TARGETS_QUERY returns no rows: it must be a query" in writing

@@ -262,7 +262,7 @@ def test_a_run_forks_no_more_workers_than_targets_can_use(project: Project) -> N
     outcomes = fleet_runs.run(
         env, os.environ, fleet.targets(env)[:2], Plan("status", jobs=50), None, count
     )
-    assert [o.state for o in outcomes] == ["read", "read"] and max(seen) == 2
+    assert [o.state for o in outcomes] == ["behind", "behind"] and max(seen) == 2
     capped = shops(
         project,
         "DATABASE_URL=sqlite:///var/{target}.db\nTARGETS=alpha beta gamma\n"

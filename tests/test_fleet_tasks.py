@@ -387,6 +387,13 @@ def test_status_check_gates_a_deploy_on_every_target(fleet: Project) -> None:
 
     assert behind.returncode == 5, behind.stderr
     assert "shops: targets behind head" in behind.stderr
+    # the summary says which targets are behind, not only that each was read
+    assert "3 targets: 2 at head, 1 behind (2 at " in behind.stderr
+    assert "\n  behind      gamma\n" in behind.stderr
+    assert json.loads(fleet.ok("status", "--env=shops", "--json").stdout)["counts"] == {
+        "at head": 2,
+        "behind": 1,
+    }
     fleet.ok("migrate", "--env=shops")
     assert fleet.invoke("status", "--env=shops", "--check").returncode == 0
 
