@@ -155,10 +155,13 @@ def _from_file(env: Environment) -> list[Target]:
     where = f"TARGETS_FILE {env.relative(path)}"
     try:
         lines = path.read_text(encoding="utf-8-sig").splitlines()  # a BOM: Notepad
-    except OSError as exc:
-        raise ConfigError(f"cannot read {where}: {exc.strerror}") from None
+    except OSError as exc:  # missing, a folder, unreadable
+        raise ConfigError(
+            f"cannot read {where}: {exc.strerror}; point TARGETS_FILE (a path from the "
+            "project's folder) at a file that lists the targets, a name a line"
+        ) from None
     except UnicodeDecodeError:
-        raise ConfigError(f"cannot read {where}: not UTF-8 text") from None
+        raise ConfigError(f"cannot read {where}: not UTF-8 text; save it as UTF-8") from None
     found = []
     for number, line in enumerate(lines, start=1):
         words = line.split("#")[0].split()

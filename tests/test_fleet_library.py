@@ -117,6 +117,11 @@ def test_a_targets_file_that_is_not_names_and_urls_is_refused_by_line(project: P
     with pytest.raises(ConfigError, match="cannot read TARGETS_FILE shops.txt: not UTF-8 text"):
         fleet.targets(env)
 
+    (project.root / "shops.txt").unlink()  # what is wrong, and what to do about it
+    missing = "cannot read TARGETS_FILE shops.txt: No such file or directory; point TARGETS_FILE"
+    with pytest.raises(ConfigError, match=missing):
+        fleet.targets(env)
+
 
 def test_a_targets_file_saved_on_windows_reads_as_the_same_names(project: Project) -> None:
     env = shops(project, "DATABASE_URL=sqlite:///var/{target}.db\nTARGETS_FILE=shops.txt\n")
