@@ -22,6 +22,8 @@ from db.files import write_whole
 from db.fleet import Target, environment, host, targets
 
 if TYPE_CHECKING:
+    from alembic.script import ScriptDirectory
+
     from db.stop import Stop
 
 RUNS_DIR = Path("var") / "runs"
@@ -95,7 +97,6 @@ def check(env: Environment, plan: Plan, chosen: list[Target]) -> None:
     from db import guards
     from db.records import stamp_target
     from db.revision_ids import known_revision, one_way
-    from db.runner import load_scripts, make_config
 
     if plan.task in CHANGING:  # a bad setting, said now rather than after the run
         env.count("RUNS_KEEP", 100)
@@ -103,8 +104,7 @@ def check(env: Environment, plan: Plan, chosen: list[Target]) -> None:
         one_way(plan.args.get("to") or "", up=plan.task == "migrate", flags=env.flags)
     if plan.task not in ("migrate", "rollback", "stamp"):
         return
-    # the files are the same for every target; a target's own settings make the Config
-    script = load_scripts(make_config(environment(env, chosen[0]), offline=True))
+    script = _scripts(env, chosen[0])
     if plan.task == "stamp":
         stamp_target(script, plan.args.get("revision", ""), env.flags)
     elif plan.task == "migrate" and plan.args.get("to") == "head":
@@ -116,13 +116,22 @@ def check(env: Environment, plan: Plan, chosen: list[Target]) -> None:
 def history(env: Environment, outcomes: list[Outcome]) -> list[tuple[Any, list[str]]]:
     """Every revision, newest first, with the targets it is applied on."""
     from db.progress import Revision
-    from db.runner import load_scripts, make_config
 
-    script = load_scripts(make_config(env, offline=True))
+    if not outcomes:
+        return []
+    script = _scripts(env, Target(outcomes[0].target))
     return [
         (Revision.of(rev), [o.target for o in outcomes if rev.revision in o.applied])
         for rev in script.walk_revisions()
     ]
+
+
+def _scripts(env: Environment, target: Target) -> ScriptDirectory:
+    """The revision files, the same for every target; loaded through a target's own
+    settings, since the fleet's have none of their own (``SCHEMA={target}``, say)."""
+    from db.runner import load_scripts, make_config
+
+    return load_scripts(make_config(environment(env, target), offline=True))
 
 
 def offline_sql(env: Environment, only: str, start: str | None, to: str) -> dict[str, str]:

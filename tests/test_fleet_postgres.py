@@ -85,6 +85,8 @@ def test_schema_per_tenant_keeps_each_shop_in_its_schema(
     assert public == []
     status = tenants.ok("status", "--env=tenants").stdout
     assert status.count(f"at {HEAD}, nothing pending") == 3
+    history = tenants.ok("history", "--env=tenants").stdout  # failed on SCHEMA={target}
+    assert f"{HEAD}  applied on 3/3  " in history
     seeded = tenants.ok("seed", "--env=tenants", "--only=beta")
     assert "added 3 users" in seeded.stderr
     assert pg_fetch(dsn, "select count(*) as n from beta.users")[0]["n"] == 3
