@@ -18,7 +18,7 @@ from db.commands import plan_steps, read_state
 from db.environments import Environment
 from db.errors import ConfigError, DbError, RevisionError, UsageError
 from db.files import write_whole
-from db.revision_ids import revision_error
+from db.revision_ids import known_revision, revision_error
 from db.runner import Progress, load_scripts, make_config, run_env
 
 
@@ -32,6 +32,9 @@ def offline_sql(env: Environment, start: str | None = None, to: str = "head") ->
     script = load_scripts(config)
     if to == "head":
         guards.single_head(script)
+    for given in (start, to):
+        if given is not None:
+            known_revision(script, given, env.flags)
     if start is not None and _goes_down(script, start, to, env):
         raise RevisionError(
             f"--from={start} is already past --to={to}: offline-sql writes upgrade SQL only; "

@@ -34,7 +34,7 @@ from db.commands import (
 from db.engines import with_connection
 from db.environments import Environment
 from db.errors import DbError, GuardRefused, RevisionError
-from db.revision_ids import revision_error
+from db.revision_ids import known_revision, revision_error
 from db.runner import RunOptions, load_scripts, make_config, run_env
 from db.schema import differences, snapshot
 
@@ -61,6 +61,7 @@ class Stamped:
 
 def stamp_target(script: ScriptDirectory, revision: str, flags: str) -> Script:
     """The one revision ``stamp`` may record: one the files have, and not base."""
+    known_revision(script, revision, flags)
     try:
         found = script.get_revision(revision)
     except CommandError as exc:
@@ -172,6 +173,7 @@ def accept_changes(env: Environment, revision: str, options: RunOptions | None =
 
     def accept(script: ScriptDirectory, current: tuple[str, ...], context: Context) -> Accepted:
         connection = connection_of(context)
+        known_revision(script, revision, env.flags)
         try:
             found = script.get_revision(revision)
         except CommandError as exc:

@@ -15,6 +15,8 @@ _RELATIVE = re.compile(r"Relative revision ([+-]\d+) didn't produce (\d+) migrat
 _RELATIVE_ID = re.compile(r"(?:.+@)?\w*[+-]\d+")  # +2, -1, ae1027a6acf+2, branch@-1
 # steps counted from the database's own revision, which go one way only
 _BACK, _FORWARD = re.compile(r"(?:[^@]+@)?-\d+"), re.compile(r"(?:[^@]+@)?\+\d+")
+_STEPS = re.compile(r"[+-]\d+$")  # REV+2, -1: the steps after a revision (or alone)
+SHORTEST_PREFIX = 4  # Alembic takes any prefix that is unique today; a shorter one may not be
 
 
 def known_revision(script: ScriptDirectory, revision: str, flags: str) -> None:
@@ -22,7 +24,7 @@ def known_revision(script: ScriptDirectory, revision: str, flags: str) -> None:
     not have: Alembic reads ``typo@base`` as base (a rollback of everything), and ``@`` or
     ``REV@`` fail inside it. Steps relative to a database's own revision (``+N``, ``-N``,
     ``REV@-N``) depend on that database, so they are left to its run."""
-    problem = malformed(revision)
+    problem = malformed(revision) or too_short(script, revision)
     if problem is not None:
         raise RevisionError(f"{problem}; see `invoke history {flags}`")
     branch, at, _rest = revision.partition("@")
@@ -61,6 +63,28 @@ def malformed(revision: str) -> str | None:
             "revision) before the @ and a revision after it"
         )
     return None
+
+
+def too_short(script: ScriptDirectory, revision: str) -> str | None:
+    """A revision named by a prefix of its id shorter than 4 characters, or None. Alembic
+    takes any prefix that one revision has: ``--to=1`` (meant as ``--steps=1``) would
+    roll back to whichever revision's id starts with 1, and ``--to=f3a`` comes to mean
+    another revision, or none, as revisions are added. (head, heads, base: 4 or more.)"""
+    parts = (_STEPS.sub("", part) for part in revision.split("@"))
+    short = [given for given in parts if 0 < len(given) < SHORTEST_PREFIX]
+    if not short:
+        return None
+    names = set()  # a whole id, or a branch label, may be short: "001", "v1"
+    for rev in script.walk_revisions():
+        names.add(rev.revision)
+        names.update(rev.branch_labels)
+    unknown = [given for given in short if given not in names]
+    if not unknown:
+        return None
+    return (
+        f"{unknown[0]!r} is no revision id or branch label, and too short to be a prefix of "
+        f"one: give at least {SHORTEST_PREFIX} characters of a revision's id"
+    )
 
 
 def revision_error(exc: CommandError, flags: str) -> RevisionError:

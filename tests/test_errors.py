@@ -109,8 +109,8 @@ def test_bad_connect_timeout(project: Project, value: str) -> None:
 
 
 def test_unknown_revision(project: Project) -> None:
-    error = project.fails("migrate", "--to=zzz")
-    assert "No such revision or branch 'zzz'" in error
+    error = project.fails("migrate", "--to=zzzz")
+    assert "No such revision or branch 'zzzz'" in error
     assert "invoke history --env=dev" in error
     assert not (project.root / "var" / "dev.sqlite3").exists() or tables(project) == set()
 
@@ -174,6 +174,36 @@ def test_ambiguous_revision_prefix(project: Project) -> None:
     error = project.fails("migrate", "--to=abcd")
     assert "Multiple revisions start with 'abcd'" in error
     assert tables(project) == set()
+
+
+def test_a_revision_prefix_shorter_than_four_characters_is_refused(project: Project) -> None:
+    """Alembic takes any prefix one revision has: ``rollback --to=1`` (meant as
+    ``--steps=1``) went back to the one revision whose id starts with 1, and ``--to=f3a``
+    comes to mean another revision as more are added. A whole short id still works."""
+    project.add_revision("a1", revision("1bcd11", head_revision()))
+    project.add_revision("a2", revision("2bcd22", "1bcd11"))
+    project.add_revision("a3", revision("v3", "2bcd22"))  # a hand-written id, whole
+    project.migrated()
+
+    error = project.fails("rollback", "--to=1")
+
+    assert "'1' is no revision id or branch label, and too short to be a prefix" in error
+    assert "give at least 4 characters of a revision's id" in error
+    assert version(project) == ["v3"]
+    short = head_revision()[:3]
+    for args in (
+        ("migrate", f"--to={short}"),
+        ("stamp", short),
+        ("offline-sql", f"--to={short}"),
+        ("offline-sql", f"--from={short}"),
+        ("accept-changes", short),
+    ):
+        assert f"'{short}' is no revision id" in project.fails(*args), args
+    assert version(project) == ["v3"]
+    project.ok("rollback", "--to=1bcd")  # four characters
+    assert version(project) == ["1bcd11"]
+    project.ok("migrate", "--to=v3")
+    assert version(project) == ["v3"]
 
 
 def test_database_at_a_revision_the_scripts_do_not_have(project: Project) -> None:

@@ -467,6 +467,9 @@ def test_what_would_fail_every_target_alike_is_refused_once_before_any_starts(
         error = project.fails(*task, "--env=shops")
         assert f"error: No such revision or branch 'nope'; {history}" in error
         assert "] failed" not in error and "--yes" not in error
+    short = project.fails("rollback", f"--to={HEAD[:3]}", "--env=shops")  # a prefix too short
+    assert f"error: '{HEAD[:3]}' is no revision id or branch label" in short
+    assert "] failed" not in short and "--yes" not in short
     base = project.fails("stamp", "base", "--env=shops", "--yes")
     assert "error: stamp needs a revision, not base: roll back instead" in base
     project.add_revision("fork", revision("fork0001", HEAD))
