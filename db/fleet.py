@@ -19,7 +19,7 @@ from typing import TYPE_CHECKING
 from sqlalchemy.exc import DBAPIError
 
 from db.environments import SCHEMA_NAME, SCHEMA_RULE, Environment
-from db.errors import ConfigError, first_line
+from db.errors import ConfigError, ConnectError, first_line
 from db.urls import mask, parse_url
 
 if TYPE_CHECKING:
@@ -183,6 +183,7 @@ def _from_catalog(env: Environment) -> list[Target]:
     if not env.get("TARGETS_DATABASE_URL"):
         raise ConfigError(f"{env.name}: TARGETS_QUERY needs TARGETS_DATABASE_URL, the catalog")
     catalog_url = env.catalog_url()
+    where = env.relative(env.sources["TARGETS_QUERY"])
 
     def rows(connection: Connection) -> list[Target]:
         found = connection.execute(text(env.get("TARGETS_QUERY")))
@@ -190,6 +191,11 @@ def _from_catalog(env: Environment) -> list[Target]:
             raise ConfigError(
                 f"{env.name}: TARGETS_QUERY returns no rows: it must be a query that lists "
                 "the targets (select name[, url] from ...)"
+            )
+        if len(found.keys()) > 2:  # a column meant as a filter (active) would be ignored
+            raise ConfigError(
+                f"{env.name}: TARGETS_QUERY returns {len(found.keys())} columns: it must "
+                f"return a target's name and, optionally, its URL; fix it in {where}"
             )
         listed = []
         for number, row in enumerate(found, start=1):
@@ -204,7 +210,13 @@ def _from_catalog(env: Environment) -> list[Target]:
     try:
         return with_connection(catalog_url, rows, connect_timeout=env.connect_timeout)
     except DBAPIError as exc:
-        raise ConfigError(f"{env.name}: TARGETS_QUERY failed: {first_line(exc)}") from None
+        raise ConfigError(
+            f"{env.name}: TARGETS_QUERY failed: {first_line(exc)}; fix it in {where}"
+        ) from None
+    except ConnectError as exc:  # the header shows the fleet's URL: say this one is the catalog
+        raise ConnectError(
+            f"{env.name}: cannot list the targets from the catalog (TARGETS_DATABASE_URL): {exc}"
+        ) from None
 
 
 def environment(env: Environment, target: Target) -> Environment:

@@ -379,7 +379,10 @@ def test_targets_can_come_from_a_catalog_query(project: Project) -> None:
     assert "2 targets: 2 migrated" in result.stderr
     assert at(project, "alpha") == [HEAD] == at(project, "gamma")
     project.write_env("shops", catalog_env(FLEET, "select slug from nowhere"))
-    assert "TARGETS_QUERY failed: no such table: nowhere" in project.fails("status", "--env=shops")
+    missing = project.fails("status", "--env=shops")
+    assert (
+        "TARGETS_QUERY failed: no such table: nowhere; fix it in environments/shops.env" in missing
+    )
 
 
 def test_a_catalog_row_without_a_name_or_a_query_without_rows_is_refused(

@@ -134,6 +134,46 @@ def test_a_sqlite_catalog_serves_a_schema_fleet_with_a_password(
     assert [schema_versions(pg_database.dsn, s) for s in ("alpha", "beta")] == [[HEAD], [HEAD]]
 
 
+def test_a_postgres_catalog_lists_the_shops_and_its_failures_name_it(
+    project: Project, pg_database: PgDatabase
+) -> None:
+    catalog = pg_database.url
+    pg_execute(
+        pg_database.dsn,
+        "create table catalog_shops (slug text, active boolean)",
+        "insert into catalog_shops values ('alpha', true), ('beta', true), ('gamma', false)",
+    )
+    tenants = f"DATABASE_URL={pg_database.url}\nSCHEMA={{target}}\n"
+    query = "select slug from catalog_shops where active order by slug"
+    project.write_env("tenants", catalog_env(tenants, query, catalog))
+
+    result = project.ok("migrate", "--env=tenants")
+
+    assert "2 targets: 2 migrated" in result.stderr
+    assert [schema_versions(pg_database.dsn, s) for s in ("alpha", "beta")] == [[HEAD], [HEAD]]
+    assert schema_versions(pg_database.dsn, "gamma") == []
+    # a third column, meant as a filter, would be ignored: refused, naming the file
+    project.write_env(
+        "tenants", catalog_env(tenants, "select slug, null, active from catalog_shops", catalog)
+    )
+    columns = project.fails("status", "--env=tenants")
+    assert (
+        "error: tenants: TARGETS_QUERY returns 3 columns: it must return a target's name" in columns
+    )
+    assert "fix it in environments/tenants.env" in columns
+    # the header shows the fleet's URL, so a catalog that cannot be reached is named as such
+    gone = make_url(catalog).set(password="cat:s3cret@", database=f"{pg_database.name}_gone")
+    project.write_env("tenants", catalog_env(tenants, query, gone.render_as_string(False)))
+    unreachable = project.invoke("status", "--env=tenants")
+    assert unreachable.returncode == 1, unreachable.stderr
+    assert (
+        "error: tenants: cannot list the targets from the catalog (TARGETS_DATABASE_URL): "
+        "cannot connect to postgresql+asyncpg://"
+    ) in unreachable.stderr
+    assert f":***@{gone.host}:{gone.port}/{gone.database}: database " in unreachable.stderr
+    assert "s3cret" not in unreachable.stdout + unreachable.stderr
+
+
 def test_a_schema_fleet_reads_who_runs_it_once_before_the_workers_fork(
     tenants: Project, tmp_path: Path
 ) -> None:
