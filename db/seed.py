@@ -8,7 +8,7 @@ from sqlalchemy import select
 from sqlalchemy.exc import DBAPIError
 from sqlalchemy.ext.asyncio import AsyncSession
 
-from db.engines import run_coroutine, sqlite_file_missing
+from db.engines import connect_async, run_coroutine, sqlite_file_missing
 from db.environments import Environment
 from db.errors import BrokenModels, DbError, GuardRefused, first_line
 from db.failures import what_to_do
@@ -61,16 +61,18 @@ def described(added: dict[str, int]) -> str:
 
 async def _seed(env: Environment) -> dict[str, int]:
     sessions = session_factory(env)
-    try:
-        async with sessions() as session, session.begin():
-            return {
-                "users": await _users(session),
-                "categories": await _categories(session),
-                "products": await _products(session),
-                "purchases": await _purchases(session),
-            }
+    engine = sessions.kw["bind"]
+    try:  # connected first: the driver's own error for a server that is down is no DBAPIError
+        async with connect_async(engine) as connection, sessions(bind=connection) as session:
+            async with session.begin():
+                return {
+                    "users": await _users(session),
+                    "categories": await _categories(session),
+                    "products": await _products(session),
+                    "purchases": await _purchases(session),
+                }
     finally:
-        await sessions.kw["bind"].dispose()
+        await engine.dispose()
 
 
 async def _users(session: AsyncSession) -> int:

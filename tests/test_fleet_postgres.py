@@ -17,6 +17,7 @@ from pathlib import Path
 import asyncpg
 import pytest
 from conftest import (
+    Cluster,
     PgDatabase,
     Project,
     catalog_env,
@@ -326,21 +327,24 @@ def test_a_target_already_at_head_is_not_kept_waiting_by_its_lock(
 
 
 @pytest.fixture
-def second_server() -> Iterator[int]:
+def second_server() -> Iterator[Cluster]:
     with cluster() as found:
-        yield found.port
+        yield found
 
 
-def test_a_fleet_across_two_servers(project: Project, pg_server: str, second_server: int) -> None:
+def test_a_fleet_across_two_servers(
+    project: Project, pg_server: str, second_server: Cluster
+) -> None:
     local = f"{pg_server.rsplit('/', 1)[0]}/fleet_two_hosts"
-    other = f"postgresql://postgres@127.0.0.1:{second_server}/postgres"
+    port = second_server.port
+    other = f"postgresql://postgres@127.0.0.1:{port}/postgres"
     pg_execute(
         pg_server, "DROP DATABASE IF EXISTS fleet_two_hosts", "CREATE DATABASE fleet_two_hosts"
     )
     pg_execute(other, "CREATE DATABASE shop_far")
     asyncpg_url = "postgresql+asyncpg://postgres@127.0.0.1"
     (project.root / "shops.txt").write_text(
-        f"near {asyncpg_url}:5432/fleet_two_hosts\nfar {asyncpg_url}:{second_server}/shop_far\n"
+        f"near {asyncpg_url}:5432/fleet_two_hosts\nfar {asyncpg_url}:{port}/shop_far\n"
     )
     project.write_env(
         "shops", "DATABASE_URL=postgresql+asyncpg://unused/x\nTARGETS_FILE=shops.txt\n"
@@ -352,8 +356,16 @@ def test_a_fleet_across_two_servers(project: Project, pg_server: str, second_ser
             [HEAD],
         ]
         assert pg_fetch(local, "select version_num from alembic_version")[0][0] == HEAD
-        far = f"postgresql://postgres@127.0.0.1:{second_server}/shop_far"
+        far = f"postgresql://postgres@127.0.0.1:{port}/shop_far"
         assert pg_fetch(far, "select target from migration_log")[0][0] == "far"
+        second_server.stop()  # one host down: the other's targets go on, each task says so
+        down = f"far: cannot connect to {asyncpg_url}:{port}/shop_far: Connection refused"
+        for task in ("status", "seed", "migrate"):  # seed failed with a bare exception name
+            result = project.invoke(task, "--env=shops")
+            assert result.returncode == 6, result.stderr
+            assert f"  failed      {down}" in result.stderr
+            assert "Traceback" not in result.stderr
+        assert pg_fetch(local, "select count(*) from users")[0][0] == 3  # near was seeded
     finally:
         pg_execute(pg_server, "DROP DATABASE IF EXISTS fleet_two_hosts WITH (FORCE)")
 
