@@ -11,6 +11,7 @@ import signal
 import threading
 import time
 from collections.abc import Callable
+from contextlib import suppress
 from dataclasses import replace
 from pathlib import Path
 from typing import Any, ParamSpec
@@ -231,7 +232,16 @@ def _check(env: Environment, _args: TaskArgs) -> Outcome:
 def _stamp(env: Environment, args: TaskArgs) -> Outcome:
     from db import records
 
-    done = records.stamp(env, args["revision"], args.get("force", False), _options(args))
+    try:
+        done = records.stamp(env, args["revision"], args.get("force", False), _options(args))
+    except Halted:  # before its lock or its record: say so, and where it is, as a migrate does
+        why, at = "another target failed, so it stopped before stamping", None
+        with suppress(DbError, DBAPIError):
+            at = _read(env).current
+            why += f": the database is at {', '.join(at or ()) or 'base'}"
+        halted = Halted(f"{why}; nothing was recorded")
+        halted.at = at
+        raise halted from None
     forced = (
         f"; --force went past {len(done.differences)} difference(s)" if done.differences else ""
     )

@@ -94,6 +94,32 @@ def test_schema_per_tenant_keeps_each_shop_in_its_schema(
     assert pg_fetch(dsn, "select count(*) as n from alpha.users")[0]["n"] == 0
 
 
+def test_a_stamp_stopped_by_another_targets_failure_says_where_it_is(
+    tenants: Project, pg_database: PgDatabase
+) -> None:
+    """A stamp halted before its record said "before its next revision", as if a revision
+    had been running, and not where the target was (a worker, in-process)."""
+    from db import workers
+    from db.fleet import Target
+
+    tenants.ok("migrate", "--env=tenants", "--only=alpha")
+    workers._STOP.halt("another target failed, so it stopped before its next revision")
+    try:
+        outcome = workers.work(
+            tenants.root, "tenants", dict(os.environ), Target("alpha"), "stamp", {"revision": HEAD}
+        )
+    finally:
+        workers._STOP.halted = None
+
+    assert (outcome.state, outcome.current) == ("stopped", (HEAD,))
+    assert outcome.detail == (
+        "another target failed, so it stopped before stamping: the database is at "
+        f"{HEAD}; nothing was recorded"
+    )
+    rows = pg_fetch(pg_database.dsn, "select direction from alpha.migration_log")
+    assert [r["direction"] for r in rows] == ["up"]
+
+
 def test_a_schema_made_for_the_migrating_role_needs_no_create_on_the_database(
     project: Project, pg_database: PgDatabase
 ) -> None:
