@@ -344,25 +344,29 @@ def with_connection(
     connect_timeout: float = CONNECT_TIMEOUT,
     wait: float = 0,
     schema: str | None = None,
+    stopped: Callable[[], None] = lambda: None,
 ) -> T:
     """Run ``fn`` on a new connection to ``url``, through the sync or async driver it names;
-    retry connecting for ``wait`` seconds. ``schema``: as for :func:`make_async_engine`.
+    retry connecting for ``wait`` seconds, unless ``stopped`` raises (a signal: as for
+    :func:`connect_async`). ``schema``: as for :func:`make_async_engine`.
     What ``fn`` does (a read, mostly: status goes through ``DATABASE_URL`` where there is
     no ``MIGRATION_URL``) works through a pooler in transaction mode too."""
     if is_async(url):
         engine = make_async_engine(url, connect_timeout=connect_timeout, schema=schema, pooler=True)
-        return run_coroutine(_with_async(engine, fn, wait))
+        return run_coroutine(_with_async(engine, fn, wait, stopped))
     sync_engine = make_engine(url, connect_timeout=connect_timeout, create=False)  # reads
     try:
-        with connect(sync_engine, wait) as connection:
+        with connect(sync_engine, wait, stopped) as connection:
             return fn(connection)
     finally:
         sync_engine.dispose()
 
 
-async def _with_async(engine: AsyncEngine, fn: Callable[[Connection], T], wait: float) -> T:
+async def _with_async(
+    engine: AsyncEngine, fn: Callable[[Connection], T], wait: float, stopped: Callable[[], None]
+) -> T:
     try:
-        async with connect_async(engine, wait) as connection:
+        async with connect_async(engine, wait, stopped) as connection:
             return await connection.run_sync(fn)
     finally:
         await engine.dispose()

@@ -33,10 +33,11 @@ from db.commands import (
 )
 from db.engines import with_connection
 from db.environments import Environment
-from db.errors import DbError, GuardRefused, RevisionError
+from db.errors import DbError, GuardRefused, Interrupted, RevisionError
 from db.revision_ids import known_revision, revision_error
 from db.runner import RunOptions, load_scripts, make_config, run_env
 from db.schema import differences, snapshot
+from db.stop import Stop
 
 T = TypeVar("T")
 
@@ -80,7 +81,11 @@ def stamp(
     config = make_config(env, options, lock=True)
     script = load_scripts(config)
     found = stamp_target(script, revision, env.flags)
-    gaps = differences(snapshot(env), scratch_schema(env, found.revision))
+    stop = options.stop
+    try:  # a signal while it compares: the scratch database's state is nobody's business
+        gaps = differences(snapshot(env, stop.check), scratch_schema(env, found.revision, stop))
+    except Interrupted as exc:
+        raise Interrupted("interrupted before stamping: nothing was recorded", exc.signum) from None
     if gaps and not force:
         raise GuardRefused(
             f"the {env.label} database is not what revision {found.revision} produces "
@@ -116,15 +121,18 @@ def stamp(
     return Stamped(found.revision, gaps, tuple(added), tuple(removed))
 
 
-def scratch_schema(env: Environment, revision: str) -> dict[str, dict[str, object]]:
-    """The schema ``revision`` produces, migrated into a scratch database of the same kind."""
+def scratch_schema(
+    env: Environment, revision: str, stop: Stop | None = None
+) -> dict[str, dict[str, object]]:
+    """The schema ``revision`` produces, migrated into a scratch database of the same kind;
+    ``stop``: the stamp's, which a signal (or a fleet's halt) ends that migration with."""
     with scratch_database(env) as url:
         values = {**env.values, "DATABASE_URL": url.render_as_string(hide_password=False)}
         values.pop("MIGRATION_URL", None)
         values.update(PROTECTED="false", BACKUP="")
         sources = {key: env.sources.get(key, env.root / "environments") for key in values}
         scratch = replace(env, values=values, sources=sources, missing={})
-        migrate(scratch, revision, RunOptions(backup=False))
+        migrate(scratch, revision, RunOptions(backup=False, stop=stop or Stop()))
         return snapshot(scratch)
 
 

@@ -10,16 +10,17 @@ from alembic.runtime.migration import MigrationContext, RevisionStep
 from db import guards
 from db.commands import plan_steps, read_state
 from db.environments import Environment
-from db.runner import load_scripts, make_config, run_env
+from db.runner import RunOptions, load_scripts, make_config, run_env
 
 
-def check(env: Environment) -> list[str]:
+def check(env: Environment, options: RunOptions | None = None) -> list[str]:
     """What keeps files, models and database from agreeing; empty when all is in order.
 
     Several heads, applied files that changed, pending revisions, and drift: a difference
     between the models and the migrated database that autogenerate would write.
+    ``options``: its ``stop`` gives up connecting on a signal (a fleet's worker).
     """
-    config = make_config(env, models=True)
+    config = make_config(env, options, models=True)
     script = load_scripts(config)
     heads = guards.several_heads(script)
     if heads:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from typing import Any
 
 from sqlalchemy import Connection, inspect
@@ -13,10 +14,13 @@ Schema = dict[str, dict[str, Any]]
 TOOL_TABLES = {"alembic_version", "migration_log"}
 
 
-def snapshot(env: Environment) -> Schema:
-    """Each table's columns (kind, nullable), primary key, foreign keys, uniques, indexes."""
+def snapshot(env: Environment, stopped: Callable[[], None] = lambda: None) -> Schema:
+    """Each table's columns (kind, nullable), primary key, foreign keys, uniques, indexes;
+    ``stopped`` raises to give up connecting (a signal)."""
     timeout = env.connect_timeout
-    return with_connection(env.url(), picture, connect_timeout=timeout, schema=env.schema)
+    return with_connection(
+        env.url(), picture, connect_timeout=timeout, schema=env.schema, stopped=stopped
+    )
 
 
 def picture(connection: Connection) -> Schema:

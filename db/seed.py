@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from decimal import Decimal
 
 from sqlalchemy import select
@@ -34,15 +35,16 @@ PURCHASES = [  # payment id, buyer, product
 ]
 
 
-def seed(env: Environment) -> dict[str, int]:
-    """Add what is missing of the sample shop; returns how many rows of each were added."""
+def seed(env: Environment, stopped: Callable[[], None] = lambda: None) -> dict[str, int]:
+    """Add what is missing of the sample shop; returns how many rows of each were added.
+    ``stopped`` raises to give up connecting (a signal to a fleet's worker)."""
     if env.protected:
         raise GuardRefused(f"{env.name} is protected: seed data is for development databases")
     migrate_first = f"run `invoke migrate {env.flags}` first"
     if sqlite_file_missing(env.url(app=True)):  # the app's engine would make an empty one
         raise DbError(f"cannot seed {env.label}: it has no database yet ({migrate_first})")
     try:
-        return run_coroutine(_seed(env))
+        return run_coroutine(_seed(env, stopped))
     except DBAPIError as exc:
         said = first_line(exc)
         behind = any(words in said for words in ("no such", "does not exist"))  # table, column
@@ -59,11 +61,14 @@ def described(added: dict[str, int]) -> str:
     return "added " + ", ".join(f"{count} {kind}" for kind, count in added.items())
 
 
-async def _seed(env: Environment) -> dict[str, int]:
+async def _seed(env: Environment, stopped: Callable[[], None]) -> dict[str, int]:
     sessions = session_factory(env)
     engine = sessions.kw["bind"]
     try:  # connected first: the driver's own error for a server that is down is no DBAPIError
-        async with connect_async(engine) as connection, sessions(bind=connection) as session:
+        async with (
+            connect_async(engine, 0, stopped) as connection,
+            sessions(bind=connection) as session,
+        ):
             async with session.begin():
                 return {
                     "users": await _users(session),

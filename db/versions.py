@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from collections.abc import Callable
+
 from alembic.runtime.migration import MigrationContext
 from sqlalchemy import Connection
 from sqlalchemy.engine import URL
@@ -13,14 +15,21 @@ VERSION_ID_MAX = 32  # characters: Alembic's alembic_version.version_num is a VA
 
 
 def current_heads(
-    url: URL, connect_timeout: float, schema: str | None = None, wait: float = 0
+    url: URL,
+    connect_timeout: float,
+    schema: str | None = None,
+    wait: float = 0,
+    stopped: Callable[[], None] = lambda: None,
 ) -> tuple[str, ...]:
-    """The revision(s) in a database's version table, read without env.py or the lock."""
+    """The revision(s) in a database's version table, read without env.py or the lock;
+    ``stopped`` raises to give up connecting (a signal to a fleet's status)."""
 
     def read(connection: Connection) -> tuple[str, ...]:
         return version_of(connection, schema)
 
-    return with_connection(url, read, connect_timeout=connect_timeout, wait=wait, schema=schema)
+    return with_connection(
+        url, read, connect_timeout=connect_timeout, wait=wait, schema=schema, stopped=stopped
+    )
 
 
 def version_of(connection: Connection, schema: str | None = None) -> tuple[str, ...]:

@@ -150,10 +150,12 @@ def _options(args: TaskArgs) -> RunOptions:
     )
 
 
-def _read(env: Environment) -> Outcome:
-    """Where a target is, read without the lock or env.py: at head, or behind it."""
+def _read(env: Environment, stopped: Callable[[], None] = lambda: None) -> Outcome:
+    """Where a target is, read without the lock or env.py: at head, or behind it.
+    ``stopped`` raises to give up connecting: a read-only task's, on a signal."""
     script = load_scripts(make_config(env, offline=True))
-    found = _at(env, script, current_heads(env.url(), env.connect_timeout, env.schema), "heads")
+    current = current_heads(env.url(), env.connect_timeout, env.schema, stopped=stopped)
+    found = _at(env, script, current, "heads")
     return replace(found, state="behind" if found.pending else "at head")
 
 
@@ -209,12 +211,19 @@ def _rollback(env: Environment, args: TaskArgs) -> Outcome:
     return replace(_read(env), state="rolled back" if steps else "unchanged", detail=undone)
 
 
+def _signalled() -> None:
+    """Give up connecting on a signal, and only then: a read or a seed is no revision, so a
+    fleet's halt (another target failed) leaves it to finish."""
+    if _STOP.requested:
+        _STOP.check()
+
+
 def _status(env: Environment, _args: TaskArgs) -> Outcome:
-    return _read(env)
+    return _read(env, _signalled)  # nothing to finish: a signal ends a slow connect at once
 
 
 def _history(env: Environment, _args: TaskArgs) -> Outcome:
-    found = _read(env)
+    found = _read(env, _signalled)
     script = load_scripts(make_config(env, offline=True))
     applied = commands.applied_revisions(script, found.current or ())
     return replace(found, applied=tuple(sorted(applied)))
@@ -223,9 +232,9 @@ def _history(env: Environment, _args: TaskArgs) -> Outcome:
 def _check(env: Environment, _args: TaskArgs) -> Outcome:
     from db import review
 
-    problems = review.check(env)
+    problems = review.check(env, RunOptions(stop=_STOP))
     if not problems:
-        return replace(_read(env), state="passed")
+        return replace(_read(env, _signalled), state="passed")
     return Outcome(env.target, "problems", "; ".join(problems), exit_code=CheckFailed.exit_code)
 
 
@@ -237,7 +246,7 @@ def _stamp(env: Environment, args: TaskArgs) -> Outcome:
     except Halted:  # before its lock or its record: say so, and where it is, as a migrate does
         why, at = "another target failed, so it stopped before stamping", None
         with suppress(DbError, DBAPIError):
-            at = _read(env).current
+            at = _read(env, _signalled).current
             why += f": the database is at {', '.join(at or ()) or 'base'}"
         halted = Halted(f"{why}; nothing was recorded")
         halted.at = at
@@ -253,7 +262,7 @@ def _stamp(env: Environment, args: TaskArgs) -> Outcome:
 def _seed(env: Environment, _args: TaskArgs) -> Outcome:
     from db import seed
 
-    return Outcome(env.target, "seeded", seed.described(seed.seed(env)))
+    return Outcome(env.target, "seeded", seed.described(seed.seed(env, _signalled)))
 
 
 TASKS: dict[str, Callable[[Environment, TaskArgs], Outcome]] = {

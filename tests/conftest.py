@@ -608,6 +608,38 @@ class Cluster:
 
 
 @contextmanager
+def tcp_server(reply: bytes | None, accepted: list[socket.socket] | None = None) -> Iterator[int]:
+    """A port that takes connections: each gets ``reply`` to its first message and is
+    closed, or (None) is kept open, never answered, and added to ``accepted``."""
+    listener = socket.create_server(("127.0.0.1", 0))
+    listener.settimeout(0.2)
+    accepted = [] if accepted is None else accepted
+    stop = threading.Event()
+
+    def serve() -> None:
+        while not stop.is_set():
+            try:
+                peer = listener.accept()[0]
+            except OSError:
+                continue
+            if reply is None:
+                accepted.append(peer)
+                continue
+            with peer:
+                peer.recv(1024)
+                peer.sendall(reply)
+
+    thread = threading.Thread(target=serve, daemon=True)
+    thread.start()
+    yield listener.getsockname()[1]
+    stop.set()
+    thread.join()
+    for connection in accepted:
+        connection.close()
+    listener.close()
+
+
+@contextmanager
 def cluster(*initdb_args: str) -> Iterator[Cluster]:
     """initdb a cluster in a temporary folder, start it, and stop and delete it after."""
     [initdb] = need("initdb")

@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import os
 import signal
+import socket
 import sqlite3
 import uuid
 from collections.abc import Iterator
@@ -21,6 +22,7 @@ from conftest import (
     popen,
     revision,
     sqlite_catalog,
+    tcp_server,
     wait_until,
 )
 
@@ -115,6 +117,34 @@ def test_a_signal_during_a_revisions_python_step_stops_every_running_target(
         said = f"{shop}] failed: interrupted: the database is at {HEAD}; notes1 was rolled back"
         assert said in err
         assert at(fleet, shop) == [HEAD]
+
+
+@pytest.mark.parametrize(
+    ("task", "said"),
+    [
+        (["status"], "interrupted (SIGINT)"),
+        (["check"], "interrupted (SIGINT)"),
+        (["seed"], "interrupted (SIGINT)"),
+        (["stamp", HEAD], "interrupted before stamping: nothing was recorded"),
+    ],
+)
+def test_a_signal_ends_a_fleet_task_waiting_on_a_server_that_never_answers(
+    project: Project, task: list[str], said: str
+) -> None:
+    """The workers ignore signals and are told of them: these tasks waited out the whole
+    CONNECT_TIMEOUT of a server that did not answer, then exited 6 as if it had failed."""
+    peers: list[socket.socket] = []
+    with tcp_server(None, peers) as port:
+        url = f"postgresql+asyncpg://shop@127.0.0.1:{port}/shop_{{target}}"
+        project.write_env("shops", f"DATABASE_URL={url}\nTARGETS=far\nCONNECT_TIMEOUT=300\n")
+        run = popen(project, *task, "--env=shops")
+        wait_until(lambda: peers, "the target's connection", process=run)
+        run.send_signal(signal.SIGINT)
+        _, err = run.communicate(timeout=60)  # not CONNECT_TIMEOUT's 300
+
+    assert run.returncode == 130, err
+    assert f"  failed      far: {said}\n" in err
+    assert "Traceback" not in err
 
 
 def test_only_selects_targets_by_glob(fleet: Project) -> None:

@@ -6,11 +6,9 @@ import re
 import shutil
 import socket
 import subprocess
-import threading
 import time
 import uuid
 from collections.abc import Iterator
-from contextlib import contextmanager
 
 import pytest
 from conftest import (
@@ -24,6 +22,7 @@ from conftest import (
     pg_execute,
     pg_fetch,
     revision,
+    tcp_server,
 )
 from sqlalchemy.engine import make_url
 
@@ -282,38 +281,6 @@ def web_server() -> Iterator[int]:
     URL's port is wrong (MariaDB's, an app's)."""
     with tcp_server(reply=b"HTTP/1.1 400 Bad Request\r\nContent-Length: 0\r\n\r\n") as port:
         yield port
-
-
-@contextmanager
-def tcp_server(reply: bytes | None) -> Iterator[int]:
-    """A port that takes connections: each gets ``reply`` to its first message and is
-    closed, or (None) is kept open and never answered."""
-    listener = socket.create_server(("127.0.0.1", 0))
-    listener.settimeout(0.2)
-    accepted: list[socket.socket] = []
-    stop = threading.Event()
-
-    def serve() -> None:
-        while not stop.is_set():
-            try:
-                peer = listener.accept()[0]
-            except OSError:
-                continue
-            if reply is None:
-                accepted.append(peer)
-                continue
-            with peer:
-                peer.recv(1024)
-                peer.sendall(reply)
-
-    thread = threading.Thread(target=serve, daemon=True)
-    thread.start()
-    yield listener.getsockname()[1]
-    stop.set()
-    thread.join()
-    for connection in accepted:
-        connection.close()
-    listener.close()
 
 
 def test_a_server_that_never_answers_times_out(project: Project, silent_server: int) -> None:
