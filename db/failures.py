@@ -88,7 +88,12 @@ def failure(exc: BaseException, progress: Progress, run: Run, script: ScriptDire
     except Exception as read_error:
         at = f"its revision could not be read back ({describe(read_error)})"
         ran = step is not None or progress.applied or progress.lost()
-        text = "; ".join([at, *_running(step, progress, run, None)] + ([] if ran else [NONE_RUN]))
+        if not ran and run.stop.requested:  # a signal while it connected: that is all it did
+            text = NONE_RUN
+        else:
+            text = "; ".join(
+                [at, *_running(step, progress, run, None)] + ([] if ran else [NONE_RUN])
+            )
     else:
         text = "; ".join(_outcome(heads, step, progress, run, _applied(script, heads)))
     error = _failure(first_error(exc), progress, run, text)

@@ -268,9 +268,9 @@ def test_a_signal_ends_the_wait_for_the_server(
         code, err = interrupted(project, port, taken, tries, "migrate", *flags)
 
     assert code == 130, err
-    last = err.strip().splitlines()[-1]
-    assert last.startswith("interrupted: its revision could not be read back"), err
-    assert last.endswith("; no revision was run") and "Traceback" not in err
+    # nothing to read back from a server that never answered: no "raise CONNECT_TIMEOUT"
+    assert err.strip().splitlines()[-1] == "interrupted: no revision was run", err
+    assert "Traceback" not in err
 
 
 @pytest.mark.parametrize(

@@ -126,6 +126,7 @@ def test_a_signal_during_a_revisions_python_step_stops_every_running_target(
         (["check"], "interrupted (SIGINT)"),
         (["seed"], "interrupted (SIGINT)"),
         (["stamp", HEAD], "interrupted before stamping: nothing was recorded"),
+        (["migrate"], "interrupted: no revision was run"),  # not "raise CONNECT_TIMEOUT"
     ],
 )
 def test_a_signal_ends_a_fleet_task_waiting_on_a_server_that_never_answers(
