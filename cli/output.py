@@ -52,11 +52,11 @@ def print_step(step: Step) -> None:
 
 def summarize(verb: str, env: Environment, steps: list[Step]) -> None:
     if not steps:
-        print(f"{env.name}: nothing to do, the database is already there", file=sys.stderr)
+        print(f"{env.label}: nothing to do, the database is already there", file=sys.stderr)
         return
     total = sum(step.seconds for step in steps)
     count = f"{len(steps)} revision{'s' if len(steps) != 1 else ''}"
-    print(f"{env.name}: {verb} {count} in {total:.3f}s", file=sys.stderr)
+    print(f"{env.label}: {verb} {count} in {total:.3f}s", file=sys.stderr)
 
 
 def labels(revisions: tuple[Revision, ...]) -> str:

@@ -168,6 +168,7 @@ def test_one_database_tasks_take_one_target_of_a_fleet(fleet: Project) -> None:
     assert "shops is a fleet" in error and "--only=NAME" in error
     reset = fleet.ok("reset", "--env=shops", "--only=beta")
     assert "[shops.beta] sqlite:///" in reset.stderr and "/var/shops/beta.sqlite3" in reset.stderr
+    assert "\nshops.beta: reset and migrated 1 revision in " in reset.stderr  # not "shops:"
     assert versions(fleet, "beta") == [HEAD]
     kept = [p.name for p in (fleet.root / "var" / "backups").iterdir()]
     assert len(kept) == 1 and kept[0].startswith("shops.beta-")  # its own backup, by name
