@@ -251,7 +251,7 @@ def restore(
             )
     if kept is not None:
         print(f"  kept the database it replaced as {target.relative(kept)}", file=sys.stderr)
-    print(f"{target.name}: restored {target.relative(used)}", file=sys.stderr)
+    print(f"{target.label}: restored {target.relative(used)}", file=sys.stderr)
 
 
 @task(
@@ -292,7 +292,7 @@ def resolve(
             confirm(target, yes, f"record how {revision} ended on", need_yes=False)
         at = records.resolve(target, revision, applied, run_options(lock_wait))
     how = "applied" if applied else "rolled back"
-    print(f"{target.name}: recorded {revision} as {how}; the database is at {at}", file=sys.stderr)
+    print(f"{target.label}: recorded {revision} as {how}; the database is at {at}", file=sys.stderr)
 
 
 @task(
@@ -368,9 +368,9 @@ def accept_changes(
             confirm(target, yes, f"accept the edited file of {revision} on", need_yes=False)
         done = records.accept_changes(target, revision, run_options(lock_wait))
     if done.changed:
-        print(f"{target.name}: accepted {done.revision} as it is now", file=sys.stderr)
+        print(f"{target.label}: accepted {done.revision} as it is now", file=sys.stderr)
     else:
-        print(f"{target.name}: {done.revision} is as recorded: nothing to accept", file=sys.stderr)
+        print(f"{target.label}: {done.revision} is as recorded: nothing to accept", file=sys.stderr)
 
 
 @task(

@@ -173,7 +173,7 @@ def test_one_database_tasks_take_one_target_of_a_fleet(fleet: Project) -> None:
     kept = [p.name for p in (fleet.root / "var" / "backups").iterdir()]
     assert len(kept) == 1 and kept[0].startswith("shops.beta-")  # its own backup, by name
     restored = fleet.ok("restore", "--env=shops", "--only=beta").stderr
-    assert f"restored var/backups/{kept[0]}" in restored
+    assert f"shops.beta: restored var/backups/{kept[0]}" in restored
 
 
 def hinted(output: str, task: str) -> list[str]:
@@ -201,7 +201,8 @@ def test_a_targets_messages_name_a_command_that_works_on_it(fleet: Project) -> N
     newest = max((fleet.root / "var" / "runs").glob("shops-*.json"))
     [notes] = [t["notes"] for t in json.loads(newest.read_text())["targets"]]
     assert any(note.startswith("warning: db/migrations/versions/second.py") for note in notes)
-    fleet.ok(*hinted(changed, "accept-changes"))
+    accepted = fleet.ok(*hinted(changed, "accept-changes")).stderr
+    assert "shops.alpha: accepted second01 as it is now" in accepted  # which target's
     back = fleet.ok("rollback", "--env=shops", "--only=alpha").stderr
     assert "warning" not in back and versions(fleet, "alpha") == ["second01"]
 
