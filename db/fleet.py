@@ -238,13 +238,22 @@ def one(env: Environment, only: str) -> Environment:
     from db.errors import UsageError
 
     chosen = targets(env, only) if only else []
-    if len(chosen) != 1:
-        names = ", ".join(t.name for t in (chosen or targets(env))[:5])
+    if len(chosen) > 1:  # a glob that matched several
+        raise UsageError(
+            f"--only={only} matches {len(chosen)} targets of {env.name} ({_first(chosen)}); "
+            "this task works on one target at a time: name one"
+        )
+    if not chosen:
         raise UsageError(
             f"{env.name} is a fleet: this task works on one target at a time; name it with "
-            f"--only=NAME (e.g. one of {names})"
+            f"--only=NAME (e.g. one of {_first(targets(env))})"
         )
     return environment(env, chosen[0])
+
+
+def _first(chosen: list[Target], most: int = 5) -> str:
+    """The first few targets' names, for a message."""
+    return ", ".join(t.name for t in chosen[:most]) + (", ..." if len(chosen) > most else "")
 
 
 def host(env: Environment) -> str:

@@ -217,8 +217,12 @@ def test_one_target_for_the_one_database_tasks(project: Project) -> None:
     assert fleet.one(env, "be*").target == "beta"
     with pytest.raises(ConfigError, match="--only=NAME"):
         fleet.one(env, "")
-    with pytest.raises(ConfigError, match="--only=NAME"):
+    with pytest.raises(ConfigError) as several:
         fleet.one(env, "*")
+    assert str(several.value) == (
+        "--only=* matches 2 targets of shops (alpha, beta); this task works on one target at "
+        "a time: name one"
+    )
 
 
 @pytest.mark.parametrize(
