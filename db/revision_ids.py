@@ -92,11 +92,12 @@ def revision_error(exc: CommandError, flags: str) -> RevisionError:
     cause = exc.__cause__ if isinstance(exc.__cause__, ResolutionError) else exc
     relative = _RELATIVE.search(str(cause))
     if relative:
-        steps, sign = relative.group(2), relative.group(1)[0]
+        steps, sign = int(relative.group(2)), relative.group(1)[0]
         where = "after" if sign == "+" else "before"
+        fewer = "no revision comes" if steps == 1 else f"fewer than {steps} revisions come"
         return RevisionError(
-            f"there are not {steps} revision(s) {where} the database's current one, so "
-            f"{relative.group(1)} leads nowhere; see `invoke status {flags}`"
+            f"{fewer} {where} the database's current one, so {relative.group(1)} leads "
+            f"nowhere; see `invoke status {flags}`"
         )
     if str(cause) == "Walked too far":  # a downgrade target past the ends of the history
         return RevisionError(f"{PAST_THE_ENDS}; see `invoke history {flags}`")

@@ -474,8 +474,11 @@ def test_a_relative_target_past_head_says_so(project: Project) -> None:
 
     error = project.fails("migrate", "--to=+1")
 
-    assert "there are not 1 revision(s) after the database's current one" in error
+    assert "error: no revision comes after the database's current one, so +1 leads" in error
     assert "didn't produce" not in error
+    assert "fewer than 3 revisions come after the database's current one, so +3 leads" in (
+        project.fails("migrate", "--to=+3")
+    )
 
 
 def test_offline_sql_refuses_a_downgrade_range(project: Project) -> None:
