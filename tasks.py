@@ -40,6 +40,7 @@ from cli.edge import (
 )
 from cli.fleet import fleet_args, fleet_plan, run_fleet
 from cli.output import (
+    counted,
     print_findings,
     print_history,
     print_json,
@@ -561,8 +562,10 @@ def check(
             outcomes = run_fleet(
                 target, fleet_plan("check", None, jobs, True), only or "", run_options()
             )
-            if any(o.state == "problems" for o in outcomes):
-                raise Exit("check failed on some targets", code=check_failed())
+            failing = sum(o.state == "problems" for o in outcomes)
+            if failing:
+                of = counted(len(outcomes), "target")
+                raise Exit(f"check failed on {failing} of {of}", code=check_failed())
             return
         problems = review.check(target)
     for problem in problems:

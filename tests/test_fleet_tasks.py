@@ -91,6 +91,7 @@ def test_check_on_a_fleet_names_the_target_behind(fleet: Project) -> None:
     assert "[1/3 alpha] check passed" in result.stderr or "alpha] check passed" in result.stderr
     assert "beta] check failed: 1 revision(s) pending" in result.stderr
     assert f"(2 at {HEAD})" in result.stderr  # a check's problems carry no revision to count
+    assert result.stderr.endswith("\ncheck failed on 1 of 3 targets\n")
     fleet.ok("migrate", "--env=shops")
     assert fleet.ok("check", "--env=shops").stderr.count("check passed") == 3
 
