@@ -14,6 +14,7 @@ import fnmatch
 import re
 from collections import Counter
 from dataclasses import dataclass, replace
+from pathlib import Path
 from typing import TYPE_CHECKING
 
 from sqlalchemy.exc import DBAPIError
@@ -178,12 +179,19 @@ def _from_catalog(env: Environment) -> list[Target]:
     """Targets from ``TARGETS_QUERY`` (a name, and optionally a URL) on ``TARGETS_DATABASE_URL``."""
     from sqlalchemy import Connection, text
 
-    from db.engines import with_connection
+    from db.engines import sqlite_file_missing, with_connection
 
     if not env.get("TARGETS_DATABASE_URL"):
         raise ConfigError(f"{env.name}: TARGETS_QUERY needs TARGETS_DATABASE_URL, the catalog")
     catalog_url = env.catalog_url()
     where = env.relative(env.sources["TARGETS_QUERY"])
+    if sqlite_file_missing(catalog_url):  # SQLite would make an empty one: "no such table"
+        raise ConfigError(
+            f"{env.name}: the catalog {env.relative(Path(catalog_url.database or ''))} "
+            f"(TARGETS_DATABASE_URL) does not exist: point TARGETS_DATABASE_URL in "
+            f"{env.relative(env.sources['TARGETS_DATABASE_URL'])} at the database that lists "
+            "the targets"
+        )
 
     def rows(connection: Connection) -> list[Target]:
         found = connection.execute(text(env.get("TARGETS_QUERY")))

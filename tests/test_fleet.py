@@ -444,6 +444,13 @@ def test_a_catalogs_url_and_the_urls_it_gives_are_checked_as_theirs(project: Pro
     project.write_env("shops", catalog_env(FLEET, "select slug from shops", unset))
     error = project.fails("status", "--env=shops")
     assert "environments/shops.env: TARGETS_DATABASE_URL uses ${CATALOG}, which is not set" in error
+    gone = catalog_env(FLEET, "select slug from shops", "sqlite:///var/gone.sqlite3")
+    project.write_env("shops", gone)  # SQLite would make it empty, and say "no such table"
+    assert (
+        "error: shops: the catalog var/gone.sqlite3 (TARGETS_DATABASE_URL) does not exist: "
+        "point TARGETS_DATABASE_URL in environments/shops.env at the database that lists"
+    ) in project.fails("status", "--env=shops")
+    assert not (project.root / "var" / "gone.sqlite3").exists()
     project.write_env("shops", catalog_env(FLEET, "select slug, dsn from shops"))
     bad = project.fails("status", "--env=shops")
     assert "error: shops: the URL TARGETS_QUERY gives target alpha is not a valid" in bad
