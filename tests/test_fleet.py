@@ -445,7 +445,7 @@ def test_a_catalogs_url_and_the_urls_it_gives_are_checked_as_theirs(project: Pro
     error = project.fails("status", "--env=shops")
     assert "environments/shops.env: TARGETS_DATABASE_URL uses ${CATALOG}, which is not set" in error
     gone = catalog_env(FLEET, "select slug from shops", "sqlite:///var/gone.sqlite3")
-    project.write_env("shops", gone)  # SQLite would make it empty, and say "no such table"
+    project.write_env("shops", gone)  # not "TARGETS_QUERY failed: no such table"
     assert (
         "error: shops: the catalog var/gone.sqlite3 (TARGETS_DATABASE_URL) does not exist: "
         "point TARGETS_DATABASE_URL in environments/shops.env at the database that lists"
