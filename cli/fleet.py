@@ -139,8 +139,11 @@ def confirm_fleet(env: Environment, chosen: list[Target], plan: Plan, yes: bool)
     status = replace(plan, task="status", args=TaskArgs(), keep_going=True, canary=0)
     read = fleet_runs.run(env, os.environ, chosen, status)
     groups: dict[str, list[str]] = defaultdict(list)
-    for outcome in read:
-        what = f"unreadable: {outcome.detail}" if outcome.failed else in_short(outcome.pending)
+    for target, outcome in zip(chosen, read, strict=True):
+        if outcome.failed:  # a server that is down: one line for its targets, not one each
+            what = f"unreadable: {as_the_fleets(env, target, outcome.detail)}"
+        else:
+            what = in_short(outcome.pending)
         groups[what].append(outcome.target)
     print(f"plan for {len(chosen)} targets:", file=sys.stderr)
     for what, names in groups.items():
@@ -149,6 +152,20 @@ def confirm_fleet(env: Environment, chosen: list[Target], plan: Plan, yes: bool)
     if behind:
         confirm(env, yes, f"migrate {len(behind)} target(s) of", need_yes=False)
     return [t for t in chosen if t.name in behind]
+
+
+def as_the_fleets(env: Environment, target: Target, said: str) -> str:
+    """What was said of a target, with its URL written as the fleet's (``{target}`` in
+    it), so that targets that failed alike read alike."""
+    from db import fleet
+    from db.errors import DbError
+    from db.urls import mask
+
+    try:
+        own, template = mask(fleet.environment(env, target).url()), mask(env.url())
+    except DbError:  # a secret not set: said as it is
+        return said
+    return said.replace(own, template)
 
 
 def in_short(pending: tuple[str, ...]) -> str:

@@ -8,6 +8,7 @@ import os
 import pty
 import re
 import select
+import socket
 import sqlite3
 import subprocess
 from contextlib import closing
@@ -351,6 +352,22 @@ def test_a_protected_fleets_plan_is_short_and_says_why_a_target_is_unreadable(
 
     assert f"2 target(s): 4 revisions, {HEAD} to fourth01  [alpha, gamma]" in plan
     assert "1 target(s): unreadable: cannot read its version: DatabaseError: file is not a " in plan
+
+
+def test_a_protected_fleets_plan_groups_the_targets_of_a_server_that_is_down(
+    project: Project,
+) -> None:
+    """Each target's reason names its own URL: a down server made a plan line per target."""
+    with socket.socket() as probe:  # a port nothing listens on
+        probe.bind(("127.0.0.1", 0))
+        port = probe.getsockname()[1]
+    url = f"postgresql+asyncpg://shop@127.0.0.1:{port}/shop_{{target}}"
+    project.write_env("shops", f"DATABASE_URL={url}\nTARGETS=alpha beta\nPROTECTED=true\n")
+
+    plan = project.invoke("migrate", "--env=shops").stderr
+
+    assert f"2 target(s): unreadable: cannot connect to {url}: Connection refused" in plan
+    assert plan.count("unreadable") == 1 and "[alpha, beta]" in plan
 
 
 def test_a_terminal_shows_a_progress_line(fleet: Project) -> None:
