@@ -17,6 +17,7 @@ if TYPE_CHECKING:
     from db.fleet import Target
     from db.fleet_runs import Outcome, Plan, TaskArgs
     from db.runner import RunOptions
+    from db.stop import Stop
 
 
 def fleet_args(options: RunOptions) -> TaskArgs:
@@ -74,7 +75,7 @@ def run_fleet(
     hosts = {fleet.host(fleet.environment(env, t)) for t in chosen}
     plan = replace(plan, jobs=plan.jobs or fleet_runs.default_jobs(len(chosen), len(hosts)))
     if env.protected and plan.task == "migrate":
-        chosen = confirm_fleet(env, chosen, plan, yes)
+        chosen = confirm_fleet(env, chosen, plan, yes, options.stop)
         if not chosen:
             print(f"{env.name}: nothing to do, every target is already there", file=sys.stderr)
             return []
@@ -127,9 +128,12 @@ def not_there(plan: Plan, outcomes: list[Outcome]) -> str:
     return line + ("; rerun to retry them" if plan.task in fleet_runs.CHANGING else "")
 
 
-def confirm_fleet(env: Environment, chosen: list[Target], plan: Plan, yes: bool) -> list[Target]:
+def confirm_fleet(
+    env: Environment, chosen: list[Target], plan: Plan, yes: bool, stop: Stop
+) -> list[Target]:
     """A protected fleet's plan, targets by pending revisions in short form, confirmed once;
-    returns the targets that are behind (none: nothing to confirm)."""
+    returns the targets that are behind (none: nothing to confirm). A signal while the
+    targets are read (a server slow to answer) ends it at once, before the question."""
     from collections import defaultdict
     from dataclasses import replace
 
@@ -137,7 +141,9 @@ def confirm_fleet(env: Environment, chosen: list[Target], plan: Plan, yes: bool)
     from db.fleet_runs import TaskArgs
 
     status = replace(plan, task="status", args=TaskArgs(), keep_going=True, canary=0)
-    read = fleet_runs.run(env, os.environ, chosen, status)
+    with on_signals(stop):  # the workers are told, and give up what they are reading
+        read = fleet_runs.run(env, os.environ, chosen, status, stop=stop)
+    stop.check()
     groups: dict[str, list[str]] = defaultdict(list)
     for target, outcome in zip(chosen, read, strict=True):
         if outcome.failed:  # a server that is down: one line for its targets, not one each

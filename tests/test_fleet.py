@@ -120,32 +120,37 @@ def test_a_signal_during_a_revisions_python_step_stops_every_running_target(
 
 
 @pytest.mark.parametrize(
-    ("task", "said"),
+    ("task", "protected", "said"),
     [
-        (["status"], "interrupted (SIGINT)"),
-        (["check"], "interrupted (SIGINT)"),
-        (["seed"], "interrupted (SIGINT)"),
-        (["stamp", HEAD], "interrupted before stamping: nothing was recorded"),
-        (["migrate"], "interrupted: no revision was run"),  # not "raise CONNECT_TIMEOUT"
+        (["status"], False, "  failed      far: interrupted (SIGINT)\n"),
+        (["check"], False, "  failed      far: interrupted (SIGINT)\n"),
+        (["seed"], False, "  failed      far: interrupted (SIGINT)\n"),
+        (["stamp", HEAD], False, "far: interrupted before stamping: nothing was recorded\n"),
+        (["migrate"], False, "  failed      far: interrupted: no revision was run\n"),
+        (["migrate", "--yes"], True, "\ninterrupted (SIGINT)\n"),  # reading for the plan
     ],
 )
 def test_a_signal_ends_a_fleet_task_waiting_on_a_server_that_never_answers(
-    project: Project, task: list[str], said: str
+    project: Project, task: list[str], protected: bool, said: str
 ) -> None:
     """The workers ignore signals and are told of them: these tasks waited out the whole
-    CONNECT_TIMEOUT of a server that did not answer, then exited 6 as if it had failed."""
+    CONNECT_TIMEOUT of a server that did not answer, then exited 6 as if it had failed (or,
+    reading a protected fleet's plan, 130). A migrate said to raise CONNECT_TIMEOUT."""
     peers: list[socket.socket] = []
     with tcp_server(None, peers) as port:
         url = f"postgresql+asyncpg://shop@127.0.0.1:{port}/shop_{{target}}"
-        project.write_env("shops", f"DATABASE_URL={url}\nTARGETS=far\nCONNECT_TIMEOUT=300\n")
+        project.write_env(
+            "shops",
+            f"DATABASE_URL={url}\nTARGETS=far\nCONNECT_TIMEOUT=300\nPROTECTED={protected}\n",
+        )
         run = popen(project, *task, "--env=shops")
         wait_until(lambda: peers, "the target's connection", process=run)
         run.send_signal(signal.SIGINT)
         _, err = run.communicate(timeout=60)  # not CONNECT_TIMEOUT's 300
 
     assert run.returncode == 130, err
-    assert f"  failed      far: {said}\n" in err
-    assert "Traceback" not in err
+    assert said in err
+    assert "Traceback" not in err and "CONNECT_TIMEOUT" not in err
 
 
 def test_only_selects_targets_by_glob(fleet: Project) -> None:
