@@ -160,17 +160,43 @@ async def _pid(connection: AsyncConnection) -> int:
 
 async def _transaction_pooled(connection: AsyncConnection, engine: AsyncEngine, pid: int) -> bool:
     """Behind a pooler: does our next transaction keep its backend while another client
-    holds a transaction open? Only a transaction-mode pooler moves it (or makes it wait)."""
-    async with engine.connect() as other:
-        await other.begin()
-        other_pid = int(await other.scalar(_PID) or 0)
+    holds a transaction open? Only a transaction-mode pooler moves it (or makes it wait).
+
+    A pool with no server connection free for that other client (a session pool no larger
+    than the fleet's targets running on it, each of which holds one) would keep it waiting
+    while we keep ours: then our own next transactions tell, as in session mode only they
+    each find our backend at once."""
+    other = engine.connect()
+    try:
+        other_pid = await asyncio.wait_for(_held_open(other), timeout=1)
+    except asyncio.TimeoutError:  # no server connection for it: the pool is all taken
+        with suppress(Exception):  # cut short while it connected, or while it waited
+            await other.invalidate()
+        return await _moves(connection, pid, times=5)
+    try:
+        return await _moves(connection, pid) or other_pid == pid
+    finally:
+        await other.close()
+
+
+async def _held_open(other: AsyncConnection) -> int:
+    """Connect ``other`` and open a transaction on it; the pid of its backend."""
+    await other.start()
+    await other.begin()
+    return int(await other.scalar(_PID) or 0)
+
+
+async def _moves(connection: AsyncConnection, pid: int, times: int = 1) -> bool:
+    """Whether the next ``times`` transactions on ``connection`` leave backend ``pid``, or
+    wait for one (3 seconds, or half a second each of several): the server connections
+    are shared."""
+    for _ in range(times):
         try:
-            again = await asyncio.wait_for(_pid(connection), timeout=3)
+            if await asyncio.wait_for(_pid(connection), timeout=3 if times == 1 else 0.5) != pid:
+                return True
         except asyncio.TimeoutError:
-            return True  # our statement waits for a server connection: they are shared
-        finally:
-            await other.rollback()
-    return again != pid or other_pid == pid
+            return True
+    return False
 
 
 @asynccontextmanager

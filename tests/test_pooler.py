@@ -78,6 +78,29 @@ def test_session_mode_runs_at_once_apply_each_revision_once(
     assert sorted(row["revision"] for row in rows) == sorted([head_revision(), "run01", "run02"])
 
 
+def test_a_schema_fleet_through_a_session_pool_as_small_as_its_jobs_migrates(
+    project: Project, pg_database: PgDatabase, pg_server: str
+) -> None:
+    """Each target holds one of the pool's server connections for its session, and the
+    pooler check asked for a second one: with every connection taken, the targets waited
+    for each other until PgBouncer's query_wait_timeout (two minutes), then failed."""
+    shops = ("s1", "s2", "s3")
+    with pgbouncer(SERVER.port or 5432, "session", pool_size=2) as port:
+        project.write_env(
+            "tenants",
+            f"DATABASE_URL={pooled(pg_database, port)}\nSCHEMA={{target}}\n"
+            f"TARGETS={','.join(shops)}\n",
+        )
+
+        result = project.invoke("migrate", "--env=tenants", "--jobs=3")
+
+    assert result.returncode == 0, result.stderr
+    assert "3 targets: 3 migrated" in result.stderr
+    for shop in shops:
+        rows = pg_fetch(pg_database.dsn, f"select version_num from {shop}.alembic_version")
+        assert [row["version_num"] for row in rows] == [head_revision()]
+
+
 def test_transaction_mode_is_refused_before_anything_runs(
     project: Project, pg_database: PgDatabase, transaction_pool: int
 ) -> None:
