@@ -163,24 +163,30 @@ async def _transaction_pooled(connection: AsyncConnection, engine: AsyncEngine, 
     holds a transaction open? Only a transaction-mode pooler moves it (or makes it wait).
 
     A pool with no server connection free for that other client (a session pool no larger
-    than the fleet's targets running on it, each of which holds one) would keep it waiting
-    while we keep ours: then our own next transactions tell, as in session mode only they
-    each find our backend at once."""
+    than the fleet's targets running on it, each of which holds one) keeps it waiting while
+    we keep ours: given as long as logging in takes (a round trip ten times, and a second),
+    it gives up, and our own next transactions tell, as in session mode only they each
+    find our backend at once."""
+    started = time.monotonic()
+    if await _moves(connection, pid):
+        return True
+    patience = 1 + 10 * (time.monotonic() - started)
     other = engine.connect()
     try:
-        other_pid = await asyncio.wait_for(_held_open(other), timeout=1)
+        other_pid = await asyncio.wait_for(_held_open(other), timeout=patience)
     except asyncio.TimeoutError:  # no server connection for it: the pool is all taken
-        with suppress(Exception):  # cut short while it connected, or while it waited
+        with suppress(Exception):  # cut short logging in, or waiting: nothing to keep
             await other.invalidate()
         return await _moves(connection, pid, times=5)
     try:
         return await _moves(connection, pid) or other_pid == pid
     finally:
-        await other.close()
+        await other.close()  # its transaction rolled back
 
 
 async def _held_open(other: AsyncConnection) -> int:
-    """Connect ``other`` and open a transaction on it; the pid of its backend."""
+    """``other`` connected (``SCHEMA`` set, a statement of its own), and a transaction
+    opened on it; the pid of its backend."""
     await other.start()
     await other.begin()
     return int(await other.scalar(_PID) or 0)

@@ -97,6 +97,10 @@ class Child:
         assert self.returncode is not None
         return self.returncode
 
+    def kill(self) -> None:
+        with suppress(ProcessLookupError):  # ended on its own meanwhile
+            os.kill(self.pid, signal.SIGKILL)
+
     def _ended(self, status: bytes) -> None:
         self.returncode = int(status)
         self._server.close()
