@@ -169,8 +169,10 @@ def reported(c: Context, debug: bool) -> Iterator[None]:
         gc.freeze()
 
 
-class Terminated(BaseException):
-    """SIGTERM outside a run, raised as Ctrl-C raises KeyboardInterrupt."""
+class Terminated(KeyboardInterrupt):
+    """SIGTERM outside a run, raised as Ctrl-C raises KeyboardInterrupt, and one: asyncio
+    lets only that (and SystemExit) out of a callback or a task it was raised in, where it
+    would log any other exception and go on waiting (a read, for CONNECT_TIMEOUT)."""
 
 
 @contextmanager

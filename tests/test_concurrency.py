@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 import os
 import signal
 import socket
@@ -284,6 +285,28 @@ def test_a_task_that_only_reads_says_it_was_interrupted(
 
     assert code == 128 + signum, err
     assert err.strip().splitlines()[-1] == f"interrupted ({name})" and "Traceback" not in err
+
+
+def test_sigterm_outside_a_run_gets_out_of_an_event_loop_as_ctrl_c_does() -> None:
+    """A read task's SIGTERM raises Terminated wherever the main thread is: inside one of
+    asyncio's callbacks, any other exception is logged and the loop waits on (a status of
+    a server that never answers ran out CONNECT_TIMEOUT, now and then, instead of 143)."""
+    from cli.edge import Terminated
+
+    def handler() -> None:
+        raise Terminated
+
+    loop = asyncio.new_event_loop()
+    nap = loop.create_task(asyncio.sleep(5))
+    try:
+        loop.call_later(0.01, handler)  # as a signal's handler runs in a callback
+        with pytest.raises(Terminated):
+            loop.run_until_complete(nap)
+    finally:
+        nap.cancel()
+        with suppress(asyncio.CancelledError):
+            loop.run_until_complete(nap)
+        loop.close()
 
 
 def test_a_signal_ends_the_wait_for_a_locked_sqlite_file(project: Project) -> None:
