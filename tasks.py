@@ -49,7 +49,7 @@ from cli.output import (
 )
 
 if TYPE_CHECKING:
-    from db.fleet_runs import TaskArgs
+    from db.fleet_runs import Outcome, TaskArgs
 
 # A task is a short-lived process that imports ~100,000 long-lived objects (SQLAlchemy,
 # Alembic) and then makes many short-lived ones: collect garbage less often, as mypy does,
@@ -501,14 +501,18 @@ def history(
 
         target = environment(c, env, banner=True, fleet_ok=True, only=only)
         if is_fleet(target):
+
+            def show(outcomes: list[Outcome]) -> None:  # of the targets read, if some failed
+                rows = fleet_runs.history(target, outcomes)
+                read = sum(not o.failed for o in outcomes)
+                if json_:
+                    print_json([{**asdict(rev), "applied_on": on} for rev, on in rows])
+                else:
+                    for rev, on in rows:
+                        print(f"{rev.id}  applied on {len(on)}/{read}  {rev.message}")
+
             plan = fleet_plan("history", None, jobs, keep_going=True)
-            outcomes = run_fleet(target, plan, only or "", run_options(), quiet=json_)
-            rows = fleet_runs.history(target, outcomes)
-            if json_:
-                print_json([{**asdict(rev), "applied_on": on} for rev, on in rows])
-            else:
-                for rev, on in rows:
-                    print(f"{rev.id}  applied on {len(on)}/{len(outcomes)}  {rev.message}")
+            run_fleet(target, plan, only or "", run_options(), quiet=json_, show=show)
             return
         entries = commands.history(target)
     if json_:

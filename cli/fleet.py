@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import os
 import sys
+from collections.abc import Callable
 from typing import TYPE_CHECKING, TextIO
 
 from invoke.exceptions import Exit
@@ -61,9 +62,12 @@ def run_fleet(
     json_: bool = False,
     quiet: bool = False,
     yes: bool = False,
+    show: Callable[[list[Outcome]], None] | None = None,
 ) -> list[Outcome]:
     """Run a task on every chosen target of a fleet: a line per target, then a summary; a
-    protected fleet's migrate shows its plan and asks once. Exits non-zero if targets failed."""
+    protected fleet's migrate shows its plan and asks once. ``show`` prints what the task
+    makes of the outcomes (a fleet's history), those of targets that failed too. Exits
+    non-zero if targets failed."""
     from dataclasses import replace
     from datetime import datetime, timezone
 
@@ -102,6 +106,8 @@ def run_fleet(
             print(f"warning: {exc}; the run itself is as printed above", file=sys.stderr)
     if json_:
         print_json(report)
+    if show is not None:
+        show(outcomes)
     if code:
         raise Exit(not_there(plan, outcomes), code=code)
     return outcomes

@@ -433,6 +433,13 @@ def test_a_target_that_cannot_be_read_fails_status_and_is_named(fleet: Project) 
     assert f"{restore}--env=shops --only=beta`" in result.stdout
     assert "error: 1 failed of 3 targets\n" in result.stderr  # status: nothing to rerun
     assert "Traceback" not in result.stderr
+    history = fleet.invoke("history", "--env=shops")  # printed nothing but the failure
+    assert history.returncode == 6, history.stderr
+    assert history.stdout.endswith(
+        f"{HEAD}  applied on 2/2  create shop tables: users, categories, products, purchases\n"
+    )
+    rows = json.loads(fleet.invoke("history", "--env=shops", "--json").stdout)
+    assert rows[0]["applied_on"] == ["alpha", "gamma"]
     bad = fleet.invoke("migrate", "--env=shops", "--to=+2")  # relative: each target's own
     assert bad.returncode == 6 and "so +2 leads nowhere" in bad.stderr
     assert "see `invoke status --env=shops --only=alpha`" in bad.stderr
