@@ -503,8 +503,10 @@ def history(
         if is_fleet(target):
 
             def show(outcomes: list[Outcome]) -> None:  # of the targets read, if some failed
-                rows = fleet_runs.history(target, outcomes)
                 read = sum(not o.failed for o in outcomes)
+                if not read:  # "applied on 0/0" would say nothing
+                    return
+                rows = fleet_runs.history(target, outcomes)
                 if json_:
                     print_json([{**asdict(rev), "applied_on": on} for rev, on in rows])
                 else:

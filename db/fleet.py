@@ -185,7 +185,7 @@ def _from_catalog(env: Environment) -> list[Target]:
         raise ConfigError(f"{env.name}: TARGETS_QUERY needs TARGETS_DATABASE_URL, the catalog")
     catalog_url = env.catalog_url()
     where = env.relative(env.sources["TARGETS_QUERY"])
-    if sqlite_file_missing(catalog_url):  # SQLite would make an empty one: "no such table"
+    if sqlite_file_missing(catalog_url):  # not "TARGETS_QUERY failed: no such table"
         raise ConfigError(
             f"{env.name}: the catalog {env.relative(Path(catalog_url.database or ''))} "
             f"(TARGETS_DATABASE_URL) does not exist: point TARGETS_DATABASE_URL in "

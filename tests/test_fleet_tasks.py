@@ -440,6 +440,8 @@ def test_a_target_that_cannot_be_read_fails_status_and_is_named(fleet: Project) 
     )
     rows = json.loads(fleet.invoke("history", "--env=shops", "--json").stdout)
     assert rows[0]["applied_on"] == ["alpha", "gamma"]
+    none_read = fleet.invoke("history", "--env=shops", "--only=beta")
+    assert none_read.returncode == 6 and none_read.stdout == ""  # not "applied on 0/0"
     bad = fleet.invoke("migrate", "--env=shops", "--to=+2")  # relative: each target's own
     assert bad.returncode == 6 and "so +2 leads nowhere" in bad.stderr
     assert "see `invoke status --env=shops --only=alpha`" in bad.stderr
