@@ -75,6 +75,16 @@ def changed_files(log: list[audit.Entry], script: ScriptDirectory, env: Environm
     return [problem for problem in found if problem is not None]
 
 
+def unrecorded(
+    log: list[audit.Entry], script: ScriptDirectory, current: tuple[str, ...]
+) -> list[str]:
+    """Applied revisions (by the version table) that the audit trail has no checksum for,
+    oldest first: applied by plain Alembic, or the trail was dropped or emptied since."""
+    recorded = audit.applied_checksums(log)
+    applied = script.revision_map.iterate_revisions(current, "base")
+    return [rev.revision for rev in applied if rev.revision not in recorded][::-1]
+
+
 def _problem(
     script: ScriptDirectory, env: Environment, rev: str, sums: tuple[str | None, str | None]
 ) -> str | None:

@@ -48,16 +48,32 @@ class Stamped:
     differences: list[str]  # what --force went past; empty when the schemas matched
     recorded: tuple[str, ...] = ()  # revisions now recorded as applied that were not
     unrecorded: tuple[str, ...] = ()  # revisions no longer applied (a stamp back), newest first
+    # revisions applied already, whose files the audit trail had no checksum of (applied by
+    # plain Alembic, or the trail was emptied), oldest first: recorded now
+    adopted: tuple[str, ...] = ()
+
+    @property
+    def changed(self) -> bool:
+        return bool(self.recorded or self.unrecorded or self.adopted)
 
     @property
     def what(self) -> str:
-        """What the stamp did to the version table, in words."""
+        """What the stamp did to the version table and the audit trail, in words."""
         if self.unrecorded:
             gone = ", ".join(self.unrecorded)
-            return f"recorded {self.revision} as its revision, not run; no longer applied: {gone}"
-        if self.recorded:
-            return f"recorded {self.revision} as applied, not run"
-        return f"already at {self.revision}: nothing recorded"
+            done = f"recorded {self.revision} as its revision, not run; no longer applied: {gone}"
+        elif self.recorded:
+            done = f"recorded {self.revision} as applied, not run"
+        elif self.adopted:
+            done = f"already at {self.revision}"
+        else:
+            return f"already at {self.revision}: nothing recorded"
+        if self.adopted:
+            done += (
+                f"; recorded the checksums of {len(self.adopted)} revision(s) applied without "
+                f"any: {', '.join(self.adopted)}"
+            )
+        return done
 
 
 def stamp_target(script: ScriptDirectory, revision: str, flags: str) -> Script:
@@ -95,6 +111,7 @@ def stamp(
 
     added: list[str] = []
     removed: list[str] = []
+    adopted: list[str] = []  # applied already, without a checksum in the trail
 
     def record(current: tuple[str, ...], context: Context) -> list[RevisionStep]:
         connection = connection_of(context)
@@ -105,12 +122,17 @@ def stamp(
         before = applied_revisions(script, current)
         context.stamp(script, found.revision)
         audit.ensure_table(connection.execute)
-        now = applied_revisions(script, tuple(context.get_current_heads()))
-        # a row for each revision the stamp added, and one for each it took away (a stamp
-        # back to an older revision), so the trail says which files count as applied
+        heads = tuple(context.get_current_heads())
+        now = applied_revisions(script, heads)
+        adopted.extend(rev for rev in guards.unrecorded(log, script, heads) if rev in before)
+        # a row for each revision the stamp added, and for each applied one the trail had no
+        # checksum of (the schema matched, so their files are taken as they are), and one for
+        # each it took away (a stamp back), so the trail says which files count as applied
         for rev in script.walk_revisions():  # newest first, Scripts with their paths
             if rev.revision in now - before:
                 added.append(rev.revision)
+                record_event(connection, env, rev.revision, "stamp", rev.path)
+            elif rev.revision in adopted:
                 record_event(connection, env, rev.revision, "stamp", rev.path)
             elif rev.revision in before - now:
                 removed.append(rev.revision)
@@ -118,7 +140,7 @@ def stamp(
         return []
 
     run_env(config, script, record)
-    return Stamped(found.revision, gaps, tuple(added), tuple(removed))
+    return Stamped(found.revision, gaps, tuple(added), tuple(removed), tuple(adopted))
 
 
 def scratch_schema(

@@ -7,7 +7,7 @@ from typing import Any
 from alembic.autogenerate import compare_metadata
 from alembic.runtime.migration import MigrationContext, RevisionStep
 
-from db import guards
+from db import audit, guards
 from db.commands import plan_steps, read_state
 from db.environments import Environment
 from db.runner import RunOptions, load_scripts, make_config, run_env
@@ -27,6 +27,9 @@ def check(env: Environment, options: RunOptions | None = None) -> list[str]:
         return [f"{heads}: run `invoke merge`"]
     state = read_state(env, config, script)
     problems = guards.changed_files(state.log, script, env)
+    unrecorded = guards.unrecorded(state.log, script, state.current)
+    if unrecorded:
+        problems.append(_unrecorded(unrecorded, state.current, env))
     pending = plan_steps(script, "heads", state.current, up=True)
     if pending:
         return [
@@ -46,6 +49,18 @@ def check(env: Environment, options: RunOptions | None = None) -> list[str]:
             + "; ".join(_describe(diff) for diff in diffs)
         )
     return problems
+
+
+def _unrecorded(revisions: list[str], current: tuple[str, ...], env: Environment) -> str:
+    """Applied revisions whose files nothing can check: the audit trail has no checksum."""
+    more = f" and {len(revisions) - 3} more" if len(revisions) > 3 else ""
+    shown = ", ".join(revisions[:3]) + more
+    at = current[0] if len(current) == 1 else "REV"
+    return (
+        f"{len(revisions)} applied revision(s) have no checksum in {audit.LOG.name} ({shown}), "
+        "so whether their files changed is unknown (applied by plain Alembic, or the trail was "
+        f"emptied): `invoke stamp {env.flags} {at}` compares the schema and records them"
+    )
 
 
 def _describe(diff: Any) -> str:

@@ -254,7 +254,7 @@ def _stamp(env: Environment, args: TaskArgs) -> Outcome:
     forced = (
         f"; --force went past {len(done.differences)} difference(s)" if done.differences else ""
     )
-    if not done.recorded and not done.unrecorded:
+    if not done.changed:
         return replace(_read(env), state="up to date", detail="nothing recorded")
     return replace(_read(env), state="stamped", detail=done.what + forced)
 

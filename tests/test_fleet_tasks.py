@@ -28,8 +28,8 @@ def fleet(project: Project) -> Project:
 
 
 def query(project: Project, shop: str, sql: str) -> list[tuple[object, ...]]:
-    with closing(sqlite3.connect(project.root / "var" / "shops" / f"{shop}.sqlite3")) as db:
-        return list(db.execute(sql))
+    with closing(sqlite3.connect(project.root / "var" / "shops" / f"{shop}.sqlite3")) as db, db:
+        return list(db.execute(sql))  # and committed: a delete is kept
 
 
 def versions(project: Project, shop: str) -> list[str]:
@@ -115,6 +115,15 @@ def test_stamp_and_seed_on_every_target(fleet: Project) -> None:
     assert "cannot seed shops.beta: no such table: users" in unseeded.stderr  # which database
     assert "shops: 1 target: 1 failed\n" in unseeded.stderr  # no version was read to count
     fleet.ok("migrate", "--env=shops")
+    query(fleet, "gamma", "delete from migration_log")  # its files can no longer be checked
+    unchecked = fleet.invoke("check", "--env=shops").stderr
+    assert " gamma] check failed: 1 applied revision(s) have no checksum" in unchecked
+    assert f"`invoke stamp --env=shops --only=gamma {HEAD}`" in unchecked
+    assert "check failed on 1 of 3 targets" in unchecked
+    adopted = fleet.ok("stamp", "--env=shops", HEAD).stderr
+    assert "2 up to date" in adopted and "1 stamped" in adopted
+    assert f"recorded the checksums of 1 revision(s) applied without any: {HEAD}" in adopted
+    assert query(fleet, "gamma", "select direction from migration_log") == [("stamp",)]
     seeded = fleet.ok("seed", "--env=shops")
     assert seeded.stderr.count("added 3 users") == 3
     again = fleet.ok("seed", "--env=shops", "--only=beta").stderr

@@ -76,6 +76,41 @@ def test_a_stamp_back_says_what_it_took_away_and_the_trail_records_it(project: P
     assert "changed after revision" not in status.stderr and "pending: 1" in status.stdout
 
 
+def test_check_finds_applied_revisions_without_checksums_and_stamp_records_them(
+    project: Project,
+) -> None:
+    """A database migrated by plain Alembic (or whose trail was emptied) has applied
+    revisions that nothing checked: `check` said "files unchanged", and `stamp` at its
+    revision said "nothing recorded", so their files could never be checked."""
+    project.add_revision("empty", revision("empty001", HEAD))
+    project.ok("migrate")
+    with project.sqlite() as db:
+        db.execute("delete from migration_log")
+
+    problems = project.invoke("check")
+
+    assert problems.returncode == 5, problems.stderr
+    assert f"2 applied revision(s) have no checksum in migration_log ({HEAD}, empty001)" in (
+        problems.stderr
+    )
+    assert "`invoke stamp --env=dev empty001` compares the schema and records them" in (
+        problems.stderr
+    )
+    stamped = project.ok("stamp", "empty001")
+    assert (
+        "dev: already at empty001; recorded the checksums of 2 revision(s) applied without "
+        f"any: {HEAD}, empty001\n"
+    ) in stamped.stderr
+    assert {(row[0], row[1]) for row in log_rows(project)} == {
+        (HEAD, "stamp"),
+        ("empty001", "stamp"),
+    }
+    assert "check passed" in project.ok("check").stderr
+    assert "nothing recorded" in project.ok("stamp", "empty001").stderr
+    project.add_revision("empty", revision("empty001", HEAD) + "EDITED = True\n")
+    assert "changed after revision empty001" in project.invoke("check").stderr  # now checked
+
+
 def test_stamp_refuses_a_schema_that_differs_unless_forced(adopted: Project) -> None:
     with adopted.sqlite() as db:
         db.execute("drop table purchases")
