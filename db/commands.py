@@ -23,6 +23,7 @@ from db.errors import DbError, RevisionError
 from db.progress import Revision
 from db.revision_ids import PAST_THE_ENDS, known_revision, one_way
 from db.runner import Progress, RunOptions, Step, load_scripts, make_config, run_env, run_of
+from db.versions import applied_revisions
 
 Plan = Callable[[ScriptDirectory, tuple[str, ...]], list[RevisionStep]]
 
@@ -236,10 +237,6 @@ def connection_of(context: MigrationContext) -> Connection:
     if context.connection is None:
         raise DbError("this task needs a database connection, not offline SQL")
     return context.connection
-
-
-def applied_revisions(script: ScriptDirectory, current: tuple[str, ...]) -> set[str]:
-    return {rev.revision for rev in script.revision_map.iterate_revisions(current, "base")}
 
 
 def _depth(script: ScriptDirectory, rev: str) -> int:

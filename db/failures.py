@@ -26,7 +26,7 @@ from db.errors import (
     first_line,
 )
 from db.progress import Progress, Step, message_of
-from db.versions import current_heads
+from db.versions import applied_revisions, current_heads
 
 if TYPE_CHECKING:
     from db.runner import Run
@@ -95,7 +95,7 @@ def failure(exc: BaseException, progress: Progress, run: Run, script: ScriptDire
                 [at, *_running(step, progress, run, None)] + ([] if ran else [NONE_RUN])
             )
     else:
-        text = "; ".join(_outcome(heads, step, progress, run, _applied(script, heads)))
+        text = "; ".join(_outcome(heads, step, progress, run, applied_revisions(script, heads)))
     error = _failure(first_error(exc), progress, run, text)
     error.at = heads
     return error
@@ -221,10 +221,6 @@ def read_heads(run: Run) -> tuple[str, ...]:
     if run.stop.requested:
         return current_heads(run.url, min(run.connect_timeout, 2), run.schema)
     return current_heads(run.url, run.connect_timeout, run.schema, wait=5)
-
-
-def _applied(script: ScriptDirectory, heads: tuple[str, ...]) -> set[str]:
-    return {rev.revision for rev in script.revision_map.iterate_revisions(heads, "base")}
 
 
 def _kept(step: Step, applied: set[str]) -> bool:

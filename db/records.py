@@ -26,7 +26,6 @@ from sqlalchemy.engine import URL
 
 from db import audit, guards
 from db.commands import (
-    applied_revisions,
     connection_of,
     migrate,
     record_event,
@@ -38,6 +37,7 @@ from db.revision_ids import known_revision, revision_error
 from db.runner import RunOptions, load_scripts, make_config, run_env
 from db.schema import differences, snapshot
 from db.stop import Stop
+from db.versions import applied_revisions
 
 T = TypeVar("T")
 

@@ -5,6 +5,7 @@ from __future__ import annotations
 from collections.abc import Callable
 
 from alembic.runtime.migration import MigrationContext
+from alembic.script import ScriptDirectory
 from sqlalchemy import Connection
 from sqlalchemy.engine import URL
 
@@ -30,6 +31,11 @@ def current_heads(
     return with_connection(
         url, read, connect_timeout=connect_timeout, wait=wait, schema=schema, stopped=stopped
     )
+
+
+def applied_revisions(script: ScriptDirectory, current: tuple[str, ...]) -> set[str]:
+    """Every revision applied to a database whose version table holds ``current``."""
+    return {rev.revision for rev in script.revision_map.iterate_revisions(current, "base")}
 
 
 def version_of(connection: Connection, schema: str | None = None) -> tuple[str, ...]:

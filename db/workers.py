@@ -30,7 +30,7 @@ from db.locks import LOCK_WAIT
 from db.revision_ids import revision_error
 from db.runner import RunOptions, load_scripts, make_config
 from db.stop import Stop
-from db.versions import current_heads
+from db.versions import applied_revisions, current_heads
 
 P = ParamSpec("P")
 HALT = -1  # told to the workers when a target failed (a signal's number, when signalled)
@@ -225,7 +225,7 @@ def _status(env: Environment, _args: TaskArgs) -> Outcome:
 def _history(env: Environment, _args: TaskArgs) -> Outcome:
     found = _read(env, _signalled)
     script = load_scripts(make_config(env, offline=True))
-    applied = commands.applied_revisions(script, found.current or ())
+    applied = applied_revisions(script, found.current or ())
     return replace(found, applied=tuple(sorted(applied)))
 
 
