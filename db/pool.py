@@ -196,7 +196,7 @@ class Pool:
         self._halt()
         self._leave.value = 1  # Python 3.13 sends no worker of a broken pool off, so they go
         self._executor.shutdown(wait=True)
-        lost = [(target, _lost(self.env, target)) for target in running.values()]
+        lost = [(target, _lost(self.env, target, self.stop)) for target in running.values()]
         running.clear()
         self._start()
         return lost
@@ -226,12 +226,13 @@ class Pool:
         waiting.clear()
 
 
-def _lost(env: Environment, target: Target) -> Outcome:
-    """A target whose run the broken pool cut short, and where it is, read from here."""
+def _lost(env: Environment, target: Target, stop: Stop) -> Outcome:
+    """A target whose run the broken pool cut short, and where it is, read from here;
+    a signal (``stop``) gives up the read of a server slow to answer."""
     why = "a worker process died (killed?), so its run ended early"
     here = environment(env, target)
     try:
-        current = current_heads(here.url(), here.connect_timeout, here.schema)
+        current = current_heads(here.url(), here.connect_timeout, here.schema, stopped=stop.check)
     except (DbError, DBAPIError) as exc:
         return Outcome(
             target.name,

@@ -280,6 +280,31 @@ def test_a_killed_worker_is_reported_with_where_its_targets_are(fleet: Project) 
     assert at(fleet, "gamma") == ["slow01"]  # new workers took the rest
 
 
+def test_a_signal_ends_the_read_back_of_a_killed_workers_target(project: Project) -> None:
+    """After a worker died, its target's revision is read back from the parent: that read,
+    of a server that did not answer, ignored SIGINT and ran out CONNECT_TIMEOUT."""
+    peers: list[socket.socket] = []
+    with tcp_server(None, peers) as port:
+        url = f"postgresql+asyncpg://shop@127.0.0.1:{port}/shop_{{target}}"
+        project.write_env("shops", f"DATABASE_URL={url}\nTARGETS=far\nCONNECT_TIMEOUT=300\n")
+        run = popen(project, "migrate", "--env=shops")
+        try:
+            wait_until(lambda: peers, "the worker's connection", process=run)
+            os.kill(children(run.pid)[0], signal.SIGKILL)
+            wait_until(lambda: len(peers) == 2, "the parent's read back", process=run)
+            run.send_signal(signal.SIGINT)
+            _, err = run.communicate(timeout=60)  # not CONNECT_TIMEOUT's 300
+        finally:
+            for pid in [*children(run.pid), run.pid] if run.poll() is None else []:
+                os.kill(pid, signal.SIGKILL)
+            run.communicate()
+
+    assert run.returncode == 6, err  # a worker died: a failure, not only an interruption
+    assert "Traceback" not in err
+    died = "far: a worker process died (killed?), so its run ended early"
+    assert f"{died}; its revision could not be read back (interrupted (SIGINT))" in err
+
+
 def alive(pid: int) -> bool:
     """Whether ``pid`` still runs (a zombie left for its new parent to reap does not)."""
     try:
