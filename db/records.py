@@ -32,7 +32,7 @@ from db.commands import (
 )
 from db.engines import with_connection
 from db.environments import Environment
-from db.errors import DbError, GuardRefused, Interrupted, RevisionError
+from db.errors import ConnectError, DbError, GuardRefused, Interrupted, RevisionError
 from db.revision_ids import known_revision, revision_error
 from db.runner import RunOptions, load_scripts, make_config, run_env
 from db.schema import differences, snapshot
@@ -154,7 +154,15 @@ def scratch_schema(
         values.update(PROTECTED="false", BACKUP="")
         sources = {key: env.sources.get(key, env.root / "environments") for key in values}
         scratch = replace(env, values=values, sources=sources, missing={})
-        migrate(scratch, revision, RunOptions(backup=False, stop=stop or Stop()))
+        try:
+            migrate(scratch, revision, RunOptions(backup=False, stop=stop or Stop()))
+        except ConnectError as exc:  # made a moment ago: what stands between does not know it
+            raise ConnectError(
+                f"{exc}; stamp had just made that scratch database to compare with: a pooler "
+                "(PgBouncer) in front of the server knows only the databases it lists, so set "
+                f"MIGRATION_URL in environments/{env.name}.env to the server itself, or pass "
+                "--force; nothing was recorded"
+            ) from exc
         return snapshot(scratch)
 
 

@@ -661,16 +661,20 @@ def cluster(*initdb_args: str) -> Iterator[Cluster]:
 
 
 @contextmanager
-def pgbouncer(server_port: int, mode: str, pool_size: int = 4) -> Iterator[int]:
+def pgbouncer(
+    server_port: int, mode: str, pool_size: int = 4, databases: tuple[str, ...] = ()
+) -> Iterator[int]:
     """PgBouncer in ``mode`` (session or transaction) in front of a server, with up to
-    ``pool_size`` server connections per database; yields its port."""
+    ``pool_size`` server connections per database; yields its port. ``databases``: the only
+    ones it knows, where by default it passes any name on."""
     [program] = need("pgbouncer")
     base = owned_dir("pgbouncer-")
     port = free_port()
     (base / "users.txt").write_text('"postgres" ""\n')
+    known = "".join(f"{name} = host=127.0.0.1 port={server_port}\n" for name in databases)
     (base / "pgbouncer.ini").write_text(
         f"""[databases]
-* = host=127.0.0.1 port={server_port}
+{known or f"* = host=127.0.0.1 port={server_port}"}
 [pgbouncer]
 listen_addr = 127.0.0.1
 listen_port = {port}

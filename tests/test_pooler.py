@@ -14,6 +14,7 @@ from conftest import (
     Project,
     head_revision,
     lock_holders,
+    pg_execute,
     pg_fetch,
     pgbouncer,
     popen,
@@ -30,6 +31,7 @@ from db.session import session_factory
 
 pytestmark = pytest.mark.postgres
 SERVER = make_url(PG_ADMIN)
+HEAD = head_revision()
 
 
 @pytest.fixture
@@ -99,6 +101,34 @@ def test_a_schema_fleet_through_a_session_pool_as_small_as_its_jobs_migrates(
     for shop in shops:
         rows = pg_fetch(pg_database.dsn, f"select version_num from {shop}.alembic_version")
         assert [row["version_num"] for row in rows] == [head_revision()]
+
+
+def test_stamp_behind_a_pooler_that_lists_its_databases_says_to_go_direct(
+    project: Project, pg_database: PgDatabase, pg_server: str
+) -> None:
+    """stamp compares with a scratch database it makes on the server; a pooler that lists
+    its databases cannot reach that one, and it said only `no such database`."""
+    project.write_env("direct", f"DATABASE_URL={pg_database.url}\n")
+    project.ok("migrate", "--env=direct")
+    pg_execute(pg_database.dsn, "drop table migration_log")  # as if plain Alembic had run
+    with pgbouncer(SERVER.port or 5432, "session", databases=(pg_database.name,)) as port:
+        project.write_env("ci", f"DATABASE_URL={pooled(pg_database, port)}\n")
+
+        error = project.fails("stamp", "--env=ci", HEAD)
+
+        assert "no such database: stamp_scratch_" in error
+        assert "set MIGRATION_URL in environments/ci.env to the server itself" in error
+        assert error.rstrip().endswith("nothing was recorded")
+        assert pg_fetch(pg_database.dsn, "select to_regclass('migration_log') as t")[0]["t"] is None
+        scratch = "select datname from pg_database where datname like 'stamp_scratch%'"
+        assert pg_fetch(pg_server, scratch) == []
+        project.write_env(
+            "ci", f"DATABASE_URL={pooled(pg_database, port)}\nMIGRATION_URL={pg_database.url}\n"
+        )
+        stamped = project.ok("stamp", "--env=ci", HEAD).stderr
+
+    assert f"ci: already at {HEAD}; recorded the checksums of 1 revision(s)" in stamped
+    assert versions_of(pg_database.dsn) == [HEAD]
 
 
 def test_transaction_mode_is_refused_before_anything_runs(
