@@ -43,7 +43,7 @@ from sqlalchemy import (
 from sqlalchemy.schema import CreateTable
 from sqlalchemy.sql.expression import Executable
 
-from db.environments import Environment
+from db.environments import NAME_MAX, Environment
 from db.errors import DbError
 
 UTC = timezone.utc
@@ -57,7 +57,7 @@ LOG = Table(
     # a non-transactional revision that started and has not finished; aborted: one an
     # operator said was rolled back
     Column("direction", String(8), nullable=False),
-    Column("environment", String(64), nullable=False),
+    Column("environment", String(NAME_MAX), nullable=False),
     Column("started_at", DateTime(timezone=True), nullable=False),
     Column("duration_ms", Integer, nullable=False),
     Column("os_user", String(128)),
@@ -67,12 +67,12 @@ LOG = Table(
     Column("checksum", String(64)),
     Column("last_statement", Text),  # run-up/run-down: the last statement started
     Column("code_checksum", String(64)),  # the file's code, without comments and formatting
-    Column("target", String(64)),  # the fleet target the row was written for
+    Column("target", String(NAME_MAX)),  # the fleet target the row was written for
 )
 _ADDED = (
     "last_statement TEXT",
     "code_checksum VARCHAR(64)",
-    "target VARCHAR(64)",
+    f"target VARCHAR({NAME_MAX})",
 )  # columns newer than the table
 _INSERT = LOG.insert()
 

@@ -32,6 +32,7 @@ SETTINGS = (
 )
 CATALOG_KEY = "TARGETS_DATABASE_URL"  # a fleet's catalog of targets
 _NAME = re.compile(r"[A-Za-z0-9_-]+")
+NAME_MAX = 64  # an environment's or a target's name, as the audit trail's columns keep it
 # PostgreSQL cuts a longer name to 63 bytes: two long tenants' schemas would be one
 SCHEMA_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]{0,62}")
 SCHEMA_RULE = "must start with a letter or _, hold letters, digits and _ only, and be 63 at most"
@@ -195,6 +196,11 @@ def known_environments(root: Path) -> list[str]:
 def load_environment(root: Path, name: str, environ: Mapping[str, str]) -> Environment:
     """Read ``NAME.env`` and ``NAME.local.env`` under ``root``, expanding ``${VAR}``."""
     base = root / ENV_DIR / f"{name}.env"
+    if len(name) > NAME_MAX:  # every revision's audit row would fail on PostgreSQL
+        raise ConfigError(
+            f"the environment name {name[:20]}... is {len(name)} characters long, and the "
+            f"audit trail keeps {NAME_MAX} at most: rename {ENV_DIR}/{name}.env"
+        )
     if not _NAME.fullmatch(name) or not base.is_file():
         known = ", ".join(known_environments(root)) or "none"
         create = f"add {ENV_DIR}/{name}.env to create it"

@@ -19,7 +19,7 @@ from typing import TYPE_CHECKING
 
 from sqlalchemy.exc import DBAPIError
 
-from db.environments import SCHEMA_NAME, SCHEMA_RULE, Environment
+from db.environments import NAME_MAX, SCHEMA_NAME, SCHEMA_RULE, Environment
 from db.errors import ConfigError, ConnectError, first_line
 from db.urls import mask, parse_url
 
@@ -99,6 +99,11 @@ def _check_names(env: Environment, found: list[Target]) -> None:
             raise ConfigError(
                 f"{env.name}: target {t.name!r} must start with a letter, a digit or _, and "
                 "hold letters, digits, . _ - only"
+            )
+        if len(t.name) > NAME_MAX:  # every revision's audit row would fail on PostgreSQL
+            raise ConfigError(
+                f"{env.name}: target {t.name[:20]}... is {len(t.name)} characters long, and "
+                f"the audit trail keeps {NAME_MAX} at most: give it a shorter name"
             )
     for t in found:
         if t.url:  # said here, not as if the env file's DATABASE_URL were wrong

@@ -41,6 +41,19 @@ def test_environment_name_cannot_escape_the_directory(project: Project) -> None:
     assert "(a name holds letters, digits, _ and - only)" in error and ".env to create" not in error
 
 
+def test_an_environment_name_longer_than_the_audit_trail_keeps_is_refused(
+    project: Project,
+) -> None:
+    """Each audit row names its environment in 64 characters: on PostgreSQL a longer name
+    failed every revision's insert, as if the revision were broken."""
+    for name in ("q" * 64, "q" * 65):
+        project.write_env(name, "DATABASE_URL=sqlite:///var/long.sqlite3\n")
+    error = project.fails("migrate", f"--env={'q' * 65}")
+    assert f"the environment name {'q' * 20}... is 65 characters long, and the audit" in error
+    assert not (project.root / "var" / "long.sqlite3").exists()
+    project.ok("migrate", f"--env={'q' * 64}")
+
+
 def test_only_on_one_database_is_refused(project: Project) -> None:
     """--only narrows a fleet; given with an --env that is one database (a mistaken env),
     the run must not go on over the whole database."""

@@ -41,6 +41,18 @@ def test_a_target_name_that_is_no_plain_name_is_refused(project: Project, name: 
         fleet.targets(env)
 
 
+def test_a_target_name_longer_than_the_audit_trail_keeps_is_refused(project: Project) -> None:
+    """Each audit row names its target in 64 characters: on PostgreSQL a longer name (a
+    catalog's target with a URL of its own) failed every revision's insert, as if the
+    revision were broken."""
+    (project.root / "shops.txt").write_text(f"{'a' * 64}\n{'b' * 65}\n")
+    env = shops(project, "DATABASE_URL=sqlite:///var/{target}.db\nTARGETS_FILE=shops.txt\n")
+    with pytest.raises(ConfigError, match="target b{20}... is 65 characters long, and the audit"):
+        fleet.targets(env)
+    (project.root / "shops.txt").write_text(f"{'a' * 64}\n")
+    assert [t.name for t in fleet.targets(env)] == ["a" * 64]
+
+
 def test_a_target_that_makes_a_database_name_postgresql_would_cut_is_refused(
     project: Project,
 ) -> None:
