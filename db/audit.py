@@ -100,7 +100,20 @@ def _machine(root: Path) -> Who:
         version = metadata.version("shop-migrations")
     except metadata.PackageNotFoundError:
         version = "unknown"
-    return Who(_user(), socket.gethostname(), version, _git_commit(root))
+    # each cut to its column's size: a long $LOGNAME, or a SHA-256 repository's 64-digit
+    # commit, would otherwise fail every revision's row on PostgreSQL
+    commit = _git_commit(root)
+    return Who(
+        _fit("os_user", _user()),
+        _fit("host", socket.gethostname()),
+        _fit("tool_version", version),
+        commit and _fit("git_commit", commit),
+    )
+
+
+def _fit(column: str, value: str) -> str:
+    length: int = LOG.c[column].type.length  # type: ignore[attr-defined]  # a String's
+    return value[:length]
 
 
 def _user() -> str:

@@ -12,7 +12,16 @@ from contextlib import closing
 from pathlib import Path
 
 import pytest
-from conftest import Project, add_notes, head_revision, log_rows, revision, version
+from conftest import (
+    PgDatabase,
+    Project,
+    add_notes,
+    head_revision,
+    log_rows,
+    pg_fetch,
+    revision,
+    version,
+)
 
 
 def initial_file(project: Project) -> str:
@@ -182,6 +191,29 @@ def test_the_audit_row_records_the_git_commit_when_there_is_one(project: Project
 
     with project.sqlite() as connection:
         assert connection.execute("select git_commit from migration_log").fetchall() == [(head,)]
+
+
+@pytest.mark.postgres
+def test_a_long_user_name_and_a_sha256_commit_fit_the_audit_row(
+    project: Project, pg_database: PgDatabase
+) -> None:
+    """PostgreSQL refuses a value longer than its column: a $LOGNAME over 128 characters,
+    or a SHA-256 repository's 64-digit commit, failed every revision's row as if the
+    revision were broken."""
+    git = ["git", "-c", "user.email=ci@example.invalid", "-c", "user.name=ci"]
+    init = ["init", "-q", "--object-format=sha256"]
+    for args in (init, ["add", "-A"], ["commit", "-q", "-m", "shop"]):
+        subprocess.run([*git, *args], cwd=project.root, check=True, capture_output=True)
+    head = subprocess.run(
+        ["git", "rev-parse", "HEAD"], cwd=project.root, capture_output=True, text=True, check=True
+    ).stdout.strip()
+    project.write_env("ci", f"DATABASE_URL={pg_database.url}\n")
+
+    project.ok("migrate", "--env=ci", LOGNAME="u" * 200)
+
+    [row] = pg_fetch(pg_database.dsn, "select os_user, git_commit from migration_log")
+    assert (row["os_user"], row["git_commit"]) == ("u" * 128, head[:40])
+    assert len(head) == 64
 
 
 @pytest.mark.parametrize(
