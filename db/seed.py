@@ -3,10 +3,11 @@
 from __future__ import annotations
 
 from collections.abc import Callable
+from contextlib import suppress
 from decimal import Decimal
 
 from sqlalchemy import select
-from sqlalchemy.exc import DBAPIError
+from sqlalchemy.exc import DBAPIError, IntegrityError
 from sqlalchemy.ext.asyncio import AsyncSession
 
 from db.engines import connect_async, run_coroutine, sqlite_file_missing
@@ -28,6 +29,7 @@ PRODUCTS = [
     ("Courses", "Telegram Bots from Zero", "1990.00"),
     ("Templates", "Shop Bot Starter Kit", "990.00"),
 ]
+TRIES = 3  # seeds run at once (an app's replicas each seeding on start) add rows in turn
 PURCHASES = [  # payment id, buyer, product
     ("pay-0001", 100001, "Async Python in Practice"),
     ("pay-0002", 100001, "Shop Bot Starter Kit"),
@@ -69,15 +71,23 @@ async def _seed(env: Environment, stopped: Callable[[], None]) -> dict[str, int]
             connect_async(engine, 0, stopped) as connection,
             sessions(bind=connection) as session,
         ):
-            async with session.begin():
-                return {
-                    "users": await _users(session),
-                    "categories": await _categories(session),
-                    "products": await _products(session),
-                    "purchases": await _purchases(session),
-                }
+            for _ in range(TRIES - 1):
+                with suppress(IntegrityError):  # another seed added a row first: look again
+                    return await _add(session)
+            return await _add(session)
     finally:
         await engine.dispose()
+
+
+async def _add(session: AsyncSession) -> dict[str, int]:
+    """What is missing, added in one transaction."""
+    async with session.begin():
+        return {
+            "users": await _users(session),
+            "categories": await _categories(session),
+            "products": await _products(session),
+            "purchases": await _purchases(session),
+        }
 
 
 async def _users(session: AsyncSession) -> int:

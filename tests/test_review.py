@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import json
+import subprocess
 
 import pytest
 from conftest import (
@@ -11,7 +12,9 @@ from conftest import (
     add_coupon_model,
     head_revision,
     pg_fetch,
+    popen,
     revision,
+    wait_until,
 )
 
 INDEX = 'op.execute("CREATE INDEX ix_users_username ON users (username)")'
@@ -209,3 +212,43 @@ def test_seed_through_asyncpg(project: Project, pg_database: PgDatabase) -> None
     project.ok("seed", "--env=pg")
     rows = pg_fetch(pg_database.dsn, "select sum(price) as total from purchases")
     assert str(rows[0]["total"]) == "3430.00"
+
+
+@pytest.mark.postgres
+def test_a_seed_that_another_seed_beats_to_a_row_looks_again(
+    project: Project, pg_database: PgDatabase
+) -> None:
+    """Seeds run at once (each replica of an app seeding as it starts): the one that lost
+    the race to a row failed with `duplicate key` and exit 1, although the shop was there."""
+    project.write_env("pg", f"DATABASE_URL={pg_database.url}\n")
+    project.migrated("pg")
+    other = subprocess.Popen(  # another seed, under way: its first user not yet committed
+        ["psql", "-X", "-q", "-v", "ON_ERROR_STOP=1", "-d", pg_database.dsn],
+        stdin=subprocess.PIPE,
+        stdout=subprocess.DEVNULL,
+        text=True,
+    )
+    try:
+        assert other.stdin is not None
+        other.stdin.write("begin;\n")
+        other.stdin.write("insert into users (telegram_id, first_name) values (100001, 'Anna');\n")
+        other.stdin.flush()
+        wait_until(lambda: sessions(pg_database, "state = 'idle in transaction'"), "its insert")
+        run = popen(project, "seed", "--env=pg")
+        wait_until(lambda: sessions(pg_database, "wait_event_type = 'Lock'"), "a wait", process=run)
+        other.stdin.write("commit;\n")
+        other.stdin.close()
+        _, err = run.communicate(timeout=60)
+    finally:
+        other.terminate()
+        other.wait(timeout=10)
+
+    assert run.returncode == 0, err
+    assert "pg: added 2 users, 3 categories, 4 products, 3 purchases" in err
+    assert pg_fetch(pg_database.dsn, "select count(*) as n from users")[0]["n"] == 3
+
+
+def sessions(database: PgDatabase, where: str) -> list[object]:
+    """The database's other sessions that match ``where`` (on pg_stat_activity)."""
+    query = "select pid from pg_stat_activity where datname = current_database() and "
+    return pg_fetch(database.dsn, query + where)
