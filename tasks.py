@@ -335,7 +335,8 @@ def stamp(
             return
         if target.protected:
             confirm(target, yes, f"record {revision} as applied on", need_yes=False)
-        done = records.stamp(target, revision, force, options)
+        with on_signals(options.stop):  # its scratch migration stops as a migrate does
+            done = records.stamp(target, revision, force, options)
     for gap in done.differences:
         print(f"  differs (--force): {gap}", file=sys.stderr)
     print(f"{target.label}: {done.what}", file=sys.stderr)

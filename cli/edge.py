@@ -135,7 +135,8 @@ def reported(c: Context, debug: bool) -> Iterator[None]:
 
     A task's body runs in it from its first line (its imports take a while): SIGINT or
     SIGTERM there, outside a run (which stops at a safe point instead), ends the task with
-    ``interrupted (SIGTERM)`` and 143, not invoke's silent exit 1 or a bare kill.
+    ``interrupted (SIGTERM)`` and 143, not invoke's silent exit 1 or a bare kill. With
+    ``--debug`` the traceback comes first, and the message and exit code are the same.
     """
     from db.errors import DbError, Interrupted
 
@@ -154,12 +155,12 @@ def reported(c: Context, debug: bool) -> Iterator[None]:
                     print(f"warning: {warned.message}", file=sys.stderr)
     except DbError as exc:
         if debug or c.config.db.debug:
-            raise
+            _print_traceback()
         text = str(exc) if isinstance(exc, Interrupted) else f"error: {exc}"
         raise Exit(text, code=exc.exit_code) from None
     except (KeyboardInterrupt, Terminated) as exc:  # a task that reads, or a second signal
-        if debug or c.config.db.debug:
-            raise
+        if debug or c.config.db.debug:  # invoke itself would end it with 1 and not a word
+            _print_traceback()
         signum = signal.SIGTERM if isinstance(exc, Terminated) else signal.SIGINT
         raise Exit(f"interrupted ({signum.name})", code=128 + signum) from None
     finally:
@@ -167,6 +168,12 @@ def reported(c: Context, debug: bool) -> Iterator[None]:
         # and what the task made: the collections that end the interpreter would scan it
         # all (freed, a no-op fleet run ended 0.1 s after its last line; frozen, 0.01 s)
         gc.freeze()
+
+
+def _print_traceback() -> None:
+    import traceback  # only when asked for
+
+    traceback.print_exc()
 
 
 class Terminated(KeyboardInterrupt):

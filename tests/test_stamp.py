@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import signal
 
 import pytest
 from conftest import (
@@ -12,9 +13,11 @@ from conftest import (
     log_rows,
     pg_execute,
     pg_fetch,
+    popen,
     revision,
     version,
     versions_of,
+    wait_until,
 )
 from sqlalchemy import create_engine
 from sqlalchemy.ext.asyncio import create_async_engine
@@ -154,3 +157,36 @@ def test_stamp_on_postgres_compares_with_a_scratch_database(
     assert versions_of(pg_database.dsn) == [HEAD]
     scratch = "select datname from pg_database where datname like 'stamp_scratch%'"
     assert pg_fetch(pg_server, scratch) == []
+
+
+@pytest.mark.postgres
+@pytest.mark.parametrize("debug", [False, True], ids=["plain", "debug"])
+def test_a_signal_while_stamp_compares_records_nothing_and_says_so(
+    project: Project, pg_database: PgDatabase, pg_server: str, debug: bool
+) -> None:
+    """A stamp of one database took no note of signals: SIGINT during its scratch
+    migration said only `interrupted (SIGINT)`, and with --debug nothing, exit 1."""
+    project.add_revision("slow", revision("slow01", HEAD, 'op.execute("select pg_sleep(59)")'))
+    project.write_env("ci", f"DATABASE_URL={pg_database.url}\n")
+    project.ok("migrate", "--env=ci", f"--to={HEAD}")
+    sleeping = "select 1 from pg_stat_activity where query like 'select pg_sleep(59)%'"
+    run = popen(project, "stamp", "slow01", "--env=ci", *(["--debug"] if debug else []))
+    try:
+        wait_until(lambda: pg_fetch(pg_server, sleeping), "the scratch migration", process=run)
+        run.send_signal(signal.SIGINT)
+        _, err = run.communicate(timeout=30)  # not pg_sleep's 59
+    finally:
+        if run.poll() is None:
+            run.kill()
+            run.communicate()
+
+    assert run.returncode == 130, err
+    assert err.endswith("interrupted before stamping: nothing was recorded\n"), err
+    assert ("Traceback" in err) == debug
+    assert versions_of(pg_database.dsn) == [HEAD]
+    assert [row["direction"] for row in pg_fetch(pg_database.dsn, LOG)] == ["up"]
+    scratch = "select datname from pg_database where datname like 'stamp_scratch%'"
+    assert pg_fetch(pg_server, scratch) == []
+
+
+LOG = "select direction from migration_log order by id"

@@ -514,6 +514,9 @@ def test_debug_shows_the_traceback(project: Project) -> None:
     assert "Traceback" not in plain.stderr
     assert "Traceback" in debug.stderr and debug.returncode != 0
     assert "Traceback" in variable.stderr
+    # and then the same last line and exit code, so a script run with --debug acts the same
+    assert plain.returncode == debug.returncode == variable.returncode == 2
+    assert debug.stderr.splitlines()[-1] == plain.stderr.splitlines()[-1]
 
 
 def test_listing_the_tasks_imports_no_database_library() -> None:
