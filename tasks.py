@@ -436,8 +436,16 @@ def offline_sql(
         if is_fleet(target):
             scripts = fleet_runs.offline_sql(target, only or "", from_, to)
             if output:
-                for name, path in fleet_runs.write_sql(Path(output).resolve(), scripts).items():
+                folder = Path(output).resolve()
+                written = fleet_runs.write_sql(folder, scripts)
+                for name, path in written.items():
                     print(f"wrote the SQL for {target.name} {name} to {path}", file=sys.stderr)
+                if others := fleet_runs.other_sql(folder, written):
+                    print(
+                        f"warning: {output} also holds {', '.join(others)}, which this run did "
+                        "not write (an earlier run's): apply only the files listed above",
+                        file=sys.stderr,
+                    )
             else:
                 sys.stdout.write("".join(f"-- target: {n}\n{sql}" for n, sql in scripts.items()))
             return

@@ -156,6 +156,13 @@ def write_sql(folder: Path, scripts: Mapping[str, str]) -> dict[str, Path]:
     return written
 
 
+def other_sql(folder: Path, written: Mapping[str, Path]) -> list[str]:
+    """The ``.sql`` files in ``folder`` that a run did not write (an earlier run's), by name:
+    a script that applies ``folder/*.sql`` would apply them too."""
+    ours = set(written.values())
+    return sorted(path.name for path in folder.glob("*.sql") if path not in ours)
+
+
 def default_jobs(count: int, hosts: int) -> int:
     """Two targets per core and server (they mostly wait on their servers), at most the
     number of targets."""

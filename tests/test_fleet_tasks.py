@@ -157,6 +157,11 @@ def test_offline_sql_gives_each_target_its_own_audit_rows_and_schema(project: Pr
         assert f"'{HEAD}', 'up', 'shops'," in audit_row(sql) and f", '{shop}')" in audit_row(sql)
     project.ok("offline-sql", "--env=shops", "--output=each")
     assert ", 'beta')" in audit_row((project.root / "each" / "beta.sql").read_text())
+    alpha_only = project.ok("offline-sql", "--env=shops", "--output=each", "--only=alpha").stderr
+    assert alpha_only.endswith(  # a deploy that applies each/*.sql would run beta's again
+        "warning: each also holds beta.sql, which this run did not write (an earlier run's): "
+        "apply only the files listed above\n"
+    )
     (project.root / "one.sql").write_text("")
     to_a_file = project.fails("offline-sql", "--env=shops", "--output=one.sql")
     assert to_a_file.endswith(
