@@ -369,7 +369,10 @@ def accept_changes(
         if target.protected:
             confirm(target, yes, f"accept the edited file of {revision} on", need_yes=False)
         done = records.accept_changes(target, revision, run_options(lock_wait))
-    if done.changed:
+    if done.first:
+        said = f"recorded the checksum of {done.revision} as it is now (the trail had none)"
+        print(f"{target.label}: {said}", file=sys.stderr)
+    elif done.changed:
         print(f"{target.label}: accepted {done.revision} as it is now", file=sys.stderr)
     else:
         print(f"{target.label}: {done.revision} is as recorded: nothing to accept", file=sys.stderr)

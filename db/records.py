@@ -204,6 +204,7 @@ class Accepted:
     revision: str  # the full id
     checksum: str
     changed: bool  # False: the file was as recorded, and nothing was written
+    first: bool = False  # the trail had no checksum of it (applied by plain Alembic): one now
 
 
 def accept_changes(env: Environment, revision: str, options: RunOptions | None = None) -> Accepted:
@@ -219,11 +220,12 @@ def accept_changes(env: Environment, revision: str, options: RunOptions | None =
         if found is None or found.revision not in applied_revisions(script, current):
             raise RevisionError(f"revision {revision} is not applied to the {env.label} database")
         sums = audit.applied_checksums(audit.entries(connection)).get(found.revision, (None, None))
-        changed = sums[0] is not None and not audit.unchanged(found.path, *sums)
+        first = sums[0] is None
+        changed = first or not audit.unchanged(found.path, *sums)
         if changed:
             audit.ensure_table(connection.execute)
             record_event(connection, env, found.revision, "accept", found.path)
-        return Accepted(found.revision, audit.checksum(found.path), changed)
+        return Accepted(found.revision, audit.checksum(found.path), changed, first)
 
     return _locked(env, options, accept)
 

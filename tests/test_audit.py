@@ -116,6 +116,24 @@ def test_an_edited_applied_file_stops_a_protected_environment(project: Project) 
     assert version(project, "var/safe.sqlite3") == ["notes1"]
 
 
+def test_accept_changes_records_a_revision_the_trail_has_no_checksum_of(project: Project) -> None:
+    """Applied by plain Alembic (or the trail emptied): it said "is as recorded: nothing to
+    accept", of a file nothing had recorded, and `check` went on failing."""
+    project.ok("migrate")
+    with project.sqlite() as db:
+        db.execute("delete from migration_log")
+    assert project.invoke("check").returncode == 5
+
+    first = project.ok("accept-changes", head_revision())
+
+    said = f"dev: recorded the checksum of {head_revision()} as it is now (the trail had none)"
+    assert said in first.stderr
+    assert [(row[0], row[1]) for row in log_rows(project)] == [(head_revision(), "accept")]
+    assert "check passed" in project.ok("check").stderr
+    again = project.ok("accept-changes", head_revision()).stderr
+    assert "is as recorded: nothing to accept" in again
+
+
 def test_accept_changes_needs_an_applied_revision(project: Project) -> None:
     add_notes(project)
     project.ok("migrate", f"--to={head_revision()}")
