@@ -38,7 +38,7 @@ from cli.edge import (
     seconds,
     whole,
 )
-from cli.fleet import fleet_args, fleet_plan, run_fleet
+from cli.fleet import fleet_args, fleet_plan, print_fleet_sql, run_fleet
 from cli.output import (
     counted,
     print_findings,
@@ -437,20 +437,7 @@ def offline_sql(
         output = filled("--output", output, "give a file (a folder, on a fleet)")
         target = environment(c, env, fleet_ok=True, only=only)
         if is_fleet(target):
-            scripts = fleet_runs.offline_sql(target, only or "", from_, to)
-            if output:
-                folder = Path(output).resolve()
-                written = fleet_runs.write_sql(folder, scripts)
-                for name, path in written.items():
-                    print(f"wrote the SQL for {target.name} {name} to {path}", file=sys.stderr)
-                if others := fleet_runs.other_sql(folder, written):
-                    print(
-                        f"warning: {output} also holds {', '.join(others)}, which this run did "
-                        "not write (an earlier run's): apply only the files listed above",
-                        file=sys.stderr,
-                    )
-            else:
-                sys.stdout.write("".join(f"-- target: {n}\n{sql}" for n, sql in scripts.items()))
+            print_fleet_sql(target, fleet_runs.offline_sql(target, only or "", from_, to), output)
             return
         sql = authoring.offline_sql(target, from_, to)
         if output:

@@ -272,3 +272,26 @@ def print_summary(env: Environment, outcomes: list[Outcome]) -> None:
             names[o.state].append(o.target)
     for state, targets in names.items():
         print(f"  {state:<11} {short(targets)}", file=sys.stderr)
+
+
+def print_fleet_sql(env: Environment, scripts: dict[str, str], output: str | None) -> None:
+    """Each target's offline SQL: printed after a ``-- target: NAME`` line, or written to
+    ``output/NAME.sql``, with a warning of any other ``.sql`` file there (an earlier run's,
+    which a script applying ``output/*.sql`` would run too)."""
+    from pathlib import Path
+
+    from db import fleet_runs
+
+    if not output:
+        sys.stdout.write("".join(f"-- target: {n}\n{sql}" for n, sql in scripts.items()))
+        return
+    folder = Path(output).resolve()
+    written = fleet_runs.write_sql(folder, scripts)
+    for name, path in written.items():
+        print(f"wrote the SQL for {env.name} {name} to {path}", file=sys.stderr)
+    if others := fleet_runs.other_sql(folder, written):
+        print(
+            f"warning: {output} also holds {', '.join(others)}, which this run did not write "
+            "(an earlier run's): apply only the files listed above",
+            file=sys.stderr,
+        )
