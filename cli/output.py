@@ -95,4 +95,6 @@ def print_history(entries: list[HistoryEntry]) -> None:
         when = ""
         if entry.applied_at is not None:
             when = f"  [{entry.applied_at:%Y-%m-%d %H:%M:%S %z} by {entry.applied_by}]"
+        elif entry.applied:  # by plain Alembic, or the trail was emptied since
+            when = "  [when and by whom: not recorded]"
         print(f"{entry.revision.id}  {mark}  {entry.revision.message}{head}{when}")

@@ -99,6 +99,8 @@ def test_check_finds_applied_revisions_without_checksums_and_stamp_records_them(
     assert "`invoke stamp --env=dev empty001` compares the schema and records them" in (
         problems.stderr
     )
+    history = project.ok("history").stdout  # no when and by whom to show, and it says so
+    assert history.count("  [when and by whom: not recorded]\n") == 2
     stamped = project.ok("stamp", "empty001")
     assert (
         "dev: already at empty001; recorded the checksums of 2 revision(s) applied without "
