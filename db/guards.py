@@ -80,7 +80,7 @@ def unrecorded(
 ) -> list[str]:
     """Applied revisions (by the version table) that the audit trail has no checksum for,
     oldest first: applied by plain Alembic, or the trail was dropped or emptied since."""
-    recorded = audit.applied_checksums(log)
+    recorded = {rev for rev, sums in audit.applied_checksums(log).items() if sums[0] is not None}
     applied = script.revision_map.iterate_revisions(current, "base")
     return [rev.revision for rev in applied if rev.revision not in recorded][::-1]
 
