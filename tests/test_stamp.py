@@ -112,6 +112,10 @@ def test_check_finds_applied_revisions_without_checksums_and_stamp_records_them(
     }
     assert "check passed" in project.ok("check").stderr
     assert "nothing recorded" in project.ok("stamp", "empty001").stderr
+    with project.sqlite() as db:  # a row without a checksum records no file either
+        db.execute("update migration_log set checksum = null where revision = 'empty001'")
+    assert "1 applied revision(s) have no checksum" in project.invoke("check").stderr
+    assert "recorded the checksums of 1 revision(s)" in project.ok("stamp", "empty001").stderr
     project.add_revision("empty", revision("empty001", HEAD) + "EDITED = True\n")
     assert "changed after revision empty001" in project.invoke("check").stderr  # now checked
 
