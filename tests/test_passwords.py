@@ -152,3 +152,31 @@ def test_a_fleet_never_prints_a_targets_password(project: Project, shop_role: in
             assert NASTY not in printed and quote(NASTY, safe="") not in printed
     finally:
         pg_execute(admin, "DROP DATABASE IF EXISTS shop_alpha WITH (FORCE)")
+
+
+def test_stamp_and_seed_reach_their_databases_with_such_a_password(
+    project: Project, shop_role: int
+) -> None:
+    """stamp builds a scratch database's URL from the env's, and seed goes through the
+    app's session: each must carry the password as it is, and print it nowhere."""
+    admin = f"postgresql://postgres:{ADMIN_PASSWORD}@127.0.0.1:{shop_role}/postgres"
+    pg_execute(admin, "ALTER ROLE shop CREATEDB")  # for stamp's scratch database
+    project.write_env(
+        "secure",
+        (
+            f"DATABASE_URL=postgresql+asyncpg://shop@127.0.0.1:{shop_role}/shop\n"
+            "DATABASE_PASSWORD=${SHOP_PASSWORD}\n"
+        ),
+    )
+    project.ok("migrate", "--env=secure", SHOP_PASSWORD=NASTY)
+
+    stamped = project.ok("stamp", "--env=secure", head_revision(), SHOP_PASSWORD=NASTY)
+    seeded = project.ok("seed", "--env=secure", SHOP_PASSWORD=NASTY)
+
+    assert f"secure: already at {head_revision()}: nothing recorded" in stamped.stderr
+    assert "secure: added 3 users" in seeded.stderr
+    for result in (stamped, seeded):
+        printed = result.stdout + result.stderr
+        assert NASTY not in printed and quote(NASTY, safe="") not in printed
+    scratch = "select datname from pg_database where datname like 'stamp_scratch%'"
+    assert pg_fetch(admin, scratch) == []
