@@ -114,6 +114,11 @@ def _check_sqlite(url: URL, where: str, what: str) -> None:
             f"{where}: {what} is an in-memory SQLite database, which is gone when the task "
             "ends: name a file (sqlite:///var/dev.sqlite3)"
         )
+    if url.database.endswith("/"):  # else a file named as the folder is made, or the one in it used
+        raise ConfigError(
+            f"{where}: {what} ends with /, so it names a folder: name the SQLite file in it "
+            f"(sqlite:///{url.database}dev.sqlite3)"
+        )
     unknown = [key for key in url.query if key not in SQLITE_QUERY]
     if unknown:
         hint = _QUERY_HINTS.get(unknown[0], "; name the file by a plain path, without options")

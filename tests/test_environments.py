@@ -145,6 +145,9 @@ def test_a_sqlite_path_from_home_is_not_a_folder_named_tilde(
         # migrated, then gone with the task: every later task would find it at base
         ("DATABASE_URL=sqlite://", "DATABASE_URL is an in-memory SQLite database, which is gone"),
         ("DATABASE_URL=sqlite:///:memory:", "is an in-memory SQLite database"),
+        # a folder: SQLite would make a file "var", or take var/x/ for the file var/x
+        ("DATABASE_URL=sqlite:///var/", r"ends with /, so it names a folder: .*sqlite:///var/dev"),
+        ("DATABASE_URL=sqlite:///var/dev.sqlite3/", "ends with /, so it names a folder"),
         # pysqlite ignores ?mode=ro (with a warning, after the run wrote to the file)
         ("DATABASE_URL=sqlite:///x.db?mode=ro", r"has \?mode=, which these tasks do not take"),
         ("DATABASE_URL=sqlite:///file:x.db?uri=true", r"has \?uri=, .* by a plain path"),
