@@ -17,6 +17,7 @@ from sqlalchemy.engine import URL, make_url
 
 from db.environments import Environment
 from db.errors import ConfigError, DbError, GuardRefused, Interrupted, LockTimeout, UsageError
+from db.files import dated
 from db.locks import LOCK_WAIT
 from db.stop import Stop
 
@@ -24,6 +25,7 @@ if TYPE_CHECKING:
     from db.runner import RunOptions
 
 BACKUP_DIR = Path("var") / "backups"
+_STAMP, _STAMP_SHAPE = "%Y%m%d-%H%M%S-%f", r"\d{8}-\d{6}-\d{6}"  # a backup's time, and its shape
 
 
 def before_change(env: Environment, url: URL, stop: Stop | None = None) -> str | None:
@@ -290,8 +292,7 @@ def _server(url: URL) -> list[str]:
 
 def backups(env: Environment, suffix: str = "sqlite3") -> list[Path]:
     """This environment's backups (a fleet target's own), newest first."""
-    found = (env.root / BACKUP_DIR).glob(f"{env.label}-*.{suffix}")
-    return sorted(found, key=lambda p: p.name, reverse=True)
+    return dated(env.root / BACKUP_DIR, env.label, _STAMP_SHAPE, suffix)
 
 
 def restore(
@@ -440,7 +441,7 @@ def _set_aside(env: Environment, live: Path) -> Path:
 
 def _new_file(env: Environment, suffix: str) -> Path:
     folder = env.root / BACKUP_DIR
-    stamp = datetime.now().strftime("%Y%m%d-%H%M%S-%f")
+    stamp = datetime.now().strftime(_STAMP)
     target = folder / f"{env.label}-{stamp}.{suffix}"
     try:
         folder.mkdir(parents=True, exist_ok=True, mode=0o700)

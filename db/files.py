@@ -2,12 +2,23 @@
 
 from __future__ import annotations
 
+import glob
 import os
+import re
 import secrets
 import stat
 from pathlib import Path
 
 STREAMS = ("/dev/", "/proc/")  # /dev/stdout, and >(psql)'s /dev/fd/63, name a stream
+
+
+def dated(folder: Path, name: str, stamp: str, suffix: str) -> list[Path]:
+    """The files ``NAME-STAMP.SUFFIX`` in ``folder``, newest first; ``stamp`` is the pattern
+    of their time stamps. Only ``name``'s own: the environment dev-old's ``dev-old-...``
+    starts with ``dev-`` too, and a glob alone took them for dev's."""
+    shape = re.compile(re.escape(f"{name}-") + stamp + re.escape(f".{suffix}"))
+    found = folder.glob(f"{glob.escape(name)}-*.{glob.escape(suffix)}")
+    return sorted((p for p in found if shape.fullmatch(p.name)), key=lambda p: p.name, reverse=True)
 
 
 def write_whole(path: Path, text: str) -> None:

@@ -18,7 +18,7 @@ from typing import TYPE_CHECKING, Any, TypedDict
 
 from db.environments import Environment
 from db.errors import ConfigError
-from db.files import write_whole
+from db.files import dated, write_whole
 from db.fleet import Target, environment, host, targets
 
 if TYPE_CHECKING:
@@ -27,6 +27,7 @@ if TYPE_CHECKING:
     from db.stop import Stop
 
 RUNS_DIR = Path("var") / "runs"
+_STAMP, _STAMP_SHAPE = "%Y%m%dT%H%M%S.%fZ", r"\d{8}T\d{6}\.\d{6}Z"  # a report's time, its shape
 
 
 CHANGING = ("migrate", "rollback", "stamp", "seed")  # the tasks that write a run report
@@ -214,7 +215,7 @@ def write_report(env: Environment, data: Mapping[str, Any]) -> Path | None:
     """Keep a run's report in ``var/runs``, and the newest ``RUNS_KEEP`` (default 100) of
     the environment's; returns its path, or None when ``RUNS_KEEP=0`` keeps none."""
     keep = env.count("RUNS_KEEP", 100)
-    stamp = datetime.now(timezone.utc).strftime("%Y%m%dT%H%M%S.%fZ")
+    stamp = datetime.now(timezone.utc).strftime(_STAMP)
     path = env.root / RUNS_DIR / f"{env.name}-{stamp}.json"
     if keep:
         try:
@@ -222,7 +223,7 @@ def write_report(env: Environment, data: Mapping[str, Any]) -> Path | None:
         except OSError as exc:
             why = exc.strerror
             raise ConfigError(f"cannot write the run's report to {RUNS_DIR}: {why}") from None
-    for old in sorted(path.parent.glob(f"{env.name}-*.json"), reverse=True)[keep:]:
+    for old in dated(path.parent, env.name, _STAMP_SHAPE, "json")[keep:]:
         old.unlink(missing_ok=True)
     return path if keep else None
 

@@ -240,6 +240,24 @@ def test_a_run_report_is_kept_and_printed_with_json(fleet: Project) -> None:
     assert len(kept_now) == 2 and kept[0].name not in kept_now  # the oldest went
 
 
+def test_a_fleet_whose_name_starts_like_another_prunes_only_its_own_reports(
+    fleet: Project,
+) -> None:
+    """shops-eu's reports, shops-eu-STAMP.json, start with "shops-": RUNS_KEEP=1 on shops
+    deleted them, and then, as they sort after shops' own, the report just written too."""
+    fleet.write_env("shops-eu", SQLITE_FLEET.replace("var/shops/", "var/eu/"))
+    for _ in range(2):
+        fleet.ok("migrate", "--env=shops-eu")
+    fleet.extend_env("shops", "RUNS_KEEP=1\n")
+
+    result = fleet.ok("migrate", "--env=shops")
+
+    runs = fleet.root / "var" / "runs"
+    written = result.stderr.split("report: ")[1].split()[0]
+    assert (fleet.root / written).is_file()
+    assert len(list(runs.glob("shops-eu-*.json"))) == 2
+
+
 def test_what_a_revision_prints_never_mixes_into_json_or_sql_on_stdout(fleet: Project) -> None:
     """A revision's own print (progress of a backfill, when imported or when it runs) went
     to stdout, where it broke `--json | jq` and the SQL that offline-sql prints."""

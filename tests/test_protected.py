@@ -237,6 +237,32 @@ def test_only_the_newest_backups_are_kept(project: Project) -> None:
     assert len(list((project.root / "var" / "backups").glob("dev-*.sqlite3"))) == 2
 
 
+def test_an_environment_whose_name_starts_like_another_keeps_and_restores_its_own_backups(
+    project: Project,
+) -> None:
+    """dev-old's backups, dev-old-STAMP.sqlite3, start with "dev-": dev counted them as its
+    own, so its migrate pruned the backup it had just taken, and its restore took one of
+    them (and refused it as another environment's)."""
+    project.write_env("dev-old", "DATABASE_URL=sqlite:///var/old.sqlite3\nBACKUP_KEEP=2\n")
+    project.extend_env("dev", "BACKUP_KEEP=2\n")
+    project.migrated()
+    project.migrated("dev-old")
+    folder = project.root / "var" / "backups"
+    for _ in range(2):
+        project.ok("rollback", "--env=dev-old")
+        project.ok("migrate", "--env=dev-old")
+    project.ok("rollback")
+
+    migrated = project.ok("migrate")  # dev's backup names sort after dev-old's
+
+    taken = re.search(r"backed up to (\S+)", migrated.stderr)
+    assert taken and (project.root / taken.group(1)).is_file()
+    assert len(list(folder.glob("dev-old-*.sqlite3"))) == 2  # dev-old's, all kept
+    restored = project.ok("restore")
+    assert f"dev: restored {taken.group(1)}" in restored.stderr
+    assert version(project) == []
+
+
 def test_backup_keep_0_takes_no_backup_but_a_restore_still_keeps_what_it_replaces(
     project: Project,
 ) -> None:
