@@ -20,6 +20,7 @@ from conftest import (
     Project,
     head_revision,
     pg_execute,
+    pg_fetch,
     popen,
     revision,
     tmpfs,
@@ -190,6 +191,18 @@ def test_restore_refuses_what_is_not_a_backup_and_the_live_file(project: Project
     error = project.fails("restore", "--file=var/dev.sqlite3")
     assert "var/dev.sqlite3 is the live database itself" in error
     assert version(project) == [HEAD]
+
+
+def test_restore_on_postgresql_points_at_pg_restore_and_touches_nothing(
+    project: Project, pg_database: PgDatabase
+) -> None:
+    project.write_env("pg", f"DATABASE_URL={pg_database.url}\n")
+    project.ok("migrate", "--env=pg")
+
+    error = project.fails("restore", "--env=pg")
+
+    assert error.endswith("error: pg is PostgreSQL: restore a pg_dump backup with pg_restore\n")
+    assert pg_fetch(pg_database.dsn, "select version_num from alembic_version") == [(HEAD,)]
 
 
 def test_restore_of_a_file_that_is_not_there_names_it(project: Project) -> None:

@@ -192,6 +192,22 @@ def test_a_port_where_no_postgresql_answers_is_named_as_such(
     )
 
 
+def test_a_host_that_does_not_resolve_is_named_as_such(project: Project) -> None:
+    """asyncpg's own words are socket.gaierror's "[Errno -2] Name or service not known",
+    with no word of which host; .invalid never resolves (RFC 2606)."""
+    url = "postgresql+asyncpg://shop:s3cret@shop-db.invalid:5432/shop"
+    project.write_env("typo", f"DATABASE_URL={url}\nCONNECT_TIMEOUT=5\n")
+
+    result = project.invoke("status", "--env=typo")
+
+    assert result.returncode == 1
+    assert result.stderr.splitlines()[-1].startswith(
+        "error: cannot connect to postgresql+asyncpg://shop:***@shop-db.invalid:5432/shop: "
+        "unknown host ("
+    )
+    assert "s3cret" not in result.stdout + result.stderr
+
+
 def test_a_server_without_ssl_where_the_url_requires_it_says_so(project: Project) -> None:
     with cluster() as server:  # initdb's: ssl off
         url = f"postgresql+asyncpg://postgres@127.0.0.1:{server.port}/postgres?ssl=require"
