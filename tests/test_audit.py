@@ -18,6 +18,7 @@ from conftest import (
     add_notes,
     head_revision,
     log_rows,
+    pg_execute,
     pg_fetch,
     revision,
     version,
@@ -289,6 +290,40 @@ def test_a_user_with_no_name_is_recorded_by_uid() -> None:
     os.waitpid(child, 0)
     with os.fdopen(read) as said:
         assert said.read() == "uid 4242"
+
+
+# the audit trail as an older version of the tool made it
+OLD_TRAIL = (
+    "alter table migration_log drop column last_statement, drop column code_checksum, "
+    "drop column target"
+)
+
+
+def test_an_older_tools_audit_trail_is_read_and_brought_up_to_date(
+    pg_project: Project, pg_database: PgDatabase
+) -> None:
+    """A database migrated by an earlier version of the tool has a migration_log without
+    the newer columns: it is read as it is, and the next change adds them, under the lock."""
+    pg_project.ok("migrate", "--env=ci")
+    pg_execute(pg_database.dsn, OLD_TRAIL)
+
+    assert pg_project.ok("check", "--env=ci").stderr.endswith(
+        "check passed: one head, files unchanged, models match the database\n"
+    )
+    add_notes(pg_project)
+    pg_project.ok("migrate", "--env=ci")
+
+    rows = pg_fetch(
+        pg_database.dsn,
+        "select revision, direction, checksum is not null, code_checksum is not null, target "
+        "from migration_log order by id",
+    )
+    assert [tuple(row) for row in rows] == [
+        (head_revision(), "up", True, False, None),  # written before the columns were there
+        ("notes1", "up", True, True, None),
+    ]
+    history = pg_project.ok("history", "--env=ci").stdout
+    assert "not recorded" not in history and history.count(" by ") == 2
 
 
 def test_an_apps_own_table_named_like_the_audit_trail_is_refused(project: Project) -> None:
