@@ -2,6 +2,9 @@
 
 from __future__ import annotations
 
+import subprocess
+import sys
+
 import pytest
 from conftest import (
     Project,
@@ -23,6 +26,25 @@ def test_unknown_environment_lists_the_known_ones(project: Project) -> None:
     assert "unknown environment 'qa'" in error
     assert "dev, prod, staging" in error
     assert "environments/qa.env" in error
+
+
+def test_plain_alembic_without_a_url_says_to_use_the_tasks_in_one_line(project: Project) -> None:
+    """`alembic upgrade head` typed in the project reaches env.py with no URL: it ended in
+    a traceback through env.py, where Alembic's command line says a CommandError in a line."""
+    result = subprocess.run(
+        [sys.executable, "-m", "alembic", "upgrade", "head"],
+        cwd=project.root,
+        env=project.environ,
+        capture_output=True,
+        text=True,
+        timeout=60,
+    )
+
+    said = "no database URL: migrate through the invoke tasks (`invoke migrate --env=dev`), "
+    assert result.returncode != 0
+    assert "Traceback" not in result.stderr
+    assert result.stdout.startswith(f"FAILED: {said}which give Alembic the environment's")
+    assert not (project.root / "var").exists()  # nothing was made
 
 
 def test_an_empty_env_is_refused_not_read_as_the_default(project: Project) -> None:

@@ -15,6 +15,7 @@ from typing import TYPE_CHECKING, Any
 from alembic import context
 from alembic.operations import MigrationScript
 from alembic.runtime.migration import MigrationContext
+from alembic.util import CommandError
 from sqlalchemy import Connection, DateTime, MetaData, text
 from sqlalchemy.engine import make_url
 from sqlalchemy.exc import DBAPIError
@@ -28,7 +29,7 @@ from db.engines import (
     make_engine,
     run_coroutine,
 )
-from db.errors import BrokenModels, ConfigError, MigrationFailed
+from db.errors import BrokenModels, MigrationFailed
 from db.failures import describe
 from db.locks import Fence, canceller, pg_lock, prepare_session, sqlite_run
 from db.runner import Run, configure_logging
@@ -54,8 +55,11 @@ def the_run() -> Run:
         found: Run = config.attributes["run"]
         return found
     url = config.get_main_option("sqlalchemy.url")
-    if not url and "connection" not in config.attributes:
-        raise ConfigError("no database URL: run migrations through the invoke tasks")
+    if not url and "connection" not in config.attributes:  # `alembic upgrade head`, typed
+        raise CommandError(  # which Alembic's command line says in one line, as FAILED: ...
+            "no database URL: migrate through the invoke tasks (`invoke migrate --env=dev`), "
+            "which give Alembic the environment's"
+        )
     return Run(environment="", url=make_url(url or "sqlite://"))
 
 
