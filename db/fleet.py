@@ -51,6 +51,11 @@ def is_fleet(env: Environment) -> bool:
                 f"{env.name}: {key} has {other}, which nothing fills in: the placeholder a "
                 f"fleet fills with each target's name is {PLACEHOLDER}"
             )
+    if env.get("TARGETS_DATABASE_URL").strip() and not env.get("TARGETS_QUERY").strip():
+        raise ConfigError(  # else a catalog named for nothing: one database, or TARGETS', migrated
+            f"{env.name}: TARGETS_DATABASE_URL is set, but no TARGETS_QUERY reads the catalog: "
+            "add TARGETS_QUERY (the query of the targets' names), or remove TARGETS_DATABASE_URL"
+        )
     placeholders = [key for key in _TEMPLATED if PLACEHOLDER in env.get(key)]
     if placeholders and not named:
         raise ConfigError(

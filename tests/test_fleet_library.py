@@ -106,6 +106,25 @@ def test_targets_from_two_sources_are_refused(project: Project) -> None:
         fleet.targets(env)
 
 
+@pytest.mark.parametrize(
+    "lines",
+    [
+        "DATABASE_URL=sqlite:///var/one.db\n",  # one database migrated, and the fleet not
+        "DATABASE_URL=sqlite:///var/{target}.db\nTARGETS=beta\n",
+    ],
+)
+def test_a_catalog_with_no_query_is_refused_not_ignored(project: Project, lines: str) -> None:
+    env = shops(project, f"{lines}TARGETS_DATABASE_URL=sqlite:///var/catalog.db\n")
+    with pytest.raises(ConfigError, match="TARGETS_DATABASE_URL is set, but no TARGETS_QUERY"):
+        fleet.is_fleet(env)
+
+
+def test_a_catalog_query_with_no_catalog_is_refused(project: Project) -> None:
+    env = shops(project, "DATABASE_URL=sqlite:///var/{target}.db\nTARGETS_QUERY=select 'a'\n")
+    with pytest.raises(ConfigError, match="shops: TARGETS_QUERY needs TARGETS_DATABASE_URL"):
+        fleet.targets(env)
+
+
 def test_a_target_named_twice_is_refused(project: Project) -> None:
     """A run reports on each target by its name: one named twice would be migrated by two
     workers at once and reported twice with one outcome."""
