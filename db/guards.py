@@ -151,14 +151,28 @@ def not_ahead(script: ScriptDirectory, to: str, current: tuple[str, ...], env: E
         found = script.get_revision(to)
     except CommandError:  # relative or unknown: Alembic plans it, or says so
         return
+    at = ", ".join(current) or "base (nothing applied)"
+    others = [head for head in current if found is not None and head != found.revision]
+    if found is not None and found.revision in current and others:  # Alembic: nothing to do
+        raise RevisionError(
+            f"the {env.label} database is at {at}: {to} is one of its heads already, so "
+            "rolling back to it undoes nothing; undo the other branch by itself: "
+            f"`invoke rollback {env.flags} --to={others[0]}@-1` undoes its last revision"
+        )
     if found is None or found.revision in current:
         return
     below = {rev.revision for rev in script.iterate_revisions(found.revision, "base")}
     if all(head in below for head in current):  # every head on the way to it: it is ahead
-        at = ", ".join(current) or "base (nothing applied)"
         raise RevisionError(
             f"the {env.label} database is at {at}, before {to}: rollback only goes back; "
             f"`invoke migrate {env.flags} --to={to}` goes forward to it"
+        )
+    applied = {rev.revision for rev in script.iterate_revisions(current, "base")}
+    if found.revision not in applied:  # on a branch the database does not have
+        raise RevisionError(
+            f"the {env.label} database is at {at}, and {to} is on another branch, which it "
+            f"has not applied: rollback only goes back; `invoke migrate {env.flags} --to={to}` "
+            "applies it"
         )
 
 

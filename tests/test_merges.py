@@ -50,6 +50,38 @@ def test_rolling_back_from_two_heads_asks_which_branch(merged: Project) -> None:
     assert version(merged) == [merge_id(merged)]
 
 
+def test_rolling_back_to_one_of_two_heads_is_refused_not_called_done(merged: Project) -> None:
+    """Alembic plans nothing for it: the task said "nothing to do, the database is already
+    there", exit 0, with the other branch still applied."""
+    merged.migrated()
+    merged.ok("rollback")  # the merge: both branches' heads are left
+
+    error = merged.fails("rollback", "--to=coupons1")
+
+    assert error.endswith(
+        "coupons1 is one of its heads already, so rolling back to it undoes nothing; undo "
+        "the other branch by itself: `invoke rollback --env=dev --to=refunds1@-1` undoes its "
+        "last revision\n"
+    )
+    assert sorted(version(merged)) == ["coupons1", "refunds1"]
+    merged.ok("rollback", "--to=refunds1@-1")
+    assert version(merged) == ["coupons1"]
+
+
+def test_rolling_back_to_a_revision_on_another_branch_says_so(merged: Project) -> None:
+    merged.ok("migrate", "--to=coupons1")  # one branch of the two
+
+    error = merged.fails("rollback", "--to=refunds1")
+
+    assert error.endswith(
+        "error: the dev database is at coupons1, and refunds1 is on another branch, which it "
+        "has not applied: rollback only goes back; `invoke migrate --env=dev --to=refunds1` "
+        "applies it\n"
+    )
+    assert "not a valid downgrade target" not in error
+    assert version(merged) == ["coupons1"]
+
+
 def test_more_than_one_step_back_across_a_merge_is_refused(merged: Project) -> None:
     merged.migrated()
 
