@@ -538,6 +538,7 @@ def lint(
         from db import commands, lint
 
         target = environment(c, env, banner=not all_, only=only)
+        lint.postgresql_only(target)  # before the pending revisions are read from it
         pending = None if all_ else commands.status(target, run_options()).pending
         revisions = None if pending is None else [rev.id for rev in pending]
         findings = lint.lint(target, revisions)

@@ -43,10 +43,15 @@ def applies(env: Environment) -> bool:
     return env.url(need_secrets=False).get_backend_name() == "postgresql"
 
 
-def lint(env: Environment, revisions: Iterable[str] | None = None) -> list[Finding]:
-    """Findings for ``revisions`` (ids; default: all) as rendered for ``env``'s dialect."""
+def postgresql_only(env: Environment) -> None:
+    """Refuse an environment squawk has nothing to say of, before anything reads it."""
     if not applies(env):
         raise ConfigError(f"lint checks PostgreSQL SQL: {env.name} is not a PostgreSQL environment")
+
+
+def lint(env: Environment, revisions: Iterable[str] | None = None) -> list[Finding]:
+    """Findings for ``revisions`` (ids; default: all) as rendered for ``env``'s dialect."""
+    postgresql_only(env)
     wanted = None if revisions is None else set(revisions)
     chunks, unlintable = rendered(env, wanted)
     findings = [

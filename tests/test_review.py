@@ -137,9 +137,16 @@ def test_a_squawk_config_it_cannot_read_fails_the_lint(project: Project) -> None
     assert "no findings" not in result.stderr
 
 
-def test_lint_needs_a_postgresql_environment(project: Project) -> None:
-    result = project.invoke("lint", "--env=dev", "--all")
-    assert result.returncode == 2 and "dev is not a PostgreSQL environment" in result.stderr
+@pytest.mark.parametrize("flags", [[], ["--all"]])
+def test_lint_needs_a_postgresql_environment(project: Project, flags: list[str]) -> None:
+    """Refused before the pending revisions are read: it said first that the dev database
+    was not there yet, then that it was not the kind lint takes."""
+    result = project.invoke("lint", "--env=dev", *flags)
+    assert result.returncode == 2
+    assert result.stderr.endswith(
+        "error: lint checks PostgreSQL SQL: dev is not a PostgreSQL environment\n"
+    )
+    assert "no database" not in result.stderr
 
 
 @pytest.mark.postgres
