@@ -33,7 +33,7 @@ from db.commands import (
 from db.engines import with_connection
 from db.environments import Environment
 from db.errors import ConnectError, DbError, GuardRefused, Interrupted, RevisionError
-from db.revision_ids import known_revision, revision_error
+from db.revision_ids import known_revision, relative, revision_error
 from db.runner import RunOptions, load_scripts, make_config, run_env
 from db.schema import differences, snapshot
 from db.stop import Stop
@@ -82,6 +82,11 @@ def stamp_target(script: ScriptDirectory, revision: str, flags: str) -> Script:
     try:
         found = script.get_revision(revision)
     except CommandError as exc:
+        if relative(revision):  # Alembic: "No such revision or branch 'head-1'"
+            raise RevisionError(
+                f"stamp records a revision named by its id, not by steps ({revision}): name "
+                f"the revision itself; see `invoke history {flags}`"
+            ) from None
         raise revision_error(exc, flags) from exc
     if found is None:
         raise RevisionError("stamp needs a revision, not base: roll back instead")

@@ -31,10 +31,15 @@ def known_revision(script: ScriptDirectory, revision: str, flags: str) -> None:
     try:
         if at:
             script.get_revisions(branch)
-        if not _RELATIVE_ID.fullmatch(revision):
+        if not relative(revision):
             script.get_revisions(revision)
     except CommandError as exc:
         raise revision_error(exc, flags) from exc
+
+
+def relative(revision: str) -> bool:
+    """Whether ``revision`` counts steps (``+2``, ``head-1``, ``ae1027a6acf+2``)."""
+    return _RELATIVE_ID.fullmatch(revision) is not None
 
 
 def one_way(to: str, *, up: bool, flags: str) -> None:

@@ -120,6 +120,19 @@ def test_check_finds_applied_revisions_without_checksums_and_stamp_records_them(
     assert "changed after revision empty001" in project.invoke("check").stderr  # now checked
 
 
+@pytest.mark.parametrize("spec", ["head-1", "-1", f"{HEAD}+1"])
+def test_stamp_of_steps_asks_for_the_revision_itself(adopted: Project, spec: str) -> None:
+    """Alembic's stamp takes no steps: it said "No such revision or branch 'head-1'", and
+    of ``-1`` that a partial id needs four characters."""
+    error = adopted.fails("stamp", spec)
+
+    assert error.endswith(
+        f"error: stamp records a revision named by its id, not by steps ({spec}): name the "
+        "revision itself; see `invoke history --env=dev`\n"
+    )
+    assert version(adopted) == []
+
+
 def test_stamp_refuses_a_schema_that_differs_unless_forced(adopted: Project) -> None:
     with adopted.sqlite() as db:
         db.execute("drop table purchases")
