@@ -20,7 +20,6 @@ from alembic import util
 from alembic.runtime.migration import MigrationContext as Context
 from alembic.runtime.migration import RevisionStep
 from alembic.script import Script, ScriptDirectory
-from alembic.util import CommandError
 from sqlalchemy import Connection, text
 from sqlalchemy.engine import URL
 
@@ -33,7 +32,7 @@ from db.commands import (
 from db.engines import with_connection
 from db.environments import Environment
 from db.errors import ConnectError, DbError, GuardRefused, Interrupted, RevisionError
-from db.revision_ids import known_revision, relative, revision_error
+from db.revision_ids import by_id
 from db.runner import RunOptions, load_scripts, make_config, run_env
 from db.schema import differences, snapshot
 from db.stop import Stop
@@ -78,16 +77,7 @@ class Stamped:
 
 def stamp_target(script: ScriptDirectory, revision: str, flags: str) -> Script:
     """The one revision ``stamp`` may record: one the files have, and not base."""
-    known_revision(script, revision, flags)
-    try:
-        found = script.get_revision(revision)
-    except CommandError as exc:
-        if relative(revision):  # Alembic: "No such revision or branch 'head-1'"
-            raise RevisionError(
-                f"stamp records a revision named by its id, not by steps ({revision}): name "
-                f"the revision itself; see `invoke history {flags}`"
-            ) from None
-        raise revision_error(exc, flags) from exc
+    found = by_id(script, revision, flags, "stamp")
     if found is None:
         raise RevisionError("stamp needs a revision, not base: roll back instead")
     return found
@@ -217,11 +207,7 @@ def accept_changes(env: Environment, revision: str, options: RunOptions | None =
 
     def accept(script: ScriptDirectory, current: tuple[str, ...], context: Context) -> Accepted:
         connection = connection_of(context)
-        known_revision(script, revision, env.flags)
-        try:
-            found = script.get_revision(revision)
-        except CommandError as exc:
-            raise revision_error(exc, env.flags) from exc
+        found = by_id(script, revision, env.flags, "accept-changes")
         if found is None or found.revision not in applied_revisions(script, current):
             raise RevisionError(f"revision {revision} is not applied to the {env.label} database")
         sums = audit.applied_checksums(audit.entries(connection)).get(found.revision, (None, None))

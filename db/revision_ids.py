@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import re
 
-from alembic.script import ScriptDirectory
+from alembic.script import Script, ScriptDirectory
 from alembic.script.revision import ResolutionError
 from alembic.util import CommandError
 
@@ -40,6 +40,22 @@ def known_revision(script: ScriptDirectory, revision: str, flags: str) -> None:
 def relative(revision: str) -> bool:
     """Whether ``revision`` counts steps (``+2``, ``head-1``, ``ae1027a6acf+2``)."""
     return _RELATIVE_ID.fullmatch(revision) is not None
+
+
+def by_id(script: ScriptDirectory, revision: str, flags: str, task: str) -> Script | None:
+    """The one revision a task that records (``stamp``, ``accept-changes``) is given, by id,
+    prefix or ``head``; None for base. Steps (``head-1``) are refused in words: Alembic
+    says "No such revision or branch 'head-1'"."""
+    known_revision(script, revision, flags)
+    try:
+        return script.get_revision(revision)
+    except CommandError as exc:
+        if relative(revision):
+            raise RevisionError(
+                f"{task} takes a revision named by its id, not by steps ({revision}): name "
+                f"the revision itself; see `invoke history {flags}`"
+            ) from None
+        raise revision_error(exc, flags) from exc
 
 
 def one_way(to: str, *, up: bool, flags: str) -> None:

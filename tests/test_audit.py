@@ -140,6 +140,11 @@ def test_accept_changes_needs_an_applied_revision(project: Project) -> None:
     project.ok("migrate", f"--to={head_revision()}")
     error = project.fails("accept-changes", "notes1")
     assert "revision notes1 is not applied to the dev database" in error
+    steps = project.fails("accept-changes", "head-1")  # was "No such revision or branch"
+    assert steps.endswith(
+        "error: accept-changes takes a revision named by its id, not by steps (head-1): name "
+        "the revision itself; see `invoke history --env=dev`\n"
+    )
 
 
 def test_revision_ids_are_checked_before_they_reach_sql(project: Project) -> None:

@@ -127,7 +127,7 @@ def test_stamp_of_steps_asks_for_the_revision_itself(adopted: Project, spec: str
     error = adopted.fails("stamp", spec)
 
     assert error.endswith(
-        f"error: stamp records a revision named by its id, not by steps ({spec}): name the "
+        f"error: stamp takes a revision named by its id, not by steps ({spec}): name the "
         "revision itself; see `invoke history --env=dev`\n"
     )
     assert version(adopted) == []
