@@ -295,7 +295,12 @@ def _read(root: Path, path: Path) -> dict[str, str]:
                 f"{where}: {binding.key} is set twice, on lines {lines[binding.key]} and {line}: "
                 "keep one (NAME.local.env may override a key of NAME.env)"
             )
-        values[binding.key], lines[binding.key] = binding.value or "", line
+        if binding.value is None:  # a bare PROTECTED read as unset: unprotected, silently
+            raise ConfigError(
+                f"{where}, line {line}: {binding.key} has no = and no value: write "
+                f"{binding.key}=VALUE, or {binding.key}= for an empty one"
+            )
+        values[binding.key], lines[binding.key] = binding.value, line
     return values
 
 

@@ -41,6 +41,22 @@ def test_a_key_set_twice_in_one_file_names_both_lines(tmp_path: Path) -> None:
         load_environment(root, "x", {})
 
 
+@pytest.mark.parametrize("line", ["PROTECTED", "export PROTECTED", "  PROTECTED  "])
+def test_a_key_with_no_value_is_refused_not_read_as_unset(tmp_path: Path, line: str) -> None:
+    """python-dotenv reads a bare ``PROTECTED`` as a key with no value, which was taken for
+    unset: an environment its author meant to protect ran unprotected, without a word."""
+    root = env_file(tmp_path, f"DATABASE_URL=sqlite:///x.db\n\n{line}\n")
+
+    with pytest.raises(ConfigError) as refused:
+        load_environment(root, "x", {})
+    assert str(refused.value) == (
+        "environments/x.env, line 3: PROTECTED has no = and no value: write PROTECTED=VALUE, "
+        "or PROTECTED= for an empty one"
+    )
+    empty = env_file(tmp_path, "DATABASE_URL=sqlite:///x.db\nPROTECTED=\n")
+    assert not load_environment(empty, "x", {}).protected  # = with nothing after it: unset
+
+
 def test_a_local_file_may_still_override_a_key(tmp_path: Path) -> None:
     root = env_file(tmp_path, "DATABASE_URL=sqlite://\nPROTECTED=true\n", "PROTECTED=false\n")
 
