@@ -13,6 +13,7 @@ from sqlalchemy import Connection
 from db import audit
 from db.environments import Environment
 from db.errors import GuardRefused, RevisionError, Unresolved
+from db.versions import VERSION_TABLE
 
 _REVISION_ID = re.compile(r"\w+", re.ASCII)
 
@@ -177,6 +178,9 @@ def not_ahead(script: ScriptDirectory, to: str, current: tuple[str, ...], env: E
 
 
 def known_revisions(script: ScriptDirectory, current: tuple[str, ...], env: Environment) -> None:
+    """Refuse a database whose version table names a revision the files do not have, or
+    two revisions of which one comes after the other (a row added by hand): Alembic then
+    failed inside its planning ("overlaps with other requested revisions")."""
     valid_ids(current)
     for rev in current:
         try:
@@ -187,6 +191,14 @@ def known_revisions(script: ScriptDirectory, current: tuple[str, ...], env: Envi
                 f"{Path(script.versions).relative_to(env.root)}: check out the code that "
                 "matches this database, or restore that revision's file"
             ) from None
+    for newer in current if len(current) > 1 else ():  # one revision: nothing to overlap
+        before = {rev.revision for rev in script.iterate_revisions(newer, "base")} - {newer}
+        for older in (rev for rev in current if rev in before):
+            raise RevisionError(
+                f"the {env.label} database's version table ({VERSION_TABLE}) holds both {older} "
+                f"and {newer}, which comes after it: one of the two rows is wrong (added by "
+                f"hand?); if the database is at {newer}, delete the row of {older}"
+            )
 
 
 def all_finished(log: list[audit.Entry], env: Environment, connection: Connection) -> None:

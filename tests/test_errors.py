@@ -9,6 +9,7 @@ import pytest
 from conftest import (
     Project,
     add_good_then_bad,
+    add_notes,
     head_revision,
     migrated_shop,
     revision,
@@ -250,6 +251,25 @@ def test_database_at_a_revision_the_scripts_do_not_have(project: Project) -> Non
         error = project.fails(task)
         assert "at revision deadbeef0000, which is not in db/migrations/versions" in error
     assert version(project) == ["deadbeef0000"]
+
+
+def test_a_version_table_holding_a_revision_and_its_ancestor_is_named(project: Project) -> None:
+    """A row added by hand beside the real one: status and check ended in a traceback from
+    Alembic's planning ("overlaps with other requested revisions"), migrate in its words."""
+    add_notes(project)
+    project.migrated()
+    with project.sqlite() as connection:
+        connection.execute(f"insert into alembic_version values ('{head_revision()}')")
+
+    for task in ("status", "check", "migrate", "rollback", "history", "stamp notes1"):
+        result = project.invoke(*task.split())
+        assert result.returncode == 1 and "Traceback" not in result.stderr, task
+        assert result.stderr.endswith(
+            "error: the dev database's version table (alembic_version) holds both "
+            f"{head_revision()} and notes1, which comes after it: one of the two rows is wrong "
+            f"(added by hand?); if the database is at notes1, delete the row of {head_revision()}\n"
+        ), task
+    assert sorted(version(project)) == sorted([head_revision(), "notes1"])
 
 
 def test_multiple_heads(project: Project) -> None:
