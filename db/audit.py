@@ -315,7 +315,13 @@ def entries(connection: Connection) -> list[Entry]:
             target,
         ).order_by(LOG.c.id)
     )
-    entries = [Entry(*tuple(row)) for row in rows]
+    try:
+        entries = [Entry(*tuple(row)) for row in rows]
+    except (ValueError, TypeError) as exc:  # SQLite keeps any value in any column
+        raise DbError(
+            f"{LOG.name}, the audit trail, has a row whose started_at is no time ({exc}): "
+            "fix that row, or delete it (an edit by hand?); nothing was run"
+        ) from None
     # SQLite keeps no time zone; the times were written in UTC
     return [
         e if e.started_at.tzinfo else replace(e, started_at=e.started_at.replace(tzinfo=UTC))

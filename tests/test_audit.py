@@ -331,6 +331,30 @@ def test_an_older_tools_audit_trail_is_read_and_brought_up_to_date(
     assert "not recorded" not in history and history.count(" by ") == 2
 
 
+@pytest.mark.parametrize(
+    ("value", "said"), [("'garbage'", "Invalid isoformat string"), ("1733320000", "must be str")]
+)
+def test_an_audit_row_whose_time_is_no_time_is_named(
+    project: Project, value: str, said: str
+) -> None:
+    """SQLite keeps any value in a DATETIME column: a row edited by hand ended every task
+    that reads the trail in a traceback from SQLAlchemy's result processing."""
+    project.migrated()
+    with project.sqlite() as db:
+        db.execute(f"update migration_log set started_at = {value}")
+
+    for task in ("status", "history", "check", "migrate"):
+        result = project.invoke(task)
+        assert result.returncode == 1 and "Traceback" not in result.stderr, task
+        last = result.stderr.splitlines()[-1]
+        assert last.startswith(
+            "error: migration_log, the audit trail, has a row whose started_at is no time ("
+        ), task
+        assert said in last and last.endswith(
+            "fix that row, or delete it (an edit by hand?); nothing was run"
+        )
+
+
 def test_an_apps_own_table_named_like_the_audit_trail_is_refused(project: Project) -> None:
     """Read as the audit trail, it failed as "no such column: migration_log.revision"."""
     (project.root / "var").mkdir()
