@@ -178,13 +178,21 @@ class Environment:
         return _database_url(self, CATALOG_KEY)
 
     def _secrets_set(self, keys: Iterable[str]) -> None:
-        """Refuse a secret that names a variable nobody set."""
+        """Refuse a secret that names a variable nobody set, saying what sets it: a
+        ``${VAR}`` sees the keys above it and the process environment, so a VAR set only
+        below it (or in ``NAME.local.env``, read after ``NAME.env``) does not."""
         for key in keys:
-            if key in self.missing:
-                raise ConfigError(
-                    f"{self.relative(self.sources[key])}: {key} uses ${{{self.missing[key]}}}, "
-                    f"which is not set; export it, or set it in {ENV_DIR}/{self.name}.local.env"
-                )
+            if key not in self.missing:
+                continue
+            var, where = self.missing[key], self.relative(self.sources[key])
+            local = f"{ENV_DIR}/{self.name}.local.env"
+            fix = f"export {var}, or set {key} itself in {local}"
+            if self.sources.get(var) == self.sources[key]:
+                fix = f"{var} is set below it, and a ${{VAR}} sees only the keys above: move it up"
+            elif var in self.sources:
+                read_later = self.relative(self.sources[var])
+                fix = f"{var} is set in {read_later}, which is read after it: set {key} there"
+            raise ConfigError(f"{where}: {key} uses ${{{var}}}, which is not set; {fix}")
 
 
 def known_environments(root: Path) -> list[str]:

@@ -57,6 +57,47 @@ def test_a_key_with_no_value_is_refused_not_read_as_unset(tmp_path: Path, line: 
     assert not load_environment(empty, "x", {}).protected  # = with nothing after it: unset
 
 
+URL = "DATABASE_URL=postgresql+asyncpg://shop@db:5432/shop\n"
+USES = "DATABASE_PASSWORD=${SHOP_PW}\n"
+
+
+@pytest.mark.parametrize(
+    ("text", "local", "fix"),
+    [
+        (
+            URL + USES,
+            None,
+            "export SHOP_PW, or set DATABASE_PASSWORD itself in environments/x.local.env",
+        ),
+        # the advice was "set it in x.local.env", which a ${VAR} above it never sees
+        (
+            URL + USES,
+            "SHOP_PW=s3cret\n",
+            "SHOP_PW is set in environments/x.local.env, which is read after it: "
+            "set DATABASE_PASSWORD there",
+        ),
+        (
+            URL + USES + "SHOP_PW=s3cret\n",
+            None,
+            "SHOP_PW is set below it, and a ${VAR} sees only the keys above: move it up",
+        ),
+    ],
+)
+def test_an_unset_variable_says_what_would_set_it(
+    tmp_path: Path, text: str, local: str | None, fix: str
+) -> None:
+    root = env_file(tmp_path, text, local)
+
+    with pytest.raises(ConfigError) as refused:
+        load_environment(root, "x", {}).url()
+    assert str(refused.value) == (
+        f"environments/x.env: DATABASE_PASSWORD uses ${{SHOP_PW}}, which is not set; {fix}"
+    )
+    if local is not None:  # as the message says
+        (root / "environments" / "x.local.env").write_text("DATABASE_PASSWORD=s3cret\n")
+        assert load_environment(root, "x", {}).url().password == "s3cret"
+
+
 def test_a_local_file_may_still_override_a_key(tmp_path: Path) -> None:
     root = env_file(tmp_path, "DATABASE_URL=sqlite://\nPROTECTED=true\n", "PROTECTED=false\n")
 
