@@ -155,7 +155,7 @@ class Environment:
         With ``need_secrets=False`` unset variables count as empty.
         """
         if need_secrets:
-            self._secrets_set(SECRET_KEYS)
+            self._variables_set(SECRET_KEYS)
         key = "MIGRATION_URL" if self.get("MIGRATION_URL") and not app else "DATABASE_URL"
         return _database_url(self, key)
 
@@ -174,11 +174,11 @@ class Environment:
         """``TARGETS_DATABASE_URL``, the catalog a fleet's ``TARGETS_QUERY`` runs on. It is
         a URL of its own, password included: the targets' ``DATABASE_PASSWORD`` and
         ``SCHEMA`` are not the catalog's."""
-        self._secrets_set([CATALOG_KEY])
+        self._variables_set([CATALOG_KEY])
         return _database_url(self, CATALOG_KEY)
 
-    def _secrets_set(self, keys: Iterable[str]) -> None:
-        """Refuse a secret that names a variable nobody set, saying what sets it: a
+    def _variables_set(self, keys: Iterable[str]) -> None:
+        """Refuse a key that names a variable nobody set, saying what sets it: a
         ``${VAR}`` sees the keys above it and the process environment, so a VAR set only
         below it (or in ``NAME.local.env``, read after ``NAME.env``) does not."""
         for key in keys:
@@ -240,6 +240,9 @@ def load_environment(root: Path, name: str, environ: Mapping[str, str]) -> Envir
     sources = {key: path for key, (_text, path) in raw.items()}
     _no_misspelled_settings(root, raw)
     loaded = Environment(name, root, values, sources, missing, warnings)
+    # a setting read as empty would be its default: PROTECTED=${IS_PROD} unset, unprotected.
+    # Only the secrets may wait until a task needs them (offline-sql and envs do not).
+    loaded._variables_set(k for k in SETTINGS if k not in (*SECRET_KEYS, CATALOG_KEY))
     loaded.flag("PROTECTED")  # a typo there must not silently mean "unprotected"
     loaded.backup  # nor one there (BACKUP=false) "back up as before"  # noqa: B018
     return loaded

@@ -98,6 +98,25 @@ def test_an_unset_variable_says_what_would_set_it(
         assert load_environment(root, "x", {}).url().password == "s3cret"
 
 
+def test_a_setting_whose_variable_is_unset_is_refused_not_read_as_its_default(
+    project: Project,
+) -> None:
+    """``PROTECTED=${IS_PROD}`` with IS_PROD unset read as empty, so as unprotected: reset
+    dropped every table. Only a secret may stay unset until a task needs it."""
+    project.write_env("gated", "DATABASE_URL=sqlite:///var/g.sqlite3\nPROTECTED=${IS_PROD}\n")
+    project.ok("migrate", "--env=gated", IS_PROD="false")
+
+    error = project.fails("reset", "--env=gated")
+
+    assert error.endswith(
+        "error: environments/gated.env: PROTECTED uses ${IS_PROD}, which is not set; export "
+        "IS_PROD, or set PROTECTED itself in environments/gated.local.env\n"
+    )
+    assert version(project, "var/g.sqlite3") == [HEAD]  # and the tables with it
+    assert "is protected" in project.fails("reset", "--env=gated", IS_PROD="true")
+    project.ok("offline-sql", "--env=prod")  # ${PROD_DB_PASSWORD} unset: a secret may wait
+
+
 def test_a_local_file_may_still_override_a_key(tmp_path: Path) -> None:
     root = env_file(tmp_path, "DATABASE_URL=sqlite://\nPROTECTED=true\n", "PROTECTED=false\n")
 
