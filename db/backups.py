@@ -238,9 +238,10 @@ def pg_dump(env: Environment, url: URL, stop: Stop) -> Path:
     target = _new_file(env, "dump")
     command = ["pg_dump", "--format=custom", f"--file={target}", "--no-password"]
     command += [f"--lock-wait-timeout={env.duration('LOCK_TIMEOUT', '5s')}", *_server(url)]
-    command += [f"--username={url.username or ''}", url.database or ""]
-    command += [f"--schema={env.schema}"] if env.schema else []  # a tenant's schema alone
-    environ = {**os.environ, "PGPASSWORD": url.password or ""} if url.password else None
+    command += [f"--username={url.username or ''}"]
+    # a tenant's schema alone, by its exact name: unquoted, pg_dump folds Shop to shop
+    command += [f'--schema="{env.schema}"'] if env.schema else []
+    environ = {**os.environ, **_named(url)}
     with subprocess.Popen(
         command, stdout=subprocess.DEVNULL, stderr=subprocess.PIPE, text=True, env=environ
     ) as running:
@@ -255,6 +256,13 @@ def pg_dump(env: Environment, url: URL, stop: Stop) -> Path:
         raise DbError(f"pg_dump failed, so nothing was migrated: {_dump_error(said)}")
     _prune(env, "dump")
     return target
+
+
+def _named(url: URL) -> dict[str, str]:
+    """The database and password for pg_dump, in the variables libpq reads as they are: a
+    database name given as an argument is read as connection settings if it holds ``=``."""
+    named = {"PGDATABASE": url.database} if url.database else {}
+    return named | ({"PGPASSWORD": url.password} if url.password else {})
 
 
 def _dump_error(said: str) -> str:

@@ -9,6 +9,7 @@ import socket
 import subprocess
 import threading
 import time
+import uuid
 from collections.abc import Iterator
 from pathlib import Path
 
@@ -19,6 +20,7 @@ from conftest import (
     PgDatabase,
     Project,
     head_revision,
+    pg_execute,
     pg_fetch,
     popen,
     revision,
@@ -207,6 +209,51 @@ def test_pg_dump_backup_when_the_env_file_asks(project: Project, pg_database: Pg
     [dump] = (project.root / "var" / "backups").glob("ci-*.dump")
     assert f"backed up to var/backups/{dump.name} with pg_dump" in result.stderr
     assert dump.stat().st_size > 0 and (dump.stat().st_mode & 0o777) == 0o600
+
+
+def dumped_tables(dump: Path) -> set[tuple[str, str]]:
+    """The (schema, table) pairs a pg_dump file holds tables of."""
+    listed = subprocess.run(
+        ["pg_restore", "--list", str(dump)], capture_output=True, check=True, text=True
+    )
+    rows = [line.split() for line in listed.stdout.splitlines() if " TABLE " in line]
+    return {(row[4], row[5]) for row in rows if row[3] == "TABLE" and row[4] != "DATA"}
+
+
+def test_a_pg_dump_backup_holds_its_schema_by_its_exact_name(
+    project: Project, pg_database: PgDatabase
+) -> None:
+    """pg_dump reads ``--schema=Shop`` as a pattern and folds it to ``shop``: the backup of
+    SCHEMA=Shop was another tenant's schema (or no schema: pg_dump failed), said backed up."""
+    pg_execute(pg_database.dsn, "create schema shop", "create table shop.other_tenant (x int)")
+    project.write_env("ci", f"DATABASE_URL={pg_database.url}\nSCHEMA=Shop\nBACKUP=pg_dump\n")
+    project.migrated("ci")
+    project.ok("rollback", "--env=ci")
+
+    dump = sorted((project.root / "var" / "backups").glob("ci-*.dump"))[-1]  # rollback's
+    assert ("Shop", "users") in dumped_tables(dump)
+    assert ("shop", "other_tenant") not in dumped_tables(dump)
+
+
+def test_a_pg_dump_backup_of_a_database_whose_name_holds_an_equals_sign(
+    project: Project, pg_server: str
+) -> None:
+    """pg_dump reads a database name with ``=`` in it as connection settings: ``shop=eu``
+    failed with 'invalid connection option "shop"', so nothing could be migrated."""
+    name = f"shop=eu_{uuid.uuid4().hex[:8]}"
+    pg_execute(pg_server, f'create database "{name}"')
+    try:
+        url = SERVER.set(drivername="postgresql+asyncpg", database=name)
+        project.write_env("ci", f"DATABASE_URL={url.render_as_string(False)}\nBACKUP=pg_dump\n")
+
+        result = project.ok("migrate", "--env=ci")
+
+        [dump] = (project.root / "var" / "backups").glob("ci-*.dump")
+        assert f"backed up to var/backups/{dump.name} with pg_dump" in result.stderr
+        assert dumped_tables(dump) == set()  # the empty database, before the migration
+        assert versions_of(str(url.set(drivername="postgresql"))) == [head_revision()]
+    finally:
+        pg_execute(pg_server, f'drop database "{name}" with (force)')
 
 
 def test_a_pg_dump_behind_a_table_lock_gives_up_after_lock_timeout(
