@@ -92,8 +92,46 @@ async def _drop_schema(run: Run, back_up: Callable[[], None]) -> None:
             stopped = run.stop.check
             async with pg_lock(connection, pid, run.lock_name, run.lock_wait, run.note, stopped):
                 back_up()
+                found = await connection.execute(text(_AS_IT_WAS), {"schema": schema})
+                as_it_was = found.scalars().all()
                 await connection.execute(text(f'DROP SCHEMA IF EXISTS "{schema}" CASCADE'))
                 await connection.execute(text(f'CREATE SCHEMA "{schema}"'))
+                for statement in as_it_was:  # in the drop's transaction: all, or no drop
+                    await connection.exec_driver_sql(statement)
                 await connection.commit()
     finally:
         await engine.dispose()
+
+
+# What a schema made again must get back, so that only its contents are new: its owner (the
+# public schema's is pg_database_owner), its grants (USAGE to PUBLIC, or to the app's role),
+# its comment, and the default privileges set in it (GRANT SELECT ON TABLES TO the app).
+_AS_IT_WAS = """
+select statement from (
+  select 1, format('GRANT %s ON SCHEMA %I TO %s%s', a.privilege_type, n.nspname,
+                   case a.grantee when 0 then 'PUBLIC' else a.grantee::regrole::text end,
+                   case when a.is_grantable then ' WITH GRANT OPTION' else '' end)
+    from pg_namespace n, aclexplode(n.nspacl) a
+   where n.nspname = :schema and a.grantee <> n.nspowner
+  union all
+  select 2, format('ALTER DEFAULT PRIVILEGES FOR ROLE %s IN SCHEMA %I GRANT %s ON %s TO %s%s',
+                   d.defaclrole::regrole, n.nspname, a.privilege_type,
+                   case d.defaclobjtype when 'r' then 'TABLES' when 'S' then 'SEQUENCES'
+                                        when 'f' then 'FUNCTIONS' else 'TYPES' end,
+                   case a.grantee when 0 then 'PUBLIC' else a.grantee::regrole::text end,
+                   case when a.is_grantable then ' WITH GRANT OPTION' else '' end)
+    from pg_default_acl d join pg_namespace n on n.oid = d.defaclnamespace,
+         aclexplode(d.defaclacl) a
+   where n.nspname = :schema
+  union all
+  select 3, format('COMMENT ON SCHEMA %I IS %L', n.nspname, c.description)
+    from pg_namespace n
+    join pg_description c on c.objoid = n.oid and c.classoid = 'pg_namespace'::regclass
+   where n.nspname = :schema
+  union all
+  select 4, format('ALTER SCHEMA %I OWNER TO %s', n.nspname, n.nspowner::regrole)
+    from pg_namespace n
+   where n.nspname = :schema and n.nspowner <> current_user::regrole
+) as kept (step, statement)
+order by step
+"""

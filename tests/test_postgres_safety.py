@@ -405,6 +405,44 @@ def test_reset_on_an_unprotected_postgres_database(
     assert pg_fetch(pg_database.dsn, "select count(*) as n from purchases")[0]["n"] == 0
 
 
+def schema_as_it_is(dsn: str) -> dict[str, object]:
+    """What the public schema itself carries: its owner, grants, comment, default grants."""
+    [row] = pg_fetch(
+        dsn,
+        "select nspowner::regrole::text as owner, nspacl::text as grants, "
+        "obj_description(n.oid, 'pg_namespace') as comment, (select array_agg(defaclacl::text) "
+        "from pg_default_acl where defaclnamespace = n.oid) as defaults "
+        "from pg_namespace n where nspname = 'public'",
+    )
+    return dict(row)
+
+
+def test_reset_makes_the_schema_again_as_it_was_with_new_tables(
+    project: Project, pg_database: PgDatabase
+) -> None:
+    """reset drops the schema and makes it again: the new one was the migrating user's, with
+    no grants, no comment and no default privileges, so the app's role saw no table."""
+    app = f"app_{uuid.uuid4().hex[:8]}"
+    grant = f"alter default privileges in schema public grant select on tables to {app}"
+    pg_execute(pg_database.dsn, f"create role {app}", grant)
+    try:
+        project.write_env("pg", f"DATABASE_URL={pg_database.url}\n")
+        project.migrated("pg")
+        before = schema_as_it_is(pg_database.dsn)
+
+        project.ok("reset", "--env=pg")
+
+        assert schema_as_it_is(pg_database.dsn) == before
+        [can] = pg_fetch(
+            pg_database.dsn,
+            f"select has_schema_privilege('{app}', 'public', 'usage') "
+            f"and has_table_privilege('{app}', 'public.users', 'select') as read",
+        )
+        assert can["read"]
+    finally:
+        pg_execute(pg_database.dsn, f"drop owned by {app}", f"drop role {app}")
+
+
 def test_a_data_migration_that_reads_rows_does_not_block_a_protected_migrate(
     pg_project: Project, pg_database: PgDatabase
 ) -> None:
