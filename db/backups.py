@@ -259,10 +259,26 @@ def pg_dump(env: Environment, url: URL, stop: Stop) -> Path:
 
 
 def _named(url: URL) -> dict[str, str]:
-    """The database and password for pg_dump, in the variables libpq reads as they are: a
-    database name given as an argument is read as connection settings if it holds ``=``."""
+    """The database, password and connection settings of the URL for pg_dump, in the
+    variables libpq reads as they are (a database name given as an argument is read as
+    connection settings if it holds ``=``): what asyncpg takes from the URL's query, pg_dump
+    takes too, so it checks the server's certificate (``ssl=verify-full``), reads the same
+    ``passfile`` and picks the same server of several (``target_session_attrs``)."""
     named = {"PGDATABASE": url.database} if url.database else {}
-    return named | ({"PGPASSWORD": url.password} if url.password else {})
+    named |= {"PGPASSWORD": url.password} if url.password else {}
+    given = {_LIBPQ[key]: str(value) for key, value in url.query.items() if key in _LIBPQ}
+    if "PGSSLMODE" in given:  # asyncpg takes verify_full for verify-full too, libpq does not
+        given["PGSSLMODE"] = given["PGSSLMODE"].replace("_", "-")
+    return named | given
+
+
+_LIBPQ = {  # asyncpg's names of the URL's query, as libpq's variables
+    "ssl": "PGSSLMODE",
+    "passfile": "PGPASSFILE",
+    "target_session_attrs": "PGTARGETSESSIONATTRS",
+    "krbsrvname": "PGKRBSRVNAME",
+    "gsslib": "PGGSSLIB",
+}
 
 
 def _dump_error(said: str) -> str:
