@@ -223,9 +223,7 @@ def connect_error(url: URL, exc: BaseException) -> ConnectError:
     state = getattr(reason, "sqlstate", None)
     busy = state == "53300"  # too_many_connections
     if state in _LOGIN_ADVICE:
-        advice = _LOGIN_ADVICE[state]
-        if state == "28P01" and url.password and url.password != url.password.strip():
-            advice += ": it starts or ends with a space or a newline (a secret file's last line?)"
+        advice = _wrong_password(url) if state == "28P01" else _LOGIN_ADVICE[state]
         text += f" ({advice})"
     statement_pool = "statement pooling mode" in text  # PgBouncer's, refusing BEGIN
     if statement_pool:
@@ -240,6 +238,30 @@ def connect_error(url: URL, exc: BaseException) -> ConnectError:
     if statement_pool:  # a setting to change, as for a pooler in transaction mode
         error.exit_code = ConfigError.exit_code
     return error
+
+
+def _wrong_password(url: URL) -> str:
+    """What to check, when the server turned the password away: the one the env file gives,
+    or, when the URL holds none, where asyncpg found one (PGPASSWORD, then a password file:
+    the URL's ``?passfile=``, PGPASSFILE, ``~/.pgpass``), if anywhere."""
+    password = url.password
+    if password is not None:
+        advice = _LOGIN_ADVICE["28P01"]
+        if password != password.strip():
+            advice += ": it starts or ends with a space or a newline (a secret file's last line?)"
+        return advice
+    none = "the env file gives no password"
+    if os.environ.get("PGPASSWORD") is not None:
+        return f"{none}, so PGPASSWORD in the process environment was used: check it"
+    given = url.query.get("passfile") or os.environ.get("PGPASSFILE")
+    with suppress(RuntimeError, KeyError):  # no home folder
+        passfile = Path(str(given)) if given else Path.home() / ".pgpass"
+        if passfile.is_file():
+            return (
+                f"{none}, so {passfile} was read: check its line for this server, database "
+                "and user (asyncpg reads a \\: or \\\\ in it as written, not as : or \\)"
+            )
+    return f"{none}: set DATABASE_PASSWORD in it"
 
 
 def _no_ssl(url: URL) -> str:

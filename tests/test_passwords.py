@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import shutil
 from collections.abc import Iterator
+from pathlib import Path
 from urllib.parse import quote
 
 import pytest
@@ -180,3 +181,46 @@ def test_stamp_and_seed_reach_their_databases_with_such_a_password(
         assert NASTY not in printed and quote(NASTY, safe="") not in printed
     scratch = "select datname from pg_database where datname like 'stamp_scratch%'"
     assert pg_fetch(admin, scratch) == []
+
+
+def test_a_pg_dump_backup_reaches_the_server_as_the_migration_does(
+    project: Project, shop_role: int, tmp_path: Path
+) -> None:
+    """pg_dump got the URL's server, user and password, but not what asyncpg takes from its
+    query: with ``?passfile=``, the migration could connect and pg_dump had no password.
+    (asyncpg does not undo a passfile's escapes, so this password has no ``:`` or ``\\``.)"""
+    admin = f"postgresql://postgres:{ADMIN_PASSWORD}@127.0.0.1:{shop_role}/postgres"
+    pg_execute(admin, "ALTER ROLE shop PASSWORD 'in the passfile'")
+    passfile = tmp_path / "pgpass"
+    passfile.write_text(f"127.0.0.1:{shop_role}:shop:shop:in the passfile\n")
+    passfile.chmod(0o600)
+    url = f"postgresql+asyncpg://shop@127.0.0.1:{shop_role}/shop?passfile={passfile}"
+    project.write_env("ci", f"DATABASE_URL={url}\nBACKUP=pg_dump\n")
+    project.environ.pop("PGPASSWORD", None)
+
+    result = project.ok("migrate", "--env=ci")
+
+    [dump] = (project.root / "var" / "backups").glob("ci-*.dump")
+    assert f"backed up to var/backups/{dump.name} with pg_dump" in result.stderr
+
+
+def test_a_refused_login_with_no_password_in_the_env_file_says_where_one_came_from(
+    project: Project, shop_role: int, tmp_path: Path
+) -> None:
+    """The advice was always "check the password the env file gives (DATABASE_PASSWORD)",
+    also when the env file gives none, and asyncpg took one from elsewhere, or sent none."""
+    project.write_env("ci", f"DATABASE_URL=postgresql+asyncpg://shop@127.0.0.1:{shop_role}/shop\n")
+    project.environ.pop("PGPASSWORD", None)
+    passfile = tmp_path / "pgpass"
+    passfile.write_text(f"127.0.0.1:{shop_role}:shop:shop:not-the-password\n")
+    passfile.chmod(0o600)
+    refused = 'password authentication failed for user "shop" (the env file gives no password'
+
+    none = project.fails("status", "--env=ci", PGPASSFILE=str(tmp_path / "none"))
+    from_file = project.fails("status", "--env=ci", PGPASSFILE=str(passfile))
+    from_environ = project.fails("status", "--env=ci", PGPASSWORD="not-the-password")
+
+    assert none.endswith(f"{refused}: set DATABASE_PASSWORD in it)\n")
+    assert f"{refused}, so {passfile} was read: check its line for this server" in from_file
+    assert f"{refused}, so PGPASSWORD in the process environment was used" in from_environ
+    assert "not-the-password" not in none + from_file + from_environ
