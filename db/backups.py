@@ -9,7 +9,7 @@ import subprocess
 import time
 from collections.abc import Callable
 from contextlib import closing
-from datetime import datetime
+from datetime import datetime, timezone
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -25,7 +25,10 @@ if TYPE_CHECKING:
     from db.runner import RunOptions
 
 BACKUP_DIR = Path("var") / "backups"
-_STAMP, _STAMP_SHAPE = "%Y%m%d-%H%M%S-%f", r"\d{8}-\d{6}-\d{6}"  # a backup's time, and its shape
+# A backup's time, in UTC, and its shape: local time went back an hour each autumn (and
+# with TZ), so the newest backup could sort as older, be pruned as it was taken, or be passed
+# over by restore. An older tool's stamps, in local time, have no Z.
+_STAMP, _STAMP_SHAPE = "%Y%m%d-%H%M%S-%fZ", r"\d{8}-\d{6}-\d{6}Z?"
 
 
 def before_change(env: Environment, url: URL, stop: Stop | None = None) -> str | None:
@@ -316,7 +319,14 @@ def _server(url: URL) -> list[str]:
 
 def backups(env: Environment, suffix: str = "sqlite3") -> list[Path]:
     """This environment's backups (a fleet target's own), newest first."""
-    return dated(env.root / BACKUP_DIR, env.label, _STAMP_SHAPE, suffix)
+    return dated(env.root / BACKUP_DIR, env.label, _STAMP_SHAPE, suffix, _taken)
+
+
+def _taken(stamp: str) -> datetime:
+    """The time a backup's stamp says: UTC, or an older tool's local time."""
+    if stamp.endswith("Z"):
+        return datetime.strptime(stamp, _STAMP).replace(tzinfo=timezone.utc)
+    return datetime.strptime(stamp, _STAMP.removesuffix("Z")).astimezone()
 
 
 def restore(
@@ -465,7 +475,7 @@ def _set_aside(env: Environment, live: Path) -> Path:
 
 def _new_file(env: Environment, suffix: str) -> Path:
     folder = env.root / BACKUP_DIR
-    stamp = datetime.now().strftime(_STAMP)
+    stamp = datetime.now(timezone.utc).strftime(_STAMP)
     target = folder / f"{env.label}-{stamp}.{suffix}"
     try:
         folder.mkdir(parents=True, exist_ok=True, mode=0o700)

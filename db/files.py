@@ -7,18 +7,25 @@ import os
 import re
 import secrets
 import stat
+from collections.abc import Callable
+from datetime import datetime
 from pathlib import Path
 
 STREAMS = ("/dev/", "/proc/")  # /dev/stdout, and >(psql)'s /dev/fd/63, name a stream
 
 
-def dated(folder: Path, name: str, stamp: str, suffix: str) -> list[Path]:
-    """The files ``NAME-STAMP.SUFFIX`` in ``folder``, newest first; ``stamp`` is the pattern
-    of their time stamps. Only ``name``'s own: the environment dev-old's ``dev-old-...``
-    starts with ``dev-`` too, and a glob alone took them for dev's."""
-    shape = re.compile(re.escape(f"{name}-") + stamp + re.escape(f".{suffix}"))
+def dated(
+    folder: Path, name: str, stamp: str, suffix: str, when: Callable[[str], datetime]
+) -> list[Path]:
+    """The files ``NAME-STAMP.SUFFIX`` in ``folder``, newest first by ``when`` (the time a
+    stamp says); ``stamp`` is the pattern of their time stamps. Only ``name``'s own: the
+    environment dev-old's ``dev-old-...`` starts with ``dev-`` too, and a glob alone took
+    them for dev's."""
+    shape = re.compile(re.escape(f"{name}-") + f"({stamp})" + re.escape(f".{suffix}"))
     found = folder.glob(f"{glob.escape(name)}-*.{glob.escape(suffix)}")
-    return sorted((p for p in found if shape.fullmatch(p.name)), key=lambda p: p.name, reverse=True)
+    stamped = [(path, shape.fullmatch(path.name)) for path in found]
+    times = {path: when(match.group(1)) for path, match in stamped if match}
+    return sorted(times, key=lambda path: (times[path], path.name), reverse=True)
 
 
 def write_whole(path: Path, text: str) -> None:

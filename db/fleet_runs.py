@@ -223,9 +223,13 @@ def write_report(env: Environment, data: Mapping[str, Any]) -> Path | None:
         except OSError as exc:
             why = exc.strerror
             raise ConfigError(f"cannot write the run's report to {RUNS_DIR}: {why}") from None
-    for old in dated(path.parent, env.name, _STAMP_SHAPE, "json")[keep:]:
+    for old in dated(path.parent, env.name, _STAMP_SHAPE, "json", _written)[keep:]:
         old.unlink(missing_ok=True)
     return path if keep else None
+
+
+def _written(stamp: str) -> datetime:
+    return datetime.strptime(stamp, _STAMP).replace(tzinfo=timezone.utc)
 
 
 def run(

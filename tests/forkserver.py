@@ -27,6 +27,7 @@ import runpy
 import selectors
 import socket
 import sys
+import time
 
 PRELOAD = [
     "invoke",
@@ -113,6 +114,7 @@ def become(request: dict[str, object], fds: list[int]) -> None:
     assert isinstance(environ, dict)
     os.environ.clear()
     os.environ.update(environ)
+    time.tzset()  # local time as the request's TZ says, as a fresh interpreter reads it
     sys.dont_write_bytecode = bool(os.environ.get("PYTHONDONTWRITEBYTECODE"))
     args = request["args"]
     assert isinstance(args, list)

@@ -6,6 +6,7 @@ import asyncio
 import sqlite3
 import threading
 import time
+from collections.abc import Iterator
 from contextlib import closing
 from datetime import datetime, timedelta, timezone
 from pathlib import Path
@@ -405,3 +406,35 @@ def test_a_fleets_halt_lets_a_sqlite_run_waiting_for_readers_commit(tmp_path: Pa
     with closing(sqlite3.connect(path)) as db:
         tables = db.execute("select name from sqlite_master").fetchall()
     assert ("coupons",) in tables
+
+
+@pytest.fixture
+def in_tokyo(monkeypatch: pytest.MonkeyPatch) -> Iterator[None]:
+    """Local time 9 hours ahead of UTC, in this process."""
+    monkeypatch.setenv("TZ", "Asia/Tokyo")
+    time.tzset()
+    yield
+    monkeypatch.undo()
+    time.tzset()
+
+
+def test_backups_are_ordered_by_when_they_were_taken_in_either_stamp(
+    tmp_path: Path, in_tokyo: None
+) -> None:
+    """Backups are stamped in UTC (``...Z``); an older tool's, in local time, are still
+    its own, and take their place by the time they say."""
+    from db.backups import backups
+
+    env = sqlite_env(tmp_path)
+    folder = tmp_path / "var" / "backups"
+    folder.mkdir(parents=True)
+    now = datetime.now(timezone.utc)
+    names = [
+        "t-" + (now - timedelta(hours=1)).strftime("%Y%m%d-%H%M%S-%fZ") + ".sqlite3",
+        "t-" + (now - timedelta(hours=2)).astimezone().strftime("%Y%m%d-%H%M%S-%f") + ".sqlite3",
+        "t-" + (now - timedelta(hours=3)).strftime("%Y%m%d-%H%M%S-%fZ") + ".sqlite3",
+    ]
+    for name in names:
+        (folder / name).touch()
+
+    assert [path.name for path in backups(env)] == names

@@ -237,6 +237,24 @@ def test_only_the_newest_backups_are_kept(project: Project) -> None:
     assert len(list((project.root / "var" / "backups").glob("dev-*.sqlite3"))) == 2
 
 
+def test_the_newest_backup_is_kept_and_restored_when_local_time_goes_back(
+    project: Project,
+) -> None:
+    """Backups were stamped in local time: when it went back (each autumn, or with another
+    TZ), the backup just taken sorted as older than the last one, so BACKUP_KEEP=1 deleted
+    it as the task said it had backed up to it, and restore took the older one."""
+    project.write_env("dev", "DATABASE_URL=sqlite:///var/dev.sqlite3\nBACKUP_KEEP=1\n")
+    project.migrated()
+    project.ok("rollback", TZ="Etc/GMT-14")  # UTC+14 (POSIX names turn the sign round)
+
+    result = project.ok("migrate", TZ="Etc/GMT+11")  # UTC-11: local time 25 hours earlier
+
+    [kept] = (project.root / "var" / "backups").glob("dev-*.sqlite3")
+    assert f"backed up to var/backups/{kept.name}" in result.stderr
+    project.ok("restore", TZ="Etc/GMT+11")  # the newest: taken at base, after the rollback
+    assert version(project) == []
+
+
 def test_an_environment_whose_name_starts_like_another_keeps_and_restores_its_own_backups(
     project: Project,
 ) -> None:
