@@ -12,7 +12,7 @@ from db import backups, guards
 from db.commands import migrate, read_state
 from db.engines import connect, connect_async, make_async_engine, make_engine, run_coroutine
 from db.environments import Environment
-from db.errors import DbError, GuardRefused, Interrupted
+from db.errors import DbError, GuardRefused, Interrupted, cause_of
 from db.failures import describe, not_the_revision
 from db.locks import pg_lock, prepare_session, sqlite_locked
 from db.runner import Run, RunOptions, Step, load_scripts, make_config, run_of
@@ -52,12 +52,25 @@ def reset(env: Environment, options: RunOptions | None = None) -> list[Step]:
         as_it_was = "interrupted: nothing was dropped: the database is as it was"
         raise Interrupted(as_it_was, exc.signum) from None
     except DBAPIError as exc:  # the drop's transaction was rolled back
-        said, fix = not_the_revision(exc, run_of(config)) or (describe(exc), "fix that")
+        said, fix = not_the_revision(exc, run_of(config)) or (describe(exc), _fix(exc, env))
         raise DbError(
             f"reset could not drop the tables: {said}\nnothing was dropped: the database is "
             f"as it was; {fix}"
         ) from exc
     return migrate(env, "head", replace(options, backup=False))  # backed up before the drop
+
+
+def _fix(exc: DBAPIError, env: Environment) -> str:
+    """What to do when the drop failed for another reason than the revision's session."""
+    if getattr(cause_of(exc), "sqlstate", None) != "42501":  # insufficient_privilege
+        return "fix that"
+    schema, user = env.schema or "public", env.url().username
+    owner = f'"{user}"' if user else "the role the URL connects as"
+    return (
+        f"reset drops the schema {schema} and makes it again as it was, which takes its "
+        f"owner's rights: run it as the role that owns {schema}, or make the migration's "
+        f'role its owner (ALTER SCHEMA "{schema}" OWNER TO {owner}), or drop the tables yourself'
+    )
 
 
 def _drop_sqlite(run: Run, back_up: Callable[[], None]) -> None:

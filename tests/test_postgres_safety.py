@@ -443,6 +443,37 @@ def test_reset_makes_the_schema_again_as_it_was_with_new_tables(
         pg_execute(pg_database.dsn, f"drop owned by {app}", f"drop role {app}")
 
 
+def test_reset_by_a_role_that_does_not_own_the_schema_says_what_it_needs(
+    project: Project, pg_database: PgDatabase
+) -> None:
+    """The migration's role owns the tables but not the schema: the drop was refused with
+    'must be owner of schema public', and the advice was 'fix that'."""
+    role = f"mig_{uuid.uuid4().hex[:8]}"
+    pg_execute(
+        pg_database.dsn, f"create role {role} login", f"grant create on schema public to {role}"
+    )
+    try:
+        url = make_url(pg_database.url).set(username=role).render_as_string(False)
+        project.write_env("pg", f"DATABASE_URL={url}\n")
+        project.migrated("pg")
+
+        error = project.fails("reset", "--env=pg")
+
+        assert (
+            "reset could not drop the tables: ProgrammingError: must be owner of schema public\n"
+            in error
+        )
+        assert error.endswith(
+            "nothing was dropped: the database is as it was; reset drops the schema public and "
+            "makes it again as it was, which takes its owner's rights: run it as the role that "
+            'owns public, or make the migration\'s role its owner (ALTER SCHEMA "public" OWNER '
+            f'TO "{role}"), or drop the tables yourself\n'
+        )
+        assert versions_of(pg_database.dsn) == [head_revision()]
+    finally:
+        pg_execute(pg_database.dsn, f"drop owned by {role}", f"drop role {role}")
+
+
 def test_a_data_migration_that_reads_rows_does_not_block_a_protected_migrate(
     pg_project: Project, pg_database: PgDatabase
 ) -> None:
