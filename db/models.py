@@ -34,17 +34,20 @@ class UTCDateTime(TypeDecorator[datetime]):
     """A moment in time, always timezone-aware in UTC when read, on SQLite as on PostgreSQL.
 
     SQLite keeps no time zone, so its values come back naive; they were written in UTC
-    (aware values are converted before they are stored; naive ones are taken as UTC).
+    (aware values are converted before they are stored). A naive value is taken as UTC on
+    both: asyncpg would take it as the process's local time, and SQLite as it is.
     """
 
     impl = DateTime(timezone=True)
     cache_ok = True
 
     def process_bind_param(self, value: datetime | None, dialect: Dialect) -> datetime | None:
-        if value is not None and value.tzinfo is not None:
-            value = value.astimezone(timezone.utc)
-            return value.replace(tzinfo=None) if dialect.name == "sqlite" else value
-        return value
+        if value is None:
+            return None
+        if value.tzinfo is None:
+            value = value.replace(tzinfo=timezone.utc)
+        value = value.astimezone(timezone.utc)
+        return value.replace(tzinfo=None) if dialect.name == "sqlite" else value
 
     def process_result_value(self, value: datetime | None, dialect: Dialect) -> datetime | None:
         if value is None:

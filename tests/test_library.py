@@ -109,7 +109,8 @@ def use_the_shop(env: Environment, target: str = "") -> list[str]:
     """Add a category and a user through the app's sessions; read them back.
 
     Times come back aware and in UTC on both backends, so comparing them with
-    ``datetime.now(timezone.utc)`` works in dev as in production.
+    ``datetime.now(timezone.utc)`` works in dev as in production. A naive time is taken as
+    UTC on both (asyncpg alone took it as the process's local time).
     """
 
     async def scenario() -> list[str]:
@@ -119,25 +120,29 @@ def use_the_shop(env: Environment, target: str = "") -> list[str]:
             session.add(Category(name="e-books"))
             session.add(User(telegram_id=1, created_at=given))
             session.add(User(telegram_id=2))  # the server's default time
+            session.add(User(telegram_id=3, created_at=given.replace(tzinfo=None)))
         async with Session() as session:
             names = list(await session.scalars(select(Category.name)))
             times = list(await session.scalars(select(User.created_at).order_by(User.id)))
         await Session.kw["bind"].dispose()
         assert times[0] == given and times[0].utcoffset() == timedelta(0), times
         assert times[1].tzinfo is not None and times[1] <= datetime.now(timezone.utc), times
+        assert times[2] == given.replace(tzinfo=timezone.utc), times
         return names
 
     return asyncio.run(scenario())
 
 
-def test_app_sessions_on_sqlite_use_aiosqlite(tmp_path: Path) -> None:
+def test_app_sessions_on_sqlite_use_aiosqlite(tmp_path: Path, in_tokyo: None) -> None:
     env = sqlite_env(tmp_path)
     commands.migrate(env)
     assert use_the_shop(env) == ["e-books"]
 
 
 @pytest.mark.postgres
-def test_app_sessions_on_postgres_use_asyncpg(tmp_path: Path, pg_database: PgDatabase) -> None:
+def test_app_sessions_on_postgres_use_asyncpg(
+    tmp_path: Path, pg_database: PgDatabase, in_tokyo: None
+) -> None:
     sqlite_env(tmp_path)
     (tmp_path / "environments" / "pg.env").write_text(f"DATABASE_URL={pg_database.url}\n")
     pg = load_environment(tmp_path, "pg", {})
