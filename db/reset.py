@@ -43,16 +43,17 @@ def reset(env: Environment, options: RunOptions | None = None) -> list[Step]:
     def back_up() -> None:
         options.note(backups.before_change(env, url, options.stop))
 
+    schema: list[str] = []  # the PostgreSQL schema it drops, once known
     try:
         if url.get_backend_name() == "sqlite":
             _drop_sqlite(run_of(config), back_up)
         else:
-            run_coroutine(_drop_schema(run_of(config), back_up))
+            run_coroutine(_drop_schema(run_of(config), back_up, schema))
     except Interrupted as exc:  # waiting for the lock, or backing up: nothing dropped yet
         as_it_was = "interrupted: nothing was dropped: the database is as it was"
         raise Interrupted(as_it_was, exc.signum) from None
     except DBAPIError as exc:  # the drop's transaction was rolled back
-        said, fix = not_the_revision(exc, run_of(config)) or (describe(exc), _fix(exc, env))
+        said, fix = not_the_revision(exc, run_of(config)) or (describe(exc), _fix(exc, env, schema))
         raise DbError(
             f"reset could not drop the tables: {said}\nnothing was dropped: the database is "
             f"as it was; {fix}"
@@ -60,17 +61,22 @@ def reset(env: Environment, options: RunOptions | None = None) -> list[Step]:
     return migrate(env, "head", replace(options, backup=False))  # backed up before the drop
 
 
-def _fix(exc: DBAPIError, env: Environment) -> str:
+def _fix(exc: DBAPIError, env: Environment, schema: list[str]) -> str:
     """What to do when the drop failed for another reason than the revision's session."""
-    if getattr(cause_of(exc), "sqlstate", None) != "42501":  # insufficient_privilege
+    if getattr(cause_of(exc), "sqlstate", None) != "42501" or not schema:  # insufficient_privilege
         return "fix that"
-    schema, user = env.schema or "public", env.url().username
-    owner = f'"{user}"' if user else "the role the URL connects as"
+    name, url = schema[0], env.url()
+    role = _quoted(url.username) if url.username else "the role the URL connects as"
     return (
-        f"reset drops the schema {schema} and makes it again as it was, which takes its "
-        f"owner's rights: run it as the role that owns {schema}, or make the migration's "
-        f'role its owner (ALTER SCHEMA "{schema}" OWNER TO {owner}), or drop the tables yourself'
+        f"reset drops the schema {name} and makes it again as it was, which takes its "
+        "owner's rights and CREATE on the database: run it as a role that has both, or give "
+        f"them to {role} (ALTER SCHEMA {_quoted(name)} OWNER TO {role}; GRANT CREATE ON "
+        f"DATABASE {_quoted(url.database or '')} TO {role}), or drop the tables yourself"
     )
+
+
+def _quoted(name: str) -> str:
+    return '"' + name.replace('"', '""') + '"'
 
 
 def _drop_sqlite(run: Run, back_up: Callable[[], None]) -> None:
@@ -95,9 +101,11 @@ def _drop_sqlite(run: Run, back_up: Callable[[], None]) -> None:
         engine.dispose()
 
 
-async def _drop_schema(run: Run, back_up: Callable[[], None]) -> None:
-    """Under the migration lock: back up, then drop the schema and make it again."""
-    schema = run.schema or "public"
+async def _drop_schema(run: Run, back_up: Callable[[], None], schema: list[str]) -> None:
+    """Under the migration lock: back up, then drop the schema and make it again. Without
+    SCHEMA, the one the revisions' tables went to: the version table's, as the search path
+    finds it, or the first on the path that exists (``"$user"`` comes before ``public``, so
+    a schema named as the role, when there is one)."""
     engine = make_async_engine(run.url, connect_timeout=run.connect_timeout)
     try:
         async with connect_async(engine, run.wait, run.stop.check) as connection:
@@ -105,16 +113,24 @@ async def _drop_schema(run: Run, back_up: Callable[[], None]) -> None:
             stopped = run.stop.check
             async with pg_lock(connection, pid, run.lock_name, run.lock_wait, run.note, stopped):
                 back_up()
-                found = await connection.execute(text(_AS_IT_WAS), {"schema": schema})
+                current = await connection.scalar(text(_THE_SCHEMA))
+                schema.append(run.schema or current or "public")
+                found = await connection.execute(text(_AS_IT_WAS), {"schema": schema[0]})
                 as_it_was = found.scalars().all()
-                await connection.execute(text(f'DROP SCHEMA IF EXISTS "{schema}" CASCADE'))
-                await connection.execute(text(f'CREATE SCHEMA "{schema}"'))
+                name = _quoted(schema[0])
+                await connection.execute(text(f"DROP SCHEMA IF EXISTS {name} CASCADE"))
+                await connection.execute(text(f"CREATE SCHEMA {name}"))
                 for statement in as_it_was:  # in the drop's transaction: all, or no drop
                     await connection.exec_driver_sql(statement)
                 await connection.commit()
     finally:
         await engine.dispose()
 
+
+_THE_SCHEMA = """
+select coalesce((select n.nspname from pg_class c join pg_namespace n on n.oid = c.relnamespace
+                  where c.oid = to_regclass('alembic_version')), current_schema())
+"""
 
 # What a schema made again must get back, so that only its contents are new: its owner (the
 # public schema's is pg_database_owner), its grants (USAGE to PUBLIC, or to the app's role),

@@ -465,13 +465,47 @@ def test_reset_by_a_role_that_does_not_own_the_schema_says_what_it_needs(
         )
         assert error.endswith(
             "nothing was dropped: the database is as it was; reset drops the schema public and "
-            "makes it again as it was, which takes its owner's rights: run it as the role that "
-            'owns public, or make the migration\'s role its owner (ALTER SCHEMA "public" OWNER '
-            f'TO "{role}"), or drop the tables yourself\n'
+            "makes it again as it was, which takes its owner's rights and CREATE on the "
+            f'database: run it as a role that has both, or give them to "{role}" (ALTER SCHEMA '
+            f'"public" OWNER TO "{role}"; GRANT CREATE ON DATABASE "{pg_database.name}" TO '
+            f'"{role}"), or drop the tables yourself\n'
         )
         assert versions_of(pg_database.dsn) == [head_revision()]
     finally:
         pg_execute(pg_database.dsn, f"drop owned by {role}", f"drop role {role}")
+
+
+def test_reset_drops_the_schema_the_tables_are_in_when_it_is_named_as_the_role(
+    project: Project, pg_database: PgDatabase
+) -> None:
+    """PostgreSQL's search path puts a schema named as the role ("$user") before public, so
+    the revisions' tables went there; reset dropped public, said 'nothing to do, the
+    database is already there', and every row stayed."""
+    role = f"mig_{uuid.uuid4().hex[:8]}"
+    pg_execute(
+        pg_database.dsn,
+        f"create role {role} login",
+        f"create schema authorization {role}",  # the role's own schema
+        f'grant create on database "{pg_database.name}" to {role}',  # to make it again
+    )
+    try:
+        url = make_url(pg_database.url).set(username=role).render_as_string(False)
+        project.write_env("pg", f"DATABASE_URL={url}\n")
+        project.migrated("pg")
+        project.ok("seed", "--env=pg")
+
+        result = project.ok("reset", "--env=pg")
+
+        assert "pg: reset and migrated 1 revision" in result.stderr
+        [row] = pg_fetch(pg_database.dsn, f"select count(*) as n from {role}.users")
+        assert row["n"] == 0
+    finally:
+        pg_execute(
+            pg_database.dsn,
+            f'revoke create on database "{pg_database.name}" from {role}',
+            f"drop owned by {role}",
+            f"drop role {role}",
+        )
 
 
 def test_a_data_migration_that_reads_rows_does_not_block_a_protected_migrate(
