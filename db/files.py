@@ -8,6 +8,7 @@ import re
 import secrets
 import stat
 from collections.abc import Callable
+from contextlib import suppress
 from datetime import datetime
 from pathlib import Path
 
@@ -18,13 +19,17 @@ def dated(
     folder: Path, name: str, stamp: str, suffix: str, when: Callable[[str], datetime]
 ) -> list[Path]:
     """The files ``NAME-STAMP.SUFFIX`` in ``folder``, newest first by ``when`` (the time a
-    stamp says); ``stamp`` is the pattern of their time stamps. Only ``name``'s own: the
-    environment dev-old's ``dev-old-...`` starts with ``dev-`` too, and a glob alone took
-    them for dev's."""
+    stamp says; a ValueError: no time, so no file of ours); ``stamp`` is the pattern of
+    their time stamps. Only ``name``'s own: the environment dev-old's ``dev-old-...``
+    starts with ``dev-`` too, and a glob alone took them for dev's."""
     shape = re.compile(re.escape(f"{name}-") + f"({stamp})" + re.escape(f".{suffix}"))
     found = folder.glob(f"{glob.escape(name)}-*.{glob.escape(suffix)}")
-    stamped = [(path, shape.fullmatch(path.name)) for path in found]
-    times = {path: when(match.group(1)) for path, match in stamped if match}
+    times: dict[Path, datetime] = {}
+    for path in found:
+        match = shape.fullmatch(path.name)
+        with suppress(ValueError):  # the shape, but no time there is (a 13th month)
+            if match:
+                times[path] = when(match.group(1))
     return sorted(times, key=lambda path: (times[path], path.name), reverse=True)
 
 

@@ -427,7 +427,8 @@ def test_backups_are_ordered_by_when_they_were_taken_in_either_stamp(
     tmp_path: Path, in_tokyo: None
 ) -> None:
     """Backups are stamped in UTC (``...Z``); an older tool's, in local time, are still
-    its own, and take their place by the time they say."""
+    its own, and take their place by the time they say. A file of their shape whose stamp
+    is no time is none of them (reading its time ended the task in a traceback)."""
     from db.backups import backups
 
     env = sqlite_env(tmp_path)
@@ -439,7 +440,7 @@ def test_backups_are_ordered_by_when_they_were_taken_in_either_stamp(
         "t-" + (now - timedelta(hours=2)).astimezone().strftime("%Y%m%d-%H%M%S-%f") + ".sqlite3",
         "t-" + (now - timedelta(hours=3)).strftime("%Y%m%d-%H%M%S-%fZ") + ".sqlite3",
     ]
-    for name in names:
+    for name in [*names, "t-20261340-000000-000000Z.sqlite3"]:  # no 13th month: not a backup
         (folder / name).touch()
 
     assert [path.name for path in backups(env)] == names
