@@ -157,6 +157,25 @@ def test_offline_sql_for_prod_builds_the_same_schema_as_online(
     assert pg_version(pg_database_2) == pg_version(pg_database) == [head_revision()]
 
 
+def test_offline_sql_quotes_a_setting_that_holds_a_quote(
+    project: Project, pg_database: PgDatabase
+) -> None:
+    """``APPLICATION_NAME=bob's deploy`` made ``SET application_name = 'bob's deploy'``, SQL
+    that psql refuses (online, the setting goes as a parameter)."""
+    project.write_env("ci", f"DATABASE_URL={pg_database.url}\nAPPLICATION_NAME=bob's deploy \\ 1\n")
+    sql = project.ok("offline-sql", "--env=ci").stdout
+    then = ["-c", "show application_name"]
+    applied = subprocess.run(
+        ["psql", "-X", "-q", "-At", "-v", "ON_ERROR_STOP=1", "-f", "-", *then, pg_database.dsn],
+        input=sql,
+        capture_output=True,
+        text=True,
+    )
+    assert applied.returncode == 0, applied.stderr
+    assert pg_version(pg_database) == [head_revision()]
+    assert applied.stdout.splitlines()[-1] == "bob's deploy \\ 1"
+
+
 def test_unreachable_server_is_a_clear_error(project: Project) -> None:
     with socket.socket() as probe:  # a port nothing listens on
         probe.bind(("127.0.0.1", 0))

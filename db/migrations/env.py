@@ -136,9 +136,11 @@ def run_migrations_offline() -> None:
         url=run.url, literal_binds=True, dialect_opts={"paramstyle": "named"}, **options()
     )
     if run.url.get_backend_name() == "postgresql":
-        for name, value in {**run.session_settings, "standard_conforming_strings": "on"}.items():
+        # standard_conforming_strings first: a backslash in a value below is no escape
+        for name, value in {"standard_conforming_strings": "on", **run.session_settings}.items():
             if name not in ONLINE_ONLY:
-                context.execute(f"SET {name} = '{value}'")
+                quoted = value.replace("'", "''")  # APPLICATION_NAME=bob's deploy
+                context.execute(f"SET {name} = '{quoted}'")
         if run.schema:
             context.execute(f'CREATE SCHEMA IF NOT EXISTS "{run.schema}"')
             context.execute(f'SET search_path TO "{run.schema}"')
