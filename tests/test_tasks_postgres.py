@@ -176,6 +176,30 @@ def test_offline_sql_quotes_a_setting_that_holds_a_quote(
     assert applied.stdout.splitlines()[-1] == "bob's deploy \\ 1"
 
 
+def test_offline_sql_for_a_schema_a_dba_made_needs_no_create_on_the_database(
+    project: Project, pg_database: PgDatabase
+) -> None:
+    """The SQL began with CREATE SCHEMA IF NOT EXISTS, which PostgreSQL refuses without
+    CREATE on the database even when the schema is there, as online migrate knew."""
+    role = f"mig_{uuid.uuid4().hex[:8]}"
+    pg_execute(pg_database.dsn, f"create role {role} login", f"create schema authorization {role}")
+    try:
+        project.write_env("ci", f"DATABASE_URL={pg_database.url}\nSCHEMA={role}\n")
+        sql = project.ok("offline-sql", "--env=ci").stdout
+        as_role = make_url(pg_database.dsn).set(username=role).render_as_string(False)
+        applied = subprocess.run(
+            ["psql", "-X", "-q", "-v", "ON_ERROR_STOP=1", "-d", as_role],
+            input=sql,
+            capture_output=True,
+            text=True,
+        )
+        assert applied.returncode == 0, applied.stderr
+        rows = pg_fetch(pg_database.dsn, f"select version_num from {role}.alembic_version")
+        assert [row["version_num"] for row in rows] == [head_revision()]
+    finally:
+        pg_execute(pg_database.dsn, f"drop owned by {role}", f"drop role {role}")
+
+
 def test_unreachable_server_is_a_clear_error(project: Project) -> None:
     with socket.socket() as probe:  # a port nothing listens on
         probe.bind(("127.0.0.1", 0))

@@ -141,8 +141,11 @@ def run_migrations_offline() -> None:
             if name not in ONLINE_ONLY:
                 quoted = value.replace("'", "''")  # APPLICATION_NAME=bob's deploy
                 context.execute(f"SET {name} = '{quoted}'")
-        if run.schema:
-            context.execute(f'CREATE SCHEMA IF NOT EXISTS "{run.schema}"')
+        if run.schema:  # made only if missing, as online (see create_schema)
+            context.execute(
+                f"DO $$BEGIN IF NOT EXISTS (SELECT FROM pg_namespace WHERE nspname = "
+                f"'{run.schema}') THEN CREATE SCHEMA \"{run.schema}\"; END IF; END$$"
+            )
             context.execute(f'SET search_path TO "{run.schema}"')
     with context.begin_transaction():
         context.run_migrations()
