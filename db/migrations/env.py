@@ -136,11 +136,9 @@ def run_migrations_offline() -> None:
         url=run.url, literal_binds=True, dialect_opts={"paramstyle": "named"}, **options()
     )
     if run.url.get_backend_name() == "postgresql":
-        # standard_conforming_strings first: a backslash in a value below is no escape
-        for name, value in {"standard_conforming_strings": "on", **run.session_settings}.items():
+        for name, value in {**run.session_settings, "standard_conforming_strings": "on"}.items():
             if name not in ONLINE_ONLY:
-                quoted = value.replace("'", "''")  # APPLICATION_NAME=bob's deploy
-                context.execute(f"SET {name} = '{quoted}'")
+                context.execute(f"SET {name} = {sql_string(value)}")
         if run.schema:  # made only if missing, as online (see create_schema)
             context.execute(
                 f"DO $$BEGIN IF NOT EXISTS (SELECT FROM pg_namespace WHERE nspname = "
@@ -163,6 +161,16 @@ def do_run_migrations(connection: Connection, fence: Fence | None = None) -> Non
     guard_blocks(fence)
     with context.begin_transaction(), own_transactions_refused(connection):
         context.run_migrations()
+
+
+def sql_string(value: str) -> str:
+    """``value`` as a PostgreSQL string literal (APPLICATION_NAME=bob's deploy): an E''
+    string where it holds a backslash, read alike whatever standard_conforming_strings is."""
+    quoted = value.replace("'", "''")
+    if "\\" not in value:
+        return f"'{quoted}'"
+    escaped = quoted.replace("\\", "\\\\")
+    return f"E'{escaped}'"
 
 
 def create_schema(connection: Connection, schema: str) -> None:
