@@ -259,8 +259,9 @@ def restore(
     help={
         **COMMON,
         "revision": "the revision whose interrupted non-transactional run you have checked",
-        "applied": "its changes are all in the database: record it as applied",
-        "rolled_back": "none of its changes are left: record it as not applied, to run again",
+        "applied": "the run's changes are all in the database: record the upgrade as applied "
+        "(the downgrade as finished)",
+        "rolled_back": "none of the run's changes are left: record it as not made, to run again",
         "yes": YES,
         "lock_wait": RUN["lock_wait"],
         "only": ONE,
@@ -291,9 +292,8 @@ def resolve(
         target = environment(c, env, banner=True, only=only)
         if target.protected:
             confirm(target, yes, f"record how {revision} ended on", need_yes=False)
-        at = records.resolve(target, revision, applied, run_options(lock_wait))
-    how = "applied" if applied else "rolled back"
-    print(f"{target.label}: recorded {revision} as {how}; the database is at {at}", file=sys.stderr)
+        done = records.resolve(target, revision, applied, run_options(lock_wait))
+    print(f"{target.label}: {done.described}; the database is at {done.at}", file=sys.stderr)
 
 
 @task(

@@ -119,6 +119,20 @@ class Unresolved(GuardRefused):
     """A non-transactional revision started and never finished: someone must say how it ended."""
 
 
+def unfinished_run(revision: str, upgrade: bool) -> str:
+    """The run of a non-transactional revision that did not finish, in words."""
+    return revision if upgrade else f"the downgrade of {revision}"
+
+
+def resolve_hint(flags: str, revision: str, upgrade: bool) -> str:
+    """The ``invoke resolve`` that records how an unfinished run ended. For a downgrade,
+    --applied is the one that leaves the revision not applied: said, not left to guess."""
+    command = f"`invoke resolve {flags} {revision} --applied`"
+    if upgrade:
+        return f"{command} (or --rolled-back)"
+    return f"{command} if all of its downgrade is in the database (or --rolled-back if none is)"
+
+
 class CheckFailed(DbError):
     """A check found something to fix: pending revisions, drift, several heads."""
 

@@ -24,6 +24,8 @@ from db.errors import (
     MigrationFailed,
     cause_of,
     first_line,
+    resolve_hint,
+    unfinished_run,
 )
 from db.progress import Progress, Step, message_of
 from db.versions import applied_revisions, current_heads
@@ -195,10 +197,10 @@ def _running(
     rev = step.revision.revision
     if progress.in_block:
         return [
-            f"{rev} stopped in its non-transactional part (last statement started: "
-            f"{progress.last_statement or 'none'}), so part of it may be in the database: "
-            f"check, then run `invoke resolve {run.flags} {rev} --applied` "
-            "(or --rolled-back)"
+            f"{unfinished_run(rev, step.is_upgrade)} stopped in its non-transactional part "
+            f"(last statement started: {progress.last_statement or 'none'}), so part of it "
+            f"may be in the database: check, then run "
+            f"{resolve_hint(run.flags, rev, step.is_upgrade)}"
         ]
     if applied is None:
         return []

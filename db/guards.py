@@ -12,7 +12,7 @@ from sqlalchemy import Connection
 
 from db import audit
 from db.environments import Environment
-from db.errors import GuardRefused, RevisionError, Unresolved
+from db.errors import GuardRefused, RevisionError, Unresolved, resolve_hint, unfinished_run
 from db.versions import VERSION_TABLE
 
 _REVISION_ID = re.compile(r"\w+", re.ASCII)
@@ -205,9 +205,10 @@ def all_finished(log: list[audit.Entry], env: Environment, connection: Connectio
     """Refuse to run past a non-transactional revision that started and never finished."""
     for entry in audit.unfinished(log):
         statement = audit.last_statement(connection, entry) or "none"
+        upgrade = entry.direction == "run-up"
         raise Unresolved(
-            f"revision {entry.revision} started its non-transactional part at "
-            f"{entry.started_at:%Y-%m-%d %H:%M:%S %Z} and never finished (last statement "
-            f"started: {statement}); nothing was run: check what it did, then record it with "
-            f"`invoke resolve {env.flags} {entry.revision} --applied` (or --rolled-back)"
+            f"{unfinished_run(f'revision {entry.revision}', upgrade)} started its "
+            f"non-transactional part at {entry.started_at:%Y-%m-%d %H:%M:%S %Z} and never "
+            f"finished (last statement started: {statement}); nothing was run: check what it "
+            f"did, then record it with {resolve_hint(env.flags, entry.revision, upgrade)}"
         )

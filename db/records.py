@@ -16,9 +16,8 @@ from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import TypeVar
 
-from alembic import util
+from alembic.runtime.migration import HeadMaintainer, RevisionStep
 from alembic.runtime.migration import MigrationContext as Context
-from alembic.runtime.migration import RevisionStep
 from alembic.script import Script, ScriptDirectory
 from sqlalchemy import Connection, text
 from sqlalchemy.engine import URL
@@ -221,16 +220,35 @@ def accept_changes(env: Environment, revision: str, options: RunOptions | None =
     return _locked(env, options, accept)
 
 
+@dataclass(frozen=True)
+class Resolved:
+    revision: str
+    upgrade: bool  # the run that did not finish was its upgrade (else its downgrade)
+    applied: bool  # that run's changes are all in the database (else none are)
+    at: str  # where the database is now
+
+    @property
+    def described(self) -> str:
+        """What was recorded, in words that say whether the revision is applied now."""
+        if self.upgrade:
+            return f"recorded {self.revision} as {'applied' if self.applied else 'rolled back'}"
+        if self.applied:
+            return f"recorded the downgrade of {self.revision} as finished: it is not applied"
+        return f"recorded the downgrade of {self.revision} as rolled back: it is still applied"
+
+
 def resolve(
     env: Environment, revision: str, applied: bool, options: RunOptions | None = None
-) -> str:
-    """Record how an unfinished non-transactional revision ended; returns where the database is.
+) -> Resolved:
+    """Record how an unfinished non-transactional run of a revision ended.
 
-    ``applied``: its work is all in the database, so it is recorded as applied (the version
-    table moves past it); otherwise it is recorded as rolled back and will run again.
+    ``applied``: the run's work is all in the database, so the version table moves as that
+    step would have moved it (past the revision after an upgrade, to its parents after a
+    downgrade, other branches' heads kept); otherwise the revision stays where it was, and
+    the run will be made again.
     """
 
-    def settle(script: ScriptDirectory, _current: tuple[str, ...], context: Context) -> str:
+    def settle(script: ScriptDirectory, _current: tuple[str, ...], context: Context) -> Resolved:
         connection = connection_of(context)
         found = [e for e in audit.unfinished(audit.entries(connection)) if e.revision == revision]
         if not found:
@@ -238,13 +256,14 @@ def resolve(
                 f"revision {revision} has no unfinished run on the {env.label} database: "
                 f"nothing to resolve (see `invoke history {env.flags}`)"
             )
-        if applied and found[-1].direction == "run-down":
-            parents = util.to_tuple(script.get_revision(revision).down_revision, default=())
-            context.stamp(script, str(parents[0]) if parents else "base")
-        elif applied:
-            context.stamp(script, revision)
+        upgrade = found[-1].direction == "run-up"
+        file = by_id(script, revision, env.flags, "resolve") if applied else None
+        if file is not None:  # the version table moved as Alembic moves it after a step
+            step = RevisionStep(script.revision_map, file, upgrade)
+            HeadMaintainer(context, context.get_current_heads()).update_to_step(step)
         audit.resolve(connection, found[-1], applied, audit.Who.here(env))
-        return ", ".join(context.get_current_heads()) or "base"
+        at = ", ".join(context.get_current_heads()) or "base"
+        return Resolved(revision, upgrade, applied, at)
 
     return _locked(env, options, settle)
 

@@ -330,3 +330,120 @@ def test_a_full_disk_on_the_server_rolls_the_revision_back_and_says_so(
             assert not tables
         finally:
             pg_execute(admin, "drop database if exists tiny", "drop tablespace if exists small")
+
+
+def add_one_undone_outside_a_transaction(project: Project, rev: str = "p01") -> None:
+    """``rev`` adds one to the price; its downgrade takes it back in an autocommit_block,
+    and sleeps there when SLOW is set."""
+    undo = (
+        "with op.get_context().autocommit_block():\n"
+        '        op.execute("update products set price = price - 1")\n'
+        "        " + SLOW.replace("\n", "\n    ")
+    )
+    text = revision(rev, head_revision(), 'op.execute("update products set price = price + 1")')
+    project.add_revision(
+        rev, text.replace("downgrade() -> None:\n    pass", f"downgrade() -> None:\n    {undo}")
+    )
+
+
+def kill_the_slow_downgrade(shop: Project, database: PgDatabase, *flags: str) -> str:
+    """Roll back with SLOW set, and end the run's session while its downgrade sleeps in its
+    non-transactional block (after taking the price back); returns what the run printed."""
+    run = popen(shop, "rollback", "--env=ci", "--yes", *flags, SLOW="1")
+    [sleeping] = wait_until(
+        lambda: running_query(database.dsn, "pg_sleep(30)"), "the slow downgrade", process=run
+    )
+    pg_execute(database.dsn, f"select pg_terminate_backend({sleeping['pid']})")
+    _, err = run.communicate(timeout=60)
+    assert run.returncode == 3, err
+    return err
+
+
+def test_a_killed_non_transactional_downgrade_says_it_was_the_downgrade(
+    shop: Project, pg_database: PgDatabase
+) -> None:
+    """For a downgrade, --applied is the flag that leaves the revision not applied: the
+    messages say which run stopped, and what each flag records."""
+    add_one_undone_outside_a_transaction(shop)
+    shop.ok("migrate", "--env=ci")
+
+    err = kill_the_slow_downgrade(shop, pg_database)
+
+    hint = (
+        "`invoke resolve --env=ci p01 --applied` if all of its downgrade is in the database "
+        "(or --rolled-back if none is)"
+    )
+    assert "the downgrade of p01 stopped in its non-transactional part" in err
+    assert f"so part of it may be in the database: check, then run {hint}" in err
+    assert versions_of(pg_database.dsn) == ["p01"]
+    assert log(pg_database)[-1] == ("p01", "run-down")
+    refused = shop.invoke("migrate", "--env=ci")
+    assert refused.returncode == 4, refused.stderr
+    assert "the downgrade of revision p01 started its non-transactional part" in refused.stderr
+    assert f"then record it with {hint}" in refused.stderr
+
+
+def test_a_downgrade_resolved_as_applied_leaves_the_revision_not_applied(
+    shop: Project, pg_database: PgDatabase
+) -> None:
+    add_one_undone_outside_a_transaction(shop)
+    shop.ok("migrate", "--env=ci")
+    kill_the_slow_downgrade(shop, pg_database)
+    assert price(pg_database) == 10  # the block took the price back, and committed
+
+    resolved = shop.ok("resolve", "p01", "--applied", "--env=ci")
+
+    said = "recorded the downgrade of p01 as finished: it is not applied; the database is at"
+    assert f"{said} {head_revision()}\n" in resolved.stderr
+    assert versions_of(pg_database.dsn) == [head_revision()]
+    assert log(pg_database)[-1] == ("p01", "down")
+    assert "applied p01" in shop.ok("migrate", "--env=ci").stderr
+    assert price(pg_database) == 11
+
+
+def test_a_downgrade_resolved_as_rolled_back_leaves_the_revision_applied(
+    shop: Project, pg_database: PgDatabase
+) -> None:
+    add_one_undone_outside_a_transaction(shop)
+    shop.ok("migrate", "--env=ci")
+    kill_the_slow_downgrade(shop, pg_database)
+    pg_execute(pg_database.dsn, "update products set price = price + 1")  # the operator's undo
+    shop.extend_env("ci", "PROTECTED=true\n")
+    refused = shop.invoke("resolve", "p01", "--rolled-back", "--env=ci")
+    assert refused.returncode == 4 and "pass --yes to go ahead" in refused.stderr
+    assert log(pg_database)[-1] == ("p01", "run-down")
+
+    resolved = shop.ok("resolve", "p01", "--rolled-back", "--env=ci", "--yes")
+
+    said = (
+        "recorded the downgrade of p01 as rolled back: it is still applied; the database is at p01"
+    )
+    assert said in resolved.stderr
+    assert versions_of(pg_database.dsn) == ["p01"]
+    assert log(pg_database)[-1] == ("p01", "aborted")
+    assert "reverted p01" in shop.ok("rollback", "--env=ci", "--yes").stderr
+    assert price(pg_database) == 10
+
+
+def test_a_resolved_downgrade_keeps_the_other_branchs_head(
+    shop: Project, pg_database: PgDatabase
+) -> None:
+    """Recording the downgrade moves the version table as the step would have: to its parent
+    on its own branch. A stamp to the parent took the other branch's head away with it, so
+    that branch's revision would have run a second time."""
+    add_one_undone_outside_a_transaction(shop)
+    shop.add_revision("x01", revision("x01", head_revision(), message="another branch"))
+    shop.ok("migrate", "--env=ci", "--to=heads")
+    assert versions_of(pg_database.dsn) == ["p01", "x01"]
+    kill_the_slow_downgrade(shop, pg_database, "--to=p01@-1")
+
+    resolved = shop.ok("resolve", "p01", "--applied", "--env=ci")
+
+    assert "the database is at x01" in resolved.stderr
+    assert versions_of(pg_database.dsn) == ["x01"]
+    status = shop.ok("status", "--env=ci").stdout
+    assert "pending: 1\n  p01  hand written" in status, status
+    migrated = shop.ok("migrate", "--env=ci", "--to=heads").stderr
+    assert "applied p01" in migrated and "applying x01" not in migrated, migrated
+    assert versions_of(pg_database.dsn) == ["p01", "x01"]
+    assert price(pg_database) == 11
