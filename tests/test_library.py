@@ -456,3 +456,23 @@ def test_backups_are_ordered_by_when_they_were_taken_in_either_stamp(
 
     assert [path.name for path in backups(env)] == names
 
+
+@pytest.mark.parametrize("task", ["reset", "seed"])
+def test_the_library_refuses_to_reset_or_seed_a_protected_environment(
+    tmp_path: Path, task: str
+) -> None:
+    """The tasks refuse before they load a secret; the library refuses on its own too, for a
+    caller that is not the tasks (the app, a script), and touches nothing."""
+    from db.errors import GuardRefused
+    from db.reset import reset
+    from db.seed import seed
+
+    sqlite_env(tmp_path)  # the project's files beside an env file t, made protected here
+    (tmp_path / "environments" / "t.env").write_text(
+        "DATABASE_URL=sqlite:///t.sqlite3\nPROTECTED=true\n"
+    )
+    env = load_environment(tmp_path, "t", {})
+
+    with pytest.raises(GuardRefused, match="t is protected"):
+        (reset if task == "reset" else seed)(env)
+    assert not (tmp_path / "t.sqlite3").exists()

@@ -59,6 +59,19 @@ def test_stamp_adopts_a_matching_database(adopted: Project) -> None:
     assert f"{HEAD}  applied" in adopted.ok("history").stdout
 
 
+def test_stamp_on_a_protected_environment_needs_confirming(adopted: Project) -> None:
+    adopted.write_env("safe", "DATABASE_URL=sqlite:///var/dev.sqlite3\nPROTECTED=true\n")
+
+    refused = adopted.invoke("stamp", "head", "--env=safe")
+
+    assert refused.returncode == 4, refused.stderr
+    assert "safe is protected and there is no terminal to confirm on: pass --yes" in refused.stderr
+    assert version(adopted) == []
+    stamped = adopted.ok("stamp", "head", "--env=safe", "--yes")
+    assert f"recorded {HEAD} as applied" in stamped.stderr
+    assert version(adopted) == [HEAD]
+
+
 def test_a_stamp_back_says_what_it_took_away_and_the_trail_records_it(project: Project) -> None:
     project.add_revision("empty", revision("empty001", HEAD))  # no schema change: stamp agrees
     project.ok("migrate")
