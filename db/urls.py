@@ -109,7 +109,7 @@ def _check_sqlite(url: URL, where: str, what: str) -> None:
     """A SQLite file, named by a plain path: an in-memory database would be migrated and
     gone when the task ends; a query option pysqlite ignores (``?mode=ro``) would be ignored
     silently, and a ``file:`` URI is no path to back up or check."""
-    if url.database in (None, "", ":memory:"):
+    if not url.database or url.database == ":memory:":
         raise ConfigError(
             f"{where}: {what} is an in-memory SQLite database, which is gone when the task "
             "ends: name a file (sqlite:///var/dev.sqlite3)"

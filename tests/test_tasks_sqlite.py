@@ -216,7 +216,7 @@ def test_a_revision_that_does_not_fit_on_the_disk_is_not_left_behind(project: Pr
     ("mistake", "said"),
     [
         ("missing", "the template of new revisions, is missing: restore it from the repository"),
-        ("${", "is no valid template (Expected: \\|,}; unterminated tag or expression"),
+        ("${", "is no valid template (Expected: \\|,}"),  # the rest is Mako's, by release
         ("${nowhere.name}", "failed to render (see /"),
     ],
 )
@@ -621,7 +621,8 @@ def test_every_task_and_flag_explains_itself() -> None:
 def test_offline_sql_for_sqlite(project: Project) -> None:
     sql = project.ok("offline-sql", "--env=dev").stdout
     assert "CREATE TABLE users" in sql
-    assert "created_at DATETIME DEFAULT CURRENT_TIMESTAMP NOT NULL" in sql  # SQLite dialect
+    # SQLite's dialect (SQLAlchemy before 2.1 puts the default in parentheses)
+    assert re.search(r"created_at DATETIME DEFAULT \(?CURRENT_TIMESTAMP\)? NOT NULL", sql)
     assert "SET lock_timeout" not in sql
 
 
