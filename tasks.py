@@ -624,7 +624,7 @@ def envs(c: Context) -> None:
     """List the known environments with their dialect and masked URL (exit 2 if one of
     them cannot be loaded)."""
     from db import fleet
-    from db.environments import known_environments, load_environment
+    from db.environments import SECRET_KEYS, known_environments, load_environment
     from db.errors import DbError
     from db.urls import mask
 
@@ -632,10 +632,19 @@ def envs(c: Context) -> None:
     for name in known_environments(ROOT):
         try:
             loaded = load_environment(ROOT, name, os.environ)
-            url = loaded.url(need_secrets=False)
-            marks = [("a fleet", fleet.is_fleet(loaded)), ("protected", loaded.protected)]
-            said = ", ".join(mark for mark, holds in marks if holds)
+            unset = loaded.unset_secrets  # a secret's variable: set where the tasks run
+            marks = [
+                ("a fleet", fleet.is_fleet(loaded)),
+                ("protected", loaded.protected),
+                (f"{', '.join(sorted(set(unset.values())))} not set", bool(unset)),
+            ]
+            said = "; ".join(mark for mark, holds in marks if holds)
             said = f"  ({said})" if said else ""
+            whole = next((k for k in SECRET_KEYS if k in unset and not loaded.get(k)), None)
+            if whole in ("DATABASE_URL", "MIGRATION_URL"):  # the URL is all one variable
+                print(f"{name:<10} {'?':<11} ${{{unset[whole]}}}{said}")
+                continue
+            url = loaded.url(need_secrets=False)
             print(f"{name:<10} {url.get_backend_name():<11} {mask(url)}{said}")
         except DbError as exc:
             print(f"{name:<10} {'?':<11} error: {exc}")

@@ -148,6 +148,12 @@ class Environment:
     def relative(self, path: Path) -> str:
         return str(path.relative_to(self.root)) if path.is_relative_to(self.root) else str(path)
 
+    @property
+    def unset_secrets(self) -> dict[str, str]:
+        """The secrets whose ``${VAR}`` nobody set (yet): key -> the variable. A task that
+        connects refuses them; ``envs`` and ``offline-sql`` need none of them."""
+        return {key: var for key, var in self.missing.items() if key in SECRET_KEYS}
+
     def url(self, *, need_secrets: bool = True, app: bool = False) -> URL:
         """The URL migrations use: ``MIGRATION_URL`` if set (a direct connection where the
         app goes through a pooler), else ``DATABASE_URL``; ``app=True``: always the latter.
@@ -335,6 +341,7 @@ def _expand(
 
 def _database_url(env: Environment, key: str) -> URL:
     if not env.get(key):
+        env._variables_set([key])  # all of it a ${VAR} nobody set: said so, not "not set"
         raise ConfigError(f"{ENV_DIR}/{env.name}.env does not set {key}")
     url = parse_url(env.get(key), env.relative(env.sources[key]), key)
     if key == CATALOG_KEY:  # the catalog's URL is all its own

@@ -428,8 +428,32 @@ def test_envs_lists_dialects_and_masked_urls_without_secrets(project: Project) -
     assert set(lines) == {"dev", "staging", "prod", "shops"}
     assert "sqlite" in lines["dev"] and "(" not in lines["dev"]
     assert "postgresql+asyncpg://shop:***@prod-db.internal:5432/shop" in lines["prod"]
-    assert lines["prod"].endswith("  (protected)")
+    assert lines["prod"].endswith("  (protected; PROD_DB_PASSWORD not set)")
     assert lines["shops"].endswith("/var/{target}.sqlite3  (a fleet)")
+
+
+def test_envs_says_which_secrets_are_not_set_and_lists_a_url_that_is_one(
+    project: Project,
+) -> None:
+    """A URL given whole by a variable (12-factor style) was an error row, "does not set
+    DATABASE_URL", that failed the check; a variable unset inside one was listed as empty,
+    a URL that is no one's. Secrets may be unset where the files are checked."""
+    project.write_env("cloud", "DATABASE_URL=${CLOUD_DATABASE_URL}\nPROTECTED=true\n")
+    project.write_env("qa", "DATABASE_URL=sqlite:///var/${QA_FILE}.sqlite3\n")
+
+    result = project.ok("envs")
+
+    lines = {line.split()[0]: line for line in result.stdout.splitlines()}
+    assert (
+        lines["cloud"]
+        == "cloud      ?           ${CLOUD_DATABASE_URL}  (protected; CLOUD_DATABASE_URL not set)"
+    )
+    assert lines["qa"].endswith("/var/.sqlite3  (QA_FILE not set)")
+    error = project.fails("offline-sql", "--env=cloud")
+    assert "DATABASE_URL uses ${CLOUD_DATABASE_URL}, which is not set; export" in error
+    url = "postgresql+asyncpg://shop@db.internal/shop"
+    listed = project.ok("envs", CLOUD_DATABASE_URL=url).stdout
+    assert f"cloud      postgresql  {url}  (protected)\n" in listed
 
 
 def test_envs_lists_every_environment_and_fails_on_a_broken_one(project: Project) -> None:
@@ -451,7 +475,7 @@ def test_envs_lists_every_environment_and_fails_on_a_broken_one(project: Project
 def test_envs_never_shows_a_password(project: Project) -> None:
     result = project.ok("envs", PROD_DB_PASSWORD="s3cret-Pa55")
     assert "s3cret-Pa55" not in result.stdout + result.stderr
-    assert "shop:***@prod-db.internal" in result.stdout
+    assert "shop:***@prod-db.internal:5432/shop  (protected)\n" in result.stdout
 
 
 def test_default_env_comes_from_invoke_config(project: Project) -> None:
