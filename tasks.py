@@ -633,13 +633,10 @@ def envs(c: Context) -> None:
         try:
             loaded = load_environment(ROOT, name, os.environ)
             unset = loaded.unset_secrets  # a secret's variable: set where the tasks run
-            marks = [
-                ("a fleet", fleet.is_fleet(loaded)),
-                ("protected", loaded.protected),
-                (f"{', '.join(sorted(set(unset.values())))} not set", bool(unset)),
-            ]
-            said = "; ".join(mark for mark, holds in marks if holds)
-            said = f"  ({said})" if said else ""
+            marks = [("a fleet", fleet.is_fleet(loaded)), ("protected", loaded.protected)]
+            parts = [", ".join(mark for mark, holds in marks if holds)]
+            parts += [f"{', '.join(sorted(set(unset.values())))} not set"] if unset else []
+            said = f"  ({'; '.join(filter(None, parts))})" if any(parts) else ""
             whole = next((k for k in SECRET_KEYS if k in unset and not loaded.get(k)), None)
             if whole in ("DATABASE_URL", "MIGRATION_URL"):  # the URL is all one variable
                 print(f"{name:<10} {'?':<11} ${{{unset[whole]}}}{said}")
