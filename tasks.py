@@ -473,16 +473,19 @@ def status(
         if is_fleet(target):
             plan = fleet_plan("status", None, jobs, keep_going=True)
             outcomes = run_fleet(target, plan, only or "", run_options(), json_=json_)
-            if check and any(o.pending or o.failed for o in outcomes):
+            if check and any(o.pending or o.failed or o.state == "unfinished" for o in outcomes):
                 raise Exit(f"{target.name}: targets behind head", code=check_failed())
             return
         found = commands.status(target, run_options())
     if json_:
-        print_json({"environment": target.name, **asdict(found), "up_to_date": not found.pending})
+        print_json({"environment": target.name, **asdict(found), "up_to_date": found.up_to_date})
     else:
         print_status(found)
     if check and found.pending:
         raise Exit(f"{target.name}: {len(found.pending)} revision(s) pending", code=check_failed())
+    if check and found.unfinished:
+        never = f"{len(found.unfinished)} non-transactional run(s) never finished"
+        raise Exit(f"{target.name}: {never}: resolve them (see above)", code=check_failed())
 
 
 @task(help={**COMMON, **FLEET, "json": "print the history as JSON (fields in the README)"})

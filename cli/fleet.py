@@ -243,6 +243,7 @@ def event(outcome: Outcome) -> str:
         "seeded": outcome.detail,
         "at head": f"at {where}, nothing pending",
         "behind": f"at {where}, {len(outcome.pending)} pending",
+        "unfinished": f"at {where}; {outcome.detail}",
         "passed": "check passed",
         "problems": f"check failed: {outcome.detail}",
         "locked": outcome.detail,
@@ -266,7 +267,7 @@ def print_summary(env: Environment, outcomes: list[Outcome]) -> None:
     print(f"{env.name}: {counted(len(outcomes), 'target')}: {summary}{skew}", file=sys.stderr)
     names: dict[str, list[str]] = defaultdict(list)
     for o in outcomes:
-        if o.state in ("failed", "stopped", "problems"):
+        if o.state in ("failed", "stopped", "problems", "unfinished"):
             print(f"  {o.state:<11} {o.target}: {o.detail}", file=sys.stderr)
         else:
             names[o.state].append(o.target)

@@ -85,6 +85,8 @@ def print_status(found: Status) -> None:
     print(f"pending: {len(found.pending) or 'none'}")
     for rev in found.pending:
         print(f"  {rev.id}  {rev.message}{marker(rev)}")
+    for run in found.unfinished:  # migrate and rollback refuse until it is resolved
+        print(f"unfinished: {run.said}")
 
 
 def print_history(entries: list[HistoryEntry]) -> None:

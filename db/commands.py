@@ -19,7 +19,7 @@ from db.engines import (
     sqlite_file_missing,
 )
 from db.environments import Environment
-from db.errors import DbError, RevisionError
+from db.errors import DbError, RevisionError, resolve_hint
 from db.progress import Revision
 from db.revision_ids import PAST_THE_ENDS, known_revision, one_way
 from db.runner import Progress, RunOptions, Step, load_scripts, make_config, run_env, run_of
@@ -29,10 +29,26 @@ Plan = Callable[[ScriptDirectory, tuple[str, ...]], list[RevisionStep]]
 
 
 @dataclass(frozen=True)
+class Unfinished:
+    """A non-transactional run that started and never finished: migrate and rollback
+    refuse until ``invoke resolve`` records how it ended."""
+
+    id: str
+    direction: str  # "upgrade" or "downgrade"
+    started_at: datetime
+    said: str  # what it is and what to do, in words
+
+
+@dataclass(frozen=True)
 class Status:
     current: tuple[Revision, ...]
     heads: tuple[Revision, ...]
     pending: tuple[Revision, ...]
+    unfinished: tuple[Unfinished, ...] = ()
+
+    @property
+    def up_to_date(self) -> bool:
+        return not self.pending and not self.unfinished
 
 
 @dataclass(frozen=True)
@@ -135,7 +151,20 @@ def status(env: Environment, options: RunOptions | None = None) -> Status:
         current=tuple(Revision.of(script.get_revision(rev)) for rev in state.current),
         heads=tuple(Revision.of(script.get_revision(rev)) for rev in script.get_heads()),
         pending=tuple(Revision.of(rev) for rev in pending),
+        unfinished=unfinished(state.log, env),
     )
+
+
+def unfinished(log: list[audit.Entry], env: Environment) -> tuple[Unfinished, ...]:
+    """The non-transactional runs the audit trail shows started and never finished."""
+    found = []
+    for entry in audit.unfinished(log):
+        upgrade = entry.direction == "run-up"
+        hint = resolve_hint(env.flags, entry.revision, upgrade)
+        said = f"{guards.never_finished(entry)}: check what it did, then record it with {hint}"
+        direction = "upgrade" if upgrade else "downgrade"
+        found.append(Unfinished(entry.revision, direction, entry.started_at, said))
+    return tuple(found)
 
 
 def history(env: Environment) -> list[HistoryEntry]:

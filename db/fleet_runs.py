@@ -43,9 +43,9 @@ class Outcome:
     """What became of one target."""
 
     target: str
-    # migrated, up to date, rolled back, stamped, seeded, at head or behind (what a read
-    # found), passed, problems, locked or busy (retried at the end), failed, stopped (after
-    # a revision: another failed), skipped
+    # migrated, up to date, rolled back, stamped, seeded, at head, behind or unfinished (what
+    # a read found), passed, problems, locked or busy (retried at the end), failed, stopped
+    # (after a revision: another failed), skipped
     state: str
     detail: str = ""  # the revisions applied, or the one-line reason
     current: tuple[str, ...] | None = None  # its revision(s), () at base; None: not known
@@ -204,7 +204,7 @@ def report(
 def target_json(o: Outcome) -> dict[str, Any]:
     row = {k: v for k, v in asdict(o).items() if k not in ("applied", "exit_code", "detail")}
     row.update(
-        up_to_date=not o.failed and not o.pending,
+        up_to_date=not o.failed and not o.pending and o.state != "unfinished",
         detail=o.detail if not o.failed else "",
         error=o.detail if o.failed else None,
     )

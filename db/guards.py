@@ -207,8 +207,16 @@ def all_finished(log: list[audit.Entry], env: Environment, connection: Connectio
         statement = audit.last_statement(connection, entry) or "none"
         upgrade = entry.direction == "run-up"
         raise Unresolved(
-            f"{unfinished_run(f'revision {entry.revision}', upgrade)} started its "
-            f"non-transactional part at {entry.started_at:%Y-%m-%d %H:%M:%S %Z} and never "
-            f"finished (last statement started: {statement}); nothing was run: check what it "
-            f"did, then record it with {resolve_hint(env.flags, entry.revision, upgrade)}"
+            f"{never_finished(entry)} (last statement started: {statement}); nothing was run: "
+            f"check what it did, then record it with "
+            f"{resolve_hint(env.flags, entry.revision, upgrade)}"
         )
+
+
+def never_finished(entry: audit.Entry) -> str:
+    """A non-transactional run that started and never finished (nor was resolved), in words."""
+    upgrade = entry.direction == "run-up"
+    return (
+        f"{unfinished_run(f'revision {entry.revision}', upgrade)} started its "
+        f"non-transactional part at {entry.started_at:%Y-%m-%d %H:%M:%S %Z} and never finished"
+    )

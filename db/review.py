@@ -8,7 +8,7 @@ from alembic.autogenerate import compare_metadata
 from alembic.runtime.migration import MigrationContext, RevisionStep
 
 from db import audit, guards
-from db.commands import plan_steps, read_state
+from db.commands import plan_steps, read_state, unfinished
 from db.environments import Environment
 from db.runner import RunOptions, load_scripts, make_config, run_env
 
@@ -27,6 +27,7 @@ def check(env: Environment, options: RunOptions | None = None) -> list[str]:
         return [f"{heads}: run `invoke merge`"]
     state = read_state(env, config, script)
     problems = guards.changed_files(state.log, script, env)
+    problems += [run.said for run in unfinished(state.log, env)]  # migrate refuses: resolve
     unrecorded = guards.unrecorded(state.log, script, state.current)
     if unrecorded:
         problems.append(_unrecorded(unrecorded, state.current, env))

@@ -18,9 +18,11 @@ from typing import Any, ParamSpec
 
 from alembic.script import ScriptDirectory
 from alembic.util import CommandError
+from sqlalchemy import Connection
 from sqlalchemy.exc import DBAPIError
 
-from db import commands, guards
+from db import audit, commands, guards
+from db.engines import with_connection
 from db.environments import Environment, load_environment
 from db.errors import CheckFailed, ConnectError, DbError, Halted, LockTimeout
 from db.failures import describe, what_to_do
@@ -30,7 +32,7 @@ from db.locks import LOCK_WAIT
 from db.revision_ids import revision_error
 from db.runner import RunOptions, load_scripts, make_config
 from db.stop import Stop
-from db.versions import applied_revisions, current_heads
+from db.versions import applied_revisions, version_of
 
 P = ParamSpec("P")
 HALT = -1  # told to the workers when a target failed (a signal's number, when signalled)
@@ -150,12 +152,25 @@ def _options(args: TaskArgs) -> RunOptions:
     )
 
 
-def _read(env: Environment, stopped: Callable[[], None] = lambda: None) -> Outcome:
-    """Where a target is, read without the lock or env.py: at head, or behind it.
-    ``stopped`` raises to give up connecting: a read-only task's, on a signal."""
+def _read(
+    env: Environment, stopped: Callable[[], None] = lambda: None, *, trail: bool = False
+) -> Outcome:
+    """Where a target is, read without the lock or env.py: at head, or behind it; with
+    ``trail``, read on the same connection, "unfinished" if a non-transactional run never
+    finished (migrate and rollback refuse it until resolved). ``stopped`` raises to give up
+    connecting: a read-only task's, on a signal."""
     script = load_scripts(make_config(env, offline=True))
-    current = current_heads(env.url(), env.connect_timeout, env.schema, stopped=stopped)
+
+    def read(connection: Connection) -> tuple[tuple[str, ...], list[audit.Entry]]:
+        return version_of(connection, env.schema), audit.entries(connection) if trail else []
+
+    current, log = with_connection(
+        env.url(), read, connect_timeout=env.connect_timeout, schema=env.schema, stopped=stopped
+    )
     found = _at(env, script, current, "heads")
+    unfinished = commands.unfinished(log, env)
+    if unfinished:
+        return replace(found, state="unfinished", detail=unfinished[0].said)
     return replace(found, state="behind" if found.pending else "at head")
 
 
@@ -219,7 +234,7 @@ def _signalled() -> None:
 
 
 def _status(env: Environment, _args: TaskArgs) -> Outcome:
-    return _read(env, _signalled)  # nothing to finish: a signal ends a slow connect at once
+    return _read(env, _signalled, trail=True)  # a signal ends a slow connect at once
 
 
 def _history(env: Environment, _args: TaskArgs) -> Outcome:

@@ -5,10 +5,12 @@ Each test reads the database back and checks that what the tasks printed is what
 
 from __future__ import annotations
 
+import json
 import os
 import shutil
 import signal
 from collections.abc import Iterator
+from datetime import timezone
 
 import pytest
 from conftest import (
@@ -381,6 +383,43 @@ def test_a_killed_non_transactional_downgrade_says_it_was_the_downgrade(
     assert refused.returncode == 4, refused.stderr
     assert "the downgrade of revision p01 started its non-transactional part" in refused.stderr
     assert f"then record it with {hint}" in refused.stderr
+
+
+def test_status_and_check_show_a_run_that_never_finished(
+    shop: Project, pg_database: PgDatabase
+) -> None:
+    """The downgrade stopped part way, the version table still at p01: status said "pending:
+    none" (up to date in JSON, exit 0 with --check, so a deploy gated on it went ahead),
+    and check passed, while migrate and rollback refuse until it is resolved."""
+    add_one_undone_outside_a_transaction(shop)
+    shop.ok("migrate", "--env=ci")
+    kill_the_slow_downgrade(shop, pg_database)
+    said = (
+        "the downgrade of revision p01 started its non-transactional part at {} UTC and never "
+        "finished: check what it did, then record it with `invoke resolve --env=ci p01 --applied`"
+        " if all of its downgrade is in the database (or --rolled-back if none is)"
+    )
+    [row] = pg_fetch(
+        pg_database.dsn, "select started_at from migration_log where direction = 'run-down'"
+    )
+    said = said.format(f"{row['started_at'].astimezone(timezone.utc):%Y-%m-%d %H:%M:%S}")
+
+    status = shop.ok("status", "--env=ci").stdout
+    assert status.endswith(f"pending: none\nunfinished: {said}\n"), status
+    data = json.loads(shop.ok("status", "--env=ci", "--json").stdout)
+    assert data["up_to_date"] is False
+    assert [(u["id"], u["direction"], u["said"]) for u in data["unfinished"]] == [
+        ("p01", "downgrade", said)
+    ]
+    gate = shop.invoke("status", "--env=ci", "--check")
+    assert gate.returncode == 5, gate.stderr
+    assert "ci: 1 non-transactional run(s) never finished: resolve them" in gate.stderr
+    checked = shop.invoke("check", "--env=ci")
+    assert checked.returncode == 5 and f"  {said}\n" in checked.stderr, checked.stderr
+
+    shop.ok("resolve", "p01", "--rolled-back", "--env=ci")
+    assert shop.ok("status", "--env=ci", "--check").stdout.endswith("pending: none\n")
+    assert "check passed" in shop.ok("check", "--env=ci").stderr
 
 
 def test_a_downgrade_resolved_as_applied_leaves_the_revision_not_applied(

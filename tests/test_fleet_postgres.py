@@ -509,3 +509,41 @@ def test_a_target_whose_server_is_full_is_tried_again_last(project: Project) -> 
             "(the server has no free connection: lower --jobs or MAX_CONNECTIONS_PER_HOST, or "
             "wait for one with --wait=SECONDS)\n"
         )
+
+
+def test_fleet_status_names_a_target_whose_run_never_finished(
+    tenants: Project, pg_database: PgDatabase
+) -> None:
+    """beta's downgrade was stopped in its non-transactional block: the fleet's status said
+    it was "at p01, nothing pending", up to date, as on one database."""
+    undo = (
+        "with op.get_context().autocommit_block():\n"
+        '        op.execute("select 1")\n'
+        '        if __import__("os").environ.get("SLOW"):\n'
+        '            op.execute("select pg_sleep(30)")'
+    )
+    text = revision("p01", HEAD).replace(
+        "downgrade() -> None:\n    pass", f"downgrade() -> None:\n    {undo}"
+    )
+    tenants.add_revision("p01", text)
+    tenants.ok("migrate", "--env=tenants")
+    run = popen(tenants, "rollback", "--env=tenants", "--only=beta", "--yes", SLOW="1")
+    [sleeping] = wait_until(
+        lambda: running_query(pg_database.dsn, "pg_sleep(30)"), "the slow downgrade", process=run
+    )
+    pg_execute(pg_database.dsn, f"select pg_terminate_backend({sleeping['pid']})")
+    _, err = run.communicate(timeout=60)
+    assert run.returncode == 3, err  # the lost connection, as on one database
+
+    result = tenants.invoke("status", "--env=tenants", "--check")
+
+    assert result.returncode == 5, result.stderr
+    said = "the downgrade of revision p01 started its non-transactional part at "
+    [line] = [line for line in result.stderr.splitlines() if line.startswith("  unfinished")]
+    assert line.startswith(f"  unfinished  beta: {said}"), line
+    assert "`invoke resolve --env=tenants --only=beta p01 --applied` if all" in line
+    data = json.loads(tenants.ok("status", "--env=tenants", "--json").stdout)
+    rows = {row["target"]: row for row in data["targets"]}
+    assert rows["beta"]["state"] == "unfinished" and rows["beta"]["up_to_date"] is False
+    assert rows["alpha"]["state"] == "at head" and rows["alpha"]["up_to_date"] is True
+    assert schema_versions(pg_database.dsn, "beta") == ["p01"]
