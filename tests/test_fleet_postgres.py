@@ -547,3 +547,8 @@ def test_fleet_status_names_a_target_whose_run_never_finished(
     assert rows["beta"]["state"] == "unfinished" and rows["beta"]["up_to_date"] is False
     assert rows["alpha"]["state"] == "at head" and rows["alpha"]["up_to_date"] is True
     assert schema_versions(pg_database.dsn, "beta") == ["p01"]
+
+    migrated = tenants.invoke("migrate", "--env=tenants")  # refused, as on one database
+    assert migrated.returncode == 4, migrated.stderr  # a guard refused, as on one database
+    assert f"  failed      beta: {said}" in migrated.stderr
+    assert "2 up to date" in migrated.stderr

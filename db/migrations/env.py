@@ -21,6 +21,7 @@ from sqlalchemy.engine import make_url
 from sqlalchemy.exc import DBAPIError
 from sqlalchemy.types import TypeDecorator
 
+from db import audit
 from db.engines import (
     connect,
     connect_async,
@@ -251,8 +252,10 @@ def wanted(connection: Connection) -> bool:
     if not run.lock or run.before_lock is None:
         return True
     current = version_of(connection, run.schema)
+    # nothing to do, but a run that never finished: the lock, and the guards that refuse it
+    go = run.before_lock(current) or audit.any_unfinished(connection)
     connection.rollback()
-    return run.before_lock(current)
+    return go
 
 
 async def run_async_migrations(engine: AsyncEngine, *, owned: bool) -> None:
