@@ -154,13 +154,15 @@ def confirm_fleet(
     for target, outcome in zip(chosen, read, strict=True):
         if outcome.failed:  # a server that is down: one line for its targets, not one each
             what = f"unreadable: {as_the_fleets(env, target, outcome.detail)}"
+        elif outcome.state == "unfinished":  # its run takes the lock, and the guard refuses it
+            what = "a non-transactional run never finished: refused until resolved"
         else:
             what = in_short(outcome.pending)
         groups[what].append(outcome.target)
     print(f"plan for {len(chosen)} targets:", file=sys.stderr)
     for what, names in groups.items():
         print(f"  {len(names)} target(s): {what}  [{short(names)}]", file=sys.stderr)
-    behind = {o.target for o in read if o.pending or o.failed}
+    behind = {o.target for o in read if o.pending or o.failed or o.state == "unfinished"}
     if behind:
         confirm(env, yes, f"migrate {len(behind)} target(s) of", need_yes=False)
     return [t for t in chosen if t.name in behind]

@@ -548,7 +548,13 @@ def test_fleet_status_names_a_target_whose_run_never_finished(
     assert rows["alpha"]["state"] == "at head" and rows["alpha"]["up_to_date"] is True
     assert schema_versions(pg_database.dsn, "beta") == ["p01"]
 
-    migrated = tenants.invoke("migrate", "--env=tenants")  # refused, as on one database
-    assert migrated.returncode == 4, migrated.stderr  # a guard refused, as on one database
-    assert f"  failed      beta: {said}" in migrated.stderr
-    assert "2 up to date" in migrated.stderr
+    for protected in (False, True):  # refused, as on one database; planned as such
+        if protected:
+            tenants.extend_env("tenants", "PROTECTED=true\n")
+        migrated = tenants.invoke("migrate", "--env=tenants", "--yes")
+        assert migrated.returncode == 4, migrated.stderr  # a guard refused
+        assert f"  failed      beta: {said}" in migrated.stderr
+        if not protected:
+            assert "tenants: 3 targets: 2 up to date, 1 failed" in migrated.stderr
+    plan = "1 target(s): a non-transactional run never finished: refused until resolved  [beta]"
+    assert plan in migrated.stderr
