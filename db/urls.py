@@ -13,8 +13,9 @@ from db.errors import ConfigError
 
 SUPPORTED_DRIVERS = ("sqlite", "sqlite+pysqlite", "postgresql+asyncpg")
 # What asyncpg takes from a URL's query: SQLAlchemy hands the query to asyncpg.connect()
-# as text, so anything else fails there (a timeout as text, libpq's sslmode); the timeouts
-# are the env file's own keys
+# as text, so most else fails there (a timeout as text, libpq's sslmode); the timeouts
+# are the env file's own keys. A user, password, database or port asyncpg would take, but
+# the tasks read those from the URL itself (the lock's key, the banner's mask, pg_dump)
 ASYNCPG_QUERY = (
     "ssl",
     "host",
@@ -68,8 +69,8 @@ def _check_asyncpg_query(url: URL, where: str, what: str) -> None:
     unknown = [key for key in url.query if key not in ASYNCPG_QUERY]
     if unknown:
         raise ConfigError(
-            f"{where}: {what} has ?{unknown[0]}=, which asyncpg cannot take from a URL "
-            f"(it takes {', '.join(ASYNCPG_QUERY)}){_QUERY_HINTS.get(unknown[0], '')}"
+            f"{where}: {what} has ?{unknown[0]}=, which these tasks do not take for "
+            f"PostgreSQL (they take {', '.join(ASYNCPG_QUERY)}){_QUERY_HINTS.get(unknown[0], '')}"
         )
     _check_query_values(url, where, what)
 
@@ -129,7 +130,14 @@ def _check_sqlite(url: URL, where: str, what: str) -> None:
     _check_query_values(url, where, what)
 
 
+_IN_THE_URL = "; write it in the URL itself: postgresql+asyncpg://USER@HOST:PORT/NAME"
 _QUERY_HINTS = {
+    **dict.fromkeys(("user", "port", "database", "dbname"), _IN_THE_URL),
+    "password": (
+        "; give it in DATABASE_PASSWORD, or before the @ (USER:PASSWORD@HOST, URL-encoded): "
+        "one in the query would be shown unmasked"
+    ),
+    "application_name": "; set APPLICATION_NAME in the env file instead",
     "sslmode": "; for TLS write ?ssl=require (asyncpg's name for sslmode)",
     "statement_cache_size": "; write ?prepared_statement_cache_size=N (SQLAlchemy's name for it)",
     **dict.fromkeys(

@@ -307,15 +307,22 @@ def test_a_password_for_sqlite_is_a_clear_error(tmp_path: Path) -> None:
 @pytest.mark.parametrize(
     ("query", "said"),
     [
-        ("sslmode=require", "?sslmode=, which asyncpg cannot take from a URL"),
+        ("sslmode=require", "?sslmode=, which these tasks do not take for PostgreSQL"),
+        ("user=shop", "?user=, which these tasks do not take for PostgreSQL (they take ssl,"),
+        ("database=shop", "write it in the URL itself: postgresql+asyncpg://USER@HOST:PORT/NAME"),
+        ("port=5433", "write it in the URL itself: postgresql+asyncpg://USER@HOST:PORT/NAME"),
+        ("password=pw", "in DATABASE_PASSWORD, or before the @ (USER:PASSWORD@HOST, URL-encoded)"),
+        ("application_name=bot", "set APPLICATION_NAME in the env file instead"),
         ("ssl=require&command_timeout=5", "set CONNECT_TIMEOUT, LOCK_TIMEOUT or STATEMENT_TIMEOUT"),
         ("statement_cache_size=0", "write ?prepared_statement_cache_size=N (SQLAlchemy's"),
     ],
 )
-def test_a_url_parameter_asyncpg_cannot_take_is_named(
+def test_a_url_parameter_the_tasks_do_not_take_is_named(
     tmp_path: Path, query: str, said: str
 ) -> None:
-    """SQLAlchemy hands the query to asyncpg.connect(), which raised a TypeError on it."""
+    """SQLAlchemy hands the query to asyncpg.connect(), which raised a TypeError on most of
+    them. A user, database, port or password it would take, but the tasks read those from
+    the URL itself (the lock's key, pg_dump), and mask only the password before the @."""
     url = "postgresql+asyncpg://shop:pw@db.invalid:5432/shop"
     root = env_file(tmp_path, f"DATABASE_URL={url}?{query}\n")
 
