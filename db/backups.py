@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import errno
 import os
 import shutil
 import sqlite3
@@ -408,7 +409,7 @@ def _unrestored(env: Environment, live: Path, kept: Path | None) -> str:
     if kept is not None and kept.suffix != ".corrupt":
         return _AS_IT_WAS
     for suffix in _COMPANIONS + ("",):
-        Path(f"{live}{suffix}").unlink(missing_ok=True)
+        Path(f"{live.resolve()}{suffix}").unlink(missing_ok=True)
     moved = f" (the corrupt one is in {env.relative(kept)})" if kept is not None else ""
     return f"nothing was restored and there is no database file{moved}"
 
@@ -465,12 +466,45 @@ def _keep_replaced(
 def _set_aside(env: Environment, live: Path) -> Path:
     """Move a corrupt file aside with its journal, or its write-ahead log and that log's
     index (WAL mode: the last commits may be only there), which go first: one left behind
-    would be played back into the new file, and the kept copy would lack those commits."""
+    would be played back into the new file, and the kept copy would lack those commits.
+
+    Where ``live`` is a link, the file it names goes (SQLite keeps the journal beside that
+    file), and the link stays, to name the new one. On another disk than the backups, the
+    files are copied, and removed only once every copy is whole."""
     kept = _new_file(env, "corrupt")
-    for suffix in _COMPANIONS + ("",):
-        if Path(f"{live}{suffix}").exists():
-            shutil.move(f"{live}{suffix}", f"{kept}{suffix}")
+    real = live.resolve()
+    moves = [
+        (Path(f"{real}{suffix}"), Path(f"{kept}{suffix}"))
+        for suffix in _COMPANIONS + ("",)
+        if Path(f"{real}{suffix}").exists()
+    ]
+    try:
+        for source, aside in moves:
+            os.replace(source, aside)
+    except OSError as exc:  # one folder: the first rename fails, or none does
+        if exc.errno != errno.EXDEV:
+            raise
+        _copy_aside(env, live, moves)
+    for _, aside in moves:
+        aside.chmod(0o600)  # as every backup: the rows are the app's
     return kept
+
+
+def _copy_aside(env: Environment, live: Path, moves: list[tuple[Path, Path]]) -> None:
+    """``_set_aside`` across disks: every file copied, then the originals removed; a copy
+    that fails (a full disk) is removed with the others, and the files stay as they were."""
+    try:
+        for source, aside in moves:
+            shutil.copy2(source, aside)
+    except OSError as exc:
+        for _, aside in moves:
+            aside.unlink(missing_ok=True)
+        raise DbError(
+            f"cannot keep the corrupt {env.relative(live)} in {BACKUP_DIR} ({exc.strerror}), "
+            f"so nothing was changed: free some space in {BACKUP_DIR} and run the task again"
+        ) from None
+    for source, _ in moves:
+        source.unlink()
 
 
 def _new_file(env: Environment, suffix: str) -> Path:

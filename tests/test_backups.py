@@ -9,6 +9,7 @@ import os
 import shutil
 import signal
 import sqlite3
+import stat
 import subprocess
 import sys
 from contextlib import closing
@@ -135,6 +136,76 @@ def test_a_corrupt_file_set_aside_keeps_the_rows_its_write_ahead_log_holds(
         assert db.execute("select name from sqlite_master where name = 'orders'").fetchall() == []
 
 
+def linked(project: Project) -> tuple[Path, Path]:
+    """The dev database as a link, var/dev.sqlite3, to a file in another folder; migrated."""
+    real = project.root / "data" / "shop.sqlite3"
+    real.parent.mkdir()
+    live = project.root / "var" / "dev.sqlite3"
+    live.parent.mkdir(exist_ok=True)
+    live.symlink_to(real)
+    project.migrated()
+    return live, real
+
+
+def test_a_corrupt_file_behind_a_link_is_set_aside_and_the_link_kept(project: Project) -> None:
+    """var/dev.sqlite3 may be a link to a file on a volume. reset and restore moved the
+    link into the backups as "the corrupt database file", left the corrupt file and its
+    journal where they were, and put a new file in the link's place."""
+    live, real = linked(project)
+    pending_revision(project)
+    project.migrated()  # a backup at HEAD for the restore below, the database at next01
+    corrupt(real)
+    damaged = real.read_bytes()
+    Path(f"{real}-journal").write_bytes(b"\xa5" * 512)
+
+    result = project.ok("reset")
+
+    [kept] = (project.root / "var" / "backups").glob("dev-*.corrupt")
+    assert f"the corrupt database file was moved to var/backups/{kept.name}\n" in result.stderr
+    assert not kept.is_symlink() and kept.read_bytes() == damaged
+    assert Path(f"{kept}-journal").read_bytes() == b"\xa5" * 512
+    assert stat.S_IMODE(kept.stat().st_mode) == 0o600  # as every backup
+    assert not Path(f"{real}-journal").exists()
+    assert live.is_symlink() and live.resolve() == real.resolve()
+    assert version(project, "data/shop.sqlite3") == ["next01"]
+
+    corrupt(real)
+    damaged = real.read_bytes()
+    restored = project.ok("restore", "--file=" + str(backups(project)[0])).stderr
+
+    again = project.root / restored.split("kept the database it replaced as ")[1].split()[0]
+    assert again.suffix == ".corrupt" and not again.is_symlink()
+    assert again.read_bytes() == damaged
+    assert live.is_symlink() and version(project, "data/shop.sqlite3") == [HEAD]
+
+
+def test_a_corrupt_file_on_another_disk_than_the_backups_is_copied_aside_whole(
+    project: Project,
+) -> None:
+    """Behind a link the file may be on another disk than var/backups, where it cannot be
+    renamed to: it is copied, and removed only once the copy is whole. A copy that does not
+    fit is removed, and the file stays as it was."""
+    live, real = linked(project)
+    grow(project, 200)
+    corrupt(real)
+    damaged = real.read_bytes()
+    with tmpfs(project.root / "var" / "backups", "64k") as folder:
+        said = project.fails("reset")
+
+        assert (
+            "error: cannot keep the corrupt var/dev.sqlite3 in var/backups (No space left on "
+            "device), so nothing was changed" in said
+        )
+        assert list(folder.iterdir()) == []
+        assert live.is_symlink() and real.read_bytes() == damaged
+    with tmpfs(project.root / "var" / "backups", "4m") as folder:
+        project.ok("reset")
+
+        [kept] = folder.glob("dev-*.corrupt")
+        assert kept.read_bytes() == damaged
+        assert live.is_symlink() and version(project, "data/shop.sqlite3") == [HEAD]
+
+
 def test_a_backup_of_a_database_in_wal_mode_is_one_file(project: Project) -> None:
     """The app may put its database in WAL mode; a copy of it was in WAL mode too, and
     checking it left a -wal and a -shm beside it in var/backups that pruning never removed."""
@@ -255,23 +326,32 @@ def test_a_restore_puts_a_backup_over_a_file_corrupt_from_its_first_byte(
     assert version(project) == ["next01"]
 
 
-def test_a_restore_that_fills_the_disk_leaves_the_database_as_it_was(project: Project) -> None:
-    project.write_env("small", "DATABASE_URL=sqlite:///data/shop.sqlite3\n")
+@pytest.mark.parametrize("linked", [False, True], ids=["file", "link"])
+def test_a_restore_that_fills_the_disk_leaves_the_database_as_it_was(
+    project: Project, linked: bool
+) -> None:
+    """Also where the environment names a link to the file: what a failed copy leaves is
+    removed where SQLite wrote it, beside the file the link names, and the link stays."""
+    live = project.root / "data" / "shop.sqlite3"
+    named = project.root / "var" / "small.sqlite3" if linked else live
+    project.write_env("small", f"DATABASE_URL=sqlite:///{named}\n")
+    if linked:
+        named.parent.mkdir(exist_ok=True)
+        named.symlink_to(live)
     with tmpfs(project.root / "data", "320k"):
         project.ok("migrate", "--env=small")
         grow(project, 160, "data/shop.sqlite3")  # room for it, not for it and its journal
         pending_revision(project)
         project.ok("migrate", "--env=small")  # the backup holds it at HEAD, in var/backups
-        before = (project.root / "data" / "shop.sqlite3").read_bytes()
+        before = live.read_bytes()
 
         error = project.fails("restore", "--env=small")
 
         assert "database or disk is full" in error and "Traceback" not in error
         assert "nothing was restored: the database is as it was" in error
-        assert (project.root / "data" / "shop.sqlite3").read_bytes() == before
+        assert live.read_bytes() == before
         assert version(project, "data/shop.sqlite3") == ["next01"]
 
-        live = project.root / "data" / "shop.sqlite3"
         live.write_bytes(b"\xa5" * 4096)  # corrupt: to be moved aside to var/backups
         disk = os.statvfs(live.parent)
         room = disk.f_bavail * disk.f_frsize - 64 * 1024  # not enough for the backup
@@ -281,6 +361,7 @@ def test_a_restore_that_fills_the_disk_leaves_the_database_as_it_was(project: Pr
         assert "database or disk is full" in error and "Traceback" not in error
         assert "nothing was restored and there is no database file (the corrupt one is in " in error
         assert not live.exists() and not Path(f"{live}-journal").exists()
+        assert named.is_symlink() == linked
         [corrupt] = (project.root / "var" / "backups").glob("small-*.corrupt")
         assert corrupt.read_bytes() == b"\xa5" * 4096
 
