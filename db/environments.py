@@ -203,7 +203,8 @@ class Environment:
 
 def known_environments(root: Path) -> list[str]:
     """Names of the environments defined under ``root/environments``."""
-    files = (p for p in (root / ENV_DIR).glob("*.env") if p.is_file())
+    # a link to a file that is not there is one: named, it is said why it cannot be read
+    files = (p for p in (root / ENV_DIR).glob("*.env") if p.is_file() or p.is_symlink())
     return sorted(p.name[: -len(".env")] for p in files if not p.name.endswith(".local.env"))
 
 
@@ -215,7 +216,7 @@ def load_environment(root: Path, name: str, environ: Mapping[str, str]) -> Envir
             f"the environment name {name[:20]}... is {len(name)} characters long, and the "
             f"audit trail keeps {NAME_MAX} at most: rename {ENV_DIR}/{name}.env"
         )
-    if not _NAME.fullmatch(name) or not base.is_file():
+    if not _NAME.fullmatch(name) or not (base.is_file() or base.is_symlink()):
         known = ", ".join(known_environments(root)) or "none"
         create = f"add {ENV_DIR}/{name}.env to create it"
         if not _NAME.fullmatch(name):
@@ -226,7 +227,7 @@ def load_environment(root: Path, name: str, environ: Mapping[str, str]) -> Envir
     raw: dict[str, tuple[str, Path]] = {}
     local = base.with_name(f"{name}.local.env")
     for path in (base, local):
-        if path == base or path.exists():
+        if path == base or path.exists() or path.is_symlink():  # a link to no file: said
             raw.update({k: (v, path) for k, v in _read(root, path).items()})
     warnings: tuple[str, ...] = ()
     if local.is_file() and local.stat().st_mode & 0o077:
@@ -289,6 +290,11 @@ def _read(root: Path, path: Path) -> dict[str, str]:
     """The file's keys, through python-dotenv's parser; a line it cannot parse, or a key
     given twice, is an error naming the line (never its text, which may hold a secret)."""
     where = path.relative_to(root)
+    if path.is_symlink() and not path.exists():  # a secret's mount missing, say
+        raise ConfigError(
+            f"cannot read {where}: it is a link to {path.readlink()}, which is not there; "
+            "make that file, or remove the link"
+        )
     try:
         with path.open(encoding="utf-8") as stream:
             bindings = list(parse_stream(stream))

@@ -38,6 +38,29 @@ def test_a_folder_named_like_an_env_file_is_no_environment(root: Path) -> None:
         load_environment(root, "old", {})
 
 
+def test_a_link_to_an_env_file_that_is_not_there_is_said_not_skipped(root: Path) -> None:
+    """dev.local.env may be a link to a secret's mount. One whose file was missing was
+    skipped without a word, so the tasks ran on the URL dev.env commits; an environment
+    whose own file is such a link was "unknown", to be made by adding that file."""
+    write(root, "dev.env", "DATABASE_URL=postgresql+asyncpg://u@committed/db\n")
+    (root / "environments" / "dev.local.env").symlink_to(root / "secrets" / "dev.local.env")
+
+    with pytest.raises(
+        ConfigError,
+        match=r"cannot read environments/dev\.local\.env: it is a link to \S+/secrets/dev\.local"
+        r"\.env, which is not there; make that file, or remove the link",
+    ):
+        load_environment(root, "dev", {})
+    (root / "secrets").mkdir()
+    (root / "secrets" / "dev.local.env").write_text("DATABASE_URL=postgresql+asyncpg://u@mine/db\n")
+    assert load_environment(root, "dev", {}).url().host == "mine"
+
+    (root / "environments" / "y.env").symlink_to(root / "nowhere.env")
+    assert known_environments(root) == ["dev", "y"]
+    with pytest.raises(ConfigError, match=r"cannot read environments/y\.env: it is a link to"):
+        load_environment(root, "y", {})
+
+
 def test_variables_come_from_the_given_environ(root: Path) -> None:
     write(root, "x.env", "DATABASE_URL=postgresql+asyncpg://u@${HOST}/db\n")
     env = load_environment(root, "x", {"HOST": "db.example"})

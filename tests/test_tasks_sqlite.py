@@ -459,17 +459,22 @@ def test_envs_says_which_secrets_are_not_set_and_lists_a_url_that_is_one(
 def test_envs_lists_every_environment_and_fails_on_a_broken_one(project: Project) -> None:
     """``invoke envs`` as a CI check of the env files: a broken one fails it."""
     project.write_env("qa", "DATABASE_URL=sqlite:///var/qa.sqlite3\nPROTECTD=true\n")
+    (project.root / "environments" / "ci.env").symlink_to("/run/secrets/ci.env")  # not there
 
     result = project.invoke("envs")
 
     assert result.returncode == 2, result.stderr
     lines = {line.split()[0]: line for line in result.stdout.splitlines()}
-    assert set(lines) == {"dev", "staging", "prod", "qa"}
+    assert set(lines) == {"dev", "staging", "prod", "qa", "ci"}
     assert (
         "error: environments/qa.env: PROTECTD is no setting; did you mean PROTECTED?"
         in (lines["qa"])
     )
-    assert result.stderr == "error: 1 environment(s) cannot be loaded: see above\n"
+    assert (
+        "error: cannot read environments/ci.env: it is a link to /run/secrets/ci.env"
+        in (lines["ci"])
+    )
+    assert result.stderr == "error: 2 environment(s) cannot be loaded: see above\n"
 
 
 def test_envs_never_shows_a_password(project: Project) -> None:
