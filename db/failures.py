@@ -176,8 +176,8 @@ def _outcome(
     """Where the database is, which of this run's steps it kept, and which it lost."""
     running = step.revision.revision if step is not None else None
     done = [s for s in progress.applied + progress.lost() if s.revision != running]
-    kept = [s.revision for s in done if _kept(s, applied)]
-    undone = [s.revision for s in done if not _kept(s, applied)]
+    kept = [_named(s) for s in done if _kept(s, applied)]
+    undone = [_named(s) for s in done if not _kept(s, applied)]
     parts = [f"the database is at {', '.join(heads) or 'base'}"]
     if kept:
         parts[0] += f"; this run kept {', '.join(kept)}"
@@ -223,6 +223,12 @@ def read_heads(run: Run) -> tuple[str, ...]:
     if run.stop.requested:
         return current_heads(run.url, min(run.connect_timeout, 2), run.schema)
     return current_heads(run.url, run.connect_timeout, run.schema, wait=5)
+
+
+def _named(step: Step) -> str:
+    """A step as the messages name it: its revision, or the downgrade of it (a rollback that
+    "kept p02" would read as p02 still applied)."""
+    return step.revision if step.direction == "up" else f"the downgrade of {step.revision}"
 
 
 def _kept(step: Step, applied: set[str]) -> bool:

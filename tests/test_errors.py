@@ -419,3 +419,27 @@ def test_a_failing_downgrade_names_the_revision_and_changes_nothing(project: Pro
     assert "downgrade of revision stuck1 (hand written) failed: RuntimeError: keep it" in error
     assert "the database is at stuck1; the downgrade of stuck1 was rolled back" in error
     assert version(project) == ["stuck1"] and "notes" in tables(project)
+
+
+def test_a_rollback_that_fails_on_its_second_step_names_the_first_as_undone(
+    project: Project,
+) -> None:
+    """It said "this run kept top001", which reads as top001 still applied: it was undone."""
+    body = revision(
+        "stuck1", head_revision(), 'op.create_table("notes", sa.Column("id", sa.Integer))'
+    )
+    body = body.replace(
+        "def downgrade() -> None:\n    pass",
+        'def downgrade() -> None:\n    raise RuntimeError("keep it")',
+    )
+    project.add_revision("stuck", body)
+    project.add_revision("top", revision("top001", "stuck1", "pass"))
+    project.migrated()
+
+    error = project.fails("rollback", "--steps=2")
+
+    assert error.endswith(
+        "the database is at stuck1; this run kept the downgrade of top001; the downgrade of "
+        "stuck1 was rolled back; fix it and run the task again\n"
+    )
+    assert version(project) == ["stuck1"] and "notes" in tables(project)
