@@ -98,7 +98,7 @@ def failure(exc: BaseException, progress: Progress, run: Run, script: ScriptDire
             )
     else:
         text = "; ".join(_outcome(heads, step, progress, run, applied_revisions(script, heads)))
-    error = _failure(first_error(exc), progress, run, text)
+    error = _failure(first_error(exc), progress, run, text, at_base=heads == ())
     error.at = heads
     return error
 
@@ -106,8 +106,11 @@ def failure(exc: BaseException, progress: Progress, run: Run, script: ScriptDire
 NONE_RUN = "no revision was run"
 
 
-def _failure(exc: BaseException, progress: Progress, run: Run, text: str) -> DbError:
-    """The error for what stopped the run; ``text`` says where the database is now."""
+def _failure(
+    exc: BaseException, progress: Progress, run: Run, text: str, at_base: bool = False
+) -> DbError:
+    """The error for what stopped the run; ``text`` says where the database is now, and
+    ``at_base`` whether that is no revision at all."""
     step = progress.running
     if run.stop.signum is not None:
         return Interrupted(f"interrupted: {text}", run.stop.signum)
@@ -123,7 +126,7 @@ def _failure(exc: BaseException, progress: Progress, run: Run, text: str) -> DbE
     if isinstance(exc, LockLost) or (isinstance(exc, DBAPIError) and exc.connection_invalidated):
         lost = "the migration lock" if isinstance(exc, LockLost) else _CONNECTION_LOST
         return LockLost(f"lost {lost} during the {doing}: {cause}\n{text}; run the task again")
-    if not progress.applied and "already exists" in cause:
+    if at_base and "already exists" in cause:  # a database made by migrations is not one
         adopt = f"`invoke stamp {run.flags} REV`"
         text += f"; a database made without migrations is adopted with {adopt}"
     outside = not_the_revision(exc, run)

@@ -49,6 +49,24 @@ def test_migrate_on_a_database_made_without_migrations_points_to_stamp(adopted: 
     assert "adopted with `invoke stamp --env=dev REV`" in error
 
 
+def test_a_table_in_the_way_of_a_later_revision_is_not_called_a_database_made_without_migrations(
+    project: Project,
+) -> None:
+    """The hint was given for any "already exists" in a run's first revision, also on a
+    database that migrations made, where a table made by hand is in the way."""
+    project.migrated()
+    body = 'op.create_table("notes", sa.Column("id", sa.Integer))'
+    project.add_revision("notes", revision("notes1", HEAD, body, message="add notes"))
+    with project.sqlite() as db:
+        db.execute("create table notes (id integer)")
+
+    error = project.fails("migrate")
+
+    assert "table notes already exists" in error
+    assert f"the database is at {HEAD}; notes1 was rolled back; fix it and run the task" in error
+    assert "made without migrations" not in error and "stamp" not in error
+
+
 def test_stamp_adopts_a_matching_database(adopted: Project) -> None:
     result = adopted.ok("stamp", "head")
 
