@@ -136,7 +136,7 @@ def migrate(
                 f"--json prints a fleet run's report, and {target.name} is one database: "
                 f"`invoke status {target.flags} --json` says where it is"
             )
-        if target.protected:  # shown and confirmed inside the run, under the lock
+        if target.protected:  # confirmed under the lock (SQLite: just before)
             options.on_plan = confirm_migrate(target, yes)
         with on_signals(options.stop):
             steps = commands.migrate(target, to, options)
@@ -184,7 +184,7 @@ def rollback(
             plan = fleet_plan("rollback", flags, jobs, keep_going)
             run_fleet(target, plan, only or "", options, yes=yes)
             return
-        if target.protected:  # shown and confirmed inside the run, under the lock
+        if target.protected:  # confirmed under the lock (SQLite: just before)
             options.on_plan = confirm_rollback(target, yes)
         with on_signals(options.stop):
             done = commands.rollback(target, count, to, options)

@@ -222,6 +222,7 @@ def _change(
     progress = Progress(
         env.name, audit.Who.here(env), options.on_start, options.on_step, options.stop
     )
+    confirmed = _confirmed_first(env, script, plan, options)
 
     def run(current: tuple[str, ...], context: MigrationContext) -> Iterator[RevisionStep]:
         guards.known_revisions(script, current, env)
@@ -232,8 +233,11 @@ def _change(
         guards.all_finished(log, env, connection)
         steps = plan(script, current)
         guards.valid_ids(step.revision.revision for step in steps)
-        if options.on_plan is not None:  # under the lock: the plan is what will run
-            options.on_plan(tuple(Revision.of(step.revision) for step in steps))
+        revisions = tuple(Revision.of(step.revision) for step in steps)
+        if confirmed is not None:
+            guards.as_confirmed(confirmed, revisions)
+        elif options.on_plan is not None:  # under the lock: the plan is what will run
+            options.on_plan(revisions)
         if steps and options.backup:
             options.note(backups.before_change(env, run_of(config).url, options.stop))
         if steps or renamed:
@@ -244,6 +248,26 @@ def _change(
 
     run_env(config, script, run, progress)
     return progress.applied
+
+
+def _confirmed_first(
+    env: Environment, script: ScriptDirectory, plan: Plan, options: RunOptions
+) -> tuple[Revision, ...] | None:
+    """On SQLite, the plan shown and confirmed before the run locks the file: under the
+    lock (a write transaction) the app could not write while a person read the plan. The
+    run then refuses a plan that is no longer this one. None where the plan is confirmed
+    under the lock (PostgreSQL's lock keeps no one from writing), or is not to be."""
+    config = make_config(env, options)
+    if options.on_plan is None or run_of(config).url.get_backend_name() != "sqlite":
+        return None
+    state = read_state(env, config, script)
+    if audit.unfinished(state.log):  # refused under the lock, where it names the statement
+        return None
+    guards.same_environment(state.log, env, options.allow_env_mismatch)
+    guards.unchanged_files(state.log, script, env, lambda _warning: None)  # said in the run
+    revisions = tuple(Revision.of(step.revision) for step in plan(script, state.current))
+    options.on_plan(revisions)
+    return revisions
 
 
 def record_event(

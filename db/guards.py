@@ -13,6 +13,7 @@ from sqlalchemy import Connection
 from db import audit
 from db.environments import Environment
 from db.errors import GuardRefused, RevisionError, Unresolved, resolve_hint, unfinished_run
+from db.progress import Revision
 from db.versions import VERSION_TABLE
 
 _REVISION_ID = re.compile(r"\w+", re.ASCII)
@@ -199,6 +200,16 @@ def known_revisions(script: ScriptDirectory, current: tuple[str, ...], env: Envi
                 f"and {newer}, which comes after it: one of the two rows is wrong (added by "
                 f"hand?); if the database is at {newer}, delete the row of {older}"
             )
+
+
+def as_confirmed(confirmed: tuple[Revision, ...], planned: tuple[Revision, ...]) -> None:
+    """Refuse to run a plan other than the one confirmed (asked before the lock was taken,
+    while another run changed the database)."""
+    if planned != confirmed:
+        raise GuardRefused(
+            "the plan changed while it was being confirmed (another run changed the "
+            "database meanwhile): nothing was changed; run the task again to see the new plan"
+        )
 
 
 def all_finished(log: list[audit.Entry], env: Environment, connection: Connection) -> None:

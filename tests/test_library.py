@@ -318,16 +318,28 @@ def test_an_install_puts_no_copy_of_db_in_site_packages(tmp_path: Path) -> None:
     assert not [name for name in names if name.startswith("db/")], names
 
 
-def test_a_confirmed_migrate_reads_the_files_and_enters_env_py_once(
-    tmp_path: Path, monkeypatch: pytest.MonkeyPatch
+@pytest.mark.parametrize(
+    ("backend", "entries"), [("sqlite", 2), pytest.param("postgres", 1, marks=pytest.mark.postgres)]
+)
+def test_a_confirmed_migrate_asks_once_and_enters_env_py_once_on_postgres(
+    tmp_path: Path,
+    monkeypatch: pytest.MonkeyPatch,
+    request: pytest.FixtureRequest,
+    backend: str,
+    entries: int,
 ) -> None:
-    """The plan is shown and confirmed inside the one run (Alembic's run_env is spied on,
-    not replaced)."""
+    """On PostgreSQL the plan is shown and confirmed inside the one run, under the lock. On
+    SQLite, whose lock is a write transaction, in a read before it: env.py is entered twice
+    (Alembic's run_env is spied on, not replaced)."""
     from alembic.script import ScriptDirectory
 
     from db.runner import RunOptions
 
     env = sqlite_env(tmp_path)
+    if backend == "postgres":
+        url = request.getfixturevalue("pg_database").url
+        (tmp_path / "environments" / "pg.env").write_text(f"DATABASE_URL={url}\n")
+        env = load_environment(tmp_path, "pg", {})
     entered: list[int] = []
     real_run_env = ScriptDirectory.run_env
 
@@ -342,7 +354,7 @@ def test_a_confirmed_migrate_reads_the_files_and_enters_env_py_once(
         env, options=RunOptions(on_plan=lambda plan: planned.append(tuple(r.id for r in plan)))
     )
 
-    assert len(entered) == 1
+    assert len(entered) == entries
     assert planned == [(head_revision(),)] == [tuple(step.revision for step in steps)]
 
 

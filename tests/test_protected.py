@@ -6,11 +6,22 @@ import os
 import pty
 import re
 import signal
+import sqlite3
 import stat
 import subprocess
+from contextlib import closing
 
 import pytest
-from conftest import Project, add_notes, head_revision, migrated_shop, revision, tables, version
+from conftest import (
+    Project,
+    add_notes,
+    head_revision,
+    log_rows,
+    migrated_shop,
+    revision,
+    tables,
+    version,
+)
 
 SAFE = "DATABASE_URL=sqlite:///var/safe.sqlite3\nPROTECTED=true\n"
 
@@ -38,7 +49,7 @@ def test_protected_migrate_without_a_terminal_needs_yes(project: Project) -> Non
     assert "plan: 1 to apply" in refused.stderr
     assert f"  {head_revision()}  create shop tables" in refused.stderr
     assert "no terminal to confirm on: pass --yes" in refused.stderr
-    assert version(project, "var/safe.sqlite3") == []
+    assert not (project.root / "var" / "safe.sqlite3").exists()  # asked before it is made
 
     project.ok("migrate", "--env=safe", "--yes")
     assert version(project, "var/safe.sqlite3") == [head_revision()]
@@ -62,9 +73,9 @@ def test_protected_migrate_asks_for_the_typed_name(project: Project) -> None:
 def test_a_signal_at_the_prompt_ends_the_task_with_nothing_changed(
     project: Project, signum: signal.Signals
 ) -> None:
-    """The prompt waits under the migration lock. SIGTERM there was only noted, so the
-    task went on waiting (holding the lock) until a name was typed; Ctrl-C read as a name
-    that "did not match"."""
+    """The prompt waited under the migration lock (on PostgreSQL it still does). SIGTERM
+    there was only noted, so the task went on waiting (holding the lock) until a name was
+    typed; Ctrl-C read as a name that "did not match"."""
     project.write_env("safe", SAFE)
     controller, terminal = pty.openpty()
     process = project.start("migrate", "--env=safe", stdin=terminal, stderr=subprocess.PIPE)
@@ -86,7 +97,49 @@ def test_a_signal_at_the_prompt_ends_the_task_with_nothing_changed(
 
     assert code == 128 + signum, said
     assert said.decode().endswith("migrate: \ninterrupted at the prompt: nothing was changed\n")
-    assert version(project, "var/safe.sqlite3") == []
+    assert not (project.root / "var" / "safe.sqlite3").exists()
+
+
+def test_the_app_writes_while_a_protected_sqlite_migrate_asks_and_a_changed_plan_is_refused(
+    project: Project,
+) -> None:
+    """The prompt waited inside the run's write transaction, so the app's writes failed
+    ("database is locked") for as long as a person took to read the plan. It is asked
+    before the lock now, and the run refuses to go on if the plan changed meanwhile."""
+    project.write_env("safe", SAFE)
+    project.migrated("safe")
+    add_notes(project)
+    controller, terminal = pty.openpty()
+    process = project.start("migrate", "--env=safe", stdin=terminal, stderr=subprocess.PIPE)
+    os.close(terminal)
+    try:
+        assert process.stderr is not None
+        said = b""
+        while b"Type its name to migrate: " not in said:
+            chunk = os.read(process.stderr.fileno(), 4096)
+            assert chunk, said
+            said += chunk
+        with closing(sqlite3.connect(project.root / "var" / "safe.sqlite3", timeout=1)) as app:
+            app.execute("insert into users (telegram_id, username) values (42, 'ann')")
+            app.commit()  # "database is locked" while the prompt held the write lock
+        project.ok("migrate", "--env=safe", "--yes")  # another run applies notes1 meanwhile
+        os.write(controller, b"safe\n")
+        said += process.communicate(timeout=60)[1]
+    finally:
+        os.close(controller)
+        if process.poll() is None:
+            process.kill()
+
+    assert process.returncode == 4, said
+    assert said.decode().endswith(
+        "error: the plan changed while it was being confirmed (another run changed the "
+        "database meanwhile): nothing was changed; run the task again to see the new plan\n"
+    )
+    assert version(project, "var/safe.sqlite3") == ["notes1"]
+    rows = log_rows(project, "var/safe.sqlite3")
+    assert [row[:2] for row in rows].count(("notes1", "up")) == 1
+    with project.sqlite("var/safe.sqlite3") as db:
+        assert db.execute("select username from users").fetchall() == [("ann",)]
 
 
 def test_protected_migrate_with_nothing_to_do_asks_nothing(project: Project) -> None:
