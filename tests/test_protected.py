@@ -9,7 +9,8 @@ import signal
 import sqlite3
 import stat
 import subprocess
-from contextlib import closing
+from collections.abc import Iterator
+from contextlib import closing, contextmanager
 
 import pytest
 from conftest import (
@@ -38,6 +39,29 @@ def on_terminal(project: Project, typed: str | None, *args: str) -> tuple[int, s
     _, err = process.communicate(timeout=60)
     os.close(controller)
     return process.returncode, err
+
+
+@contextmanager
+def at_the_prompt(
+    project: Project, *args: str
+) -> Iterator[tuple[subprocess.Popen[bytes], int, bytes]]:
+    """A task started with a terminal as stdin, once it shows its prompt: the process, the
+    terminal's controller (to type on), and what it said so far. Killed if left running."""
+    controller, terminal = pty.openpty()
+    process = project.start(*args, stdin=terminal, stderr=subprocess.PIPE)
+    os.close(terminal)
+    try:
+        assert process.stderr is not None
+        said = b""
+        while b"Type its name to migrate: " not in said:
+            chunk = os.read(process.stderr.fileno(), 4096)
+            assert chunk, said
+            said += chunk
+        yield process, controller, said
+    finally:
+        os.close(controller)
+        if process.poll() is None:
+            process.kill()
 
 
 def test_protected_migrate_without_a_terminal_needs_yes(project: Project) -> None:
@@ -77,23 +101,10 @@ def test_a_signal_at_the_prompt_ends_the_task_with_nothing_changed(
     there was only noted, so the task went on waiting (holding the lock) until a name was
     typed; Ctrl-C read as a name that "did not match"."""
     project.write_env("safe", SAFE)
-    controller, terminal = pty.openpty()
-    process = project.start("migrate", "--env=safe", stdin=terminal, stderr=subprocess.PIPE)
-    os.close(terminal)
-    try:
-        assert process.stderr is not None
-        said = b""
-        while b"Type its name to migrate: " not in said:
-            chunk = os.read(process.stderr.fileno(), 4096)
-            assert chunk, said
-            said += chunk
+    with at_the_prompt(project, "migrate", "--env=safe") as (process, _, said):
         process.send_signal(signum)
         said += process.communicate(timeout=30)[1]  # it ends: it does not wait on
         code = process.returncode
-    finally:
-        os.close(controller)
-        if process.poll() is None:
-            process.kill()
 
     assert code == 128 + signum, said
     assert said.decode().endswith("migrate: \ninterrupted at the prompt: nothing was changed\n")
@@ -109,26 +120,13 @@ def test_the_app_writes_while_a_protected_sqlite_migrate_asks_and_a_changed_plan
     project.write_env("safe", SAFE)
     project.migrated("safe")
     add_notes(project)
-    controller, terminal = pty.openpty()
-    process = project.start("migrate", "--env=safe", stdin=terminal, stderr=subprocess.PIPE)
-    os.close(terminal)
-    try:
-        assert process.stderr is not None
-        said = b""
-        while b"Type its name to migrate: " not in said:
-            chunk = os.read(process.stderr.fileno(), 4096)
-            assert chunk, said
-            said += chunk
+    with at_the_prompt(project, "migrate", "--env=safe") as (process, controller, said):
         with closing(sqlite3.connect(project.root / "var" / "safe.sqlite3", timeout=1)) as app:
             app.execute("insert into users (telegram_id, username) values (42, 'ann')")
             app.commit()  # "database is locked" while the prompt held the write lock
         project.ok("migrate", "--env=safe", "--yes")  # another run applies notes1 meanwhile
         os.write(controller, b"safe\n")
         said += process.communicate(timeout=60)[1]
-    finally:
-        os.close(controller)
-        if process.poll() is None:
-            process.kill()
 
     assert process.returncode == 4, said
     assert said.decode().endswith(
