@@ -122,7 +122,13 @@ def revision_error(exc: CommandError, flags: str) -> RevisionError:
         )
     if str(cause) == "Walked too far":  # a downgrade target past the ends of the history
         return RevisionError(f"{PAST_THE_ENDS}; see `invoke history {flags}`")
+    named = _UNKNOWN.fullmatch(str(cause))
+    if named and named.group(1).lower() in ("head", "heads", "base"):  # git's HEAD, say
+        return RevisionError(f"{cause}: write {named.group(1).lower()}, in lower case")
     return RevisionError(f"{cause}; see `invoke history {flags}`")
+
+
+_UNKNOWN = re.compile(r"No such revision or branch '(.*)'")
 
 
 PAST_THE_ENDS = "that leads past the ends of the revision history, where there is no revision"

@@ -151,6 +151,12 @@ def test_unknown_revision(project: Project) -> None:
     assert not (project.root / "var" / "dev.sqlite3").exists() or tables(project) == set()
 
 
+@pytest.mark.parametrize(("task", "spec"), [("migrate", "HEAD"), ("rollback", "Base")])
+def test_head_or_base_in_capitals_is_named_as_such(project: Project, task: str, spec: str) -> None:
+    error = project.fails(task, f"--to={spec}")
+    assert f"No such revision or branch '{spec}': write {spec.lower()}, in lower case" in error
+
+
 def test_a_branch_label_no_file_has_never_reads_as_base(project: Project) -> None:
     """Alembic read ``rollback --to=typo@base`` as base: every revision rolled back."""
     project.migrated()
