@@ -217,9 +217,13 @@ def load_environment(root: Path, name: str, environ: Mapping[str, str]) -> Envir
             f"audit trail keeps {NAME_MAX} at most: rename {ENV_DIR}/{name}.env"
         )
     if not _NAME.fullmatch(name) or not (base.is_file() or base.is_symlink()):
-        known = ", ".join(known_environments(root)) or "none"
+        names = known_environments(root)
+        known = ", ".join(names) or "none"
         create = f"add {ENV_DIR}/{name}.env to create it"
-        if not _NAME.fullmatch(name):
+        meant = next((k for k in names if _typo_of(name, k.upper())), None)
+        if meant is not None:  # --env=DEV, --env=stagin: a deploy's typo
+            create = f"did you mean {meant}?"
+        elif not _NAME.fullmatch(name):
             create = "a name holds letters, digits, _ and - only"
         raise ConfigError(
             f"unknown environment {name!r}: known environments are {known} ({create})"

@@ -29,6 +29,20 @@ def test_unknown_environment_lists_the_known_ones(project: Project) -> None:
     assert "environments/qa.env" in error
 
 
+@pytest.mark.parametrize(
+    ("given", "meant"), [("DEV", "dev"), ("stagin", "staging"), ("prod ", "prod")]
+)
+def test_an_environment_name_a_letter_off_is_named(
+    project: Project, given: str, meant: str
+) -> None:
+    error = project.fails("status", f"--env={given}")
+    assert (
+        f"unknown environment {given!r}: known environments are dev, prod, staging (did you "
+        in (error)
+    )
+    assert error.endswith(f"did you mean {meant}?)\n")
+
+
 def test_plain_alembic_without_a_url_says_to_use_the_tasks_in_one_line(project: Project) -> None:
     """`alembic upgrade head` typed in the project reaches env.py with no URL: it ended in
     a traceback through env.py, where Alembic's command line says a CommandError in a line."""
