@@ -31,6 +31,7 @@ _BRACED = re.compile(r"\{\w*\}")
 _NAME = re.compile(r"[A-Za-z0-9_][A-Za-z0-9_.-]*")  # never "..": a name is a path part
 _TEMPLATED = ("DATABASE_URL", "MIGRATION_URL", "SCHEMA")
 _SOURCES = ("TARGETS", "TARGETS_FILE", "TARGETS_QUERY")  # where a fleet's targets come from
+_GLOB = re.compile(r"[*?[]")  # what makes an --only pattern a glob, not a name
 
 
 @dataclass(frozen=True)
@@ -88,6 +89,13 @@ def targets(env: Environment, only: str = "") -> list[Target]:
         )
     _check_names(env, found)
     patterns = [p.strip() for p in only.split(",") if p.strip()]
+    names = {t.name for t in found}
+    unknown = [p for p in patterns if p not in names and not _GLOB.search(p)]
+    if unknown:  # a typo in a list of names would leave that target out without a word
+        raise ConfigError(
+            f"{env.name} has no target named {unknown[0]} (its targets: {_first(found)}): "
+            "--only takes target names, and globs such as 'shop_a*'"
+        )
     chosen = [t for t in found if not patterns or any(fnmatch.fnmatch(t.name, p) for p in patterns)]
     if not chosen:
         raise ConfigError(f"{env.name}: no target matches --only={only}")

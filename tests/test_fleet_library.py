@@ -27,8 +27,21 @@ def test_targets_take_commas_or_whitespace_and_only_takes_globs(project: Project
 
     assert [t.name for t in fleet.targets(env)] == ["alpha", "beta", "gamma"]
     assert [t.name for t in fleet.targets(env, "g*, al*")] == ["alpha", "gamma"]
-    with pytest.raises(ConfigError, match="no target matches --only=zz"):
-        fleet.targets(env, "zz")
+    with pytest.raises(ConfigError, match=r"no target matches --only=zz\*"):
+        fleet.targets(env, "zz*")
+
+
+def test_a_name_in_only_that_no_target_has_is_refused_not_left_out(project: Project) -> None:
+    """``--only=alpha,gama`` (a typo) migrated alpha alone and exited 0: gamma was left out
+    without a word. A glob may match nothing; a name must be a target's."""
+    env = shops(project, "DATABASE_URL=sqlite:///var/{target}.db\nTARGETS=alpha beta gamma\n")
+
+    with pytest.raises(
+        ConfigError,
+        match=r"^shops has no target named gama \(its targets: alpha, beta, gamma\): --only ",
+    ):
+        fleet.targets(env, "alpha,gama")
+    assert [t.name for t in fleet.targets(env, "alpha,zz*")] == ["alpha"]
 
 
 @pytest.mark.parametrize("name", ["..", ".hidden", "-rf", "a/b", "shop$"])
