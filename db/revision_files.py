@@ -81,6 +81,19 @@ def problem(versions: Path, root: Path) -> str | None:
     return _bad_reference(versions, root, set(owners))
 
 
+def nested(versions: Path, root: Path) -> str | None:
+    """A revision file in a folder below ``versions``, where Alembic does not look (its
+    ``recursive_version_locations`` is off): it would be left out without a word, and
+    ``status`` say that nothing is pending. A helper module there (no ``revision =``) may stay."""
+    for path in sorted(versions.glob("*/**/*.py")):
+        if "__pycache__" not in path.parts and "revision" in _assignments(path):
+            return (
+                f"{_named(path, root)} is a revision in a folder below {_named(versions, root)}, "
+                "where Alembic does not look for revisions: move it up into that folder"
+            )
+    return None
+
+
 def not_utf8(path: Path, root: Path) -> str | None:
     """Why a file is not UTF-8 text (Python may load one that is not, if the odd bytes are
     in a comment, but its checksum and plan would then fail to read it); None if it is."""

@@ -259,6 +259,9 @@ def _checked(script: ScriptDirectory, config: Config) -> ScriptDirectory:
                 where = revision_files.culprit(exc, versions, root) or "the revision files"
                 where += f" cannot be loaded: {describe(exc)}"
             raise BrokenRevisions(where) from exc
+    below = revision_files.nested(versions, root)
+    if below is not None:
+        raise BrokenRevisions(below)
     nameless = any(not rev.revision for rev in script.walk_revisions())  # Alembic takes ""
     if caught or nameless:
         said = caught[0].message if caught else "a file's `revision =` is empty"

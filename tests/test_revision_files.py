@@ -68,6 +68,26 @@ def test_two_files_with_one_id_are_an_error_naming_both(project: Project, task: 
     assert "Warning" not in result.stderr and "Traceback" not in result.stderr
 
 
+def test_a_revision_in_a_folder_below_versions_is_named_not_left_out(project: Project) -> None:
+    """Alembic does not look below versions/: a revision moved into versions/2026/ was left
+    out, and status said nothing was pending. A helper module there may stay."""
+    project.migrated()
+    (project.versions / "2026").mkdir()
+    (project.versions / "2026" / "next.py").write_text(revision("next01", HEAD))
+    (project.versions / "helpers").mkdir()
+    (project.versions / "helpers" / "common.py").write_text("BATCH = 500\n")
+
+    for task in ("status", "migrate"):
+        error = project.fails(task)
+        assert error.endswith(
+            "error: db/migrations/versions/2026/next.py is a revision in a folder below "
+            "db/migrations/versions, where Alembic does not look for revisions: move it up "
+            "into that folder\n"
+        )
+    (project.versions / "2026" / "next.py").rename(project.versions / "next.py")
+    assert "next01" in project.ok("migrate").stderr
+
+
 def test_a_parent_no_file_has_names_the_file_and_the_id(project: Project) -> None:
     project.add_revision("orphan", revision("orphan1", "nothere0001"))
 
