@@ -361,7 +361,16 @@ def restore(
         raise DbError(f"no backup to restore for {env.label} (looked in {BACKUP_DIR})")
     if live.exists() and chosen.resolve() == live.resolve():
         raise DbError(f"{env.relative(chosen)} is the live database itself: pick a backup")
-    _check_backup(env, chosen)
+    try:
+        _check_backup(env, chosen)
+    except DbError as exc:
+        older = [path for path in backups(env) if path != chosen][:1] if backup is None else []
+        if not older:
+            raise
+        other = env.relative(older[0])  # the newest was taken for the user: say what is next
+        raise DbError(
+            f"{exc}; the one before it: `invoke restore {env.flags} --file={other}`"
+        ) from None
     made = _migrated_as(chosen)
     if made is not None and made != env.label and not allow_mismatch:
         raise GuardRefused(

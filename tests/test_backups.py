@@ -264,6 +264,28 @@ def test_restore_refuses_what_is_not_a_backup_and_the_live_file(project: Project
     assert version(project) == [HEAD]
 
 
+def test_a_newest_backup_that_is_unusable_names_the_one_before_it(project: Project) -> None:
+    """restore takes the newest backup by itself; one that a bad disk spoiled ended it with
+    "not a usable backup", and no word of the backups before it."""
+    project.migrated()
+    pending_revision(project)
+    project.migrated()  # a backup at HEAD
+    pending_revision(project, "next02", "next01")
+    project.migrated()  # a backup at next01, the newest
+    older, newest = backups(project)
+    newest.write_bytes(b"\xa5" * 4096)
+
+    error = project.fails("restore")
+
+    assert error.endswith(
+        f"is not a usable backup (file is not a database); nothing was restored; the one "
+        f"before it: `invoke restore --env=dev --file=var/backups/{older.name}`\n"
+    )
+    assert version(project) == ["next02"]
+    project.ok("restore", f"--file=var/backups/{older.name}")
+    assert version(project) == [HEAD]
+
+
 def test_restore_on_postgresql_points_at_pg_restore_and_touches_nothing(
     project: Project, pg_database: PgDatabase
 ) -> None:
