@@ -222,7 +222,7 @@ def _change(
     progress = Progress(
         env.name, audit.Who.here(env), options.on_start, options.on_step, options.stop
     )
-    confirmed = _confirmed_first(env, script, plan, options)
+    confirmed = _confirmed_first(env, config, script, plan, options)
 
     def run(current: tuple[str, ...], context: MigrationContext) -> Iterator[RevisionStep]:
         guards.known_revisions(script, current, env)
@@ -251,16 +251,15 @@ def _change(
 
 
 def _confirmed_first(
-    env: Environment, script: ScriptDirectory, plan: Plan, options: RunOptions
+    env: Environment, config: Config, script: ScriptDirectory, plan: Plan, options: RunOptions
 ) -> tuple[Revision, ...] | None:
     """On SQLite, the plan shown and confirmed before the run locks the file: under the
     lock (a write transaction) the app could not write while a person read the plan. The
     run then refuses a plan that is no longer this one. None where the plan is confirmed
     under the lock (PostgreSQL's lock keeps no one from writing), or is not to be."""
-    config = make_config(env, options)
     if options.on_plan is None or run_of(config).url.get_backend_name() != "sqlite":
         return None
-    state = read_state(env, config, script)
+    state = read_state(env, make_config(env, options), script)  # a read: no lock
     if audit.unfinished(state.log):  # refused under the lock, where it names the statement
         return None
     guards.same_environment(state.log, env, options.allow_env_mismatch)
