@@ -37,6 +37,7 @@ NAME_MAX = 64  # an environment's or a target's name, as the audit trail's colum
 SCHEMA_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]{0,62}")
 SCHEMA_RULE = "must start with a letter or _, hold letters, digits and _ only, and be 63 at most"
 _DURATION = re.compile(r"\d+(\.\d+)?\s*(us|ms|s|min|h|d)?")
+_BARE = re.compile(r"[\d.]+")  # a duration without its unit (0 alone is clear: no limit)
 _TRUE, _FALSE = ("true", "yes", "on", "1"), ("false", "no", "off", "0", "")
 _REFERENCE = re.compile(r"\$\$|\$\{([A-Za-z_][A-Za-z0-9_]*)(?::-([^}]*))?\}")
 _DOLLARS = re.compile(r"\$\$|\$\{[^}]*\}?")  # what _REFERENCE must match whole, or refuse
@@ -117,6 +118,12 @@ class Environment:
             raise ConfigError(
                 f"{where}: {key} must be a duration such as 5s, 500ms or 15min, not {text!r}"
             )
+        if _BARE.fullmatch(text) and float(text):  # LOCK_TIMEOUT=5: 5 ms, not the 5 s meant
+            where = self.relative(self.sources[key])
+            raise ConfigError(
+                f"{where}: {key}={text} has no unit, and PostgreSQL reads a bare number as "
+                f"milliseconds: write {text}s for seconds, or {text}ms"
+            )
         return text
 
     def count(self, key: str, default: int) -> int:
@@ -129,7 +136,7 @@ class Environment:
         return int(text) if text else default
 
     def number(self, key: str, default: float) -> float:
-        """A numeric setting such as ``CONNECT_TIMEOUT`` (seconds)."""
+        """A numeric setting such as ``CONNECT_WAIT`` (seconds)."""
         text = self.get(key)
         try:
             value = float(text) if text else default
@@ -142,8 +149,17 @@ class Environment:
 
     @property
     def connect_timeout(self) -> float:
-        """``CONNECT_TIMEOUT``: seconds to wait for the server to accept a connection."""
-        return self.number("CONNECT_TIMEOUT", CONNECT_TIMEOUT)
+        """``CONNECT_TIMEOUT``: seconds to wait for the server to accept a connection. Never
+        0: libpq reads 0 as no limit, asyncpg as none at all, so every connection failed."""
+        value = self.number("CONNECT_TIMEOUT", CONNECT_TIMEOUT)
+        if value == 0:
+            where = self.relative(self.sources["CONNECT_TIMEOUT"])
+            given = self.get("CONNECT_TIMEOUT").strip()
+            raise ConfigError(
+                f"{where}: CONNECT_TIMEOUT={given} would give up before any server could "
+                "answer (there is no 'no limit'): give the seconds to wait, e.g. CONNECT_TIMEOUT=10"
+            )
+        return value
 
     def relative(self, path: Path) -> str:
         return str(path.relative_to(self.root)) if path.is_relative_to(self.root) else str(path)

@@ -158,6 +158,20 @@ def test_bad_connect_timeout(project: Project, value: str) -> None:
     assert f"CONNECT_TIMEOUT must be a number, 0 or more, not '{value}'" in error
 
 
+@pytest.mark.parametrize("value", ["0", "0.0"])
+def test_a_connect_timeout_of_0_is_refused(project: Project, value: str) -> None:
+    """asyncpg reads 0 as no time at all, so every connection "timed out"; libpq, as no
+    limit. Neither is said: the env file is named, before anything connects."""
+    project.write_env("slow", f"DATABASE_URL=sqlite:///var/x.sqlite3\nCONNECT_TIMEOUT={value}\n")
+    error = project.fails("status", "--env=slow")
+    assert error.endswith(
+        f"\nerror: environments/slow.env: CONNECT_TIMEOUT={value} would give up before any "
+        "server could answer (there is no 'no limit'): give the seconds to wait, e.g. "
+        "CONNECT_TIMEOUT=10\n"
+    )
+    assert not (project.root / "var" / "x.sqlite3").exists()
+
+
 def test_unknown_revision(project: Project) -> None:
     error = project.fails("migrate", "--to=zzzz")
     assert "No such revision or branch 'zzzz'" in error

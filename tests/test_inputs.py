@@ -297,6 +297,29 @@ def test_postgres_durations_are_checked_before_connecting(tmp_path: Path, key: s
         session_settings(load_environment(root, "x", {}))
 
 
+@pytest.mark.parametrize("key", ["LOCK_TIMEOUT", "STATEMENT_TIMEOUT", "CLIENT_CHECK_INTERVAL"])
+@pytest.mark.parametrize("value", ["5", "1.5"])
+def test_a_duration_without_its_unit_is_refused(tmp_path: Path, key: str, value: str) -> None:
+    """PostgreSQL reads ``LOCK_TIMEOUT=5`` as 5 ms: meant as 5 s, it failed revisions that
+    met any lock at all."""
+    root = env_file(tmp_path, f"DATABASE_URL=postgresql+asyncpg://u@h/d\n{key}={value}\n")
+
+    with pytest.raises(ConfigError) as raised:
+        session_settings(load_environment(root, "x", {}))
+
+    assert str(raised.value) == (
+        f"environments/x.env: {key}={value} has no unit, and PostgreSQL reads a bare number as "
+        f"milliseconds: write {value}s for seconds, or {value}ms"
+    )
+
+
+@pytest.mark.parametrize("value", ["0", "0.0", "5s", "1.5 s", "500ms", "15min"])
+def test_durations_with_a_unit_or_0_are_taken_as_written(tmp_path: Path, value: str) -> None:
+    root = env_file(tmp_path, f"DATABASE_URL=postgresql+asyncpg://u@h/d\nLOCK_TIMEOUT={value}\n")
+
+    assert session_settings(load_environment(root, "x", {}))["lock_timeout"] == value
+
+
 def test_a_password_for_sqlite_is_a_clear_error(tmp_path: Path) -> None:
     root = env_file(tmp_path, "DATABASE_URL=sqlite:///x.sqlite3\nDATABASE_PASSWORD=pw\n")
 
