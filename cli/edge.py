@@ -272,13 +272,15 @@ def confirm_migrate(env: Environment, yes: bool) -> Callable[[tuple[Revision, ..
 
 
 def confirm_rollback(env: Environment, yes: bool) -> Callable[[tuple[Revision, ...]], None]:
-    """What a protected rollback does with its plan: show it, and ask (``--yes`` needed)."""
+    """What a protected rollback does with its plan: show it, and ask (``--yes`` needed).
+    Nothing to undo asks nothing, as a migrate with nothing to apply does."""
 
     def ask(plan: tuple[Revision, ...]) -> None:
         print(f"plan: {len(plan) or 'nothing'} to undo", file=sys.stderr)
         for rev in plan:
             print(f"  {rev.id}  {rev.message}{marker(rev)}", file=sys.stderr)
-        confirm(env, yes, "roll back", need_yes=True)
+        if plan:
+            confirm(env, yes, "roll back", need_yes=True)
 
     return ask
 

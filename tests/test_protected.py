@@ -183,6 +183,21 @@ def test_protected_rollback_needs_yes_and_the_typed_name(project: Project) -> No
     assert version(project, "var/safe.sqlite3") == []
 
 
+def test_a_protected_rollback_with_nothing_to_undo_asks_nothing(project: Project) -> None:
+    """It showed "plan: nothing to undo", then refused (exit 4) for want of --yes."""
+    project.write_env("safe", SAFE)
+    project.migrated("safe")
+    project.ok("rollback", "--env=safe", "--to=base", "--yes")
+
+    done = project.invoke("rollback", "--env=safe")
+
+    assert done.returncode == 0, done.stderr
+    assert done.stderr.endswith(
+        "plan: nothing to undo\nsafe: nothing to do, the database is already there\n"
+    )
+    assert version(project, "var/safe.sqlite3") == []
+
+
 def test_reset_refuses_a_protected_environment_outright(project: Project) -> None:
     project.write_env("safe", SAFE)
     project.migrated("safe")
