@@ -41,6 +41,7 @@ from cli.edge import (
 from cli.fleet import fleet_args, fleet_plan, print_fleet_sql, run_fleet
 from cli.output import (
     counted,
+    note_if_empty,
     print_findings,
     print_history,
     print_json,
@@ -437,15 +438,18 @@ def offline_sql(
         output = filled("--output", output, "give a file (a folder, on a fleet)")
         target = environment(c, env, fleet_ok=True, only=only)
         if is_fleet(target):
-            print_fleet_sql(target, fleet_runs.offline_sql(target, only or "", from_, to), output)
+            scripts = fleet_runs.offline_sql(target, only or "", from_, to)
+            print_fleet_sql(target, scripts, output)
+            note_if_empty(next(iter(scripts.values())), from_, to)  # one range for all
             return
         sql = authoring.offline_sql(target, from_, to)
         if output:
-            authoring.write_sql(Path(output), sql)
+            authoring.write_sql(Path(output), sql.text)
     if output:
         print(f"wrote the SQL for {target.name} to {output}", file=sys.stderr)
     else:
-        sys.stdout.write(sql)
+        sys.stdout.write(sql.text)
+    note_if_empty(sql, from_, to)
 
 
 @task(

@@ -14,6 +14,7 @@ from cli.edge import confirm, on_signals, whole
 from cli.output import counted, print_json, short
 
 if TYPE_CHECKING:
+    from db.authoring import OfflineSql
     from db.environments import Environment
     from db.fleet import Target
     from db.fleet_runs import Outcome, Plan, TaskArgs
@@ -277,7 +278,7 @@ def print_summary(env: Environment, outcomes: list[Outcome]) -> None:
         print(f"  {state:<11} {short(targets)}", file=sys.stderr)
 
 
-def print_fleet_sql(env: Environment, scripts: dict[str, str], output: str | None) -> None:
+def print_fleet_sql(env: Environment, scripts: dict[str, OfflineSql], output: str | None) -> None:
     """Each target's offline SQL: printed after a ``-- target: NAME`` line, or written to
     ``output/NAME.sql``, with a warning of any other ``.sql`` file there (an earlier run's,
     which a script applying ``output/*.sql`` would run too)."""
@@ -286,10 +287,10 @@ def print_fleet_sql(env: Environment, scripts: dict[str, str], output: str | Non
     from db import fleet_runs
 
     if not output:
-        sys.stdout.write("".join(f"-- target: {n}\n{sql}" for n, sql in scripts.items()))
+        sys.stdout.write("".join(f"-- target: {n}\n{sql.text}" for n, sql in scripts.items()))
         return
     folder = Path(output).resolve()
-    written = fleet_runs.write_sql(folder, scripts)
+    written = fleet_runs.write_sql(folder, {name: sql.text for name, sql in scripts.items()})
     for name, path in written.items():
         print(f"wrote the SQL for {env.name} {name} to {path}", file=sys.stderr)
     if others := fleet_runs.other_sql(folder, written):

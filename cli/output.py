@@ -9,6 +9,7 @@ from typing import TYPE_CHECKING, TextIO
 if TYPE_CHECKING:
     from alembic.runtime.migration import RevisionStep
 
+    from db.authoring import OfflineSql
     from db.commands import HistoryEntry, Status
     from db.environments import Environment
     from db.lint import Finding
@@ -100,3 +101,14 @@ def print_history(entries: list[HistoryEntry]) -> None:
         elif entry.applied:  # by plain Alembic, or the trail was emptied since
             when = "  [when and by whom: not recorded]"
         print(f"{entry.revision.id}  {mark}  {entry.revision.message}{head}{when}")
+
+
+def note_if_empty(sql: OfflineSql, start: str | None, to: str) -> None:
+    """Say so when offline SQL applies no revision (``--from`` at ``--to`` already): a file
+    that only sets the session up would read as the next deploy's once it was applied."""
+    if not sql.revisions:
+        print(
+            f"note: no revision lies between --from={start or 'base'} and --to={to}: the SQL "
+            "only sets up the session and the audit table, and applies nothing",
+            file=sys.stderr,
+        )

@@ -5,6 +5,7 @@ from __future__ import annotations
 import io
 from collections.abc import Iterator
 from contextlib import contextmanager, redirect_stdout
+from dataclasses import dataclass
 from pathlib import Path
 
 from alembic import command
@@ -22,12 +23,22 @@ from db.revision_ids import known_revision, revision_error
 from db.runner import Progress, load_scripts, make_config, run_env
 
 
-def offline_sql(env: Environment, start: str | None = None, to: str = "head") -> str:
+@dataclass(frozen=True)
+class OfflineSql:
+    """A range's SQL, and the revisions it applies in order (none: it only sets up the
+    session and the audit table, which a reader must be told: --from=head, say)."""
+
+    text: str
+    revisions: tuple[str, ...]
+
+
+def offline_sql(env: Environment, start: str | None = None, to: str = "head") -> OfflineSql:
     """The SQL that upgrades from ``start`` (default: an empty database) to ``to``.
 
     It writes the audit trail too, so a database migrated from it has checksums to check.
     """
     output = io.StringIO()
+    planned: list[str] = []
     config = make_config(env, offline=True, output=output)
     script = load_scripts(config)
     if to == "head":
@@ -44,10 +55,12 @@ def offline_sql(env: Environment, start: str | None = None, to: str = "head") ->
 
     def upgrade(current: tuple[str, ...], context: MigrationContext) -> Iterator[RevisionStep]:
         audit.ensure_table(context.execute)
-        return progress.steps(plan_steps(script, to, current, up=True, flags=env.flags), context)
+        steps = plan_steps(script, to, current, up=True, flags=env.flags)
+        planned.extend(step.revision.revision for step in steps)
+        return progress.steps(steps, context)
 
     run_env(config, script, upgrade, progress, as_sql=True, starting_rev=start, destination_rev=to)
-    return output.getvalue()
+    return OfflineSql(output.getvalue(), tuple(planned))
 
 
 def _goes_down(script: ScriptDirectory, start: str, to: str, env: Environment) -> bool:

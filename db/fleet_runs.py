@@ -24,6 +24,7 @@ from db.fleet import Target, environment, host, targets
 if TYPE_CHECKING:
     from alembic.script import ScriptDirectory
 
+    from db.authoring import OfflineSql
     from db.stop import Stop
 
 RUNS_DIR = Path("var") / "runs"
@@ -135,7 +136,7 @@ def _scripts(env: Environment, target: Target) -> ScriptDirectory:
     return load_scripts(make_config(environment(env, target), offline=True))
 
 
-def offline_sql(env: Environment, only: str, start: str | None, to: str) -> dict[str, str]:
+def offline_sql(env: Environment, only: str, start: str | None, to: str) -> dict[str, OfflineSql]:
     """Each chosen target's SQL: its own, since its audit rows name it (and its schema, or its
     own URL's dialect, may differ)."""
     from db.authoring import offline_sql as render

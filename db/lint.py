@@ -81,7 +81,7 @@ def rendered(env: Environment, wanted: set[str] | None) -> tuple[dict[str, str],
     """Each wanted revision's SQL; and, for those that cannot be rendered offline (a data
     migration that reads rows), why not. One offline pass, or one per revision if it fails."""
     try:
-        every = split(offline_sql(env))
+        every = split(offline_sql(env).text)
     except MigrationFailed:
         every, failed = {}, {}
         for script in ScriptDirectory.from_config(make_config(env, offline=True)).walk_revisions():
@@ -89,7 +89,7 @@ def rendered(env: Environment, wanted: set[str] | None) -> tuple[dict[str, str],
                 continue
             start = ",".join(util.to_tuple(script.down_revision, default=())) or None
             try:
-                every.update(split(offline_sql(env, start, script.revision)))
+                every.update(split(offline_sql(env, start, script.revision).text))
             except MigrationFailed as exc:
                 failed[script.revision] = str(exc).split(": ", 1)[-1]
     else:

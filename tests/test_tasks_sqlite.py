@@ -535,6 +535,28 @@ def test_offline_sql_range_and_output_file(project: Project) -> None:
     assert "UPDATE alembic_version SET version_num=" in sql
 
 
+def test_offline_sql_of_an_empty_range_says_it_applies_nothing(project: Project) -> None:
+    """--from=head wrote a file of session settings and said only "wrote the SQL": applied,
+    it would read as the deploy done."""
+    head = head_revision()
+    note = (
+        f"note: no revision lies between --from={head} and --to=head: the SQL only sets up "
+        "the session and the audit table, and applies nothing\n"
+    )
+
+    printed = project.ok("offline-sql", "--env=prod", f"--from={head}")
+    written = project.ok("offline-sql", "--env=prod", f"--from={head}", "--output=out.sql")
+    some = project.ok("offline-sql", "--env=prod")
+
+    assert "alembic_version" not in printed.stdout and printed.stderr == note
+    assert written.stderr == f"wrote the SQL for prod to out.sql\n{note}"
+    assert "note:" not in some.stderr
+    project.write_env("shops", "DATABASE_URL=postgresql+asyncpg://s@db.invalid/shop_{target}\n")
+    project.extend_env("shops", "TARGETS=alpha beta\n")
+    fleet = project.ok("offline-sql", "--env=shops", f"--from={head}", "--output=each")
+    assert fleet.stderr.endswith(f"beta.sql\n{note}") and fleet.stderr.count("note:") == 1
+
+
 def test_debug_shows_the_traceback(project: Project) -> None:
     plain = project.invoke("migrate", "--env=nope")
     debug = project.invoke("migrate", "--env=nope", "--debug")
