@@ -19,7 +19,7 @@ from db.engines import (
     sqlite_file_missing,
 )
 from db.environments import Environment
-from db.errors import DbError, RevisionError, resolve_hint
+from db.errors import DbError, RevisionError, refused_at, resolve_hint
 from db.progress import Revision
 from db.revision_ids import PAST_THE_ENDS, known_revision, one_way
 from db.runner import Progress, RunOptions, Step, load_scripts, make_config, run_env, run_of
@@ -225,21 +225,22 @@ def _change(
     confirmed = _confirmed_first(env, config, script, plan, options)
 
     def run(current: tuple[str, ...], context: MigrationContext) -> Iterator[RevisionStep]:
-        guards.known_revisions(script, current, env)
-        connection = connection_of(context)
-        log = audit.entries(connection)
-        renamed = guards.same_environment(log, env, options.allow_env_mismatch)
-        guards.unchanged_files(log, script, env, options.note)
-        guards.all_finished(log, env, connection)
-        steps = plan(script, current)
-        guards.valid_ids(step.revision.revision for step in steps)
-        revisions = tuple(Revision.of(step.revision) for step in steps)
-        if confirmed is not None:
-            guards.as_confirmed(confirmed, revisions)
-        elif options.on_plan is not None:  # under the lock: the plan is what will run
-            options.on_plan(revisions)
-        if steps and options.backup:
-            options.note(backups.before_change(env, run_of(config).url, options.stop))
+        with refused_at(current):  # a refusal here leaves the database where it was
+            guards.known_revisions(script, current, env)
+            connection = connection_of(context)
+            log = audit.entries(connection)
+            renamed = guards.same_environment(log, env, options.allow_env_mismatch)
+            guards.unchanged_files(log, script, env, options.note)
+            guards.all_finished(log, env, connection)
+            steps = plan(script, current)
+            guards.valid_ids(step.revision.revision for step in steps)
+            revisions = tuple(Revision.of(step.revision) for step in steps)
+            if confirmed is not None:
+                guards.as_confirmed(confirmed, revisions)
+            elif options.on_plan is not None:  # under the lock: the plan is what will run
+                options.on_plan(revisions)
+            if steps and options.backup:
+                options.note(backups.before_change(env, run_of(config).url, options.stop))
         if steps or renamed:
             audit.ensure_table(connection.execute)
         if renamed:  # stamp the database with its new environment name

@@ -4,6 +4,8 @@ from __future__ import annotations
 
 import re
 import traceback
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 
 from sqlalchemy.exc import DBAPIError
@@ -29,6 +31,18 @@ class DbError(Exception):
 
     exit_code = 1  # a database error: connecting, a revision, or a failing migration
     at: tuple[str, ...] | None = None  # the revision(s) read back after a failed run, if read
+
+
+@contextmanager
+def refused_at(current: tuple[str, ...]) -> Iterator[None]:
+    """A DbError raised inside, before anything changed (a guard, a plan refused), says
+    that the database is still at ``current``: a fleet counts the target there."""
+    try:
+        yield
+    except DbError as exc:
+        if exc.at is None:
+            exc.at = current
+        raise
 
 
 class ConfigError(DbError):

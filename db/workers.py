@@ -24,7 +24,7 @@ from sqlalchemy.exc import DBAPIError
 from db import audit, commands, guards
 from db.engines import with_connection
 from db.environments import Environment, load_environment
-from db.errors import CheckFailed, ConnectError, DbError, Halted, LockTimeout
+from db.errors import CheckFailed, ConnectError, DbError, Halted, LockTimeout, refused_at
 from db.failures import describe, what_to_do
 from db.fleet import Target, environment
 from db.fleet_runs import Outcome, TaskArgs
@@ -178,11 +178,8 @@ def _at(env: Environment, script: ScriptDirectory, current: tuple[str, ...], to:
     """A target at ``current``, and what is pending to ``to`` (its state, "read", is for
     the caller to name); a revision no file has is refused as on one database, saying
     where the target is."""
-    try:
+    with refused_at(current):
         guards.known_revisions(script, current, env)
-    except DbError as exc:
-        exc.at = current
-        raise
     pending = commands.plan_steps(script, to, current, up=True, flags=env.flags)
     return Outcome(
         env.target,
@@ -209,7 +206,8 @@ def _migrate(env: Environment, args: TaskArgs) -> Outcome:
     steps = commands.migrate(env, to, replace(_options(args), before_lock=behind))
     before = seen[0]
     if not before.pending:  # at --to=REV, or past it: refused, as on one database
-        guards.reached(script, to, before.current or (), env)
+        with refused_at(before.current or ()):
+            guards.reached(script, to, before.current or (), env)
         # behind when its lock was found taken: the run that held it got it there
         by_another = "migrated by another run" if args.get("was_locked") else ""
         return replace(before, state="up to date", detail=by_another)

@@ -224,6 +224,29 @@ def test_the_report_says_where_a_failed_target_is_and_not_a_skipped_one(fleet: P
     )
 
 
+def test_a_target_refused_where_it_stands_is_counted_there(fleet: Project) -> None:
+    """A target that a guard refused (past --to, or before it on a rollback) was left out of
+    the summary's versions and had "current": null in the report, though it had been read."""
+    fleet.add_revision("late", revision("late01", HEAD))
+    fleet.ok("migrate", "--env=shops", "--only=alpha")
+    fleet.ok("migrate", "--env=shops", "--only=beta", f"--to={HEAD}")
+
+    forward = fleet.invoke("migrate", "--env=shops", "--only=alpha,beta", f"--to={HEAD}", "--json")
+
+    assert forward.returncode == 6
+    assert f"1 failed, 1 up to date (1 at late01, 1 at {HEAD})" in forward.stderr
+    alpha = json.loads(forward.stdout)["targets"][0]
+    assert alpha["state"] == "failed" and alpha["current"] == ["late01"] == at(fleet, "alpha")
+
+    back = fleet.invoke("rollback", "--env=shops", f"--to={HEAD}", "--keep-going")
+
+    assert back.returncode == 6
+    assert f"(2 at {HEAD}, 1 at base)" in back.stderr
+    report = back.stderr.split("report: ")[1].splitlines()[0]  # rollback has no --json
+    gamma = json.loads((fleet.root / report).read_text())["targets"][2]
+    assert gamma["state"] == "failed" and gamma["current"] == [] == at(fleet, "gamma")
+
+
 def test_after_a_failure_running_targets_finish_their_revision_and_stop(fleet: Project) -> None:
     fleet.ok("migrate", "--env=shops")
     nap = "__import__('time').sleep(2)"
