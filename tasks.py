@@ -38,7 +38,7 @@ from cli.edge import (
     seconds,
     whole,
 )
-from cli.fleet import fleet_args, fleet_plan, print_fleet_sql, run_fleet
+from cli.fleet import fleet_args, fleet_plan, no_report, print_fleet_sql, run_fleet
 from cli.output import (
     counted,
     note_if_empty,
@@ -88,6 +88,7 @@ FLEET = {
 ONE = "on a fleet: the one target to work on (its name, or a glob that matches only it)"
 FLEET_KEEP_GOING = "on a fleet: go on with the other targets past a failed one"
 YES = "confirm a protected environment without a prompt (needed where there is no terminal)"
+REPORT = "on a fleet: print the run's report as JSON (also kept in var/runs/)"
 
 
 @task(
@@ -99,7 +100,7 @@ YES = "confirm a protected environment without a prompt (needed where there is n
         "yes": YES,
         "keep_going": FLEET_KEEP_GOING,
         "canary": "on a fleet: migrate this many targets first, the rest only if they all succeed",
-        "json": "on a fleet: print the run's report as JSON (also kept in var/runs/)",
+        "json": REPORT,
     }
 )
 def migrate(
@@ -130,13 +131,7 @@ def migrate(
             )
             run_fleet(target, plan, only or "", options, json_=json_, yes=yes)
             return
-        if json_:  # printing nothing where JSON was asked for would pass for a report
-            from db.errors import UsageError
-
-            raise UsageError(
-                f"--json prints a fleet run's report, and {target.name} is one database: "
-                f"`invoke status {target.flags} --json` says where it is"
-            )
+        no_report(target, json_)
         if target.protected:  # confirmed under the lock (SQLite: just before)
             options.on_plan = confirm_migrate(target, yes)
         with on_signals(options.stop):
@@ -153,6 +148,7 @@ def migrate(
         "yes": "needed on a protected environment, with the typed name on a terminal",
         **FLEET,
         "keep_going": FLEET_KEEP_GOING,
+        "json": REPORT,
     }
 )
 def rollback(
@@ -167,6 +163,7 @@ def rollback(
     only: str | None = None,
     jobs: str | None = None,
     keep_going: bool = False,
+    json_: bool = False,
     debug: bool = False,
 ) -> None:
     """Downgrade the database by --steps revisions, or to --to=REV (every target of a fleet)."""
@@ -183,8 +180,9 @@ def rollback(
         if is_fleet(target):
             flags: TaskArgs = {**fleet_args(options), "steps": count, "to": to}
             plan = fleet_plan("rollback", flags, jobs, keep_going)
-            run_fleet(target, plan, only or "", options, yes=yes)
+            run_fleet(target, plan, only or "", options, json_=json_, yes=yes)
             return
+        no_report(target, json_)
         if target.protected:  # confirmed under the lock (SQLite: just before)
             options.on_plan = confirm_rollback(target, yes)
         with on_signals(options.stop):
@@ -307,6 +305,7 @@ def resolve(
         "allow_env_mismatch": RUN["allow_env_mismatch"],
         **FLEET,
         "keep_going": FLEET_KEEP_GOING,
+        "json": REPORT,
     }
 )
 def stamp(
@@ -320,6 +319,7 @@ def stamp(
     only: str | None = None,
     jobs: str | None = None,
     keep_going: bool = False,
+    json_: bool = False,
     debug: bool = False,
 ) -> None:
     """Record REV as applied without running it: adopt a database made some other way."""
@@ -332,8 +332,9 @@ def stamp(
         if is_fleet(target):
             flags: TaskArgs = {**fleet_args(options), "revision": revision, "force": force}
             plan = fleet_plan("stamp", flags, jobs, keep_going)
-            run_fleet(target, plan, only or "", options, yes=yes)
+            run_fleet(target, plan, only or "", options, json_=json_, yes=yes)
             return
+        no_report(target, json_)
         if target.protected:
             confirm(target, yes, f"record {revision} as applied on", need_yes=False)
         with on_signals(options.stop):  # its scratch migration stops as a migrate does
@@ -603,12 +604,13 @@ def merge(c: Context, message: str = "merge heads", debug: bool = False) -> None
     print(f"wrote {written.relative_to(ROOT)}", file=sys.stderr)
 
 
-@task(help={**COMMON, **FLEET})
+@task(help={**COMMON, **FLEET, "json": REPORT})
 def seed(
     c: Context,
     env: str | None = None,
     only: str | None = None,
     jobs: str | None = None,
+    json_: bool = False,
     debug: bool = False,
 ) -> None:
     """Fill the database with a small sample shop (idempotent; never on protected envs)."""
@@ -620,8 +622,10 @@ def seed(
             c, env, banner=True, refuse_protected=why, fleet_ok=True, only=only, app=True
         )
         if is_fleet(target):
-            run_fleet(target, fleet_plan("seed", None, jobs, False), only or "", run_options())
+            plan = fleet_plan("seed", None, jobs, False)
+            run_fleet(target, plan, only or "", run_options(), json_=json_)
             return
+        no_report(target, json_)
         added = seed.seed(target)
     print(f"{target.label}: {seed.described(added)}", file=sys.stderr)
 

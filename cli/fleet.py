@@ -114,6 +114,18 @@ def run_fleet(
     return outcomes
 
 
+def no_report(env: Environment, json_: bool) -> None:
+    """``--json`` prints a fleet run's report: on one database it is refused, since
+    printing nothing where JSON was asked for would pass for a report."""
+    from db.errors import UsageError
+
+    if json_:
+        raise UsageError(
+            f"--json prints a fleet run's report, and {env.name} is one database: "
+            f"`invoke status {env.flags} --json` says where it is"
+        )
+
+
 def not_there(plan: Plan, outcomes: list[Outcome]) -> str:
     """A fleet run's last line when some targets did not get there: how many, and how to
     retry them. A rollback retries them by name: run again, it would take the rest further;

@@ -100,16 +100,17 @@ def test_only_on_one_database_is_refused(project: Project) -> None:
     assert not (project.root / "var" / "dev.sqlite3").exists()
 
 
-def test_json_on_one_database_is_refused_not_left_empty(project: Project) -> None:
+@pytest.mark.parametrize("task", [["migrate"], ["rollback"], ["stamp", "head"], ["seed"]])
+def test_json_on_one_database_is_refused_not_left_empty(project: Project, task: list[str]) -> None:
     """`migrate --json | jq` on one database printed no JSON, and ran."""
-    result = project.invoke("migrate", "--json")
+    result = project.invoke(*task, "--json")
 
     assert result.returncode == 2 and result.stdout == ""
     assert "--json prints a fleet run's report, and dev is one database: `invoke status " in (
         result.stderr
     )
     assert "--env=dev --json` says where it is" in result.stderr
-    assert not (project.root / "var" / "dev.sqlite3").exists()
+    assert not (project.root / "var" / "dev.sqlite3").exists()  # nothing ran
 
 
 def test_unreadable_env_file(project: Project) -> None:

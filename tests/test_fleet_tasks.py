@@ -240,6 +240,29 @@ def test_a_run_report_is_kept_and_printed_with_json(fleet: Project) -> None:
     assert len(kept_now) == 2 and kept[0].name not in kept_now  # the oldest went
 
 
+@pytest.mark.parametrize(
+    ("task", "counts"),
+    [
+        (["rollback"], {"rolled back": 3}),
+        (["stamp", HEAD], {"up to date": 3}),
+        (["seed"], {"seeded": 3}),
+    ],
+)
+def test_every_task_that_keeps_a_report_prints_it_with_json(
+    fleet: Project, task: list[str], counts: dict[str, int]
+) -> None:
+    """Only migrate took --json: a deploy that rolled a fleet back had to find the report
+    in var/runs/ itself."""
+    fleet.ok("migrate", "--env=shops")
+
+    result = fleet.ok(*task, "--env=shops", "--json")
+
+    report = json.loads(result.stdout)
+    newest = max((fleet.root / "var" / "runs").glob("shops-*.json"))
+    assert json.loads(newest.read_text()) == report
+    assert report["task"] == task[0] and report["counts"] == counts
+
+
 def test_a_fleet_whose_name_starts_like_another_prunes_only_its_own_reports(
     fleet: Project,
 ) -> None:
