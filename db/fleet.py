@@ -20,7 +20,7 @@ from typing import TYPE_CHECKING
 from sqlalchemy.exc import DBAPIError
 
 from db.environments import NAME_MAX, SCHEMA_NAME, SCHEMA_RULE, Environment
-from db.errors import ConfigError, ConnectError, first_line
+from db.errors import ConfigError, ConnectError, DbError, first_line
 from db.urls import mask, parse_url
 
 if TYPE_CHECKING:
@@ -211,7 +211,13 @@ def _from_catalog(env: Environment) -> list[Target]:
             "the targets"
         )
 
+    limits = {"lock_timeout": env.duration("LOCK_TIMEOUT", "5s")}  # a catalog table locked
+    limits["statement_timeout"] = env.duration("STATEMENT_TIMEOUT", "15min")  # (an ALTER) waited
+
     def rows(connection: Connection) -> list[Target]:
+        if connection.dialect.name == "postgresql":  # for this transaction: poolers keep it
+            for name, value in limits.items():
+                connection.execute(text("select set_config(:n, :v, true)"), {"n": name, "v": value})
         found = connection.execute(text(env.get("TARGETS_QUERY")))
         if not found.returns_rows:  # an UPDATE, say: rolled back as the connection closes
             raise ConfigError(
@@ -236,6 +242,14 @@ def _from_catalog(env: Environment) -> list[Target]:
     try:
         return with_connection(catalog_url, rows, connect_timeout=env.connect_timeout)
     except DBAPIError as exc:
+        state = getattr(exc.orig, "sqlstate", None)
+        if state in ("55P03", "57014"):  # not the query's fault: a lock, a slow server
+            key = "LOCK_TIMEOUT" if state == "55P03" else "STATEMENT_TIMEOUT"
+            raise DbError(
+                f"{env.name}: TARGETS_QUERY waited {limits[key.lower()]} ({key}) on the catalog, "
+                f"and gave up ({first_line(exc)}): run the task again once the session that "
+                f"holds it (a migration of the catalog?) is done, or raise {key}"
+            ) from None
         raise ConfigError(
             f"{env.name}: TARGETS_QUERY failed: {first_line(exc)}; fix it in {where}"
         ) from None

@@ -161,6 +161,35 @@ def test_a_sqlite_catalog_serves_a_schema_fleet_with_a_password(
     assert [schema_versions(pg_database.dsn, s) for s in ("alpha", "beta")] == [[HEAD], [HEAD]]
 
 
+def test_a_locked_catalog_table_ends_the_query_at_lock_timeout(
+    project: Project, pg_database: PgDatabase
+) -> None:
+    """An ALTER of the catalog table (the platform migrating its own database) held the
+    query, and the task waited with it, without a word, for as long as that took."""
+    pg_execute(pg_database.dsn, "create table catalog_shops (slug text)")
+    tenants = f"DATABASE_URL={pg_database.url}\nSCHEMA={{target}}\nLOCK_TIMEOUT=1s\n"
+    project.write_env(
+        "tenants", catalog_env(tenants, "select slug from catalog_shops", pg_database.url)
+    )
+
+    locked = "begin; lock table catalog_shops in access exclusive mode; select pg_sleep(120)"
+    app = subprocess.Popen(["psql", pg_database.dsn, "-c", locked], stdout=subprocess.DEVNULL)
+    try:
+        wait_until(lambda: running_query(pg_database.dsn, "pg_sleep(120)"), "the app's lock")
+        run = popen(project, "status", "--env=tenants")
+        _, err = run.communicate(timeout=30)  # it waited for as long as the lock was held
+    finally:
+        app.terminate()
+        app.wait(timeout=10)
+
+    assert run.returncode == 1, err
+    assert err.endswith(
+        "error: tenants: TARGETS_QUERY waited 1s (LOCK_TIMEOUT) on the catalog, and gave up "
+        "(canceling statement due to lock timeout): run the task again once the session that "
+        "holds it (a migration of the catalog?) is done, or raise LOCK_TIMEOUT\n"
+    )
+
+
 def test_a_postgres_catalog_lists_the_shops_and_its_failures_name_it(
     project: Project, pg_database: PgDatabase
 ) -> None:
