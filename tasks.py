@@ -233,7 +233,7 @@ def restore(
 ) -> None:
     """Put a SQLite backup from var/backups back in place of the database."""
     with reported(c, debug):
-        from db import backups
+        from db import restore as restoring
         from db.locks import LOCK_WAIT
         from db.stop import Stop
 
@@ -246,7 +246,7 @@ def restore(
         waits = LOCK_WAIT if lock_wait is None else seconds("--lock-wait", lock_wait)
         stop = Stop()
         with on_signals(stop):
-            used, kept = backups.restore(
+            used, kept = restoring.restore(
                 target, target.url(), chosen, allow_env_mismatch, stop.check, waits
             )
     if kept is not None:

@@ -1,8 +1,8 @@
-"""Backups before a change: SQLite's backup API, or pg_dump when an env file asks for it."""
+"""Backups before a change: SQLite's backup API, or pg_dump when an env file asks for it;
+and the checks of a SQLite file that come first. Putting one back is :mod:`db.restore`."""
 
 from __future__ import annotations
 
-import errno
 import os
 import shutil
 import sqlite3
@@ -14,10 +14,10 @@ from datetime import datetime, timezone
 from pathlib import Path
 from typing import TYPE_CHECKING
 
-from sqlalchemy.engine import URL, make_url
+from sqlalchemy.engine import URL
 
 from db.environments import Environment
-from db.errors import ConfigError, DbError, GuardRefused, Interrupted, LockTimeout, UsageError
+from db.errors import DbError, Interrupted, LockTimeout
 from db.files import dated
 from db.locks import LOCK_WAIT
 from db.stop import Stop
@@ -63,12 +63,12 @@ def sqlite_backup(
     if not source.is_file() or source.stat().st_size == 0:
         return None
     check_sqlite(env, source)
-    target = _new_file(env, "sqlite3")
+    target = new_file(env, "sqlite3")
     try:
-        _copy(source, target, stopped)
+        copy_database(source, target, stopped)
         with closing(sqlite3.connect(target)) as copy:  # a copy of a WAL-mode file is one too,
             copy.execute("PRAGMA journal_mode=DELETE")  # and would grow a -wal and a -shm
-        problem = _quick_check(target)
+        problem = quick_check(target)
         if problem:
             raise sqlite3.DatabaseError(f"the copy fails quick_check: {problem}")
     except Interrupted:
@@ -94,14 +94,14 @@ def check_file(env: Environment, url: URL, options: RunOptions | None = None) ->
         _check_writable(env, path)
 
 
-def _checked(env: Environment, path: Path, options: RunOptions | None) -> str | None:
-    """``_quick_check`` of a file a task is about to change, waiting ``options.lock_wait``
+def checked(env: Environment, path: Path, options: RunOptions | None) -> str | None:
+    """``quick_check`` of a file a task is about to change, waiting ``options.lock_wait``
     seconds at most while another connection keeps it locked. Nothing has been changed
     when the wait runs out, or a signal ends it, and the error says so."""
     try:
         if options is None:
-            return _quick_check(path)
-        return _quick_check(path, options.lock_wait, options.stop.check, options.note)
+            return quick_check(path)
+        return quick_check(path, options.lock_wait, options.stop.check, options.note)
     except LockTimeout as exc:
         raise LockTimeout(
             f"{env.relative(path)}: {exc} (the app writing a large transaction, or a "
@@ -131,7 +131,7 @@ def check_sqlite(env: Environment, path: Path, options: RunOptions | None = None
     one another connection keeps locked is waited for (``options.lock_wait``)."""
     if not path.is_file():
         return
-    problem = _checked(env, path, options)
+    problem = checked(env, path, options)
     if problem:
         raise DbError(
             f"{env.relative(path)} fails SQLite's quick_check ({problem}): the file is "
@@ -147,17 +147,7 @@ def repair(flags: str) -> str:
     )
 
 
-def set_aside_corrupt(env: Environment, url: URL, options: RunOptions) -> Path | None:
-    """Move a corrupt SQLite file (with its journal, or its WAL files) into the backups, as
-    it is, so that a reset can start a new one: nothing in it can be dropped. None when it
-    is sound (a locked one is waited for, as by ``check_file``)."""
-    path = Path(url.database or "") if url.get_backend_name() == "sqlite" else None
-    if path is None or not path.is_file() or path.stat().st_size == 0:
-        return None
-    return _set_aside(env, path) if _checked(env, path, options) else None
-
-
-def _quick_check(
+def quick_check(
     path: Path,
     wait: float = 0.0,
     stopped: Callable[[], None] = lambda: None,
@@ -175,7 +165,7 @@ def _quick_check(
         left = deadline - time.monotonic()
         try:
             busy = max(0.0, min(left, 0.25))  # SQLite's own wait, in which no signal is seen
-            with closing(_read_only(path, busy)) as db:
+            with closing(read_only(path, busy)) as db:
                 rows = db.execute("PRAGMA quick_check").fetchall()
         except sqlite3.OperationalError as exc:
             if "locked" not in str(exc):
@@ -194,14 +184,14 @@ def _quick_check(
         return None if found == "ok" else found
 
 
-def _read_only(path: Path, busy: float = 5.0) -> sqlite3.Connection:
+def read_only(path: Path, busy: float = 5.0) -> sqlite3.Connection:
     """A connection that only reads ``path``. Its URI escapes the path: in a folder named
     ``shop #2`` (or with ``?`` or ``%``), SQLite would read the rest as the URI's fragment or
     query, and open (and make) another file."""
     return sqlite3.connect(f"{path.absolute().as_uri()}?mode=ro", uri=True, timeout=busy)
 
 
-def _copy(
+def copy_database(
     source: Path,
     target: Path,
     stopped: Callable[[], None] = lambda: None,
@@ -239,7 +229,7 @@ def pg_dump(env: Environment, url: URL, stop: Stop) -> Path:
     """A dump of the database (a tenant's schema alone) in ``var/backups``. Behind a table
     lock (the app's, or an ALTER queued behind a long query) pg_dump waits ``LOCK_TIMEOUT``
     at most, as a migration does; a stop requested meanwhile ends it. Either way, no file."""
-    target = _new_file(env, "dump")
+    target = new_file(env, "dump")
     command = ["pg_dump", "--format=custom", f"--file={target}", "--no-password"]
     command += [f"--lock-wait-timeout={env.duration('LOCK_TIMEOUT', '5s')}", *_server(url)]
     command += [f"--username={url.username or ''}"]
@@ -330,193 +320,7 @@ def _taken(stamp: str) -> datetime:
     return datetime.strptime(stamp, _STAMP.removesuffix("Z")).astimezone()
 
 
-def restore(
-    env: Environment,
-    url: URL,
-    backup: Path | None,
-    allow_mismatch: bool = False,
-    stopped: Callable[[], None] = lambda: None,
-    lock_wait: float = LOCK_WAIT,
-) -> tuple[Path, Path | None]:
-    """Put a SQLite backup back in place of the database.
-
-    The backup must be a sound SQLite database with a version table, last migrated as this
-    environment (and fleet target) unless ``allow_mismatch``; the database it replaces is
-    kept as a backup first. ``stopped`` raises Interrupted (a signal) to end the restore
-    before the copy is done, leaving the database as it was; so does a database another
-    connection keeps locked for ``lock_wait`` seconds. Returns the file used and where the
-    old one went.
-    """
-    if url.get_backend_name() != "sqlite":
-        raise ConfigError(f"{env.name} is PostgreSQL: restore a pg_dump backup with pg_restore")
-    live = Path(url.database or "")
-    if backup is not None and not backup.is_file():  # not "no backup": one was named
-        what = "is a folder, not a backup" if backup.is_dir() else "does not exist"
-        raise UsageError(
-            f"{env.relative(backup)} {what}: nothing was restored; the backups are in "
-            f"{BACKUP_DIR}, and without --file the newest is taken"
-        )
-    chosen = backup or next(iter(backups(env)), None)
-    if chosen is None:
-        raise DbError(f"no backup to restore for {env.label} (looked in {BACKUP_DIR})")
-    if live.exists() and chosen.resolve() == live.resolve():
-        raise DbError(f"{env.relative(chosen)} is the live database itself: pick a backup")
-    try:
-        _check_backup(env, chosen)
-    except DbError as exc:
-        older = [path for path in backups(env) if path != chosen][:1] if backup is None else []
-        if not older:
-            raise
-        other = env.relative(older[0])  # the newest was taken for the user: say what is next
-        raise DbError(
-            f"{exc}; the one before it: `invoke restore {env.flags} --file={other}`"
-        ) from None
-    made = _migrated_as(chosen)
-    if made is not None and made != env.label and not allow_mismatch:
-        raise GuardRefused(
-            f"{env.relative(chosen)} is a backup of {made}, not {env.label}: nothing was "
-            "restored; pass --allow-env-mismatch to put it here anyway (migrate will ask "
-            "for it too)"
-        )
-    try:
-        stopped()
-        kept = _keep_replaced(env, live, stopped, lock_wait)
-    except (Interrupted, LockTimeout) as exc:
-        raise _not_restored(exc, env, live, _AS_IT_WAS) from None
-    try:
-        stopped()
-        _copy(chosen, live, stopped, lock_wait)
-    except (Interrupted, LockTimeout) as exc:
-        raise _not_restored(exc, env, live, _unrestored(env, live, kept)) from None
-    except (sqlite3.Error, OSError) as exc:  # a full disk
-        raise DbError(
-            f"restoring {env.relative(chosen)} failed ({exc}), so {_unrestored(env, live, kept)}; "
-            f"free some space for {env.relative(live)} and run it again"
-        ) from None
-    return chosen, kept
-
-
-_AS_IT_WAS = "nothing was restored: the database is as it was"
-
-
-def _not_restored(
-    exc: Interrupted | LockTimeout, env: Environment, live: Path, left: str
-) -> DbError:
-    """The error of a restore that a signal, or another connection's lock, ended; ``left``:
-    what it left, in words."""
-    if isinstance(exc, Interrupted):
-        return Interrupted(f"interrupted: {left}", exc.signum)
-    return LockTimeout(
-        f"{env.relative(live)}: {exc} (a migration, or the app in a long transaction?), so "
-        f"{left}; stop it, or wait longer with --lock-wait"
-    )
-
-
-def _unrestored(env: Environment, live: Path, kept: Path | None) -> str:
-    """What a restore that failed part way left, in words. Over a sound database, SQLite
-    rolled the copy back; a new file (there was none, or a corrupt one moved aside) goes."""
-    if kept is not None and kept.suffix != ".corrupt":
-        return _AS_IT_WAS
-    for suffix in _COMPANIONS + ("",):
-        Path(f"{live.resolve()}{suffix}").unlink(missing_ok=True)
-    moved = f" (the corrupt one is in {env.relative(kept)})" if kept is not None else ""
-    return f"nothing was restored and there is no database file{moved}"
-
-
-def _check_backup(env: Environment, path: Path) -> None:
-    try:
-        problem = _quick_check(path)
-    except LockTimeout:
-        problem = "another connection keeps it locked"
-    if problem is None:
-        with closing(_read_only(path)) as db:
-            found = db.execute(
-                "select 1 from sqlite_master where type = 'table' and name = 'alembic_version'"
-            ).fetchone()
-        problem = None if found else "it has no alembic_version table"
-    if problem:
-        raise DbError(
-            f"{env.relative(path)} is not a usable backup ({problem}); nothing was restored"
-        )
-
-
-def _migrated_as(path: Path) -> str | None:
-    """The environment (``shops.alpha`` for a fleet's target) that last migrated the
-    database in ``path``, from its audit trail; None if it has none."""
-    with closing(_read_only(path)) as db:
-        columns = {row[1] for row in db.execute("pragma table_info(migration_log)")}
-        if "environment" not in columns:
-            return None
-        target = "target" if "target" in columns else "null"
-        row = db.execute(
-            f"select environment, {target} from migration_log order by id desc limit 1"
-        ).fetchone()
-    if row is None:
-        return None
-    return f"{row[0]}.{row[1]}" if row[1] else str(row[0])
-
-
-_COMPANIONS = ("-journal", "-wal", "-shm")  # the files SQLite keeps beside a database
-
-
-def _keep_replaced(
-    env: Environment, live: Path, stopped: Callable[[], None], lock_wait: float
-) -> Path | None:
-    """Keep the database a restore replaces: as a verified backup, or, when corrupt, moved
-    aside as it is (SQLite cannot copy over a file it cannot read). A file another
-    connection keeps locked is waited for, ``lock_wait`` seconds at most."""
-    if not live.is_file() or live.stat().st_size == 0:
-        return None
-    if _quick_check(live, lock_wait, stopped) is None:  # kept even with BACKUP_KEEP=0
-        return sqlite_backup(env, make_url(f"sqlite:///{live}"), least=1, stopped=stopped)
-    return _set_aside(env, live)
-
-
-def _set_aside(env: Environment, live: Path) -> Path:
-    """Move a corrupt file aside with its journal, or its write-ahead log and that log's
-    index (WAL mode: the last commits may be only there), which go first: one left behind
-    would be played back into the new file, and the kept copy would lack those commits.
-
-    Where ``live`` is a link, the file it names goes (SQLite keeps the journal beside that
-    file), and the link stays, to name the new one. On another disk than the backups, the
-    files are copied, and removed only once every copy is whole."""
-    kept = _new_file(env, "corrupt")
-    real = live.resolve()
-    moves = [
-        (Path(f"{real}{suffix}"), Path(f"{kept}{suffix}"))
-        for suffix in _COMPANIONS + ("",)
-        if Path(f"{real}{suffix}").exists()
-    ]
-    try:
-        for source, aside in moves:
-            os.replace(source, aside)
-    except OSError as exc:  # one folder: the first rename fails, or none does
-        if exc.errno != errno.EXDEV:
-            raise
-        _copy_aside(env, live, moves)
-    for _, aside in moves:
-        aside.chmod(0o600)  # as every backup: the rows are the app's
-    return kept
-
-
-def _copy_aside(env: Environment, live: Path, moves: list[tuple[Path, Path]]) -> None:
-    """``_set_aside`` across disks: every file copied, then the originals removed; a copy
-    that fails (a full disk) is removed with the others, and the files stay as they were."""
-    try:
-        for source, aside in moves:
-            shutil.copy2(source, aside)
-    except OSError as exc:
-        for _, aside in moves:
-            aside.unlink(missing_ok=True)
-        raise DbError(
-            f"cannot keep the corrupt {env.relative(live)} in {BACKUP_DIR} ({exc.strerror}), "
-            f"so nothing was changed: free some space in {BACKUP_DIR} and run the task again"
-        ) from None
-    for source, _ in moves:
-        source.unlink()
-
-
-def _new_file(env: Environment, suffix: str) -> Path:
+def new_file(env: Environment, suffix: str) -> Path:
     folder = env.root / BACKUP_DIR
     stamp = datetime.now(timezone.utc).strftime(_STAMP)
     target = folder / f"{env.label}-{stamp}.{suffix}"

@@ -8,7 +8,7 @@ from dataclasses import replace
 from sqlalchemy import text
 from sqlalchemy.exc import DBAPIError
 
-from db import backups, guards
+from db import backups, guards, restore
 from db.commands import migrate, read_state
 from db.engines import connect, connect_async, make_async_engine, make_engine, run_coroutine
 from db.environments import Environment
@@ -29,7 +29,7 @@ def reset(env: Environment, options: RunOptions | None = None) -> list[Step]:
         raise GuardRefused(f"{env.name} is protected: reset drops every table and never runs there")
     options = options or RunOptions()
     url = env.url()
-    kept = backups.set_aside_corrupt(env, url, options)
+    kept = restore.set_aside_corrupt(env, url, options)
     if kept is not None:  # nothing in it to drop or back up: a new file, migrated from scratch
         options.note(f"the corrupt database file was moved to {env.relative(kept)}")
         return migrate(env, "head", replace(options, backup=False))
