@@ -95,6 +95,13 @@ def environment(
     filled("--only", only and only.replace(",", " "), every)  # "," is empty too
     known = ", ".join(known_environments(ROOT))
     filled("--env", name, f"name one of {known}, or leave --env out")
+    if name is None:  # INVOKE_DB_ENV= (a deploy's variable left empty) is no name either
+        configured = str(c.config.db.env or "")
+        if not configured.strip():
+            raise UsageError(
+                f"the default environment (INVOKE_DB_ENV, or db.env in invoke's "
+                f"configuration) is empty: give --env, set it to one of {known}, or unset it"
+            )
     loaded = load_environment(ROOT, c.config.db.env if name is None else name, os.environ)
     for warning in loaded.warnings:
         print(warning, file=sys.stderr)

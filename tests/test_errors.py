@@ -72,6 +72,19 @@ def test_an_empty_env_is_refused_not_read_as_the_default(project: Project) -> No
     assert project.ok("status").stderr.startswith("[dev]")  # no --env: the default, as before
 
 
+def test_an_empty_default_environment_is_refused(project: Project) -> None:
+    """``INVOKE_DB_ENV=$DEPLOY_ENV`` left empty said "unknown environment '' ... (did you
+    mean dev?)", as if an environment had been named."""
+    error = project.fails("migrate", INVOKE_DB_ENV="")
+
+    assert error.endswith(
+        "error: the default environment (INVOKE_DB_ENV, or db.env in invoke's configuration) "
+        "is empty: give --env, set it to one of dev, prod, staging, or unset it\n"
+    )
+    assert not (project.root / "var" / "dev.sqlite3").exists()
+    assert project.ok("status", "--env=dev", INVOKE_DB_ENV="").stderr.startswith("[dev]")
+
+
 def test_environment_name_cannot_escape_the_directory(project: Project) -> None:
     error = project.fails("status", "--env=../tasks")
     assert "unknown environment '../tasks'" in error
