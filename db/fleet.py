@@ -197,7 +197,8 @@ def _from_catalog(env: Environment) -> list[Target]:
     """Targets from ``TARGETS_QUERY`` (a name, and optionally a URL) on ``TARGETS_DATABASE_URL``."""
     from sqlalchemy import Connection, text
 
-    from db.engines import sqlite_file_missing, with_connection
+    from db.connections import with_connection
+    from db.engines import sqlite_file_missing
 
     if not env.get("TARGETS_DATABASE_URL"):
         raise ConfigError(f"{env.name}: TARGETS_QUERY needs TARGETS_DATABASE_URL, the catalog")

@@ -41,7 +41,7 @@ from sqlalchemy import (
 from sqlalchemy.engine import URL
 from sqlalchemy.exc import DBAPIError, OperationalError
 
-from db.engines import with_connection
+from db.connections import with_connection
 from db.errors import ConfigError, Halted, LockLost, LockTimeout, first_line
 
 if TYPE_CHECKING:

@@ -28,7 +28,7 @@ from db.commands import (
     migrate,
     record_event,
 )
-from db.engines import with_connection
+from db.connections import with_connection
 from db.environments import Environment
 from db.errors import ConnectError, DbError, GuardRefused, Interrupted, RevisionError
 from db.revision_ids import by_id

@@ -10,7 +10,8 @@ from sqlalchemy.exc import DBAPIError
 
 from db import backups, guards, restore
 from db.commands import migrate, read_state
-from db.engines import connect, connect_async, make_async_engine, make_engine, run_coroutine
+from db.connections import connect, connect_async, run_coroutine
+from db.engines import make_async_engine, make_engine
 from db.environments import Environment
 from db.errors import DbError, GuardRefused, Interrupted, cause_of
 from db.failures import describe, not_the_revision

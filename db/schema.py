@@ -7,7 +7,7 @@ from typing import Any
 
 from sqlalchemy import Connection, inspect
 
-from db.engines import with_connection
+from db.connections import with_connection
 from db.environments import Environment
 
 Schema = dict[str, dict[str, Any]]

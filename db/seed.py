@@ -10,7 +10,8 @@ from sqlalchemy import select
 from sqlalchemy.exc import DBAPIError, IntegrityError
 from sqlalchemy.ext.asyncio import AsyncSession
 
-from db.engines import connect_async, run_coroutine, sqlite_file_missing
+from db.connections import connect_async, run_coroutine
+from db.engines import sqlite_file_missing
 from db.environments import Environment
 from db.errors import BrokenModels, DbError, GuardRefused, first_line
 from db.failures import what_to_do

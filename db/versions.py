@@ -9,7 +9,7 @@ from alembic.script import ScriptDirectory
 from sqlalchemy import Connection
 from sqlalchemy.engine import URL
 
-from db.engines import with_connection
+from db.connections import with_connection
 
 VERSION_TABLE = "alembic_version"
 VERSION_ID_MAX = 32  # characters: Alembic's alembic_version.version_num is a VARCHAR(32)

@@ -22,7 +22,7 @@ from sqlalchemy import Connection
 from sqlalchemy.exc import DBAPIError
 
 from db import audit, commands, guards
-from db.engines import with_connection
+from db.connections import with_connection
 from db.environments import Environment, load_environment
 from db.errors import CheckFailed, ConnectError, DbError, Halted, LockTimeout, refused_at
 from db.failures import describe, what_to_do

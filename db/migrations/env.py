@@ -22,14 +22,8 @@ from sqlalchemy.exc import DBAPIError
 from sqlalchemy.types import TypeDecorator
 
 from db import audit
-from db.engines import (
-    connect,
-    connect_async,
-    is_async,
-    make_async_engine,
-    make_engine,
-    run_coroutine,
-)
+from db.connections import connect, connect_async, run_coroutine
+from db.engines import is_async, make_async_engine, make_engine
 from db.errors import BrokenModels, MigrationFailed
 from db.failures import describe
 from db.locks import Fence, canceller, pg_lock, prepare_session, sqlite_run
