@@ -3,7 +3,9 @@ library's errors and signals turned into a short message and an exit code."""
 
 from __future__ import annotations
 
+import errno
 import gc
+import io
 import os
 import re
 import signal
@@ -35,11 +37,17 @@ def quiet_when_the_reader_leaves() -> None:
     BrokenPipeError. ``invoke offline-sql > upgrade.sql`` on a full disk: one line, exit 2
     (the files the tasks write themselves say which file they could not write)."""
     hook = sys.excepthook
+    if sys.stdout is None:  # started with it closed (>&-): print() would drop the data unsaid
+        sys.stdout = _ClosedStdout()
 
     def cut_short(kind: type[BaseException], value: BaseException, traceback: Any) -> None:
         if issubclass(kind, BrokenPipeError) and _stdout_reader_gone():
             sys.stderr.flush()
             os._exit(128 + signal.SIGPIPE)
+        if isinstance(value, StdoutClosed):
+            print(f"error: cannot write the output: {value.strerror}", file=sys.stderr)
+            sys.stderr.flush()
+            os._exit(2)
         if isinstance(value, OSError) and _no_room_for_output(value):
             print(f"error: cannot write the output: {value.strerror}", file=sys.stderr)
             sys.stderr.flush()
@@ -47,6 +55,19 @@ def quiet_when_the_reader_leaves() -> None:
         hook(kind, value, traceback)
 
     sys.excepthook = cut_short
+
+
+class StdoutClosed(OSError):
+    """A task's output, written where stdout was closed before the task started."""
+
+
+class _ClosedStdout(io.TextIOBase):
+    """stdout for a process started without one: Python sets ``sys.stdout`` to None, and
+    print() then drops what it is given, so ``invoke status >&-`` said nothing and exited
+    0. Writing raises instead (flushing, at exit, has nothing to do)."""
+
+    def write(self, text: str) -> int:
+        raise StdoutClosed(errno.EBADF, "stdout is closed (the task was started with >&-?)")
 
 
 def _no_room_for_output(error: OSError) -> bool:

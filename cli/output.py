@@ -29,7 +29,8 @@ def show_plan(env: Environment, plan: tuple[Revision, ...], findings: list[Findi
         print_findings(mine, file=sys.stderr)
 
 
-def print_findings(findings: list[Finding], file: TextIO = sys.stdout) -> None:
+def print_findings(findings: list[Finding], file: TextIO | None = None) -> None:
+    """Each finding, to ``file`` (stdout, as it is when called, by default)."""
     for found in findings:
         print(f"{found.revision}: {found.rule}: {found.message}", file=file)
         print(f"    {found.statement}", file=file)

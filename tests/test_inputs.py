@@ -691,6 +691,27 @@ def test_output_to_a_full_disk_ends_with_one_line(project: Project) -> None:
             assert "Traceback" not in err and "Exception ignored" not in err
 
 
+def test_output_to_a_closed_stdout_is_an_error_not_lost(project: Project) -> None:
+    """``invoke status >&-``: Python gives the task no stdout, and print() dropped what it
+    was given; status said nothing and exited 0, offline-sql ended in a traceback."""
+    project.migrated()
+    for args in (["history"], ["offline-sql"], ["status", "--json"], ["envs"]):
+        task = project.start(
+            *args, stderr=subprocess.PIPE, text=True, preexec_fn=lambda: os.close(1)
+        )
+        _, err = task.communicate(timeout=60)
+        assert task.returncode == 2, err
+        assert err.endswith(
+            "error: cannot write the output: stdout is closed (the task was started with >&-?)\n"
+        )
+        assert "Traceback" not in err
+    quiet = project.start(
+        "migrate", stderr=subprocess.PIPE, text=True, preexec_fn=lambda: os.close(1)
+    )
+    assert quiet.communicate(timeout=60)[1].endswith("already there\n")  # it writes no data
+    assert quiet.returncode == 0
+
+
 def _revision(rev: str, down: str) -> str:
     return revision(rev, down, f'op.create_table("{rev}")')
 
