@@ -639,8 +639,10 @@ def envs(c: Context) -> None:
     from db.errors import DbError
     from db.urls import mask
 
-    broken = 0
-    for name in known_environments(ROOT):
+    broken, names = 0, known_environments(ROOT)
+    if not names:  # not a silent empty list: where they go, and what one holds
+        print("no environments: add environments/NAME.env with DATABASE_URL=...", file=sys.stderr)
+    for name in names:
         try:
             loaded = load_environment(ROOT, name, os.environ)
             unset = loaded.unset_secrets  # a secret's variable: set where the tasks run

@@ -477,6 +477,16 @@ def test_envs_lists_every_environment_and_fails_on_a_broken_one(project: Project
     assert result.stderr == "error: 2 environment(s) cannot be loaded: see above\n"
 
 
+def test_envs_with_no_environments_says_where_they_go(project: Project) -> None:
+    for env_file in (project.root / "environments").iterdir():
+        env_file.unlink()
+
+    result = project.ok("envs")
+
+    assert result.stdout == ""
+    assert result.stderr == "no environments: add environments/NAME.env with DATABASE_URL=...\n"
+
+
 def test_envs_never_shows_a_password(project: Project) -> None:
     result = project.ok("envs", PROD_DB_PASSWORD="s3cret-Pa55")
     assert "s3cret-Pa55" not in result.stdout + result.stderr
