@@ -27,6 +27,7 @@ from db.errors import (
     resolve_hint,
     unfinished_run,
 )
+from db.offline import COLON
 from db.progress import Progress, Step, message_of
 from db.versions import applied_revisions, current_heads
 
@@ -143,6 +144,8 @@ def _hinted(exc: BaseException) -> str:
         return f"{cause} ({_IN_A_BLOCK})"
     if any(said in cause for said in _SEVERAL_STATEMENTS):  # asyncpg's words, and SQLite's
         return f"{cause} (give each statement its own op.execute())"
+    if "A value is required for bind parameter" in cause:  # a colon in op.execute's SQL
+        return f"{cause} ({COLON})"
     return cause
 
 

@@ -567,6 +567,36 @@ def test_offline_sql_of_an_empty_range_says_it_applies_nothing(project: Project)
     assert fleet.stderr.endswith(f"beta.sql\n{note}") and fleet.stderr.count("note:") == 1
 
 
+def test_a_colon_in_executed_sql_is_never_written_as_null(project: Project) -> None:
+    """op.execute("... 'note :sale'") reads :sale as a parameter. offline-sql wrote the
+    statement with 'note NULL' in it, and exited 0; online the revision failed with no
+    word of why."""
+    project.migrated()
+    update = "op.execute(\"UPDATE categories SET name = 'note :sale' WHERE id = -1\")"
+    project.add_revision("colon", revision("colon1", head_revision(), update))
+    hint = (
+        "in op.execute's SQL a colon before a word starts a parameter: write \\\\:word for a "
+        "colon, or give its value with sa.text(...).bindparams(word=...)"
+    )
+
+    offline = project.invoke("offline-sql", "--env=prod", f"--from={head_revision()}")
+    online = project.invoke("migrate")
+
+    assert offline.returncode == 1 and "NULL" not in offline.stdout
+    assert offline.stderr.endswith(
+        "error: revision colon1 cannot be rendered as SQL offline: InvalidRequestError: A "
+        "value is required for bind parameter 'sale', which offline SQL would write as NULL "
+        f"({hint})\n"
+    )
+    assert online.returncode == 1 and f"bind parameter 'sale' ({hint})\n" in online.stderr
+    assert version(project) == [head_revision()]
+    escaped = update.replace(" :sale", " \\\\:sale")  # as the hint says
+    project.add_revision("colon", revision("colon1", head_revision(), escaped))
+    sql = project.ok("offline-sql", "--env=prod", f"--from={head_revision()}").stdout
+    assert "SET name = 'note :sale' WHERE" in sql
+    project.ok("migrate")
+
+
 def test_debug_shows_the_traceback(project: Project) -> None:
     plain = project.invoke("migrate", "--env=nope")
     debug = project.invoke("migrate", "--env=nope", "--debug")

@@ -21,7 +21,7 @@ from sqlalchemy.engine import make_url
 from sqlalchemy.exc import DBAPIError
 from sqlalchemy.types import TypeDecorator
 
-from db import audit
+from db import audit, offline  # noqa: F401  (offline: text compiled with its values)
 from db.connections import connect, connect_async, run_coroutine
 from db.engines import is_async, make_async_engine, make_engine
 from db.errors import BrokenModels, MigrationFailed

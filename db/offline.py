@@ -1,0 +1,34 @@
+"""What offline SQL must not do without a word: write NULL where a parameter has no value.
+
+``op.execute("... 'note :sale' ...")`` passes its SQL through ``text()``, which reads
+``:sale`` as a bind parameter. Online the revision fails ("A value is required for bind
+parameter 'sale'"); offline, values are inlined, and one never given was written as
+``NULL``: the file said ``'note NULL'``, and applied, wrote that into the rows.
+"""
+
+from __future__ import annotations
+
+from typing import Any
+
+from sqlalchemy.exc import InvalidRequestError
+from sqlalchemy.ext.compiler import compiles
+from sqlalchemy.sql.compiler import SQLCompiler
+from sqlalchemy.sql.elements import TextClause
+
+COLON = (
+    "in op.execute's SQL a colon before a word starts a parameter: write \\\\:word for a "
+    "colon, or give its value with sa.text(...).bindparams(word=...)"
+)
+
+
+@compiles(TextClause)
+def _every_value_given(element: TextClause, compiler: SQLCompiler, **kw: Any) -> str:
+    """Text compiled with its values inlined (offline SQL) must have them all."""
+    if kw.get("literal_binds"):
+        for bind in element._bindparams.values():
+            if bind.required and bind.value is None and bind.callable is None:
+                raise InvalidRequestError(
+                    f"A value is required for bind parameter {bind.key!r}, which offline "
+                    f"SQL would write as NULL ({COLON})"
+                )
+    return str(compiler.visit_textclause(element, **kw))  # type: ignore[no-untyped-call]
