@@ -406,8 +406,10 @@ def makemigration(
         print(
             "no changes: the models match the database, so no revision was written", file=sys.stderr
         )
-    else:
-        print(f"wrote {written.relative_to(ROOT)}", file=sys.stderr)
+        return
+    print(f"wrote {written.path.relative_to(ROOT)}", file=sys.stderr)
+    for what in written.drops:  # autogenerate's drafts lose data without a word
+        print(f"warning: the revision drops {what}", file=sys.stderr)
 
 
 @task(

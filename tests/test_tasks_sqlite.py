@@ -150,6 +150,7 @@ def test_makemigration_autogenerates_a_formatted_revision(project: Project) -> N
 
     [written] = project.versions.glob("*_add_coupons.py")
     assert f"wrote db/migrations/versions/{written.name}" in result.stderr
+    assert "warning" not in result.stderr  # it drops nothing
     source = written.read_text()
     assert 'op.create_table(\n        "coupons",' in source
     assert f'down_revision: str | Sequence[str] | None = "{head_revision()}"' in source
@@ -163,6 +164,29 @@ def test_makemigration_autogenerates_a_formatted_revision(project: Project) -> N
 
     project.ok("migrate")
     assert "coupons" in tables(project)
+
+
+def test_makemigration_warns_of_what_the_draft_drops(project: Project) -> None:
+    """A renamed column is a drop and an add to autogenerate: the draft lost the column's
+    data, and the task said only "wrote ...". It now names each drop, and the rename that
+    would keep the data."""
+    project.migrated()
+    add_coupon_model(project)
+    project.ok("makemigration", "add coupons")
+    project.ok("migrate")
+    models = project.root / "db" / "models.py"
+    source = models.read_text()
+    renamed = source.replace("first_name: Mapped", "given_name: Mapped")
+    models.write_text(renamed[: renamed.index("class Coupon(Base):")])  # coupons dropped too
+
+    result = project.ok("makemigration", "rename first name")
+
+    assert result.stderr.endswith(
+        "warning: the revision drops table coupons, and its data with it\n"
+        "warning: the revision drops column users.first_name, and its data with it; if it "
+        'was renamed to given_name, batch_op.alter_column("first_name", new_column_name=...) '
+        "keeps the data\n"
+    )
 
 
 def test_makemigration_without_model_changes_writes_nothing(project: Project) -> None:
