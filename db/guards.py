@@ -14,7 +14,7 @@ from db import audit
 from db.environments import Environment
 from db.errors import GuardRefused, RevisionError, Unresolved, resolve_hint, unfinished_run
 from db.progress import Revision
-from db.versions import VERSION_TABLE
+from db.versions import VERSION_TABLE, has_revision
 
 _REVISION_ID = re.compile(r"\w+", re.ASCII)
 
@@ -184,14 +184,13 @@ def known_revisions(script: ScriptDirectory, current: tuple[str, ...], env: Envi
     failed inside its planning ("overlaps with other requested revisions")."""
     valid_ids(current)
     for rev in current:
-        try:
-            script.get_revision(rev)
-        except CommandError:
+        if not has_revision(script, rev):
             raise RevisionError(
                 f"the {env.label} database is at revision {rev}, which is not in "
                 f"{Path(script.versions).relative_to(env.root)}: check out the code that "
-                "matches this database, or restore that revision's file"
-            ) from None
+                "matches this database, or restore that revision's file (squashed into a new "
+                f"one? `invoke stamp {env.flags} NEW` records it)"
+            )
     for newer in current if len(current) > 1 else ():  # one revision: nothing to overlap
         before = {rev.revision for rev in script.iterate_revisions(newer, "base")} - {newer}
         for older in (rev for rev in current if rev in before):

@@ -35,7 +35,7 @@ from db.revision_ids import by_id
 from db.runner import RunOptions, load_scripts, make_config, run_env
 from db.schema import differences, snapshot
 from db.stop import Stop
-from db.versions import applied_revisions
+from db.versions import applied_revisions, clear_versions, has_revision
 
 T = TypeVar("T")
 
@@ -49,14 +49,22 @@ class Stamped:
     # revisions applied already, whose files the audit trail had no checksum of (applied by
     # plain Alembic, or the trail was emptied), oldest first: recorded now
     adopted: tuple[str, ...] = ()
+    # the revision(s) the version table held that no file has (squashed into others): gone
+    replaced: tuple[str, ...] = ()
 
     @property
     def changed(self) -> bool:
-        return bool(self.recorded or self.unrecorded or self.adopted)
+        return bool(self.recorded or self.unrecorded or self.adopted or self.replaced)
 
     @property
     def what(self) -> str:
         """What the stamp did to the version table and the audit trail, in words."""
+        if self.replaced:
+            gone = ", ".join(self.replaced)
+            return (
+                f"recorded {self.revision} as its revision, not run, in place of {gone}, "
+                "which no file has"
+            )
         if self.unrecorded:
             gone = ", ".join(self.unrecorded)
             done = f"recorded {self.revision} as its revision, not run; no longer applied: {gone}"
@@ -106,14 +114,20 @@ def stamp(
     added: list[str] = []
     removed: list[str] = []
     adopted: list[str] = []  # applied already, without a checksum in the trail
+    replaced: list[str] = []  # in the version table, in no file: squashed away
 
     def record(current: tuple[str, ...], context: Context) -> list[RevisionStep]:
         connection = connection_of(context)
-        guards.known_revisions(script, current, env)
+        guards.valid_ids(current)
+        replaced.extend(rev for rev in current if not has_revision(script, rev))
+        if not replaced:  # else the schema matched (or --force): the files' history wins
+            guards.known_revisions(script, current, env)
         log = audit.entries(connection)
         guards.same_environment(log, env, options.allow_env_mismatch)
         guards.all_finished(log, env, connection)
-        before = applied_revisions(script, current)
+        before = set() if replaced else applied_revisions(script, current)
+        if replaced:
+            clear_versions(connection, env.schema)
         context.stamp(script, found.revision)
         audit.ensure_table(connection.execute)
         heads = tuple(context.get_current_heads())
@@ -131,10 +145,17 @@ def stamp(
             elif rev.revision in before - now:
                 removed.append(rev.revision)
                 record_event(connection, env, rev.revision, "unstamp", rev.path)
+        # and, squashed, each revision the trail has as applied that no file has any more:
+        # else every later run would call its file missing (and refuse, where protected)
+        for gone in audit.applied_checksums(log) if replaced else ():
+            if not has_revision(script, gone):
+                record_event(connection, env, gone, "unstamp", None)
         return []
 
     run_env(config, script, record)
-    return Stamped(found.revision, gaps, tuple(added), tuple(removed), tuple(adopted))
+    return Stamped(
+        found.revision, gaps, tuple(added), tuple(removed), tuple(adopted), tuple(replaced)
+    )
 
 
 def scratch_schema(

@@ -6,7 +6,8 @@ from collections.abc import Callable
 
 from alembic.runtime.migration import MigrationContext
 from alembic.script import ScriptDirectory
-from sqlalchemy import Connection
+from alembic.util import CommandError
+from sqlalchemy import Connection, column, table
 from sqlalchemy.engine import URL
 
 from db.connections import with_connection
@@ -42,3 +43,17 @@ def version_of(connection: Connection, schema: str | None = None) -> tuple[str, 
     """The revision(s) in the version table, read on ``connection``."""
     opts = {"version_table": VERSION_TABLE, "version_table_schema": schema}
     return tuple(MigrationContext.configure(connection, opts=opts).get_current_heads())
+
+
+def has_revision(script: ScriptDirectory, rev: str) -> bool:
+    """Whether a revision file has the id ``rev``."""
+    try:
+        script.get_revision(rev)
+    except CommandError:
+        return False
+    return True
+
+
+def clear_versions(connection: Connection, schema: str | None = None) -> None:
+    """Empty the version table (in the run's transaction): a stamp then starts from base."""
+    connection.execute(table(VERSION_TABLE, column("version_num"), schema=schema).delete())

@@ -110,6 +110,41 @@ def test_a_stamp_back_says_what_it_took_away_and_the_trail_records_it(project: P
     assert "changed after revision" not in status.stderr and "pending: 1" in status.stdout
 
 
+def test_a_squashed_history_is_adopted_by_stamping_the_revision_that_replaces_it(
+    project: Project,
+) -> None:
+    """Revisions squashed into one: the database's revision is in no file any more, and
+    every task (stamp too) refused it, so the only way on was editing alembic_version by
+    hand. stamp now records the new revision once the schema matches it."""
+    project.add_revision("empty", revision("empty001", HEAD))
+    project.migrated()
+    [first] = project.versions.glob(f"*_{HEAD}_*.py")
+    squashed = first.read_text().replace(f'revision: str = "{HEAD}"', 'revision: str = "squash01"')
+    for old in project.versions.glob("*.py"):
+        old.unlink()
+    project.add_revision("squash01", squashed.replace("create shop tables", "all of it"))
+
+    status = project.invoke("status")
+    assert status.returncode == 1
+    assert "(squashed into a new one? `invoke stamp --env=dev NEW` records it)" in status.stderr
+    project.add_revision("squash01", squashed.replace('"purchases",', '"sales",'))  # differs
+    assert project.invoke("stamp", "squash01").returncode == 4 and version(project) == ["empty001"]
+    project.add_revision("squash01", squashed.replace("create shop tables", "all of it"))
+
+    stamped = project.ok("stamp", "squash01")
+
+    assert stamped.stderr.endswith(
+        "dev: recorded squash01 as its revision, not run, in place of empty001, which no file has\n"
+    )
+    assert version(project) == ["squash01"]
+    rows = [(row[0], row[1]) for row in log_rows(project)][-3:]
+    assert set(rows) == {(HEAD, "unstamp"), ("empty001", "unstamp"), ("squash01", "stamp")}
+    project.write_env("dev", "DATABASE_URL=sqlite:///var/dev.sqlite3\nPROTECTED=true\n")
+    after = project.ok("migrate", "--yes")  # no "file is missing" refusal on a protected env
+    assert after.stderr.endswith("dev: nothing to do, the database is already there\n")
+    assert "check passed" in project.ok("check").stderr
+
+
 def test_check_finds_applied_revisions_without_checksums_and_stamp_records_them(
     project: Project,
 ) -> None:
