@@ -44,12 +44,9 @@ def quiet_when_the_reader_leaves() -> None:
         if issubclass(kind, BrokenPipeError) and _stdout_reader_gone():
             sys.stderr.flush()
             os._exit(128 + signal.SIGPIPE)
-        if isinstance(value, StdoutClosed):
-            print(f"error: cannot write the output: {value.strerror}", file=sys.stderr)
-            sys.stderr.flush()
-            os._exit(2)
-        if isinstance(value, OSError) and _no_room_for_output(value):
-            print(f"error: cannot write the output: {value.strerror}", file=sys.stderr)
+        why = _unwritable(value)
+        if why is not None:
+            print(f"error: cannot write the output: {why}", file=sys.stderr)
             sys.stderr.flush()
             os._exit(2)  # not through Python's exit, which would write stdout's rest again
         hook(kind, value, traceback)
@@ -70,13 +67,36 @@ class _ClosedStdout(io.TextIOBase):
         raise StdoutClosed(errno.EBADF, "stdout is closed (the task was started with >&-?)")
 
 
-def _no_room_for_output(error: OSError) -> bool:
-    """Whether writing stdout failed for lack of room: an error with no file name (the
-    files the tasks write name theirs), unless the user asked for tracebacks."""
-    import errno
+def _unwritable(error: BaseException) -> str | None:
+    """Why stdout could not take the task's output, in words; None for any other error (or,
+    unless stdout was closed, when the user asked for tracebacks). A full disk, where an
+    error names no file (the files the tasks write name theirs); or a character stdout's
+    encoding cannot hold (a revision's message, in a latin-1 locale): never replaced, since
+    the output may be SQL, whose text must stay what it is."""
+    if isinstance(error, StdoutClosed):
+        return error.strerror
+    if "--debug" in sys.argv or os.environ.get("INVOKE_DB_DEBUG"):
+        return None
+    full = (errno.ENOSPC, errno.EDQUOT, errno.EFBIG)
+    if isinstance(error, OSError) and error.errno in full and error.filename is None:
+        return error.strerror
+    if isinstance(error, UnicodeEncodeError) and _stdout_encodes_as(error.encoding):
+        held = error.object[error.start : error.end]
+        return (
+            f"it holds {held!r}, which stdout's encoding ({error.encoding}) cannot: set "
+            "PYTHONIOENCODING=utf-8 (or a UTF-8 locale) and run it again"
+        )
+    return None
 
-    full = error.errno in (errno.ENOSPC, errno.EDQUOT, errno.EFBIG) and error.filename is None
-    return full and "--debug" not in sys.argv and not os.environ.get("INVOKE_DB_DEBUG")
+
+def _stdout_encodes_as(encoding: str) -> bool:
+    """Whether ``encoding`` is stdout's (the one an encoding error there would name)."""
+    import codecs
+
+    try:
+        return codecs.lookup(encoding).name == codecs.lookup(sys.stdout.encoding).name
+    except (LookupError, AttributeError, TypeError):
+        return False
 
 
 def _stdout_reader_gone() -> bool:

@@ -712,6 +712,25 @@ def test_output_to_a_closed_stdout_is_an_error_not_lost(project: Project) -> Non
     assert quiet.returncode == 0
 
 
+def test_output_its_encoding_cannot_hold_is_one_line_not_a_traceback(project: Project) -> None:
+    """A revision's message in Japanese, printed where stdout is ASCII (a latin-1 locale,
+    a Windows console sent to a file): status and history ended in a UnicodeEncodeError
+    traceback. Never replaced either: offline-sql's output is SQL."""
+    project.ok("makemigration", "日本語 coupons", "--empty")
+    ascii_out = {**project.environ, "PYTHONIOENCODING": "ascii"}
+    for args in (["history"], ["status"]):
+        task = project.start(*args, env=ascii_out, stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+        _, err = task.communicate(timeout=60)
+        assert task.returncode == 2, err
+        assert err.decode().endswith(
+            "error: cannot write the output: it holds '\\u65e5\\u672c\\u8a9e', which "
+            "stdout's encoding (ascii) cannot: set PYTHONIOENCODING=utf-8 (or a UTF-8 locale) "
+            "and run it again\n"
+        )
+    utf8 = project.start("history", stdout=subprocess.PIPE, stderr=subprocess.PIPE)
+    assert "日本語 coupons".encode() in utf8.communicate(timeout=60)[0]
+
+
 def _revision(rev: str, down: str) -> str:
     return revision(rev, down, f'op.create_table("{rev}")')
 
