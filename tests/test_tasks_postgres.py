@@ -158,13 +158,15 @@ def test_offline_sql_for_prod_builds_the_same_schema_as_online(
     assert pg_version(pg_database_2) == pg_version(pg_database) == [head_revision()]
 
 
+@pytest.mark.parametrize("name", ["bob's deploy \\ 1", "deploy :prod \\:x"])
 def test_offline_sql_quotes_a_setting_that_holds_a_quote(
-    project: Project, pg_database: PgDatabase
+    project: Project, pg_database: PgDatabase, name: str
 ) -> None:
     """``APPLICATION_NAME=bob's deploy`` made ``SET application_name = 'bob's deploy'``, SQL
     that psql refuses (online, the setting goes as a parameter). A backslash stays one on a
-    server with standard_conforming_strings off, which the SQL sets only after."""
-    project.write_env("ci", f"DATABASE_URL={pg_database.url}\nAPPLICATION_NAME=bob's deploy \\ 1\n")
+    server with standard_conforming_strings off, which the SQL sets only after. A colon
+    before a word is no parameter (offline SQL wrote 'deploy NULL' for ':prod')."""
+    project.write_env("ci", f"DATABASE_URL={pg_database.url}\nAPPLICATION_NAME={name}\n")
     sql = project.ok("offline-sql", "--env=ci").stdout
     then = ["-c", "show application_name"]
     applied = subprocess.run(
@@ -176,7 +178,7 @@ def test_offline_sql_quotes_a_setting_that_holds_a_quote(
     )
     assert applied.returncode == 0, applied.stderr
     assert pg_version(pg_database) == [head_revision()]
-    assert applied.stdout.splitlines()[-1] == "bob's deploy \\ 1"
+    assert applied.stdout.splitlines()[-1] == name
 
 
 def test_offline_sql_for_a_schema_a_dba_made_needs_no_create_on_the_database(

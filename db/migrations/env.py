@@ -133,7 +133,8 @@ def run_migrations_offline() -> None:
     if run.url.get_backend_name() == "postgresql":
         for name, value in {**run.session_settings, "standard_conforming_strings": "on"}.items():
             if name not in ONLINE_ONLY:
-                context.execute(f"SET {name} = {sql_string(value)}")
+                # text() would read ":word" in the value as a parameter: \\: is a colon
+                context.execute(f"SET {name} = {sql_string(value)}".replace(":", "\\:"))
         if run.schema:  # made only if missing, as online (see create_schema)
             context.execute(
                 f"DO $$BEGIN IF NOT EXISTS (SELECT FROM pg_namespace WHERE nspname = "
