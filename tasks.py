@@ -408,8 +408,8 @@ def makemigration(
         )
         return
     print(f"wrote {written.path.relative_to(ROOT)}", file=sys.stderr)
-    for what in written.drops:  # autogenerate's drafts lose data without a word
-        print(f"warning: the revision drops {what}", file=sys.stderr)
+    for what in written.risks:  # autogenerate's drafts lose data, or fail, without a word
+        print(f"warning: the revision {what}", file=sys.stderr)
 
 
 @task(

@@ -189,6 +189,33 @@ def test_makemigration_warns_of_what_the_draft_drops(project: Project) -> None:
     )
 
 
+def test_makemigration_warns_of_a_required_column_with_nothing_to_fill_it(
+    project: Project,
+) -> None:
+    """A NOT NULL column added with no server_default fails on a table with rows (on
+    SQLite always); the draft was written without a word, and migrate failed later."""
+    project.migrated()
+    models = project.root / "db" / "models.py"
+    first_name = "first_name: Mapped[str | None] = mapped_column(String(128))"
+    models.write_text(
+        models.read_text().replace(
+            first_name,
+            f"{first_name}\n    email: Mapped[str] = mapped_column(String(128))"
+            "\n    note: Mapped[str | None] = mapped_column(String(128))"
+            '\n    lang: Mapped[str] = mapped_column(String(8), server_default="en")',
+        )
+    )
+
+    result = project.ok("makemigration", "add email")
+
+    assert result.stderr.endswith(  # one warning: note may be NULL, lang has a default
+        "warning: the revision adds column users.email as NOT NULL with no server_default, "
+        "which fails where the table has rows (on SQLite, always): give it a server_default, "
+        "or add it nullable, fill it, and then make it NOT NULL\n"
+    )
+    assert result.stderr.count("warning") == 1
+
+
 def test_makemigration_without_model_changes_writes_nothing(project: Project) -> None:
     project.migrated()
     before = sorted(project.versions.iterdir())
