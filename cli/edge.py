@@ -34,8 +34,9 @@ def quiet_when_the_reader_leaves() -> None:
     """``invoke history | head``: once stdout's reader has gone, end without a traceback,
     as Unix tools do (exit 141, as SIGPIPE would). Python ignores SIGPIPE, so that a
     server's closed socket raises an error instead of killing a run; a closed pipe raises
-    BrokenPipeError. ``invoke offline-sql > upgrade.sql`` on a full disk: one line, exit 2
-    (the files the tasks write themselves say which file they could not write)."""
+    BrokenPipeError. ``invoke offline-sql > upgrade.sql`` on a full disk, a stdout closed
+    before the task started (``>&-``), or one whose encoding cannot hold the output: one
+    line, exit 2 (the files the tasks write themselves say which file they could not write)."""
     hook = sys.excepthook
     if sys.stdout is None:  # started with it closed (>&-): print() would drop the data unsaid
         sys.stdout = _ClosedStdout()
