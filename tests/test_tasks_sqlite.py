@@ -87,6 +87,16 @@ def test_rollback_one_step_and_migrate_by_relative_and_prefix(project: Project) 
     assert version(project) == [head_revision()]
 
 
+def test_a_task_named_twice_on_one_command_line_runs_twice(project: Project) -> None:
+    """invoke would run each task once: the redo check would end rolled back, exit 0."""
+    result = project.ok("migrate", "rollback", "migrate")
+
+    assert result.stderr.count(f"applied {head_revision()}") == 2
+    assert f"reverted {head_revision()}" in result.stderr
+    assert version(project) == [head_revision()]
+    assert tables(project) == SHOP_TABLES
+
+
 def test_rollback_more_steps_than_applied_is_refused(project: Project) -> None:
     project.migrated()
     error = project.fails("rollback", "--steps=3")
@@ -551,7 +561,8 @@ def test_default_env_comes_from_invoke_config(project: Project) -> None:
     assert from_variable.stderr.startswith("[other] ")
     assert (project.root / "var" / "other.sqlite3").exists()
 
-    (project.root / "invoke.yaml").write_text("db:\n  env: other\n")
+    with (project.root / "invoke.yaml").open("a") as config:
+        config.write("db:\n  env: other\n")
     assert project.ok("status").stderr.startswith("[other] ")
     assert project.ok("status", "--env=dev").stderr.startswith("[dev] ")
 
