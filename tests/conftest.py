@@ -35,7 +35,16 @@ from db.locks import NAMESPACE
 
 REPO = Path(__file__).resolve().parent.parent
 PG_ADMIN = os.environ.get("TEST_PG_URL", "postgresql://postgres@127.0.0.1:5432/postgres")
-COPIED = ["tasks.py", "invoke.yaml", "alembic.ini", "pyproject.toml", ".squawk.toml", "cli", "db", "environments"]
+COPIED = [
+    "tasks.py",
+    "invoke.yaml",
+    "alembic.ini",
+    "pyproject.toml",
+    ".squawk.toml",
+    "cli",
+    "db",
+    "environments",
+]
 
 
 INVOKE_TIMEOUT = int(os.environ.get("TEST_INVOKE_TIMEOUT", "120"))
