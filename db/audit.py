@@ -33,8 +33,12 @@ from sqlalchemy import (
     String,
     Table,
     Text,
+    cast,
+    extract,
     false,
+    func,
     inspect,
+    literal,
     null,
     select,
     text,
@@ -232,11 +236,22 @@ def record(target: Connection | MigrationContext, row: Row) -> int | None:
     Returns the new row's id (None offline)."""
     values = row.values()
     if isinstance(target, MigrationContext) and target.as_sql:
+        values.update(_when_applied(target.dialect.name))
         target.execute(LOG.insert().values(**values))  # rendered with the values inline
         return None
     result = _connection(target).execute(_INSERT, values)  # one compiled statement, reused
     key = result.inserted_primary_key
     return int(key[0]) if key is not None else None
+
+
+def _when_applied(dialect: str) -> dict[str, ColumnElement[Any]]:
+    """An offline row's time is when its SQL runs, not when it was rendered (days before,
+    perhaps): the server's clock. PostgreSQL's ``now()`` is the revision's transaction's
+    start, so its duration can be measured too; SQLite can say neither, so 0."""
+    if dialect != "postgresql":
+        return {"started_at": func.current_timestamp(), "duration_ms": literal(0)}
+    elapsed = extract("epoch", func.clock_timestamp() - func.now()) * 1000
+    return {"started_at": func.now(), "duration_ms": cast(func.round(elapsed), Integer)}
 
 
 def record_and(connection: Connection, row: Row, also: ColumnElement[Any]) -> Any:

@@ -189,7 +189,12 @@ def test_the_audit_trail_on_postgres(pg_project: Project, pg_database: PgDatabas
 def test_offline_sql_writes_the_audit_trail_too(
     pg_project: Project, pg_database_2: PgDatabase
 ) -> None:
+    """Each row says when its revision ran and for how long, not when the SQL was rendered."""
+    slow = revision("slow01", head_revision(), 'op.execute("SELECT pg_sleep(0.3)")', "slow")
+    pg_project.add_revision("slow", slow)
     sql = pg_project.ok("offline-sql", "--env=prod").stdout
+    time.sleep(1)  # the SQL is applied later than it was rendered
+    applied_after = pg_fetch(pg_database_2.dsn, "select now()")[0][0]
     subprocess.run(
         ["psql", "-X", "-q", "-v", "ON_ERROR_STOP=1", "-d", pg_database_2.dsn],
         input=sql,
@@ -197,8 +202,16 @@ def test_offline_sql_writes_the_audit_trail_too(
         check=True,
         capture_output=True,
     )
-    rows = pg_fetch(pg_database_2.dsn, "select revision, direction, environment from migration_log")
-    assert [tuple(r) for r in rows] == [(head_revision(), "up", "prod")]
+    rows = pg_fetch(
+        pg_database_2.dsn,
+        "select revision, direction, environment, started_at, duration_ms from migration_log",
+    )
+    assert [tuple(r[:3]) for r in rows] == [
+        (head_revision(), "up", "prod"),
+        ("slow01", "up", "prod"),
+    ]
+    assert all(r["started_at"] >= applied_after for r in rows)
+    assert rows[1]["duration_ms"] >= 300
 
 
 def test_pg_dump_backup_when_the_env_file_asks(project: Project, pg_database: PgDatabase) -> None:

@@ -7,6 +7,8 @@ import re
 import shutil
 import subprocess
 import sys
+import time
+from datetime import datetime, timezone
 from pathlib import Path
 
 import pytest
@@ -777,6 +779,23 @@ def test_offline_sql_for_sqlite(project: Project) -> None:
     # SQLite's dialect (SQLAlchemy before 2.1 puts the default in parentheses)
     assert re.search(r"created_at DATETIME DEFAULT \(?CURRENT_TIMESTAMP\)? NOT NULL", sql)
     assert "SET lock_timeout" not in sql
+
+
+def test_offline_sql_for_sqlite_records_when_it_is_applied(project: Project) -> None:
+    """The audit row's time is the applying's, not the rendering's, as history shows it."""
+    sql = project.ok("offline-sql", "--env=dev").stdout
+    time.sleep(1.1)  # the SQL is applied later than it was rendered
+    applied_after = datetime.now(timezone.utc).replace(microsecond=0)
+    project.write_env("applied", "DATABASE_URL=sqlite:///var/applied.sqlite3\n")
+    (project.root / "var").mkdir()
+    with project.sqlite("var/applied.sqlite3") as connection:
+        connection.executescript(sql)
+
+    [line] = project.ok("history", "--env=applied").stdout.splitlines()
+    when = re.search(r"\[(\d{4}-\d\d-\d\d \d\d:\d\d:\d\d) \+0000 by ", line)
+    assert when is not None, line
+    stamped = datetime.strptime(when[1], "%Y-%m-%d %H:%M:%S").replace(tzinfo=timezone.utc)
+    assert stamped >= applied_after
 
 
 # A revision that ends its own transaction, then fails: the old recipe for statements that
