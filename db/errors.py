@@ -91,8 +91,9 @@ class MigrationFailed(DbError):
 
 
 class OwnTransaction(MigrationFailed):
-    """A revision ran COMMIT, ROLLBACK or BEGIN itself, which would end its transaction part
-    way; refused before it ran, so the revision rolls back whole."""
+    """A revision ran COMMIT, ROLLBACK or BEGIN itself (or called its connection's
+    ``commit()`` or ``rollback()``), which would end its transaction part way; refused
+    before it ran, so the revision rolls back whole."""
 
 
 class LockTimeout(DbError):

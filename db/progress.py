@@ -79,6 +79,7 @@ class Progress:
     applied: list[Step] = field(default_factory=list)  # committed, in order
     running: RevisionStep | None = None
     in_block: bool = False  # the running step has started a non-transactional block
+    in_code: bool = False  # the running step's own code runs (its upgrade() or downgrade())
     last_statement: str | None = None
     _uncommitted: list[Step] = field(default_factory=list)
     _started_row: int | None = None
@@ -97,6 +98,7 @@ class Progress:
             self._clock, self._started = time.perf_counter(), datetime.now(timezone.utc)
             if self.on_start is not None:
                 self.on_start(step)
+            self.in_code = True
             yield step
         self.committed(connection)
         if not self._uncommitted:
@@ -126,24 +128,35 @@ class Progress:
     @contextmanager
     def keeping_transactions(self, connection: Connection) -> Iterator[None]:
         """Refuse a revision's own COMMIT, ROLLBACK or BEGIN (``op.execute("COMMIT")``, an old
-        recipe for CREATE INDEX CONCURRENTLY). It would end the revision's transaction part
-        way: what came before it stays, what comes after runs outside any transaction, and a
-        later failure rolls neither back, while the run would say the revision was."""
+        recipe for CREATE INDEX CONCURRENTLY, or ``op.get_bind().commit()``). It would end the
+        revision's transaction part way: what came before it stays, what comes after runs
+        outside any transaction, and a later failure rolls neither back, while the run would
+        say the revision was. (Alembic ends its transactions through their own objects, never
+        through the connection's ``commit()``, so only the revision's calls are refused.)"""
 
         def refuse(_conn: Connection, _cursor: Any, statement: str, *_args: Any) -> None:
             if self.running is not None and _TRANSACTION_CONTROL.match(statement):
-                rev, word = self.running.revision.revision, statement.split()[0].upper()
-                raise OwnTransaction(
-                    f"revision {rev} runs {word} itself, which would end its transaction part "
-                    "way; what must run outside a transaction goes in "
-                    "`with op.get_context().autocommit_block():`"
-                )
+                raise _own_transaction(self.running, f"runs {statement.split()[0].upper()}")
+
+        def refusing(name: str) -> Callable[[], None]:
+            own = getattr(connection, name)
+
+            def instead() -> None:
+                if self.running is not None and self.in_code and not self.in_block:
+                    raise _own_transaction(self.running, f"calls op.get_bind().{name}()")
+                own()
+
+            return instead
 
         event.listen(connection, "before_cursor_execute", refuse)
+        connection.commit = refusing("commit")  # type: ignore[method-assign]
+        connection.rollback = refusing("rollback")  # type: ignore[method-assign]
         try:
             yield
         finally:
+            del connection.commit, connection.rollback  # the class's own, again
             event.remove(connection, "before_cursor_execute", refuse)
+
 
     @contextmanager
     def noting_statements(self, connection: Connection) -> Iterator[None]:
@@ -174,6 +187,7 @@ class Progress:
         does both where the row is new. A signal that came while the revision's own Python
         code ran (nothing to cancel there) rolls it back here, before it commits; one whose
         non-transactional block ran is let commit, as that block could not be undone."""
+        self.in_code = False
         if self.stop.signum is not None and not self.in_block:
             self.stop.check()
         direction = "up" if step.is_upgrade else "down"
@@ -231,3 +245,11 @@ def _sql(element: Any, connection: Connection) -> str:
     except Exception:  # noqa: S110 - a statement we cannot render is named by its type
         sql = type(element).__name__
     return " ".join(sql.split())
+
+
+def _own_transaction(step: RevisionStep, does: str) -> OwnTransaction:
+    return OwnTransaction(
+        f"revision {step.revision.revision} {does} itself, which would end its transaction "
+        "part way; what must run outside a transaction goes in "
+        "`with op.get_context().autocommit_block():`"
+    )

@@ -425,6 +425,27 @@ def test_a_revision_that_commits_itself_is_refused_whole_on_postgres(
     assert pg_tables(pg_database) == SHOP_TABLES | {"notes"}  # no coupons, no leftover
 
 
+@pytest.mark.parametrize("call", ["commit", "rollback"])
+def test_a_revision_that_ends_its_transaction_through_its_connection_is_refused_on_postgres(
+    pg_project: Project, pg_database: PgDatabase, call: str
+) -> None:
+    """``op.get_bind().commit()`` committed the table made before it, and the run said the
+    revision was rolled back; ``rollback()`` would undo part of it and go on."""
+    own_call = (
+        'op.create_table("leftover", sa.Column("id", sa.Integer))\n'
+        f"    op.get_bind().{call}()\n"
+        '    op.execute("select 1/0")'
+    )
+    add_good_then_bad(pg_project, own_call)
+
+    error = pg_project.fails("migrate", "--env=ci")
+
+    assert f"revision bad001 calls op.get_bind().{call}() itself" in error
+    assert "; bad001 was rolled back; fix it" in error
+    assert pg_version(pg_database) == ["good01"]
+    assert pg_tables(pg_database) == SHOP_TABLES | {"notes"}  # no coupons, no leftover
+
+
 def test_a_pg_dump_backup_reaches_the_server_the_url_names(project: Project) -> None:
     """Hosts in the query (several tried in turn, or a socket's folder) leave the URL no
     host of its own: pg_dump was sent to localhost:5432, another server, which has no such

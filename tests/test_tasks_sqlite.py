@@ -826,6 +826,55 @@ def test_a_revision_that_ends_its_own_transaction_is_refused_whole(
     assert tables(project) == SHOP_TABLES | {"notes"}  # no coupons, no leftover
 
 
+# A revision that ends its transaction through its connection: a table made before, then a
+# failure, which the run said it rolled back with the table left in the database
+OWN_CALL = (
+    'op.create_table("leftover", sa.Column("id", sa.Integer))\n'
+    "    op.get_bind().{call}()\n"
+    '    raise RuntimeError("later in the revision")'
+)
+
+
+@pytest.mark.parametrize("call", ["commit", "rollback"])
+def test_a_revision_that_ends_its_transaction_through_its_connection_is_refused_whole(
+    project: Project, call: str
+) -> None:
+    """``op.get_bind().commit()`` never reaches SQLite as a statement to refuse."""
+    project.migrated()
+    add_good_then_bad(project, OWN_CALL.format(call=call))
+
+    error = project.fails("migrate")
+
+    assert f"revision bad001 calls op.get_bind().{call}() itself" in error
+    assert "the database is at good01; this run kept" in error
+    assert "; bad001 was rolled back; fix it" in error
+    assert version(project) == ["good01"]
+    assert tables(project) == SHOP_TABLES | {"notes"}  # no coupons, no leftover
+
+
+ORM_DATA_MIGRATION = (
+    'op.create_table("notes", sa.Column("id", sa.Integer))\n'
+    "    session = Session(bind=op.get_bind())\n"
+    '    session.execute(sa.text("insert into notes values (1)"))\n'
+    "    session.commit()  # joins the revision's transaction, which it does not end"
+)
+
+
+def test_an_orm_session_in_a_revision_commits_with_it(project: Project) -> None:
+    project.migrated()
+    body = revision("orm001", head_revision(), ORM_DATA_MIGRATION, message="fill notes")
+    project.add_revision("orm", body.replace("import sqlalchemy as sa\n", ORM_IMPORTS))
+
+    project.ok("migrate")
+
+    assert version(project) == ["orm001"]
+    with project.sqlite() as connection:
+        assert connection.execute("select id from notes").fetchall() == [(1,)]
+
+
+ORM_IMPORTS = "import sqlalchemy as sa\nfrom sqlalchemy.orm import Session\n"
+
+
 def test_several_statements_in_one_execute_get_a_way_to_split_them(project: Project) -> None:
     project.migrated()
     add_good_then_bad(project, 'op.execute("create table a (x int); create table b (x int)")')
