@@ -18,7 +18,6 @@ from typing import TYPE_CHECKING
 from invoke.collection import Collection
 from invoke.context import Context
 from invoke.exceptions import Exit
-from invoke.tasks import task
 
 from cli.edge import (
     ROOT,
@@ -38,6 +37,7 @@ from cli.edge import (
     seconds,
     whole,
 )
+from cli.flags import task
 from cli.fleet import fleet_args, fleet_plan, no_report, print_fleet_sql, run_fleet
 from cli.output import (
     counted,

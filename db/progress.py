@@ -157,7 +157,6 @@ class Progress:
             del connection.commit, connection.rollback  # the class's own, again
             event.remove(connection, "before_cursor_execute", refuse)
 
-
     @contextmanager
     def noting_statements(self, connection: Connection) -> Iterator[None]:
         """Inside a non-transactional block, record each statement before it starts."""

@@ -602,7 +602,7 @@ def test_offline_sql_range_and_output_file(project: Project) -> None:
     project.ok("makemigration", "add note", "--empty")
     out = project.root / "out.sql"
 
-    project.ok("offline-sql", "--env=prod", f"--from={head_revision()}", f"--output={out}")
+    project.ok("offline-sql", "-e", "prod", "--from", head_revision(), "-o", str(out))
 
     sql = out.read_text()
     assert "CREATE TABLE users" not in sql
@@ -762,6 +762,7 @@ def test_every_task_and_flag_explains_itself() -> None:
         "reset",
         "restore",
     } <= set(tasks)
+    meanings: dict[str, dict[str, list[str]]] = {}  # short flag -> long flag -> tasks
     for task in tasks:
         help_text = invoke("--help", task)
         docstring = help_text.split("Docstring:\n", 1)[1].split("\n\n", 1)[0].strip()
@@ -771,6 +772,12 @@ def test_every_task_and_flag_explains_itself() -> None:
             if line.strip().startswith("-"):
                 flag, _, text = line.strip().partition("   ")
                 assert text.strip(), f"invoke {task}: {flag} has no help text"
+        for letter, long in re.findall(r"^ +-(\w)\b.*?, --([\w-]+)", options, re.MULTILINE):
+            meanings.setdefault(letter, {}).setdefault(long, []).append(task)
+    # invoke gave each flag a letter its task had left: -o was --only or --output by task
+    mixed = {letter: found for letter, found in meanings.items() if len(found) > 1}
+    assert not mixed, f"a short flag means different flags in different tasks: {mixed}"
+    assert meanings["o"] == {"output": ["offline-sql"]}
 
 
 def test_offline_sql_for_sqlite(project: Project) -> None:
