@@ -812,47 +812,33 @@ OWN_COMMIT = (
     '    op.create_table("leftover", sa.Column("id", sa.Integer))\n'
     '    raise RuntimeError("later in the revision")'
 )
-
-
-@pytest.mark.parametrize("word", ["COMMIT", "end", "  Rollback", "BEGIN"])
-def test_a_revision_that_ends_its_own_transaction_is_refused_whole(
-    project: Project, word: str
-) -> None:
-    """Its COMMIT ended the run's transaction part way: what came before stayed, what came
-    after ran outside any transaction, and the run said the revision was rolled back."""
-    project.migrated()
-    add_good_then_bad(project, OWN_COMMIT.format(word=word))
-
-    error = project.fails("migrate")
-
-    assert f"revision bad001 runs {word.split()[0].upper()} itself" in error
-    assert "goes in `with op.get_context().autocommit_block():`" in error
-    assert "the database is at good01; this run kept" in error
-    assert "; bad001 was rolled back; fix it" in error
-    assert version(project) == ["good01"]
-    assert tables(project) == SHOP_TABLES | {"notes"}  # no coupons, no leftover
-
-
-# A revision that ends its transaction through its connection: a table made before, then a
-# failure, which the run said it rolled back with the table left in the database
+# ... or through its connection, with a table made before: committed, while the run said
+# it rolled the revision back (``op.get_bind()`` never reaches SQLite as a statement)
 OWN_CALL = (
     'op.create_table("leftover", sa.Column("id", sa.Integer))\n'
     "    op.get_bind().{call}()\n"
     '    raise RuntimeError("later in the revision")'
 )
+WORDS = ["COMMIT", "end", "  Rollback", "BEGIN"]
+OWN_TRANSACTION = [
+    *[(OWN_COMMIT.format(word=w), f"runs {w.split()[0].upper()}") for w in WORDS],
+    *[(OWN_CALL.format(call=c), f"calls op.get_bind().{c}()") for c in ["commit", "rollback"]],
+]
 
 
-@pytest.mark.parametrize("call", ["commit", "rollback"])
-def test_a_revision_that_ends_its_transaction_through_its_connection_is_refused_whole(
-    project: Project, call: str
+@pytest.mark.parametrize(("failure", "does"), OWN_TRANSACTION)
+def test_a_revision_that_ends_its_own_transaction_is_refused_whole(
+    project: Project, failure: str, does: str
 ) -> None:
-    """``op.get_bind().commit()`` never reaches SQLite as a statement to refuse."""
+    """Its COMMIT ended the run's transaction part way: what came before stayed, what came
+    after ran outside any transaction, and the run said the revision was rolled back."""
     project.migrated()
-    add_good_then_bad(project, OWN_CALL.format(call=call))
+    add_good_then_bad(project, failure)
 
     error = project.fails("migrate")
 
-    assert f"revision bad001 calls op.get_bind().{call}() itself" in error
+    assert f"revision bad001 {does} itself" in error
+    assert "goes in `with op.get_context().autocommit_block():`" in error
     assert "the database is at good01; this run kept" in error
     assert "; bad001 was rolled back; fix it" in error
     assert version(project) == ["good01"]
