@@ -247,8 +247,16 @@ def _sql(element: Any, connection: Connection) -> str:
 
 
 def _own_transaction(step: RevisionStep, does: str) -> OwnTransaction:
+    """The refusal, with the way that works: a savepoint to undo part of a revision (a
+    failed statement it means to go on from), else a block for what must not be in one."""
+    if "rollback" in does.lower() or "abort" in does.lower():
+        instead = "to undo part of it, use a savepoint: `with op.get_bind().begin_nested():`"
+    else:
+        instead = (
+            "what must run outside a transaction goes in "
+            "`with op.get_context().autocommit_block():`"
+        )
     return OwnTransaction(
         f"revision {step.revision.revision} {does} itself, which would end its transaction "
-        "part way; what must run outside a transaction goes in "
-        "`with op.get_context().autocommit_block():`"
+        f"part way; {instead}"
     )

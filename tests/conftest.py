@@ -748,6 +748,19 @@ def downgrade() -> None:
 '''
 
 
+# A revision that goes on past a failed statement, undone to a savepoint of its own: the
+# way to do what its connection's rollback() would (which the tasks refuse)
+SAVEPOINT_RECOVERY = (
+    'op.create_table("notes", sa.Column("id", sa.Integer))\n'
+    "    try:\n"
+    "        with op.get_bind().begin_nested():\n"
+    '            op.execute("insert into no_such_table values (1)")\n'
+    "    except sa.exc.DBAPIError:\n"
+    "        pass\n"
+    '    op.execute("insert into notes values (1)")'
+)
+
+
 def add_good_then_bad(project: Project, failure: str) -> None:
     """good01 (add notes) applies cleanly; bad001 (add coupons) creates a table, then fails."""
     notes = 'op.create_table("notes", sa.Column("id", sa.Integer))'

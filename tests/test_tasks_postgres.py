@@ -13,6 +13,7 @@ from collections.abc import Iterator
 
 import pytest
 from conftest import (
+    SAVEPOINT_RECOVERY,
     PgDatabase,
     Project,
     add_good_then_bad,
@@ -444,6 +445,19 @@ def test_a_revision_that_ends_its_transaction_through_its_connection_is_refused_
     assert "; bad001 was rolled back; fix it" in error
     assert pg_version(pg_database) == ["good01"]
     assert pg_tables(pg_database) == SHOP_TABLES | {"notes"}  # no coupons, no leftover
+
+
+def test_a_revision_may_undo_to_a_savepoint_of_its_own_on_postgres(
+    pg_project: Project, pg_database: PgDatabase
+) -> None:
+    """What the refusal of its connection's rollback() advises works: a failed statement
+    leaves PostgreSQL's transaction aborted, and the savepoint brings it back."""
+    pg_project.add_revision("sp", revision("sp0001", head_revision(), SAVEPOINT_RECOVERY))
+
+    pg_project.ok("migrate", "--env=ci")
+
+    assert pg_version(pg_database) == ["sp0001"]
+    assert [tuple(row) for row in pg_fetch(pg_database.dsn, "select id from notes")] == [(1,)]
 
 
 def test_a_pg_dump_backup_reaches_the_server_the_url_names(project: Project) -> None:
