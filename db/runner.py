@@ -39,7 +39,7 @@ from db.errors import (
     MigrationFailed,
     first_line,
 )
-from db.failures import NONE_RUN, describe, failure, what_to_do
+from db.failures import NONE_RUN, describe, failure, not_the_revision, what_to_do
 from db.locks import LOCK_WAIT
 from db.progress import Progress, Revision, Step
 from db.revision_ids import revision_error
@@ -336,8 +336,11 @@ def run_env(
         if isinstance(exc, CommandError):
             raise revision_error(exc, run.flags) from exc
         if isinstance(exc, DBAPIError):
-            text = f"database error on {mask(run.url)}: {describe(exc)}"
-            advice = what_to_do(exc, run.flags, run.url.username)
+            said, advice = not_the_revision(exc, run) or (
+                describe(exc),
+                what_to_do(exc, run.flags, run.url.username),
+            )
+            text = f"database error on {mask(run.url)}: {said}"
             if progress is not None:  # a changing run, stopped before its first revision
                 text += f"\n{NONE_RUN}" + (f"; {advice}" if advice else "")
             elif advice:

@@ -52,16 +52,16 @@ def dumps(project: Project) -> list[Path]:
 
 
 def migrate_while_users_is_locked(
-    project: Project, database: PgDatabase, mode: str
+    project: Project, database: PgDatabase, mode: str, table: str = "users"
 ) -> tuple[float, int, str]:
     """`invoke migrate --env=ci` while another session holds a ``mode`` lock on users (a
-    long report query, or the app); its seconds, exit code and stderr."""
+    long report query, or the app), or on ``table``; its seconds, exit code and stderr."""
 
     async def scenario() -> tuple[float, int, str]:
         holder = await asyncpg.connect(database.dsn)
         transaction = holder.transaction()
         await transaction.start()
-        await holder.execute(f"lock table users in {mode} mode")
+        await holder.execute(f"lock table {table} in {mode} mode")
         try:
             started = time.monotonic()
             result = await asyncio.to_thread(project.invoke, "migrate", "--env=ci")
@@ -101,6 +101,28 @@ def test_a_migration_waiting_behind_a_long_query_fails_fast(
         "is done, or raise LOCK_TIMEOUT\n"
     )
     assert seconds < 15
+    rows = pg_fetch(pg_database.dsn, "select version_num from alembic_version")
+    assert [r["version_num"] for r in rows] == [head_revision()]
+
+
+def test_a_run_that_cannot_read_the_version_table_says_which_limit_ended_it(
+    pg_project: Project, pg_database: PgDatabase
+) -> None:
+    """A session holding the version table locked (a DBA's LOCK TABLE, plain Alembic's
+    DDL) stopped the run's first read: the error named only the driver's exception."""
+    pg_project.ok("migrate", "--env=ci")
+    add_email(pg_project)
+
+    _, code, stderr = migrate_while_users_is_locked(
+        pg_project, pg_database, "access exclusive", table="alembic_version"
+    )
+
+    assert code == 1, stderr
+    assert stderr.endswith(
+        ": it waited 1s (LOCK_TIMEOUT) for a lock that another session holds (canceling "
+        "statement due to lock timeout)\nno revision was run; run the task again once that "
+        "session (a long transaction?) is done, or raise LOCK_TIMEOUT\n"
+    )
     rows = pg_fetch(pg_database.dsn, "select version_num from alembic_version")
     assert [r["version_num"] for r in rows] == [head_revision()]
 
