@@ -92,8 +92,9 @@ class MigrationFailed(DbError):
 
 class OwnTransaction(MigrationFailed):
     """A revision ran COMMIT, ROLLBACK or BEGIN itself (or called its connection's
-    ``commit()`` or ``rollback()``), which would end its transaction part way; refused
-    before it ran, so the revision rolls back whole."""
+    ``commit()`` or ``rollback()``, or its transaction's), which would end its transaction
+    part way; refused before it ran (a rollback, once the revision's code has), so the
+    revision rolls back whole."""
 
 
 class LockTimeout(DbError):

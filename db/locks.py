@@ -305,7 +305,8 @@ def sqlite_run(
         yield next_revision
     except BaseException:
         if not sqlite.in_transaction:  # type: ignore[union-attr]
-            outer.rollback()  # SQLite's own rollback: only SQLAlchemy's side is left to end
+            if outer.is_active:  # not ended by the revision itself (a Session's rollback())
+                outer.rollback()  # SQLite's own rollback: only SQLAlchemy's side is left to end
             raise
         connection.exec_driver_sql("ROLLBACK TO revision")
         _commit(connection, outer, wait, note, stopped)

@@ -80,6 +80,7 @@ class Progress:
     running: RevisionStep | None = None
     in_block: bool = False  # the running step has started a non-transactional block
     in_code: bool = False  # the running step's own code runs (its upgrade() or downgrade())
+    ended: bool = False  # that code rolled its transaction back (an ORM Session's rollback())
     last_statement: str | None = None
     _uncommitted: list[Step] = field(default_factory=list)
     _started_row: int | None = None
@@ -94,6 +95,7 @@ class Progress:
             self.committed(connection)
             self.stop.check()
             self.running, self.in_block, self.last_statement = step, False, None
+            self.ended = False
             self._started_row = None
             self._clock, self._started = time.perf_counter(), datetime.now(timezone.utc)
             if self.on_start is not None:
@@ -136,7 +138,16 @@ class Progress:
 
         def refuse(_conn: Connection, _cursor: Any, statement: str, *_args: Any) -> None:
             if self.running is not None and _TRANSACTION_CONTROL.match(statement):
+                if self.ended:  # the BEGIN after it, on SQLite
+                    raise _rolled_back(self.running)
                 raise _own_transaction(self.running, f"runs {statement.split()[0].upper()}")
+
+        def rolled_back(_conn: Connection) -> None:  # not by a call: a Session's, say
+            self.ended = self.ended or (self.in_code and not self.in_block)
+
+        def committing(_conn: Connection) -> None:  # before the commit, which never happens
+            if self.running is not None and self.in_code and not self.in_block:
+                raise _own_transaction(self.running, "commits")
 
         def refusing(name: str) -> Callable[[], None]:
             own = getattr(connection, name)
@@ -148,14 +159,21 @@ class Progress:
 
             return instead
 
-        event.listen(connection, "before_cursor_execute", refuse)
+        listeners: dict[str, Callable[..., None]] = {
+            "before_cursor_execute": refuse,
+            "rollback": rolled_back,
+            "commit": committing,
+        }
+        for name, listener in listeners.items():
+            event.listen(connection, name, listener)
         connection.commit = refusing("commit")  # type: ignore[method-assign]
         connection.rollback = refusing("rollback")  # type: ignore[method-assign]
         try:
             yield
         finally:
             del connection.commit, connection.rollback  # the class's own, again
-            event.remove(connection, "before_cursor_execute", refuse)
+            for name, listener in listeners.items():
+                event.remove(connection, name, listener)
 
     @contextmanager
     def noting_statements(self, connection: Connection) -> Iterator[None]:
@@ -187,6 +205,9 @@ class Progress:
         code ran (nothing to cancel there) rolls it back here, before it commits; one whose
         non-transactional block ran is let commit, as that block could not be undone."""
         self.in_code = False
+        if self.ended and self.running is not None and ctx.connection is not None:
+            ctx.connection.rollback()  # what it ran after, in a transaction of its own
+            raise _rolled_back(self.running)
         if self.stop.signum is not None and not self.in_block:
             self.stop.check()
         direction = "up" if step.is_upgrade else "down"
@@ -246,11 +267,24 @@ def _sql(element: Any, connection: Connection) -> str:
     return " ".join(sql.split())
 
 
+_SAVEPOINT = "to undo part of it, use a savepoint: `with op.get_bind().begin_nested():`"
+
+
+def _rolled_back(step: RevisionStep) -> OwnTransaction:
+    """A revision's code rolled its transaction back (an ORM Session bound to its connection,
+    whose rollback() ends the transaction it joined), and went on in a new one: refused, as
+    a COMMIT is, once its code has run (or at the BEGIN of that new one, on SQLite)."""
+    return OwnTransaction(
+        f"revision {step.revision.revision} rolled its transaction back part way (an ORM "
+        f"Session's rollback()?), which would lose what it ran before; {_SAVEPOINT}"
+    )
+
+
 def _own_transaction(step: RevisionStep, does: str) -> OwnTransaction:
     """The refusal, with the way that works: a savepoint to undo part of a revision (a
     failed statement it means to go on from), else a block for what must not be in one."""
     if "rollback" in does.lower() or "abort" in does.lower():
-        instead = "to undo part of it, use a savepoint: `with op.get_bind().begin_nested():`"
+        instead = _SAVEPOINT
     else:
         instead = (
             "what must run outside a transaction goes in "

@@ -761,6 +761,18 @@ SAVEPOINT_RECOVERY = (
 )
 
 
+# A revision whose ORM Session rolls back the transaction it joined (the revision's), then
+# goes on as if what it ran before were still there
+SESSION_ROLLBACK = (
+    "from sqlalchemy.orm import Session\n"
+    '    op.create_table("leftover", sa.Column("id", sa.Integer))\n'
+    "    session = Session(bind=op.get_bind())\n"
+    '    session.execute(sa.text("select 1"))\n'
+    "    session.rollback()\n"
+    '    op.create_table("after", sa.Column("id", sa.Integer))'
+)
+
+
 def add_good_then_bad(project: Project, failure: str) -> None:
     """good01 (add notes) applies cleanly; bad001 (add coupons) creates a table, then fails."""
     notes = 'op.create_table("notes", sa.Column("id", sa.Integer))'

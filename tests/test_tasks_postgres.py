@@ -14,6 +14,7 @@ from collections.abc import Iterator
 import pytest
 from conftest import (
     SAVEPOINT_RECOVERY,
+    SESSION_ROLLBACK,
     PgDatabase,
     Project,
     add_good_then_bad,
@@ -426,25 +427,49 @@ def test_a_revision_that_commits_itself_is_refused_whole_on_postgres(
     assert pg_tables(pg_database) == SHOP_TABLES | {"notes"}  # no coupons, no leftover
 
 
-@pytest.mark.parametrize("call", ["commit", "rollback"])
+CALLS = ["commit", "rollback"]
+OWN_CALLS = [
+    *[(f"op.get_bind().{call}()", f"calls op.get_bind().{call}() itself") for call in CALLS],
+    ("op.get_bind().get_transaction().commit()", "commits itself"),
+]
+
+
+@pytest.mark.parametrize(("call", "said"), OWN_CALLS)
 def test_a_revision_that_ends_its_transaction_through_its_connection_is_refused_on_postgres(
-    pg_project: Project, pg_database: PgDatabase, call: str
+    pg_project: Project, pg_database: PgDatabase, call: str, said: str
 ) -> None:
     """``op.get_bind().commit()`` committed the table made before it, and the run said the
     revision was rolled back; ``rollback()`` would undo part of it and go on."""
     own_call = (
         'op.create_table("leftover", sa.Column("id", sa.Integer))\n'
-        f"    op.get_bind().{call}()\n"
+        f"    {call}\n"
         '    op.execute("select 1/0")'
     )
     add_good_then_bad(pg_project, own_call)
 
     error = pg_project.fails("migrate", "--env=ci")
 
-    assert f"revision bad001 calls op.get_bind().{call}() itself" in error
+    assert f"revision bad001 {said}" in error
     assert "; bad001 was rolled back; fix it" in error
     assert pg_version(pg_database) == ["good01"]
     assert pg_tables(pg_database) == SHOP_TABLES | {"notes"}  # no coupons, no leftover
+
+
+def test_a_revision_whose_session_rolls_its_transaction_back_is_refused_on_postgres(
+    pg_project: Project, pg_database: PgDatabase
+) -> None:
+    """Its Session rolled back the revision's transaction, the rest ran in a new one, and
+    the run recorded the revision as applied with its first table missing, saying "nothing
+    to do"."""
+    add_good_then_bad(pg_project, SESSION_ROLLBACK)
+
+    error = pg_project.fails("migrate", "--env=ci")
+
+    assert "revision bad001 rolled its transaction back part way (an ORM Session's " in error
+    assert "the database is at good01; this run kept" in error
+    assert "; bad001 was rolled back; fix it" in error
+    assert pg_version(pg_database) == ["good01"]
+    assert pg_tables(pg_database) == SHOP_TABLES | {"notes"}  # nothing of bad001's
 
 
 def test_a_revision_may_undo_to_a_savepoint_of_its_own_on_postgres(

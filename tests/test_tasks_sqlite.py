@@ -16,6 +16,7 @@ from conftest import (
     PIPES,
     REPO,
     SAVEPOINT_RECOVERY,
+    SESSION_ROLLBACK,
     Project,
     add_coupon_model,
     add_good_then_bad,
@@ -847,6 +848,28 @@ def test_a_revision_that_ends_its_own_transaction_is_refused_whole(
     assert "; bad001 was rolled back; fix it" in error
     assert version(project) == ["good01"]
     assert tables(project) == SHOP_TABLES | {"notes"}  # no coupons, no leftover
+
+
+def test_a_revision_whose_session_rolls_its_transaction_back_is_refused(
+    project: Project,
+) -> None:
+    """The revision's Session rolled back the run's one transaction, the revision went on,
+    and the run said "BEGIN" (a statement it never ran) after a warning of SQLAlchemy's."""
+    project.migrated()
+    add_good_then_bad(project, SESSION_ROLLBACK)
+
+    result = project.invoke("migrate")
+
+    assert result.returncode == 1, result.stderr
+    assert "revision bad001 rolled its transaction back part way (an ORM Session's " in (
+        result.stderr
+    )
+    assert "use a savepoint: `with op.get_bind().begin_nested():`" in result.stderr
+    # on SQLite that was the run's one transaction: good01's too, as the task says
+    assert "the database is at f3af01bc3f27; good01 of this run did not commit" in (result.stderr)
+    assert "warning" not in result.stderr
+    assert version(project) == [head_revision()]
+    assert tables(project) == SHOP_TABLES
 
 
 ORM_DATA_MIGRATION = (
