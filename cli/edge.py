@@ -368,6 +368,20 @@ def whole(flag: str, text: str | None, default: int, least: int) -> int:
     return value
 
 
+def not_dry(c: Context) -> None:
+    """Refuse invoke's ``--dry`` (or ``run.dry`` in its config) in a task that changes
+    something: it is for shell commands, which these tasks never run, so the task would
+    have made its changes for real (``invoke --dry migrate --env=prod`` migrated prod)."""
+    from db.errors import UsageError
+
+    if c.config.run.dry:
+        raise UsageError(
+            "--dry is invoke's, for shell commands, and this task runs none: it would have "
+            "made its changes for real, so it did nothing; `invoke status` shows what is "
+            "pending, and `invoke offline-sql` its SQL"
+        )
+
+
 def filled(flag: str, value: str | None, instead: str) -> str | None:
     """A text flag, None when not given. Given empty (``--env=$DEPLOY_ENV`` with the variable
     unset) it is refused, saying what to give ``instead``, never read as the default."""

@@ -101,6 +101,56 @@ def test_a_task_named_twice_on_one_command_line_runs_twice(project: Project) -> 
     assert tables(project) == SHOP_TABLES
 
 
+# every task that changes a database or writes a file, as a user would type it
+CHANGING = [
+    ["migrate"],
+    ["rollback"],
+    ["reset"],
+    ["restore"],
+    ["resolve", "f3af01bc3f27", "--applied"],
+    ["stamp", "base"],
+    ["accept-changes", "f3af01bc3f27"],
+    ["makemigration", "add coupons", "--empty"],
+    ["merge"],
+    ["seed"],
+]
+
+
+@pytest.mark.parametrize("task", CHANGING, ids=lambda task: task[0])
+def test_invokes_dry_run_flag_is_refused_where_a_task_would_change_something(
+    project: Project, task: list[str]
+) -> None:
+    """invoke's --dry only echoes shell commands, which these tasks never run: `invoke --dry
+    rollback` rolled back, for real, and exited 0."""
+    project.migrated()
+    files = sorted(project.versions.glob("*.py"))
+
+    result = project.invoke("--dry", *task)
+
+    assert result.returncode == 2, result.stderr
+    assert result.stderr.endswith(
+        "error: --dry is invoke's, for shell commands, and this task runs none: it would have "
+        "made its changes for real, so it did nothing; `invoke status` shows what is "
+        "pending, and `invoke offline-sql` its SQL\n"
+    )
+    assert version(project) == [head_revision()]
+    assert tables(project) == SHOP_TABLES
+    assert sorted(project.versions.glob("*.py")) == files
+
+
+def test_invokes_dry_run_setting_is_refused_too_and_reading_tasks_run(project: Project) -> None:
+    project.migrated()
+    project.add_revision("next", revision("next01", head_revision()))
+
+    refused = project.invoke("migrate", INVOKE_RUN_DRY="1")  # run.dry from the environment
+    assert refused.returncode == 2, refused.stderr
+    assert "error: --dry is invoke's, for shell commands" in refused.stderr
+    assert version(project) == [head_revision()]
+
+    status = project.ok("--dry", "status")  # changes nothing: runs as without it
+    assert "pending: 1\n  next01  hand written\n" in status.stdout
+
+
 def test_rollback_more_steps_than_applied_is_refused(project: Project) -> None:
     project.migrated()
     error = project.fails("rollback", "--steps=3")
