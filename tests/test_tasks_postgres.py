@@ -404,72 +404,45 @@ def test_a_role_that_may_not_create_tables_is_told_which_grant_it_needs(
         pg_execute(admin, f"drop owned by {role}", f"drop role {role}")
 
 
-def test_a_revision_that_commits_itself_is_refused_whole_on_postgres(
-    pg_project: Project, pg_database: PgDatabase
-) -> None:
-    """``op.execute("COMMIT")`` mid-revision committed what came before it, ran the rest
-    outside any transaction, and a later failure left both in the database while the run
-    said the revision was rolled back. Its own savepoints are its business."""
-    savepoints = 'op.execute("SAVEPOINT mine")\n    op.execute("ROLLBACK TO SAVEPOINT mine")\n    '
-    own_commit = (
-        savepoints + 'op.execute("COMMIT")\n'
-        '    op.create_table("leftover", sa.Column("id", sa.Integer))\n'
-        '    op.execute("select 1/0")'
-    )
-    add_good_then_bad(pg_project, own_commit)
-
-    error = pg_project.fails("migrate", "--env=ci")
-
-    assert "revision bad001 runs COMMIT itself, which would end its transaction" in error
-    assert "the database is at good01; this run kept" in error
-    assert "; bad001 was rolled back; fix it" in error
-    assert pg_version(pg_database) == ["good01"]
-    assert pg_tables(pg_database) == SHOP_TABLES | {"notes"}  # no coupons, no leftover
-
-
 CALLS = ["commit", "rollback"]
-OWN_CALLS = [
-    *[(f"op.get_bind().{call}()", f"calls op.get_bind().{call}() itself") for call in CALLS],
-    ("op.get_bind().get_transaction().commit()", "commits itself"),
-]
 
 
-@pytest.mark.parametrize(("call", "said"), OWN_CALLS)
-def test_a_revision_that_ends_its_transaction_through_its_connection_is_refused_on_postgres(
-    pg_project: Project, pg_database: PgDatabase, call: str, said: str
-) -> None:
-    """``op.get_bind().commit()`` committed the table made before it, and the run said the
-    revision was rolled back; ``rollback()`` would undo part of it and go on."""
-    own_call = (
+def own_call(call: str) -> str:
+    """A revision that makes a table, ends its transaction by ``call``, then fails."""
+    return (
         'op.create_table("leftover", sa.Column("id", sa.Integer))\n'
         f"    {call}\n"
         '    op.execute("select 1/0")'
     )
-    add_good_then_bad(pg_project, own_call)
+
+
+# Its own savepoints are its business; a COMMIT after them is not
+SAVEPOINTS = 'op.execute("SAVEPOINT mine")\n    op.execute("ROLLBACK TO SAVEPOINT mine")\n    '
+OWN_TRANSACTION = [
+    (SAVEPOINTS + own_call('op.execute("COMMIT")'), "runs COMMIT itself"),
+    *[(own_call(f"op.get_bind().{c}()"), f"calls op.get_bind().{c}() itself") for c in CALLS],
+    (own_call("op.get_bind().get_transaction().commit()"), "commits itself"),
+    (SESSION_ROLLBACK, "rolled its transaction back part way (an ORM Session's "),
+]
+
+
+@pytest.mark.parametrize(("failure", "said"), OWN_TRANSACTION)
+def test_a_revision_that_ends_its_own_transaction_is_refused_whole_on_postgres(
+    pg_project: Project, pg_database: PgDatabase, failure: str, said: str
+) -> None:
+    """``op.execute("COMMIT")`` or ``op.get_bind().commit()`` committed what came before
+    it, and a later failure left that in the database while the run said the revision was
+    rolled back. A Session's rollback() lost the revision's first part, the rest ran in a
+    new transaction, and the run recorded the revision as applied, saying "nothing to do"."""
+    add_good_then_bad(pg_project, failure)
 
     error = pg_project.fails("migrate", "--env=ci")
 
     assert f"revision bad001 {said}" in error
-    assert "; bad001 was rolled back; fix it" in error
-    assert pg_version(pg_database) == ["good01"]
-    assert pg_tables(pg_database) == SHOP_TABLES | {"notes"}  # no coupons, no leftover
-
-
-def test_a_revision_whose_session_rolls_its_transaction_back_is_refused_on_postgres(
-    pg_project: Project, pg_database: PgDatabase
-) -> None:
-    """Its Session rolled back the revision's transaction, the rest ran in a new one, and
-    the run recorded the revision as applied with its first table missing, saying "nothing
-    to do"."""
-    add_good_then_bad(pg_project, SESSION_ROLLBACK)
-
-    error = pg_project.fails("migrate", "--env=ci")
-
-    assert "revision bad001 rolled its transaction back part way (an ORM Session's " in error
     assert "the database is at good01; this run kept" in error
     assert "; bad001 was rolled back; fix it" in error
     assert pg_version(pg_database) == ["good01"]
-    assert pg_tables(pg_database) == SHOP_TABLES | {"notes"}  # nothing of bad001's
+    assert pg_tables(pg_database) == SHOP_TABLES | {"notes"}  # no coupons, no leftover
 
 
 def test_a_revision_may_undo_to_a_savepoint_of_its_own_on_postgres(
