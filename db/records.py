@@ -190,12 +190,15 @@ def scratch_database(env: Environment) -> Iterator[URL]:
         with tempfile.TemporaryDirectory(prefix="stamp-") as folder:
             yield url.set(database=str(Path(folder) / "scratch.sqlite3"))
         return
-    name = f"stamp_scratch_{uuid.uuid4().hex[:12]}"
-    _admin(url, f'CREATE DATABASE "{name}"')
+    # named for the database it is compared with (one a killed stamp left says whose it is)
+    named = f"stamp_scratch_{uuid.uuid4().hex[:12]}_{url.database or ''}".encode()
+    name = named[:63].decode(errors="ignore")  # PostgreSQL's longest name, in bytes
+    quoted = '"' + name.replace('"', '""') + '"'
+    _admin(url, f"CREATE DATABASE {quoted}")
     try:
         yield url.set(database=name)
     finally:
-        _admin(url, f'DROP DATABASE IF EXISTS "{name}" WITH (FORCE)')
+        _admin(url, f"DROP DATABASE IF EXISTS {quoted} WITH (FORCE)")
 
 
 def _admin(url: URL, statement: str) -> None:

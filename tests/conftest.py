@@ -364,6 +364,12 @@ class PgDatabase:
     url: str  # for an env file (asyncpg driver)
 
 
+def scratch_of(database: PgDatabase) -> str:
+    """The query for the scratch databases stamp made to compare ``database`` with (named
+    for it: other tests' stamps on the same server have their own)."""
+    return f"select datname from pg_database where datname like 'stamp_scratch_%_{database.name}'"
+
+
 def _new_database(admin: str) -> PgDatabase:
     name = f"mig_{uuid.uuid4().hex[:12]}"
     pg_execute(admin, f'CREATE DATABASE "{name}"')

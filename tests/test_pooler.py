@@ -19,6 +19,7 @@ from conftest import (
     pgbouncer,
     popen,
     revision,
+    scratch_of,
     settings_revision,
     versions_of,
 )
@@ -120,8 +121,7 @@ def test_stamp_behind_a_pooler_that_lists_its_databases_says_to_go_direct(
         assert "set MIGRATION_URL in environments/ci.env to the server itself" in error
         assert error.rstrip().endswith("nothing was recorded")
         assert pg_fetch(pg_database.dsn, "select to_regclass('migration_log') as t")[0]["t"] is None
-        scratch = "select datname from pg_database where datname like 'stamp_scratch%'"
-        assert pg_fetch(pg_server, scratch) == []
+        assert pg_fetch(pg_server, scratch_of(pg_database)) == []
         project.write_env(
             "ci", f"DATABASE_URL={pooled(pg_database, port)}\nMIGRATION_URL={pg_database.url}\n"
         )

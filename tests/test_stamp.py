@@ -15,6 +15,7 @@ from conftest import (
     pg_fetch,
     popen,
     revision,
+    scratch_of,
     version,
     versions_of,
     wait_until,
@@ -240,8 +241,7 @@ def test_stamp_on_postgres_compares_with_a_scratch_database(
     project.ok("stamp", "head", "--env=ci")
 
     assert versions_of(pg_database.dsn) == [HEAD]
-    scratch = "select datname from pg_database where datname like 'stamp_scratch%'"
-    assert pg_fetch(pg_server, scratch) == []
+    assert pg_fetch(pg_server, scratch_of(pg_database)) == []
 
 
 @pytest.mark.postgres
@@ -258,6 +258,7 @@ def test_a_signal_while_stamp_compares_records_nothing_and_says_so(
     run = popen(project, "stamp", "slow01", "--env=ci", *(["--debug"] if debug else []))
     try:
         wait_until(lambda: pg_fetch(pg_server, sleeping), "the scratch migration", process=run)
+        assert len(pg_fetch(pg_server, scratch_of(pg_database))) == 1  # found by that name
         run.send_signal(signal.SIGINT)
         _, err = run.communicate(timeout=30)  # not pg_sleep's 59
     finally:
@@ -270,8 +271,7 @@ def test_a_signal_while_stamp_compares_records_nothing_and_says_so(
     assert ("Traceback" in err) == debug
     assert versions_of(pg_database.dsn) == [HEAD]
     assert [row["direction"] for row in pg_fetch(pg_database.dsn, LOG)] == ["up"]
-    scratch = "select datname from pg_database where datname like 'stamp_scratch%'"
-    assert pg_fetch(pg_server, scratch) == []
+    assert pg_fetch(pg_server, scratch_of(pg_database)) == []
 
 
 LOG = "select direction from migration_log order by id"
