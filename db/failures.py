@@ -212,6 +212,11 @@ def _running(
         return []
     committed = _kept(Step(rev, "", _direction(step), 0), applied)
     what = rev if step.is_upgrade else f"the downgrade of {rev}"
+    if committed and progress.in_code:  # it failed in its own code, before its commit
+        return [
+            f"{what} was rolled back, though the database now has it: something else did it "
+            "since (another run, once this one lost its lock?)"
+        ]
     return [f"{what} was {'committed' if committed else 'rolled back'}"]
 
 
