@@ -11,7 +11,7 @@ from __future__ import annotations
 import tempfile
 import uuid
 from collections.abc import Callable, Iterator
-from contextlib import contextmanager
+from contextlib import contextmanager, suppress
 from dataclasses import dataclass, replace
 from pathlib import Path
 from typing import TypeVar
@@ -194,11 +194,15 @@ def scratch_database(env: Environment) -> Iterator[URL]:
     named = f"stamp_scratch_{uuid.uuid4().hex[:12]}_{url.database or ''}".encode()
     name = named[:63].decode(errors="ignore")  # PostgreSQL's longest name, in bytes
     quoted = '"' + name.replace('"', '""') + '"'
-    _admin(url, f"CREATE DATABASE {quoted}")
-    try:
+    drop = f"DROP DATABASE IF EXISTS {quoted} WITH (FORCE)"
+    try:  # a signal while the server creates it (no task is told) must not leave it behind
+        _admin(url, f"CREATE DATABASE {quoted}")
         yield url.set(database=name)
-    finally:
-        _admin(url, f"DROP DATABASE IF EXISTS {quoted} WITH (FORCE)")
+    except BaseException:
+        with suppress(Exception):  # the failure that stopped it is the one to tell
+            _admin(url, drop)
+        raise
+    _admin(url, drop)
 
 
 def _admin(url: URL, statement: str) -> None:

@@ -292,7 +292,7 @@ def test_a_target_locked_by_another_run_is_retried_last(
             lambda: pg_fetch(
                 pg_database.dsn,
                 "select 1 from pg_stat_activity where application_name = 'migrations' "
-                "and query like '%pg_try_advisory_lock%'",
+                "and datname = current_database() and query like '%pg_try_advisory_lock%'",
             ),
             "the retry to wait for beta's lock",
             60,
@@ -390,16 +390,15 @@ def second_server() -> Iterator[Cluster]:
 def test_a_fleet_across_two_servers(
     project: Project, pg_server: str, second_server: Cluster
 ) -> None:
-    local = f"{pg_server.rsplit('/', 1)[0]}/fleet_two_hosts"
+    near = f"fleet_two_hosts_{uuid.uuid4().hex[:12]}"  # of this run alone: suites may share
+    local = f"{pg_server.rsplit('/', 1)[0]}/{near}"
     port = second_server.port
     other = f"postgresql://postgres@127.0.0.1:{port}/postgres"
-    pg_execute(
-        pg_server, "DROP DATABASE IF EXISTS fleet_two_hosts", "CREATE DATABASE fleet_two_hosts"
-    )
+    pg_execute(pg_server, f"CREATE DATABASE {near}")
     pg_execute(other, "CREATE DATABASE shop_far")
     asyncpg_url = "postgresql+asyncpg://postgres@127.0.0.1"
     (project.root / "shops.txt").write_text(
-        f"near {asyncpg_url}:5432/fleet_two_hosts\nfar {asyncpg_url}:{port}/shop_far\n"
+        f"near {asyncpg_url}:5432/{near}\nfar {asyncpg_url}:{port}/shop_far\n"
     )
     project.write_env(
         "shops", "DATABASE_URL=postgresql+asyncpg://unused/x\nTARGETS_FILE=shops.txt\n"
@@ -422,7 +421,7 @@ def test_a_fleet_across_two_servers(
             assert "Traceback" not in result.stderr
         assert pg_fetch(local, "select count(*) from users")[0][0] == 3  # near was seeded
     finally:
-        pg_execute(pg_server, "DROP DATABASE IF EXISTS fleet_two_hosts WITH (FORCE)")
+        pg_execute(pg_server, f"DROP DATABASE IF EXISTS {near} WITH (FORCE)")
 
 
 @pytest.fixture
