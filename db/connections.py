@@ -19,7 +19,7 @@ from sqlalchemy.engine import URL
 from sqlalchemy.exc import DBAPIError
 
 from db.engines import is_async, make_async_engine, make_engine
-from db.environments import CONNECT_TIMEOUT
+from db.environments import CONNECT_TIMEOUT, NETWORK_TIMEOUT, Environment
 from db.errors import ConfigError, ConnectError, cause_of, first_line
 from db.urls import mask
 
@@ -203,6 +203,7 @@ def with_connection(
     wait: float = 0,
     schema: str | None = None,
     stopped: Callable[[], None] = lambda: None,
+    network_timeout: float = NETWORK_TIMEOUT,
 ) -> T:
     """Run ``fn`` on a new connection to ``url``, through the sync or async driver it names;
     retry connecting for ``wait`` seconds, unless ``stopped`` raises (a signal: as for
@@ -210,7 +211,13 @@ def with_connection(
     What ``fn`` does (a read, mostly: status goes through ``DATABASE_URL`` where there is
     no ``MIGRATION_URL``) works through a pooler in transaction mode too."""
     if is_async(url):
-        engine = make_async_engine(url, connect_timeout=connect_timeout, schema=schema, pooler=True)
+        engine = make_async_engine(
+            url,
+            connect_timeout=connect_timeout,
+            schema=schema,
+            pooler=True,
+            network_timeout=network_timeout,
+        )
         return run_coroutine(_with_async(engine, fn, wait, stopped))
     sync_engine = make_engine(url, connect_timeout=connect_timeout, create=False)  # reads
     try:
@@ -218,6 +225,20 @@ def with_connection(
             return fn(connection)
     finally:
         sync_engine.dispose()
+
+
+def with_database(
+    env: Environment, fn: Callable[[Connection], T], stopped: Callable[[], None] = lambda: None
+) -> T:
+    """:func:`with_connection` to ``env``'s database, in its ``SCHEMA``, with its timeouts."""
+    return with_connection(
+        env.url(),
+        fn,
+        connect_timeout=env.connect_timeout,
+        schema=env.schema,
+        stopped=stopped,
+        network_timeout=env.network_timeout,
+    )
 
 
 async def _with_async(

@@ -4,6 +4,7 @@ through them (retries, a signal's stop, a failed login in words) is :mod:`db.con
 from __future__ import annotations
 
 import asyncio
+import socket
 from collections.abc import Mapping
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, TypeVar
@@ -12,7 +13,7 @@ from sqlalchemy import Connection, Engine, create_engine, event, pool
 from sqlalchemy.engine import URL
 from sqlalchemy.exc import DBAPIError
 
-from db.environments import CONNECT_TIMEOUT
+from db.environments import CONNECT_TIMEOUT, NETWORK_TIMEOUT
 from db.errors import ConfigError, ConnectError
 
 if TYPE_CHECKING:
@@ -57,6 +58,7 @@ def make_async_engine(
     pool: Mapping[str, float] | None = None,
     schema: str | None = None,
     pooler: bool = False,
+    network_timeout: float = NETWORK_TIMEOUT,
 ) -> AsyncEngine:
     """Like :func:`make_engine`, for an asyncio driver (asyncpg, aiosqlite).
 
@@ -67,6 +69,7 @@ def make_async_engine(
     server connection to another client between transactions. Then no prepared statement
     is named (the next server connection lacks it), and ``schema`` is set in each
     transaction, never on the connection, which the next client would get with it.
+    ``network_timeout``: see :func:`keepalive`.
     """
     from sqlalchemy.ext.asyncio import create_async_engine  # only async runs pay for it
 
@@ -78,11 +81,48 @@ def make_async_engine(
         options.update(pool_pre_ping=True, **pool)
     engine = create_async_engine(url, **options)
     _sqlite_transactions(engine.sync_engine, foreign_keys=not migrating)
+    if url.get_driver_name() == "asyncpg" and network_timeout > 0:
+        _keepalive(engine.sync_engine, network_timeout)
     if schema is not None and pooler:
         _search_path_each_transaction(engine.sync_engine, schema)
     elif schema is not None:
         _search_path(engine.sync_engine, schema)
     return engine
+
+
+def keepalive(seconds: float) -> tuple[int, int, int]:
+    """TCP keepalive for a network that may go silent (a partition, a host gone): probe
+    after ``idle`` seconds without traffic, every ``interval`` seconds, give up after
+    ``count`` probes unanswered, about ``seconds`` in all. A busy peer's kernel answers the
+    probes, so a long statement is never cut short; only a peer that is gone is given up."""
+    count = 4
+    idle = max(1, int(seconds // 3))
+    return idle, max(1, int((seconds - idle) // count)), count
+
+
+def _keepalive(engine: Engine, seconds: float) -> None:
+    """Give up a server that stops answering after about ``seconds`` (else a partition
+    mid-run leaves the task waiting for good): keepalive, and ``TCP_USER_TIMEOUT`` for data
+    sent and never acknowledged. asyncpg has no option for either; its socket takes them.
+    The server gives up on the client as well: see ``db.runner.session_settings``."""
+    idle, interval, count = keepalive(seconds)
+    options = (  # the names this platform has (TCP_USER_TIMEOUT and TCP_KEEPIDLE: Linux)
+        (socket.SOL_SOCKET, "SO_KEEPALIVE", 1),
+        (socket.IPPROTO_TCP, "TCP_KEEPIDLE", idle),
+        (socket.IPPROTO_TCP, "TCP_KEEPINTVL", interval),
+        (socket.IPPROTO_TCP, "TCP_KEEPCNT", count),
+        (socket.IPPROTO_TCP, "TCP_USER_TIMEOUT", int(seconds * 1000)),
+    )
+
+    @event.listens_for(engine, "connect")
+    def _connect(dbapi_connection: Any, _record: Any) -> None:
+        transport = dbapi_connection.driver_connection._transport  # asyncpg's own socket
+        sock = transport.get_extra_info("socket")
+        if sock is None or sock.family not in (socket.AF_INET, socket.AF_INET6):
+            return  # a Unix socket: no network to go silent
+        for level, name, value in options:
+            if hasattr(socket, name):
+                sock.setsockopt(level, getattr(socket, name), value)
 
 
 def _search_path(engine: Engine, schema: str) -> None:

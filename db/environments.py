@@ -20,12 +20,19 @@ from db.urls import parse_url
 
 ENV_DIR = "environments"
 CONNECT_TIMEOUT = 10.0  # seconds, unless the env file says otherwise
+NETWORK_TIMEOUT = 30.0  # seconds a connection may go silent before either side gives up
 SECRET_KEYS = ("DATABASE_URL", "MIGRATION_URL", "DATABASE_PASSWORD")
 # every key the tasks and the app's sessions read from an env file (README, "Environments")
 SETTINGS = (
     *SECRET_KEYS,
     *("CONNECT_TIMEOUT", "CONNECT_WAIT", "PROTECTED", "SCHEMA", "BACKUP", "BACKUP_KEEP"),
-    *("LOCK_TIMEOUT", "STATEMENT_TIMEOUT", "APPLICATION_NAME", "CLIENT_CHECK_INTERVAL"),
+    *(
+        "NETWORK_TIMEOUT",
+        "LOCK_TIMEOUT",
+        "STATEMENT_TIMEOUT",
+        "APPLICATION_NAME",
+        "CLIENT_CHECK_INTERVAL",
+    ),
     *("TARGETS", "TARGETS_FILE", "TARGETS_QUERY", "TARGETS_DATABASE_URL"),
     *("MAX_CONNECTIONS_PER_HOST", "RUNS_KEEP"),
     *("POOL_SIZE", "MAX_OVERFLOW", "POOL_TIMEOUT", "POOL_RECYCLE"),
@@ -160,6 +167,13 @@ class Environment:
                 "answer (there is no 'no limit'): give the seconds to wait, e.g. CONNECT_TIMEOUT=10"
             )
         return value
+
+    @property
+    def network_timeout(self) -> float:
+        """``NETWORK_TIMEOUT``: seconds a PostgreSQL connection may go silent (a partition,
+        a host gone) before the task gives the server up and the server the task; 0 leaves
+        it to the operating system (hours)."""
+        return self.number("NETWORK_TIMEOUT", NETWORK_TIMEOUT)
 
     def relative(self, path: Path) -> str:
         return str(path.relative_to(self.root)) if path.is_relative_to(self.root) else str(path)

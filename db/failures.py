@@ -3,6 +3,7 @@ which of the run's revisions it kept, and what to do."""
 
 from __future__ import annotations
 
+from errno import EHOSTUNREACH, ENETUNREACH, ETIMEDOUT
 from typing import TYPE_CHECKING
 
 from alembic.runtime.migration import RevisionStep
@@ -126,6 +127,7 @@ def _failure(
     doing += f" ({message_of(step.revision)})"
     if isinstance(exc, LockLost) or (isinstance(exc, DBAPIError) and exc.connection_invalidated):
         lost = "the migration lock" if isinstance(exc, LockLost) else _CONNECTION_LOST
+        cause = _went_silent(exc, run) or cause
         return LockLost(f"lost {lost} during the {doing}: {cause}\n{text}; run the task again")
     if at_base and "already exists" in cause:  # a database made by migrations is not one
         adopt = f"`invoke stamp {run.flags} REV`"
@@ -135,6 +137,25 @@ def _failure(
         said, fix = outside
         return MigrationFailed(f"{doing} failed: {said}\n{text}; {fix}")
     return MigrationFailed(f"{doing} failed: {cause}\n{text}; fix it and run the task again")
+
+
+def _went_silent(exc: BaseException, run: Run) -> str | None:
+    """Why the connection was lost, if the network went silent for NETWORK_TIMEOUT: the
+    socket's keepalive or TCP_USER_TIMEOUT gave up (ETIMEDOUT, or the host's unreachable
+    that the kernel saw meanwhile), where the driver says only that the connection closed."""
+    cause: BaseException | None = cause_of(exc)
+    while cause is not None and not _silent(cause):
+        cause = cause.__cause__
+    if cause is None:
+        return None
+    return (
+        f"the server stopped answering for {run.network_timeout:g}s (NETWORK_TIMEOUT): "
+        "the network or the server's host is down"
+    )
+
+
+def _silent(exc: BaseException) -> bool:
+    return isinstance(exc, OSError) and exc.errno in (ETIMEDOUT, EHOSTUNREACH, ENETUNREACH)
 
 
 def _hinted(exc: BaseException) -> str:
@@ -232,8 +253,11 @@ def read_heads(run: Run) -> tuple[str, ...]:
     """The revision(s) in the version table, on a new connection, after a failure."""
     # a server that is restarting answers again within seconds; a signal wants out at once
     if run.stop.requested:
-        return current_heads(run.url, min(run.connect_timeout, 2), run.schema)
-    return current_heads(run.url, run.connect_timeout, run.schema, wait=5)
+        timeout = min(run.connect_timeout, 2)
+        return current_heads(run.url, timeout, run.schema, network_timeout=run.network_timeout)
+    return current_heads(
+        run.url, run.connect_timeout, run.schema, wait=5, network_timeout=run.network_timeout
+    )
 
 
 def _named(step: Step) -> str:

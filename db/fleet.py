@@ -241,7 +241,12 @@ def _from_catalog(env: Environment) -> list[Target]:
         return listed
 
     try:
-        return with_connection(catalog_url, rows, connect_timeout=env.connect_timeout)
+        return with_connection(
+            catalog_url,
+            rows,
+            connect_timeout=env.connect_timeout,
+            network_timeout=env.network_timeout,
+        )
     except DBAPIError as exc:
         state = getattr(exc.orig, "sqlstate", None)
         if state in ("55P03", "57014"):  # not the query's fault: a lock, a slow server

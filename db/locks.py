@@ -264,7 +264,9 @@ async def _unlock(connection: AsyncConnection, params: Mapping[str, str]) -> boo
     return released
 
 
-def canceller(url: URL, pid: int, connect_timeout: float) -> Callable[[], None]:
+def canceller(
+    url: URL, pid: int, connect_timeout: float, network_timeout: float
+) -> Callable[[], None]:
     """A function that cancels the statement backend ``pid`` is running, from a thread of
     its own (it is called from a signal handler, while the main thread waits on the server)."""
 
@@ -273,7 +275,9 @@ def canceller(url: URL, pid: int, connect_timeout: float) -> Callable[[], None]:
 
     def in_thread() -> None:
         with suppress(Exception):  # the run stops at its next check all the same
-            with_connection(url, cancel, connect_timeout=connect_timeout)
+            with_connection(
+                url, cancel, connect_timeout=connect_timeout, network_timeout=network_timeout
+            )
 
     return lambda: threading.Thread(target=in_thread, daemon=True).start()
 

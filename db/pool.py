@@ -232,7 +232,13 @@ def _lost(env: Environment, target: Target, stop: Stop) -> Outcome:
     why = "a worker process died (killed?), so its run ended early"
     here = environment(env, target)
     try:
-        current = current_heads(here.url(), here.connect_timeout, here.schema, stopped=stop.check)
+        current = current_heads(
+            here.url(),
+            here.connect_timeout,
+            here.schema,
+            stopped=stop.check,
+            network_timeout=here.network_timeout,
+        )
     except (DbError, DBAPIError) as exc:
         return Outcome(
             target.name,

@@ -107,7 +107,9 @@ async def _drop_schema(run: Run, back_up: Callable[[], None], schema: list[str])
     SCHEMA, the one the revisions' tables went to: the version table's, as the search path
     finds it, or the first on the path that exists (``"$user"`` comes before ``public``, so
     a schema named as the role, when there is one)."""
-    engine = make_async_engine(run.url, connect_timeout=run.connect_timeout)
+    engine = make_async_engine(
+        run.url, connect_timeout=run.connect_timeout, network_timeout=run.network_timeout
+    )
     try:
         async with connect_async(engine, run.wait, run.stop.check) as connection:
             pid = await prepare_session(connection, engine, run.session_settings, run.env_file)

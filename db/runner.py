@@ -30,7 +30,8 @@ from sqlalchemy.engine import URL
 from sqlalchemy.exc import DBAPIError
 
 from db import revision_files
-from db.environments import CONNECT_TIMEOUT, ENV_DIR, Environment
+from db.engines import keepalive
+from db.environments import CONNECT_TIMEOUT, ENV_DIR, NETWORK_TIMEOUT, Environment
 from db.errors import (
     BrokenRevisions,
     ConfigError,
@@ -86,6 +87,7 @@ class Run:
     schema: str | None = None  # SCHEMA: where the tables, version table and audit trail live
     env_file: str = ""  # where the URL came from, for messages
     connect_timeout: float = CONNECT_TIMEOUT
+    network_timeout: float = NETWORK_TIMEOUT
     wait: float = 0.0
     lock: bool = False  # take the migration lock: only runs that change the database
     creates: bool = True  # may make a SQLite file not there yet (plain Alembic: it may)
@@ -129,6 +131,7 @@ def make_config(
         schema=env.schema,
         env_file=f"{ENV_DIR}/{env.name}.env",
         connect_timeout=env.connect_timeout,
+        network_timeout=env.network_timeout,
         wait=options.wait if options.wait is not None else env.number("CONNECT_WAIT", 0),
         lock=lock,
         creates=lock if creates is None else creates,  # a run that only reads makes none
@@ -163,7 +166,7 @@ def run_of(config: Config) -> Run:
 
 def session_settings(env: Environment) -> dict[str, str]:
     """PostgreSQL settings for migration sessions, so a migration fails fast, not stalls."""
-    return {
+    settings = {
         "application_name": env.get("APPLICATION_NAME") or "migrations",
         "lock_timeout": env.duration("LOCK_TIMEOUT", "5s"),
         "statement_timeout": env.duration("STATEMENT_TIMEOUT", "15min"),
@@ -173,6 +176,16 @@ def session_settings(env: Environment) -> dict[str, str]:
         "idle_session_timeout": "0",
         "idle_in_transaction_session_timeout": "0",
     }
+    if env.network_timeout > 0:  # so the server ends the session of a run whose host is gone,
+        # rolling its revision back and freeing its locks, as the task gives the server up
+        idle, interval, count = keepalive(env.network_timeout)
+        settings.update(
+            tcp_keepalives_idle=f"{idle}s",
+            tcp_keepalives_interval=f"{interval}s",
+            tcp_keepalives_count=str(count),
+            tcp_user_timeout=f"{int(env.network_timeout * 1000)}ms",
+        )
+    return settings
 
 
 _LOADED: dict[tuple[object, ...], ScriptDirectory] = {}

@@ -7,7 +7,7 @@ from typing import Any
 
 from sqlalchemy import Connection, inspect
 
-from db.connections import with_connection
+from db.connections import with_database
 from db.environments import Environment
 
 Schema = dict[str, dict[str, Any]]
@@ -17,10 +17,7 @@ TOOL_TABLES = {"alembic_version", "migration_log"}
 def snapshot(env: Environment, stopped: Callable[[], None] = lambda: None) -> Schema:
     """Each table's columns (kind, nullable), primary key, foreign keys, uniques, indexes;
     ``stopped`` raises to give up connecting (a signal)."""
-    timeout = env.connect_timeout
-    return with_connection(
-        env.url(), picture, connect_timeout=timeout, schema=env.schema, stopped=stopped
-    )
+    return with_database(env, picture, stopped)
 
 
 def picture(connection: Connection) -> Schema:

@@ -28,7 +28,12 @@ def async_engine(env: Environment, target: str = "") -> AsyncEngine:
     pool.update({key.lower(): env.number(key, s) for key, s in POOL_SECONDS.items()})
     pooler = bool(env.get("MIGRATION_URL"))  # what it is for: DATABASE_URL is a pooler
     return make_async_engine(
-        url, connect_timeout=env.connect_timeout, pool=pool, schema=env.schema, pooler=pooler
+        url,
+        connect_timeout=env.connect_timeout,
+        pool=pool,
+        schema=env.schema,
+        pooler=pooler,
+        network_timeout=env.network_timeout,
     )
 
 

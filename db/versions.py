@@ -11,6 +11,7 @@ from sqlalchemy import Connection, column, table
 from sqlalchemy.engine import URL
 
 from db.connections import with_connection
+from db.environments import NETWORK_TIMEOUT
 
 VERSION_TABLE = "alembic_version"
 VERSION_ID_MAX = 32  # characters: Alembic's alembic_version.version_num is a VARCHAR(32)
@@ -22,6 +23,7 @@ def current_heads(
     schema: str | None = None,
     wait: float = 0,
     stopped: Callable[[], None] = lambda: None,
+    network_timeout: float = NETWORK_TIMEOUT,
 ) -> tuple[str, ...]:
     """The revision(s) in a database's version table, read without env.py or the lock;
     ``stopped`` raises to give up connecting (a signal to a fleet's status)."""
@@ -30,7 +32,13 @@ def current_heads(
         return version_of(connection, schema)
 
     return with_connection(
-        url, read, connect_timeout=connect_timeout, wait=wait, schema=schema, stopped=stopped
+        url,
+        read,
+        connect_timeout=connect_timeout,
+        wait=wait,
+        schema=schema,
+        stopped=stopped,
+        network_timeout=network_timeout,
     )
 
 

@@ -22,7 +22,7 @@ from sqlalchemy import Connection
 from sqlalchemy.exc import DBAPIError
 
 from db import audit, commands, guards
-from db.connections import with_connection
+from db.connections import with_database
 from db.environments import Environment, load_environment
 from db.errors import CheckFailed, ConnectError, DbError, Halted, LockTimeout, refused_at
 from db.failures import describe, what_to_do
@@ -164,9 +164,7 @@ def _read(
     def read(connection: Connection) -> tuple[tuple[str, ...], list[audit.Entry]]:
         return version_of(connection, env.schema), audit.entries(connection) if trail else []
 
-    current, log = with_connection(
-        env.url(), read, connect_timeout=env.connect_timeout, schema=env.schema, stopped=stopped
-    )
+    current, log = with_database(env, read, stopped)
     found = _at(env, script, current, "heads")
     unfinished = commands.unfinished(log, env)
     if unfinished:

@@ -26,7 +26,7 @@ from collections.abc import Callable, Iterator
 from contextlib import closing, contextmanager, suppress
 from dataclasses import dataclass
 from pathlib import Path
-from typing import Any
+from typing import Any, NoReturn
 
 import asyncpg
 import pytest
@@ -254,6 +254,14 @@ def catalog_env(fleet: str, query: str, url: str = CATALOG_URL) -> str:
     return f"{fleet}TARGETS_DATABASE_URL={url}\nTARGETS_QUERY={query}\n"
 
 
+def cannot(reason: str) -> NoReturn:
+    """Skip a test this machine cannot run, saying why; under CI, which must run every
+    test, fail it."""
+    if os.environ.get("CI", "").lower() == "true":
+        pytest.fail(f"CI requires it: {reason}")
+    pytest.skip(reason)
+
+
 @contextmanager
 def tmpfs(path: Path, size: str) -> Iterator[Path]:
     """A small tmpfs mounted at ``path`` (needs root), unmounted afterwards."""
@@ -261,10 +269,7 @@ def tmpfs(path: Path, size: str) -> Iterator[Path]:
     command = ["mount", "-t", "tmpfs", "-o", f"size={size},mode=0700", "tmpfs", str(path)]
     mounted = subprocess.run(command, capture_output=True, text=True)
     if mounted.returncode != 0:
-        reason = f"cannot mount a tmpfs to fill ({mounted.stderr.strip()}): run as root"
-        if os.environ.get("CI", "").lower() == "true":
-            pytest.fail(reason)
-        pytest.skip(reason)
+        cannot(f"cannot mount a tmpfs to fill ({mounted.stderr.strip()}): run as root")
     try:
         yield path
     finally:
@@ -350,10 +355,7 @@ def pg_server() -> str:
     try:
         run(_fetch(PG_ADMIN, "select 1"))
     except (OSError, asyncpg.PostgresError, asyncio.TimeoutError) as exc:
-        reason = f"PostgreSQL not reachable at {PG_ADMIN} ({exc}); set TEST_PG_URL to use another"
-        if os.environ.get("CI", "").lower() == "true":
-            pytest.fail(f"CI requires PostgreSQL: {reason}")
-        pytest.skip(reason)
+        cannot(f"PostgreSQL not reachable at {PG_ADMIN} ({exc}); set TEST_PG_URL to use another")
     return PG_ADMIN
 
 
@@ -584,9 +586,7 @@ def need(*programs: str) -> list[str]:
     found = [tool(name) for name in programs]
     if None in found:
         missing = ", ".join(n for n, f in zip(programs, found, strict=True) if f is None)
-        if os.environ.get("CI", "").lower() == "true":
-            pytest.fail(f"CI requires {missing}")
-        pytest.skip(f"{missing} not found")
+        cannot(f"{missing} not found")
     return [f for f in found if f is not None]
 
 
@@ -600,23 +600,32 @@ def owned_dir(prefix: str) -> Path:
 
 @dataclass
 class Cluster:
-    """A PostgreSQL cluster of our own on a free port, to restart or stop at will."""
+    """A PostgreSQL cluster of our own on a free port, to restart or stop at will; on
+    ``address`` in the network namespace ``namespace`` (see :func:`cluster_across_a_link`)."""
 
     base: Path
     port: int
+    address: str = "127.0.0.1"
+    namespace: str | None = None
 
     @property
     def data(self) -> str:
         return str(self.base / "data")
 
+    @property
+    def socket_dsn(self) -> str:
+        """The admin DSN over its Unix socket, which no cut link reaches."""
+        return f"postgresql://postgres@/postgres?host={self.base}&port={self.port}"
+
     def ctl(self, *args: str) -> None:
         [pg_ctl] = need("pg_ctl")
+        inside = ["ip", "netns", "exec", self.namespace] if self.namespace else []
         subprocess.run(
-            as_postgres([pg_ctl, "-D", self.data, *args]), check=True, capture_output=True
+            inside + as_postgres([pg_ctl, "-D", self.data, *args]), check=True, capture_output=True
         )
 
     def start(self) -> None:
-        options = f"-p {self.port} -c listen_addresses=127.0.0.1 -k {self.base} -c fsync=off"
+        options = f"-p {self.port} -c listen_addresses={self.address} -k {self.base} -c fsync=off"
         self.ctl("-o", options, "-l", str(self.base / "log"), "-w", "start")
 
     def restart(self) -> None:
@@ -659,13 +668,19 @@ def tcp_server(reply: bytes | None, accepted: list[socket.socket] | None = None)
 
 
 @contextmanager
-def cluster(*initdb_args: str) -> Iterator[Cluster]:
-    """initdb a cluster in a temporary folder, start it, and stop and delete it after."""
+def cluster(*initdb_args: str, link: Link | None = None) -> Iterator[Cluster]:
+    """initdb a cluster in a temporary folder, start it, and stop and delete it after; at
+    the far end of ``link`` if given."""
     [initdb] = need("initdb")
     base = owned_dir("cluster-")
     found = Cluster(base, free_port())
+    if link is not None:
+        found.address, found.namespace = link.server, link.namespace
     command = [initdb, "-D", found.data, "-U", "postgres", "--no-sync", *initdb_args]
     subprocess.run(as_postgres(command), check=True, capture_output=True)
+    if link is not None:  # initdb's rules trust only this host's own addresses
+        with open(Path(found.data) / "pg_hba.conf", "a") as rules:
+            rules.write(f"host all all {link.client}/32 trust\n")
     found.start()
     try:
         yield found
@@ -673,6 +688,51 @@ def cluster(*initdb_args: str) -> Iterator[Cluster]:
         with suppress(subprocess.CalledProcessError):
             found.stop()
         shutil.rmtree(base, ignore_errors=True)
+
+
+@dataclass
+class Link:
+    """A veth pair from this host to a network namespace of its own: ``cut`` it and packets
+    between the two ends vanish, as in a network partition (nothing is refused or reset)."""
+
+    namespace: str
+    device: str  # the namespace's end
+    client: str = ""  # this host's address
+    server: str = ""  # the namespace's address
+
+    def ip(self, *args: str) -> None:
+        subprocess.run(["ip", "netns", "exec", self.namespace, "ip", *args], check=True)
+
+    def cut(self) -> None:
+        self.ip("link", "set", self.device, "down")
+
+    def mend(self) -> None:
+        self.ip("link", "set", self.device, "up")
+
+
+@contextmanager
+def network_link() -> Iterator[Link]:
+    """A :class:`Link` (needs root: skipped without it, failed under CI), removed after.
+    Named by this process, on a /30 of 198.18.0.0/15 (kept for benchmarks, never routed)."""
+    pid = os.getpid()
+    link = Link(f"migrations-{pid}", f"ms{pid}")
+    made = subprocess.run(["ip", "netns", "add", link.namespace], capture_output=True, text=True)
+    if made.returncode != 0:
+        cannot(f"cannot make a network namespace ({made.stderr.strip()}): run as root")
+    try:
+        net = (198 << 24) | (18 << 16) | ((pid % 32768) << 2)
+        link.client, link.server = (socket.inet_ntoa((net + n).to_bytes(4, "big")) for n in (1, 2))
+        ours = f"mc{pid}"
+        subprocess.run(["ip", "link", "add", ours, "type", "veth", "peer", link.device], check=True)
+        subprocess.run(["ip", "link", "set", link.device, "netns", link.namespace], check=True)
+        subprocess.run(["ip", "addr", "add", f"{link.client}/30", "dev", ours], check=True)
+        subprocess.run(["ip", "link", "set", ours, "up"], check=True)
+        link.ip("addr", "add", f"{link.server}/30", "dev", link.device)
+        link.ip("link", "set", link.device, "up")
+        yield link
+    finally:
+        # deleting the namespace deletes its end, and with it the pair
+        subprocess.run(["ip", "netns", "delete", link.namespace], check=True)
 
 
 @contextmanager

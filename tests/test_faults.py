@@ -16,11 +16,13 @@ from datetime import timezone
 import pytest
 from conftest import (
     Cluster,
+    Link,
     PgDatabase,
     Project,
     cluster,
     head_revision,
     lock_holders,
+    network_link,
     pg_execute,
     pg_fetch,
     popen,
@@ -319,6 +321,63 @@ def test_a_server_restart_mid_run_reports_the_first_error(
     assert at.startswith(f"the database is at {head_revision()}; this run kept {head_revision()}")
     assert "rst01 was rolled back" in at
     assert versions_of(dsn) == [head_revision()]
+
+
+@pytest.fixture
+def far_server(pg_server: str) -> Iterator[tuple[Cluster, Link]]:
+    """A server of our own in a network namespace, behind a link a test can cut."""
+    with network_link() as link, cluster("--auth=trust", link=link) as found:
+        pg_execute(found.socket_dsn, "create database shop")
+        yield found, link
+
+
+# where the revision waits when the link is cut: in the server (a statement running), or
+# in the task (the session idle in its transaction, the revision's next statement unsent)
+WAITS = {
+    "server": ("pg_sleep(30)", SLOW),
+    "task": (
+        "before_the_nap",
+        'if __import__("os").environ.get("SLOW"):\n'
+        '        op.execute("select 1 as before_the_nap")\n'
+        '        __import__("time").sleep(20)',
+    ),
+}
+
+
+@pytest.mark.parametrize("waiting", list(WAITS))
+def test_a_network_partition_mid_run_ends_the_run_and_its_session_within_network_timeout(
+    project: Project, far_server: tuple[Cluster, Link], waiting: str
+) -> None:
+    """Packets between the task and the server vanish mid-revision. The task once waited
+    for good (no keepalive on asyncpg's socket), and the server kept the session, its
+    open revision and its locks, for as long as its own TCP gave it (hours when idle).
+    Now the server ends the session after NETWORK_TIMEOUT, well before the revision's wait
+    ends (20s or more), and the task gives the server up once it waits on it that long."""
+    server, link = far_server
+    url = f"postgresql+asyncpg://postgres@{link.server}:{server.port}/shop"
+    project.write_env("far", f"DATABASE_URL={url}\nNETWORK_TIMEOUT=4\n")
+    project.migrated("far")
+    marker, slow = WAITS[waiting]
+    project.add_revision("far", revision("far01", head_revision(), slow, message="far"))
+    local = server.socket_dsn.replace("/postgres?", "/shop?")
+    run = popen(project, "migrate", "--env=far", SLOW="1")
+
+    def cut() -> None:
+        link.cut()
+        wait_until(lambda: not running_query(local, marker), "the server ending the session", 12)
+
+    err = run.when(lambda: running_query(local, marker), "the slow revision", cut, 60)
+
+    assert not pg_fetch(local, "select 1 from pg_locks where locktype = 'advisory'")
+    assert run.returncode == 3, err
+    assert (
+        "error: lost the connection, and with it the migration lock, during the upgrade of "
+        "revision far01 (far): the server stopped answering for 4s (NETWORK_TIMEOUT): the "
+        "network or the server's host is down\nits revision could not be read back ("
+    ) in err
+    link.mend()
+    assert versions_of(local) == [head_revision()]  # far01 was rolled back
+    assert "migrated 1 revision" in project.ok("migrate", "--env=far").stderr
 
 
 def test_a_full_disk_on_the_server_rolls_the_revision_back_and_says_so(

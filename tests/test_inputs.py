@@ -320,6 +320,46 @@ def test_durations_with_a_unit_or_0_are_taken_as_written(tmp_path: Path, value: 
     assert session_settings(load_environment(root, "x", {}))["lock_timeout"] == value
 
 
+@pytest.mark.parametrize(
+    ("setting", "expected"),
+    [
+        ("", {"idle": "10s", "interval": "5s", "count": "4", "user": "30000ms"}),
+        (
+            "NETWORK_TIMEOUT=60\n",
+            {"idle": "20s", "interval": "10s", "count": "4", "user": "60000ms"},
+        ),
+        ("NETWORK_TIMEOUT=0\n", {}),  # the server's own (the system's) keepalive
+    ],
+)
+def test_the_server_gives_a_silent_migration_session_up_after_network_timeout(
+    tmp_path: Path, setting: str, expected: dict[str, str]
+) -> None:
+    root = env_file(tmp_path, f"DATABASE_URL=postgresql+asyncpg://u@h/d\n{setting}")
+    settings = session_settings(load_environment(root, "x", {}))
+
+    names = {
+        "idle": "tcp_keepalives_idle",
+        "interval": "tcp_keepalives_interval",
+        "count": "tcp_keepalives_count",
+        "user": "tcp_user_timeout",
+    }
+    assert {key: settings[name] for key, name in names.items() if name in settings} == expected
+
+
+@pytest.mark.parametrize("value", ["soon", "-1", "inf", "30s"])
+def test_a_network_timeout_that_is_no_number_of_seconds_is_refused(
+    tmp_path: Path, value: str
+) -> None:
+    root = env_file(tmp_path, f"DATABASE_URL=postgresql+asyncpg://u@h/d\nNETWORK_TIMEOUT={value}\n")
+
+    with pytest.raises(ConfigError) as raised:
+        session_settings(load_environment(root, "x", {}))
+
+    assert str(raised.value) == (
+        f"environments/x.env: NETWORK_TIMEOUT must be a number, 0 or more, not '{value}'"
+    )
+
+
 def test_a_password_for_sqlite_is_a_clear_error(tmp_path: Path) -> None:
     root = env_file(tmp_path, "DATABASE_URL=sqlite:///x.sqlite3\nDATABASE_PASSWORD=pw\n")
 

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import socket
 import sqlite3
 import threading
 import time
@@ -13,7 +14,7 @@ from pathlib import Path
 
 import pytest
 from alembic import command
-from conftest import REPO, PgDatabase, head_revision, wait_until
+from conftest import REPO, PgDatabase, cannot, head_revision, wait_until
 from sqlalchemy import create_engine, inspect, make_url, select, text
 
 from db import commands, fleet
@@ -148,6 +149,65 @@ def test_app_sessions_on_postgres_use_asyncpg(
     pg = load_environment(tmp_path, "pg", {})
     commands.migrate(pg)
     assert use_the_shop(pg) == ["e-books"]
+
+
+def socket_options(url: str, env_text: str, tmp_path: Path) -> tuple[int, ...]:
+    """What the app's engine for ``url`` set on its socket: SO_KEEPALIVE, TCP_KEEPIDLE,
+    TCP_KEEPINTVL, TCP_KEEPCNT and TCP_USER_TIMEOUT (ms); () on a Unix socket."""
+    (tmp_path / "environments").mkdir(exist_ok=True)
+    (tmp_path / "environments" / "pg.env").write_text(f"DATABASE_URL={url}\n{env_text}")
+
+    async def read() -> tuple[int, ...]:
+        engine = async_engine(load_environment(tmp_path, "pg", {}))
+        try:
+            async with engine.connect() as connection:
+                assert await connection.scalar(text("select 1")) == 1
+                raw = (await connection.get_raw_connection()).driver_connection
+                sock = raw._transport.get_extra_info("socket")  # asyncpg's, as engines.py reads it
+                if sock.family == socket.AF_UNIX:
+                    return ()
+                tcp = (
+                    socket.TCP_KEEPIDLE,
+                    socket.TCP_KEEPINTVL,
+                    socket.TCP_KEEPCNT,
+                    socket.TCP_USER_TIMEOUT,
+                )
+                keepalive = sock.getsockopt(socket.SOL_SOCKET, socket.SO_KEEPALIVE)
+                return (keepalive, *(sock.getsockopt(socket.IPPROTO_TCP, o) for o in tcp))
+        finally:
+            await engine.dispose()
+
+    return asyncio.run(read())
+
+
+@pytest.mark.postgres
+@pytest.mark.parametrize(
+    ("setting", "options"),
+    [("", (1, 10, 5, 4, 30000)), ("NETWORK_TIMEOUT=8\n", (1, 2, 1, 4, 8000))],
+)
+def test_a_connection_gives_a_silent_server_up_after_network_timeout(
+    tmp_path: Path, pg_database: PgDatabase, setting: str, options: tuple[int, ...]
+) -> None:
+    assert socket_options(pg_database.url, setting, tmp_path) == options
+
+
+@pytest.mark.postgres
+def test_network_timeout_0_leaves_the_socket_as_the_system_makes_it(
+    tmp_path: Path, pg_database: PgDatabase
+) -> None:
+    assert socket_options(pg_database.url, "NETWORK_TIMEOUT=0\n", tmp_path)[0] == 0
+
+
+@pytest.mark.postgres
+def test_a_unix_socket_connects_without_tcp_options(
+    tmp_path: Path, pg_database: PgDatabase, pg_server: str
+) -> None:
+    sockets = Path("/var/run/postgresql")
+    if not any(sockets.glob(f".s.PGSQL.{make_url(pg_server).port or 5432}")):
+        cannot(f"the server has no Unix socket in {sockets}")  # TEST_PG_URL elsewhere
+    url = make_url(pg_database.url).set(host=None, port=None)
+    local = f"{url.render_as_string(hide_password=False)}?host={sockets}"
+    assert socket_options(local, "", tmp_path) == ()
 
 
 @pytest.mark.postgres

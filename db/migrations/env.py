@@ -39,6 +39,9 @@ ONLINE_ONLY = {
     "client_connection_check_interval",
     "idle_session_timeout",
     "idle_in_transaction_session_timeout",
+    # psql has its own (libpq's keepalives_idle, ...), and the SQL may go through any client
+    *("tcp_keepalives_idle", "tcp_keepalives_interval", "tcp_keepalives_count"),
+    "tcp_user_timeout",
 }
 if config.config_file_name is not None:
     configure_logging(config.config_file_name)
@@ -270,7 +273,7 @@ async def run_async_migrations(engine: AsyncEngine, *, owned: bool) -> None:
 async def migrate_locked(connection: AsyncConnection, engine: AsyncEngine) -> None:
     """The migration session: settings checked, the lock held on it, revisions run on it."""
     pid = await prepare_session(connection, engine, run.session_settings, run.env_file)
-    cancel = canceller(run.url, pid, run.connect_timeout)
+    cancel = canceller(run.url, pid, run.connect_timeout, run.network_timeout)
     forget = run.stop.on_request(lambda: None if in_block() else cancel())
     try:
         lock = pg_lock(connection, pid, run.lock_name, run.lock_wait, run.note, run.stop.check)
@@ -297,7 +300,11 @@ def run_migrations_online() -> None:
         return
     if given is None and is_async(run.url):
         engine = make_async_engine(
-            run.url, connect_timeout=run.connect_timeout, migrating=True, schema=run.schema
+            run.url,
+            connect_timeout=run.connect_timeout,
+            migrating=True,
+            schema=run.schema,
+            network_timeout=run.network_timeout,
         )
         run_coroutine(run_async_migrations(engine, owned=True))
         return
