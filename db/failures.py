@@ -229,10 +229,15 @@ def _running(
             f"may be in the database: check, then run "
             f"{resolve_hint(run.flags, rev, step.is_upgrade)}"
         ]
-    if applied is None:
-        return []
-    committed = _kept(Step(rev, "", _direction(step), 0), applied)
     what = rev if step.is_upgrade else f"the downgrade of {rev}"
+    if applied is None and progress.committing:  # the answer to its COMMIT never came
+        return [
+            f"whether {what} committed is not known: `invoke status {run.flags}` tells, once "
+            "the server answers"
+        ]
+    if applied is None:
+        return [f"{what} did not commit"]
+    committed = _kept(Step(rev, "", _direction(step), 0), applied)
     if committed and progress.in_code:  # it failed in its own code, before its commit
         return [
             f"{what} was rolled back, though the database now has it: something else did it "

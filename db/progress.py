@@ -81,6 +81,7 @@ class Progress:
     in_block: bool = False  # the running step has started a non-transactional block
     in_code: bool = False  # the running step's own code runs (its upgrade() or downgrade())
     ended: bool = False  # that code rolled its transaction back (an ORM Session's rollback())
+    committing: bool = False  # the running step's commit was asked for: it may have committed
     last_statement: str | None = None
     _uncommitted: list[Step] = field(default_factory=list)
     _started_row: int | None = None
@@ -95,7 +96,7 @@ class Progress:
             self.committed(connection)
             self.stop.check()
             self.running, self.in_block, self.last_statement = step, False, None
-            self.ended = False
+            self.ended = self.committing = False
             self._started_row = None
             self._clock, self._started = time.perf_counter(), datetime.now(timezone.utc)
             if self.on_start is not None:
@@ -145,9 +146,10 @@ class Progress:
         def rolled_back(_conn: Connection) -> None:  # not by a call: a Session's, say
             self.ended = self.ended or (self.in_code and not self.in_block)
 
-        def committing(_conn: Connection) -> None:  # before the commit, which never happens
+        def committing(_conn: Connection) -> None:  # before a commit is sent
             if self.running is not None and self.in_code and not self.in_block:
-                raise _own_transaction(self.running, "commits")
+                raise _own_transaction(self.running, "commits")  # and it never is
+            self.committing = self.running is not None
 
         def refusing(name: str) -> Callable[[], None]:
             own = getattr(connection, name)

@@ -12,6 +12,7 @@ import shutil
 import signal
 from collections.abc import Iterator
 from datetime import timezone
+from typing import Any
 
 import pytest
 from conftest import (
@@ -331,15 +332,35 @@ def far_server(pg_server: str) -> Iterator[tuple[Cluster, Link]]:
         yield found, link
 
 
-# where the revision waits when the link is cut: in the server (a statement running), or
-# in the task (the session idle in its transaction, the revision's next statement unsent)
+# Where the revision waits when the link is cut (as pg_stat_activity shows it), what it
+# runs, and what became of it: in the server (a statement running), in the task (its
+# session idle in its transaction, its next statement unsent), or in its COMMIT (a
+# deferred trigger's sleep), whose answer never comes.
+NAP = 'if __import__("os").environ.get("SLOW"):\n        '
+NOT_COMMITTED = "far01 did not commit"
 WAITS = {
-    "server": ("pg_sleep(30)", SLOW),
+    "server": ("query like '%pg_sleep(30)%'", SLOW, NOT_COMMITTED),
     "task": (
-        "before_the_nap",
-        'if __import__("os").environ.get("SLOW"):\n'
-        '        op.execute("select 1 as before_the_nap")\n'
-        '        __import__("time").sleep(20)',
+        "query like '%before_the_nap%'",
+        NAP + 'op.execute("select 1 as before_the_nap")\n        __import__("time").sleep(20)',
+        NOT_COMMITTED,
+    ),
+    "commit": (
+        "query ilike 'commit%' and wait_event = 'PgSleep'",
+        NAP
+        + "\n        ".join(
+            f'op.execute("{statement}")'
+            for statement in (
+                "create table naps (id int)",
+                "create function nap() returns trigger language plpgsql as "
+                "'begin perform pg_sleep(30); return null; end'",
+                "create constraint trigger nap after insert on naps deferrable "
+                "initially deferred for each row execute function nap()",
+                "insert into naps values (1)",
+            )
+        ),
+        "whether far01 committed is not known: `invoke status --env=far` tells, once the "
+        "server answers",
     ),
 }
 
@@ -352,21 +373,27 @@ def test_a_network_partition_mid_run_ends_the_run_and_its_session_within_network
     for good (no keepalive on asyncpg's socket), and the server kept the session, its
     open revision and its locks, for as long as its own TCP gave it (hours when idle).
     Now the server ends the session after NETWORK_TIMEOUT, well before the revision's wait
-    ends (20s or more), and the task gives the server up once it waits on it that long."""
+    ends (20s or more), and the task gives the server up once it waits on it that long,
+    saying what it knows of the revision."""
     server, link = far_server
     url = f"postgresql+asyncpg://postgres@{link.server}:{server.port}/shop"
     project.write_env("far", f"DATABASE_URL={url}\nNETWORK_TIMEOUT=4\n")
     project.migrated("far")
-    marker, slow = WAITS[waiting]
+    where, slow, said = WAITS[waiting]
     project.add_revision("far", revision("far01", head_revision(), slow, message="far"))
     local = server.socket_dsn.replace("/postgres?", "/shop?")
-    run = popen(project, "migrate", "--env=far", SLOW="1")
+
+    def session(condition: str) -> list[Any]:
+        mine = "pid <> pg_backend_pid()"  # whose query would match
+        return pg_fetch(local, f"select pid from pg_stat_activity where {mine} and {condition}")
 
     def cut() -> None:
         link.cut()
-        wait_until(lambda: not running_query(local, marker), "the server ending the session", 12)
+        gone = "application_name = 'migrations'"
+        wait_until(lambda: not session(gone), "the server ending the session", 12)
 
-    err = run.when(lambda: running_query(local, marker), "the slow revision", cut, 60)
+    run = popen(project, "migrate", "--env=far", SLOW="1")
+    err = run.when(lambda: session(where), "the revision's wait", cut, 60)
 
     assert not pg_fetch(local, "select 1 from pg_locks where locktype = 'advisory'")
     assert run.returncode == 3, err
@@ -375,6 +402,7 @@ def test_a_network_partition_mid_run_ends_the_run_and_its_session_within_network
         "revision far01 (far): the server stopped answering for 4s (NETWORK_TIMEOUT): the "
         "network or the server's host is down\nits revision could not be read back ("
     ) in err
+    assert err.endswith(f"; {said}; run the task again\n"), err
     link.mend()
     assert versions_of(local) == [head_revision()]  # far01 was rolled back
     assert "migrated 1 revision" in project.ok("migrate", "--env=far").stderr
