@@ -508,7 +508,8 @@ class Background:
     ) -> str:
         """Once ``ready()`` (waited for as ``what``), do ``then`` (by default, send SIGINT),
         and wait ``timeout`` seconds at most for the task to end; its stderr. A task still
-        running then is killed, so that no test leaves one behind."""
+        running then is killed, so that no test leaves one behind (and the test fails, even
+        where a fleet's worker, left on its own, holds the task's output open)."""
         try:
             wait_until(ready, what, process=self)
             if then is None:
@@ -519,7 +520,7 @@ class Background:
         finally:
             if self.poll() is None:
                 self.process.kill()
-                self.communicate()
+                self.communicate(10)
 
 
 def _read_lines(stream: Any, lines: list[str]) -> None:

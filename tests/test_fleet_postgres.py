@@ -23,6 +23,7 @@ from conftest import (
     catalog_env,
     cluster,
     head_revision,
+    network_link,
     pg_execute,
     pg_fetch,
     popen,
@@ -420,6 +421,50 @@ def test_a_fleet_across_two_servers(
             assert f"  failed      {down}" in result.stderr
             assert "Traceback" not in result.stderr
         assert pg_fetch(local, "select count(*) from users")[0][0] == 3  # near was seeded
+    finally:
+        pg_execute(pg_server, f"DROP DATABASE IF EXISTS {near} WITH (FORCE)")
+
+
+def test_a_target_cut_off_by_the_network_fails_alone_after_network_timeout(
+    project: Project, pg_server: str
+) -> None:
+    """One target's server sits behind a link that is cut while its revision runs: that
+    target fails after NETWORK_TIMEOUT, saying so, and the fleet run ends (it once waited
+    for good); the other target is migrated, and the cut one is where it was."""
+    near = f"fleet_cut_{uuid.uuid4().hex[:12]}"  # of this run alone: suites may share
+    pg_execute(pg_server, f"CREATE DATABASE {near}")
+    body = (
+        'if op.get_bind().scalar(sa.text("select current_database()")) == "shop_far":\n'
+        '        op.execute("select pg_sleep(30)")'
+    )
+    project.add_revision("slow", revision("slow01", HEAD, body, message="slow"))
+    try:
+        with network_link() as link, cluster("--auth=trust", link=link) as server:
+            pg_execute(server.socket_dsn, "CREATE DATABASE shop_far")
+            far = server.socket_dsn.replace("/postgres?", "/shop_far?")
+            at = "postgresql+asyncpg://postgres@"
+            (project.root / "shops.txt").write_text(
+                f"near {at}127.0.0.1:5432/{near}\nfar {at}{link.server}:{server.port}/shop_far\n"
+            )
+            project.write_env(
+                "shops",
+                "DATABASE_URL=postgresql+asyncpg://unused/x\nTARGETS_FILE=shops.txt\n"
+                "NETWORK_TIMEOUT=4\n",
+            )
+            run = popen(project, "migrate", "--env=shops", "--jobs=2")
+            err = run.when(lambda: running_query(far, "pg_sleep(30)"), "far's sleep", link.cut, 60)
+
+            assert run.returncode == 3, err  # the one failure is a lost lock
+            assert (
+                "far] failed: lost the connection, and with it the migration lock, during the "
+                "upgrade of revision slow01 (slow): the server stopped answering for 4s "
+                "(NETWORK_TIMEOUT): the network or the server's host is down"
+            ) in err
+            assert "  failed      far: lost the connection" in err and "Traceback" not in err
+            local = f"{pg_server.rsplit('/', 1)[0]}/{near}"
+            assert pg_fetch(local, "select version_num from alembic_version")[0][0] == "slow01"
+            link.mend()
+            assert pg_fetch(far, "select version_num from alembic_version")[0][0] == HEAD
     finally:
         pg_execute(pg_server, f"DROP DATABASE IF EXISTS {near} WITH (FORCE)")
 
