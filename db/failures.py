@@ -171,10 +171,13 @@ def _hinted(exc: BaseException) -> str:
 
 
 def not_the_revision(exc: BaseException, run: Run) -> tuple[str, str] | None:
-    """A statement the session's LOCK_TIMEOUT or STATEMENT_TIMEOUT ended, or a full disk:
-    what happened, and what to do (the revision itself may be fine)."""
+    """A statement the session's LOCK_TIMEOUT or STATEMENT_TIMEOUT ended, a full disk, or
+    a network gone silent: what happened, and what to do (the revision itself may be fine)."""
     state, said = getattr(cause_of(exc), "sqlstate", None), first_line(exc)
     settings = run.session_settings
+    silent = _went_silent(exc, run)
+    if silent is not None:
+        return (silent, "run the task again once the server answers")
     if state == "53100" or "database or disk is full" in said:  # PostgreSQL's, SQLite's
         return (f"the disk is full ({describe(exc)})", "free some space and run the task again")
     if state == "55P03":  # lock_not_available

@@ -557,6 +557,37 @@ def running_query(dsn: str, pattern: str) -> list[Any]:
     )
 
 
+async def _hold(dsn: str, key_name: str, held: asyncio.Event, release: asyncio.Event) -> None:
+    connection = await asyncpg.connect(dsn)
+    try:
+        await connection.execute(
+            f"select pg_advisory_lock({NAMESPACE}, hashtext(current_database() || '.' || $1))",
+            key_name,
+        )
+        held.set()
+        await release.wait()
+    finally:
+        await connection.close()
+
+
+@contextmanager
+def holding_lock(dsn: str, key_name: str) -> Iterator[None]:
+    """The migration lock keyed ``key_name``, held by another session until the block ends."""
+    loop = asyncio.new_event_loop()
+    held, release = asyncio.Event(), asyncio.Event()
+    holder = threading.Thread(
+        target=loop.run_until_complete, args=(_hold(dsn, key_name, held, release),)
+    )
+    holder.start()
+    try:
+        wait_until(held.is_set, f"the test to hold the lock of {key_name}")
+        yield
+    finally:
+        loop.call_soon_threadsafe(release.set)
+        holder.join(timeout=30)
+        loop.close()
+
+
 def versions_of(dsn: str) -> list[str]:
     rows = pg_fetch(dsn, "select version_num from alembic_version")
     return sorted(row["version_num"] for row in rows)

@@ -22,6 +22,7 @@ from conftest import (
     Project,
     cluster,
     head_revision,
+    holding_lock,
     lock_holders,
     network_link,
     pg_execute,
@@ -406,6 +407,34 @@ def test_a_network_partition_mid_run_ends_the_run_and_its_session_within_network
     link.mend()
     assert versions_of(local) == [head_revision()]  # far01 was rolled back
     assert "migrated 1 revision" in project.ok("migrate", "--env=far").stderr
+
+
+def test_a_run_waiting_for_the_lock_gives_a_silent_server_up_after_network_timeout(
+    project: Project, far_server: tuple[Cluster, Link]
+) -> None:
+    """The link is cut while the run waits for the migration lock, asking the server
+    again and again: its question goes unanswered, and it once kept asking for as long as
+    TCP retries (a quarter of an hour), whatever --lock-wait said."""
+    server, link = far_server
+    url = f"postgresql+asyncpg://postgres@{link.server}:{server.port}/shop"
+    project.write_env("far", f"DATABASE_URL={url}\nNETWORK_TIMEOUT=4\n")
+    project.migrated("far")
+    project.add_revision("far", revision("far01", head_revision(), message="far"))
+    local = server.socket_dsn.replace("/postgres?", "/shop?")
+
+    with holding_lock(local, "alembic_version"):
+        run = popen(project, "migrate", "--env=far", "--lock-wait=120")
+        waiting = "for the migration lock, held by"
+        err = run.when(lambda: run.printed(waiting), "the run to wait", link.cut, 60)
+
+    assert run.returncode == 1, err
+    assert err.endswith(
+        f"error: database error on {url}: the server stopped answering for 4s "
+        "(NETWORK_TIMEOUT): the network or the server's host is down\nno revision was run; "
+        "run the task again once the server answers\n"
+    ), err
+    link.mend()
+    assert versions_of(local) == [head_revision()]
 
 
 def test_a_full_disk_on_the_server_rolls_the_revision_back_and_says_so(

@@ -3,18 +3,15 @@ servers, and a target whose connection is killed part way."""
 
 from __future__ import annotations
 
-import asyncio
 import json
 import os
 import signal
 import subprocess
-import threading
 import uuid
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
-import asyncpg
 import pytest
 from conftest import (
     Cluster,
@@ -23,6 +20,7 @@ from conftest import (
     catalog_env,
     cluster,
     head_revision,
+    holding_lock,
     network_link,
     pg_execute,
     pg_fetch,
@@ -33,8 +31,6 @@ from conftest import (
     wait_until,
 )
 from sqlalchemy.engine import make_url
-
-from db.locks import NAMESPACE
 
 HEAD = head_revision()
 SHOPS = ("alpha", "beta", "gamma")
@@ -245,37 +241,6 @@ def test_a_schema_fleet_reads_who_runs_it_once_before_the_workers_fork(
     tenants.ok("migrate", "--env=tenants", "--jobs=3", PATH=f"{shim.parent}:{os.environ['PATH']}")
 
     assert calls.read_text().splitlines() == ["rev-parse HEAD"]
-
-
-async def _hold(dsn: str, key_name: str, held: asyncio.Event, release: asyncio.Event) -> None:
-    connection = await asyncpg.connect(dsn)
-    try:
-        await connection.execute(
-            f"select pg_advisory_lock({NAMESPACE}, hashtext(current_database() || '.' || $1))",
-            key_name,
-        )
-        held.set()
-        await release.wait()
-    finally:
-        await connection.close()
-
-
-@contextmanager
-def holding_lock(dsn: str, key_name: str) -> Iterator[None]:
-    """The migration lock keyed ``key_name``, held by another session until the block ends."""
-    loop = asyncio.new_event_loop()
-    held, release = asyncio.Event(), asyncio.Event()
-    holder = threading.Thread(
-        target=loop.run_until_complete, args=(_hold(dsn, key_name, held, release),)
-    )
-    holder.start()
-    try:
-        wait_until(held.is_set, f"the test to hold the lock of {key_name}")
-        yield
-    finally:
-        loop.call_soon_threadsafe(release.set)
-        holder.join(timeout=30)
-        loop.close()
 
 
 def test_a_target_locked_by_another_run_is_retried_last(
