@@ -746,6 +746,8 @@ class Link:
 def network_link() -> Iterator[Link]:
     """A :class:`Link` (needs root: skipped without it, failed under CI), removed after.
     Named by this process, on a /30 of 198.18.0.0/15 (kept for benchmarks, never routed)."""
+    if shutil.which("ip") is None:
+        cannot("ip not found: install iproute2")
     pid = os.getpid()
     link = Link(f"migrations-{pid}", f"ms{pid}")
     made = subprocess.run(["ip", "netns", "add", link.namespace], capture_output=True, text=True)
