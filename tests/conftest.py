@@ -709,15 +709,15 @@ def cluster(*initdb_args: str, link: Link | None = None) -> Iterator[Cluster]:
     if link is not None:
         found.address, found.namespace = link.server, link.namespace
     command = [initdb, "-D", found.data, "-U", "postgres", "--no-sync", *initdb_args]
-    subprocess.run(as_postgres(command), check=True, capture_output=True)
-    if link is not None:  # initdb's rules trust only this host's own addresses
-        with open(Path(found.data) / "pg_hba.conf", "a") as rules:
-            rules.write(f"host all all {link.client}/32 trust\n")
-    found.start()
-    try:
+    try:  # the folder goes, however far this got
+        subprocess.run(as_postgres(command), check=True, capture_output=True)
+        if link is not None:  # initdb's rules trust only this host's own addresses
+            with open(Path(found.data) / "pg_hba.conf", "a") as rules:
+                rules.write(f"host all all {link.client}/32 trust\n")
+        found.start()
         yield found
     finally:
-        with suppress(subprocess.CalledProcessError):
+        with suppress(subprocess.CalledProcessError, OSError):  # not started, or not made
             found.stop()
         shutil.rmtree(base, ignore_errors=True)
 
