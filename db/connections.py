@@ -32,8 +32,8 @@ _CONNECT_ERRORS = (DBAPIError, OSError, asyncio.TimeoutError)
 
 # what to do when the server turns a login away, by SQLSTATE
 _LOGIN_ADVICE = {
-    "53300": "the server has no free connection: lower --jobs or MAX_CONNECTIONS_PER_HOST, "
-    "or wait for one with --wait=SECONDS",
+    "53300": "the server has no free connection: all of its max_connections are in use; try "
+    "again when one is free",
     "3D000": "create that database first, or fix the database name in the URL",
     "28000": "fix the user in the URL, or let it in: create the role, or add it to the "
     "server's pg_hba.conf",
@@ -43,8 +43,11 @@ _SSL_REQUIRED = ("require", "verify-ca", "verify-full")
 _NOT_POSTGRES = "is a PostgreSQL server listening on that host and port?"
 
 
-def connect_error(url: URL, exc: BaseException) -> ConnectError:
-    """A one-line ConnectError naming the masked URL and the driver's reason."""
+def connect_error(
+    url: URL, exc: BaseException, waited: float = 0, busy_advice: str = ""
+) -> ConnectError:
+    """A one-line ConnectError naming the masked URL and the driver's reason, after retrying
+    for ``waited`` seconds; ``busy_advice``: how the caller could wait for a free connection."""
     reason, text = cause_of(exc), first_line(exc)
     if isinstance(reason, (asyncio.TimeoutError, TimeoutError)):
         text = "timed out (raise CONNECT_TIMEOUT in the env file if the server is slow)"
@@ -58,8 +61,7 @@ def connect_error(url: URL, exc: BaseException) -> ConnectError:
         text = f"the other end closed the connection ({_NOT_POSTGRES})"
     state = getattr(reason, "sqlstate", None)
     busy = state == "53300"  # too_many_connections
-    if state in _LOGIN_ADVICE:
-        advice = _wrong_password(url) if state == "28P01" else _LOGIN_ADVICE[state]
+    if advice := _login_advice(url, state, waited, busy_advice):
         text += f" ({advice})"
     statement_pool = "statement pooling mode" in text  # PgBouncer's, refusing BEGIN
     if statement_pool:
@@ -74,6 +76,17 @@ def connect_error(url: URL, exc: BaseException) -> ConnectError:
     if statement_pool:  # a setting to change, as for a pooler in transaction mode
         error.exit_code = ConfigError.exit_code
     return error
+
+
+def _login_advice(url: URL, state: str | None, waited: float, busy_advice: str) -> str:
+    """What to do when the server turned the login away, by SQLSTATE; "" for the rest."""
+    if state == "53300" and waited:
+        return f"the server has no free connection: none came free in {waited:g}s"
+    if state == "53300" and busy_advice:
+        return f"{_LOGIN_ADVICE[state]}, or {busy_advice}"
+    if state == "28P01":
+        return _wrong_password(url)
+    return _LOGIN_ADVICE.get(state or "", "")
 
 
 def _wrong_password(url: URL) -> str:
@@ -114,10 +127,14 @@ def _no_ssl(url: URL) -> str:
 
 @contextmanager
 def connect(
-    engine: Engine, wait: float = 0, stopped: Callable[[], None] = lambda: None
+    engine: Engine,
+    wait: float = 0,
+    stopped: Callable[[], None] = lambda: None,
+    busy_advice: str = "",
 ) -> Iterator[Connection]:
     """Connect, retrying for up to ``wait`` seconds; a refused, timed-out or rejected
-    login becomes ConnectError. ``stopped`` raises to end the wait (a signal)."""
+    login becomes ConnectError. ``stopped`` raises to end the wait (a signal).
+    ``busy_advice``: as for :func:`connect_error`."""
     delays = backoff(wait)
     while True:
         try:
@@ -126,7 +143,7 @@ def connect(
         except (*_CONNECT_ERRORS, sqlite3.Error) as exc:
             delay = next(delays, None)
             if delay is None:
-                raise connect_error(engine.url, exc) from exc
+                raise connect_error(engine.url, exc, wait, busy_advice) from exc
             for nap in naps(delay, stopped):
                 time.sleep(nap)
     with connection:
@@ -135,7 +152,10 @@ def connect(
 
 @asynccontextmanager
 async def connect_async(
-    engine: AsyncEngine, wait: float = 0, stopped: Callable[[], None] = lambda: None
+    engine: AsyncEngine,
+    wait: float = 0,
+    stopped: Callable[[], None] = lambda: None,
+    busy_advice: str = "",
 ) -> AsyncIterator[AsyncConnection]:
     """Like :func:`connect`, for an async engine; ``stopped`` also ends an attempt that the
     server holds (one that accepts and never answers would hold it for CONNECT_TIMEOUT)."""
@@ -149,7 +169,7 @@ async def connect_async(
                 raise
             delay = next(delays, None)
             if delay is None:
-                raise connect_error(engine.url, exc) from exc
+                raise connect_error(engine.url, exc, wait, busy_advice) from exc
             for nap in naps(delay, stopped):
                 await asyncio.sleep(nap)
     try:

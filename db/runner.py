@@ -89,6 +89,7 @@ class Run:
     connect_timeout: float = CONNECT_TIMEOUT
     network_timeout: float = NETWORK_TIMEOUT
     wait: float = 0.0
+    busy_advice: str = ""  # how to make the run wait for a free connection, for messages
     lock: bool = False  # take the migration lock: only runs that change the database
     creates: bool = True  # may make a SQLite file not there yet (plain Alembic: it may)
     lock_wait: float = LOCK_WAIT
@@ -124,15 +125,18 @@ def make_config(
     quiet = Namespace(quiet=True)  # progress is the caller's to report
     config = _Config(str(env.root / "alembic.ini"), output_buffer=output, cmd_opts=quiet)
     url = env.url(need_secrets=not offline)
+    env_file = f"{ENV_DIR}/{env.name}.env"
     config.attributes["run"] = Run(
         environment=env.name,
         url=url,
         flags=env.flags,
         schema=env.schema,
-        env_file=f"{ENV_DIR}/{env.name}.env",
+        env_file=env_file,
         connect_timeout=env.connect_timeout,
         network_timeout=env.network_timeout,
         wait=options.wait if options.wait is not None else env.number("CONNECT_WAIT", 0),
+        busy_advice=f"let the run wait for one: CONNECT_WAIT=SECONDS in {env_file} (or "
+        "--wait=SECONDS, on migrate and rollback)",
         lock=lock,
         creates=lock if creates is None else creates,  # a run that only reads makes none
         lock_wait=options.lock_wait,

@@ -36,6 +36,7 @@ from db.versions import applied_revisions, version_of
 
 P = ParamSpec("P")
 HALT = -1  # told to the workers when a target failed (a signal's number, when signalled)
+FEWER_AT_ONCE = "run fewer targets at once on that server: lower --jobs or MAX_CONNECTIONS_PER_HOST"
 RETRY_CONNECT_WAIT = 10.0  # seconds a target tried again last retries connecting
 
 
@@ -112,7 +113,7 @@ def work(
         why = one_line(exc)
         outcome = Outcome(target.name, "stopped", why, current=exc.at, exit_code=exc.exit_code)
     except ConnectError as exc:  # a server the run itself may have filled up: tried again last
-        why = one_line(exc)
+        why = one_line(exc) + (f"; {FEWER_AT_ONCE}" if exc.busy else "")
         outcome = Outcome(target.name, "failed", why, current=exc.at, exit_code=exc.exit_code)
         if exc.busy and args.get("retry"):
             outcome = Outcome(

@@ -540,13 +540,51 @@ def test_a_target_whose_server_is_full_is_tried_again_last(project: Project) -> 
             assert [r["version_num"] for r in pg_fetch(dsn, "select * from alembic_version")] == [
                 "slow1"
             ]
-        project.write_env("one", f"DATABASE_URL={url.format(target='a')}\n")
-        with sessions_held(admin, 4):  # none left
-            full = project.fails("status", "--env=one")
-        assert full.endswith(
-            "(the server has no free connection: lower --jobs or MAX_CONNECTIONS_PER_HOST, or "
-            "wait for one with --wait=SECONDS)\n"
+
+
+def test_a_full_server_is_said_with_what_each_task_can_do_about_it(project: Project) -> None:
+    """No free connection: a task says to try again, or how to make it wait for one (status
+    has no --wait, but reads CONNECT_WAIT), and after waiting, how long it waited; a fleet's
+    target, still turned away when tried again last, how to run fewer at once. It said to
+    lower --jobs (one database has none) or give --wait (status has none)."""
+    with cluster() as server:
+        admin = f"postgresql://postgres@127.0.0.1:{server.port}/postgres"
+        pg_execute(
+            admin,
+            "alter system set max_connections = 3",
+            "alter system set superuser_reserved_connections = 1",
         )
+        server.restart()
+        pg_execute(admin, "create role shop login", "create database shop_a owner shop")
+        url = f"postgresql+asyncpg://shop@127.0.0.1:{server.port}/shop_{{target}}"
+        project.write_env("one", f"DATABASE_URL={url.format(target='a')}\n")
+        project.write_env("many", f"DATABASE_URL={url}\nTARGETS=a\n")
+        project.write_env("patient", f"DATABASE_URL={url.format(target='a')}\nCONNECT_WAIT=1.5\n")
+        turned_away = "superuser connections (the server has no free connection"
+
+        with sessions_held(admin, 2):  # none left but the superusers' own
+            status = project.fails("status", "--env=one")
+            status_waited = project.fails("status", "--env=patient")
+            migrate = project.fails("migrate", "--env=one")
+            waited = project.fails("migrate", "--env=one", "--wait=1.5")
+            fleet = project.invoke("migrate", "--env=many")
+
+        for said in (status, migrate):
+            assert said.endswith(
+                f"{turned_away}: all of its max_connections are in use; try again when one is "
+                "free, or let the run wait for one: CONNECT_WAIT=SECONDS in environments/one.env"
+                " (or --wait=SECONDS, on migrate and rollback))\n"
+            ), said
+        for said in (status_waited, waited):
+            assert said.endswith(f"{turned_away}: none came free in 1.5s)\n"), said
+        assert fleet.returncode == 6, fleet.stderr
+        assert "a] its server had no free connection: retried last" in fleet.stderr
+        assert (
+            f"{turned_away}: none came free in 10s); run fewer targets at once on that server: "
+            "lower --jobs or MAX_CONNECTIONS_PER_HOST"
+        ) in fleet.stderr
+        shop_a = f"postgresql://postgres@127.0.0.1:{server.port}/shop_a"
+        assert pg_fetch(shop_a, "select to_regclass('alembic_version') as t")[0]["t"] is None
 
 
 def test_fleet_status_names_a_target_whose_run_never_finished(

@@ -258,7 +258,7 @@ def wanted(connection: Connection) -> bool:
 
 async def run_async_migrations(engine: AsyncEngine, *, owned: bool) -> None:
     try:
-        async with connect_async(engine, run.wait, run.stop.check) as connection:
+        async with connect_async(engine, run.wait, run.stop.check, run.busy_advice) as connection:
             if run.lock:
                 if await connection.run_sync(wanted):
                     await migrate_locked(connection, engine)
@@ -311,7 +311,7 @@ def run_migrations_online() -> None:
     sync_engine = given or make_engine(
         run.url, connect_timeout=run.connect_timeout, migrating=True, create=run.creates
     )
-    with connect(sync_engine, run.wait, run.stop.check) as connection:
+    with connect(sync_engine, run.wait, run.stop.check, run.busy_advice) as connection:
         if wanted(connection):
             run_on(connection)
     if given is None:
