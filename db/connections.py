@@ -71,7 +71,8 @@ def connect_error(
         )
     if url.password:
         text = text.replace(url.password, "***")
-    error = ConnectError(f"cannot connect to {mask(url)}: {text}")
+    tried = f", tried for {waited:g}s" if waited else ""
+    error = ConnectError(f"cannot connect to {mask(url)}{tried}: {text}")
     error.busy = busy
     if statement_pool:  # a setting to change, as for a pooler in transaction mode
         error.exit_code = ConfigError.exit_code
@@ -80,8 +81,8 @@ def connect_error(
 
 def _login_advice(url: URL, state: str | None, waited: float, busy_advice: str) -> str:
     """What to do when the server turned the login away, by SQLSTATE; "" for the rest."""
-    if state == "53300" and waited:
-        return f"the server has no free connection: none came free in {waited:g}s"
+    if state == "53300" and waited:  # the error says how long it tried
+        return "the server has no free connection: all of its max_connections are in use"
     if state == "53300" and busy_advice:
         return f"{_LOGIN_ADVICE[state]}, or {busy_advice}"
     if state == "28P01":

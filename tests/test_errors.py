@@ -10,6 +10,7 @@ from conftest import (
     Project,
     add_good_then_bad,
     add_notes,
+    free_port,
     head_revision,
     migrated_shop,
     revision,
@@ -491,3 +492,18 @@ def test_a_rollback_that_fails_on_its_second_step_names_the_first_as_undone(
         "stuck1 was rolled back; fix it and run the task again\n"
     )
     assert version(project) == ["stuck1"] and "notes" in tables(project)
+
+
+def test_a_server_still_down_after_wait_says_how_long_it_was_tried(project: Project) -> None:
+    """--wait retried a refused connection and then failed as if it had never waited."""
+    url = f"postgresql+asyncpg://shop@127.0.0.1:{free_port()}/shop"
+    project.write_env("down", f"DATABASE_URL={url}\n")
+
+    error = project.fails("migrate", "--env=down", "--wait=1")
+
+    assert error.endswith(
+        f"error: cannot connect to {url}, tried for 1s: Connection refused (is the server "
+        "running on that host and port?)\n"
+    ), error
+    unwaited = project.fails("migrate", "--env=down")
+    assert f"cannot connect to {url}: Connection refused" in unwaited

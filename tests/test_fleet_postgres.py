@@ -576,12 +576,14 @@ def test_a_full_server_is_said_with_what_each_task_can_do_about_it(project: Proj
                 " (or --wait=SECONDS, on migrate and rollback))\n"
             ), said
         for said in (status_waited, waited):
-            assert said.endswith(f"{turned_away}: none came free in 1.5s)\n"), said
+            assert f":{server.port}/shop_a, tried for 1.5s: remaining connection" in said, said
+            assert said.endswith(f"{turned_away}: all of its max_connections are in use)\n")
         assert fleet.returncode == 6, fleet.stderr
         assert "a] its server had no free connection: retried last" in fleet.stderr
         assert (
-            f"{turned_away}: none came free in 10s); run fewer targets at once on that server: "
-            "lower --jobs or MAX_CONNECTIONS_PER_HOST"
+            f"/shop_a, tried for 10s: remaining connection slots are reserved for "
+            f"non-replication {turned_away}: all of its max_connections are in use); run fewer "
+            "targets at once on that server: lower --jobs or MAX_CONNECTIONS_PER_HOST"
         ) in fleet.stderr
         shop_a = f"postgresql://postgres@127.0.0.1:{server.port}/shop_a"
         assert pg_fetch(shop_a, "select to_regclass('alembic_version') as t")[0]["t"] is None
