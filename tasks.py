@@ -100,7 +100,8 @@ REPORT = "on a fleet: print the run's report as JSON (also kept in var/runs/)"
         "to": "revision to reach: head, an id, a prefix, or +N",
         "yes": YES,
         "keep_going": FLEET_KEEP_GOING,
-        "canary": "on a fleet: migrate this many targets first, the rest only if they all succeed",
+        "canary": "on a fleet: migrate this many targets that are behind first, the rest only "
+        "if they all succeed",
         "json": REPORT,
     }
 )

@@ -246,19 +246,15 @@ def run(
 
     The first failure stops new targets from starting (those are ``skipped``) and the
     running ones after their current revision (``stopped``), unless ``keep_going``;
-    ``canary``: the first N go first, and the rest only if all N succeeded. A target whose
-    lock another run holds is retried once the others are done. Outcomes come back in the
-    order of ``chosen``. A requested ``stop`` (a signal) starts no more targets;
-    the running ones stop as one run would.
+    ``canary``: see :func:`_canaries_first`. A target whose lock another run holds is
+    retried once the others are done. Outcomes come back in the order of ``chosen``. A
+    requested ``stop`` (a signal) starts no more targets; the running ones stop as one run
+    would.
     """
     from db.pool import Pool
 
     if plan.canary:
-        batch, rest = chosen[: plan.canary], chosen[plan.canary :]
-        first = run(env, environ, batch, replace(plan, canary=0), on_done, on_start, stop)
-        if any(o.failed for o in first):
-            return first + [Outcome(t.name, "skipped", "a canary failed") for t in rest]
-        return first + run(env, environ, rest, replace(plan, canary=0), on_done, on_start, stop)
+        return _canaries_first(env, environ, chosen, plan, on_done, on_start, stop)
     hosts = {t.name: host(environment(env, t)) for t in chosen}
     cap = env.count("MAX_CONNECTIONS_PER_HOST", 0) or plan.jobs
     # no more workers than can run at once: each is a process forked up front (--jobs=2000
@@ -267,3 +263,34 @@ def run(
     plan = replace(plan, jobs=max(1, useful))
     with Pool(env, environ, plan, hosts, cap, stop, first=chosen[0] if chosen else None) as pool:
         return pool.run(chosen, on_done, on_start)
+
+
+def _canaries_first(
+    env: Environment,
+    environ: Mapping[str, str],
+    chosen: list[Target],
+    plan: Plan,
+    on_done: Callable[[Outcome], None] | None = None,
+    on_start: Callable[[Target], None] | None = None,
+    stop: Stop | None = None,
+) -> list[Outcome]:
+    """The first ``plan.canary`` targets that have revisions to apply go first, and the rest
+    only if every one of them succeeded. Which ones is read first, without their locks: a
+    target already there (after an earlier run, or ``--only``) would prove nothing."""
+    once = replace(plan, canary=0)
+    read = run(env, environ, chosen, replace(once, task="pending", keep_going=True), stop=stop)
+    behind = {o.target for o in read if o.pending and not o.failed}
+    there = {o.target: replace(o, state="up to date") for o in read if not (o.pending or o.failed)}
+    canaries = [t for t in chosen if t.name in behind][: plan.canary]
+    rest = [t for t in chosen if t not in canaries]
+    first = run(env, environ, canaries, once, on_done, on_start, stop) if canaries else []
+    if any(o.failed for o in first) or (stop is not None and stop.requested):
+        why = "interrupted" if stop is not None and stop.requested else "a canary failed"
+        then = [there.get(t.name) or Outcome(t.name, "skipped", why) for t in rest]
+        for outcome in then:
+            if on_done is not None:
+                on_done(outcome)
+    else:
+        then = run(env, environ, rest, once, on_done, on_start, stop)
+    order = {target.name: index for index, target in enumerate(chosen)}
+    return sorted(first + then, key=lambda outcome: order[outcome.target])

@@ -154,23 +154,28 @@ def _options(args: TaskArgs) -> RunOptions:
 
 
 def _read(
-    env: Environment, stopped: Callable[[], None] = lambda: None, *, trail: bool = False
+    env: Environment,
+    stopped: Callable[[], None] = lambda: None,
+    *,
+    trail: bool = False,
+    to: str = "heads",
 ) -> Outcome:
-    """Where a target is, read without the lock or env.py: at head, or behind it; with
-    ``trail``, read on the same connection, "unfinished" if a non-transactional run never
-    finished (migrate and rollback refuse it until resolved). ``stopped`` raises to give up
-    connecting: a read-only task's, on a signal."""
+    """Where a target is, read without the lock or env.py: at ``to``, or behind it (with
+    what is pending); with ``trail``, read on the same connection, "unfinished" if a
+    non-transactional run never finished (migrate and rollback refuse it until resolved).
+    ``stopped`` raises to give up connecting: a read-only task's, on a signal."""
     script = load_scripts(make_config(env, offline=True))
 
     def read(connection: Connection) -> tuple[tuple[str, ...], list[audit.Entry]]:
         return version_of(connection, env.schema), audit.entries(connection) if trail else []
 
     current, log = with_database(env, read, stopped)
-    found = _at(env, script, current, "heads")
+    found = _at(env, script, current, to)
     unfinished = commands.unfinished(log, env)
     if unfinished:
         return replace(found, state="unfinished", detail=unfinished[0].said)
-    return replace(found, state="behind" if found.pending else "at head")
+    there = "at head" if to == "heads" else f"at {to}"
+    return replace(found, state="behind" if found.pending else there)
 
 
 def _at(env: Environment, script: ScriptDirectory, current: tuple[str, ...], to: str) -> Outcome:
@@ -189,6 +194,12 @@ def _at(env: Environment, script: ScriptDirectory, current: tuple[str, ...], to:
     )
 
 
+def _wanted(args: TaskArgs) -> str:
+    """Where a migrate takes a target, as :func:`_at` takes it: ``heads``, or --to's REV."""
+    to = args.get("to") or "head"
+    return "heads" if to == "head" else to
+
+
 def _migrate(env: Environment, args: TaskArgs) -> Outcome:
     """Read the target's revision on the migration connection, and take its lock only if
     something is pending: a target already there costs one connection and one read."""
@@ -199,7 +210,7 @@ def _migrate(env: Environment, args: TaskArgs) -> Outcome:
     seen: list[Outcome] = []
 
     def behind(current: tuple[str, ...]) -> bool:
-        seen.append(_at(env, script, current, "heads" if to == "head" else to))
+        seen.append(_at(env, script, current, _wanted(args)))
         return bool(seen[0].pending)
 
     steps = commands.migrate(env, to, replace(_options(args), before_lock=behind))
@@ -228,6 +239,18 @@ def _signalled() -> None:
     fleet's halt (another target failed) leaves it to finish."""
     if _STOP.requested:
         _STOP.check()
+
+
+def _pending(env: Environment, args: TaskArgs) -> Outcome:
+    """What a migrate would apply to the target, read without its lock: how canaries are
+    chosen (a target already there would prove nothing). One past --to's REV is refused, as
+    by migrate."""
+    found = _read(env, _signalled, to=_wanted(args))
+    if not found.pending:
+        script = load_scripts(make_config(env, offline=True))
+        with refused_at(found.current or ()):
+            guards.reached(script, args.get("to") or "head", found.current or (), env)
+    return found
 
 
 def _status(env: Environment, _args: TaskArgs) -> Outcome:
@@ -279,6 +302,7 @@ def _seed(env: Environment, _args: TaskArgs) -> Outcome:
 
 TASKS: dict[str, Callable[[Environment, TaskArgs], Outcome]] = {
     "migrate": _migrate,
+    "pending": _pending,
     "rollback": _rollback,
     "status": _status,
     "history": _history,

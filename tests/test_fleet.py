@@ -452,6 +452,28 @@ def test_a_failed_canary_keeps_the_rest_untouched(fleet: Project) -> None:
     assert "2 migrated" in ok.stderr
 
 
+def test_canaries_are_targets_with_revisions_to_apply(fleet: Project) -> None:
+    """alpha is already at head (an earlier run, --only): as the canary it proved nothing,
+    and beta and gamma then ran together, unguarded. The canary is beta, the first target
+    behind; it fails, so gamma is left untouched and alpha is reported as it is."""
+    fleet.ok("migrate", "--env=shops", "--only=alpha")
+    with closing(sqlite3.connect(fleet.root / "var" / "shops" / "beta.sqlite3")) as db:
+        db.execute("create table categories (id integer)")
+
+    result = fleet.invoke("migrate", "--env=shops", "--canary=1")
+
+    assert result.returncode == 6, result.stderr
+    assert "[1/3 beta] failed: upgrade of revision" in result.stderr
+    assert "gamma] skipped (a canary failed)" in result.stderr
+    assert "alpha] already at" in result.stderr
+    assert "3 targets: 1 up to date, 1 failed, 1 skipped" in result.stderr
+    assert not (fleet.root / "var" / "shops" / "gamma.sqlite3").exists()
+    (fleet.root / "var" / "shops" / "beta.sqlite3").unlink()
+    again = fleet.ok("migrate", "--env=shops", "--canary=1")
+    assert "[1/3 beta] migrated" in again.stderr, again.stderr  # the canary, before gamma
+    assert at(fleet, "gamma") == [HEAD]
+
+
 def test_targets_can_come_from_a_catalog_query(project: Project) -> None:
     sqlite_catalog(project, "slug text, active int", ("alpha", 1), ("beta", 0), ("gamma", 1))
     query = "select slug from shops where active = 1 order by slug"
