@@ -310,4 +310,5 @@ def host(env: Environment) -> str:
     if url.host:
         return f"{url.host}:{url.port or 5432}"
     given = url.query.get("host", "")  # a socket's folder, or several hosts tried in turn
-    return ",".join(given) if isinstance(given, tuple) else given or "the local socket"
+    found = (",".join(given) if isinstance(given, tuple) else given) or "the local socket"
+    return f"{found}:{url.port}" if url.port else found  # another port: another server

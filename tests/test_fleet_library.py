@@ -210,11 +210,13 @@ def test_the_server_of_a_target_without_a_host_in_its_url(project: Project) -> N
     """A socket's folder, or several hosts, in the query: a server of its own for the
     per-host cap, not a SQLite fleet's "local files" that every such target shared."""
     servers = {}
-    for name, query in (("a", "host=/run/a"), ("b", "host=/run/b"), ("c", "host=h1&host=h2")):
-        url = f"postgresql+asyncpg://s@/shop_{{target}}?{query}"
+    given = {"a": "@/?host=/run/a", "b": "@/?host=/run/b", "c": "@/?host=h1&host=h2"}
+    given["d"] = "@:5433/?host=/run/a"  # another server's socket, in the same folder
+    for name, where in given.items():
+        url = f"postgresql+asyncpg://s{where.replace('/?', '/shop_{target}?')}"
         env = shops(project, f"DATABASE_URL={url}\nTARGETS=x\n")
         servers[name] = fleet.host(fleet.environment(env, fleet.targets(env)[0]))
-    assert servers == {"a": "/run/a", "b": "/run/b", "c": "h1,h2"}
+    assert servers == {"a": "/run/a", "b": "/run/b", "c": "h1,h2", "d": "/run/a:5433"}
     socket = shops(project, "DATABASE_URL=postgresql+asyncpg://s@/shop_{target}\nTARGETS=x\n")
     assert fleet.host(fleet.environment(socket, fleet.targets(socket)[0])) == "the local socket"
 
