@@ -254,7 +254,12 @@ def run(
     from db.pool import Pool
 
     if plan.canary:
-        return _canaries_first(env, environ, chosen, plan, on_done, on_start, stop)
+
+        def go(targets: list[Target], how: Plan, quiet: bool = False) -> list[Outcome]:
+            hooks = (None, None) if quiet else (on_done, on_start)
+            return run(env, environ, targets, how, *hooks, stop) if targets else []
+
+        return _canaries_first(go, chosen, plan, on_done, stop)
     hosts = {t.name: host(environment(env, t)) for t in chosen}
     cap = env.count("MAX_CONNECTIONS_PER_HOST", 0) or plan.jobs
     # no more workers than can run at once: each is a process forked up front (--jobs=2000
@@ -266,24 +271,23 @@ def run(
 
 
 def _canaries_first(
-    env: Environment,
-    environ: Mapping[str, str],
+    go: Callable[[list[Target], Plan, bool], list[Outcome]],
     chosen: list[Target],
     plan: Plan,
-    on_done: Callable[[Outcome], None] | None = None,
-    on_start: Callable[[Target], None] | None = None,
-    stop: Stop | None = None,
+    on_done: Callable[[Outcome], None] | None,
+    stop: Stop | None,
 ) -> list[Outcome]:
-    """The first ``plan.canary`` targets that have revisions to apply go first, and the rest
-    only if every one of them succeeded. Which ones is read first, without their locks: a
-    target already there (after an earlier run, or ``--only``) would prove nothing."""
+    """The first ``plan.canary`` targets that have revisions to apply go first (``go`` runs
+    a plan on targets, quietly or not), and the rest only if every one of them succeeded.
+    Which ones is read first, without their locks: a target already there (after an earlier
+    run, or ``--only``) would prove nothing."""
     once = replace(plan, canary=0)
-    read = run(env, environ, chosen, replace(once, task="pending", keep_going=True), stop=stop)
+    read = go(chosen, replace(once, task="pending", keep_going=True), True)
     behind = {o.target for o in read if o.pending and not o.failed}
     there = {o.target: replace(o, state="up to date") for o in read if not (o.pending or o.failed)}
     canaries = [t for t in chosen if t.name in behind][: plan.canary]
     rest = [t for t in chosen if t not in canaries]
-    first = run(env, environ, canaries, once, on_done, on_start, stop) if canaries else []
+    first = go(canaries, once, False)
     if any(o.failed for o in first) or (stop is not None and stop.requested):
         why = "interrupted" if stop is not None and stop.requested else "a canary failed"
         then = [there.get(t.name) or Outcome(t.name, "skipped", why) for t in rest]
@@ -291,6 +295,6 @@ def _canaries_first(
             if on_done is not None:
                 on_done(outcome)
     else:
-        then = run(env, environ, rest, once, on_done, on_start, stop)
+        then = go(rest, once, False)
     order = {target.name: index for index, target in enumerate(chosen)}
     return sorted(first + then, key=lambda outcome: order[outcome.target])
