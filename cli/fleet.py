@@ -157,11 +157,11 @@ def confirm_fleet(
     from dataclasses import replace
 
     from db import fleet_runs
-    from db.fleet_runs import TaskArgs
 
-    status = replace(plan, task="status", args=TaskArgs(), keep_going=True, canary=0)
+    to = plan.args.get("to") or "head"
+    pending = replace(plan, task="pending", keep_going=True, canary=0)
     with on_signals(stop):  # the workers are told, and give up what they are reading
-        read = fleet_runs.run(env, os.environ, chosen, status, stop=stop)
+        read = fleet_runs.run(env, os.environ, chosen, pending, stop=stop)
     stop.check()
     groups: dict[str, list[str]] = defaultdict(list)
     for target, outcome in zip(chosen, read, strict=True):
@@ -169,13 +169,15 @@ def confirm_fleet(
             what = f"unreadable: {as_the_fleets(env, target, outcome.detail)}"
         elif outcome.state == "unfinished":  # its run takes the lock, and the guard refuses it
             what = "a non-transactional run never finished: refused until resolved"
+        elif outcome.state == "past":  # it runs, and fails as it would unprotected
+            what = f"past {to}: refused, migrate only goes forward"
         else:
-            what = in_short(outcome.pending)
+            what = in_short(outcome.pending, to)
         groups[what].append(outcome.target)
     print(f"plan for {len(chosen)} targets:", file=sys.stderr)
     for what, names in groups.items():
         print(f"  {len(names)} target(s): {what}  [{short(names)}]", file=sys.stderr)
-    behind = {o.target for o in read if o.pending or o.failed or o.state == "unfinished"}
+    behind = {o.target for o in read if o.state != "there"}
     if behind:
         confirm(env, yes, f"migrate {len(behind)} target(s) of", need_yes=False)
     return [t for t in chosen if t.name in behind]
@@ -195,11 +197,11 @@ def as_the_fleets(env: Environment, target: Target, said: str) -> str:
     return said.replace(own, template)
 
 
-def in_short(pending: tuple[str, ...]) -> str:
+def in_short(pending: tuple[str, ...], to: str = "head") -> str:
     """Revisions to apply, in a plan's short form: a few by name, many as a range."""
     if len(pending) > 3:
         return f"{len(pending)} revisions, {pending[0]} to {pending[-1]}"
-    return ", ".join(pending) or "nothing (at head)"
+    return ", ".join(pending) or f"nothing (at {to})"
 
 
 class Board:

@@ -45,8 +45,9 @@ class Outcome:
 
     target: str
     # migrated, up to date, rolled back, stamped, seeded, at head, behind or unfinished (what
-    # a read found), passed, problems, locked or busy (retried at the end), failed, stopped
-    # (after a revision: another failed), skipped
+    # a read found; a migrate's read: behind, there, past or unfinished), passed, problems,
+    # locked or busy (retried at the end), failed, stopped (after a revision: another
+    # failed), skipped
     state: str
     detail: str = ""  # the revisions applied, or the one-line reason
     current: tuple[str, ...] | None = None  # its revision(s), () at base; None: not known
@@ -283,8 +284,8 @@ def _canaries_first(
     run, or ``--only``) would prove nothing."""
     once = replace(plan, canary=0)
     read = go(chosen, replace(once, task="pending", keep_going=True), True)
-    behind = {o.target for o in read if o.pending and not o.failed}
-    there = {o.target: replace(o, state="up to date") for o in read if not (o.pending or o.failed)}
+    behind = {o.target for o in read if o.state == "behind"}
+    there = {o.target: replace(o, state="up to date") for o in read if o.state == "there"}
     canaries = [t for t in chosen if t.name in behind][: plan.canary]
     rest = [t for t in chosen if t not in canaries]
     first = go(canaries, once, False)

@@ -24,7 +24,15 @@ from sqlalchemy.exc import DBAPIError
 from db import audit, commands, guards
 from db.connections import with_database
 from db.environments import Environment, load_environment
-from db.errors import CheckFailed, ConnectError, DbError, Halted, LockTimeout, refused_at
+from db.errors import (
+    CheckFailed,
+    ConnectError,
+    DbError,
+    Halted,
+    LockTimeout,
+    RevisionError,
+    refused_at,
+)
 from db.failures import describe, what_to_do
 from db.fleet import Target, environment
 from db.fleet_runs import Outcome, TaskArgs
@@ -242,15 +250,18 @@ def _signalled() -> None:
 
 
 def _pending(env: Environment, args: TaskArgs) -> Outcome:
-    """What a migrate would apply to the target, read without its lock: how canaries are
-    chosen (a target already there would prove nothing). One past --to's REV is refused, as
-    by migrate."""
-    found = _read(env, _signalled, to=_wanted(args))
-    if not found.pending:
-        script = load_scripts(make_config(env, offline=True))
-        with refused_at(found.current or ()):
-            guards.reached(script, args.get("to") or "head", found.current or (), env)
-    return found
+    """What a migrate would apply to the target, read without its lock: a protected fleet's
+    plan, and how canaries are chosen. Its state: "behind", "there" (nothing to apply),
+    "past" (--to's REV, which migrate refuses), or "unfinished" (a non-transactional run)."""
+    found = _read(env, _signalled, trail=True, to=_wanted(args))
+    if found.pending or found.state == "unfinished":
+        return found
+    script = load_scripts(make_config(env, offline=True))
+    try:
+        guards.reached(script, args.get("to") or "head", found.current or (), env)
+    except RevisionError as exc:
+        return replace(found, state="past", detail=str(exc))
+    return replace(found, state="there")
 
 
 def _status(env: Environment, _args: TaskArgs) -> Outcome:

@@ -409,6 +409,30 @@ def test_a_protected_fleets_plan_is_short_and_says_why_a_target_is_unreadable(
     assert "1 target(s): unreadable: cannot read its version: DatabaseError: file is not a " in plan
 
 
+def test_a_protected_fleets_plan_for_to_rev_shows_what_migrate_applies(project: Project) -> None:
+    """With --to=REV the plan listed every revision to head, and a target past REV was
+    left out of the run without a word (exit 0), where an unprotected fleet refuses it."""
+    project.write_env("shops", SQLITE_FLEET + "PROTECTED=true\n")
+    project.add_revision("second", revision("second01", HEAD))
+    project.add_revision("third", revision("third001", "second01"))
+    project.ok("migrate", "--env=shops", "--yes", "--only=gamma")
+    project.ok("migrate", "--env=shops", "--yes", "--only=beta", "--to=second01")
+
+    good = project.ok("migrate", "--env=shops", "--yes", "--to=second01", "--only=alpha,beta")
+
+    assert f"1 target(s): {HEAD}, second01  [alpha]" in good.stderr
+    assert "1 target(s): nothing (at second01)  [beta]" in good.stderr
+    assert "third001" not in good.stderr
+    assert versions(project, "alpha") == ["second01"]
+    past = project.invoke("migrate", "--env=shops", "--yes", "--to=second01")
+    assert past.returncode == 6, past.stderr
+    assert "1 target(s): past second01: refused, migrate only goes forward  [gamma]" in (
+        past.stderr
+    )
+    assert "gamma] failed: the shops.gamma database is at third001, past second01" in (past.stderr)
+    assert versions(project, "gamma") == ["third001"]
+
+
 def test_a_protected_fleets_plan_groups_the_targets_of_a_server_that_is_down(
     project: Project,
 ) -> None:
