@@ -171,6 +171,8 @@ def confirm_fleet(
             what = "a non-transactional run never finished: refused until resolved"
         elif outcome.state == "past":  # it runs, and fails as it would unprotected
             what = f"past {to}: refused, migrate only goes forward"
+        elif outcome.state == "refused":  # likewise
+            what = f"refused: {outcome.detail}"
         else:
             what = in_short(outcome.pending, to)
         groups[what].append(outcome.target)

@@ -45,7 +45,7 @@ class Outcome:
 
     target: str
     # migrated, up to date, rolled back, stamped, seeded, at head, behind or unfinished (what
-    # a read found; a migrate's read: behind, there, past or unfinished), passed, problems,
+    # a read found; a migrate's: behind, there, past, refused, unfinished), passed, problems,
     # locked or busy (retried at the end), failed, stopped (after a revision: another
     # failed), skipped
     state: str

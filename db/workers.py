@@ -252,8 +252,13 @@ def _signalled() -> None:
 def _pending(env: Environment, args: TaskArgs) -> Outcome:
     """What a migrate would apply to the target, read without its lock: a protected fleet's
     plan, and how canaries are chosen. Its state: "behind", "there" (nothing to apply),
-    "past" (--to's REV, which migrate refuses), or "unfinished" (a non-transactional run)."""
-    found = _read(env, _signalled, trail=True, to=_wanted(args))
+    "unfinished" (a non-transactional run), or what migrate refuses: "past" (--to's REV),
+    "refused" (a revision no file has, a +N that leads nowhere)."""
+    try:
+        found = _read(env, _signalled, trail=True, to=_wanted(args))
+    except (RevisionError, CommandError) as exc:
+        why = revision_error(exc, env.flags) if isinstance(exc, CommandError) else exc
+        return Outcome(env.target, "refused", one_line(why), current=why.at, exit_code=1)
     if found.pending or found.state == "unfinished":
         return found
     script = load_scripts(make_config(env, offline=True))

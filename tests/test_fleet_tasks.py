@@ -431,6 +431,13 @@ def test_a_protected_fleets_plan_for_to_rev_shows_what_migrate_applies(project: 
     )
     assert "gamma] failed: the shops.gamma database is at third001, past second01" in (past.stderr)
     assert versions(project, "gamma") == ["third001"]
+    nowhere = project.invoke("migrate", "--env=shops", "--yes", "--to=+1", "--only=gamma")
+    assert nowhere.returncode == 6, nowhere.stderr
+    assert (
+        "1 target(s): refused: no revision comes after the database's current one, so +1 leads"
+        " nowhere" in nowhere.stderr
+    )
+    assert "unreadable" not in nowhere.stderr
 
 
 def test_a_protected_fleets_plan_groups_the_targets_of_a_server_that_is_down(
