@@ -474,6 +474,24 @@ def test_canaries_are_targets_with_revisions_to_apply(fleet: Project) -> None:
     assert at(fleet, "gamma") == [HEAD]
 
 
+def test_a_signal_during_the_canary_says_the_rest_were_interrupted(fleet: Project) -> None:
+    """SIGINT while the canary ran: the rest were reported "skipped (a canary failed)",
+    which no canary had."""
+    started = "__import__('pathlib').Path(op.get_bind().engine.url.database + '.started').touch()"
+    fleet.add_revision("s", revision("slow01", HEAD, f"{started}\n    __import__('time').sleep(2)"))
+    run = popen(fleet, "migrate", "--env=shops", "--canary=1")
+    shops = fleet.root / "var" / "shops"
+    wait_until(lambda: list(shops.glob("*.started")), "the canary under way", process=run)
+    run.send_signal(signal.SIGINT)
+    _, err = run.communicate(timeout=60)
+
+    assert run.returncode == 130, err
+    assert [p.name for p in shops.glob("*.started")] == ["alpha.sqlite3.started"]
+    assert "alpha] failed: interrupted: the database is at " in err
+    assert "beta] skipped (interrupted)" in err and "gamma] skipped (interrupted)" in err
+    assert "canary failed" not in err
+
+
 def test_targets_can_come_from_a_catalog_query(project: Project) -> None:
     sqlite_catalog(project, "slug text, active int", ("alpha", 1), ("beta", 0), ("gamma", 1))
     query = "select slug from shops where active = 1 order by slug"
