@@ -47,10 +47,13 @@ def fleet_plan(
     return Plan(task_name, args or TaskArgs(), count, keep_going, whole("--canary", canary, 0, 0))
 
 
-# what a protected fleet asks before a run that changes its targets (migrate shows a plan)
-PROTECTED_ASKS = {
-    "rollback": ("roll back every chosen target of", True),
-    "stamp": ("record {revision} as applied on", False),
+# what a protected fleet asks before a run that changes its targets, where it shows no plan
+PROTECTED_ASKS = {"stamp": ("record {revision} as applied on", False)}
+# where it does: the read that makes the plan, what it asks to do, whether that needs --yes
+# (a rollback, as on one database), and what it says when no target has anything to do
+PLANS = {
+    "migrate": ("pending", "migrate", False, "every target is already there"),
+    "rollback": ("undoing", "roll back", True, "no chosen target has a revision to undo"),
 }
 
 
@@ -66,9 +69,9 @@ def run_fleet(
     show: Callable[[list[Outcome]], None] | None = None,
 ) -> list[Outcome]:
     """Run a task on every chosen target of a fleet: a line per target, then a summary; a
-    protected fleet's migrate shows its plan and asks once. ``show`` prints what the task
-    makes of the outcomes (a fleet's history), those of targets that failed too. Exits
-    non-zero if targets failed."""
+    protected fleet's migrate or rollback shows its plan and asks once. ``show`` prints
+    what the task makes of the outcomes (a fleet's history), those of targets that failed
+    too. Exits non-zero if targets failed."""
     from dataclasses import replace
     from datetime import datetime, timezone
 
@@ -79,10 +82,10 @@ def run_fleet(
     fleet_runs.check(env, plan, chosen)  # what would fail every target alike fails here, once
     hosts = {fleet.host(fleet.environment(env, t)) for t in chosen}
     plan = replace(plan, jobs=plan.jobs or fleet_runs.default_jobs(len(chosen), len(hosts)))
-    if env.protected and plan.task == "migrate":
+    if env.protected and plan.task in PLANS:
         chosen = confirm_fleet(env, chosen, plan, yes, options.stop)
         if not chosen:
-            print(f"{env.name}: nothing to do, every target is already there", file=sys.stderr)
+            print(f"{env.name}: nothing to do, {PLANS[plan.task][3]}", file=sys.stderr)
             return []
     elif env.protected and plan.task in PROTECTED_ASKS:
         action, need_yes = PROTECTED_ASKS[plan.task]
@@ -150,39 +153,52 @@ def not_there(plan: Plan, outcomes: list[Outcome]) -> str:
 def confirm_fleet(
     env: Environment, chosen: list[Target], plan: Plan, yes: bool, stop: Stop
 ) -> list[Target]:
-    """A protected fleet's plan, targets by pending revisions in short form, confirmed once;
-    returns the targets that are behind (none: nothing to confirm). A signal while the
-    targets are read (a server slow to answer) ends it at once, before the question."""
-    from collections import defaultdict
+    """A protected fleet's plan (what a migrate would apply to each target, or a rollback
+    undo), the targets grouped in short form, confirmed once; returns the targets it
+    concerns (none: nothing to confirm). A signal while the targets are read (a server slow
+    to answer) ends it at once, before the question."""
     from dataclasses import replace
 
     from db import fleet_runs
 
-    to = plan.args.get("to") or "head"
-    pending = replace(plan, task="pending", keep_going=True, canary=0)
+    task, verb, need_yes, _ = PLANS[plan.task]
+    reading = replace(plan, task=task, keep_going=True, canary=0)
     with on_signals(stop):  # the workers are told, and give up what they are reading
-        read = fleet_runs.run(env, os.environ, chosen, pending, stop=stop)
+        read = fleet_runs.run(env, os.environ, chosen, reading, stop=stop)
     stop.check()
+    print(f"plan for {len(chosen)} targets:", file=sys.stderr)
+    for what, names in plan_groups(env, plan, chosen, read).items():
+        print(f"  {len(names)} target(s): {what}  [{short(names)}]", file=sys.stderr)
+    concerned = {o.target for o in read if o.state != "there"}  # the others have nothing to do
+    if concerned:
+        confirm(env, yes, f"{verb} {len(concerned)} target(s) of", need_yes=need_yes)
+    return [t for t in chosen if t.name in concerned]
+
+
+def plan_groups(
+    env: Environment, plan: Plan, chosen: list[Target], read: list[Outcome]
+) -> dict[str, list[str]]:
+    """The names of the targets, by what a protected fleet's plan says of them. A target
+    the run would refuse is run all the same, to fail as it would unprotected."""
+    from collections import defaultdict
+
+    to = plan.args.get("to") or "head"
     groups: dict[str, list[str]] = defaultdict(list)
     for target, outcome in zip(chosen, read, strict=True):
         if outcome.failed:  # a server that is down: one line for its targets, not one each
             what = f"unreadable: {as_the_fleets(env, target, outcome.detail)}"
         elif outcome.state == "unfinished":  # its run takes the lock, and the guard refuses it
             what = "a non-transactional run never finished: refused until resolved"
-        elif outcome.state == "past":  # it runs, and fails as it would unprotected
+        elif outcome.state == "past":
             what = f"past {to}: refused, migrate only goes forward"
-        elif outcome.state == "refused":  # likewise
+        elif outcome.state == "refused":
             what = f"refused: {outcome.detail}"
+        elif plan.task == "rollback":
+            what = f"undo {in_short(outcome.pending)}" if outcome.pending else "nothing to undo"
         else:
             what = in_short(outcome.pending, to)
         groups[what].append(outcome.target)
-    print(f"plan for {len(chosen)} targets:", file=sys.stderr)
-    for what, names in groups.items():
-        print(f"  {len(names)} target(s): {what}  [{short(names)}]", file=sys.stderr)
-    behind = {o.target for o in read if o.state != "there"}
-    if behind:
-        confirm(env, yes, f"migrate {len(behind)} target(s) of", need_yes=False)
-    return [t for t in chosen if t.name in behind]
+    return groups
 
 
 def as_the_fleets(env: Environment, target: Target, said: str) -> str:

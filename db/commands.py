@@ -92,15 +92,26 @@ def rollback(
         one_way(to, up=False, flags=env.flags)
 
     def plan(script: ScriptDirectory, current: tuple[str, ...]) -> list[RevisionStep]:
-        if to is None and not current:
-            return []
-        if to is not None:
-            known_revision(script, to, env.flags)
-            guards.not_ahead(script, to, current, env)
-        back = to or steps_back(script, current, steps)
-        return plan_steps(script, back, current, up=False, flags=env.flags)
+        return rollback_plan(env, script, current, steps, to)
 
     return _change(env, options, plan, creates=False)  # nothing to undo in a file not made
+
+
+def rollback_plan(
+    env: Environment,
+    script: ScriptDirectory,
+    current: tuple[str, ...],
+    steps: int = 1,
+    to: str | None = None,
+) -> list[RevisionStep]:
+    """What a rollback of ``steps`` revisions, or to ``to``, undoes from ``current``."""
+    if to is None and not current:
+        return []
+    if to is not None:
+        known_revision(script, to, env.flags)
+        guards.not_ahead(script, to, current, env)
+    back = to or steps_back(script, current, steps)
+    return plan_steps(script, back, current, up=False, flags=env.flags)
 
 
 def steps_back(script: ScriptDirectory, current: tuple[str, ...], steps: int) -> str:

@@ -250,23 +250,51 @@ def _signalled() -> None:
 
 
 def _pending(env: Environment, args: TaskArgs) -> Outcome:
-    """What a migrate would apply to the target, read without its lock: a protected fleet's
-    plan, and how canaries are chosen. Its state: "behind", "there" (nothing to apply),
-    "unfinished" (a non-transactional run), or what migrate refuses: "past" (--to's REV),
-    "refused" (a revision no file has, a +N that leads nowhere)."""
+    """What a migrate would apply to the target (see :func:`_planned`): "behind", "there",
+    or "past" --to's REV, which migrate refuses. How canaries are chosen, too."""
+
+    def reaching(script: ScriptDirectory, found: Outcome) -> Outcome:
+        if found.pending:
+            return replace(found, state="behind")
+        try:
+            guards.reached(script, args.get("to") or "head", found.current or (), env)
+        except RevisionError as exc:
+            return replace(found, state="past", detail=str(exc))
+        return replace(found, state="there")
+
+    return _planned(env, _wanted(args), reaching)
+
+
+def _undoing(env: Environment, args: TaskArgs) -> Outcome:
+    """What a rollback would undo on the target (see :func:`_planned`), as ``pending``:
+    "to undo", or "there" (nothing)."""
+
+    def undoing(script: ScriptDirectory, found: Outcome) -> Outcome:
+        current, steps, to = found.current or (), args.get("steps", 1), args.get("to")
+        undone = [
+            step.revision.revision
+            for step in commands.rollback_plan(env, script, current, steps, to)
+        ]
+        return replace(found, state="to undo" if undone else "there", pending=tuple(undone))
+
+    return _planned(env, "heads", undoing)
+
+
+def _planned(
+    env: Environment, to: str, plan: Callable[[ScriptDirectory, Outcome], Outcome]
+) -> Outcome:
+    """A target read without its lock, and what a run would do to it (``plan``, given the
+    revision files and what was read): a protected fleet's plan. A target whose
+    non-transactional run never finished is "unfinished"; one the run would refuse (a
+    revision no file has, a +N that leads nowhere), "refused"."""
     try:
-        found = _read(env, _signalled, trail=True, to=_wanted(args))
+        found = _read(env, _signalled, trail=True, to=to)
+        if found.state == "unfinished":
+            return found
+        return plan(load_scripts(make_config(env, offline=True)), found)
     except (RevisionError, CommandError) as exc:
         why = revision_error(exc, env.flags) if isinstance(exc, CommandError) else exc
         return Outcome(env.target, "refused", one_line(why), current=why.at, exit_code=1)
-    if found.pending or found.state == "unfinished":
-        return found
-    script = load_scripts(make_config(env, offline=True))
-    try:
-        guards.reached(script, args.get("to") or "head", found.current or (), env)
-    except RevisionError as exc:
-        return replace(found, state="past", detail=str(exc))
-    return replace(found, state="there")
 
 
 def _status(env: Environment, _args: TaskArgs) -> Outcome:
@@ -319,6 +347,7 @@ def _seed(env: Environment, _args: TaskArgs) -> Outcome:
 TASKS: dict[str, Callable[[Environment, TaskArgs], Outcome]] = {
     "migrate": _migrate,
     "pending": _pending,
+    "undoing": _undoing,
     "rollback": _rollback,
     "status": _status,
     "history": _history,

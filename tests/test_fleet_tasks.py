@@ -440,6 +440,32 @@ def test_a_protected_fleets_plan_for_to_rev_shows_what_migrate_applies(project: 
     assert "unreadable" not in nowhere.stderr
 
 
+def test_a_protected_fleets_rollback_shows_what_it_would_undo(project: Project) -> None:
+    """On one database a protected rollback shows its plan; a fleet's asked for --yes to
+    "roll back every chosen target" without a word of what each would undo."""
+    project.write_env("shops", SQLITE_FLEET + "PROTECTED=true\n")
+    project.add_revision("second", revision("second01", HEAD))
+    project.ok("migrate", "--env=shops", "--yes")
+    project.ok("rollback", "--env=shops", "--yes", "--only=gamma")
+
+    refused = project.invoke("rollback", "--env=shops")
+
+    assert refused.returncode == 4, refused.stderr
+    assert "  2 target(s): undo second01  [alpha, beta]\n" in refused.stderr
+    assert f"  1 target(s): undo {HEAD}  [gamma]\n" in refused.stderr
+    assert "to roll back 3 target(s) of it, pass --yes" in refused.stderr
+    assert [versions(project, shop) for shop in SHOPS] == [["second01"], ["second01"], [HEAD]]
+    to = project.invoke("rollback", "--env=shops", "--yes", "--to=second01")
+    assert to.returncode == 6, to.stderr
+    assert "  2 target(s): nothing to undo  [alpha, beta]\n" in to.stderr
+    assert "  1 target(s): refused: the shops.gamma database is at " in to.stderr
+    assert "gamma] failed: the shops.gamma database is at " in to.stderr
+    base = project.ok("rollback", "--env=shops", "--yes", "--to=base", "--only=gamma")
+    assert "1 target(s): undo " in base.stderr and versions(project, "gamma") == []
+    none = project.ok("rollback", "--env=shops", "--yes", "--only=gamma")
+    assert "shops: nothing to do, no chosen target has a revision to undo" in none.stderr
+
+
 def test_a_protected_fleets_plan_groups_the_targets_of_a_server_that_is_down(
     project: Project,
 ) -> None:
