@@ -101,7 +101,9 @@ def stamp(
     found = stamp_target(script, revision, env.flags)
     stop = options.stop
     try:  # a signal while it compares: the scratch database's state is nobody's business
-        gaps = differences(snapshot(env, stop.check), scratch_schema(env, found.revision, stop))
+        here = snapshot(env, stop.check)
+        sides = ("in the database", f"in what {found.revision} produces")
+        gaps = differences(here, scratch_schema(env, found.revision, stop), sides)
     except Interrupted as exc:
         raise Interrupted("interrupted before stamping: nothing was recorded", exc.signum) from None
     if gaps and not force:

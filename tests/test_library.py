@@ -24,6 +24,7 @@ from db.errors import ConfigError, LockLost
 from db.locks import pg_lock, prepare_session, sqlite_run
 from db.models import Category, User
 from db.runner import make_config
+from db.schema import differences
 from db.session import async_engine, session_factory
 from db.stop import Stop
 
@@ -548,3 +549,31 @@ def test_the_library_refuses_to_reset_or_seed_a_protected_environment(
     with pytest.raises(GuardRefused, match="t is protected"):
         (reset if task == "reset" else seed)(env)
     assert not (tmp_path / "t.sqlite3").exists()
+
+
+def test_schema_differences_say_on_which_side_each_thing_is() -> None:
+    """A changed table was shown as its two column dicts, whole; a table as "only on one
+    side", without saying which."""
+    table = {
+        "columns": {"id": ("int", False), "name": ("str", True)},
+        "primary_key": ("pk_t", ("id",)),
+        "foreign_keys": [],
+        "unique": [],
+        "indexes": [("ix_t_name", ("name",), False)],
+    }
+    changed = {
+        **table,
+        "columns": {"id": ("int", False), "name": ("str", False), "age": ("int", True)},
+        "primary_key": (None, ("id",)),
+        "indexes": [],
+    }
+    sides = ("in the database", "in what r1 produces")
+
+    assert differences({"t": table, "old": table}, {"t": changed}, sides) == [
+        "table old only in the database",
+        "column t.age only in what r1 produces",
+        "column t.name is str NULL in the database, str NOT NULL in what r1 produces",
+        "t primary key is ('pk_t', ('id',)) in the database, (None, ('id',)) in what r1 produces",
+        "t indexes ('ix_t_name', ('name',), False) only in the database",
+    ]
+    assert differences({"t": table}, {"t": table}, sides) == []

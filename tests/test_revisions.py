@@ -66,10 +66,10 @@ def test_stairway_up_down_up_leaves_no_trace(env: Environment) -> None:
         commands.migrate(env, rev)
         upgraded = snapshot(env)
         commands.rollback(env, to=just(rev))
-        trace = differences(before, snapshot(env))
+        trace = differences(before, snapshot(env), ("before it", "after its downgrade"))
         assert not trace, f"the downgrade of {describe(rev)} leaves a trace: {trace}"
         commands.migrate(env, rev)
-        again = differences(upgraded, snapshot(env))
+        again = differences(upgraded, snapshot(env), ("the first time", "the second"))
         assert not again, f"{describe(rev)} upgrades differently the second time: {again}"
 
 
@@ -86,5 +86,5 @@ def test_sqlite_and_postgres_agree_at_head(tmp_path: Path, pg_database: PgDataba
     pg = environment(tmp_path, pg_database.url)
     commands.migrate(lite)
     commands.migrate(pg)
-    gaps = differences(snapshot(lite), snapshot(pg))
+    gaps = differences(snapshot(lite), snapshot(pg), ("on SQLite", "on PostgreSQL"))
     assert not gaps, f"at head ({describe(REVISIONS[-1])}) SQLite and PostgreSQL differ: {gaps}"
