@@ -45,9 +45,9 @@ class Outcome:
 
     target: str
     # migrated, up to date, rolled back, stamped, seeded, at head, behind or unfinished (what
-    # a read found; a migrate's: behind, there, past, refused, unfinished), passed, problems,
-    # locked or busy (retried at the end), failed, stopped (after a revision: another
-    # failed), skipped
+    # a read found; a plan's read: behind or to undo, there, past, refused, unfinished),
+    # passed, problems, locked or busy (retried at the end), failed, stopped (after a
+    # revision: another failed), skipped
     state: str
     detail: str = ""  # the revisions applied, or the one-line reason
     current: tuple[str, ...] | None = None  # its revision(s), () at base; None: not known
