@@ -50,10 +50,10 @@ def fleet_plan(
 # what a protected fleet asks before a run that changes its targets, where it shows no plan
 PROTECTED_ASKS = {"stamp": ("record {revision} as applied on", False)}
 # where it does: the read that makes the plan, what it asks to do, whether that needs --yes
-# (a rollback, as on one database), and what it says when no target has anything to do
+# (a rollback, as on one database), and what a target with nothing to do is reported as
 PLANS = {
-    "migrate": ("pending", "migrate", False, "every target is already there"),
-    "rollback": ("undoing", "roll back", True, "no chosen target has a revision to undo"),
+    "migrate": ("pending", "migrate", False, "up to date"),
+    "rollback": ("undoing", "roll back", True, "unchanged"),
 }
 
 
@@ -82,22 +82,26 @@ def run_fleet(
     fleet_runs.check(env, plan, chosen)  # what would fail every target alike fails here, once
     hosts = {fleet.host(fleet.environment(env, t)) for t in chosen}
     plan = replace(plan, jobs=plan.jobs or fleet_runs.default_jobs(len(chosen), len(hosts)))
+    order = {target.name: index for index, target in enumerate(chosen)}
+    done: list[Outcome] = []  # what a protected fleet's plan found with nothing to do
     if env.protected and plan.task in PLANS:
-        chosen = confirm_fleet(env, chosen, plan, yes, options.stop)
-        if not chosen:
-            print(f"{env.name}: nothing to do, {PLANS[plan.task][3]}", file=sys.stderr)
-            return []
+        chosen, done = confirm_fleet(env, chosen, plan, yes, options.stop)
     elif env.protected and plan.task in PROTECTED_ASKS:
         action, need_yes = PROTECTED_ASKS[plan.task]
         confirm(env, yes, action.format(**plan.args), need_yes=need_yes)
     out = sys.stdout if plan.task == "status" else sys.stderr
-    board = Board(len(chosen), quiet=quiet or json_, out=out)
+    board = Board(len(chosen) + len(done), quiet=quiet or json_, out=out)
     started = datetime.now(timezone.utc)
+    for outcome in done:
+        board.done(outcome)
     with on_signals(options.stop):
-        outcomes = fleet_runs.run(
-            env, os.environ, chosen, plan, board.done, board.start, options.stop
+        ran = (
+            fleet_runs.run(env, os.environ, chosen, plan, board.done, board.start, options.stop)
+            if chosen
+            else []
         )
     board.close()
+    outcomes = sorted(done + ran, key=lambda outcome: order[outcome.target])
     code = fleet_runs.exit_code(outcomes, options.stop.signum)
     report = fleet_runs.report(env, plan, outcomes, started, code)
     print_summary(env, outcomes)
@@ -152,16 +156,17 @@ def not_there(plan: Plan, outcomes: list[Outcome]) -> str:
 
 def confirm_fleet(
     env: Environment, chosen: list[Target], plan: Plan, yes: bool, stop: Stop
-) -> list[Target]:
+) -> tuple[list[Target], list[Outcome]]:
     """A protected fleet's plan (what a migrate would apply to each target, or a rollback
     undo), the targets grouped in short form, confirmed once; returns the targets it
-    concerns (none: nothing to confirm). A signal while the targets are read (a server slow
-    to answer) ends it at once, before the question."""
+    concerns (none: nothing to confirm), and the outcomes of the others, with nothing to do.
+    A signal while the targets are read (a server slow to answer) ends it at once, before
+    the question."""
     from dataclasses import replace
 
     from db import fleet_runs
 
-    task, verb, need_yes, _ = PLANS[plan.task]
+    task, verb, need_yes, nothing = PLANS[plan.task]
     reading = replace(plan, task=task, keep_going=True, canary=0)
     with on_signals(stop):  # the workers are told, and give up what they are reading
         read = fleet_runs.run(env, os.environ, chosen, reading, stop=stop)
@@ -172,7 +177,8 @@ def confirm_fleet(
     concerned = {o.target for o in read if o.state != "there"}  # the others have nothing to do
     if concerned:
         confirm(env, yes, f"{verb} {len(concerned)} target(s) of", need_yes=need_yes)
-    return [t for t in chosen if t.name in concerned]
+    done = [replace(o, state=nothing, pending=()) for o in read if o.state == "there"]
+    return [t for t in chosen if t.name in concerned], done
 
 
 def plan_groups(
@@ -227,18 +233,19 @@ class Board:
 
     def __init__(self, total: int, *, quiet: bool, out: TextIO) -> None:
         self.total, self.quiet, self.out = total, quiet, out
-        self.finished = self.running = self.failed = 0
+        self.finished = self.failed = 0
+        self.running: set[str] = set()  # a target reported done without a start never ran
         self.live = not quiet and sys.stderr.isatty()
         self.width = len(str(total))
 
-    def start(self, _target: Target) -> None:
-        self.running += 1
+    def start(self, target: Target) -> None:
+        self.running.add(target.name)
         self._progress()
 
     def done(self, outcome: Outcome) -> None:
         from db.fleet_runs import RETRIED_LAST
 
-        self.running -= outcome.state != "skipped"  # a skipped target never started
+        self.running.discard(outcome.target)
         if outcome.state not in RETRIED_LAST:
             self.finished += 1
             self.failed += outcome.failed
@@ -253,7 +260,8 @@ class Board:
     def _progress(self) -> None:
         if self.live:
             text = (
-                f"{self.finished}/{self.total} done, {self.running} running, {self.failed} failed"
+                f"{self.finished}/{self.total} done, {len(self.running)} running, "
+                f"{self.failed} failed"
             )
             print(f"\r\033[K{text}", end="", file=sys.stderr, flush=True)
 

@@ -385,8 +385,10 @@ def test_a_protected_fleet_shows_its_plan_and_asks_once(project: Project) -> Non
     assert f"2 target(s): {HEAD}  [beta, gamma]" in result.stderr
     assert "2 migrated" in result.stderr
     assert all(versions(project, shop) == [HEAD] for shop in SHOPS)
-    again = project.ok("migrate", "--env=shops")
-    assert "shops: nothing to do, every target is already there" in again.stderr
+    assert "shops: 3 targets: 1 up to date, 2 migrated" in result.stderr  # alpha's too
+    again = project.ok("migrate", "--env=shops", "--json")  # it printed no JSON at all
+    assert "shops: 3 targets: 3 up to date" in again.stderr
+    assert json.loads(again.stdout)["counts"] == {"up to date": 3}
     refused = project.invoke("rollback", "--env=shops")
     assert refused.returncode == 4 and "pass --yes" in refused.stderr
     assert all(versions(project, shop) == [HEAD] for shop in SHOPS)
@@ -463,7 +465,7 @@ def test_a_protected_fleets_rollback_shows_what_it_would_undo(project: Project) 
     base = project.ok("rollback", "--env=shops", "--yes", "--to=base", "--only=gamma")
     assert "1 target(s): undo " in base.stderr and versions(project, "gamma") == []
     none = project.ok("rollback", "--env=shops", "--yes", "--only=gamma")
-    assert "shops: nothing to do, no chosen target has a revision to undo" in none.stderr
+    assert "shops: 1 target: 1 unchanged (1 at base)" in none.stderr
 
 
 def test_a_protected_fleets_plan_groups_the_targets_of_a_server_that_is_down(
@@ -482,16 +484,10 @@ def test_a_protected_fleets_plan_groups_the_targets_of_a_server_that_is_down(
     assert plan.count("unreadable") == 1 and "[alpha, beta]" in plan
 
 
-def test_a_terminal_shows_a_progress_line(fleet: Project) -> None:
+def on_a_terminal(project: Project, *args: str) -> str:
+    """What a task writes to a terminal (stdout and stderr), once it exits 0."""
     leader, follower = pty.openpty()
-    process = fleet.start(
-        "migrate",
-        "--env=shops",
-        "--jobs=1",
-        stdin=subprocess.DEVNULL,
-        stdout=follower,
-        stderr=follower,
-    )
+    process = project.start(*args, stdin=subprocess.DEVNULL, stdout=follower, stderr=follower)
     os.close(follower)
     seen = b""
     while True:
@@ -505,10 +501,28 @@ def test_a_terminal_shows_a_progress_line(fleet: Project) -> None:
         seen += chunk
     os.close(leader)
     assert process.wait(timeout=60) == 0, seen.decode()
-    text = seen.decode()
+    return seen.decode()
+
+
+def test_a_terminal_shows_a_progress_line(fleet: Project) -> None:
+    text = on_a_terminal(fleet, "migrate", "--env=shops", "--jobs=1")
+
     assert "\r\x1b[K1/3 done, 0 running, 0 failed" in text
     assert "\r\x1b[K2/3 done, 1 running, 0 failed" in text
     assert "[3/3 gamma] migrated" in text
+
+
+def test_the_progress_line_counts_only_targets_that_run(fleet: Project) -> None:
+    """A target the plan found already there (or a canary's read did) is done without
+    having started: the progress line said "-1 running"."""
+    fleet.write_env("shops", SQLITE_FLEET + "PROTECTED=true\n")
+    fleet.ok("migrate", "--env=shops", "--yes", "--only=alpha")
+
+    text = on_a_terminal(fleet, "migrate", "--env=shops", "--yes", "--jobs=1")
+
+    assert "[1/3 alpha] already at " in text
+    assert "\r\x1b[K1/3 done, 0 running, 0 failed" in text
+    assert " -1 running" not in text
 
 
 def test_status_check_gates_a_deploy_on_every_target(fleet: Project) -> None:
