@@ -83,9 +83,11 @@ def run_fleet(
     hosts = {fleet.host(fleet.environment(env, t)) for t in chosen}
     plan = replace(plan, jobs=plan.jobs or fleet_runs.default_jobs(len(chosen), len(hosts)))
     order = {target.name: index for index, target in enumerate(chosen)}
-    done: list[Outcome] = []  # what a protected fleet's plan found with nothing to do
+    done: list[
+        Outcome
+    ] = []  # targets a protected fleet's plan found with nothing to do, or not read
     if env.protected and plan.task in PLANS:
-        chosen, done = confirm_fleet(env, chosen, plan, yes, options.stop)
+        chosen, done, plan = confirm_fleet(env, chosen, plan, yes, options.stop)
     elif env.protected and plan.task in PROTECTED_ASKS:
         action, need_yes = PROTECTED_ASKS[plan.task]
         confirm(env, yes, action.format(**plan.args), need_yes=need_yes)
@@ -156,12 +158,13 @@ def not_there(plan: Plan, outcomes: list[Outcome]) -> str:
 
 def confirm_fleet(
     env: Environment, chosen: list[Target], plan: Plan, yes: bool, stop: Stop
-) -> tuple[list[Target], list[Outcome]]:
+) -> tuple[list[Target], list[Outcome], Plan]:
     """A protected fleet's plan (what a migrate would apply to each target, or a rollback
     undo), the targets grouped in short form, confirmed once; returns the targets it
-    concerns (none: nothing to confirm), and the outcomes of the others, with nothing to do.
-    A signal while the targets are read (a server slow to answer) ends it at once, before
-    the question."""
+    concerns (none: nothing to confirm), the outcomes of the others (nothing to do, or
+    not read), and the plan that runs: each target's run does only what was confirmed for
+    it. A signal while the targets are read (a server slow to answer) ends it at once,
+    before the question."""
     from dataclasses import replace
 
     from db import fleet_runs
@@ -174,11 +177,22 @@ def confirm_fleet(
     print(f"plan for {len(chosen)} targets:", file=sys.stderr)
     for what, names in plan_groups(env, plan, chosen, read).items():
         print(f"  {len(names)} target(s): {what}  [{short(names)}]", file=sys.stderr)
-    concerned = {o.target for o in read if o.state != "there"}  # the others have nothing to do
+    # a target already there has nothing to do; one not read has no plan to confirm
+    concerned = {o.target: o for o in read if o.state != "there" and not o.failed}
     if concerned:
         confirm(env, yes, f"{verb} {len(concerned)} target(s) of", need_yes=need_yes)
     done = [replace(o, state=nothing, pending=()) for o in read if o.state == "there"]
-    return [t for t in chosen if t.name in concerned], done
+    done += [
+        replace(o, detail=f"not run, as its plan was not read: {o.detail}")
+        for o in read
+        if o.failed
+    ]
+    # what each target's run may do: what its plan showed (nothing where it showed a refusal)
+    confirmed = {
+        name: o.pending if o.state in ("behind", "to undo") else () for name, o in concerned.items()
+    }
+    confirmed_plan = replace(plan, args={**plan.args, "confirmed": confirmed})
+    return [t for t in chosen if t.name in concerned], done, confirmed_plan
 
 
 def plan_groups(

@@ -233,7 +233,9 @@ def _change(
     progress = Progress(
         env.name, audit.Who.here(env), options.on_start, options.on_step, options.stop
     )
-    confirmed = _confirmed_first(env, config, script, plan, options)
+    confirmed = options.confirmed
+    if confirmed is None:
+        confirmed = _confirmed_first(env, config, script, plan, options)
 
     def run(current: tuple[str, ...], context: MigrationContext) -> Iterator[RevisionStep]:
         with refused_at(current):  # a refusal here leaves the database where it was
@@ -247,7 +249,7 @@ def _change(
             guards.valid_ids(step.revision.revision for step in steps)
             revisions = tuple(Revision.of(step.revision) for step in steps)
             if confirmed is not None:
-                guards.as_confirmed(confirmed, revisions)
+                guards.as_confirmed(confirmed, tuple(r.id for r in revisions))
             elif options.on_plan is not None:  # under the lock: the plan is what will run
                 options.on_plan(revisions)
             if steps and options.backup:
@@ -264,7 +266,7 @@ def _change(
 
 def _confirmed_first(
     env: Environment, config: Config, script: ScriptDirectory, plan: Plan, options: RunOptions
-) -> tuple[Revision, ...] | None:
+) -> tuple[str, ...] | None:
     """On SQLite, the plan shown and confirmed before the run locks the file: under the
     lock (a write transaction) the app could not write while a person read the plan. The
     run then refuses a plan that is no longer this one. None where the plan is confirmed
@@ -278,7 +280,7 @@ def _confirmed_first(
     guards.unchanged_files(state.log, script, env, lambda _warning: None)  # said in the run
     revisions = tuple(Revision.of(step.revision) for step in plan(script, state.current))
     options.on_plan(revisions)
-    return revisions
+    return tuple(r.id for r in revisions)
 
 
 def record_event(

@@ -80,6 +80,9 @@ class TaskArgs(TypedDict, total=False):
     allow_env_mismatch: bool
     retry: bool  # set by the pool: False on the last try, which waits for the lock
     was_locked: bool  # set by the pool: an earlier try found it behind, and locked by another
+    # a protected fleet's migrate or rollback: each target's revisions, as its plan showed
+    # them (none for a target with nothing to do, or that its plan refused)
+    confirmed: dict[str, tuple[str, ...]]
 
 
 @dataclass(frozen=True)

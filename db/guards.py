@@ -13,7 +13,6 @@ from sqlalchemy import Connection
 from db import audit
 from db.environments import Environment
 from db.errors import GuardRefused, RevisionError, Unresolved, resolve_hint, unfinished_run
-from db.progress import Revision
 from db.versions import VERSION_TABLE, has_revision
 
 _REVISION_ID = re.compile(r"\w+", re.ASCII)
@@ -201,13 +200,17 @@ def known_revisions(script: ScriptDirectory, current: tuple[str, ...], env: Envi
             )
 
 
-def as_confirmed(confirmed: tuple[Revision, ...], planned: tuple[Revision, ...]) -> None:
+def as_confirmed(confirmed: tuple[str, ...], planned: tuple[str, ...]) -> None:
     """Refuse to run a plan other than the one confirmed (asked before the lock was taken,
-    while another run changed the database)."""
-    if planned != confirmed:
+    while another run changed the database). What is left of it, after another run did
+    the rest (or all of it), is no other plan: it runs only what was confirmed, to where
+    the plan said."""
+    if planned != confirmed[len(confirmed) - len(planned) :]:
+        then, now = (", ".join(ids) or "nothing" for ids in (confirmed, planned))
         raise GuardRefused(
             "the plan changed while it was being confirmed (another run changed the "
-            "database meanwhile): nothing was changed; run the task again to see the new plan"
+            f"database meanwhile: the plan was {then}, and is now {now}): nothing was "
+            "changed; run the task again to see the new plan"
         )
 
 

@@ -64,6 +64,9 @@ class RunOptions:
     backup: bool = True  # back the database up before a change, as the env file says
     wait: float | None = None  # seconds to retry the first connection; None: CONNECT_WAIT
     on_plan: Callable[[tuple[Revision, ...]], None] | None = None  # may refuse by raising
+    # the revisions a person confirmed before the run (a protected fleet's plan, read
+    # without the lock): under the lock the run refuses to run any other
+    confirmed: tuple[str, ...] | None = None
     on_start: Callable[[RevisionStep], None] | None = None
     on_step: Callable[[Step], None] | None = None
     on_note: Callable[[str], None] | None = None

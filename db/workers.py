@@ -146,17 +146,20 @@ def one_line(exc: Exception) -> str:
     return "; ".join(line.strip() for line in str(exc).splitlines() if line.strip())
 
 
-def _options(args: TaskArgs) -> RunOptions:
+def _options(args: TaskArgs, env: Environment) -> RunOptions:
     """A target's run: the first try gives a held lock up at once; the last, of a target
     that came back locked or busy, waits for the lock, and a while for a free connection
-    (the run's own targets that filled the server are ending then)."""
+    (the run's own targets that filled the server are ending then). A protected fleet's
+    run does only what its plan showed for the target."""
     last = args.get("retry") is False
     wait = args.get("wait")
+    confirmed = args.get("confirmed")
     return RunOptions(
         lock_wait=0 if args.get("retry") else args.get("lock_wait", LOCK_WAIT),
         wait=max(wait or 0.0, RETRY_CONNECT_WAIT) if last else wait,
         allow_env_mismatch=args.get("allow_env_mismatch", False),
         on_note=_NOTES.append,
+        confirmed=None if confirmed is None else confirmed.get(env.target, ()),
         stop=_STOP,
     )
 
@@ -221,7 +224,7 @@ def _migrate(env: Environment, args: TaskArgs) -> Outcome:
         seen.append(_at(env, script, current, _wanted(args)))
         return bool(seen[0].pending)
 
-    steps = commands.migrate(env, to, replace(_options(args), before_lock=behind))
+    steps = commands.migrate(env, to, replace(_options(args, env), before_lock=behind))
     before = seen[0]
     if not before.pending:  # at --to=REV, or past it: refused, as on one database
         with refused_at(before.current or ()):
@@ -237,7 +240,7 @@ def _migrate(env: Environment, args: TaskArgs) -> Outcome:
 
 
 def _rollback(env: Environment, args: TaskArgs) -> Outcome:
-    steps = commands.rollback(env, args.get("steps", 1), args.get("to"), _options(args))
+    steps = commands.rollback(env, args.get("steps", 1), args.get("to"), _options(args, env))
     undone = ", ".join(s.revision for s in steps)
     return replace(_read(env), state="rolled back" if steps else "unchanged", detail=undone)
 
@@ -321,7 +324,7 @@ def _stamp(env: Environment, args: TaskArgs) -> Outcome:
     from db import records
 
     try:
-        done = records.stamp(env, args["revision"], args.get("force", False), _options(args))
+        done = records.stamp(env, args["revision"], args.get("force", False), _options(args, env))
     except Halted:  # before its lock or its record: say so, and where it is, as a migrate does
         why, at = "another target failed, so it stopped before stamping", None
         with suppress(DbError, DBAPIError):

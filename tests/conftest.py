@@ -12,6 +12,7 @@ import compileall
 import glob
 import json
 import os
+import pty
 import shutil
 import signal
 import socket
@@ -274,6 +275,29 @@ def tmpfs(path: Path, size: str) -> Iterator[Path]:
         yield path
     finally:
         subprocess.run(["umount", "-l", str(path)], check=True)
+
+
+@contextmanager
+def at_the_prompt(
+    project: Project, *args: str
+) -> Iterator[tuple[subprocess.Popen[bytes], int, bytes]]:
+    """A task started with a terminal as stdin, once it shows its prompt: the process, the
+    terminal's controller (to type on), and what it said so far. Killed if left running."""
+    controller, terminal = pty.openpty()
+    process = project.start(*args, stdin=terminal, stderr=subprocess.PIPE)
+    os.close(terminal)
+    try:
+        assert process.stderr is not None
+        said = b""
+        while b"Type its name to " not in said or not said.endswith(b": "):
+            chunk = os.read(process.stderr.fileno(), 4096)
+            assert chunk, said
+            said += chunk
+        yield process, controller, said
+    finally:
+        os.close(controller)
+        if process.poll() is None:
+            process.kill()
 
 
 def head_revision() -> str:

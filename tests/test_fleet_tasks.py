@@ -11,10 +11,11 @@ import select
 import socket
 import sqlite3
 import subprocess
+from collections.abc import Callable
 from contextlib import closing
 
 import pytest
-from conftest import Project, head_revision, revision, tmpfs
+from conftest import Project, at_the_prompt, head_revision, revision, tmpfs
 
 HEAD = head_revision()
 SHOPS = ("alpha", "beta", "gamma")
@@ -466,6 +467,75 @@ def test_a_protected_fleets_rollback_shows_what_it_would_undo(project: Project) 
     assert "1 target(s): undo " in base.stderr and versions(project, "gamma") == []
     none = project.ok("rollback", "--env=shops", "--yes", "--only=gamma")
     assert "shops: 1 target: 1 unchanged (1 at base)" in none.stderr
+
+
+def confirmed_while(project: Project, task: str, *meanwhile: Callable[[], object]) -> str:
+    """A protected fleet's ``task`` confirmed at its prompt, once what happens ``meanwhile``
+    (other runs, between the plan and the answer) is done; what it said, and its exit code.
+    A rollback takes --yes, and on a terminal the typed name as well."""
+    args = (task, "--env=shops", *(("--yes",) if task == "rollback" else ()))
+    with at_the_prompt(project, *args) as (process, controller, said):
+        for change in meanwhile:
+            change()
+        os.write(controller, b"shops\n")
+        said += process.communicate(timeout=60)[1]
+    return f"{said.decode()}exit {process.returncode}\n"
+
+
+def test_a_protected_fleet_runs_only_what_its_plan_showed(project: Project) -> None:
+    """The plan is read without the targets' locks, then confirmed; each target then did
+    whatever it would do by the time it ran. A rollback confirmed to undo second01 on a
+    target that another run had rolled back meanwhile undid the shop's tables as well."""
+    project.write_env("shops", SQLITE_FLEET + "PROTECTED=true\n")
+    project.add_revision("second", revision("second01", HEAD))
+    project.ok("migrate", "--env=shops", "--yes")
+
+    back = ("rollback", "--env=shops", "--yes")
+    said = confirmed_while(project, "rollback", lambda: project.ok(*back, "--only=alpha"))
+
+    assert "  3 target(s): undo second01  [alpha, beta, gamma]\n" in said
+    assert (
+        "alpha] failed: the plan changed while it was being confirmed (another run changed the "
+        f"database meanwhile: the plan was second01, and is now {HEAD}): nothing was changed"
+    ) in said
+    assert said.endswith(
+        "error: 1 failed of 3 targets; retry only them with --only=alpha\nexit 4\n"
+    )
+    assert [versions(project, shop) for shop in SHOPS] == [[HEAD], [HEAD], [HEAD]]
+
+    # what is left of a plan that another run carried out is run; a plan changed is not
+    said = confirmed_while(
+        project,
+        "migrate",
+        lambda: project.ok("migrate", "--env=shops", "--yes", "--only=beta"),
+        lambda: project.ok(*back, "--to=base", "--only=gamma"),
+    )
+
+    assert "  3 target(s): second01  [alpha, beta, gamma]\n" in said
+    assert "alpha] migrated: second01\n" in said
+    assert "beta] already at second01\n" in said
+    assert f"the plan was second01, and is now {HEAD}, second01): nothing was changed" in said
+    assert said.endswith("exit 4\n")
+    assert [versions(project, shop) for shop in SHOPS] == [["second01"], ["second01"], []]
+
+
+def test_a_protected_fleet_does_not_run_a_target_its_plan_could_not_read(
+    project: Project,
+) -> None:
+    """A target shown as unreadable was run all the same: had it become readable by then,
+    it was migrated with no plan confirmed for it."""
+    project.write_env("shops", SQLITE_FLEET + "PROTECTED=true\n")
+    gamma = project.root / "var" / "shops" / "gamma.sqlite3"
+    gamma.parent.mkdir(parents=True)
+    gamma.write_bytes(b"not a database, for now" * 100)
+
+    said = confirmed_while(project, "migrate", gamma.unlink)  # a file it could migrate now
+
+    assert "  1 target(s): unreadable: cannot read its version: " in said
+    assert "Type its name to migrate 2 target(s) of: " in said
+    assert "gamma] failed: not run, as its plan was not read: cannot read its version:" in said
+    assert said.endswith("exit 6\n")
+    assert [versions(project, shop) for shop in SHOPS] == [[HEAD], [HEAD], []]
 
 
 def test_a_protected_fleets_plan_groups_the_targets_of_a_server_that_is_down(

@@ -9,13 +9,13 @@ import signal
 import sqlite3
 import stat
 import subprocess
-from collections.abc import Iterator
-from contextlib import closing, contextmanager
+from contextlib import closing
 
 import pytest
 from conftest import (
     Project,
     add_notes,
+    at_the_prompt,
     head_revision,
     log_rows,
     migrated_shop,
@@ -39,29 +39,6 @@ def on_terminal(project: Project, typed: str | None, *args: str) -> tuple[int, s
     _, err = process.communicate(timeout=60)
     os.close(controller)
     return process.returncode, err
-
-
-@contextmanager
-def at_the_prompt(
-    project: Project, *args: str
-) -> Iterator[tuple[subprocess.Popen[bytes], int, bytes]]:
-    """A task started with a terminal as stdin, once it shows its prompt: the process, the
-    terminal's controller (to type on), and what it said so far. Killed if left running."""
-    controller, terminal = pty.openpty()
-    process = project.start(*args, stdin=terminal, stderr=subprocess.PIPE)
-    os.close(terminal)
-    try:
-        assert process.stderr is not None
-        said = b""
-        while b"Type its name to migrate: " not in said:
-            chunk = os.read(process.stderr.fileno(), 4096)
-            assert chunk, said
-            said += chunk
-        yield process, controller, said
-    finally:
-        os.close(controller)
-        if process.poll() is None:
-            process.kill()
 
 
 def test_protected_migrate_without_a_terminal_needs_yes(project: Project) -> None:
@@ -111,12 +88,10 @@ def test_a_signal_at_the_prompt_ends_the_task_with_nothing_changed(
     assert not (project.root / "var" / "safe.sqlite3").exists()
 
 
-def test_the_app_writes_while_a_protected_sqlite_migrate_asks_and_a_changed_plan_is_refused(
-    project: Project,
-) -> None:
+def test_the_app_writes_while_a_protected_sqlite_migrate_asks(project: Project) -> None:
     """The prompt waited inside the run's write transaction, so the app's writes failed
     ("database is locked") for as long as a person took to read the plan. It is asked
-    before the lock now, and the run refuses to go on if the plan changed meanwhile."""
+    before the lock now; a plan that another run carried out meanwhile is not run twice."""
     project.write_env("safe", SAFE)
     project.migrated("safe")
     add_notes(project)
@@ -128,16 +103,33 @@ def test_the_app_writes_while_a_protected_sqlite_migrate_asks_and_a_changed_plan
         os.write(controller, b"safe\n")
         said += process.communicate(timeout=60)[1]
 
-    assert process.returncode == 4, said
-    assert said.decode().endswith(
-        "error: the plan changed while it was being confirmed (another run changed the "
-        "database meanwhile): nothing was changed; run the task again to see the new plan\n"
-    )
+    assert process.returncode == 0, said
+    assert said.decode().endswith("safe: nothing to do, the database is already there\n")
     assert version(project, "var/safe.sqlite3") == ["notes1"]
     rows = log_rows(project, "var/safe.sqlite3")
     assert [row[:2] for row in rows].count(("notes1", "up")) == 1
     with project.sqlite("var/safe.sqlite3") as db:
         assert db.execute("select username from users").fetchall() == [("ann",)]
+
+
+def test_a_plan_that_changed_while_it_was_confirmed_is_refused(project: Project) -> None:
+    """Confirmed: apply notes1. Meanwhile another run rolled the database back, so the run
+    would apply the shop's tables again too, which no one confirmed."""
+    project.write_env("safe", SAFE)
+    project.migrated("safe")
+    add_notes(project)
+    with at_the_prompt(project, "migrate", "--env=safe") as (process, controller, said):
+        project.ok("rollback", "--env=safe", "--yes")  # another run, meanwhile
+        os.write(controller, b"safe\n")
+        said += process.communicate(timeout=60)[1]
+
+    assert process.returncode == 4, said
+    assert said.decode().endswith(
+        "error: the plan changed while it was being confirmed (another run changed the "
+        f"database meanwhile: the plan was notes1, and is now {head_revision()}, notes1): "
+        "nothing was changed; run the task again to see the new plan\n"
+    )
+    assert version(project, "var/safe.sqlite3") == []
 
 
 def test_protected_migrate_with_nothing_to_do_asks_nothing(project: Project) -> None:
