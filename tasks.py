@@ -25,6 +25,7 @@ from cli.edge import (
     check_failed,
     confirm,
     confirm_migrate,
+    confirm_restore,
     confirm_rollback,
     environment,
     filled,
@@ -245,19 +246,20 @@ def restore(
 
         file = filled("--file", file, "name a backup, or leave --file out for the newest")
         target = environment(c, env, only=only)
-        if target.protected:
+        if target.protected and not yes:  # said before a password is asked for (prod's)
             confirm(target, yes, "restore a backup over", need_yes=True)
-        announce(target)
-        chosen = None if file is None else Path(file).resolve()
         waits = LOCK_WAIT if lock_wait is None else seconds("--lock-wait", lock_wait)
+        announce(target)
+        named = None if file is None else Path(file).resolve()
+        chosen = restoring.choose(target, target.url(), named, allow_env_mismatch)
+        if target.protected:  # the very file that is restored, shown before it is asked
+            confirm_restore(target, chosen, yes)
         stop = Stop()
         with on_signals(stop):
-            used, kept = restoring.restore(
-                target, target.url(), chosen, allow_env_mismatch, stop.check, waits
-            )
+            kept = restoring.restore(target, target.url(), chosen.path, stop.check, waits)
     if kept is not None:
         print(f"  kept the database it replaced as {target.relative(kept)}", file=sys.stderr)
-    print(f"{target.label}: restored {target.relative(used)}", file=sys.stderr)
+    print(f"{target.label}: restored {target.relative(chosen.path)}", file=sys.stderr)
 
 
 @task(

@@ -24,6 +24,7 @@ from cli.output import marker, print_start, print_step, show_plan
 if TYPE_CHECKING:
     from db.environments import Environment
     from db.progress import Revision
+    from db.restore import Chosen
     from db.runner import RunOptions
     from db.stop import Stop
 
@@ -332,6 +333,14 @@ def confirm_rollback(env: Environment, yes: bool) -> Callable[[tuple[Revision, .
             confirm(env, yes, "roll back", need_yes=True)
 
     return ask
+
+
+def confirm_restore(env: Environment, chosen: Chosen, yes: bool) -> None:
+    """What a protected restore does before it starts: show which backup goes back, and over
+    what, and ask (``--yes`` needed, as for a rollback)."""
+    backup = env.relative(chosen.path)
+    print(f"plan: restore {backup} (at {chosen.at}) over {chosen.replaces}", file=sys.stderr)
+    confirm(env, yes, "restore that backup over", need_yes=True)
 
 
 def run_options(

@@ -8,6 +8,7 @@ import shutil
 import sqlite3
 from collections.abc import Callable
 from contextlib import closing
+from dataclasses import dataclass
 from pathlib import Path
 from typing import TYPE_CHECKING
 
@@ -26,6 +27,7 @@ from db.backups import (
 from db.environments import Environment
 from db.errors import ConfigError, DbError, GuardRefused, Interrupted, LockTimeout, UsageError
 from db.locks import LOCK_WAIT
+from db.versions import VERSION_TABLE
 
 if TYPE_CHECKING:
     from db.runner import RunOptions
@@ -41,23 +43,20 @@ def set_aside_corrupt(env: Environment, url: URL, options: RunOptions) -> Path |
     return _set_aside(env, path) if checked(env, path, options) else None
 
 
-def restore(
-    env: Environment,
-    url: URL,
-    backup: Path | None,
-    allow_mismatch: bool = False,
-    stopped: Callable[[], None] = lambda: None,
-    lock_wait: float = LOCK_WAIT,
-) -> tuple[Path, Path | None]:
-    """Put a SQLite backup back in place of the database.
+@dataclass(frozen=True)
+class Chosen:
+    """The backup a restore puts back, checked, and what it and the database it replaces
+    are at: what a protected environment shows before it asks."""
 
-    The backup must be a sound SQLite database with a version table, last migrated as this
-    environment (and fleet target) unless ``allow_mismatch``; the database it replaces is
-    kept as a backup first. ``stopped`` raises Interrupted (a signal) to end the restore
-    before the copy is done, leaving the database as it was; so does a database another
-    connection keeps locked for ``lock_wait`` seconds. Returns the file used and where the
-    old one went.
-    """
+    path: Path
+    at: str  # its revision(s) in words ("base" for none)
+    replaces: str  # the live database's, or why there is none to read
+
+
+def choose(env: Environment, url: URL, backup: Path | None, allow_mismatch: bool = False) -> Chosen:
+    """The backup to restore: ``backup``, or the newest. It must be a sound SQLite
+    database with a version table, last migrated as this environment (and fleet target)
+    unless ``allow_mismatch``."""
     if url.get_backend_name() != "sqlite":
         raise ConfigError(f"{env.name} is PostgreSQL: restore a pg_dump backup with pg_restore")
     live = Path(url.database or "")
@@ -89,6 +88,24 @@ def restore(
             "restored; pass --allow-env-mismatch to put it here anyway (migrate will ask "
             "for it too)"
         )
+    return Chosen(chosen, _at(chosen) or "base", _replaces(live))
+
+
+def restore(
+    env: Environment,
+    url: URL,
+    chosen: Path,
+    stopped: Callable[[], None] = lambda: None,
+    lock_wait: float = LOCK_WAIT,
+) -> Path | None:
+    """Put the backup ``chosen`` (see :func:`choose`) back in place of the database, keeping
+    the database it replaces as a backup first; returns where that went.
+
+    ``stopped`` raises Interrupted (a signal) to end the restore before the copy is done,
+    leaving the database as it was; so does a database another connection keeps locked for
+    ``lock_wait`` seconds.
+    """
+    live = Path(url.database or "")
     try:
         stopped()
         kept = _keep_replaced(env, live, stopped, lock_wait)
@@ -104,7 +121,24 @@ def restore(
             f"restoring {env.relative(chosen)} failed ({exc}), so {_unrestored(env, live, kept)}; "
             f"free some space for {env.relative(live)} and run it again"
         ) from None
-    return chosen, kept
+    return kept
+
+
+def _at(path: Path) -> str:
+    """The revision(s) the SQLite database in ``path`` is at, in words ("" for none)."""
+    with closing(read_only(path)) as db:
+        rows = db.execute(f"select version_num from {VERSION_TABLE}").fetchall()
+    return ", ".join(str(row[0]) for row in rows)
+
+
+def _replaces(live: Path) -> str:
+    """What the live database is at, in words, for the plan of a restore over it."""
+    if not live.is_file() or live.stat().st_size == 0:
+        return "no database yet"
+    try:
+        return f"the database at {_at(live) or 'base'}"
+    except sqlite3.Error as exc:  # corrupt, or not migrated: kept aside as it is all the same
+        return f"the database, which cannot be read ({exc})"
 
 
 _AS_IT_WAS = "nothing was restored: the database is as it was"

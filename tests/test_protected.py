@@ -190,6 +190,34 @@ def test_a_protected_rollback_with_nothing_to_undo_asks_nothing(project: Project
     assert version(project, "var/safe.sqlite3") == []
 
 
+def test_a_protected_restore_shows_the_backup_it_puts_back_and_puts_back_that_one(
+    project: Project,
+) -> None:
+    """It asked to "restore a backup over" the database without saying which, then took
+    the newest one there was once the name was typed: by then another run's backup."""
+    project.write_env("safe", SAFE)
+    project.migrated("safe")
+    add_notes(project)
+    project.ok("migrate", "--env=safe", "--yes")
+    [backup] = (project.root / "var" / "backups").glob("safe-*.sqlite3")
+    plan = f"plan: restore var/backups/{backup.name} (at {head_revision()}) over the database"
+
+    refused = project.invoke("restore", "--env=safe")
+
+    assert refused.returncode == 4, refused.stderr
+    assert refused.stderr == "error: safe is protected: to restore a backup over it, pass --yes\n"
+    with at_the_prompt(project, "restore", "--env=safe", "--yes") as (process, controller, said):
+        assert f"{plan} at notes1\n" in said.decode()
+        project.ok("rollback", "--env=safe", "--yes")  # meanwhile: a newer backup, at notes1
+        os.write(controller, b"safe\n")
+        said += process.communicate(timeout=60)[1]
+
+    assert process.returncode == 0, said
+    assert f"safe: restored var/backups/{backup.name}\n" in said.decode()
+    assert version(project, "var/safe.sqlite3") == [head_revision()]
+    assert len(list((project.root / "var" / "backups").glob("safe-*.sqlite3"))) == 3
+
+
 def test_reset_refuses_a_protected_environment_outright(project: Project) -> None:
     project.write_env("safe", SAFE)
     project.migrated("safe")
