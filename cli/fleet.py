@@ -223,11 +223,14 @@ def plan_groups(
 
 def as_the_fleets(env: Environment, target: Target, said: str) -> str:
     """What was said of a target, with its URL written as the fleet's (``{target}`` in
-    it), so that targets that failed alike read alike."""
+    it), so that targets that failed alike read alike. A target with a URL of its own (from
+    its line of TARGETS_FILE, or its catalog row) keeps it: it is on another server."""
     from db import fleet
     from db.errors import DbError
     from db.urls import mask
 
+    if target.url:
+        return said
     try:
         own, template = mask(fleet.environment(env, target).url()), mask(env.url())
     except DbError:  # a secret not set: said as it is

@@ -541,17 +541,22 @@ def test_a_protected_fleet_does_not_run_a_target_its_plan_could_not_read(
 def test_a_protected_fleets_plan_groups_the_targets_of_a_server_that_is_down(
     project: Project,
 ) -> None:
-    """Each target's reason names its own URL: a down server made a plan line per target."""
-    with socket.socket() as probe:  # a port nothing listens on
+    """Each target's reason names its own URL: a down server made a plan line per target.
+    A target with a URL of its own, on another server, was said to be on the fleet's."""
+    with socket.socket() as probe, socket.socket() as other:  # ports nothing listens on
         probe.bind(("127.0.0.1", 0))
-        port = probe.getsockname()[1]
+        other.bind(("127.0.0.1", 0))
+        port, far = probe.getsockname()[1], other.getsockname()[1]
     url = f"postgresql+asyncpg://shop@127.0.0.1:{port}/shop_{{target}}"
-    project.write_env("shops", f"DATABASE_URL={url}\nTARGETS=alpha beta\nPROTECTED=true\n")
+    own = f"postgresql+asyncpg://shop@127.0.0.1:{far}/shop_far"
+    (project.root / "shops.txt").write_text(f"alpha\nbeta\nfar {own}\n")
+    project.write_env("shops", f"DATABASE_URL={url}\nTARGETS_FILE=shops.txt\nPROTECTED=true\n")
 
     plan = project.invoke("migrate", "--env=shops").stderr
 
     assert f"2 target(s): unreadable: cannot connect to {url}: Connection refused" in plan
-    assert plan.count("unreadable") == 1 and "[alpha, beta]" in plan
+    assert f"1 target(s): unreadable: cannot connect to {own}: Connection refused" in plan
+    assert plan.count("unreadable") == 2 and "[alpha, beta]" in plan and "[far]" in plan
 
 
 def on_a_terminal(project: Project, *args: str) -> str:
