@@ -28,6 +28,7 @@ from db.errors import (
     CheckFailed,
     ConnectError,
     DbError,
+    GuardRefused,
     Halted,
     LockTimeout,
     RevisionError,
@@ -170,10 +171,12 @@ def _read(
     *,
     trail: bool = False,
     to: str = "heads",
+    guard: Callable[[ScriptDirectory, list[audit.Entry]], None] | None = None,
 ) -> Outcome:
     """Where a target is, read without the lock or env.py: at ``to``, or behind it (with
     what is pending); with ``trail``, read on the same connection, "unfinished" if a
-    non-transactional run never finished (migrate and rollback refuse it until resolved).
+    non-transactional run never finished (migrate and rollback refuse it until resolved),
+    and ``guard`` given the trail, to raise where a run would refuse the target.
     ``stopped`` raises to give up connecting: a read-only task's, on a signal."""
     script = load_scripts(make_config(env, offline=True))
 
@@ -182,6 +185,9 @@ def _read(
 
     current, log = with_database(env, read, stopped)
     found = _at(env, script, current, to)
+    if guard is not None:
+        with refused_at(current):
+            guard(script, log)
     unfinished = commands.unfinished(log, env)
     if unfinished:
         return replace(found, state="unfinished", detail=unfinished[0].said)
@@ -265,7 +271,7 @@ def _pending(env: Environment, args: TaskArgs) -> Outcome:
             return replace(found, state="past", detail=str(exc))
         return replace(found, state="there")
 
-    return _planned(env, _wanted(args), reaching)
+    return _planned(env, args, _wanted(args), reaching)
 
 
 def _undoing(env: Environment, args: TaskArgs) -> Outcome:
@@ -280,22 +286,31 @@ def _undoing(env: Environment, args: TaskArgs) -> Outcome:
         ]
         return replace(found, state="to undo" if undone else "there", pending=tuple(undone))
 
-    return _planned(env, "heads", undoing)
+    return _planned(env, args, "heads", undoing)
 
 
 def _planned(
-    env: Environment, to: str, plan: Callable[[ScriptDirectory, Outcome], Outcome]
+    env: Environment,
+    args: TaskArgs,
+    to: str,
+    plan: Callable[[ScriptDirectory, Outcome], Outcome],
 ) -> Outcome:
     """A target read without its lock, and what a run would do to it (``plan``, given the
     revision files and what was read): a protected fleet's plan. A target whose
     non-transactional run never finished is "unfinished"; one the run would refuse (a
-    revision no file has, a +N that leads nowhere), "refused"."""
+    revision no file has, a +N that leads nowhere, the audit trail of another environment
+    or target, an applied file changed on a protected one), "refused"."""
+
+    def guard(script: ScriptDirectory, log: list[audit.Entry]) -> None:  # as a run's are
+        guards.same_environment(log, env, args.get("allow_env_mismatch", False))
+        guards.unchanged_files(log, script, env, lambda _warning: None)  # said by the run
+
     try:
-        found = _read(env, _signalled, trail=True, to=to)
+        found = _read(env, _signalled, trail=True, to=to, guard=guard)
         if found.state == "unfinished":
             return found
         return plan(load_scripts(make_config(env, offline=True)), found)
-    except (RevisionError, CommandError) as exc:
+    except (RevisionError, GuardRefused, CommandError) as exc:
         why = revision_error(exc, env.flags) if isinstance(exc, CommandError) else exc
         return Outcome(env.target, "refused", one_line(why), current=why.at, exit_code=1)
 

@@ -469,11 +469,59 @@ def test_a_protected_fleets_rollback_shows_what_it_would_undo(project: Project) 
     assert "shops: 1 target: 1 unchanged (1 at base)" in none.stderr
 
 
+def test_a_protected_fleets_plan_shows_the_targets_a_guard_refuses(project: Project) -> None:
+    """The plan showed what a target would apply, and the run then refused it: its audit
+    trail is another environment's (a second env file for the same databases), or a file
+    it applied has changed since."""
+    project.write_env("shops", SQLITE_FLEET)
+    project.ok("migrate", "--env=shops", "--only=alpha")
+    project.write_env("copy", SQLITE_FLEET + "PROTECTED=true\n")
+    project.add_revision("second", revision("second01", HEAD))
+
+    plan = project.invoke("migrate", "--env=copy", "--yes", "--keep-going")
+
+    assert plan.returncode == 4, plan.stderr
+    assert "  1 target(s): refused: this database was last migrated as 'shops', not 'copy'" in (
+        plan.stderr
+    )
+    assert f"  2 target(s): {HEAD}, second01  [beta, gamma]\n" in plan.stderr
+    assert [versions(project, shop) for shop in SHOPS] == [[HEAD], ["second01"], ["second01"]]
+
+    project.extend_env("shops", "PROTECTED=true\n")
+    [first] = project.versions.glob(f"*{HEAD}*.py")
+    first.write_text(first.read_text(encoding="utf-8") + "\nEDITED = True\n", encoding="utf-8")
+
+    changed = project.invoke("migrate", "--env=shops", "--yes", "--only=alpha")
+
+    assert changed.returncode == 4, changed.stderr
+    assert f"  1 target(s): refused: {first.relative_to(project.root)} changed after " in (
+        changed.stderr
+    )
+    assert versions(project, "alpha") == [HEAD]
+
+
+def test_a_target_a_guard_refuses_is_no_canary(project: Project) -> None:
+    """A canary whose run a guard refuses (its trail is another environment's) proves
+    nothing about the revisions, yet its failure kept every other target from running."""
+    project.write_env("shops", SQLITE_FLEET)
+    project.ok("migrate", "--env=shops", "--only=alpha")
+    project.write_env("copy", SQLITE_FLEET)
+    project.add_revision("second", revision("second01", HEAD))
+
+    run = project.invoke("migrate", "--env=copy", "--canary=1", "--jobs=1")
+
+    assert run.returncode == 4, run.stderr
+    assert run.stderr.index("beta] migrated") < run.stderr.index("alpha] failed: this database")
+    assert "gamma] skipped (after a failure)" in run.stderr  # after the canaries, as ever
+    assert [versions(project, shop) for shop in SHOPS] == [[HEAD], ["second01"], []]
+
+
 def confirmed_while(project: Project, task: str, *meanwhile: Callable[[], object]) -> str:
     """A protected fleet's ``task`` confirmed at its prompt, once what happens ``meanwhile``
     (other runs, between the plan and the answer) is done; what it said, and its exit code.
-    A rollback takes --yes, and on a terminal the typed name as well."""
-    args = (task, "--env=shops", *(("--yes",) if task == "rollback" else ()))
+    A rollback takes --yes, and on a terminal the typed name as well. It keeps going, so
+    that a target refused does not stop the others, whatever the order they run in."""
+    args = (task, "--env=shops", "--keep-going", *(("--yes",) if task == "rollback" else ()))
     with at_the_prompt(project, *args) as (process, controller, said):
         for change in meanwhile:
             change()
