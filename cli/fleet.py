@@ -179,7 +179,7 @@ def confirm_fleet(
         print(f"  {len(names)} target(s): {what}  [{short(names)}]", file=sys.stderr)
     # a target already there has nothing to do; one not read has no plan to confirm
     concerned = {o.target: o for o in read if o.state != "there" and not o.failed}
-    if concerned:
+    if any(o.state in ("behind", "to undo") for o in concerned.values()):  # else all refused
         confirm(env, yes, f"{verb} {len(concerned)} target(s) of", need_yes=need_yes)
     done = [replace(o, state=nothing, pending=()) for o in read if o.state == "there"]
     done += [

@@ -491,12 +491,14 @@ def test_a_protected_fleets_plan_shows_the_targets_a_guard_refuses(project: Proj
     [first] = project.versions.glob(f"*{HEAD}*.py")
     first.write_text(first.read_text(encoding="utf-8") + "\nEDITED = True\n", encoding="utf-8")
 
-    changed = project.invoke("migrate", "--env=shops", "--yes", "--only=alpha")
+    changed = project.invoke("migrate", "--env=shops", "--only=alpha")  # nothing to confirm
 
     assert changed.returncode == 4, changed.stderr
     assert f"  1 target(s): refused: {first.relative_to(project.root)} changed after " in (
         changed.stderr
     )
+    assert f"alpha] failed: {first.relative_to(project.root)} changed after " in changed.stderr
+    assert "pass --yes" not in changed.stderr
     assert versions(project, "alpha") == [HEAD]
 
 
