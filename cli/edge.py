@@ -338,8 +338,10 @@ def confirm_rollback(env: Environment, yes: bool) -> Callable[[tuple[Revision, .
 def confirm_restore(env: Environment, chosen: Chosen, yes: bool) -> None:
     """What a protected restore does before it starts: show which backup goes back, and over
     what, and ask (``--yes`` needed, as for a rollback)."""
-    backup = env.relative(chosen.path)
-    print(f"plan: restore {backup} (at {chosen.at}) over {chosen.replaces}", file=sys.stderr)
+    from db.restore import replaced
+
+    backup, live = env.relative(chosen.path), replaced(env.url())
+    print(f"plan: restore {backup} (at {chosen.at}) over {live}", file=sys.stderr)
     confirm(env, yes, "restore that backup over", need_yes=True)
 
 

@@ -45,12 +45,10 @@ def set_aside_corrupt(env: Environment, url: URL, options: RunOptions) -> Path |
 
 @dataclass(frozen=True)
 class Chosen:
-    """The backup a restore puts back, checked, and what it and the database it replaces
-    are at: what a protected environment shows before it asks."""
+    """The backup a restore puts back, checked, and what it is at."""
 
     path: Path
     at: str  # its revision(s) in words ("base" for none)
-    replaces: str  # the live database's, or why there is none to read
 
 
 def choose(env: Environment, url: URL, backup: Path | None, allow_mismatch: bool = False) -> Chosen:
@@ -88,7 +86,7 @@ def choose(env: Environment, url: URL, backup: Path | None, allow_mismatch: bool
             "restored; pass --allow-env-mismatch to put it here anyway (migrate will ask "
             "for it too)"
         )
-    return Chosen(chosen, _at(chosen) or "base", _replaces(live))
+    return Chosen(chosen, _at(chosen) or "base")
 
 
 def restore(
@@ -131,8 +129,10 @@ def _at(path: Path) -> str:
     return ", ".join(str(row[0]) for row in rows)
 
 
-def _replaces(live: Path) -> str:
-    """What the live database is at, in words, for the plan of a restore over it."""
+def replaced(url: URL) -> str:
+    """What the database a restore replaces is at, in words: what a protected environment
+    shows before it asks."""
+    live = Path(url.database or "")
     if not live.is_file() or live.stat().st_size == 0:
         return "no database yet"
     try:
