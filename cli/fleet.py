@@ -83,9 +83,8 @@ def run_fleet(
     hosts = {fleet.host(fleet.environment(env, t)) for t in chosen}
     plan = replace(plan, jobs=plan.jobs or fleet_runs.default_jobs(len(chosen), len(hosts)))
     order = {target.name: index for index, target in enumerate(chosen)}
-    done: list[
-        Outcome
-    ] = []  # targets a protected fleet's plan found with nothing to do, or not read
+    # the targets a protected fleet's plan found with nothing to do, or could not read
+    done: list[Outcome] = []
     if env.protected and plan.task in PLANS:
         chosen, done, plan = confirm_fleet(env, chosen, plan, yes, options.stop)
     elif env.protected and plan.task in PROTECTED_ASKS:
