@@ -59,6 +59,10 @@ def reset(env: Environment, options: RunOptions | None = None) -> list[Step]:
             f"reset could not drop the tables: {said}\nnothing was dropped: the database is "
             f"as it was; {fix}"
         ) from exc
+    # said before the migration, which may fail or be interrupted: what it then says of
+    # where the database is stays true, but only this line tells that its data is gone
+    dropped = f"the schema {schema[0]} (made again, empty)" if schema else "every table"
+    options.note(f"dropped {dropped}: migrating from scratch")
     return migrate(env, "head", replace(options, backup=False))  # backed up before the drop
 
 

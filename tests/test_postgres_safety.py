@@ -436,6 +436,9 @@ def test_reset_on_an_unprotected_postgres_database(
 
     result = project.ok("reset", "--env=pg")
 
+    assert "dropped the schema public (made again, empty): migrating from scratch" in (
+        result.stderr
+    )
     assert f"applied {head_revision()}" in result.stderr
     assert pg_fetch(pg_database.dsn, "select count(*) as n from purchases")[0]["n"] == 0
 

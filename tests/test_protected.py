@@ -14,6 +14,7 @@ from contextlib import closing
 import pytest
 from conftest import (
     Project,
+    add_good_then_bad,
     add_notes,
     at_the_prompt,
     head_revision,
@@ -242,6 +243,28 @@ def test_reset_drops_everything_and_migrates_from_scratch(project: Project) -> N
     assert "stray" not in tables(project)
     with project.sqlite() as connection:
         assert connection.execute("select count(*) from categories").fetchone() == (0,)
+
+
+def test_a_reset_whose_migration_fails_says_that_it_dropped_the_tables(
+    project: Project,
+) -> None:
+    """The migration after the drop failed, and the run said only where the database was
+    and what it kept: nothing said that the tables and their rows were gone."""
+    migrated_shop(project)
+    add_good_then_bad(project, 'raise RuntimeError("boom")')
+    project.ok("migrate", "--to=good01")
+
+    result = project.invoke("reset")
+
+    assert result.returncode == 1, result.stderr
+    said = result.stderr
+    assert "  dropped every table: migrating from scratch\n" in said
+    assert said.index("dropped every table") < said.index(f"applying {head_revision()}")
+    kept = "the database is at good01; this run kept f3af01bc3f27, good01; bad001 was rolled back"
+    assert kept in said
+    assert version(project) == ["good01"]
+    with project.sqlite() as connection:  # what the line said: no row survived the reset
+        assert connection.execute("select count(*) from purchases").fetchone() == (0,)
 
 
 def test_sqlite_is_backed_up_before_a_change_and_can_be_restored(project: Project) -> None:
