@@ -48,10 +48,10 @@ from db.stop import Stop
 from db.urls import mask
 from db.versions import VERSION_ID_MAX, VERSION_TABLE
 
-# what a revision's code may raise: SystemExit too (a helper that calls sys.exit), which
-# would end the task, or a whole fleet, without a word on where the database is; never
-# KeyboardInterrupt (a second Ctrl-C ends the task at once)
-REVISION_ERRORS = (Exception, SystemExit)
+# What a revision's code may raise is anything: a BaseException too, SystemExit (a helper
+# that calls sys.exit) or asyncio's CancelledError (async code in a data step), would end the
+# task, or a whole fleet, without a word on where the database is. Only KeyboardInterrupt
+# is let through, before these are caught: a second Ctrl-C ends the task at once.
 __all__ = ["Progress", "Run", "RunOptions", "Step", "Stop", "make_config", "run_env"]
 
 
@@ -273,7 +273,9 @@ def _checked(script: ScriptDirectory, config: Config) -> ScriptDirectory:
         warnings.simplefilter("always")
         try:
             script.revision_map.heads  # noqa: B018 (loads every file)
-        except REVISION_ERRORS as exc:
+        except KeyboardInterrupt:
+            raise
+        except BaseException as exc:
             where = revision_files.problem(versions, root)
             if where is None:
                 where = revision_files.culprit(exc, versions, root) or "the revision files"
@@ -340,7 +342,9 @@ def run_env(
     try:
         with EnvironmentContext(config, script, fn=fn, **kw), revisions_print_to_stderr():
             script.run_env()
-    except REVISION_ERRORS as exc:
+    except KeyboardInterrupt:
+        raise
+    except BaseException as exc:
         ran = progress is not None and (progress.running is not None or progress.applied)
         stopped = run.stop.requested or isinstance(exc, Halted)
         if progress is not None and (ran or stopped):  # say where the database is

@@ -365,15 +365,27 @@ def test_failing_migration_names_the_revision_and_leaves_nothing_behind(project:
     assert "boom in the middle" in again.stderr and version(project) == ["good01"]
 
 
-def test_a_revision_that_calls_sys_exit_fails_like_any_other(project: Project) -> None:
+@pytest.mark.parametrize(
+    ("raised", "said"),
+    [
+        ('import sys\n    sys.exit("bad input in the backfill")', "SystemExit: bad input in "),
+        # async code in a data step (asyncio.run of a task that was cancelled)
+        ('import asyncio\n    raise asyncio.CancelledError("gave up")', "CancelledError: gave up"),
+    ],
+)
+def test_a_revision_that_calls_sys_exit_fails_like_any_other(
+    project: Project, raised: str, said: str
+) -> None:
     """A helper that calls sys.exit (a script's main, argparse) ended the task with its
-    text alone, without a word on where the database is."""
+    text alone, without a word on where the database is; another BaseException than
+    KeyboardInterrupt (asyncio's CancelledError), with a traceback and no such word."""
     project.migrated()
-    add_good_then_bad(project, 'import sys\n    sys.exit("bad input in the backfill")')
+    add_good_then_bad(project, raised)
 
     error = project.fails("migrate")
 
-    assert "upgrade of revision bad001 (add coupons) failed: SystemExit: bad input in " in error
+    assert f"upgrade of revision bad001 (add coupons) failed: {said}" in error
+    assert "Traceback" not in error
     assert error.endswith(
         "the database is at good01; this run kept good01; bad001 was rolled back; fix it and "
         "run the task again\n"

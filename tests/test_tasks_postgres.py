@@ -110,6 +110,12 @@ def test_status_history_and_makemigration_on_postgres(pg_project: Project) -> No
             'op.execute("create table a (x int); create table b (x int)")',
             ["cannot insert multiple commands into a prepared statement (give each"],
         ),
+        # async code in a data step: a BaseException, inside the run's own event loop; it
+        # ended the task with a traceback and no word on where the database is
+        (
+            "import asyncio\n    raise asyncio.CancelledError",
+            ["failed: CancelledError\nthe database is at good01; this run kept f3af01bc3f27, "],
+        ),
     ],
 )
 def test_failing_migration_leaves_postgres_at_the_last_good_revision(
