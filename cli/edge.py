@@ -13,6 +13,7 @@ import sys
 import warnings
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager, suppress
+from contextvars import ContextVar
 from pathlib import Path
 from typing import TYPE_CHECKING, Any
 
@@ -29,6 +30,9 @@ if TYPE_CHECKING:
     from db.stop import Stop
 
 ROOT = Path(__file__).resolve().parent.parent  # the project: environments/, alembic.ini
+# whether the running task shows tracebacks (--debug, INVOKE_DB_DEBUG=1): a fleet's targets
+# run in workers, which keep a failure's traceback for the parent to show only if so
+DEBUG: ContextVar[bool] = ContextVar("DEBUG", default=False)
 
 
 def quiet_when_the_reader_leaves() -> None:
@@ -195,6 +199,7 @@ def reported(c: Context, debug: bool) -> Iterator[None]:
 
     gc.freeze()  # what is imported so far lives until exit: no collection scans it again
     previous = signal.signal(signal.SIGTERM, terminated)
+    debugging = DEBUG.set(bool(debug or c.config.db.debug))
     try:
         with warnings.catch_warnings(record=True) as caught:
             warnings.simplefilter("always")
@@ -214,6 +219,7 @@ def reported(c: Context, debug: bool) -> Iterator[None]:
         signum = signal.SIGTERM if isinstance(exc, Terminated) else signal.SIGINT
         raise Exit(f"interrupted ({signum.name})", code=128 + signum) from None
     finally:
+        DEBUG.reset(debugging)
         signal.signal(signal.SIGTERM, previous)
         # and what the task made: the collections that end the interpreter would scan it
         # all (freed, a no-op fleet run ended 0.1 s after its last line; frozen, 0.01 s)

@@ -10,7 +10,7 @@ from typing import TYPE_CHECKING, TextIO
 
 from invoke.exceptions import Exit
 
-from cli.edge import confirm, on_signals, whole
+from cli.edge import DEBUG, confirm, on_signals, whole
 from cli.output import counted, print_json, short
 
 if TYPE_CHECKING:
@@ -44,7 +44,8 @@ def fleet_plan(
     from db.fleet_runs import Plan, TaskArgs
 
     count = whole("--jobs", jobs, default=0, least=0)
-    return Plan(task_name, args or TaskArgs(), count, keep_going, whole("--canary", canary, 0, 0))
+    args = TaskArgs(**(args or {}), debug=DEBUG.get())
+    return Plan(task_name, args, count, keep_going, whole("--canary", canary, 0, 0))
 
 
 # what a protected fleet asks before a run that changes its targets, where it shows no plan
@@ -265,6 +266,9 @@ class Board:
         if outcome.state not in RETRIED_LAST:
             self.finished += 1
             self.failed += outcome.failed
+        if outcome.trace:  # --debug: as on one database, the traceback before the message
+            self._clear()
+            print(outcome.trace, end="", file=sys.stderr, flush=True)
         if not self.quiet:
             self._clear()
             count = f"{self.finished:>{self.width}}/{self.total}"

@@ -57,6 +57,7 @@ class Outcome:
     exit_code: int = 0
     seconds: float = 0.0
     notes: tuple[str, ...] = ()  # what its run noted on the way: a backup, a warning
+    trace: str = ""  # a failed target's traceback, when the run was asked for it (--debug)
 
     @property
     def where(self) -> str | None:
@@ -83,6 +84,7 @@ class TaskArgs(TypedDict, total=False):
     # a protected fleet's migrate or rollback: each target's revisions, as its plan showed
     # them (none for a target with nothing to do, or that its plan refused)
     confirmed: dict[str, tuple[str, ...]]
+    debug: bool  # keep a failed target's traceback in its outcome
 
 
 @dataclass(frozen=True)
@@ -207,7 +209,8 @@ def report(
 
 
 def target_json(o: Outcome) -> dict[str, Any]:
-    row = {k: v for k, v in asdict(o).items() if k not in ("applied", "exit_code", "detail")}
+    left_out = ("applied", "exit_code", "detail", "trace")
+    row = {k: v for k, v in asdict(o).items() if k not in left_out}
     row.update(
         up_to_date=not o.failed and not o.pending and o.state != "unfinished",
         detail=o.detail if not o.failed else "",

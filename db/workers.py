@@ -10,8 +10,9 @@ import os
 import signal
 import threading
 import time
-from collections.abc import Callable
-from contextlib import suppress
+import traceback
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager, suppress
 from dataclasses import replace
 from pathlib import Path
 from typing import Any, ParamSpec
@@ -109,9 +110,11 @@ def work(
     """One task on one target, through the one-database path."""
     clock = time.perf_counter()
     _NOTES.clear()
+    trace: list[str] = []
     try:
-        env = environment(load_environment(root, env_name, environ), target)
-        outcome = TASKS[task](env, args)
+        with _traced(args.get("debug", False), trace):
+            env = environment(load_environment(root, env_name, environ), target)
+            outcome = TASKS[task](env, args)
     except LockTimeout as exc:
         outcome = Outcome(target.name, "failed", one_line(exc), exit_code=exc.exit_code)
         if args.get("retry"):
@@ -139,7 +142,19 @@ def work(
         why = f"cannot read its version: {describe(exc)}" + (f"; {advice}" if advice else "")
         outcome = Outcome(target.name, "failed", why, exit_code=1)
     seconds = round(time.perf_counter() - clock, 3)
-    return replace(outcome, seconds=seconds, notes=tuple(_NOTES))
+    trace = trace if outcome.state == "failed" else []  # not one retried last, or halted
+    return replace(outcome, seconds=seconds, notes=tuple(_NOTES), trace="".join(trace))
+
+
+@contextmanager
+def _traced(wanted: bool, into: list[str]) -> Iterator[None]:
+    """With ``wanted`` (--debug), the traceback of what the block raised, kept ``into``."""
+    try:
+        yield
+    except Exception:
+        if wanted:
+            into.append(traceback.format_exc())
+        raise
 
 
 def one_line(exc: Exception) -> str:

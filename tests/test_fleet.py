@@ -89,6 +89,34 @@ def test_a_revision_that_calls_sys_exit_fails_its_targets_not_the_run(
     assert [at(fleet, shop) for shop in SHOPS] == [[HEAD]] * 3
 
 
+def test_debug_shows_each_failed_targets_traceback(fleet: Project) -> None:
+    """--debug showed no traceback on a fleet: a target's failure, in a worker, reached the
+    parent as its one-line message, so a data step's KeyError could not be traced to its line
+    of the revision on the target it failed on."""
+    fleet.ok("migrate", "--env=shops")
+    body = 'if op.get_bind().engine.url.database.endswith("beta.sqlite3"):\n        {}["price"]'
+    fleet.add_revision("key", revision("key001", HEAD, body, message="reprice"))
+
+    plain = fleet.invoke("migrate", "--env=shops", "--keep-going")
+    fleet.ok("rollback", "--env=shops", "--only=alpha,gamma")
+    debug = fleet.invoke("migrate", "--env=shops", "--keep-going", "--debug")
+    fleet.ok("rollback", "--env=shops", "--only=alpha,gamma")
+    variable = fleet.invoke("migrate", "--env=shops", "--keep-going", INVOKE_DB_DEBUG="1")
+
+    assert "Traceback" not in plain.stderr
+    for run in (debug, variable):
+        said = run.stderr
+        assert said.count("Traceback (most recent call last)") == 2, said  # its cause's too
+        assert '{}["price"]' in said and "KeyError: 'price'" in said  # the revision's line
+        # the traceback, then the target's line, as on one database; the others' lines alone
+        assert said.index("Traceback") < said.index("beta] failed: upgrade of revision key001")
+        assert run.returncode == plain.returncode == 6
+        assert run.stderr.splitlines()[-1] == plain.stderr.splitlines()[-1]
+    for kept in fleet.root.glob("var/runs/shops-*.json"):  # a traceback is stderr's alone
+        assert all("trace" not in target for target in json.loads(kept.read_text())["targets"])
+    assert [at(fleet, shop) for shop in SHOPS] == [["key001"], [HEAD], ["key001"]]
+
+
 def test_a_target_file_the_app_keeps_locked_is_retried_last_and_migrated(fleet: Project) -> None:
     """A writer that keeps readers out made a target's file look corrupt; now the target
     comes back locked, and its last try (which waits) migrates it once the writer is done."""
