@@ -340,6 +340,7 @@ def _keep(env: Environment) -> int:
 
 
 def _prune(env: Environment, suffix: str, least: int = 0) -> None:
-    """Keep the newest ``BACKUP_KEEP`` backups, and at least ``least``."""
+    """Keep the newest ``BACKUP_KEEP`` backups, and at least ``least``. One already gone
+    was pruned by another run at once (a restore's backup beside a migrate's)."""
     for old in backups(env, suffix)[max(_keep(env), least) :]:
-        old.unlink()
+        old.unlink(missing_ok=True)
