@@ -349,7 +349,7 @@ def print_fleet_sql(env: Environment, scripts: dict[str, OfflineSql], output: st
     if not output:
         sys.stdout.write("".join(f"-- target: {n}\n{sql.text}" for n, sql in scripts.items()))
         return
-    folder = Path(output).resolve()
+    folder = Path(output).absolute()  # as given: /dev/stdout is no folder, not a pipe's name
     written = fleet_runs.write_sql(folder, {name: sql.text for name, sql in scripts.items()})
     for name, path in written.items():
         print(f"wrote the SQL for {env.name} {name} to {path}", file=sys.stderr)

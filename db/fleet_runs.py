@@ -154,9 +154,10 @@ def write_sql(folder: Path, scripts: Mapping[str, str]) -> dict[str, Path]:
     """Write each target's SQL to ``folder/NAME.sql``; returns the paths."""
     from db.authoring import write_sql
 
-    if folder.exists() and not folder.is_dir():
+    if folder.exists() and not folder.is_dir():  # a file, or a stream (/dev/stdout)
         raise ConfigError(
-            f"{folder} is a file: on a fleet, --output names a folder (a file per target)"
+            f"{folder} is no folder: on a fleet, --output names a folder (a file per "
+            "target); without it, every target's SQL is printed"
         )
     written = {name: folder / f"{name}.sql" for name in scripts}
     for name, path in written.items():

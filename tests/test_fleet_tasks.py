@@ -164,10 +164,14 @@ def test_offline_sql_gives_each_target_its_own_audit_rows_and_schema(project: Pr
         "apply only the files listed above\n"
     )
     (project.root / "one.sql").write_text("")
+    no_folder = "is no folder: on a fleet, --output names a folder (a file per target); "
+    no_folder += "without it, every target's SQL is printed\n"
     to_a_file = project.fails("offline-sql", "--env=shops", "--output=one.sql")
-    assert to_a_file.endswith(
-        "one.sql is a file: on a fleet, --output names a folder (a file per target)\n"
-    )
+    assert to_a_file.endswith(f"one.sql {no_folder}")
+    # the stream, not the pipe or terminal it leads to ("cannot write the SQL to
+    # /proc/123/fd/pipe:[4567]/alpha.sql: No such file or directory")
+    to_stdout = project.fails("offline-sql", "--env=shops", "--output=/dev/stdout")
+    assert to_stdout == f"error: /dev/stdout {no_folder}"
     project.write_env("shops", "DATABASE_URL=sqlite:///var/{target}.sqlite3\nTARGETS=, ,\n")
     assert "shops: TARGETS names no targets" in project.fails("status", "--env=shops")
 
