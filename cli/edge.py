@@ -55,6 +55,11 @@ def quiet_when_the_reader_leaves() -> None:
             print(f"error: cannot write the output: {why}", file=sys.stderr)
             sys.stderr.flush()
             os._exit(2)  # not through Python's exit, which would write stdout's rest again
+        broken = None if _debugging() else _unreadable_settings(value)
+        if broken is not None:
+            print(f"error: {broken}", file=sys.stderr)
+            sys.stderr.flush()
+            os._exit(2)
         hook(kind, value, traceback)
 
     sys.excepthook = cut_short
@@ -81,7 +86,7 @@ def _unwritable(error: BaseException) -> str | None:
     the output may be SQL, whose text must stay what it is."""
     if isinstance(error, StdoutClosed):
         return error.strerror
-    if "--debug" in sys.argv or os.environ.get("INVOKE_DB_DEBUG"):
+    if _debugging():
         return None
     full = (errno.ENOSPC, errno.EDQUOT, errno.EFBIG)
     if isinstance(error, OSError) and error.errno in full and error.filename is None:
@@ -91,6 +96,31 @@ def _unwritable(error: BaseException) -> str | None:
         return (
             f"it holds {held!r}, which stdout's encoding ({error.encoding}) cannot: set "
             "PYTHONIOENCODING=utf-8 (or a UTF-8 locale) and run it again"
+        )
+    return None
+
+
+def _debugging() -> bool:
+    """Whether the command line asks for tracebacks, before or after a task reads it."""
+    return "--debug" in sys.argv or bool(os.environ.get("INVOKE_DB_DEBUG"))
+
+
+def _unreadable_settings(error: BaseException) -> str | None:
+    """Why invoke could not read its own settings (``invoke.yaml``, read after this module
+    and before any task), in words; None for any other error."""
+    mark = getattr(error, "problem_mark", None)  # YAML that does not parse, and where
+    if mark is not None and "yaml" in type(error).__module__.split("."):
+        mark = getattr(error, "context_mark", None) or mark  # where the broken part starts
+        where = Path(mark.name)
+        shown = where.relative_to(ROOT) if where.is_relative_to(ROOT) else where
+        return (
+            f"{shown}, line {mark.line + 1}: {getattr(error, 'problem', None) or error}: "
+            "invoke cannot read its settings there; fix that YAML"
+        )
+    if type(error).__name__ == "AmbiguousMergeError":  # db: 5, where db: holds settings
+        return (
+            f"invoke's settings do not fit together ({error}): in invoke.yaml (or "
+            "~/.invoke.yaml), each of db: and tasks: holds settings, such as db: {env: dev}"
         )
     return None
 

@@ -621,6 +621,40 @@ def test_default_env_comes_from_invoke_config(project: Project) -> None:
     assert project.ok("status", "--env=dev").stderr.startswith("[dev] ")
 
 
+@pytest.mark.parametrize(
+    ("written", "said"),
+    [
+        (
+            "db:\n  env: [staging\n",  # YAML that does not parse: the line where it starts
+            "error: invoke.yaml, line {last}: expected ',' or ']', but got '<stream end>': "
+            "invoke cannot read its settings there; fix that YAML\n",
+        ),
+        (
+            "db: staging\n",  # a value where invoke keeps settings
+            "error: invoke's settings do not fit together (Can't cleanly merge <class 'dict'> "
+            "({'env': 'dev', 'debug': False}) with <class 'str'> ('staging')): in invoke.yaml "
+            "(or ~/.invoke.yaml), each of db: and tasks: holds settings, such as db: {env: "
+            "dev}\n",
+        ),
+    ],
+)
+def test_invoke_settings_it_cannot_read_are_one_line(
+    project: Project, written: str, said: str
+) -> None:
+    """invoke reads invoke.yaml before any task runs: a typo there ended every task with
+    invoke's own traceback."""
+    with (project.root / "invoke.yaml").open("a") as config:
+        config.write(written)
+    last = len((project.root / "invoke.yaml").read_text().splitlines())
+
+    result = project.invoke("migrate")
+
+    assert result.returncode == 2
+    assert result.stderr == said.replace("{last}", str(last))
+    assert "Traceback" in project.invoke("migrate", "--debug").stderr
+    assert not (project.root / "var" / "dev.sqlite3").exists()
+
+
 def test_local_env_file_overrides_a_key(project: Project) -> None:
     (project.root / "environments" / "dev.local.env").write_text(
         "DATABASE_URL=sqlite:///var/mine.sqlite3\n"
