@@ -26,7 +26,7 @@ from alembic.runtime.environment import EnvironmentContext
 from alembic.runtime.migration import RevisionStep
 from alembic.script import Script, ScriptDirectory
 from alembic.util import CommandError
-from sqlalchemy.engine import URL
+from sqlalchemy.engine import URL, Connection
 from sqlalchemy.exc import DBAPIError
 
 from db import revision_files
@@ -70,9 +70,10 @@ class RunOptions:
     on_start: Callable[[RevisionStep], None] | None = None
     on_step: Callable[[Step], None] | None = None
     on_note: Callable[[str], None] | None = None
-    # a changing run: called with the revision(s) read before the lock; False ends the run
-    # there, without the lock (a fleet's target with nothing to do)
-    before_lock: Callable[[tuple[str, ...]], bool] | None = None
+    # a changing run: called with the revision(s) read before the lock, and the connection
+    # that read them; False ends the run there, without the lock (a fleet's target with
+    # nothing to do)
+    before_lock: Callable[[tuple[str, ...], Connection], bool] | None = None
     stop: Stop = field(default_factory=Stop)
 
     def note(self, text: str | None) -> None:
@@ -100,7 +101,7 @@ class Run:
     note: Callable[[str], None] = field(default=lambda _text: None)
     models: bool = False  # import db.models: only autogenerate and check compare against them
     stop: Stop = field(default_factory=Stop)
-    before_lock: Callable[[tuple[str, ...]], bool] | None = None  # see RunOptions
+    before_lock: Callable[[tuple[str, ...], Connection], bool] | None = None  # see RunOptions
     progress: Progress | None = None  # set by run_env for runs that apply steps
 
     @property

@@ -241,9 +241,9 @@ def _migrate(env: Environment, args: TaskArgs) -> Outcome:
         guards.single_head(script, to_flag=True)
     seen: list[Outcome] = []
 
-    def behind(current: tuple[str, ...]) -> bool:
+    def behind(current: tuple[str, ...], connection: Connection) -> bool:
         seen.append(_at(env, script, current, _wanted(args)))
-        return bool(seen[0].pending)
+        return bool(seen[0].pending) or _guards_act(env, script, audit.entries(connection), args)
 
     steps = commands.migrate(env, to, replace(_options(args, env), before_lock=behind))
     before = seen[0]
@@ -258,6 +258,21 @@ def _migrate(env: Environment, args: TaskArgs) -> Outcome:
     if not steps:  # another run got there first, while this one waited for the lock
         return replace(after, state="up to date", detail="migrated by another run")
     return replace(after, state="migrated", detail=", ".join(s.revision for s in steps))
+
+
+def _guards_act(
+    env: Environment, script: ScriptDirectory, log: list[audit.Entry], args: TaskArgs
+) -> bool:
+    """Whether a run's guards would act on a target with nothing to do: refuse it (an
+    applied file changed on a protected fleet, another environment's trail), warn (changed,
+    elsewhere) or record its new name (--allow-env-mismatch). Then it runs under its lock as
+    one database does, whose guards say so; else it is done without taking the lock."""
+    if guards.changed_files(log, script, env):
+        return True
+    try:
+        return guards.same_environment(log, env, args.get("allow_env_mismatch", False))
+    except GuardRefused:
+        return True
 
 
 def _rollback(env: Environment, args: TaskArgs) -> Outcome:

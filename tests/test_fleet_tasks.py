@@ -222,6 +222,8 @@ def test_a_targets_messages_name_a_command_that_works_on_it(fleet: Project) -> N
     newest = max((fleet.root / "var" / "runs").glob("shops-*.json"))
     [notes] = [t["notes"] for t in json.loads(newest.read_text())["targets"]]
     assert any(note.startswith("warning: db/migrations/versions/second.py") for note in notes)
+    again = fleet.ok("migrate", "--env=shops", "--only=alpha").stderr  # as one database warns
+    assert "] already at third001\n  warning: db/migrations/versions/second.py changed" in again
     accepted = fleet.ok(*hinted(changed, "accept-changes")).stderr
     assert "shops.alpha: accepted second01 as it is now" in accepted  # which target's
     back = fleet.ok("rollback", "--env=shops", "--only=alpha").stderr

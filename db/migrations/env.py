@@ -251,7 +251,7 @@ def wanted(connection: Connection) -> bool:
         return True
     current = version_of(connection, run.schema)
     # nothing to do, but a run that never finished: the lock, and the guards that refuse it
-    go = run.before_lock(current) or audit.any_unfinished(connection)
+    go = run.before_lock(current, connection) or audit.any_unfinished(connection)
     connection.rollback()
     return go
 
