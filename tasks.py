@@ -360,7 +360,9 @@ def stamp(
         "revision": "the applied revision whose edited file you accept",
         "lock_wait": RUN["lock_wait"],
         "yes": YES,
-        "only": ONE,
+        **FLEET,
+        "keep_going": FLEET_KEEP_GOING,
+        "json": REPORT,
     }
 )
 def accept_changes(
@@ -370,6 +372,9 @@ def accept_changes(
     yes: bool = False,
     lock_wait: str | None = None,
     only: str | None = None,
+    jobs: str | None = None,
+    keep_going: bool = False,
+    json_: bool = False,
     debug: bool = False,
 ) -> None:
     """Record the new checksum of an applied revision's deliberately edited file."""
@@ -378,10 +383,17 @@ def accept_changes(
         from db import records
 
         revision = named("REVISION", revision)
-        target = environment(c, env, banner=True, only=only)
+        target = environment(c, env, banner=True, fleet_ok=True, only=only)
+        options = run_options(lock_wait)
+        if is_fleet(target):
+            flags: TaskArgs = {**fleet_args(options), "revision": revision}
+            plan = fleet_plan("accept-changes", flags, jobs, keep_going)
+            run_fleet(target, plan, only or "", options, json_=json_, yes=yes)
+            return
+        no_report(target, json_)
         if target.protected:
             confirm(target, yes, f"accept the edited file of {revision} on", need_yes=False)
-        done = records.accept_changes(target, revision, run_options(lock_wait))
+        done = records.accept_changes(target, revision, options)
     if done.first:
         said = f"recorded the checksum of {done.revision} as it is now (the trail had none)"
         print(f"{target.label}: {said}", file=sys.stderr)

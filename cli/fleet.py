@@ -49,7 +49,10 @@ def fleet_plan(
 
 
 # what a protected fleet asks before a run that changes its targets, where it shows no plan
-PROTECTED_ASKS = {"stamp": ("record {revision} as applied on", False)}
+PROTECTED_ASKS = {
+    "stamp": ("record {revision} as applied on", False),
+    "accept-changes": ("accept the edited file of {revision} on", False),
+}
 # where it does: the read that makes the plan, what it asks to do, whether that needs --yes
 # (a rollback, as on one database), and what a target with nothing to do is reported as
 PLANS = {
@@ -303,6 +306,9 @@ def event(outcome: Outcome) -> str:
         "rolled back": f"rolled back {outcome.detail}; now at {where}",
         "unchanged": f"nothing to roll back, at {where}",
         "stamped": outcome.detail,
+        "accepted": outcome.detail,
+        "as recorded": f"{outcome.detail}: nothing to accept",
+        "not applied": outcome.detail,
         "seeded": outcome.detail,
         "at head": f"at {where}, nothing pending",
         "behind": f"at {where}, {len(outcome.pending)} pending",

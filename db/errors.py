@@ -86,6 +86,10 @@ class RevisionError(DbError):
     """A revision is unknown or ambiguous, or the history is not in a usable state."""
 
 
+class NotApplied(RevisionError):
+    """The revision a task records something of is not applied to the database."""
+
+
 class MigrationFailed(DbError):
     """A revision raised while running; the database stays at the last good revision."""
 

@@ -31,7 +31,8 @@ RUNS_DIR = Path("var") / "runs"
 _STAMP, _STAMP_SHAPE = "%Y%m%dT%H%M%S.%fZ", r"\d{8}T\d{6}\.\d{6}Z"  # a report's time, its shape
 
 
-CHANGING = ("migrate", "rollback", "stamp", "seed")  # the tasks that write a run report
+# the tasks that write a run report
+CHANGING = ("migrate", "rollback", "stamp", "accept-changes", "seed")
 
 
 # a target's run came back without an outcome: locked by another run, or its server had no
@@ -74,7 +75,7 @@ class TaskArgs(TypedDict, total=False):
 
     to: str | None  # migrate: the revision to reach; rollback: the one to go back to
     steps: int  # rollback
-    revision: str  # stamp
+    revision: str  # stamp, accept-changes
     force: bool  # stamp
     lock_wait: float
     wait: float | None
@@ -101,20 +102,22 @@ class Plan:
 def check(env: Environment, plan: Plan, chosen: list[Target]) -> None:
     """Refuse, before any of the ``chosen`` targets starts, what would fail on every target
     alike: revision files that do not load, several heads for a migrate to head, a revision
-    (``--to``, or the one to stamp) that the files do not have, a bad ``RUNS_KEEP``."""
+    (``--to``, or the one to stamp or accept) that the files do not have, a bad ``RUNS_KEEP``."""
     from db import guards
     from db.records import stamp_target
-    from db.revision_ids import known_revision, one_way
+    from db.revision_ids import by_id, known_revision, one_way
 
     if plan.task in CHANGING:  # a bad setting, said now rather than after the run
         env.count("RUNS_KEEP", 100)
     if plan.task in ("migrate", "rollback") and plan.args.get("to"):
         one_way(plan.args.get("to") or "", up=plan.task == "migrate", flags=env.flags)
-    if plan.task not in ("migrate", "rollback", "stamp"):
+    if plan.task not in ("migrate", "rollback", "stamp", "accept-changes"):
         return
     script = _scripts(env, chosen[0])
     if plan.task == "stamp":
         stamp_target(script, plan.args.get("revision", ""), env.flags)
+    elif plan.task == "accept-changes":
+        by_id(script, plan.args.get("revision", ""), env.flags, plan.task)
     elif plan.task == "migrate" and plan.args.get("to") == "head":
         guards.single_head(script, to_flag=True)
     elif plan.args.get("to"):

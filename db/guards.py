@@ -101,10 +101,12 @@ def _problem(
     if audit.unchanged(found.path, *sums):
         return None
     recorded, current = sums[0] or "", audit.checksum(found.path)
+    # on a fleet, for every target at once: each applied the one file, and one that took it
+    # as it is now has nothing to accept (and the plan shows one line for them all)
     return (
         f"{_relative(found.path, env)} changed after revision {rev} was applied "
         f"(sha256 {recorded[:12]} then, {current[:12]} now): restore it, or record the change "
-        f"with `invoke accept-changes {env.flags} {rev}`"
+        f"with `invoke accept-changes --env={env.name} {rev}`"
     )
 
 

@@ -99,7 +99,8 @@ class Pool:
         from db import audit, locks  # noqa: F401  (env.py's)
         from db.engines import is_async
 
-        extra = {"check": "db.review", "stamp": "db.records", "seed": "db.seed"}
+        extra = {"check": "db.review", "seed": "db.seed"}
+        extra.update(dict.fromkeys(("stamp", "accept-changes"), "db.records"))
         if self.plan.task in extra:
             importlib.import_module(extra[self.plan.task])
 

@@ -30,7 +30,14 @@ from db.commands import (
 )
 from db.connections import with_connection
 from db.environments import Environment
-from db.errors import ConnectError, DbError, GuardRefused, Interrupted, RevisionError
+from db.errors import (
+    ConnectError,
+    DbError,
+    GuardRefused,
+    Interrupted,
+    NotApplied,
+    RevisionError,
+)
 from db.revision_ids import by_id
 from db.runner import RunOptions, load_scripts, make_config, run_env
 from db.schema import differences, snapshot
@@ -238,7 +245,7 @@ def accept_changes(env: Environment, revision: str, options: RunOptions | None =
         connection = connection_of(context)
         found = by_id(script, revision, env.flags, "accept-changes")
         if found is None or found.revision not in applied_revisions(script, current):
-            raise RevisionError(f"revision {revision} is not applied to the {env.label} database")
+            raise NotApplied(f"revision {revision} is not applied to the {env.label} database")
         sums = audit.applied_checksums(audit.entries(connection)).get(found.revision, (None, None))
         first = sums[0] is None
         changed = first or not audit.unchanged(found.path, *sums)

@@ -32,6 +32,7 @@ from db.errors import (
     GuardRefused,
     Halted,
     LockTimeout,
+    NotApplied,
     RevisionError,
     refused_at,
 )
@@ -386,6 +387,23 @@ def _stamp(env: Environment, args: TaskArgs) -> Outcome:
     return replace(_read(env), state="stamped", detail=done.what + forced)
 
 
+def _accept(env: Environment, args: TaskArgs) -> Outcome:
+    """An applied file's edit, recorded on the target; one behind, whose migrate will run
+    the file as it is now, has nothing to accept."""
+    from db import records
+
+    revision = args["revision"]
+    try:
+        done = records.accept_changes(env, revision, _options(args, env))
+    except NotApplied:
+        why = f"{revision} is not applied: nothing to accept (a migrate runs the file as it is)"
+        return replace(_read(env), state="not applied", detail=why)
+    if not done.changed:
+        return replace(_read(env), state="as recorded", detail=f"{done.revision} is as recorded")
+    said = "recorded the checksum of" if done.first else "accepted"
+    return replace(_read(env), state="accepted", detail=f"{said} {done.revision} as it is now")
+
+
 def _seed(env: Environment, _args: TaskArgs) -> Outcome:
     from db import seed
 
@@ -401,5 +419,6 @@ TASKS: dict[str, Callable[[Environment, TaskArgs], Outcome]] = {
     "history": _history,
     "check": _check,
     "stamp": _stamp,
+    "accept-changes": _accept,
     "seed": _seed,
 }

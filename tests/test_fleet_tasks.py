@@ -224,10 +224,49 @@ def test_a_targets_messages_name_a_command_that_works_on_it(fleet: Project) -> N
     assert any(note.startswith("warning: db/migrations/versions/second.py") for note in notes)
     again = fleet.ok("migrate", "--env=shops", "--only=alpha").stderr  # as one database warns
     assert "] already at third001\n  warning: db/migrations/versions/second.py changed" in again
-    accepted = fleet.ok(*hinted(changed, "accept-changes")).stderr
-    assert "shops.alpha: accepted second01 as it is now" in accepted  # which target's
+    accepted = fleet.ok(*hinted(changed, "accept-changes")).stderr  # on every target
+    assert "alpha] accepted second01 as it is now" in accepted  # and gamma, where it is applied
+    assert "gamma] accepted second01" in accepted and "beta] second01 is not applied" in accepted
     back = fleet.ok("rollback", "--env=shops", "--only=alpha").stderr
     assert "warning" not in back and versions(fleet, "alpha") == ["second01"]
+
+
+def test_accept_changes_records_an_edited_file_on_every_target(fleet: Project) -> None:
+    """accept-changes took one target at a time: a file edited after a protected fleet
+    applied it stopped every target's migrate, and each needed its own command (--only)."""
+    fleet.extend_env("shops", "PROTECTED=true\n")
+    fleet.ok("migrate", "--env=shops", "--yes")
+    fleet.ok("rollback", "--env=shops", "--only=gamma", "--yes")
+    [path] = fleet.versions.glob(f"*_{HEAD}_*.py")
+    path.write_text(path.read_text() + "\nEDITED = True\n")  # code, not a comment: it counts
+    # a target with nothing to do was "already at" it, where one database is refused
+    stopped = fleet.invoke("migrate", "--env=shops", "--yes", "--keep-going")
+    assert stopped.returncode == 4, stopped.stderr
+    for shop in ("alpha", "beta"):
+        assert f"{shop}] failed: db/migrations/versions/" in stopped.stderr
+    refusal = f"  2 target(s): refused: db/migrations/versions/{path.name} changed after "
+    assert refusal in stopped.stderr  # one line for both: one command accepts it on both
+    assert "gamma] migrated" in stopped.stderr and "already at" not in stopped.stderr
+    assert hinted(stopped.stderr, "accept-changes") == ["accept-changes", "--env=shops", HEAD]
+    fleet.ok("rollback", "--env=shops", "--only=gamma", "--yes")
+
+    refused = fleet.invoke("accept-changes", HEAD, "--env=shops")
+    accepted = fleet.ok("accept-changes", HEAD[:6], "--env=shops", "--yes").stderr
+
+    assert refused.returncode == 4 and "pass --yes" in refused.stderr  # asked once, for all
+    for shop in ("alpha", "beta"):
+        assert f"{shop}] accepted {HEAD} as it is now" in accepted
+        [row] = query(fleet, shop, "select target from migration_log where direction = 'accept'")
+        assert row == (shop,)
+    assert f"gamma] {HEAD[:6]} is not applied: nothing to accept (a migrate runs" in accepted
+    assert "shops: 3 targets: 2 accepted, 1 not applied" in accepted
+    assert not query(fleet, "gamma", "select 1 from migration_log where direction = 'accept'")
+    fleet.ok("migrate", "--env=shops", "--yes")  # gamma runs the file as it is now
+    assert [versions(fleet, shop) for shop in SHOPS] == [[HEAD]] * 3
+    again = fleet.ok("accept-changes", HEAD, "--env=shops", "--yes").stderr
+    assert f"3 targets: 3 as recorded ({3} at {HEAD})" in again
+    unknown = fleet.fails("accept-changes", "feed1234", "--env=shops", "--yes")
+    assert "No such revision or branch 'feed1234'" in unknown and "[1/3" not in unknown
 
 
 def test_a_run_report_is_kept_and_printed_with_json(fleet: Project) -> None:
@@ -252,6 +291,7 @@ def test_a_run_report_is_kept_and_printed_with_json(fleet: Project) -> None:
     [
         (["rollback"], {"rolled back": 3}),
         (["stamp", HEAD], {"up to date": 3}),
+        (["accept-changes", HEAD], {"as recorded": 3}),
         (["seed"], {"seeded": 3}),
     ],
 )
