@@ -344,15 +344,6 @@ def entries(connection: Connection) -> list[Entry]:
     ]
 
 
-def any_unfinished(connection: Connection) -> bool:
-    """Whether a non-transactional run started and never finished, read in one query
-    (after the table's): a fleet's target with nothing pending asks only this."""
-    if not inspect(connection).has_table(LOG.name):
-        return False
-    running = select(LOG.c.id).where(LOG.c.direction.in_(("run-up", "run-down"))).limit(1)
-    return connection.execute(running).first() is not None
-
-
 def unfinished(log: list[Entry]) -> list[Entry]:
     """Non-transactional revisions that started and were never finished or resolved."""
     return [entry for entry in log if entry.direction in ("run-up", "run-down")]

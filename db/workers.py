@@ -264,11 +264,12 @@ def _migrate(env: Environment, args: TaskArgs) -> Outcome:
 def _guards_act(
     env: Environment, script: ScriptDirectory, log: list[audit.Entry], args: TaskArgs
 ) -> bool:
-    """Whether a run's guards would act on a target with nothing to do: refuse it (an
-    applied file changed on a protected fleet, another environment's trail), warn (changed,
-    elsewhere) or record its new name (--allow-env-mismatch). Then it runs under its lock as
-    one database does, whose guards say so; else it is done without taking the lock."""
-    if guards.changed_files(log, script, env):
+    """Whether a run's guards would act on a target with nothing to do: refuse it (a
+    non-transactional run that never finished, an applied file changed on a protected
+    fleet, another environment's trail), warn (changed, elsewhere) or record its new name
+    (--allow-env-mismatch). Then it runs under its lock as one database does, whose guards
+    say so; else it is done without taking the lock."""
+    if audit.unfinished(log) or guards.changed_files(log, script, env):
         return True
     try:
         return guards.same_environment(log, env, args.get("allow_env_mismatch", False))

@@ -21,7 +21,7 @@ from sqlalchemy.engine import make_url
 from sqlalchemy.exc import DBAPIError
 from sqlalchemy.types import TypeDecorator
 
-from db import audit, offline  # noqa: F401  (offline: text compiled with its values)
+from db import offline  # noqa: F401  (text compiled with its values)
 from db.connections import connect, connect_async, run_coroutine
 from db.engines import is_async, make_async_engine, make_engine
 from db.errors import BrokenModels, MigrationFailed
@@ -246,12 +246,11 @@ def run_on(connection: Connection) -> None:
 
 def wanted(connection: Connection) -> bool:
     """Whether a changing run goes on to take the lock: ``run.before_lock`` decides from the
-    revision(s) read without it (the read's transaction ends here)."""
+    revision(s) read without it, and what else it reads on the connection (the read's
+    transaction ends here)."""
     if not run.lock or run.before_lock is None:
         return True
-    current = version_of(connection, run.schema)
-    # nothing to do, but a run that never finished: the lock, and the guards that refuse it
-    go = run.before_lock(current, connection) or audit.any_unfinished(connection)
+    go = run.before_lock(version_of(connection, run.schema), connection)
     connection.rollback()
     return go
 
