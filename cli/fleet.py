@@ -6,6 +6,7 @@ from __future__ import annotations
 import os
 import sys
 from collections.abc import Callable
+from contextlib import suppress
 from typing import TYPE_CHECKING, TextIO
 
 from invoke.exceptions import Exit
@@ -214,8 +215,8 @@ def plan_groups(
             what = "a non-transactional run never finished: refused until resolved"
         elif outcome.state == "past":
             what = f"past {to}: refused, migrate only goes forward"
-        elif outcome.state == "refused":
-            what = f"refused: {outcome.detail}"
+        elif outcome.state == "refused":  # one line for those refused alike, not one each
+            what = f"refused: {as_the_fleets(env, target, outcome.detail)}"
         elif plan.task == "rollback":
             what = f"undo {in_short(outcome.pending)}" if outcome.pending else "nothing to undo"
         else:
@@ -225,20 +226,23 @@ def plan_groups(
 
 
 def as_the_fleets(env: Environment, target: Target, said: str) -> str:
-    """What was said of a target, with its URL written as the fleet's (``{target}`` in
-    it), so that targets that failed alike read alike. A target with a URL of its own (from
-    its line of TARGETS_FILE, or its catalog row) keeps it: it is on another server."""
+    """What was said of a target, written with ``{target}`` for its name, so that targets
+    that failed (or would be refused) alike read alike: its URL as the fleet's, its label
+    (``shops.{target}``) and the ``--only={target}`` of a command that names it. A target
+    with a URL of its own (from its line of TARGETS_FILE, or its catalog row) keeps that
+    URL: it is on another server."""
+    import re
+
     from db import fleet
     from db.errors import DbError
     from db.urls import mask
 
-    if target.url:
-        return said
-    try:
-        own, template = mask(fleet.environment(env, target).url()), mask(env.url())
-    except DbError:  # a secret not set: said as it is
-        return said
-    return said.replace(own, template)
+    if not target.url:
+        with suppress(DbError):  # a secret not set: the URL said as it is
+            said = said.replace(mask(fleet.environment(env, target).url()), mask(env.url()))
+    for named in (f"{env.name}.", "--only="):  # the name whole, not shops.alpha2's alpha
+        said = re.sub(rf"{re.escape(named + target.name)}(?![\w.-])", named + "{target}", said)
+    return said
 
 
 def in_short(pending: tuple[str, ...], to: str = "head") -> str:

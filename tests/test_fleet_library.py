@@ -257,6 +257,28 @@ def test_schema_per_target_and_what_a_fleet_must_name(project: Project) -> None:
         fleet.environment(sqlite, fleet.targets(sqlite)[0]).url()
 
 
+def test_what_is_said_of_a_target_is_written_as_of_the_fleet(project: Project) -> None:
+    """How a protected fleet's plan says once what it says of many targets alike: the
+    target's name whole, never the start of another's."""
+    from cli.fleet import as_the_fleets
+
+    url = "postgresql+asyncpg://shop:${SHOPS_PASSWORD}@db:5432/shop_{target}"
+    env = shops(project, f"DATABASE_URL={url}\nTARGETS=al al2\n")
+    said = (
+        "cannot connect to postgresql+asyncpg://shop:***@db:5432/shop_al: refused; the "
+        "shops.al database (not shops.al2) is at dead00000009: `invoke stamp --env=shops "
+        "--only=al NEW`, not --only=al2 or --only=al.x"
+    )
+
+    assert as_the_fleets(env, Target("al"), said) == (
+        "cannot connect to postgresql+asyncpg://shop:***@db:5432/shop_{target}: refused; the "
+        "shops.{target} database (not shops.al2) is at dead00000009: `invoke stamp "
+        "--env=shops --only={target} NEW`, not --only=al2 or --only=al.x"
+    )
+    own = Target("al", url="postgresql+asyncpg://shop@elsewhere:5432/shop_al")
+    assert "elsewhere" in as_the_fleets(env, own, said.replace("db:5432", "elsewhere:5432"))
+
+
 def test_one_target_for_the_one_database_tasks(project: Project) -> None:
     env = shops(project, "DATABASE_URL=sqlite:///var/{target}.db\nTARGETS=alpha beta\n")
 

@@ -548,6 +548,31 @@ def test_a_protected_fleets_plan_shows_the_targets_a_guard_refuses(project: Proj
     assert versions(project, "alpha") == [HEAD]
 
 
+def test_a_protected_fleets_plan_says_a_refusal_of_many_targets_once(fleet: Project) -> None:
+    """Targets refused for one cause (the code checked out is older than the databases)
+    took a line of the plan each, lines that differed only in the target's name: a fleet
+    of thirty had thirty for one cause."""
+    fleet.extend_env("shops", "PROTECTED=true\n")
+    fleet.ok("migrate", "--env=shops", "--yes")
+    for shop in SHOPS:
+        query(fleet, shop, "update alembic_version set version_num = 'dead00000009'")
+
+    result = fleet.invoke("migrate", "--env=shops", "--yes", "--keep-going")
+
+    assert result.returncode == 6, result.stderr
+    assert (
+        "plan for 3 targets:\n  3 target(s): refused: the shops.{target} database is at "
+        "revision dead00000009, which is not in db/migrations/versions: "
+    ) in result.stderr
+    assert "`invoke stamp --env=shops --only={target} NEW` records it)  [alpha, beta, gamma]\n" in (
+        result.stderr
+    )
+    for shop in SHOPS:  # each target's own line names it, and its own command
+        said = f"{shop}] failed: the shops.{shop} database is at revision dead00000009"
+        assert said in result.stderr and f"--only={shop} NEW" in result.stderr
+        assert versions(fleet, shop) == ["dead00000009"]
+
+
 def test_a_target_a_guard_refuses_is_no_canary(project: Project) -> None:
     """A canary whose run a guard refuses (its trail is another environment's) proves
     nothing about the revisions, yet its failure kept every other target from running."""
