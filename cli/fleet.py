@@ -279,9 +279,9 @@ class Board:
         if not self.quiet:
             self._clear()
             count = f"{self.finished:>{self.width}}/{self.total}"
-            lines = [f"[{count} {outcome.target}] {event(outcome)}"]
-            lines += [f"  {note}" for note in outcome.notes]  # as one database's run shows them
-            print("\n".join(lines), file=self.out, flush=True)
+            print(f"[{count} {outcome.target}] {event(outcome)}", file=self.out, flush=True)
+            for note in outcome.notes:  # as one database's run says them: on stderr, no data
+                print(f"  {note}", file=sys.stderr, flush=True)
         self._progress()
 
     def _progress(self) -> None:

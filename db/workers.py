@@ -348,7 +348,13 @@ def _planned(
 
 
 def _status(env: Environment, _args: TaskArgs) -> Outcome:
-    return _read(env, _signalled, trail=True)  # a signal ends a slow connect at once
+    """Where the target is, and, as one database's status says, an applied file that
+    changed: refused on a protected fleet, else a warning."""
+
+    def changed(script: ScriptDirectory, log: list[audit.Entry]) -> None:
+        guards.unchanged_files(log, script, env, _NOTES.append)
+
+    return _read(env, _signalled, trail=True, guard=changed)  # a signal ends a slow connect
 
 
 def _history(env: Environment, _args: TaskArgs) -> Outcome:

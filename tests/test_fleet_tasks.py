@@ -224,6 +224,9 @@ def test_a_targets_messages_name_a_command_that_works_on_it(fleet: Project) -> N
     assert any(note.startswith("warning: db/migrations/versions/second.py") for note in notes)
     again = fleet.ok("migrate", "--env=shops", "--only=alpha").stderr  # as one database warns
     assert "] already at third001\n  warning: db/migrations/versions/second.py changed" in again
+    status = fleet.ok("status", "--env=shops", "--only=alpha")  # so does its status
+    assert status.stdout == "[1/1 alpha] at third001, nothing pending\n"  # the data alone
+    assert "\n  warning: db/migrations/versions/second.py changed after revision" in status.stderr
     accepted = fleet.ok(*hinted(changed, "accept-changes")).stderr  # on every target
     assert "alpha] accepted second01 as it is now" in accepted  # and gamma, where it is applied
     assert "gamma] accepted second01" in accepted and "beta] second01 is not applied" in accepted
@@ -248,6 +251,10 @@ def test_accept_changes_records_an_edited_file_on_every_target(fleet: Project) -
     assert refusal in stopped.stderr  # one line for both: one command accepts it on both
     assert "gamma] migrated" in stopped.stderr and "already at" not in stopped.stderr
     assert hinted(stopped.stderr, "accept-changes") == ["accept-changes", "--env=shops", HEAD]
+    status = fleet.invoke("status", "--env=shops", "--check")  # refused, as on one database
+    assert status.returncode == 4, status.stderr
+    assert "beta] failed: db/migrations/versions/" in status.stdout
+    assert "shops: 3 targets: 2 failed" in status.stderr
     fleet.ok("rollback", "--env=shops", "--only=gamma", "--yes")
 
     refused = fleet.invoke("accept-changes", HEAD, "--env=shops")
