@@ -147,10 +147,17 @@ def _scripts(env: Environment, target: Target) -> ScriptDirectory:
 
 def offline_sql(env: Environment, only: str, start: str | None, to: str) -> dict[str, OfflineSql]:
     """Each chosen target's SQL: its own, since its audit rows name it (and its schema, or its
-    own URL's dialect, may differ)."""
+    own URL's dialect, may differ). A --from or --to the files do not have is refused once,
+    as the fleet's (its history is the fleet's, not its first target's)."""
     from db.authoring import offline_sql as render
+    from db.revision_ids import known_revision
 
-    return {t.name: render(environment(env, t), start, to) for t in targets(env, only)}
+    chosen = targets(env, only)
+    script = _scripts(env, chosen[0])
+    for given in (start, to):
+        if given is not None:
+            known_revision(script, given, env.flags)
+    return {t.name: render(environment(env, t), start, to) for t in chosen}
 
 
 def write_sql(folder: Path, scripts: Mapping[str, str]) -> dict[str, Path]:

@@ -172,6 +172,11 @@ def test_offline_sql_gives_each_target_its_own_audit_rows_and_schema(project: Pr
     # /proc/123/fd/pipe:[4567]/alpha.sql: No such file or directory")
     to_stdout = project.fails("offline-sql", "--env=shops", "--output=/dev/stdout")
     assert to_stdout == f"error: /dev/stdout {no_folder}"
+    for flag in ("--to=nope", "--from=nope"):  # the fleet's history, not its first target's
+        unknown = project.fails("offline-sql", "--env=shops", flag)
+        assert unknown.endswith(
+            "No such revision or branch 'nope'; see `invoke history --env=shops`\n"
+        )
     project.write_env("shops", "DATABASE_URL=sqlite:///var/{target}.sqlite3\nTARGETS=, ,\n")
     assert "shops: TARGETS names no targets" in project.fails("status", "--env=shops")
 
