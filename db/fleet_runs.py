@@ -101,8 +101,9 @@ class Plan:
 
 def check(env: Environment, plan: Plan, chosen: list[Target]) -> None:
     """Refuse, before any of the ``chosen`` targets starts, what would fail on every target
-    alike: revision files that do not load, several heads for a migrate to head, a revision
-    (``--to``, or the one to stamp or accept) that the files do not have, a bad ``RUNS_KEEP``."""
+    alike: revision files that do not load (every task but seed reads them), several heads
+    for a migrate to head, a revision (``--to``, or the one to stamp or accept) that the
+    files do not have, a bad ``RUNS_KEEP``."""
     from db import guards
     from db.records import stamp_target
     from db.revision_ids import by_id, known_revision, one_way
@@ -111,7 +112,7 @@ def check(env: Environment, plan: Plan, chosen: list[Target]) -> None:
         env.count("RUNS_KEEP", 100)
     if plan.task in ("migrate", "rollback") and plan.args.get("to"):
         one_way(plan.args.get("to") or "", up=plan.task == "migrate", flags=env.flags)
-    if plan.task not in ("migrate", "rollback", "stamp", "accept-changes"):
+    if plan.task == "seed":  # the one task that reads no revision file
         return
     script = _scripts(env, chosen[0])
     if plan.task == "stamp":

@@ -841,8 +841,12 @@ def test_what_would_fail_every_target_alike_is_refused_once_before_any_starts(
     assert "error: the revisions have 2 heads (fork0001, other001): merge them" in heads
     assert "plan for 3 targets" not in heads
     project.add_revision("broken", "this is not python(\n")
-    broken = project.fails("rollback", "--env=shops", "--yes")
-    assert "error: db/migrations/versions/broken.py, line 1, is not valid Python" in broken
+    for task in (["rollback", "--yes"], ["status"], ["history"], ["check"]):  # each said once
+        broken = project.invoke(*task, "--env=shops")  # as one database's, exit 2
+        assert broken.returncode == 2, broken.stderr
+        said = broken.stderr.splitlines()[-1]
+        assert said.startswith("error: db/migrations/versions/broken.py, line 1, is not valid")
+        assert "] failed" not in broken.stdout + broken.stderr
     (project.versions / "broken.py").unlink()
 
     assert len(list((project.root / "var" / "runs").glob("shops-*.json"))) == runs
