@@ -4,6 +4,7 @@ line per target, a progress line on a terminal, the summary and the exit code.""
 from __future__ import annotations
 
 import os
+import re
 import sys
 from collections.abc import Callable
 from contextlib import suppress
@@ -231,8 +232,6 @@ def as_the_fleets(env: Environment, target: Target, said: str) -> str:
     (``shops.{target}``) and the ``--only={target}`` of a command that names it. A target
     with a URL of its own (from its line of TARGETS_FILE, or its catalog row) keeps that
     URL: it is on another server."""
-    import re
-
     from db import fleet
     from db.errors import DbError
     from db.urls import mask
