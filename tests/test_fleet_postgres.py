@@ -3,15 +3,18 @@ servers, and a target whose connection is killed part way."""
 
 from __future__ import annotations
 
+import asyncio
 import json
 import os
 import signal
 import subprocess
+import time
 import uuid
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
+import asyncpg
 import pytest
 from conftest import (
     Cluster,
@@ -345,6 +348,37 @@ def test_a_target_already_at_head_is_not_kept_waiting_by_its_lock(
     assert result.returncode == 0, result.stderr
     assert result.stderr.count(f"already at {HEAD}") == 3
     assert "locked" not in result.stderr
+
+
+def test_a_target_whose_version_table_a_dba_keeps_locked_fails_after_lock_timeout(
+    tenants: Project, pg_database: PgDatabase
+) -> None:
+    """A target with nothing to do is read before its run's session is set up: a DBA's
+    LOCK TABLE on its version table kept a fleet's run waiting for as long as it was held,
+    where one database's run gives up after LOCK_TIMEOUT and says so."""
+    tenants.ok("migrate", "--env=tenants")
+    tenants.extend_env("tenants", "LOCK_TIMEOUT=1s\n")
+
+    async def scenario() -> tuple[float, subprocess.CompletedProcess[str]]:
+        holder = await asyncpg.connect(pg_database.dsn)
+        transaction = holder.transaction()
+        await transaction.start()
+        await holder.execute("lock table beta.alembic_version in access exclusive mode")
+        try:  # held 20 s at most: without the limit, the run would end when it is released
+            started = time.monotonic()
+            run = asyncio.create_task(asyncio.to_thread(tenants.invoke, "migrate", "--env=tenants"))
+            await asyncio.wait({run}, timeout=20)
+            await transaction.rollback()
+            return time.monotonic() - started, await run
+        finally:
+            await holder.close()
+
+    seconds, result = asyncio.run(scenario())
+
+    assert result.returncode == 6, result.stderr
+    assert "beta] failed: database error on " in result.stderr
+    assert "it waited 1s (LOCK_TIMEOUT) for a lock that another session holds" in result.stderr
+    assert result.stderr.count(f"already at {HEAD}") == 2 and seconds < 15
 
 
 @pytest.fixture

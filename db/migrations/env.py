@@ -250,6 +250,11 @@ def wanted(connection: Connection) -> bool:
     transaction ends here)."""
     if not run.lock or run.before_lock is None:
         return True
+    timeout = run.session_settings.get("lock_timeout")
+    if timeout and connection.dialect.name == "postgresql":  # a DBA's LOCK TABLE ends it as
+        # it ends the run's own reads, not when it is released; SET LOCAL, for this read alone
+        set_local = text("select set_config('lock_timeout', :timeout, true)")
+        connection.execute(set_local, {"timeout": timeout})
     go = run.before_lock(version_of(connection, run.schema), connection)
     connection.rollback()
     return go
