@@ -59,6 +59,11 @@ def what_to_do(exc: DBAPIError, flags: str, role: str | None) -> str:
         )
     if "file is not a database" in said or "database disk image is malformed" in said:
         return f"the SQLite file is corrupt: {repair(flags)}"
+    if state == "55P03":  # lock_not_available: a read that LOCK_TIMEOUT ended
+        return (
+            "another session holds a lock on its tables (a long transaction, a DBA's LOCK "
+            "TABLE?): run it again once that session is done, or raise LOCK_TIMEOUT"
+        )
     if "database is locked" in said:  # past the busy wait, CONNECT_TIMEOUT, for a writer
         return (
             "another connection keeps the SQLite file locked (the app writing a large "

@@ -97,6 +97,16 @@ class Fence:
             )
 
 
+def lock_timeout_for_this_read(connection: Connection, settings: Mapping[str, str]) -> None:
+    """A read made outside a run's session (a fleet's, before the lock) waits for a table
+    lock (a DBA's LOCK TABLE) no longer than the run's own would: ``lock_timeout`` for its
+    transaction alone (SET LOCAL, which holds behind a transaction-mode pooler too)."""
+    timeout = settings.get("lock_timeout")
+    if timeout and connection.dialect.name == "postgresql":
+        set_local = text("select set_config('lock_timeout', :timeout, true)")
+        connection.execute(set_local, {"timeout": timeout})
+
+
 async def prepare_session(
     connection: AsyncConnection, engine: AsyncEngine, settings: Mapping[str, str], where: str
 ) -> int:

@@ -39,9 +39,9 @@ from db.errors import (
 from db.failures import describe, what_to_do
 from db.fleet import Target, environment
 from db.fleet_runs import Outcome, TaskArgs
-from db.locks import LOCK_WAIT
+from db.locks import LOCK_WAIT, lock_timeout_for_this_read
 from db.revision_ids import revision_error
-from db.runner import RunOptions, load_scripts, make_config
+from db.runner import RunOptions, load_scripts, make_config, session_settings
 from db.stop import Stop
 from db.versions import applied_revisions, version_of
 
@@ -188,15 +188,19 @@ def _read(
     trail: bool = False,
     to: str = "heads",
     guard: Callable[[ScriptDirectory, list[audit.Entry]], None] | None = None,
+    bounded: bool = False,
 ) -> Outcome:
     """Where a target is, read without the lock or env.py: at ``to``, or behind it (with
     what is pending); with ``trail``, read on the same connection, "unfinished" if a
     non-transactional run never finished (migrate and rollback refuse it until resolved),
     and ``guard`` given the trail, to raise where a run would refuse the target.
-    ``stopped`` raises to give up connecting: a read-only task's, on a signal."""
+    ``stopped`` raises to give up connecting: a read-only task's, on a signal. ``bounded``:
+    a run's read (its plan), which waits for a table lock no longer than the run would."""
     script = load_scripts(make_config(env, offline=True))
 
     def read(connection: Connection) -> tuple[tuple[str, ...], list[audit.Entry]]:
+        if bounded:
+            lock_timeout_for_this_read(connection, session_settings(env))
         return version_of(connection, env.schema), audit.entries(connection) if trail else []
 
     current, log = with_database(env, read, stopped)
@@ -338,7 +342,7 @@ def _planned(
         guards.unchanged_files(log, script, env, lambda _warning: None)  # said by the run
 
     try:
-        found = _read(env, _signalled, trail=True, to=to, guard=guard)
+        found = _read(env, _signalled, trail=True, to=to, guard=guard, bounded=True)
         if found.state == "unfinished":
             return found
         return plan(load_scripts(make_config(env, offline=True)), found)

@@ -350,35 +350,61 @@ def test_a_target_already_at_head_is_not_kept_waiting_by_its_lock(
     assert "locked" not in result.stderr
 
 
-def test_a_target_whose_version_table_a_dba_keeps_locked_fails_after_lock_timeout(
-    tenants: Project, pg_database: PgDatabase
-) -> None:
-    """A target with nothing to do is read before its run's session is set up: a DBA's
-    LOCK TABLE on its version table kept a fleet's run waiting for as long as it was held,
-    where one database's run gives up after LOCK_TIMEOUT and says so."""
-    tenants.ok("migrate", "--env=tenants")
-    tenants.extend_env("tenants", "LOCK_TIMEOUT=1s\n")
+def while_locked(
+    project: Project, dsn: str, table: str, *args: str
+) -> tuple[float, subprocess.CompletedProcess[str]]:
+    """`invoke ARGS` while another session holds ``table`` locked (a DBA's LOCK TABLE), for
+    20 s at most; its seconds and result."""
 
     async def scenario() -> tuple[float, subprocess.CompletedProcess[str]]:
-        holder = await asyncpg.connect(pg_database.dsn)
+        holder = await asyncpg.connect(dsn)
         transaction = holder.transaction()
         await transaction.start()
-        await holder.execute("lock table beta.alembic_version in access exclusive mode")
-        try:  # held 20 s at most: without the limit, the run would end when it is released
+        await holder.execute(f"lock table {table} in access exclusive mode")
+        try:  # without a limit, the run would end only when the lock is released
             started = time.monotonic()
-            run = asyncio.create_task(asyncio.to_thread(tenants.invoke, "migrate", "--env=tenants"))
+            run = asyncio.create_task(asyncio.to_thread(project.invoke, *args))
             await asyncio.wait({run}, timeout=20)
             await transaction.rollback()
             return time.monotonic() - started, await run
         finally:
             await holder.close()
 
-    seconds, result = asyncio.run(scenario())
+    return asyncio.run(scenario())
+
+
+def test_a_target_whose_version_table_a_dba_keeps_locked_fails_after_lock_timeout(
+    tenants: Project, pg_database: PgDatabase
+) -> None:
+    """The reads a fleet makes before a target's run (the one that finds it has nothing to
+    do, a protected fleet's plan) are no run's session: a DBA's LOCK TABLE on the target's
+    version table kept the fleet waiting for as long as it was held, where one database's
+    run gives up after LOCK_TIMEOUT and says so."""
+    tenants.ok("migrate", "--env=tenants")
+    tenants.extend_env("tenants", "LOCK_TIMEOUT=1s\n")
+    locked = (tenants, pg_database.dsn, "beta.alembic_version")
+
+    seconds, result = while_locked(*locked, "migrate", "--env=tenants")
 
     assert result.returncode == 6, result.stderr
     assert "beta] failed: database error on " in result.stderr
     assert "it waited 1s (LOCK_TIMEOUT) for a lock that another session holds" in result.stderr
-    assert result.stderr.count(f"already at {HEAD}") == 2 and seconds < 15
+    assert result.stderr.count(f"already at {HEAD}") == 2 and seconds < 15, seconds
+
+    tenants.extend_env("tenants", "PROTECTED=true\n")
+    seconds, result = while_locked(*locked, "rollback", "--env=tenants", "--yes")
+
+    assert result.returncode == 6, result.stderr
+    unreadable = (
+        "  1 target(s): unreadable: cannot read its version: LockNotAvailableError: canceling "
+        "statement due to lock timeout; another session holds a lock on its tables (a long "
+        "transaction, a DBA's LOCK TABLE?): run it again once that session is done, or raise "
+        "LOCK_TIMEOUT  [beta]\n"
+    )
+    assert unreadable in result.stderr and seconds < 15, seconds
+    assert "beta] failed: not run, as its plan was not read: " in result.stderr
+    assert schema_versions(pg_database.dsn, "beta") == [HEAD]
+    assert schema_versions(pg_database.dsn, "alpha") == []  # the others were rolled back
 
 
 @pytest.fixture

@@ -26,7 +26,14 @@ from db.connections import connect, connect_async, run_coroutine
 from db.engines import is_async, make_async_engine, make_engine
 from db.errors import BrokenModels, MigrationFailed
 from db.failures import describe
-from db.locks import Fence, canceller, pg_lock, prepare_session, sqlite_run
+from db.locks import (
+    Fence,
+    canceller,
+    lock_timeout_for_this_read,
+    pg_lock,
+    prepare_session,
+    sqlite_run,
+)
 from db.runner import Run, configure_logging
 from db.versions import VERSION_TABLE, version_of
 
@@ -250,11 +257,7 @@ def wanted(connection: Connection) -> bool:
     transaction ends here)."""
     if not run.lock or run.before_lock is None:
         return True
-    timeout = run.session_settings.get("lock_timeout")
-    if timeout and connection.dialect.name == "postgresql":  # a DBA's LOCK TABLE ends it as
-        # it ends the run's own reads, not when it is released; SET LOCAL, for this read alone
-        set_local = text("select set_config('lock_timeout', :timeout, true)")
-        connection.execute(set_local, {"timeout": timeout})
+    lock_timeout_for_this_read(connection, run.session_settings)
     go = run.before_lock(version_of(connection, run.schema), connection)
     connection.rollback()
     return go
