@@ -46,7 +46,7 @@ def check(env: Environment, options: RunOptions | None = None) -> list[str]:
     run_env(config, script, compare, dont_mutate=True)
     if diffs:
         problems.append(
-            "the models and the database differ; `invoke makemigration` would write: "
+            f"the models and the database differ; `invoke makemigration {env.flags}` would write: "
             + "; ".join(_describe(diff) for diff in diffs)
         )
     return problems

@@ -15,7 +15,7 @@ from collections.abc import Callable
 from contextlib import closing
 
 import pytest
-from conftest import Project, at_the_prompt, head_revision, revision, tmpfs
+from conftest import Project, add_coupon_model, at_the_prompt, head_revision, revision, tmpfs
 
 HEAD = head_revision()
 SHOPS = ("alpha", "beta", "gamma")
@@ -96,6 +96,9 @@ def test_check_on_a_fleet_names_the_target_behind(fleet: Project) -> None:
     assert result.stderr.endswith("\ncheck failed on 1 of 3 targets\n")
     fleet.ok("migrate", "--env=shops")
     assert fleet.ok("check", "--env=shops").stderr.count("check passed") == 3
+    add_coupon_model(fleet)  # a fleet's makemigration needs the target to compare with
+    drift = "`invoke makemigration --env=shops --only=beta` would write: add_table coupons"
+    assert drift in fleet.invoke("check", "--env=shops", "--only=beta").stderr
 
 
 def test_stamp_and_seed_on_every_target(fleet: Project) -> None:

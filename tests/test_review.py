@@ -34,6 +34,7 @@ def test_check_finds_drift_between_models_and_database(project: Project) -> None
 
     assert "the models and the database differ" in problems
     assert "add_table coupons" in problems
+    assert "`invoke makemigration --env=dev` would write" in problems  # not another env's
 
 
 def failed_check(project: Project) -> str:
