@@ -85,6 +85,7 @@ def run_fleet(
     from db.errors import ConfigError
 
     chosen = fleet.targets(env, only)
+    targets = {target.name: target for target in chosen}
     fleet_runs.check(env, plan, chosen)  # what would fail every target alike fails here, once
     hosts = {fleet.host(fleet.environment(env, t)) for t in chosen}
     plan = replace(plan, jobs=plan.jobs or fleet_runs.default_jobs(len(chosen), len(hosts)))
@@ -111,7 +112,7 @@ def run_fleet(
     outcomes = sorted(done + ran, key=lambda outcome: order[outcome.target])
     code = fleet_runs.exit_code(outcomes, options.stop.signum)
     report = fleet_runs.report(env, plan, outcomes, started, code)
-    print_summary(env, outcomes)
+    print_summary(env, outcomes, targets)
     if plan.task in fleet_runs.CHANGING:
         try:
             kept = fleet_runs.write_report(env, report)
@@ -326,9 +327,11 @@ def event(outcome: Outcome) -> str:
     }.get(outcome.state, outcome.state)
 
 
-def print_summary(env: Environment, outcomes: list[Outcome]) -> None:
+def print_summary(env: Environment, outcomes: list[Outcome], targets: dict[str, Target]) -> None:
     """The counts and the version skew, then a row per state: its targets, and each failed
-    target with its one-line reason."""
+    target with its one-line reason; targets that failed alike share one row, the reason
+    written as of the fleet (``shops.{target}``), so that a revision failing on 900 shops
+    takes one row, not 900 (each still has its own event line, and its report entry)."""
     from collections import Counter, defaultdict
 
     states = Counter(o.state for o in outcomes)
@@ -337,14 +340,18 @@ def print_summary(env: Environment, outcomes: list[Outcome]) -> None:
     summary = ", ".join(f"{count} {state}" for state, count in states.items())
     skew = f" ({skew})" if skew else ""  # none when no target's revision was read
     print(f"{env.name}: {counted(len(outcomes), 'target')}: {summary}{skew}", file=sys.stderr)
+    told: dict[tuple[str, str], list[Outcome]] = defaultdict(list)  # a reason, and to whom
     names: dict[str, list[str]] = defaultdict(list)
     for o in outcomes:
         if o.state in ("failed", "stopped", "problems", "unfinished"):
-            print(f"  {o.state:<11} {o.target}: {o.detail}", file=sys.stderr)
+            told[o.state, as_the_fleets(env, targets[o.target], o.detail)].append(o)
         else:
             names[o.state].append(o.target)
-    for state, targets in names.items():
-        print(f"  {state:<11} {short(targets)}", file=sys.stderr)
+    for (state, alike), them in told.items():
+        who, why = short([o.target for o in them]), alike if len(them) > 1 else them[0].detail
+        print(f"  {state:<11} {who}: {why}", file=sys.stderr)
+    for state, listed in names.items():
+        print(f"  {state:<11} {short(listed)}", file=sys.stderr)
 
 
 def print_fleet_sql(env: Environment, scripts: dict[str, OfflineSql], output: str | None) -> None:
