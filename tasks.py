@@ -129,10 +129,8 @@ def migrate(
         to = named("--to", to)
         target = environment(c, env, banner=True, fleet_ok=True, only=only)
         options = run_options(lock_wait, wait, allow_env_mismatch)
+        plan = fleet_plan("migrate", {**fleet_args(options), "to": to}, jobs, keep_going, canary)
         if is_fleet(target):
-            plan = fleet_plan(
-                "migrate", {**fleet_args(options), "to": to}, jobs, keep_going, canary
-            )
             run_fleet(target, plan, only or "", options, json_=json_, yes=yes)
             return
         no_report(target, json_)
@@ -182,9 +180,9 @@ def rollback(
         to = None if to is None else named("--to", to)
         target = environment(c, env, banner=True, fleet_ok=True, only=only)
         options = run_options(lock_wait, wait, allow_env_mismatch)
+        flags: TaskArgs = {**fleet_args(options), "steps": count, "to": to}
+        plan = fleet_plan("rollback", flags, jobs, keep_going)
         if is_fleet(target):
-            flags: TaskArgs = {**fleet_args(options), "steps": count, "to": to}
-            plan = fleet_plan("rollback", flags, jobs, keep_going)
             run_fleet(target, plan, only or "", options, json_=json_, yes=yes)
             return
         no_report(target, json_)
@@ -339,9 +337,9 @@ def stamp(
         revision = named("REVISION", revision)
         target = environment(c, env, banner=True, fleet_ok=True, only=only)
         options = run_options(lock_wait, None, allow_env_mismatch)
+        flags: TaskArgs = {**fleet_args(options), "revision": revision, "force": force}
+        plan = fleet_plan("stamp", flags, jobs, keep_going)
         if is_fleet(target):
-            flags: TaskArgs = {**fleet_args(options), "revision": revision, "force": force}
-            plan = fleet_plan("stamp", flags, jobs, keep_going)
             run_fleet(target, plan, only or "", options, json_=json_, yes=yes)
             return
         no_report(target, json_)
@@ -385,9 +383,9 @@ def accept_changes(
         revision = named("REVISION", revision)
         target = environment(c, env, banner=True, fleet_ok=True, only=only)
         options = run_options(lock_wait)
+        flags: TaskArgs = {**fleet_args(options), "revision": revision}
+        plan = fleet_plan("accept-changes", flags, jobs, keep_going)
         if is_fleet(target):
-            flags: TaskArgs = {**fleet_args(options), "revision": revision}
-            plan = fleet_plan("accept-changes", flags, jobs, keep_going)
             run_fleet(target, plan, only or "", options, json_=json_, yes=yes)
             return
         no_report(target, json_)
@@ -501,8 +499,8 @@ def status(
         from db import commands
 
         target = environment(c, env, banner=True, fleet_ok=True, only=only)
+        plan = fleet_plan("status", None, jobs, keep_going=True)
         if is_fleet(target):
-            plan = fleet_plan("status", None, jobs, keep_going=True)
             outcomes = run_fleet(target, plan, only or "", run_options(), json_=json_)
             if check and any(o.pending or o.failed or o.state == "unfinished" for o in outcomes):
                 raise Exit(f"{target.name}: targets behind head", code=check_failed())
@@ -533,6 +531,7 @@ def history(
         from db import commands, fleet_runs
 
         target = environment(c, env, banner=True, fleet_ok=True, only=only)
+        plan = fleet_plan("history", None, jobs, keep_going=True)
         if is_fleet(target):
 
             def show(outcomes: list[Outcome]) -> None:  # of the targets read, if some failed
@@ -546,7 +545,6 @@ def history(
                     for rev, on in rows:
                         print(f"{rev.id}  applied on {len(on)}/{read}  {rev.message}")
 
-            plan = fleet_plan("history", None, jobs, keep_going=True)
             run_fleet(target, plan, only or "", run_options(), quiet=json_, show=show)
             return
         entries = commands.history(target)
@@ -598,10 +596,9 @@ def check(
         from db import review
 
         target = environment(c, env, banner=True, fleet_ok=True, only=only)
+        plan = fleet_plan("check", None, jobs, keep_going=True)
         if is_fleet(target):
-            outcomes = run_fleet(
-                target, fleet_plan("check", None, jobs, True), only or "", run_options()
-            )
+            outcomes = run_fleet(target, plan, only or "", run_options())
             failing = sum(o.state == "problems" for o in outcomes)
             if failing:
                 of = counted(len(outcomes), "target")
@@ -649,8 +646,8 @@ def seed(
         target = environment(
             c, env, banner=True, refuse_protected=why, fleet_ok=True, only=only, app=True
         )
+        plan = fleet_plan("seed", None, jobs, keep_going=False)
         if is_fleet(target):
-            plan = fleet_plan("seed", None, jobs, False)
             run_fleet(target, plan, only or "", run_options(), json_=json_)
             return
         no_report(target, json_)

@@ -535,6 +535,11 @@ def test_an_empty_revision_is_a_usage_error(project: Project, args: tuple[str, .
         (("rollback", "--steps="), "--steps takes a whole number, 1 or more, not ''"),
         (("offline-sql", "--output="), "--output is empty: give a file"),
         (("restore", "--file="), "--file is empty: name a backup, or leave --file out"),
+        # a fleet's flags, which one database has no use for, are checked on it all the same
+        (("rollback", "--jobs="), "--jobs takes a whole number, 0 or more, not ''"),
+        (("rollback", "--jobs=two"), "--jobs takes a whole number, 0 or more, not 'two'"),
+        (("migrate", "--canary="), "--canary takes a whole number, 0 or more, not ''"),
+        (("status", "--jobs=-1"), "--jobs takes a whole number, 0 or more, not '-1'"),
     ],
 )
 def test_an_empty_flag_is_refused_not_read_as_its_default(
@@ -550,6 +555,16 @@ def test_an_empty_flag_is_refused_not_read_as_its_default(
     assert result.returncode == 2, result.stderr
     assert said in result.stderr
     assert "Traceback" not in result.stderr
+    assert version(project) == ["second"]
+
+
+def test_a_fleets_run_flags_run_one_database_as_without_them(project: Project) -> None:
+    """One deploy script for every environment: --jobs, --canary and --keep-going have
+    nothing to change on one database, and do not stop it."""
+    project.add_revision("b", revision("second", HEAD))
+
+    project.ok("migrate", "--jobs=4", "--canary=1", "--keep-going")
+
     assert version(project) == ["second"]
 
 
