@@ -12,7 +12,7 @@ from alembic import util
 from alembic.config import Config
 from alembic.runtime.migration import MigrationContext, RevisionStep
 from alembic.script import ScriptDirectory
-from sqlalchemy import Connection
+from sqlalchemy import URL, Connection
 
 from db import audit, backups, guards
 from db.engines import (
@@ -153,10 +153,9 @@ def status(env: Environment, options: RunOptions | None = None) -> Status:
     script = load_scripts(config)
     state = read_state(env, config, script)
     guards.unchanged_files(state.log, script, env, options.note)
-    url = run_of(config).url
-    if sqlite_file_missing(url):
-        where = env.relative(Path(url.database or ""))
-        options.note(f"there is no database at {where} yet: `invoke migrate {env.flags}` makes it")
+    missing = no_database_yet(env, run_of(config).url)
+    if missing:
+        options.note(missing)
     pending = [step.revision for step in plan_steps(script, "heads", state.current, up=True)]
     return Status(
         current=tuple(Revision.of(script.get_revision(rev)) for rev in state.current),
@@ -164,6 +163,14 @@ def status(env: Environment, options: RunOptions | None = None) -> Status:
         pending=tuple(Revision.of(rev) for rev in pending),
         unfinished=unfinished(state.log, env),
     )
+
+
+def no_database_yet(env: Environment, url: URL) -> str | None:
+    """A SQLite file that no migrate has made, in words: read, it is at base."""
+    if not sqlite_file_missing(url):
+        return None
+    where = env.relative(Path(url.database or ""))
+    return f"there is no database at {where} yet: `invoke migrate {env.flags}` makes it"
 
 
 def unfinished(log: list[audit.Entry], env: Environment) -> tuple[Unfinished, ...]:

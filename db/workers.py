@@ -353,12 +353,15 @@ def _planned(
 
 def _status(env: Environment, _args: TaskArgs) -> Outcome:
     """Where the target is, and, as one database's status says, an applied file that
-    changed: refused on a protected fleet, else a warning."""
+    changed (refused on a protected fleet, else a warning), and a SQLite file not made yet."""
 
     def changed(script: ScriptDirectory, log: list[audit.Entry]) -> None:
         guards.unchanged_files(log, script, env, _NOTES.append)
 
-    return _read(env, _signalled, trail=True, guard=changed)  # a signal ends a slow connect
+    missing = commands.no_database_yet(env, env.url())
+    found = _read(env, _signalled, trail=True, guard=changed)  # a signal ends a slow connect
+    _NOTES.extend([missing] if missing else [])
+    return found
 
 
 def _history(env: Environment, _args: TaskArgs) -> Outcome:

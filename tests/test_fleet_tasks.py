@@ -213,7 +213,13 @@ def hinted(output: str, task: str) -> list[str]:
 
 
 def test_a_targets_messages_name_a_command_that_works_on_it(fleet: Project) -> None:
-    fleet.ok("migrate", "--env=shops")
+    fleet.ok("migrate", "--env=shops", "--only=alpha,gamma")
+    unmade = fleet.ok("status", "--env=shops")  # as one database's status says it
+    assert unmade.stderr.count("there is no database at") == 1
+    assert "\n  there is no database at var/shops/beta.sqlite3 yet: `invoke" in unmade.stderr
+    assert "no database" not in unmade.stdout  # the data alone
+    fleet.ok(*hinted(unmade.stderr, "migrate"))
+    assert versions(fleet, "beta") == [HEAD]
     fleet.add_revision("second", revision("second01", HEAD))
     fleet.ok("migrate", "--env=shops")  # each target backed up at HEAD first
     (fleet.root / "var" / "shops" / "beta.sqlite3").write_bytes(b"not a database" * 100)
