@@ -42,7 +42,9 @@ _NAME = re.compile(r"[A-Za-z0-9_-]+")
 NAME_MAX = 64  # an environment's or a target's name, as the audit trail's columns keep it
 # PostgreSQL cuts a longer name to 63 bytes: two long tenants' schemas would be one
 SCHEMA_NAME = re.compile(r"[A-Za-z_][A-Za-z0-9_]{0,62}")
-SCHEMA_RULE = "must start with a letter or _, hold letters, digits and _ only, and be 63 at most"
+SCHEMA_RULE = (
+    "must start with an ASCII letter or _, hold ASCII letters, digits and _ only, and be 63 at most"
+)
 _DURATION = re.compile(r"\d+(\.\d+)?\s*(us|ms|s|min|h|d)?")
 _BARE = re.compile(r"[\d.]+")  # a duration without its unit (0 alone is clear: no limit)
 _TRUE, _FALSE = ("true", "yes", "on", "1"), ("false", "no", "off", "0", "")
@@ -254,7 +256,7 @@ def load_environment(root: Path, name: str, environ: Mapping[str, str]) -> Envir
         if meant is not None:  # --env=DEV, --env=stagin: a deploy's typo
             create = f"did you mean {meant}?"
         elif not _NAME.fullmatch(name):
-            create = "a name holds letters, digits, _ and - only"
+            create = "a name holds ASCII letters, digits, _ and - only"
         raise ConfigError(
             f"unknown environment {name!r}: known environments are {known} ({create})"
         )

@@ -110,8 +110,8 @@ def _check_names(env: Environment, found: list[Target]) -> None:
     for t in found:
         if not _NAME.fullmatch(t.name):
             raise ConfigError(
-                f"{env.name}: target {t.name!r} must start with a letter, a digit or _, and "
-                "hold letters, digits, . _ - only"
+                f"{env.name}: target {t.name!r} must start with an ASCII letter, a digit or _, "
+                "and hold ASCII letters, digits, . _ - only"
             )
         if len(t.name) > NAME_MAX:  # every revision's audit row would fail on PostgreSQL
             raise ConfigError(

@@ -23,7 +23,7 @@ def valid_ids(ids: Iterable[str]) -> None:
     for rev in ids:
         if not _REVISION_ID.fullmatch(rev):
             raise RevisionError(
-                f"revision id {rev!r} may only hold letters, digits and underscores"
+                f"revision id {rev!r} may only hold ASCII letters, digits and underscores"
             )
 
 

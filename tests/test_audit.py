@@ -151,7 +151,7 @@ def test_accept_changes_needs_an_applied_revision(project: Project) -> None:
 def test_revision_ids_are_checked_before_they_reach_sql(project: Project) -> None:
     project.add_revision("odd", revision("odd.id'", head_revision(), "pass"))
     error = project.fails("migrate")
-    assert 'revision id "odd.id\'" may only hold letters, digits and underscores' in error
+    assert 'revision id "odd.id\'" may only hold ASCII letters, digits and underscores' in error
     with project.sqlite() as connection:
         assert connection.execute("select name from sqlite_master").fetchall() == []
 
@@ -161,7 +161,7 @@ def test_a_database_revision_id_is_checked_too(project: Project) -> None:
     with project.sqlite() as connection:
         connection.execute("update alembic_version set version_num = 'x'' or 1=1'")
     error = project.fails("status")
-    assert "may only hold letters, digits and underscores" in error
+    assert "may only hold ASCII letters, digits and underscores" in error
 
 
 def test_a_broken_revision_file_is_a_clear_error(project: Project) -> None:

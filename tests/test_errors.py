@@ -89,7 +89,10 @@ def test_an_empty_default_environment_is_refused(project: Project) -> None:
 def test_environment_name_cannot_escape_the_directory(project: Project) -> None:
     error = project.fails("status", "--env=../tasks")
     assert "unknown environment '../tasks'" in error
-    assert "(a name holds letters, digits, _ and - only)" in error and ".env to create" not in error
+    assert (
+        "(a name holds ASCII letters, digits, _ and - only)" in error
+        and ".env to create" not in error
+    )
 
 
 def test_an_environment_name_longer_than_the_audit_trail_keeps_is_refused(
