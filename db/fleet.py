@@ -15,7 +15,7 @@ import re
 from collections import Counter
 from dataclasses import dataclass, replace
 from pathlib import Path
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from sqlalchemy.exc import DBAPIError
 
@@ -24,7 +24,7 @@ from db.errors import ConfigError, ConnectError, DbError, first_line
 from db.urls import mask, parse_url
 
 if TYPE_CHECKING:
-    pass
+    from sqlalchemy import URL, CursorResult
 
 PLACEHOLDER = "{target}"
 _BRACED = re.compile(r"\{\w*\}")
@@ -194,75 +194,91 @@ def _from_file(env: Environment) -> list[Target]:
 
 
 def _from_catalog(env: Environment) -> list[Target]:
-    """Targets from ``TARGETS_QUERY`` (a name, and optionally a URL) on ``TARGETS_DATABASE_URL``."""
+    """Targets from ``TARGETS_QUERY`` (a name, and optionally a URL) on ``TARGETS_DATABASE_URL``,
+    in a transaction that is rolled back, under the env file's LOCK_TIMEOUT and
+    STATEMENT_TIMEOUT on PostgreSQL (a catalog table that a migration holds locked)."""
     from sqlalchemy import Connection, text
 
     from db.connections import with_connection
-    from db.engines import sqlite_file_missing
 
-    if not env.get("TARGETS_DATABASE_URL"):
-        raise ConfigError(f"{env.name}: TARGETS_QUERY needs TARGETS_DATABASE_URL, the catalog")
-    catalog_url = env.catalog_url()
-    where = env.relative(env.sources["TARGETS_QUERY"])
-    if sqlite_file_missing(catalog_url):  # not "TARGETS_QUERY failed: no such table"
-        raise ConfigError(
-            f"{env.name}: the catalog {env.relative(Path(catalog_url.database or ''))} "
-            f"(TARGETS_DATABASE_URL) does not exist: point TARGETS_DATABASE_URL in "
-            f"{env.relative(env.sources['TARGETS_DATABASE_URL'])} at the database that lists "
-            "the targets"
-        )
-
-    limits = {"lock_timeout": env.duration("LOCK_TIMEOUT", "5s")}  # a catalog table locked
-    limits["statement_timeout"] = env.duration("STATEMENT_TIMEOUT", "15min")  # (an ALTER) waited
+    catalog = _catalog_url(env)
+    limits = {"lock_timeout": env.duration("LOCK_TIMEOUT", "5s")}
+    limits["statement_timeout"] = env.duration("STATEMENT_TIMEOUT", "15min")
 
     def rows(connection: Connection) -> list[Target]:
         if connection.dialect.name == "postgresql":  # for this transaction: poolers keep it
             for name, value in limits.items():
                 connection.execute(text("select set_config(:n, :v, true)"), {"n": name, "v": value})
-        found = connection.execute(text(env.get("TARGETS_QUERY")))
-        if not found.returns_rows:  # an UPDATE, say: rolled back as the connection closes
-            raise ConfigError(
-                f"{env.name}: TARGETS_QUERY returns no rows: it must be a query that lists "
-                "the targets (select name[, url] from ...)"
-            )
-        if len(found.keys()) > 2:  # a column meant as a filter (active) would be ignored
-            raise ConfigError(
-                f"{env.name}: TARGETS_QUERY returns {len(found.keys())} columns: it must "
-                f"return a target's name and, optionally, its URL; fix it in {where}"
-            )
-        listed = []
-        for number, row in enumerate(found, start=1):
-            if row[0] is None or not str(row[0]).strip():  # a shop that would go unmigrated
-                raise ConfigError(
-                    f"{env.name}: row {number} of TARGETS_QUERY has no name (its first "
-                    "column is empty); give every shop a name, or leave it out in the query"
-                )
-            listed.append(_parse(["" if value is None else str(value) for value in row[:2]]))
-        return listed
+        return _listed(env, connection.execute(text(env.get("TARGETS_QUERY"))))
 
     try:
         return with_connection(
-            catalog_url,
+            catalog,
             rows,
             connect_timeout=env.connect_timeout,
             network_timeout=env.network_timeout,
         )
     except DBAPIError as exc:
-        state = getattr(exc.orig, "sqlstate", None)
-        if state in ("55P03", "57014"):  # not the query's fault: a lock, a slow server
-            key = "LOCK_TIMEOUT" if state == "55P03" else "STATEMENT_TIMEOUT"
-            raise DbError(
-                f"{env.name}: TARGETS_QUERY waited {limits[key.lower()]} ({key}) on the catalog, "
-                f"and gave up ({first_line(exc)}): run the task again once the session that "
-                f"holds it (a migration of the catalog?) is done, or raise {key}"
-            ) from None
-        raise ConfigError(
-            f"{env.name}: TARGETS_QUERY failed: {first_line(exc)}; fix it in {where}"
-        ) from None
+        raise _query_failed(env, exc, limits) from None
     except ConnectError as exc:  # the header shows the fleet's URL: say this one is the catalog
         raise ConnectError(
             f"{env.name}: cannot list the targets from the catalog (TARGETS_DATABASE_URL): {exc}"
         ) from None
+
+
+def _catalog_url(env: Environment) -> URL:
+    """``TARGETS_DATABASE_URL``, which must be there, and name a database that is."""
+    from db.engines import sqlite_file_missing
+
+    if not env.get("TARGETS_DATABASE_URL"):
+        raise ConfigError(f"{env.name}: TARGETS_QUERY needs TARGETS_DATABASE_URL, the catalog")
+    url = env.catalog_url()
+    if sqlite_file_missing(url):  # not "TARGETS_QUERY failed: no such table"
+        raise ConfigError(
+            f"{env.name}: the catalog {env.relative(Path(url.database or ''))} "
+            f"(TARGETS_DATABASE_URL) does not exist: point TARGETS_DATABASE_URL in "
+            f"{env.relative(env.sources['TARGETS_DATABASE_URL'])} at the database that lists "
+            "the targets"
+        )
+    return url
+
+
+def _listed(env: Environment, found: CursorResult[Any]) -> list[Target]:
+    """The targets the query's rows name: a name, and optionally a URL, each."""
+    where = env.relative(env.sources["TARGETS_QUERY"])
+    if not found.returns_rows:  # an UPDATE, say: rolled back as the connection closes
+        raise ConfigError(
+            f"{env.name}: TARGETS_QUERY returns no rows: it must be a query that lists "
+            "the targets (select name[, url] from ...)"
+        )
+    if len(found.keys()) > 2:  # a column meant as a filter (active) would be ignored
+        raise ConfigError(
+            f"{env.name}: TARGETS_QUERY returns {len(found.keys())} columns: it must "
+            f"return a target's name and, optionally, its URL; fix it in {where}"
+        )
+    listed = []
+    for number, row in enumerate(found, start=1):
+        if row[0] is None or not str(row[0]).strip():  # a shop that would go unmigrated
+            raise ConfigError(
+                f"{env.name}: row {number} of TARGETS_QUERY has no name (its first "
+                "column is empty); give every shop a name, or leave it out in the query"
+            )
+        listed.append(_parse(["" if value is None else str(value) for value in row[:2]]))
+    return listed
+
+
+def _query_failed(env: Environment, exc: DBAPIError, limits: dict[str, str]) -> DbError:
+    """The query's failure, in words: its own, or a lock or a slow server it waited on."""
+    state = getattr(exc.orig, "sqlstate", None)
+    if state in ("55P03", "57014"):  # not the query's fault: a lock, a slow server
+        key = "LOCK_TIMEOUT" if state == "55P03" else "STATEMENT_TIMEOUT"
+        return DbError(
+            f"{env.name}: TARGETS_QUERY waited {limits[key.lower()]} ({key}) on the catalog, "
+            f"and gave up ({first_line(exc)}): run the task again once the session that "
+            f"holds it (a migration of the catalog?) is done, or raise {key}"
+        )
+    where = env.relative(env.sources["TARGETS_QUERY"])
+    return ConfigError(f"{env.name}: TARGETS_QUERY failed: {first_line(exc)}; fix it in {where}")
 
 
 def environment(env: Environment, target: Target) -> Environment:
