@@ -8,7 +8,7 @@ import re
 import sys
 from collections.abc import Callable
 from contextlib import suppress
-from typing import TYPE_CHECKING, TextIO
+from typing import TYPE_CHECKING, Any, TextIO
 
 from invoke.exceptions import Exit
 
@@ -82,7 +82,6 @@ def run_fleet(
     from datetime import datetime, timezone
 
     from db import fleet, fleet_runs
-    from db.errors import ConfigError
 
     chosen = fleet.targets(env, only)
     targets = {target.name: target for target in chosen}
@@ -114,12 +113,7 @@ def run_fleet(
     report = fleet_runs.report(env, plan, outcomes, started, code)
     print_summary(env, outcomes, targets)
     if plan.task in fleet_runs.CHANGING:
-        try:
-            kept = fleet_runs.write_report(env, report)
-            if kept is not None:  # RUNS_KEEP=0 keeps none
-                print(f"report: {env.relative(kept)}", file=sys.stderr)
-        except ConfigError as exc:  # a full disk: the run happened all the same
-            print(f"warning: {exc}; the run itself is as printed above", file=sys.stderr)
+        keep_report(env, report)
     if json_:
         print_json(report)
     if show is not None:
@@ -127,6 +121,21 @@ def run_fleet(
     if code:
         raise Exit(not_there(plan, outcomes), code=code)
     return outcomes
+
+
+def keep_report(env: Environment, report: dict[str, Any]) -> None:
+    """Write a run's report to var/runs/, and say where; one that cannot be written (a full
+    disk) is a warning: the run happened all the same."""
+    from db import fleet_runs
+    from db.errors import ConfigError
+
+    try:
+        kept = fleet_runs.write_report(env, report)
+    except ConfigError as exc:
+        print(f"warning: {exc}; the run itself is as printed above", file=sys.stderr)
+        return
+    if kept is not None:  # RUNS_KEEP=0 keeps none
+        print(f"report: {env.relative(kept)}", file=sys.stderr)
 
 
 def no_report(env: Environment, json_: bool) -> None:
