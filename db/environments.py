@@ -243,23 +243,7 @@ def known_environments(root: Path) -> list[str]:
 def load_environment(root: Path, name: str, environ: Mapping[str, str]) -> Environment:
     """Read ``NAME.env`` and ``NAME.local.env`` under ``root``, expanding ``${VAR}``."""
     base = root / ENV_DIR / f"{name}.env"
-    if len(name) > NAME_MAX:  # every revision's audit row would fail on PostgreSQL
-        raise ConfigError(
-            f"the environment name {name[:20]}... is {len(name)} characters long, and the "
-            f"audit trail keeps {NAME_MAX} at most: rename {ENV_DIR}/{name}.env"
-        )
-    if not _NAME.fullmatch(name) or not (base.is_file() or base.is_symlink()):
-        names = known_environments(root)
-        known = ", ".join(names) or "none"
-        create = f"add {ENV_DIR}/{name}.env to create it"
-        meant = next((k for k in names if _typo_of(name, k.upper())), None)
-        if meant is not None:  # --env=DEV, --env=stagin: a deploy's typo
-            create = f"did you mean {meant}?"
-        elif not _NAME.fullmatch(name):
-            create = "a name holds ASCII letters, digits, _ and - only"
-        raise ConfigError(
-            f"unknown environment {name!r}: known environments are {known} ({create})"
-        )
+    _known(root, name, base)
     raw: dict[str, tuple[str, Path]] = {}
     local = base.with_name(f"{name}.local.env")
     for path in (base, local):
@@ -269,6 +253,44 @@ def load_environment(root: Path, name: str, environ: Mapping[str, str]) -> Envir
     if local.is_file() and local.stat().st_mode & 0o077:
         where = local.relative_to(root)
         warnings = (f"warning: {where} may hold secrets but others can read it: chmod 600 {where}",)
+    values, missing = _expanded(root, raw, environ)
+    sources = {key: path for key, (_text, path) in raw.items()}
+    _no_misspelled_settings(root, raw)
+    loaded = Environment(name, root, values, sources, missing, warnings)
+    # a setting read as empty would be its default: PROTECTED=${IS_PROD} unset, unprotected.
+    # Only the secrets may wait until a task needs them (offline-sql and envs do not).
+    loaded._variables_set(k for k in SETTINGS if k not in (*SECRET_KEYS, CATALOG_KEY))
+    loaded.flag("PROTECTED")  # a typo there must not silently mean "unprotected"
+    loaded.backup  # nor one there (BACKUP=false) "back up as before"  # noqa: B018
+    return loaded
+
+
+def _known(root: Path, name: str, base: Path) -> None:
+    """Refuse a name with no env file (saying which there are, or the one meant), or one
+    the audit trail cannot keep."""
+    if len(name) > NAME_MAX:  # every revision's audit row would fail on PostgreSQL
+        raise ConfigError(
+            f"the environment name {name[:20]}... is {len(name)} characters long, and the "
+            f"audit trail keeps {NAME_MAX} at most: rename {ENV_DIR}/{name}.env"
+        )
+    if _NAME.fullmatch(name) and (base.is_file() or base.is_symlink()):
+        return
+    names = known_environments(root)
+    known = ", ".join(names) or "none"
+    create = f"add {ENV_DIR}/{name}.env to create it"
+    meant = next((k for k in names if _typo_of(name, k.upper())), None)
+    if meant is not None:  # --env=DEV, --env=stagin: a deploy's typo
+        create = f"did you mean {meant}?"
+    elif not _NAME.fullmatch(name):
+        create = "a name holds ASCII letters, digits, _ and - only"
+    raise ConfigError(f"unknown environment {name!r}: known environments are {known} ({create})")
+
+
+def _expanded(
+    root: Path, raw: Mapping[str, tuple[str, Path]], environ: Mapping[str, str]
+) -> tuple[dict[str, str], dict[str, str]]:
+    """Each key's value with its ``${VAR}`` filled in (from the keys above it, then
+    ``environ``), and, for a key that names a variable not set, the first such name."""
     values: dict[str, str] = {}
     missing: dict[str, str] = {}
     for key, (text, path) in raw.items():
@@ -280,15 +302,7 @@ def load_environment(root: Path, name: str, environ: Mapping[str, str]) -> Envir
         values[key], unset = _expand(text, values, environ)
         if unset:
             missing[key] = unset[0]
-    sources = {key: path for key, (_text, path) in raw.items()}
-    _no_misspelled_settings(root, raw)
-    loaded = Environment(name, root, values, sources, missing, warnings)
-    # a setting read as empty would be its default: PROTECTED=${IS_PROD} unset, unprotected.
-    # Only the secrets may wait until a task needs them (offline-sql and envs do not).
-    loaded._variables_set(k for k in SETTINGS if k not in (*SECRET_KEYS, CATALOG_KEY))
-    loaded.flag("PROTECTED")  # a typo there must not silently mean "unprotected"
-    loaded.backup  # nor one there (BACKUP=false) "back up as before"  # noqa: B018
-    return loaded
+    return values, missing
 
 
 def _no_misspelled_settings(root: Path, raw: Mapping[str, tuple[str, Path]]) -> None:
