@@ -3,6 +3,7 @@ and shown with the password masked."""
 
 from __future__ import annotations
 
+import re
 from collections.abc import Callable
 from urllib.parse import quote
 
@@ -28,6 +29,9 @@ ASYNCPG_QUERY = (
 SQLITE_QUERY = ("check_same_thread", "cached_statements")  # the rest pysqlite ignores, or we set
 
 
+_TARGET_PORT = re.compile(r"^[^/]*//[^/]*:\{target\}(/|$)")
+
+
 def mask(url: URL) -> str:
     """The URL as text with its password replaced by ``***`` (a fleet's ``{target}`` kept),
     and a SQLite file's path as it is (not ``shop%20%2523`` for ``shop #2``)."""
@@ -47,9 +51,11 @@ def parse_url(text: str, where: str, what: str) -> URL:
     try:
         url = make_url(text)
     except (ArgumentError, ValueError):
+        port = _TARGET_PORT.search(text)  # a fleet's targets told apart by port
         raise ConfigError(
             f"{where}: {what} is not a valid database URL "
             "(expected e.g. postgresql+asyncpg://user@host:5432/name or sqlite:///var/dev.sqlite3)"
+            + (": {target} fills in a database, schema or host name, never a port" if port else "")
         ) from None
     if url.drivername not in SUPPORTED_DRIVERS:
         raise ConfigError(

@@ -816,6 +816,15 @@ def test_a_placeholder_other_than_target_is_refused(project: Project) -> None:
         "fills with each target's name is {target}"
     ) in error
     assert not (project.root / "var" / "shops").exists()
+    project.write_env(
+        "ports", "DATABASE_URL=postgresql+asyncpg://u:pw@h:{target}/s\nTARGETS=5432\n"
+    )
+    port = project.fails("status", "--env=ports")  # one server per shop, told apart by port
+    assert port.endswith(
+        "not a valid database URL (expected e.g. postgresql+asyncpg://user@host:5432/name or "
+        "sqlite:///var/dev.sqlite3): {target} fills in a database, schema or host name, never "
+        "a port\n"
+    )
 
 
 def test_a_negative_jobs_count_is_a_usage_error(fleet: Project) -> None:
