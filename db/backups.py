@@ -91,7 +91,7 @@ def check_file(env: Environment, url: URL, options: RunOptions | None = None) ->
     if url.get_backend_name() == "sqlite":
         path = Path(url.database or "")
         check_sqlite(env, path, options)
-        _check_writable(env, path)
+        check_writable(env, path)
 
 
 def checked(env: Environment, path: Path, options: RunOptions | None) -> str | None:
@@ -113,7 +113,7 @@ def checked(env: Environment, path: Path, options: RunOptions | None) -> str | N
         raise Interrupted(why, exc.signum) from None
 
 
-def _check_writable(env: Environment, path: Path) -> None:
+def check_writable(env: Environment, path: Path) -> None:
     """Refuse, before a backup or the lock, a file SQLite could only read: on a read-only
     file system, or not writable; its folder too, where SQLite writes its journal."""
     folder = "its journal (and a new database) in that folder"

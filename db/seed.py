@@ -5,11 +5,13 @@ from __future__ import annotations
 from collections.abc import Callable
 from contextlib import suppress
 from decimal import Decimal
+from pathlib import Path
 
 from sqlalchemy import select
 from sqlalchemy.exc import DBAPIError, IntegrityError
 from sqlalchemy.ext.asyncio import AsyncSession
 
+from db.backups import check_writable
 from db.connections import connect_async, run_coroutine
 from db.engines import sqlite_file_missing
 from db.environments import Environment
@@ -44,8 +46,11 @@ def seed(env: Environment, stopped: Callable[[], None] = lambda: None) -> dict[s
     if env.protected:
         raise GuardRefused(f"{env.name} is protected: seed data is for development databases")
     migrate_first = f"run `invoke migrate {env.flags}` first"
-    if sqlite_file_missing(env.url(app=True)):  # the app's engine would make an empty one
+    url = env.url(app=True)
+    if sqlite_file_missing(url):  # the app's engine would make an empty one
         raise DbError(f"cannot seed {env.label}: it has no database yet ({migrate_first})")
+    if url.get_backend_name() == "sqlite":  # else SQLite's "attempt to write a readonly database"
+        check_writable(env, Path(url.database or ""))
     try:
         return run_coroutine(_seed(env, stopped))
     except DBAPIError as exc:

@@ -627,7 +627,8 @@ def test_a_full_disk_inside_a_revision_is_named_whichever_statement_it_stops(
 
 def test_a_read_only_sqlite_file_is_refused_before_anything(project: Project) -> None:
     """A database on a file system mounted read-only: refused before a backup or a
-    revision, instead of failing inside the revision with "fix it"."""
+    revision, instead of failing inside the revision with "fix it"; and by seed, which said
+    only SQLite's "attempt to write a readonly database"."""
     with tmpfs(project.root / "ro", "1m") as disk:
         project.write_env("ro", f"DATABASE_URL=sqlite:///{disk}/shop.sqlite3\n")
         project.migrated("ro")
@@ -647,6 +648,11 @@ def test_a_read_only_sqlite_file_is_refused_before_anything(project: Project) ->
             "error: ro is read-only (a read-only file system, or its permissions), and SQLite "
             "must write its journal (and a new database) in that folder: nothing was run; "
             "make it writable and run the task again\n"
+        )
+        assert project.fails("seed", "--env=ro").endswith(
+            "error: ro/shop.sqlite3 is read-only (a read-only file system, or its "
+            "permissions), and SQLite must write the database: nothing was run; make it "
+            "writable and run the task again\n"
         )
         assert "pending: 1" in project.ok("status", "--env=ro").stdout  # read-only tasks work
         subprocess.run(["mount", "-o", "remount,rw", str(disk)], check=True)
