@@ -78,7 +78,40 @@ def problem(versions: Path, root: Path) -> str | None:
                     f"{path.relative_to(root)}: down_revision {parent!r} names no revision "
                     "file: restore that file, or point down_revision at the revision before"
                 )
-    return _bad_reference(versions, root, set(owners))
+    where = {rev: path for path, (rev, _parents) in files.items()}
+    return circle(dict(files.values()), where, root) or _bad_reference(versions, root, set(owners))
+
+
+def circle(parents: dict[str, tuple[str, ...]], files: dict[str, Path], root: Path) -> str | None:
+    """Revisions whose down_revisions lead back to themselves (a copied file's ids edited
+    the wrong way round), given each revision's parents and file. Alembic says only
+    "Cycle is detected in revisions (...)", and misses a circle through a merge revision
+    altogether: it ran the revisions in it in an order that no history has."""
+    done: set[str] = set()
+    for start in sorted(parents):
+        trail: list[str] = []
+        todo = [(start, iter(parents[start]))]
+        while todo:
+            rev, ups = todo[-1]
+            if not trail or trail[-1] != rev:
+                trail.append(rev)
+            up = next(ups, None)
+            if up is None:
+                done.add(trail.pop())
+                todo.pop()
+            elif up in trail:
+                loop = trail[trail.index(up) :]
+                first = loop.index(min(loop))  # the same circle, whichever file it was met in
+                loop, up = loop[first:] + loop[:first], min(loop)
+                names = ", ".join(_named(files[rev], root) for rev in loop)
+                which = "it" if len(loop) == 1 else "one of them"
+                return (
+                    f"down_revision goes round in a circle ({' -> '.join([*loop, up])}), in "
+                    f"{names}: point {which} at the revision before it"
+                )
+            elif up not in done:
+                todo.append((up, iter(parents.get(up, ()))))
+    return None
 
 
 def nested(versions: Path, root: Path) -> str | None:

@@ -14,7 +14,7 @@ import sys
 import traceback
 import warnings
 from argparse import Namespace
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from configparser import ConfigParser
 from dataclasses import dataclass, field
 from logging.config import fileConfig
@@ -291,7 +291,12 @@ def _checked(script: ScriptDirectory, config: Config) -> ScriptDirectory:
         raise BrokenRevisions(
             revision_files.problem(versions, root) or f"the revision files: {said}"
         )
-    for rev in script.walk_revisions():
+    loaded = list(script.walk_revisions())
+    parents = {rev.revision: _ids(rev.down_revision) for rev in loaded}
+    files = {rev.revision: Path(rev.path) for rev in loaded}
+    if (loop := revision_files.circle(parents, files, root)) is not None:
+        raise BrokenRevisions(loop)
+    for rev in loaded:
         _utf8(rev, root)
         missing = [
             fn for fn in ("upgrade", "downgrade") if not callable(getattr(rev.module, fn, None))
@@ -310,6 +315,11 @@ def _checked(script: ScriptDirectory, config: Config) -> ScriptDirectory:
                 "`revision =`, in its file name and in the down_revision that names it"
             )
     return script
+
+
+def _ids(down: str | Sequence[str] | None) -> tuple[str, ...]:
+    """A revision's ``down_revision`` as a tuple of ids."""
+    return () if down is None else (down,) if isinstance(down, str) else tuple(down)
 
 
 def _file(rev: Script, root: Path) -> str:

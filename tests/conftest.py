@@ -850,7 +850,10 @@ def _answers(port: int) -> bool:
 
 
 def revision(
-    rev: str, down: str | None, upgrade: str = "pass", message: str = "hand written"
+    rev: str,
+    down: str | tuple[str, ...] | None,
+    upgrade: str = "pass",
+    message: str = "hand written",
 ) -> str:
     return f'''"""{message}"""
 

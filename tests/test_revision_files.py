@@ -233,6 +233,34 @@ def test_a_reference_alembic_cannot_follow_is_named(project: Project, line: str,
     assert f"error: db/migrations/versions/refs.py: {said}" in result.stderr
 
 
+def test_down_revisions_that_go_round_in_a_circle_are_named(project: Project) -> None:
+    """Alembic said only "CycleDetected: Cycle is detected in revisions (...)", naming no
+    file and nothing to do; a revision after the circle is not part of it."""
+    project.migrated()
+    project.add_revision("one", revision("one001", "three3", "pass"))
+    project.add_revision("two", revision("two002", "one001", "pass"))
+    project.add_revision("three", revision("three3", ("two002", HEAD), "pass"))
+    project.add_revision("four", revision("four04", "three3", "pass"))
+
+    for task in ("migrate", "status"):
+        result = project.invoke(task)
+
+        assert result.returncode == 2, result.stderr
+        assert result.stderr.endswith(
+            "error: down_revision goes round in a circle (one001 -> three3 -> two002 -> "
+            "one001), in db/migrations/versions/one.py, db/migrations/versions/three.py, "
+            "db/migrations/versions/two.py: point one of them at the revision before it\n"
+        )
+    assert version(project) == [HEAD]
+
+    project.add_revision("two", revision("two002", "two002", "pass"))  # its own parent
+
+    assert project.fails("status").endswith(
+        "error: down_revision goes round in a circle (two002 -> two002), in "
+        "db/migrations/versions/two.py: point it at the revision before it\n"
+    )
+
+
 def test_depends_on_a_branch_label_is_followed(project: Project) -> None:
     labelled = revision("feat01", HEAD, "pass").replace(
         "branch_labels = None", 'branch_labels = ("feature",)'
