@@ -48,6 +48,8 @@ SCHEMA_RULE = (
 _DURATION = re.compile(r"\d+(\.\d+)?\s*(us|ms|s|min|h|d)?")
 _BARE = re.compile(r"[\d.]+")  # a duration without its unit (0 alone is clear: no limit)
 _TRUE, _FALSE = ("true", "yes", "on", "1"), ("false", "no", "off", "0", "")
+_KEY = re.compile(r"[A-Za-z_][A-Za-z0-9_.-]*")  # a key that may be named in a message
+_COLON = re.compile(r"(?:export\s+)?([A-Za-z_][A-Za-z0-9_]*)\s*:(?!//)")
 _REFERENCE = re.compile(r"\$\$|\$\{([A-Za-z_][A-Za-z0-9_]*)(?::-([^}]*))?\}")
 _DOLLARS = re.compile(r"\$\$|\$\{[^}]*\}?")  # what _REFERENCE must match whole, or refuse
 
@@ -356,6 +358,12 @@ def _read(root: Path, path: Path) -> dict[str, str]:
     for binding in bindings:
         text = binding.original.string  # may start with the blank lines before it
         line = binding.original.line + text[: len(text) - len(text.lstrip())].count("\n")
+        colon = _COLON.match(text.lstrip())  # KEY: value, as YAML and compose files have it
+        if colon and (binding.error or binding.value is None):
+            raise ConfigError(
+                f"{where}, line {line}: {colon.group(1)} is followed by a colon, where an env "
+                f"file has =: write {colon.group(1)}=VALUE"
+            )
         if binding.error:
             raise ConfigError(
                 f"{where}, line {line}: python-dotenv cannot parse this line (an unbalanced "
@@ -363,6 +371,11 @@ def _read(root: Path, path: Path) -> dict[str, str]:
             )
         if binding.key is None:
             continue
+        if binding.value is None and not _KEY.fullmatch(binding.key):  # a URL pasted alone?
+            raise ConfigError(
+                f"{where}, line {line}: no KEY=value (the line, not shown here as it may hold "
+                "a secret, has no =): write KEY=VALUE, or remove the line"
+            )
         if binding.key in lines:
             raise ConfigError(
                 f"{where}: {binding.key} is set twice, on lines {lines[binding.key]} and {line}: "

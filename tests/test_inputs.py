@@ -57,6 +57,49 @@ def test_a_key_with_no_value_is_refused_not_read_as_unset(tmp_path: Path, line: 
     assert not load_environment(empty, "x", {}).protected  # = with nothing after it: unset
 
 
+@pytest.mark.parametrize(
+    ("line", "said"),
+    [
+        (
+            "DATABASE_URL:postgresql+asyncpg://shop:s3cret@db/shop",
+            "DATABASE_URL is followed by a colon, where an env file has =: write "
+            "DATABASE_URL=VALUE",
+        ),
+        (
+            "DATABASE_URL: postgresql+asyncpg://shop:s3cret@db/shop",
+            "DATABASE_URL is followed by a colon, where an env file has =: write "
+            "DATABASE_URL=VALUE",
+        ),
+        (
+            "export DATABASE_PASSWORD : s3cret",
+            "DATABASE_PASSWORD is followed by a colon, where an env file has =: write "
+            "DATABASE_PASSWORD=VALUE",
+        ),
+        (
+            "postgresql+asyncpg://shop:s3cret@db/shop",
+            "no KEY=value (the line, not shown here as it may hold a secret, has no =): "
+            "write KEY=VALUE, or remove the line",
+        ),
+    ],
+)
+def test_a_line_with_no_equals_sign_is_refused_without_its_text(
+    project: Project, line: str, said: str
+) -> None:
+    """A line without ``=`` was named whole as a key "with no value", and the fix repeated
+    it twice: a pasted URL's password, or ``KEY: value`` written as in a compose file,
+    printed in the error."""
+    project.write_env("x", f"TARGETS=a\n{line}\nDATABASE_URL=sqlite:///var/x.sqlite3\n")
+
+    for task in (["migrate", "--env=x"], ["envs"]):
+        result = project.invoke(*task)
+
+        output = result.stdout + result.stderr  # envs lists each one's error with it
+        assert result.returncode == 2, output
+        assert f"environments/x.env, line 2: {said}\n" in output
+        assert "s3cret" not in output
+    assert not (project.root / "var" / "x.sqlite3").exists()
+
+
 URL = "DATABASE_URL=postgresql+asyncpg://shop@db:5432/shop\n"
 USES = "DATABASE_PASSWORD=${SHOP_PW}\n"
 
