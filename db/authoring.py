@@ -27,6 +27,7 @@ from sqlalchemy import Column
 
 from db import audit, guards
 from db.commands import plan_steps, read_state
+from db.enum_types import add_enum_types
 from db.environments import Environment
 from db.errors import ConfigError, DbError, RevisionError, UsageError
 from db.files import write_whole
@@ -113,8 +114,10 @@ def make_migration(env: Environment, message: str, *, empty: bool = False) -> Dr
         )
     risks: list[str] = []
 
-    def note_risks(_ctx: MigrationContext, _rev: object, found: list[MigrationScript]) -> None:
-        risks.extend(risky(found[0].upgrade_ops) if found else [])
+    def review(context: MigrationContext, _rev: object, found: list[MigrationScript]) -> None:
+        if found:
+            add_enum_types(found[0], context.opts["target_metadata"])
+            risks.extend(risky(found[0].upgrade_ops))
 
     quiet = redirect_stdout(io.StringIO())  # Alembic's "Running post write hook" chatter
     try:
@@ -123,7 +126,7 @@ def make_migration(env: Environment, message: str, *, empty: bool = False) -> Dr
                 config,
                 message=docstring_safe(message),
                 autogenerate=not empty,
-                process_revision_directives=note_risks,
+                process_revision_directives=review,
             )
     except CommandError as exc:
         raise revision_error(exc, env.flags) from exc
