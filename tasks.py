@@ -23,23 +23,14 @@ from cli.edge import (
     ROOT,
     announce,
     check_failed,
-    confirm,
-    confirm_migrate,
-    confirm_restore,
-    confirm_rollback,
     environment,
-    filled,
     is_fleet,
-    named,
-    not_dry,
     on_signals,
     quiet_when_the_reader_leaves,
     reported,
     run_options,
-    seconds,
-    whole,
 )
-from cli.flags import task
+from cli.flags import filled, named, not_dry, seconds, task, whole
 from cli.fleet import fleet_args, fleet_plan, no_report, print_fleet_sql, run_fleet
 from cli.output import (
     counted,
@@ -50,6 +41,7 @@ from cli.output import (
     print_status,
     summarize,
 )
+from cli.prompts import confirm, confirm_migrate, confirm_restore, confirm_rollback
 
 if TYPE_CHECKING:
     from db.fleet_runs import Outcome, TaskArgs

@@ -1,4 +1,4 @@
-"""The command line's edge: the environment a task names, its flags read, and the
+"""The command line's edge: the environment a task names, what it prints first, and the
 library's errors and signals turned into a short message and an exit code."""
 
 from __future__ import annotations
@@ -7,11 +7,10 @@ import errno
 import gc
 import io
 import os
-import re
 import signal
 import sys
 import warnings
-from collections.abc import Callable, Iterator
+from collections.abc import Iterator
 from contextlib import contextmanager, suppress
 from contextvars import ContextVar
 from pathlib import Path
@@ -20,12 +19,11 @@ from typing import TYPE_CHECKING, Any
 from invoke.context import Context
 from invoke.exceptions import Exit
 
-from cli.output import marker, print_start, print_step, show_plan
+from cli.flags import filled, seconds
+from cli.output import print_start, print_step
 
 if TYPE_CHECKING:
     from db.environments import Environment
-    from db.progress import Revision
-    from db.restore import Chosen
     from db.runner import RunOptions
     from db.stop import Stop
 
@@ -294,93 +292,6 @@ def on_signals(stop: Stop) -> Iterator[None]:
             signal.signal(number, before)
 
 
-def confirm(env: Environment, yes: bool, action: str, *, need_yes: bool) -> None:
-    """Ask for the environment's name on a protected environment; refuse if it isn't typed."""
-    from db.errors import GuardRefused
-
-    interactive = sys.stdin is not None and sys.stdin.isatty()
-    if need_yes and not yes:
-        raise GuardRefused(f"{env.name} is protected: to {action} it, pass --yes")
-    if yes and (not need_yes or not interactive):
-        return
-    if not interactive:
-        raise GuardRefused(
-            f"{env.name} is protected and there is no terminal to confirm on: "
-            "pass --yes to go ahead"
-        )
-    typed = _answer(f"{env.name} is protected. Type its name to {action}: ")
-    if typed is None:
-        raise GuardRefused("no name was typed (end of input); nothing was changed")
-    if typed != env.name:
-        raise GuardRefused("the name did not match; nothing was changed")
-
-
-class _Signalled(Exception):
-    pass
-
-
-def _answer(prompt: str) -> str | None:
-    """The line typed at ``prompt``; None at the end of input. SIGINT or SIGTERM ends the
-    wait: a run's own handlers only take note of a signal, and reading would go on (under
-    the migration lock) until a name was typed. The prompt shows once they are in place."""
-    from db.errors import Interrupted
-
-    def handler(signum: int, _frame: object) -> None:
-        raise _Signalled(signum)
-
-    before = {kind: signal.signal(kind, handler) for kind in (signal.SIGINT, signal.SIGTERM)}
-    try:
-        print(prompt, end="", file=sys.stderr, flush=True)
-        line = sys.stdin.readline()
-    except _Signalled as exc:
-        print(file=sys.stderr)  # the prompt's line ends here
-        raise Interrupted("interrupted at the prompt: nothing was changed", exc.args[0]) from None
-    finally:
-        for kind, previous in before.items():
-            signal.signal(kind, previous)
-    return line.strip() if line else None
-
-
-def confirm_migrate(env: Environment, yes: bool) -> Callable[[tuple[Revision, ...]], None]:
-    """What a protected migrate does with its plan, inside the run and under the lock: show
-    it, with what squawk says of it on PostgreSQL, and ask for the typed name."""
-    from db import lint
-
-    # offline, so before the run: env.py cannot nest; the plan shows its own part
-    findings = lint.lint(env) if lint.applies(env) else None
-
-    def ask(plan: tuple[Revision, ...]) -> None:
-        show_plan(env, plan, findings)
-        if plan:
-            confirm(env, yes, "migrate", need_yes=False)
-
-    return ask
-
-
-def confirm_rollback(env: Environment, yes: bool) -> Callable[[tuple[Revision, ...]], None]:
-    """What a protected rollback does with its plan: show it, and ask (``--yes`` needed).
-    Nothing to undo asks nothing, as a migrate with nothing to apply does."""
-
-    def ask(plan: tuple[Revision, ...]) -> None:
-        print(f"plan: {len(plan) or 'nothing'} to undo", file=sys.stderr)
-        for rev in plan:
-            print(f"  {rev.id}  {rev.message}{marker(rev)}", file=sys.stderr)
-        if plan:
-            confirm(env, yes, "roll back", need_yes=True)
-
-    return ask
-
-
-def confirm_restore(env: Environment, chosen: Chosen, yes: bool) -> None:
-    """What a protected restore does before it starts: show which backup goes back, and over
-    what, and ask (``--yes`` needed, as for a rollback)."""
-    from db.restore import replaced
-
-    backup, live = env.relative(chosen.path), replaced(env.url())
-    print(f"plan: restore {backup} (at {chosen.at}) over {live}", file=sys.stderr)
-    confirm(env, yes, "restore that backup over", need_yes=True)
-
-
 def run_options(
     lock_wait: str | None = None, wait: str | None = None, allow_mismatch: bool = False
 ) -> RunOptions:
@@ -398,70 +309,3 @@ def run_options(
     if wait is not None:
         options.wait = seconds("--wait", wait)
     return options
-
-
-def whole(flag: str, text: str | None, default: int, least: int) -> int:
-    """A whole-number flag (declared as text: invoke's own int conversion fails with a
-    traceback); one not given keeps ``default``, an empty one (``--canary=$N``, N unset) is
-    refused rather than read as the default."""
-    from db.errors import UsageError
-
-    try:
-        value = default if text is None else int(text)
-    except ValueError:
-        value = least - 1
-    if value < least:
-        raise UsageError(f"{flag} takes a whole number, {least} or more, not {text!r}")
-    return value
-
-
-def not_dry(c: Context) -> None:
-    """Refuse invoke's ``--dry`` (or ``run.dry`` in its config) in a task that changes
-    something: it is for shell commands, which these tasks never run, so the task would
-    have made its changes for real (``invoke --dry migrate --env=prod`` migrated prod)."""
-    from db.errors import UsageError
-
-    if c.config.run.dry:
-        raise UsageError(
-            "--dry is invoke's, for shell commands, and this task runs none: it would have "
-            "made its changes for real, so it did nothing; `invoke status` shows what is "
-            "pending, and `invoke offline-sql` its SQL"
-        )
-
-
-def filled(flag: str, value: str | None, instead: str) -> str | None:
-    """A text flag, None when not given. Given empty (``--env=$DEPLOY_ENV`` with the variable
-    unset) it is refused, saying what to give ``instead``, never read as the default."""
-    from db.errors import UsageError
-
-    if value is not None and not value.strip():
-        raise UsageError(f"{flag} is empty: {instead}")
-    return value
-
-
-def named(flag: str, revision: str) -> str:
-    """A revision given on the command line: not empty (``--to=$REV``, REV unset), not a
-    step of 0 (``+0``), which Alembic words as "didn't produce 0 migrations", and not
-    malformed (``@``, which fails inside Alembic)."""
-    from db.errors import UsageError
-    from db.revision_ids import malformed
-
-    filled(flag, revision, "give a revision id, a prefix, or head")
-    if re.fullmatch(r"(?:.+@)?\w*[+-]0+", revision.strip()):
-        raise UsageError(f"{flag}={revision.strip()} moves nowhere: give a step of 1 or more")
-    problem = malformed(revision.strip())
-    if problem is not None:
-        raise UsageError(f"{flag}: {problem}")
-    return revision.strip()
-
-
-def seconds(flag: str, text: str) -> float:
-    from db.errors import UsageError
-
-    try:
-        value = float(text)
-    except ValueError:
-        value = -1
-    if not 0 <= value < float("inf"):
-        raise UsageError(f"{flag} takes a number of seconds, 0 or more, not {text!r}")
-    return value

@@ -12,8 +12,10 @@ from typing import TYPE_CHECKING, Any, TextIO
 
 from invoke.exceptions import Exit
 
-from cli.edge import DEBUG, confirm, on_signals, whole
+from cli.edge import DEBUG, on_signals
+from cli.flags import whole
 from cli.output import counted, print_json, short
+from cli.prompts import confirm
 
 if TYPE_CHECKING:
     from db.authoring import OfflineSql
