@@ -416,14 +416,17 @@ def makemigration(
 
         target = environment(c, env, banner=not empty, only=only)
         written = make_migration(target, message, empty=empty)
-    if written is None:
-        print(
-            "no changes: the models match the database, so no revision was written", file=sys.stderr
+    if written.path is None:
+        none = (
+            "none that autogenerate writes" if written.by_hand else "the models match the database"
         )
-        return
-    print(f"wrote {written.path.relative_to(ROOT)}", file=sys.stderr)
+        print(f"no changes: {none}, so no revision was written", file=sys.stderr)
+    else:
+        print(f"wrote {written.path.relative_to(ROOT)}", file=sys.stderr)
     for what in written.risks:  # autogenerate's drafts lose data, or fail, without a word
         print(f"warning: the revision {what}", file=sys.stderr)
+    for what in written.by_hand:
+        print(f"warning: {what}", file=sys.stderr)
 
 
 @task(

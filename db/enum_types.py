@@ -12,12 +12,13 @@ offline SQL) both lines do nothing.
 from __future__ import annotations
 
 from collections.abc import Iterable, Iterator
-from typing import Any
+from typing import Any, TypeGuard
 
 from alembic.autogenerate import renderers
 from alembic.autogenerate.api import AutogenContext
 from alembic.operations.ops import (
     AddColumnOp,
+    AlterColumnOp,
     CreateTableOp,
     DropColumnOp,
     DropTableOp,
@@ -26,8 +27,9 @@ from alembic.operations.ops import (
     ModifyTableOps,
     OpContainer,
 )
-from sqlalchemy import Column, Enum, MetaData, Table
+from sqlalchemy import Column, Enum, MetaData, Table, text
 from sqlalchemy.dialects import postgresql
+from sqlalchemy.engine import Connection
 from sqlalchemy.sql.schema import SchemaItem
 
 
@@ -51,6 +53,57 @@ def _render(_context: AutogenContext, op: EnumTypeOp) -> str:
     return f"sa.Enum({values}name={op.enum.name!r}{schema}).create(op.get_bind())"
 
 
+_LABELS = text(
+    "select n.nspname, t.typname, array_agg(e.enumlabel order by e.enumsortorder) "
+    "from pg_type t join pg_enum e on e.enumtypid = t.oid "
+    "join pg_namespace n on n.oid = t.typnamespace group by n.nspname, t.typname"
+)
+
+
+def value_drift(connection: Connection | None, metadata: MetaData | None) -> list[str]:
+    """The enum types whose values differ between the models and a PostgreSQL database,
+    in words; autogenerate compares columns' types by name only, so a value added to the
+    models went unnoticed until the app wrote it. None to compare: nothing (offline)."""
+    if connection is None or connection.dialect.name != "postgresql" or metadata is None:
+        return []
+    here = connection.scalar(text("select current_schema()"))
+    found = {(schema, name): list(values) for schema, name, values in connection.execute(_LABELS)}
+    drift = []
+    for enum in _enums(_models(metadata)):
+        there = found.get((enum.schema or here, enum.name))
+        if there is not None and there != list(enum.enums):
+            drift.append(
+                f"the enum type {enum.name} holds {', '.join(there) or 'no values'} in the "
+                f"database and {', '.join(enum.enums)} in the models, which autogenerate does "
+                f"not compare: write that change by hand (ALTER TYPE {enum.name} ADD VALUE ...)"
+            )
+    return drift
+
+
+def retyped(upgrade: OpContainer | None) -> list[str]:
+    """What a draft made against SQLite, which keeps an enum as text, does on PostgreSQL
+    where it changes a column to an enum type (a value added to the models, read as a
+    longer text): nothing on the way up, and the way down turns the column into text."""
+    found = []
+    for table in upgrade.ops if upgrade is not None else []:
+        for op in table.ops if isinstance(table, ModifyTableOps) else []:
+            new, old = getattr(op, "modify_type", None), getattr(op, "existing_type", None)
+            if isinstance(op, AlterColumnOp) and _native(new) and not isinstance(old, Enum):
+                found.append(
+                    f"changes column {op.table_name}.{op.column_name} to the enum type "
+                    f"{new.name}, as SQLite keeps an enum as text: on PostgreSQL it adds no "
+                    "value (ALTER TYPE ... ADD VALUE does), and its downgrade turns the column "
+                    "into text; make this draft with a PostgreSQL --env, or write it by hand"
+                )
+    return found
+
+
+def _models(metadata: MetaData | None) -> list[tuple[str, Column[Any]]]:
+    """Every column of the models, with its table's name."""
+    tables = metadata.tables.values() if metadata is not None else ()
+    return [(table.name, column) for table in tables for column in table.columns]
+
+
 def add_enum_types(script: MigrationScript, metadata: MetaData | None) -> None:
     """Create and drop, in both directions of ``script``, the enum types its columns come
     and go with. A type that a column the revision leaves alone uses is there before and
@@ -59,11 +112,7 @@ def add_enum_types(script: MigrationScript, metadata: MetaData | None) -> None:
     if upgrade is None or downgrade is None:
         return
     added = {(table, column.name) for table, column in _columns(upgrade.ops, added=True)}
-    models = [
-        (table.name, column)
-        for table in (metadata.tables.values() if metadata is not None else ())
-        for column in table.columns
-    ]
+    models = _models(metadata)
     kept = {_type_name(column) for table, column in models if (table, column.name) not in added}
     gone = {_type_name(column) for _, column in _columns(upgrade.ops, added=False)}
     before = (kept | gone) - {None}
@@ -120,9 +169,14 @@ def _type_name(column: Column[Any]) -> str | None:
     column, and for an enum kept as a string (``native_enum=False``) or created elsewhere
     (``create_type=False``)."""
     kind = column.type
-    if not isinstance(kind, Enum) or not kind.native_enum or not kind.name:
+    if not _native(kind):
         return None
     return kind.name if getattr(kind, "create_type", True) else None
+
+
+def _native(kind: object) -> TypeGuard[Enum]:
+    """Whether ``kind`` is an enum that PostgreSQL keeps as a type of its own, by name."""
+    return isinstance(kind, Enum) and kind.native_enum and bool(kind.name)
 
 
 def _columns(ops: Iterable[MigrateOperation], added: bool) -> Iterator[tuple[str, Column[Any]]]:

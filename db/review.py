@@ -9,6 +9,7 @@ from alembic.runtime.migration import MigrationContext, RevisionStep
 
 from db import audit, guards
 from db.commands import plan_steps, read_state, unfinished
+from db.enum_types import value_drift
 from db.environments import Environment
 from db.runner import RunOptions, load_scripts, make_config, run_env
 
@@ -38,9 +39,11 @@ def check(env: Environment, options: RunOptions | None = None) -> list[str]:
             f"{len(pending)} revision(s) pending: run `invoke migrate {env.flags}`",
         ]
     diffs: list[Any] = []
+    by_hand: list[str] = []
 
     def compare(_current: tuple[str, ...], context: MigrationContext) -> list[RevisionStep]:
         diffs.extend(compare_metadata(context, context.opts["target_metadata"]))
+        by_hand.extend(value_drift(context.connection, context.opts["target_metadata"]))
         return []
 
     run_env(config, script, compare, dont_mutate=True)
@@ -49,7 +52,7 @@ def check(env: Environment, options: RunOptions | None = None) -> list[str]:
             f"the models and the database differ; `invoke makemigration {env.flags}` would write: "
             + "; ".join(_describe(diff) for diff in diffs)
         )
-    return problems
+    return problems + by_hand
 
 
 def _unrecorded(revisions: list[str], current: tuple[str, ...], env: Environment) -> str:

@@ -169,6 +169,59 @@ def test_enum_columns_made_against_sqlite_migrate_on_postgres_both_ways(
     assert "check passed" in project.ok("check", "--env=ci").stderr
 
 
+def test_an_enum_value_added_to_the_models_is_named_by_check_and_makemigration(
+    pg_project: Project,
+) -> None:
+    """Autogenerate compares an enum column's type by name only: with a value added to the
+    models, check passed and makemigration said the models matched the database, until
+    the app wrote the value and PostgreSQL refused it."""
+    project, models = pg_project, pg_project.root / "db" / "models.py"
+    original = models.read_text()
+    edited = original.replace(
+        "from sqlalchemy import (", "import sqlalchemy as sa\nfrom sqlalchemy import ("
+    )
+    two = STATUS_COLUMN.replace('"paid", "refunded"', '"paid"')
+    models.write_text(edited.replace(STATUS_COLUMN.splitlines()[0] + "\n", two))
+    project.migrated()
+    project.ok("makemigration", "purchase status")
+    project.ok("migrate")
+    project.migrated("ci")
+    models.write_text(edited.replace(STATUS_COLUMN.splitlines()[0] + "\n", STATUS_COLUMN))
+    said = (
+        "the enum type purchase_status holds pending, paid in the database and pending, "
+        "paid, refunded in the models, which autogenerate does not compare: write that "
+        "change by hand (ALTER TYPE purchase_status ADD VALUE ...)\n"
+    )
+    files = set(project.versions.iterdir())
+
+    checked = project.invoke("check", "--env=ci")
+    drafted = project.ok("makemigration", "refunded", "--env=ci")
+
+    assert checked.returncode == 5, checked.stderr
+    assert f"  {said}check failed: 1 problem(s)\n" in checked.stderr
+    assert drafted.stderr.endswith(
+        f"no changes: none that autogenerate writes, so no revision was written\nwarning: {said}"
+    )
+    assert set(project.versions.iterdir()) == files
+    sqlite_draft = project.ok("makemigration", "refunded")  # against dev: a longer text
+    assert sqlite_draft.stderr.endswith(
+        "warning: the revision changes column purchases.status to the enum type "
+        "purchase_status, as SQLite keeps an enum as text: on PostgreSQL it adds no value "
+        "(ALTER TYPE ... ADD VALUE does), and its downgrade turns the column into text; make "
+        "this draft with a PostgreSQL --env, or write it by hand\n"
+    )
+    for path in set(project.versions.iterdir()) - files:
+        path.unlink()
+    add_value = (
+        'if op.get_context().dialect.name == "postgresql":\n'
+        "        op.execute(\"ALTER TYPE purchase_status ADD VALUE 'refunded'\")"
+    )
+    [status] = project.versions.glob("*_purchase_status.py")
+    project.add_revision("refunded", revision("refund", status.name.split("_")[1], add_value))
+    project.migrated("ci")
+    assert "check passed" in project.ok("check", "--env=ci").stderr
+
+
 @pytest.mark.parametrize(
     ("failure", "said"),
     [
