@@ -37,6 +37,84 @@ def test_check_finds_drift_between_models_and_database(project: Project) -> None
     assert "`invoke makemigration --env=dev` would write" in problems  # not another env's
 
 
+DEFAULTS = """    description: Mapped[str] = mapped_column(Text, server_default="")
+    on_sale: Mapped[bool] = mapped_column(sa.Boolean, server_default=sa.false())
+    label: Mapped[str] = mapped_column(String(20), server_default="'new' it's")
+"""
+
+
+def give_defaults(project: Project) -> None:
+    """Products get a boolean and a quoted server default (the empty one is there)."""
+    models = project.root / "db" / "models.py"
+    text = models.read_text().replace(
+        "from sqlalchemy import (", "import sqlalchemy as sa\nfrom sqlalchemy import ("
+    )
+    models.write_text(text.replace(DEFAULTS.splitlines()[0] + "\n", DEFAULTS))
+
+
+def relabel(project: Project, label: str) -> None:
+    """The label's server default changed in the models."""
+    models = project.root / "db" / "models.py"
+    given = """server_default="'new' it's\""""
+    models.write_text(models.read_text().replace(given, f"server_default={label!r}"))
+
+
+def test_a_changed_server_default_is_found_and_written_as_the_models_give_it(
+    project: Project,
+) -> None:
+    """Alembic compares no server defaults unless told to, so a changed one went unseen;
+    told to, its SQLite comparison took the empty default ('') and one with a quote for
+    changes. Its drafts wrote ``"'new' it's"`` as ``"new' it's"`` (a quote that starts or
+    ends a string stripped), and ``sa.false()`` as SQLite's ``sa.text("0")``."""
+    project.migrated()
+    give_defaults(project)
+
+    assert "add_column products on_sale; add_column products label" in failed_check(project)
+    project.ok("makemigration", "defaults")
+    [draft] = project.versions.glob("*_defaults.py")
+    assert "server_default=sa.false()" in draft.read_text()
+    assert """server_default="'new' it's\"""" in draft.read_text()
+    project.ok("migrate")
+    assert "check passed" in project.ok("check").stderr
+
+    relabel(project, "'new'")
+
+    assert "would write: modify_default products label" in failed_check(project)
+    project.ok("makemigration", "label")
+    project.ok("migrate")
+    assert "check passed" in project.ok("check").stderr
+    with project.sqlite() as db:
+        db.execute("insert into categories (name) values ('c')")
+        db.execute("insert into products (category_id, name, price) values (1, 'p', 1)")
+        assert db.execute("select on_sale, label from products").fetchall() == [(0, "'new'")]
+
+
+@pytest.mark.postgres
+def test_server_defaults_drafted_against_sqlite_migrate_and_compare_on_postgres(
+    pg_project: Project, pg_database: PgDatabase
+) -> None:
+    """Drafted against dev, ``sa.false()`` was ``sa.text("0")``, which PostgreSQL refuses
+    for a boolean; and comparing a default with a quote in it broke Alembic's SQL there."""
+    project = pg_project
+    project.migrated()
+    project.migrated("ci")
+    give_defaults(project)
+    project.ok("makemigration", "defaults")
+
+    for task in ("migrate", "rollback", "migrate"):
+        project.ok(task, "--env=ci")
+
+    assert "check passed" in project.ok("check", "--env=ci").stderr
+    pg_fetch(pg_database.dsn, "insert into categories (name) values ('c')")
+    pg_fetch(pg_database.dsn, "insert into products (category_id, name, price) values (1, 'p', 1)")
+    rows = pg_fetch(pg_database.dsn, "select on_sale, label from products")
+    assert [tuple(row) for row in rows] == [(False, "'new' it's")]
+    relabel(project, "it's")
+    result = project.invoke("check", "--env=ci")
+    assert result.returncode == 5, result.stderr
+    assert "would write: modify_default products label" in result.stderr
+
+
 def failed_check(project: Project) -> str:
     result = project.invoke("check")
     assert result.returncode == 5, result.stderr

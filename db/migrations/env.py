@@ -8,6 +8,7 @@ progress hooks. A caller may instead hand over an Engine or a Connection as
 
 from __future__ import annotations
 
+import re
 from collections.abc import Callable, Iterator, Mapping
 from contextlib import AbstractContextManager, contextmanager, nullcontext
 from typing import TYPE_CHECKING, Any
@@ -16,9 +17,10 @@ from alembic import context
 from alembic.operations import MigrationScript
 from alembic.runtime.migration import MigrationContext
 from alembic.util import CommandError
-from sqlalchemy import Connection, DateTime, MetaData, text
+from sqlalchemy import Connection, DateTime, DefaultClause, MetaData, text
 from sqlalchemy.engine import make_url
 from sqlalchemy.exc import DBAPIError
+from sqlalchemy.sql.elements import False_, True_
 from sqlalchemy.types import TypeDecorator
 
 from db import offline  # noqa: F401  (text compiled with its values)
@@ -94,10 +96,42 @@ def include_name(name: str | None, type_: str, _parents: Mapping[str, str | None
     return not (type_ == "table" and name in (VERSION_TABLE, "migration_log"))
 
 
+LITERAL = {"sqlite": r"\(?'(.*)'\)?", "postgresql": r"'(.*)'::[\w .\"]+"}  # a default, read back
+
+
+def changed_default(
+    context: MigrationContext,
+    _inspected_column: object,
+    _metadata_column: object,
+    inspected: str | None,
+    metadata_default: object,
+    _rendered: str | None,
+) -> bool | None:
+    """Whether a column's server default that the models give as a string changed; None
+    leaves it to Alembic, whose SQLite comparison takes an empty string ('') or a quote in
+    one ('it''s') for a change, and whose PostgreSQL one fails on a quote (its SQL breaks)."""
+    given = getattr(metadata_default, "arg", None)
+    form = LITERAL.get(context.dialect.name)
+    if form is None or inspected is None or not isinstance(given, str):
+        return None
+    quoted = re.fullmatch(form, inspected.strip(), re.DOTALL)
+    if quoted is None:  # a number, a function: Alembic's own, unless a quote would break it
+        return inspected.strip() != given if "'" in given else None
+    return quoted.group(1).replace("''", "'") != given
+
+
 def render_item(type_: str, obj: object, _autogen_context: AutogenContext) -> str | bool:
-    """Revisions spell the models' UTCDateTime as the plain type it stores."""
+    """Revisions spell the models' UTCDateTime as the plain type it stores, and a server
+    default as the models give it: Alembic strips a quote that starts or ends a string
+    (``"it's 'new'"`` was written ``"it's 'new"``), and writes ``sa.false()`` as SQLite
+    compiles it, ``sa.text("0")``, which PostgreSQL refuses for a boolean."""
     if type_ == "type" and isinstance(obj, TypeDecorator) and isinstance(obj.impl, DateTime):
         return f"sa.DateTime({'timezone=True' if obj.impl.timezone else ''})"
+    default = obj.arg if type_ == "server_default" and isinstance(obj, DefaultClause) else None
+    if isinstance(default, str):
+        return repr(default)
+    if isinstance(default, True_ | False_):
+        return "sa.true()" if isinstance(default, True_) else "sa.false()"
     return False
 
 
@@ -130,6 +164,7 @@ def options(checks: tuple[OnApply, ...] = (), last: tuple[OnApply, ...] = ()) ->
         "transaction_per_migration": True,
         "process_revision_directives": skip_empty_autogenerate,
         "include_name": include_name,
+        "compare_server_default": changed_default,  # off in Alembic: a changed default unseen
         "render_item": render_item,
         "on_version_apply": [check_foreign_keys, *checks, *audit_row, *last],
     }
