@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import ast
 import traceback
+from collections.abc import Iterator, Mapping
 from pathlib import Path
 
 
@@ -79,18 +80,31 @@ def problem(versions: Path, root: Path) -> str | None:
                     "file: restore that file, or point down_revision at the revision before"
                 )
     where = {rev: path for path, (rev, _parents) in files.items()}
-    return circle(dict(files.values()), where, root) or _bad_reference(versions, root, set(owners))
+    needs = {rev: _ids(_assignments(path).get("depends_on")) or () for rev, path in where.items()}
+    return circle(dict(files.values()), where, root, needs) or _bad_reference(
+        versions, root, set(owners)
+    )
 
 
-def circle(parents: dict[str, tuple[str, ...]], files: dict[str, Path], root: Path) -> str | None:
-    """Revisions whose down_revisions lead back to themselves (a copied file's ids edited
-    the wrong way round), given each revision's parents and file. Alembic says only
-    "Cycle is detected in revisions (...)", and misses a circle through a merge revision
-    altogether: it ran the revisions in it in an order that no history has."""
+def circle(
+    parents: Mapping[str, tuple[str, ...]],
+    files: Mapping[str, Path],
+    root: Path,
+    needs: Mapping[str, tuple[str, ...]] | None = None,
+) -> str | None:
+    """Revisions whose down_revisions (or depends_on, ``needs``) lead back to themselves (a
+    copied file's ids edited the wrong way round), given each revision's file. Alembic
+    says only "Cycle is detected in revisions (...)", and misses a circle through a merge
+    revision altogether: it ran the revisions in it in an order that no history has."""
+    needs = needs or {}
+
+    def before(rev: str) -> Iterator[str]:
+        return iter((*parents.get(rev, ()), *needs.get(rev, ())))
+
     done: set[str] = set()
     for start in sorted(parents):
         trail: list[str] = []
-        todo = [(start, iter(parents[start]))]
+        todo = [(start, before(start))]
         while todo:
             rev, ups = todo[-1]
             if not trail or trail[-1] != rev:
@@ -100,18 +114,31 @@ def circle(parents: dict[str, tuple[str, ...]], files: dict[str, Path], root: Pa
                 done.add(trail.pop())
                 todo.pop()
             elif up in trail:
-                loop = trail[trail.index(up) :]
-                first = loop.index(min(loop))  # the same circle, whichever file it was met in
-                loop, up = loop[first:] + loop[:first], min(loop)
-                names = ", ".join(_named(files[rev], root) for rev in loop)
-                which = "it" if len(loop) == 1 else "one of them"
-                return (
-                    f"down_revision goes round in a circle ({' -> '.join([*loop, up])}), in "
-                    f"{names}: point {which} at the revision before it"
-                )
+                return _circle(trail[trail.index(up) :], parents, files, root)
             elif up not in done:
-                todo.append((up, iter(parents.get(up, ()))))
+                todo.append((up, before(up)))
     return None
+
+
+def _circle(
+    loop: list[str], parents: Mapping[str, tuple[str, ...]], files: Mapping[str, Path], root: Path
+) -> str:
+    """A circle of revisions in words, from its lowest id, whichever file it was met in."""
+    first = loop.index(min(loop))
+    loop = loop[first:] + loop[:first]
+    steps = list(zip(loop, [*loop[1:], loop[0]], strict=True))
+    names = ", ".join(_named(files[rev], root) for rev in loop)
+    shown = " -> ".join([*loop, loop[0]])
+    if all(up in parents.get(rev, ()) for rev, up in steps):
+        which = "it" if len(loop) == 1 else "one of them"
+        return (
+            f"down_revision goes round in a circle ({shown}), in {names}: point {which} at "
+            "the revision before it"
+        )
+    return (
+        f"down_revision and depends_on go round in a circle ({shown}), in {names}: take the "
+        "revision out of depends_on, or point a down_revision at the revision before it"
+    )
 
 
 def nested(versions: Path, root: Path) -> str | None:

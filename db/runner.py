@@ -293,8 +293,9 @@ def _checked(script: ScriptDirectory, config: Config) -> ScriptDirectory:
         )
     loaded = list(script.walk_revisions())
     parents = {rev.revision: _ids(rev.down_revision) for rev in loaded}
+    needs = {rev.revision: _ids(rev.dependencies) for rev in loaded}
     files = {rev.revision: Path(rev.path) for rev in loaded}
-    if (loop := revision_files.circle(parents, files, root)) is not None:
+    if (loop := revision_files.circle(parents, files, root, needs)) is not None:
         raise BrokenRevisions(loop)
     for rev in loaded:
         _utf8(rev, root)

@@ -260,6 +260,18 @@ def test_down_revisions_that_go_round_in_a_circle_are_named(project: Project) ->
         "db/migrations/versions/two.py: point it at the revision before it\n"
     )
 
+    project.add_revision("two", revision("two002", "one001", "pass"))
+    project.add_revision(  # Alembic: only "DependencyCycleDetected: ..."
+        "one", revision("one001", HEAD).replace("depends_on = None", 'depends_on = "four04"')
+    )
+    assert project.fails("status").endswith(
+        "error: down_revision and depends_on go round in a circle (four04 -> three3 -> "
+        "two002 -> one001 -> four04), in db/migrations/versions/four.py, "
+        "db/migrations/versions/three.py, db/migrations/versions/two.py, "
+        "db/migrations/versions/one.py: take the revision out of depends_on, or point a "
+        "down_revision at the revision before it\n"
+    )
+
 
 def test_depends_on_a_branch_label_is_followed(project: Project) -> None:
     labelled = revision("feat01", HEAD, "pass").replace(
