@@ -12,6 +12,7 @@ from typing import Any
 from alembic import command
 from alembic.operations.ops import (
     AddColumnOp,
+    AlterColumnOp,
     CreateTableOp,
     DropColumnOp,
     DropTableOp,
@@ -23,7 +24,7 @@ from alembic.runtime.migration import MigrationContext, RevisionStep
 from alembic.script import Script, ScriptDirectory
 from alembic.util import CommandError
 from mako.exceptions import MakoException  # type: ignore[import-untyped]
-from sqlalchemy import Column
+from sqlalchemy import Column, Enum, String
 
 from db import audit, guards
 from db.commands import plan_steps, read_state
@@ -150,15 +151,44 @@ def risky(upgrade: UpgradeOps | None) -> list[str]:
         if isinstance(op, DropTableOp):
             found.append(_lost(f"table {op.table_name}", created, "op.rename_table(...)"))
         elif isinstance(op, ModifyTableOps):
-            added = [each.column for each in op.ops if isinstance(each, AddColumnOp)]
-            for each in op.ops:
-                if isinstance(each, DropColumnOp):
-                    what = f"column {op.table_name}.{each.column_name}"
-                    how = f'batch_op.alter_column("{each.column_name}", new_column_name=...)'
-                    found.append(_lost(what, [column.name for column in added], how))
-            found += [
-                _required(op.table_name, column.name) for column in added if _no_default(column)
-            ]
+            found += _table_risks(op)
+    return found
+
+
+def _table_risks(table: ModifyTableOps) -> list[str]:
+    """What in the changes to one table loses data, or fails where it has rows."""
+    added = [each.column for each in table.ops if isinstance(each, AddColumnOp)]
+    found = []
+    for each in table.ops:
+        if isinstance(each, DropColumnOp):
+            what = f"column {table.table_name}.{each.column_name}"
+            how = f'batch_op.alter_column("{each.column_name}", new_column_name=...)'
+            found.append(_lost(what, [column.name for column in added], how))
+        elif isinstance(each, AlterColumnOp):
+            found += _altered(table.table_name, each)
+    return found + [
+        _required(table.table_name, column.name) for column in added if _no_default(column)
+    ]
+
+
+def _altered(table: str, op: AlterColumnOp) -> list[str]:
+    """A column made NOT NULL, or a text column made shorter: each fails where rows hold
+    what no longer fits, the shorter one on PostgreSQL only (SQLite never checks)."""
+    found = []
+    column = f"{table}.{op.column_name}"
+    if op.modify_nullable is False and op.existing_nullable is not False:
+        found.append(
+            f"makes column {column} NOT NULL, which fails where a row holds NULL in it: "
+            'fill those rows first, in the same revision (op.execute("UPDATE ..."))'
+        )
+    text = isinstance(op.modify_type, String) and not isinstance(op.modify_type, Enum)
+    new, old = getattr(op.modify_type, "length", None), getattr(op.existing_type, "length", 0)
+    if text and new is not None and (old is None or new < old):
+        found.append(
+            f"shortens column {column} to {new} characters, which fails on PostgreSQL where "
+            "a value is longer (SQLite never checks, so dev passes): shorten those values "
+            "first, in the same revision, or keep the length"
+        )
     return found
 
 

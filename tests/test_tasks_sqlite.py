@@ -280,6 +280,39 @@ def test_makemigration_warns_of_a_required_column_with_nothing_to_fill_it(
     assert result.stderr.count("warning") == 1
 
 
+def test_makemigration_warns_of_a_column_made_not_null_or_shorter(project: Project) -> None:
+    """Both fail where rows hold what no longer fits (a shorter text on PostgreSQL only:
+    SQLite never checks a length, so dev passed); the drafts were written without a word."""
+    project.migrated()
+    models = project.root / "db" / "models.py"
+    source = models.read_text()
+    models.write_text(
+        source.replace(
+            "username: Mapped[str | None] = mapped_column(String(64))",
+            "username: Mapped[str | None] = mapped_column(String(32))",
+        )
+        .replace("first_name: Mapped[str | None]", "first_name: Mapped[str]")
+        .replace(
+            "name: Mapped[str] = mapped_column(String(200))",
+            "name: Mapped[str] = mapped_column(String(300))",
+        )
+    )
+
+    result = project.ok("makemigration", "tighten users")
+
+    assert result.stderr.endswith(
+        "warning: the revision shortens column users.username to 32 characters, which fails "
+        "on PostgreSQL where a value is longer (SQLite never checks, so dev passes): shorten "
+        "those values first, in the same revision, or keep the length\n"
+        "warning: the revision makes column users.first_name NOT NULL, which fails where a "
+        "row holds NULL in it: fill those rows first, in the same revision "
+        '(op.execute("UPDATE ..."))\n'
+    )
+    assert result.stderr.count("warning") == 2  # a longer products.name is no risk
+    [draft] = project.versions.glob("*_tighten_users.py")
+    assert "type_=sa.String(length=300)" in draft.read_text()
+
+
 def test_makemigration_without_model_changes_writes_nothing(project: Project) -> None:
     project.migrated()
     before = sorted(project.versions.iterdir())
