@@ -75,9 +75,27 @@ def value_drift(connection: Connection | None, metadata: MetaData | None) -> lis
             drift.append(
                 f"the enum type {enum.name} holds {', '.join(there) or 'no values'} in the "
                 f"database and {', '.join(enum.enums)} in the models, which autogenerate does "
-                f"not compare: write that change by hand (ALTER TYPE {enum.name} ADD VALUE ...)"
+                f"not compare: write that change by hand ({_how(enum, there)})"
             )
     return drift
+
+
+def _how(enum: Enum, there: list[str]) -> str:
+    """The SQL that takes an enum type from ``there`` to the models' values, or a hint."""
+    added = [value for value in enum.enums if value not in there]
+    if set(there) <= set(enum.enums) and added:
+        later = enum.enums[enum.enums.index(added[0]) + 1 :]
+        before = next((f" BEFORE {_quoted(value)}" for value in later if value in there), "")
+        more = "; ..." if len(added) > 1 else ""
+        return f"ALTER TYPE {enum.name} ADD VALUE {_quoted(added[0])}{before}{more}"
+    return (
+        f"ALTER TYPE {enum.name} RENAME VALUE renames one; one removed, or the order "
+        "changed, takes a new type"
+    )
+
+
+def _quoted(value: str) -> str:
+    return "'" + value.replace("'", "''") + "'"
 
 
 def retyped(upgrade: OpContainer | None) -> list[str]:

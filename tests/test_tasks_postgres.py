@@ -190,7 +190,7 @@ def test_an_enum_value_added_to_the_models_is_named_by_check_and_makemigration(
     said = (
         "the enum type purchase_status holds pending, paid in the database and pending, "
         "paid, refunded in the models, which autogenerate does not compare: write that "
-        "change by hand (ALTER TYPE purchase_status ADD VALUE ...)\n"
+        "change by hand (ALTER TYPE purchase_status ADD VALUE 'refunded')\n"
     )
     files = set(project.versions.iterdir())
 
@@ -220,6 +220,21 @@ def test_an_enum_value_added_to_the_models_is_named_by_check_and_makemigration(
     project.add_revision("refunded", revision("refund", status.name.split("_")[1], add_value))
     project.migrated("ci")
     assert "check passed" in project.ok("check", "--env=ci").stderr
+
+    models.write_text(
+        models.read_text().replace('"paid", "refunded"', '"paid", "disputed", "refunded"')
+    )
+    hint = "ALTER TYPE purchase_status ADD VALUE 'disputed' BEFORE 'refunded'"
+    assert f"write that change by hand ({hint})\n" in project.invoke("check", "--env=ci").stderr
+    add_value = f'if op.get_context().dialect.name == "postgresql":\n        op.execute("{hint}")'
+    project.add_revision("disputed", revision("dispute", "refund", add_value))
+    project.migrated("ci")
+    assert "check passed" in project.ok("check", "--env=ci").stderr  # the hint's SQL does it
+    models.write_text(models.read_text().replace('"pending", "paid"', '"paid"'))
+    assert (
+        "write that change by hand (ALTER TYPE purchase_status RENAME VALUE renames one; one "
+        "removed, or the order changed, takes a new type)\n"
+    ) in project.invoke("check", "--env=ci").stderr
 
 
 @pytest.mark.parametrize(
