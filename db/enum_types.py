@@ -53,6 +53,18 @@ def _render(_context: AutogenContext, op: EnumTypeOp) -> str:
     return f"sa.Enum({values}name={op.enum.name!r}{schema}).create(op.get_bind())"
 
 
+def made_elsewhere(kind: object, context: AutogenContext) -> str | None:
+    """A column type that uses an enum type without making it, as a revision writes it;
+    None for any other. Alembic writes a type as its repr, which leaves ``create_type`` out
+    in SQLAlchemy 2.0.38 (the oldest this project allows)."""
+    if not isinstance(kind, postgresql.ENUM) or kind.create_type:
+        return None
+    context.imports.add("from sqlalchemy.dialects import postgresql")
+    values = "".join(f"{value!r}, " for value in kind.enums)
+    schema = f"schema={kind.schema!r}, " if kind.schema else ""
+    return f"postgresql.ENUM({values}name={kind.name!r}, {schema}create_type=False)"
+
+
 _LABELS = text(
     "select n.nspname, t.typname, array_agg(e.enumlabel order by e.enumsortorder) "
     "from pg_type t join pg_enum e on e.enumtypid = t.oid "

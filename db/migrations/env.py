@@ -120,13 +120,19 @@ def changed_default(
     return quoted.group(1).replace("''", "'") != given
 
 
-def render_item(type_: str, obj: object, _autogen_context: AutogenContext) -> str | bool:
-    """Revisions spell the models' UTCDateTime as the plain type it stores, and a server
-    default as the models give it: Alembic strips a quote that starts or ends a string
-    (``"it's 'new'"`` was written ``"it's 'new"``), and writes ``sa.false()`` as SQLite
-    compiles it, ``sa.text("0")``, which PostgreSQL refuses for a boolean."""
+def render_item(type_: str, obj: object, autogen_context: AutogenContext) -> str | bool:
+    """Revisions spell the models' UTCDateTime as the plain type it stores, an enum type
+    that a new table must not make again with its ``create_type=False`` (older SQLAlchemy
+    leaves it out), and a server default as the models give it: Alembic strips a quote
+    that starts or ends a string (``"it's 'new'"`` was written ``"it's 'new"``), and writes
+    ``sa.false()`` as SQLite compiles it, ``sa.text("0")``, which PostgreSQL refuses for a
+    boolean."""
     if type_ == "type" and isinstance(obj, TypeDecorator) and isinstance(obj.impl, DateTime):
         return f"sa.DateTime({'timezone=True' if obj.impl.timezone else ''})"
+    if type_ == "type" and getattr(obj, "create_type", True) is False:
+        from db.enum_types import made_elsewhere
+
+        return made_elsewhere(obj, autogen_context) or False
     default = obj.arg if type_ == "server_default" and isinstance(obj, DefaultClause) else None
     if isinstance(default, str):
         return repr(default)
