@@ -11,7 +11,9 @@ from typing import Any
 from alembic.operations.ops import (
     AddColumnOp,
     AlterColumnOp,
+    CreateCheckConstraintOp,
     CreateTableOp,
+    CreateUniqueConstraintOp,
     DropColumnOp,
     DropTableOp,
     ModifyTableOps,
@@ -46,9 +48,23 @@ def _table_risks(table: ModifyTableOps) -> list[str]:
             found.append(_lost(what, [column.name for column in added], how))
         elif isinstance(each, AlterColumnOp):
             found += _altered(table.table_name, each)
+        elif isinstance(each, CreateCheckConstraintOp | CreateUniqueConstraintOp):
+            found.append(_constrained(table.table_name, each))
     return found + [
         _required(table.table_name, column.name) for column in added if _no_default(column)
     ]
+
+
+def _constrained(table: str, op: CreateCheckConstraintOp | CreateUniqueConstraintOp) -> str:
+    """A constraint added to a table that has rows: they must all keep it already."""
+    if isinstance(op, CreateCheckConstraintOp):
+        what, breaks = "CHECK constraint", "a row breaks it"
+    else:
+        what, breaks = "unique constraint", "rows share a value"
+    return (
+        f"adds {what} {op.constraint_name} to {table}, which fails where {breaks}: "
+        "mend those rows first, in the same revision"
+    )
 
 
 def _altered(table: str, op: AlterColumnOp) -> list[str]:

@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 import json
+import sqlite3
 import subprocess
 
+import asyncpg
 import pytest
 from conftest import (
     PgDatabase,
@@ -113,6 +115,70 @@ def test_server_defaults_drafted_against_sqlite_migrate_and_compare_on_postgres(
     result = project.invoke("check", "--env=ci")
     assert result.returncode == 5, result.stderr
     assert "would write: modify_default products label" in result.stderr
+
+
+PRICE_CHECK = """    __tablename__ = "products"
+    __table_args__ = (sa.CheckConstraint("price >= 0", name="price_not_negative"),)
+"""
+
+
+def check_prices(project: Project, on: bool = True) -> None:
+    """Products get a named CHECK constraint on their price (or lose it)."""
+    models = project.root / "db" / "models.py"
+    text = models.read_text()
+    if "import sqlalchemy as sa" not in text:
+        text = text.replace(
+            "from sqlalchemy import (", "import sqlalchemy as sa\nfrom sqlalchemy import ("
+        )
+    first = PRICE_CHECK.splitlines()[0] + "\n"
+    models.write_text(text.replace(first, PRICE_CHECK) if on else text.replace(PRICE_CHECK, first))
+
+
+def test_a_named_check_constraint_is_compared_and_drafted(project: Project) -> None:
+    """Alembic compares no CHECK constraints unless told to: one added to the models
+    passed check, and makemigration wrote nothing. A draft that adds one is warned of, as
+    it fails where a row already breaks it."""
+    project.migrated()
+    check_prices(project)
+
+    assert "would write: add_constraint ck_products_price_not_negative" in failed_check(project)
+    drafted = project.ok("makemigration", "price check")
+    assert drafted.stderr.endswith(
+        "warning: the revision adds CHECK constraint ck_products_price_not_negative to "
+        "products, which fails where a row breaks it: mend those rows first, in the same "
+        "revision\n"
+    )
+    project.ok("migrate")
+    assert "check passed" in project.ok("check").stderr
+    with project.sqlite() as db:
+        db.execute("insert into categories (name) values ('c')")
+        with pytest.raises(sqlite3.IntegrityError, match="ck_products_price_not_negative"):
+            db.execute("insert into products (category_id, name, price) values (1, 'p', -1)")
+
+    check_prices(project, on=False)
+
+    assert "would write: remove_constraint ck_products_price_not_negative" in failed_check(project)
+
+
+@pytest.mark.postgres
+def test_a_check_constraint_drafted_against_sqlite_holds_on_postgres(
+    pg_project: Project, pg_database: PgDatabase
+) -> None:
+    project = pg_project
+    project.migrated()
+    project.migrated("ci")
+    check_prices(project)
+    project.ok("makemigration", "price check")
+
+    for task in ("migrate", "rollback", "migrate"):
+        project.ok(task, "--env=ci")
+
+    assert "check passed" in project.ok("check", "--env=ci").stderr
+    pg_fetch(pg_database.dsn, "insert into categories (name) values ('c')")
+    with pytest.raises(asyncpg.CheckViolationError, match="ck_products_price_not_negative"):
+        pg_fetch(
+            pg_database.dsn, "insert into products (category_id, name, price) values (1, 'p', -1)"
+        )
 
 
 def failed_check(project: Project) -> str:

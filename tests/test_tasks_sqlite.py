@@ -313,6 +313,26 @@ def test_makemigration_warns_of_a_column_made_not_null_or_shorter(project: Proje
     assert "type_=sa.String(length=300)" in draft.read_text()
 
 
+def test_makemigration_warns_of_a_unique_constraint_added(project: Project) -> None:
+    """It fails where rows already share a value, as a CHECK constraint fails where a row
+    breaks it (tests/test_review.py)."""
+    project.migrated()
+    models = project.root / "db" / "models.py"
+    models.write_text(
+        models.read_text().replace(
+            "first_name: Mapped[str | None] = mapped_column(String(128))",
+            "first_name: Mapped[str | None] = mapped_column(String(128), unique=True)",
+        )
+    )
+
+    result = project.ok("makemigration", "unique first names")
+
+    assert result.stderr.endswith(
+        "warning: the revision adds unique constraint uq_users_first_name to users, which "
+        "fails where rows share a value: mend those rows first, in the same revision\n"
+    )
+
+
 def test_makemigration_without_model_changes_writes_nothing(project: Project) -> None:
     project.migrated()
     before = sorted(project.versions.iterdir())

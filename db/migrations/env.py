@@ -96,6 +96,9 @@ def include_name(name: str | None, type_: str, _parents: Mapping[str, str | None
     return not (type_ == "table" and name in (VERSION_TABLE, "migration_log"))
 
 
+# Alembic's own comparisons, and its opt-in one of CHECK constraints by name (off by default,
+# as it needs every constraint named: the models' naming convention names them)
+AUTOGENERATE = ["alembic.autogenerate.*", "alembic.ext.checkconstraint_byname"]
 LITERAL = {"sqlite": r"\(?'(.*)'\)?", "postgresql": r"'(.*)'::[\w .\"]+"}  # a default, read back
 
 
@@ -171,6 +174,7 @@ def options(checks: tuple[OnApply, ...] = (), last: tuple[OnApply, ...] = ()) ->
         "process_revision_directives": skip_empty_autogenerate,
         "include_name": include_name,
         "compare_server_default": changed_default,  # off in Alembic: a changed default unseen
+        "autogenerate_plugins": AUTOGENERATE,
         "render_item": render_item,
         "on_version_apply": [check_foreign_keys, *checks, *audit_row, *last],
     }
