@@ -8,22 +8,25 @@ progress hooks. A caller may instead hand over an Engine or a Connection as
 
 from __future__ import annotations
 
-import re
-from collections.abc import Callable, Iterator, Mapping
+from collections.abc import Callable, Iterator
 from contextlib import AbstractContextManager, contextmanager, nullcontext
 from typing import TYPE_CHECKING, Any
 
 from alembic import context
-from alembic.operations import MigrationScript
 from alembic.runtime.migration import MigrationContext
 from alembic.util import CommandError
-from sqlalchemy import Connection, DateTime, DefaultClause, MetaData, text
+from sqlalchemy import Connection, MetaData, text
 from sqlalchemy.engine import make_url
 from sqlalchemy.exc import DBAPIError
-from sqlalchemy.sql.elements import False_, True_
-from sqlalchemy.types import TypeDecorator
 
 from db import offline  # noqa: F401  (text compiled with its values)
+from db.autogen import (
+    AUTOGENERATE,
+    changed_default,
+    include_name,
+    render_item,
+    skip_empty_autogenerate,
+)
 from db.connections import connect, connect_async, run_coroutine
 from db.engines import is_async, make_async_engine, make_engine
 from db.errors import BrokenModels, MigrationFailed
@@ -40,7 +43,6 @@ from db.runner import Run, configure_logging
 from db.versions import VERSION_TABLE, version_of
 
 if TYPE_CHECKING:
-    from alembic.autogenerate.api import AutogenContext
     from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
 
 config = context.config
@@ -73,15 +75,6 @@ def the_run() -> Run:
 run = the_run()
 
 
-def skip_empty_autogenerate(
-    _context: MigrationContext, _revision: object, directives: list[MigrationScript]
-) -> None:
-    """Write no revision file when autogenerate finds no difference."""
-    script = directives[0]
-    if script.upgrade_ops is not None and script.upgrade_ops.is_empty():
-        directives[:] = []
-
-
 def check_foreign_keys(ctx: MigrationContext, **_kw: Any) -> None:
     """SQLite runs migrations with foreign keys off; refuse to commit a revision that broke them."""
     if ctx.dialect.name == "sqlite" and not ctx.as_sql and ctx.connection is not None:
@@ -89,59 +82,6 @@ def check_foreign_keys(ctx: MigrationContext, **_kw: Any) -> None:
         if broken:
             tables = ", ".join(sorted({row[0] for row in broken}))
             raise MigrationFailed(f"the revision leaves rows with broken foreign keys in {tables}")
-
-
-def include_name(name: str | None, type_: str, _parents: Mapping[str, str | None]) -> bool:
-    """Autogenerate leaves the tool's own tables alone."""
-    return not (type_ == "table" and name in (VERSION_TABLE, "migration_log"))
-
-
-# Alembic's own comparisons, and its opt-in one of CHECK constraints by name (off by default,
-# as it needs every constraint named: the models' naming convention names them)
-AUTOGENERATE = ["alembic.autogenerate.*", "alembic.ext.checkconstraint_byname"]
-LITERAL = {"sqlite": r"\(?'(.*)'\)?", "postgresql": r"'(.*)'::[\w .\"]+"}  # a default, read back
-
-
-def changed_default(
-    context: MigrationContext,
-    _inspected_column: object,
-    _metadata_column: object,
-    inspected: str | None,
-    metadata_default: object,
-    _rendered: str | None,
-) -> bool | None:
-    """Whether a column's server default that the models give as a string changed; None
-    leaves it to Alembic, whose SQLite comparison takes an empty string ('') or a quote in
-    one ('it''s') for a change, and whose PostgreSQL one fails on a quote (its SQL breaks)."""
-    given = getattr(metadata_default, "arg", None)
-    form = LITERAL.get(context.dialect.name)
-    if form is None or inspected is None or not isinstance(given, str):
-        return None
-    quoted = re.fullmatch(form, inspected.strip(), re.DOTALL)
-    if quoted is None:  # a number, a function: Alembic's own, unless a quote would break it
-        return inspected.strip() != given if "'" in given else None
-    return quoted.group(1).replace("''", "'") != given
-
-
-def render_item(type_: str, obj: object, autogen_context: AutogenContext) -> str | bool:
-    """Revisions spell the models' UTCDateTime as the plain type it stores, an enum type
-    that a new table must not make again with its ``create_type=False`` (older SQLAlchemy
-    leaves it out), and a server default as the models give it: Alembic strips a quote
-    that starts or ends a string (``"it's 'new'"`` was written ``"it's 'new"``), and writes
-    ``sa.false()`` as SQLite compiles it, ``sa.text("0")``, which PostgreSQL refuses for a
-    boolean."""
-    if type_ == "type" and isinstance(obj, TypeDecorator) and isinstance(obj.impl, DateTime):
-        return f"sa.DateTime({'timezone=True' if obj.impl.timezone else ''})"
-    if type_ == "type" and getattr(obj, "create_type", True) is False:
-        from db.enum_types import made_elsewhere
-
-        return made_elsewhere(obj, autogen_context) or False
-    default = obj.arg if type_ == "server_default" and isinstance(obj, DefaultClause) else None
-    if isinstance(default, str):
-        return repr(default)
-    if isinstance(default, True_ | False_):
-        return "sa.true()" if isinstance(default, True_) else "sa.false()"
-    return False
 
 
 def target_metadata() -> MetaData | None:
