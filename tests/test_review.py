@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 import sqlite3
 import subprocess
+from collections.abc import Callable
 
 import asyncpg
 import pytest
@@ -98,15 +99,8 @@ def test_server_defaults_drafted_against_sqlite_migrate_and_compare_on_postgres(
     """Drafted against dev, ``sa.false()`` was ``sa.text("0")``, which PostgreSQL refuses
     for a boolean; and comparing a default with a quote in it broke Alembic's SQL there."""
     project = pg_project
-    project.migrated()
-    project.migrated("ci")
-    give_defaults(project)
-    project.ok("makemigration", "defaults")
+    drafted_on_dev_run_on_ci(project, give_defaults, "defaults")
 
-    for task in ("migrate", "rollback", "migrate"):
-        project.ok(task, "--env=ci")
-
-    assert "check passed" in project.ok("check", "--env=ci").stderr
     pg_fetch(pg_database.dsn, "insert into categories (name) values ('c')")
     pg_fetch(pg_database.dsn, "insert into products (category_id, name, price) values (1, 'p', 1)")
     rows = pg_fetch(pg_database.dsn, "select on_sale, label from products")
@@ -165,20 +159,25 @@ def test_a_check_constraint_drafted_against_sqlite_holds_on_postgres(
     pg_project: Project, pg_database: PgDatabase
 ) -> None:
     project = pg_project
-    project.migrated()
-    project.migrated("ci")
-    check_prices(project)
-    project.ok("makemigration", "price check")
+    drafted_on_dev_run_on_ci(project, check_prices, "price check")
 
-    for task in ("migrate", "rollback", "migrate"):
-        project.ok(task, "--env=ci")
-
-    assert "check passed" in project.ok("check", "--env=ci").stderr
     pg_fetch(pg_database.dsn, "insert into categories (name) values ('c')")
     with pytest.raises(asyncpg.CheckViolationError, match="ck_products_price_not_negative"):
         pg_fetch(
             pg_database.dsn, "insert into products (category_id, name, price) values (1, 'p', -1)"
         )
+
+
+def drafted_on_dev_run_on_ci(project: Project, edit: Callable[[Project], None], what: str) -> None:
+    """The models edited, a draft made against dev (SQLite) and run on ci (PostgreSQL), up,
+    down and up again: check passes there."""
+    project.migrated()
+    project.migrated("ci")
+    edit(project)
+    project.ok("makemigration", what)
+    for task in ("migrate", "rollback", "migrate"):
+        project.ok(task, "--env=ci")
+    assert "check passed" in project.ok("check", "--env=ci").stderr
 
 
 def failed_check(project: Project) -> str:
