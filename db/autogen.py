@@ -40,7 +40,7 @@ def include_name(name: str | None, type_: str, _parents: Mapping[str, str | None
 # Alembic's own comparisons, and its opt-in one of CHECK constraints by name (off by default,
 # as it needs every constraint named: the models' naming convention names them)
 AUTOGENERATE = ["alembic.autogenerate.*", "alembic.ext.checkconstraint_byname"]
-LITERAL = {"sqlite": r"\(?'(.*)'\)?", "postgresql": r"'(.*)'::[\w .\"]+"}  # a default, read back
+QUOTED = re.compile(r"\(?'(.*)'\)?", re.DOTALL)  # a string default, as SQLite reads it back
 
 
 def changed_default(
@@ -52,16 +52,20 @@ def changed_default(
     _rendered: str | None,
 ) -> bool | None:
     """Whether a column's server default that the models give as a string changed; None
-    leaves it to Alembic, whose SQLite comparison takes an empty string ('') or a quote in
-    one ('it''s') for a change, and whose PostgreSQL one fails on a quote (its SQL breaks)."""
+    leaves it to Alembic. Its SQLite comparison takes an empty string ('') or a quote in
+    one ('it''s') for a change; its PostgreSQL one asks the server, in SQL that a quote
+    breaks, so a string with one is asked here, quoted."""
     given = getattr(metadata_default, "arg", None)
-    form = LITERAL.get(context.dialect.name)
-    if form is None or inspected is None or not isinstance(given, str):
+    if inspected is None or not isinstance(given, str):
         return None
-    quoted = re.fullmatch(form, inspected.strip(), re.DOTALL)
-    if quoted is None:  # a number, a function: Alembic's own, unless a quote would break it
-        return inspected.strip() != given if "'" in given else None
-    return quoted.group(1).replace("''", "'") != given
+    if context.dialect.name == "sqlite":
+        quoted = QUOTED.fullmatch(inspected.strip())
+        return None if quoted is None else quoted.group(1).replace("''", "'") != given
+    if context.dialect.name == "postgresql" and "'" in given and context.connection:
+        literal = "'" + given.replace("'", "''") + "'"  # as the server reads a string
+        same = context.connection.exec_driver_sql(f"SELECT {inspected} = {literal}").scalar()
+        return not same
+    return None
 
 
 def render_item(type_: str, obj: object, autogen_context: AutogenContext) -> str | bool:

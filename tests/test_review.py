@@ -43,6 +43,7 @@ def test_check_finds_drift_between_models_and_database(project: Project) -> None
 DEFAULTS = """    description: Mapped[str] = mapped_column(Text, server_default="")
     on_sale: Mapped[bool] = mapped_column(sa.Boolean, server_default=sa.false())
     label: Mapped[str] = mapped_column(String(20), server_default="'new' it's")
+    listed: Mapped[datetime] = mapped_column(server_default="2026-12-01")
 """
 
 
@@ -97,7 +98,9 @@ def test_server_defaults_drafted_against_sqlite_migrate_and_compare_on_postgres(
     pg_project: Project, pg_database: PgDatabase
 ) -> None:
     """Drafted against dev, ``sa.false()`` was ``sa.text("0")``, which PostgreSQL refuses
-    for a boolean; and comparing a default with a quote in it broke Alembic's SQL there."""
+    for a boolean; and comparing a default with a quote in it broke Alembic's SQL there.
+    A date the server reads back as a timestamp (``'2026-12-01 00:00:00+00'``) is the same
+    default: the server compares it."""
     project = pg_project
     drafted_on_dev_run_on_ci(project, give_defaults, "defaults")
 
