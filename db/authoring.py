@@ -16,6 +16,7 @@ from alembic.util import CommandError
 from mako.exceptions import MakoException  # type: ignore[import-untyped]
 
 from db import audit, guards
+from db.casts import add_casts
 from db.commands import plan_steps, read_state
 from db.drafts import risky
 from db.enum_types import add_enum_types, retyped, value_drift
@@ -112,6 +113,7 @@ def make_migration(env: Environment, message: str, *, empty: bool = False) -> Dr
         by_hand.extend(value_drift(context.connection, context.opts["target_metadata"]))
         if found:
             add_enum_types(found[0], context.opts["target_metadata"])
+            add_casts(found[0])
             risks.extend(risky(found[0].upgrade_ops) + retyped(found[0].upgrade_ops))
 
     quiet = redirect_stdout(io.StringIO())  # Alembic's "Running post write hook" chatter

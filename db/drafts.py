@@ -20,6 +20,9 @@ from alembic.operations.ops import (
     UpgradeOps,
 )
 from sqlalchemy import Column, Enum, String
+from sqlalchemy.types import TypeEngine
+
+from db.casts import converts_itself, sql_type
 
 
 def risky(upgrade: UpgradeOps | None) -> list[str]:
@@ -85,7 +88,33 @@ def _altered(table: str, op: AlterColumnOp) -> list[str]:
             "a value is longer (SQLite never checks, so dev passes): shorten those values "
             "first, in the same revision, or keep the length"
         )
+    if op.modify_type is not None and op.existing_type is not None:
+        found += _converted(column, op.existing_type, op.modify_type, op.kw)
     return found
+
+
+def _converted(
+    column: str, old: TypeEngine[Any], new: TypeEngine[Any], kw: dict[str, Any]
+) -> list[str]:
+    """A column changed to a type PostgreSQL does not convert its rows to by itself:
+    SQLite's batch copy converts anything, so dev passes."""
+    if converts_itself(old, new):
+        return []
+    change = f"column {column} from {sql_type(old)} to {sql_type(new)}"
+    how = kw.get("postgresql_using")
+    if how is None:
+        return [
+            f"changes {change}, which PostgreSQL refuses without a USING expression "
+            "(SQLite's copy converts anything, so dev passes): give the alter_column "
+            f"postgresql_using=..., an expression that turns {column.split('.')[-1]} into "
+            f"{sql_type(new)}"
+        ]
+    return [
+        f"converts {change}, which PostgreSQL does only when told how: the draft gives it "
+        f"postgresql_using={how!r}, which fails where a value does not convert (SQLite's "
+        "copy converts it anyway, so dev passes): mend those values first, in the same "
+        "revision"
+    ]
 
 
 def _no_default(column: Column[Any]) -> bool:

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import asyncio
+import itertools
 import socket
 import sqlite3
 import threading
@@ -11,18 +12,24 @@ from collections.abc import Iterator
 from contextlib import closing
 from datetime import datetime, timedelta, timezone
 from pathlib import Path
+from typing import Any
 
+import asyncpg
 import pytest
+import sqlalchemy as sa
 from alembic import command
 from conftest import REPO, PgDatabase, cannot, head_revision, wait_until
 from sqlalchemy import create_engine, inspect, make_url, select, text
+from sqlalchemy.dialects import postgresql, sqlite
+from sqlalchemy.types import TypeEngine
 
 from db import commands, fleet
+from db.casts import converts_itself, sql_type, using
 from db.engines import make_async_engine, make_engine
 from db.environments import Environment, load_environment
 from db.errors import ConfigError, LockLost
 from db.locks import pg_lock, prepare_session, sqlite_run
-from db.models import Category, User
+from db.models import Category, User, UTCDateTime
 from db.runner import make_config
 from db.schema import differences
 from db.session import async_engine, session_factory
@@ -549,6 +556,65 @@ def test_the_library_refuses_to_reset_or_seed_a_protected_environment(
     with pytest.raises(GuardRefused, match="t is protected"):
         (reset if task == "reset" else seed)(env)
     assert not (tmp_path / "t.sqlite3").exists()
+
+
+# a column's types as the models give them and as SQLite and PostgreSQL read them back
+COLUMN_TYPES: list[TypeEngine[Any]] = [
+    *(sa.VARCHAR(10), sa.Text(), sa.BigInteger(), sa.Integer(), sa.SmallInteger()),
+    *(sa.Numeric(10, 2), sa.Float(), postgresql.DOUBLE_PRECISION(), sa.Boolean()),
+    *(sa.DateTime(), UTCDateTime(), sa.Date(), sa.Time(), sa.Interval()),
+    *(sa.JSON(), postgresql.JSONB(), sa.Uuid(), sa.LargeBinary(), sqlite.DATETIME()),
+]
+
+
+@pytest.mark.postgres
+def test_which_type_changes_postgresql_makes_by_itself_is_what_the_server_says(
+    pg_database: PgDatabase,
+) -> None:
+    """For every pair of types, ``converts_itself`` says what the server does with an
+    ``ALTER COLUMN ... TYPE`` and no USING; from a text type, the USING of ``using`` does
+    it."""
+
+    async def refused(connection: Any, old: TypeEngine[Any], new: TypeEngine[Any]) -> bool:
+        """Whether the server refuses the change with no USING; with ``using``'s USING
+        (where it gives one) it must make it. Nothing is kept."""
+        alter = f'alter table t alter column "Stock" type {sql_type(new)}'
+        transaction = connection.transaction()
+        await transaction.start()
+        try:
+            await connection.execute(f'create table t ("Stock" {sql_type(old)})')
+            try:
+                async with connection.transaction():
+                    await connection.execute(alter)
+            except (asyncpg.DatatypeMismatchError, asyncpg.CannotCoerceError):
+                said = True
+            else:
+                said = False
+            how = using("Stock", old, new)
+            if how is not None:
+                await connection.execute(f"{alter} using {how}")
+            return said
+        finally:
+            await transaction.rollback()
+
+    async def server_says() -> list[str]:
+        connection = await asyncpg.connect(pg_database.dsn, timeout=5)
+        try:
+            return [
+                f"{old!r} -> {new!r}: "
+                + ("refused" if await refused(connection, old, new) else "converted")
+                for old, new in itertools.permutations(COLUMN_TYPES, 2)
+            ]
+        finally:
+            await connection.close()
+
+    expected = [
+        f"{old!r} -> {new!r}: {'converted' if converts_itself(old, new) else 'refused'}"
+        for old, new in itertools.permutations(COLUMN_TYPES, 2)
+    ]
+    assert asyncio.run(server_says()) == expected
+    assert using("Stock", sa.VARCHAR(10), sa.BigInteger()) == '"Stock"::BIGINT'
+    assert using("stock", sa.Boolean(), sa.Integer()) is None  # no text: the author's call
 
 
 def test_schema_differences_say_on_which_side_each_thing_is() -> None:

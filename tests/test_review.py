@@ -171,6 +171,99 @@ def test_a_check_constraint_drafted_against_sqlite_holds_on_postgres(
         )
 
 
+def stock_as(project: Project, kind: str, python: str) -> None:
+    """Products get a stock column of ``kind``, or have it changed to ``kind``."""
+    models = project.root / "db" / "models.py"
+    lines = [line for line in models.read_text().splitlines() if " stock: " not in line]
+    at = next(n for n, line in enumerate(lines) if line.startswith("    file_id: "))
+    lines.insert(at, f"    stock: Mapped[{python} | None] = mapped_column(sa.{kind})")
+    text = "\n".join(lines) + "\n"
+    if "import sqlalchemy as sa\n" not in text:
+        text = text.replace(
+            "from sqlalchemy import (", "import sqlalchemy as sa\nfrom sqlalchemy import ("
+        )
+    models.write_text(text)
+
+
+@pytest.mark.postgres
+def test_a_text_column_drafted_as_a_number_on_sqlite_converts_on_postgres(
+    pg_project: Project, pg_database: PgDatabase
+) -> None:
+    """A draft made against dev changed a text column to a number with a bare
+    alter_column: dev passed, and PostgreSQL refused it ("column "stock" cannot be cast
+    automatically to type bigint"). The draft now says how, and a value that does not
+    convert fails the revision there, leaving the column as it was."""
+    project = pg_project
+    project.migrated()
+    project.migrated("ci")
+    stock_as(project, "String(10)", "str")
+    project.ok("makemigration", "add stock")
+    project.ok("migrate")
+    project.ok("migrate", "--env=ci")
+    pg_fetch(pg_database.dsn, "insert into categories (name) values ('c')")
+    add = "insert into products (category_id, name, price, stock) values (1, 'p', 1, '{}')"
+    pg_fetch(pg_database.dsn, add.format("12"))
+    stock_as(project, "BigInteger", "int")
+
+    drafted = project.ok("makemigration", "stock as number")
+
+    assert drafted.stderr.endswith(
+        "warning: the revision converts column products.stock from VARCHAR(10) to BIGINT, "
+        "which PostgreSQL does only when told how: the draft gives it "
+        "postgresql_using='stock::BIGINT', which fails where a value does not convert "
+        "(SQLite's copy converts it anyway, so dev passes): mend those values first, in the "
+        "same revision\n"
+    )
+    project.ok("migrate")
+    stock = "select stock, pg_typeof(stock)::text from products"
+    for task, kept in (("migrate", (12, "bigint")), ("rollback", ("12", "character varying"))):
+        project.ok(task, "--env=ci")
+        assert [tuple(row) for row in pg_fetch(pg_database.dsn, stock)] == [kept]
+    pg_fetch(pg_database.dsn, add.format("many"))
+
+    failed = project.fails("migrate", "--env=ci")
+
+    assert 'invalid input syntax for type bigint: "many"' in failed
+    at = pg_fetch(pg_database.dsn, "select version_num from alembic_version")[0][0]
+    assert f"the database is at {at}; " in failed
+    assert pg_fetch(pg_database.dsn, f"{stock} order by id")[1][0] == "many"
+    pg_fetch(pg_database.dsn, "update products set stock = '3' where stock = 'many'")
+    project.ok("migrate", "--env=ci")
+    assert "check passed" in project.ok("check", "--env=ci").stderr
+
+
+def test_makemigration_warns_of_a_type_change_postgresql_refuses_and_not_of_one_it_makes(
+    project: Project,
+) -> None:
+    """A boolean to a number takes an expression only its author knows; a number to a
+    decimal PostgreSQL converts by itself."""
+    project.migrated()
+    stock_as(project, "Boolean", "bool")
+    project.ok("makemigration", "add stock")
+    project.ok("migrate")
+    stock_as(project, "Integer", "int")
+
+    counted = project.ok("makemigration", "stock as count")
+
+    assert counted.stderr.endswith(
+        "warning: the revision changes column products.stock from BOOLEAN to INTEGER, which "
+        "PostgreSQL refuses without a USING expression (SQLite's copy converts anything, so "
+        "dev passes): give the alter_column postgresql_using=..., an expression that turns "
+        "stock into INTEGER\n"
+    )
+    [draft] = project.versions.glob("*_stock_as_count.py")
+    assert "postgresql_using" not in draft.read_text()
+    project.ok("migrate")
+    stock_as(project, "Numeric(10, 2)", "Decimal")
+
+    priced = project.ok("makemigration", "stock as decimal")
+
+    assert "warning" not in priced.stderr
+    [draft] = project.versions.glob("*_stock_as_decimal.py")
+    assert "type_=sa.Numeric(precision=10, scale=2)" in draft.read_text()
+    assert "postgresql_using" not in draft.read_text()
+
+
 def drafted_on_dev_run_on_ci(project: Project, edit: Callable[[Project], None], what: str) -> None:
     """The models edited, a draft made against dev (SQLite) and run on ci (PostgreSQL), up,
     down and up again: check passes there."""
