@@ -12,6 +12,8 @@ from alembic.operations.ops import (
     AddColumnOp,
     AlterColumnOp,
     CreateCheckConstraintOp,
+    CreateForeignKeyOp,
+    CreateIndexOp,
     CreateTableOp,
     CreateUniqueConstraintOp,
     DropColumnOp,
@@ -51,22 +53,45 @@ def _table_risks(table: ModifyTableOps) -> list[str]:
             found.append(_lost(what, [column.name for column in added], how))
         elif isinstance(each, AlterColumnOp):
             found += _altered(table.table_name, each)
-        elif isinstance(each, CreateCheckConstraintOp | CreateUniqueConstraintOp):
+        elif isinstance(each, Constraint) and _checks_rows(each, added):
             found.append(_constrained(table.table_name, each))
     return found + [
         _required(table.table_name, column.name) for column in added if _no_default(column)
     ]
 
 
-def _constrained(table: str, op: CreateCheckConstraintOp | CreateUniqueConstraintOp) -> str:
+Constraint = CreateCheckConstraintOp | CreateUniqueConstraintOp | CreateForeignKeyOp | CreateIndexOp
+
+
+def _checks_rows(op: Constraint, added: list[Column[Any]]) -> bool:
+    """A constraint the rows already there must keep: any but an index that is not unique,
+    or a foreign key or unique one on columns added NULL in every row, which keeps it."""
+    if isinstance(op, CreateIndexOp) and not op.unique:
+        return False
+    if isinstance(op, CreateCheckConstraintOp):
+        return True
+    names = op.local_cols if isinstance(op, CreateForeignKeyOp) else op.columns
+    empty = {column.name for column in added if column.nullable and not column.server_default}
+    return not all(name in empty for name in names)  # an expression is in no set of names
+
+
+def _constrained(table: str, op: Constraint) -> str:
     """A constraint added to a table that has rows: they must all keep it already."""
     if isinstance(op, CreateCheckConstraintOp):
-        what, breaks = "CHECK constraint", "a row breaks it"
+        what, breaks = f"CHECK constraint {op.constraint_name}", "a row breaks it"
+    elif isinstance(op, CreateForeignKeyOp):  # SQLite's migrations check none: dev passes
+        what = f"foreign key {op.constraint_name}"
+        breaks = (
+            f"a row points at no row of {op.referent_table} (on PostgreSQL: SQLite checks "
+            "no foreign key while it migrates, so dev passes)"
+        )
+    elif isinstance(op, CreateIndexOp):
+        what, breaks = f"unique index {op.index_name}", "rows share a value"
     else:
-        what, breaks = "unique constraint", "rows share a value"
+        what, breaks = f"unique constraint {op.constraint_name}", "rows share a value"
     return (
-        f"adds {what} {op.constraint_name} to {table}, which fails where {breaks}: "
-        "mend those rows first, in the same revision"
+        f"adds {what} to {table}, which fails where {breaks}: mend those rows first, in "
+        "the same revision"
     )
 
 

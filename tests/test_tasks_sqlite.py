@@ -315,22 +315,48 @@ def test_makemigration_warns_of_a_column_made_not_null_or_shorter(project: Proje
 
 def test_makemigration_warns_of_a_unique_constraint_added(project: Project) -> None:
     """It fails where rows already share a value, as a CHECK constraint fails where a row
-    breaks it (tests/test_review.py)."""
+    breaks it (tests/test_review.py); so does a unique index, and a foreign key fails where
+    a row points at nothing. An index that is not unique is no risk, nor is a foreign key or
+    unique constraint on a column added with NULL in every row."""
     project.migrated()
     models = project.root / "db" / "models.py"
+    source = models.read_text()
+    first_name = "first_name: Mapped[str | None] = mapped_column(String(128))"
+    referrer = "\n    referrer_id: Mapped[int | None] = mapped_column(Integer)"
+    inviter = "\n    inviter_id: Mapped[int | None] = mapped_column(ForeignKey('users.id'))"
+    referrals = "\n    referrals: Mapped[int] = mapped_column(server_default='0', index=True)"
+    source = source.replace("    BigInteger,\n", "    BigInteger,\n    Integer,\n")
+    models.write_text(source.replace(first_name, first_name + referrer + inviter + referrals))
+
+    quiet = project.ok("makemigration", "referrals")
+
+    assert "warning" not in quiet.stderr
+    project.ok("migrate")
     models.write_text(
-        models.read_text().replace(
-            "first_name: Mapped[str | None] = mapped_column(String(128))",
-            "first_name: Mapped[str | None] = mapped_column(String(128), unique=True)",
-        )
+        source.replace(
+            first_name,
+            first_name.replace("))", "), unique=True)")
+            + referrer.replace("(Integer)", "(ForeignKey('users.id'), unique=True)")
+            + inviter
+            + referrals,
+        ).replace("String(64))", "String(64), unique=True, index=True)")
     )
 
     result = project.ok("makemigration", "unique first names")
 
     assert result.stderr.endswith(
+        "warning: the revision adds unique index ix_users_username to users, which fails "
+        "where rows share a value: mend those rows first, in the same revision\n"
         "warning: the revision adds unique constraint uq_users_first_name to users, which "
         "fails where rows share a value: mend those rows first, in the same revision\n"
+        "warning: the revision adds unique constraint uq_users_referrer_id to users, which "
+        "fails where rows share a value: mend those rows first, in the same revision\n"
+        "warning: the revision adds foreign key fk_users_referrer_id_users to users, which "
+        "fails where a row points at no row of users (on PostgreSQL: SQLite checks no "
+        "foreign key while it migrates, so dev passes): mend those rows first, in the same "
+        "revision\n"
     )
+    assert result.stderr.count("warning") == 4
 
 
 def test_makemigration_without_model_changes_writes_nothing(project: Project) -> None:
