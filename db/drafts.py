@@ -25,6 +25,7 @@ from sqlalchemy import Column, Enum, String
 from sqlalchemy.types import TypeEngine
 
 from db.casts import converts_itself, sql_type
+from db.keys import key_risks
 
 
 def risky(upgrade: UpgradeOps | None) -> list[str]:
@@ -39,7 +40,7 @@ def risky(upgrade: UpgradeOps | None) -> list[str]:
             found.append(_lost(f"table {op.table_name}", created, "op.rename_table(...)"))
         elif isinstance(op, ModifyTableOps):
             found += _table_risks(op)
-    return found
+    return found + key_risks(upgrade)
 
 
 def _table_risks(table: ModifyTableOps) -> list[str]:

@@ -264,6 +264,94 @@ def test_makemigration_warns_of_a_type_change_postgresql_refuses_and_not_of_one_
     assert "postgresql_using" not in draft.read_text()
 
 
+UNNUMBERED = (
+    "warning: the revision makes key {0} BIGINT on SQLite, which numbers new rows only in "
+    "an INTEGER PRIMARY KEY, so on dev an insert with no id fails: give it the type "
+    'sa.BigInteger().with_variant(sa.Integer(), "sqlite") in the models, and make the draft '
+    "again{1}\n"
+)
+SEQUENCE = (
+    "warning: the revision makes key users.id BIGINT, and on PostgreSQL a SERIAL key's "
+    "sequence stays INTEGER, so new rows fail once its numbers run out: add "
+    'op.execute("ALTER SEQUENCE users_id_seq AS BIGINT") under if '
+    'op.get_context().dialect.name == "postgresql"\n'
+)
+
+
+def big_ids(project: Project, kind: str) -> None:
+    """Users' ids become ``kind``."""
+    models = project.root / "db" / "models.py"
+    key = "    id: Mapped[int] = mapped_column({}primary_key=True)"
+    users = '    __tablename__ = "users"\n\n'
+    models.write_text(
+        models.read_text()
+        .replace(users + key.format(""), users + key.format(f"{kind}, "))
+        .replace("from sqlalchemy import (", "import sqlalchemy as sa\nfrom sqlalchemy import (")
+    )
+
+
+def test_a_new_table_with_a_bigint_key_is_warned_of_as_sqlite_numbers_no_rows_in_it(
+    project: Project,
+) -> None:
+    """SQLite numbers rows only in an INTEGER PRIMARY KEY: the revision ran on dev, and
+    every insert that left the id to the database failed after it."""
+    project.migrated()
+    add_coupon_model(project)
+    models = project.root / "db" / "models.py"
+    key = "    id: Mapped[int] = mapped_column({}primary_key=True)\n    code:"
+    models.write_text(models.read_text().replace(key.format(""), key.format("BigInteger, ")))
+
+    drafted = project.ok("makemigration", "coupons")
+
+    assert drafted.stderr.endswith(UNNUMBERED.format("coupons.id", ""))
+    project.ok("migrate")
+    with project.sqlite() as db, pytest.raises(sqlite3.IntegrityError, match="coupons.id"):
+        db.execute("insert into coupons (code, percent_off) values ('TEN', 10)")
+
+
+@pytest.mark.postgres
+def test_a_key_made_bigint_is_warned_of_on_both_dialects_and_the_advice_works(
+    pg_project: Project, pg_database: PgDatabase
+) -> None:
+    """A SERIAL key made BIGINT keeps an INTEGER sequence on PostgreSQL, and is numbered
+    no more on SQLite. What the warnings say to do makes both right."""
+    project = pg_project
+    project.migrated()
+    project.migrated("ci")
+    big_ids(project, "BigInteger")
+
+    drafted = project.ok("makemigration", "big ids")
+
+    on_postgres = " against a PostgreSQL --env (on SQLite it changes nothing)"
+    assert drafted.stderr.endswith(UNNUMBERED.format("users.id", on_postgres) + SEQUENCE)
+    assert drafted.stderr.count("warning") == 2  # purchases.user_id is no key
+    [draft] = project.versions.glob("*_big_ids.py")
+    draft.unlink()
+    variant = 'sa.BigInteger().with_variant(sa.Integer(), "sqlite")'
+    models = project.root / "db" / "models.py"
+    models.write_text(models.read_text().replace("(BigInteger, primary", f"({variant}, primary"))
+
+    again = project.ok("makemigration", "--env=ci", "big ids")
+
+    assert again.stderr.endswith(SEQUENCE)
+    [draft] = project.versions.glob("*_big_ids.py")
+    sequence = (
+        '    if op.get_context().dialect.name == "postgresql":\n'
+        '        op.execute("ALTER SEQUENCE users_id_seq AS BIGINT")\n\n'
+    )
+    draft.write_text(draft.read_text().replace("    # ### end Alembic commands ###", sequence, 1))
+    for env in ("dev", "ci"):
+        project.ok("migrate", f"--env={env}")
+        assert "check passed" in project.ok("check", f"--env={env}").stderr
+    with project.sqlite() as db:
+        db.execute("insert into users (telegram_id) values (1)")
+    pg_fetch(pg_database.dsn, "insert into users (telegram_id) values (1)")
+    typed = (
+        "select seqtypid::regtype::text from pg_sequence where seqrelid = 'users_id_seq'::regclass"
+    )
+    assert pg_fetch(pg_database.dsn, typed)[0][0] == "bigint"
+
+
 def drafted_on_dev_run_on_ci(project: Project, edit: Callable[[Project], None], what: str) -> None:
     """The models edited, a draft made against dev (SQLite) and run on ci (PostgreSQL), up,
     down and up again: check passes there."""
