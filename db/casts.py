@@ -1,11 +1,13 @@
-"""Column type changes that PostgreSQL makes only when told how.
+"""Column type changes, as PostgreSQL makes them: some only when told how, and some
+only where every row still fits.
 
 ``ALTER COLUMN ... TYPE`` converts the rows with an assignment cast, and PostgreSQL has
 none from a text type to any other (nor between, say, a boolean and a number): the
 statement fails there ("column "stock" cannot be cast automatically to type bigint").
 SQLite's batch copy converts anything, so a draft made against dev passes there. A
 change from a text type is therefore drafted with the ``postgresql_using`` PostgreSQL
-asks for; SQLite ignores it.
+asks for; SQLite ignores it. And SQLite checks no length, precision or integer size,
+while PostgreSQL refuses a row that a narrower type cannot hold.
 """
 
 from __future__ import annotations
@@ -136,3 +138,75 @@ def _affinity(kind: TypeEngine[Any]) -> type[TypeEngine[Any]] | None:
 def _family(kind: TypeEngine[Any]) -> int | None:
     affinity = _affinity(kind)
     return next((n for n, family in enumerate(_FAMILIES) if affinity in family), None)
+
+
+def type_risks(
+    column: str, old: TypeEngine[Any], new: TypeEngine[Any], kw: dict[str, Any]
+) -> list[str]:
+    """What changing ``column`` from ``old`` to ``new`` risks on PostgreSQL, in words:
+    rows it does not convert, or that no longer fit."""
+    if not converts_itself(old, new):
+        return [_converted(column, old, new, kw.get("postgresql_using"))]
+    narrowed = _narrowed(old, new)
+    if narrowed is None:
+        return []
+    return [
+        f"narrows column {column} from {sql_type(old)} to {sql_type(new)}, which {narrowed} "
+        "(SQLite never checks, so dev shows nothing): mend those values first, in the same "
+        "revision, or keep the type"
+    ]
+
+
+def _converted(column: str, old: TypeEngine[Any], new: TypeEngine[Any], how: str | None) -> str:
+    change = f"column {column} from {sql_type(old)} to {sql_type(new)}"
+    if how is None:
+        return (
+            f"changes {change}, which PostgreSQL refuses without a USING expression "
+            "(SQLite's copy converts anything, so dev passes): give the alter_column "
+            f"postgresql_using=..., an expression that turns {column.split('.')[-1]} into "
+            f"{sql_type(new)}"
+        )
+    return (
+        f"converts {change}, which PostgreSQL does only when told how: the draft gives it "
+        f"postgresql_using={how!r}, which fails where a value does not convert (SQLite's "
+        "copy converts it anyway, so dev passes): mend those values first, in the same "
+        "revision"
+    )
+
+
+def integer_bytes(kind: TypeEngine[Any]) -> int:
+    """The size of one of PostgreSQL's integer types; 0 for any other type."""
+    return {"SMALLINT": 2, "INTEGER": 4, "BIGINT": 8}.get(sql_type(kind), 0)
+
+
+def _narrowed(old: TypeEngine[Any], new: TypeEngine[Any]) -> str | None:
+    """What PostgreSQL does to the values a type of the same kind, but narrower, no
+    longer holds, in words."""
+    affinity = _affinity(new)
+    if affinity is not _affinity(old) or isinstance(old, Enum) or isinstance(new, Enum):
+        return None
+    fails = "fails on PostgreSQL where a value"
+    if affinity is String:
+        length, was = getattr(new, "length", None), getattr(old, "length", None)
+        if length is not None and (was is None or length < was):
+            return f"{fails} is longer than {length} characters"
+    if affinity is Integer and 0 < integer_bytes(new) < integer_bytes(old):
+        most = 2 ** (8 * integer_bytes(new) - 1)
+        return f"{fails} is outside {sql_type(new)}'s range ({-most} to {most - 1})"
+    if affinity is Numeric:
+        return _fewer_digits(old, new, fails)
+    return None
+
+
+def _fewer_digits(old: TypeEngine[Any], new: TypeEngine[Any], fails: str) -> str | None:
+    """A NUMERIC with fewer digits before the point fails where a value has more; one with
+    fewer after it rounds every value."""
+    precision, scale = getattr(new, "precision", None), getattr(new, "scale", None) or 0
+    was, was_scale = getattr(old, "precision", None), getattr(old, "scale", None) or 0
+    if precision is None:
+        return None
+    if was is None or precision - scale < was - was_scale:
+        return f"{fails} has more than {precision - scale} digits before the point"
+    if scale < was_scale:
+        return f"rounds every value to {scale} decimal places on PostgreSQL"
+    return None

@@ -21,10 +21,9 @@ from alembic.operations.ops import (
     ModifyTableOps,
     UpgradeOps,
 )
-from sqlalchemy import Column, Enum, String
-from sqlalchemy.types import TypeEngine
+from sqlalchemy import Column
 
-from db.casts import converts_itself, sql_type
+from db.casts import type_risks
 from db.keys import key_risks
 
 
@@ -97,8 +96,8 @@ def _constrained(table: str, op: Constraint) -> str:
 
 
 def _altered(table: str, op: AlterColumnOp) -> list[str]:
-    """A column made NOT NULL, or a text column made shorter: each fails where rows hold
-    what no longer fits, the shorter one on PostgreSQL only (SQLite never checks)."""
+    """A column made NOT NULL fails where a row holds NULL in it; a type changed, where
+    rows hold what PostgreSQL does not convert, or what no longer fits."""
     found = []
     column = f"{table}.{op.column_name}"
     if op.modify_nullable is False and op.existing_nullable is not False:
@@ -106,41 +105,9 @@ def _altered(table: str, op: AlterColumnOp) -> list[str]:
             f"makes column {column} NOT NULL, which fails where a row holds NULL in it: "
             'fill those rows first, in the same revision (op.execute("UPDATE ..."))'
         )
-    text = isinstance(op.modify_type, String) and not isinstance(op.modify_type, Enum)
-    new, old = getattr(op.modify_type, "length", None), getattr(op.existing_type, "length", 0)
-    if text and new is not None and (old is None or new < old):
-        found.append(
-            f"shortens column {column} to {new} characters, which fails on PostgreSQL where "
-            "a value is longer (SQLite never checks, so dev passes): shorten those values "
-            "first, in the same revision, or keep the length"
-        )
     if op.modify_type is not None and op.existing_type is not None:
-        found += _converted(column, op.existing_type, op.modify_type, op.kw)
+        found += type_risks(column, op.existing_type, op.modify_type, op.kw)
     return found
-
-
-def _converted(
-    column: str, old: TypeEngine[Any], new: TypeEngine[Any], kw: dict[str, Any]
-) -> list[str]:
-    """A column changed to a type PostgreSQL does not convert its rows to by itself:
-    SQLite's batch copy converts anything, so dev passes."""
-    if converts_itself(old, new):
-        return []
-    change = f"column {column} from {sql_type(old)} to {sql_type(new)}"
-    how = kw.get("postgresql_using")
-    if how is None:
-        return [
-            f"changes {change}, which PostgreSQL refuses without a USING expression "
-            "(SQLite's copy converts anything, so dev passes): give the alter_column "
-            f"postgresql_using=..., an expression that turns {column.split('.')[-1]} into "
-            f"{sql_type(new)}"
-        ]
-    return [
-        f"converts {change}, which PostgreSQL does only when told how: the draft gives it "
-        f"postgresql_using={how!r}, which fails where a value does not convert (SQLite's "
-        "copy converts it anyway, so dev passes): mend those values first, in the same "
-        "revision"
-    ]
 
 
 def _no_default(column: Column[Any]) -> bool:

@@ -15,10 +15,9 @@ from alembic.operations.ops import AlterColumnOp, CreateTableOp, ModifyTableOps,
 from sqlalchemy.engine import make_url
 from sqlalchemy.types import Integer, TypeEngine
 
-from db.casts import sql_type
+from db.casts import integer_bytes, sql_type
 
 _SQLITE = make_url("sqlite://").get_dialect()()
-_BYTES = {"SMALLINT": 2, "INTEGER": 4, "BIGINT": 8}  # PostgreSQL's integer types
 
 
 def key_risks(upgrade: UpgradeOps | None) -> list[str]:
@@ -42,7 +41,7 @@ def _widened(table: str, op: AlterColumnOp) -> list[str]:
     if old is None or new is None:
         return []
     found = _unnumbered(table, op.column_name, new)
-    width = [_BYTES.get(sql_type(kind), 0) for kind in (old, new)]
+    width = [integer_bytes(kind) for kind in (old, new)]
     if 0 < width[0] < width[1]:
         found.append(
             f"makes key {table}.{op.column_name} {sql_type(new)}, and on PostgreSQL a SERIAL "

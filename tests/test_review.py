@@ -352,6 +352,33 @@ def test_a_key_made_bigint_is_warned_of_on_both_dialects_and_the_advice_works(
     assert pg_fetch(pg_database.dsn, typed)[0][0] == "bigint"
 
 
+@pytest.mark.postgres
+def test_a_telegram_id_narrowed_on_sqlite_fails_on_postgres_as_warned(
+    pg_project: Project, pg_database: PgDatabase
+) -> None:
+    """``telegram_id: Mapped[int]`` without its BigInteger drafts BIGINT to INTEGER: dev
+    holds any integer, and PostgreSQL refuses a Telegram id past 2147483647, as the
+    warning says; the revision is rolled back whole."""
+    project = pg_project
+    project.migrated()
+    project.migrated("ci")
+    pg_fetch(pg_database.dsn, "insert into users (telegram_id) values (5000000000)")
+    models = project.root / "db" / "models.py"
+    models.write_text(
+        models.read_text().replace("mapped_column(BigInteger, unique", "mapped_column(unique")
+    )
+
+    drafted = project.ok("makemigration", "int ids")
+
+    assert "which fails on PostgreSQL where a value is outside INTEGER's range" in drafted.stderr
+    project.ok("migrate")
+    failed = project.fails("migrate", "--env=ci")
+    assert "integer out of range" in failed
+    assert f"the database is at {head_revision()}; " in failed
+    typed = "select pg_typeof(telegram_id)::text, telegram_id from users"
+    assert [tuple(row) for row in pg_fetch(pg_database.dsn, typed)] == [("bigint", 5000000000)]
+
+
 def drafted_on_dev_run_on_ci(project: Project, edit: Callable[[Project], None], what: str) -> None:
     """The models edited, a draft made against dev (SQLite) and run on ci (PostgreSQL), up,
     down and up again: check passes there."""

@@ -280,35 +280,62 @@ def test_makemigration_warns_of_a_required_column_with_nothing_to_fill_it(
     assert result.stderr.count("warning") == 1
 
 
-def test_makemigration_warns_of_a_column_made_not_null_or_shorter(project: Project) -> None:
-    """Both fail where rows hold what no longer fits (a shorter text on PostgreSQL only:
-    SQLite never checks a length, so dev passed); the drafts were written without a word."""
+def test_makemigration_warns_of_a_column_made_not_null_or_narrower(project: Project) -> None:
+    """Each fails where rows hold what no longer fits, a narrower type on PostgreSQL only:
+    SQLite never checks a length, a precision or an integer's size, so dev passed, and
+    the drafts were written without a word. A NUMERIC with fewer decimal places rounds
+    every value there. A wider type is no risk."""
     project.migrated()
     models = project.root / "db" / "models.py"
-    source = models.read_text()
+    price = "price: Mapped[Decimal] = mapped_column(Numeric({}))"
     models.write_text(
-        source.replace(
-            "username: Mapped[str | None] = mapped_column(String(64))",
-            "username: Mapped[str | None] = mapped_column(String(32))",
-        )
+        models.read_text()
+        .replace("String(64))", "String(32))")
         .replace("first_name: Mapped[str | None]", "first_name: Mapped[str]")
+        .replace("String(200))", "String(300))")
         .replace(
-            "name: Mapped[str] = mapped_column(String(200))",
-            "name: Mapped[str] = mapped_column(String(300))",
+            "telegram_id: Mapped[int] = mapped_column(BigInteger, ",
+            "telegram_id: Mapped[int] = mapped_column(",
         )
+        .replace(price.format("10, 2"), price.format("8, 2"), 1)  # products'
+        .replace(price.format("10, 2"), price.format("12, 0"), 1)  # purchases'
     )
 
     result = project.ok("makemigration", "tighten users")
 
+    narrows = (
+        "warning: the revision narrows column {} from {} to {}, which {} (SQLite never "
+        "checks, so dev shows nothing): mend those values first, in the same revision, or "
+        "keep the type\n"
+    )
+    fails = "fails on PostgreSQL where a value"
     assert result.stderr.endswith(
-        "warning: the revision shortens column users.username to 32 characters, which fails "
-        "on PostgreSQL where a value is longer (SQLite never checks, so dev passes): shorten "
-        "those values first, in the same revision, or keep the length\n"
-        "warning: the revision makes column users.first_name NOT NULL, which fails where a "
+        narrows.format(
+            "products.price",
+            "NUMERIC(10, 2)",
+            "NUMERIC(8, 2)",
+            f"{fails} has more than 6 digits before the point",
+        )
+        + narrows.format(
+            "purchases.price",
+            "NUMERIC(10, 2)",
+            "NUMERIC(12, 0)",
+            "rounds every value to 0 decimal places on PostgreSQL",
+        )
+        + narrows.format(
+            "users.telegram_id",
+            "BIGINT",
+            "INTEGER",
+            f"{fails} is outside INTEGER's range (-2147483648 to 2147483647)",
+        )
+        + narrows.format(
+            "users.username", "VARCHAR(64)", "VARCHAR(32)", f"{fails} is longer than 32 characters"
+        )
+        + "warning: the revision makes column users.first_name NOT NULL, which fails where a "
         "row holds NULL in it: fill those rows first, in the same revision "
         '(op.execute("UPDATE ..."))\n'
     )
-    assert result.stderr.count("warning") == 2  # a longer products.name is no risk
+    assert result.stderr.count("warning") == 5  # a longer products.name is no risk
     [draft] = project.versions.glob("*_tighten_users.py")
     assert "type_=sa.String(length=300)" in draft.read_text()
 
