@@ -8,6 +8,7 @@ import concurrent.futures
 import os
 import socket
 import sqlite3
+import ssl
 import time
 from collections.abc import AsyncIterator, Callable, Coroutine, Iterator
 from contextlib import asynccontextmanager, contextmanager, suppress
@@ -49,7 +50,9 @@ def connect_error(
     """A one-line ConnectError naming the masked URL and the driver's reason, after retrying
     for ``waited`` seconds; ``busy_advice``: how the caller could wait for a free connection."""
     reason, text = cause_of(exc), first_line(exc)
-    if isinstance(reason, (asyncio.TimeoutError, TimeoutError)):
+    if tls := _tls_trouble(url, reason, text):  # an OSError too: before the network's
+        text = tls
+    elif isinstance(reason, (asyncio.TimeoutError, TimeoutError)):
         text = "timed out (raise CONNECT_TIMEOUT in the env file if the server is slow)"
     elif isinstance(reason, socket.gaierror):
         text = f"unknown host ({reason.strerror})"
@@ -112,6 +115,35 @@ def _wrong_password(url: URL) -> str:
                 "and user (asyncpg reads a \\: or \\\\ in it as written, not as : or \\)"
             )
     return f"{none}: set DATABASE_PASSWORD in it"
+
+
+def _tls_trouble(url: URL, reason: BaseException, text: str) -> str | None:
+    """What went wrong checking the server's certificate, and what to do; None where
+    nothing did. The root certificate's file is read before anything connects, so its
+    errors (a file not there, one with no certificate) are its own; asyncpg's words for a
+    verification that failed are the errno of Operation not permitted."""
+    root = os.environ.get("PGSSLROOTCERT")
+    ca = "give the certificate of the CA that signed the server's in PGSSLROOTCERT, or in "
+    ca += "~/.postgresql/root.crt"
+    if isinstance(reason, ssl.SSLCertVerificationError):
+        if reason.verify_code in (62, 64):  # X509_V_ERR_HOSTNAME_MISMATCH, IP_ADDRESS_...
+            return (
+                f"the server's certificate is not for this host: {reason.verify_message} "
+                "(write the host as the certificate names it, or use ssl=verify-ca, which "
+                "checks only who signed it)"
+            )
+        return f"the server's certificate was not accepted: {reason.verify_message} ({ca})"
+    if "root certificate file" in text:  # asyncpg's, where ~/.postgresql/root.crt is not
+        return f"{text} (ssl={url.query.get('ssl')} checks the server's certificate: {ca})"
+    ssl_mode = str(url.query.get("ssl", "")).lower()
+    if not root or ssl_mode not in _SSL_REQUIRED:
+        return None
+    signer = "name the file of the certificate of the CA that signed the server's"
+    if isinstance(reason, ssl.SSLError) and reason.library == "X509":
+        return f"PGSSLROOTCERT names {root}, which holds no certificate: {signer}"
+    if isinstance(reason, OSError) and not Path(root).is_file():
+        return f"PGSSLROOTCERT names {root}, which is no file that can be read: {signer}"
+    return None
 
 
 def _no_ssl(url: URL) -> str:

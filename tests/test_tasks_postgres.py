@@ -10,6 +10,7 @@ import subprocess
 import time
 import uuid
 from collections.abc import Iterator
+from pathlib import Path
 
 import pytest
 from conftest import (
@@ -416,6 +417,79 @@ def test_a_server_without_ssl_where_the_url_requires_it_says_so(project: Project
 
     assert f"cannot connect to {url}: no SSL connection was possible, and ssl=require " in error
     assert "requires one (turn ssl on in the server; and is a PostgreSQL server" in error
+
+
+def self_signed(openssl: str, name: str, key: Path, certificate: Path) -> None:
+    """A key and a certificate for host ``name``, signed by that key itself."""
+    made = f"req -x509 -newkey rsa:2048 -nodes -days 1 -subj /CN={name}".split()
+    subprocess.run(
+        [openssl, *made, "-keyout", str(key), "-out", str(certificate)],
+        check=True,
+        capture_output=True,
+    )
+
+
+def test_a_certificate_that_cannot_be_trusted_is_named_with_what_to_do(
+    project: Project, tmp_path: Path
+) -> None:
+    """A server's certificate that failed its check was "Operation not permitted (is the
+    server running on that host and port?)"; a PGSSLROOTCERT not there, "No such file or
+    directory" with the same question; one with no certificate in it, "Unknown error 136"."""
+    [openssl] = need("openssl")
+    with cluster() as server:
+        data = Path(server.data)
+        trusted, other = data / "server.crt", tmp_path / "other.crt"
+        self_signed(openssl, "shop-db.internal", data / "server.key", trusted)
+        self_signed(openssl, "x", tmp_path / "x.key", other)
+        (data / "server.key").chmod(0o600)
+        if os.geteuid() == 0:
+            for made in ("server.key", "server.crt"):
+                shutil.chown(data / made, "postgres", "postgres")
+        with open(data / "postgresql.conf", "a") as conf:
+            conf.write("ssl = on\n")
+        server.restart()
+        garbage = tmp_path / "garbage.crt"
+        garbage.write_text("not a certificate\n")
+        missing = tmp_path / "missing.crt"
+
+        def use(host: str, mode: str) -> str:
+            url = f"postgresql+asyncpg://postgres@{host}:{server.port}/postgres?ssl={mode}"
+            project.write_env("tls", f"DATABASE_URL={url}\n")
+            return url
+
+        def said(host: str, mode: str, **env: str) -> str:
+            url = use(host, mode)
+            return project.fails("status", "--env=tls", **env).split(f"{url}: ", 1)[-1].strip()
+
+        use("localhost", "verify-ca")
+        project.ok("status", "--env=tls", PGSSLROOTCERT=str(trusted))
+        assert said("localhost", "verify-full", PGSSLROOTCERT=str(trusted)) == (
+            "the server's certificate is not for this host: Hostname mismatch, certificate is "
+            "not valid for 'localhost'. (write the host as the certificate names it, or use "
+            "ssl=verify-ca, which checks only who signed it)"
+        )
+        signer = "the certificate of the CA that signed the server's"
+        assert said("127.0.0.1", "verify-full", PGSSLROOTCERT=str(trusted)) == (
+            "the server's certificate is not for this host: IP address mismatch, certificate "
+            "is not valid for '127.0.0.1'. (write the host as the certificate names it, or "
+            "use ssl=verify-ca, which checks only who signed it)"
+        )
+        assert said("localhost", "verify-ca", PGSSLROOTCERT=str(other)) == (
+            "the server's certificate was not accepted: self-signed certificate (give "
+            f"{signer} in PGSSLROOTCERT, or in ~/.postgresql/root.crt)"
+        )
+        assert said("localhost", "require", PGSSLROOTCERT=str(missing)) == (
+            f"PGSSLROOTCERT names {missing}, which is no file that can be read: name the file "
+            f"of {signer}"
+        )
+        assert said("localhost", "verify-full", PGSSLROOTCERT=str(garbage)) == (
+            f"PGSSLROOTCERT names {garbage}, which holds no certificate: name the file of {signer}"
+        )
+        assert said("localhost", "verify-full", HOME=str(tmp_path)) == (
+            f'root certificate file "{tmp_path}/.postgresql/root.crt" does not exist or cannot '
+            "be accessed (ssl=verify-full checks the server's certificate: give "
+            f"{signer} in PGSSLROOTCERT, or in ~/.postgresql/root.crt)"
+        )
 
 
 def test_a_database_or_role_the_server_lacks_says_what_to_do(
