@@ -183,6 +183,9 @@ def session_settings(env: Environment) -> dict[str, str]:
         # a server's idle timeouts must not end a migration session between revisions
         "idle_session_timeout": "0",
         "idle_in_transaction_session_timeout": "0",
+        # a naive time is UTC, as the app has it: a revision that makes a timestamp column
+        # timestamptz, or takes a date of now(), gives the same on a server set to Moscow
+        "TimeZone": "UTC",
     }
     if env.network_timeout > 0:  # so the server ends the session of a run whose host is gone,
         # rolling its revision back and freeing its locks, as the task gives the server up

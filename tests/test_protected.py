@@ -432,6 +432,7 @@ def test_offline_sql_starts_with_the_session_settings(project: Project) -> None:
         "SET application_name = 'migrations';\n\n"
         "SET lock_timeout = '5s';\n\n"
         "SET statement_timeout = '15min';\n\n"
+        "SET TimeZone = 'UTC';\n\n"
         "SET standard_conforming_strings = 'on';\n"
     )
 

@@ -419,6 +419,29 @@ def test_a_server_without_ssl_where_the_url_requires_it_says_so(project: Project
     assert "requires one (turn ssl on in the server; and is a PostgreSQL server" in error
 
 
+def test_a_naive_time_is_utc_to_a_migration_whatever_the_servers_time_zone(
+    pg_project: Project, pg_database: PgDatabase
+) -> None:
+    """A revision that made a timestamp column timestamptz took each value as a time in the
+    server's zone: on a database set to Moscow's, 12:00 (UTC, as the app writes a naive
+    time) became 09:00 UTC, three hours off without a word. (Offline SQL sets it too:
+    tests/test_protected.py.)"""
+    project = pg_project
+    pg_execute(pg_database.dsn, f"alter database {pg_database.name} set timezone = 'Europe/Moscow'")
+    project.migrated("ci")
+    aware = (
+        'op.add_column("users", sa.Column("seen", sa.DateTime()))\n'
+        "    op.execute(\"insert into users (telegram_id, seen) values (1, '2026-12-01 12:00')\")\n"
+        '    op.alter_column("users", "seen", type_=sa.DateTime(timezone=True))'
+    )
+    project.add_revision("seen", revision("seen1", head_revision(), aware, message="seen"))
+
+    project.ok("migrate", "--env=ci")
+
+    seen = "select (seen at time zone 'UTC')::text from users"
+    assert pg_fetch(pg_database.dsn, seen)[0][0] == "2026-12-01 12:00:00"
+
+
 def self_signed(openssl: str, name: str, key: Path, certificate: Path) -> None:
     """A key and a certificate for host ``name``, signed by that key itself."""
     made = f"req -x509 -newkey rsa:2048 -nodes -days 1 -subj /CN={name}".split()
