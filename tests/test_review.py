@@ -185,6 +185,13 @@ def stock_as(project: Project, kind: str, python: str) -> None:
     models.write_text(text)
 
 
+def stocked(project: Project, kind: str, python: str) -> None:
+    """Products get a stock column of ``kind``, drafted and migrated on dev."""
+    stock_as(project, kind, python)
+    project.ok("makemigration", "add stock")
+    project.ok("migrate")
+
+
 @pytest.mark.postgres
 def test_a_text_column_drafted_as_a_number_on_sqlite_converts_on_postgres(
     pg_project: Project, pg_database: PgDatabase
@@ -196,9 +203,7 @@ def test_a_text_column_drafted_as_a_number_on_sqlite_converts_on_postgres(
     project = pg_project
     project.migrated()
     project.migrated("ci")
-    stock_as(project, "String(10)", "str")
-    project.ok("makemigration", "add stock")
-    project.ok("migrate")
+    stocked(project, "String(10)", "str")
     project.ok("migrate", "--env=ci")
     pg_fetch(pg_database.dsn, "insert into categories (name) values ('c')")
     add = "insert into products (category_id, name, price, stock) values (1, 'p', 1, '{}')"
@@ -238,9 +243,7 @@ def test_makemigration_warns_of_a_type_change_postgresql_refuses_and_not_of_one_
     """A boolean to a number takes an expression only its author knows; a number to a
     decimal PostgreSQL converts by itself."""
     project.migrated()
-    stock_as(project, "Boolean", "bool")
-    project.ok("makemigration", "add stock")
-    project.ok("migrate")
+    stocked(project, "Boolean", "bool")
     stock_as(project, "Integer", "int")
 
     counted = project.ok("makemigration", "stock as count")
