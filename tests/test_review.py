@@ -9,6 +9,7 @@ from collections.abc import Callable
 
 import asyncpg
 import pytest
+import sqlalchemy as sa
 from conftest import (
     PgDatabase,
     Project,
@@ -310,6 +311,77 @@ def test_a_new_table_with_a_bigint_key_is_warned_of_as_sqlite_numbers_no_rows_in
     project.ok("migrate")
     with project.sqlite() as db, pytest.raises(sqlite3.IntegrityError, match="coupons.id"):
         db.execute("insert into coupons (code, percent_off) values ('TEN', 10)")
+
+
+WORDED = (
+    "warning: the revision gives column coupons.{} the server_default '{}', which SQLite "
+    "keeps as text, read back as True whatever it says and matched by no filter on true or "
+    "false: give it server_default=sa.{}() in the models, and make the draft again\n"
+)
+
+
+def active_coupon(project: Project) -> tuple[object, object]:
+    """A coupon added with its ``active`` flag left to the server default, read back
+    through SQLAlchemy on dev, and whether a filter on false finds it."""
+    project.ok("migrate")
+    with project.sqlite() as db:
+        db.execute("insert into coupons (code, percent_off) values ('TEN', 10)")
+    coupons = sa.Table("coupons", sa.MetaData(), sa.Column("active", sa.Boolean))
+    engine = sa.create_engine(f"sqlite:///{project.root / 'var' / 'dev.sqlite3'}")
+    with engine.connect() as db:
+        read = db.scalar(sa.select(coupons.c.active))
+        off = db.scalar(sa.select(sa.func.count()).where(coupons.c.active.is_(False)))
+    engine.dispose()
+    return read, off
+
+
+def test_a_boolean_default_given_as_a_word_is_warned_of_as_sqlite_reads_it_true(
+    project: Project,
+) -> None:
+    """``server_default="false"`` runs on both dialects, and is false on PostgreSQL; SQLite
+    keeps the text 'false', so on dev every coupon was active, and none was found inactive."""
+    project.migrated()
+    add_coupon_model(project)
+    models = project.root / "db" / "models.py"
+    percent = "    percent_off: Mapped[int]\n"
+    flag = '    active: Mapped[bool] = mapped_column(server_default="false")\n'
+    models.write_text(models.read_text().replace(percent, percent + flag))
+
+    drafted = project.ok("makemigration", "coupons")
+
+    assert drafted.stderr.endswith(WORDED.format("active", "false", "false"))
+    assert active_coupon(project) == (True, 0)
+    project.ok("rollback")
+    [draft] = project.versions.glob("*_coupons.py")
+    draft.unlink()
+    models.write_text(models.read_text().replace('default="false"', "default=false()"))
+    models.write_text(models.read_text().replace("    func,\n", "    false,\n    func,\n"))
+
+    again = project.ok("makemigration", "coupons")
+
+    assert "warning" not in again.stderr
+    assert active_coupon(project) == (False, 1)
+
+
+def test_a_boolean_default_added_or_changed_to_a_word_is_warned_of(project: Project) -> None:
+    """A column added with "Yes", and a default changed from "1" to "off", are each named
+    with what means them on both; "1", a number to SQLite and true to PostgreSQL, is not."""
+    project.migrated()
+    add_coupon_model(project)
+    models = project.root / "db" / "models.py"
+    percent = "    percent_off: Mapped[int]\n"
+    flag = '    active: Mapped[bool] = mapped_column(server_default="1")\n'
+    models.write_text(models.read_text().replace(percent, percent + flag))
+    assert "warning" not in project.ok("makemigration", "coupons").stderr
+    project.ok("migrate")
+    listed = '    listed: Mapped[bool] = mapped_column(server_default="Yes")\n'
+    text = models.read_text().replace('default="1"', 'default="off"')
+    models.write_text(text.replace(percent, percent + listed))
+
+    drafted = project.ok("makemigration", "flags")
+
+    changed, added = WORDED.format("active", "off", "false"), WORDED.format("listed", "Yes", "true")
+    assert drafted.stderr.endswith(changed + added)
 
 
 @pytest.mark.postgres
