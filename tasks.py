@@ -652,8 +652,10 @@ def seed(
 
 @task
 def envs(c: Context) -> None:
-    """List the known environments with their dialect and masked URL (exit 2 if one of
-    them cannot be loaded)."""
+    """List the known environments with their dialect and masked URL.
+
+    Exit 2 if one of them cannot be loaded.
+    """
     from db import fleet
     from db.environments import SECRET_KEYS, known_environments, load_environment
     from db.errors import DbError

@@ -959,6 +959,8 @@ def test_every_task_and_flag_explains_itself() -> None:
         help_text = invoke("--help", task)
         docstring = help_text.split("Docstring:\n", 1)[1].split("\n\n", 1)[0].strip()
         assert docstring and docstring != "none", f"{task} has no docstring"
+        summary = docstring.splitlines()[0]  # all that invoke --list shows
+        assert summary.endswith("."), f"invoke --list cuts {task}'s summary short: {summary}"
         options = help_text.split("Options:\n", 1)[1] if "Options:" in help_text else ""
         for line in options.splitlines():
             if line.strip().startswith("-"):
