@@ -63,7 +63,10 @@ def make_async_engine(
     """Like :func:`make_engine`, for an asyncio driver (asyncpg, aiosqlite).
 
     ``pool`` (``pool_size``, ``max_overflow``, ``pool_timeout``, ``pool_recycle``) gives the
-    engine a real pool, checked before each use: the app's engine. Without it, none.
+    engine a real pool, checked before each use: the app's engine. Without it, none. On
+    SQLite the app's transactions begin ``IMMEDIATE``: two that read and then write at once
+    would otherwise each wait for the other's read lock, and SQLite fails one at once
+    (``database is locked``) where PostgreSQL runs both; now the second waits its turn.
     ``schema`` (PostgreSQL) puts that schema alone on each connection's ``search_path``.
     ``pooler``: ``url`` may be a pooler in transaction mode (PgBouncer), which hands the
     server connection to another client between transactions. Then no prepared statement
@@ -79,6 +82,8 @@ def make_async_engine(
     if pool is not None:
         del options["poolclass"]
         options.update(pool_pre_ping=True, **pool)
+        if url.get_backend_name() == "sqlite":  # the app's handlers write at once
+            options["execution_options"] = {"sqlite_begin": "BEGIN IMMEDIATE"}
     engine = create_async_engine(url, **options)
     _sqlite_transactions(engine.sync_engine, foreign_keys=not migrating)
     if url.get_driver_name() == "asyncpg" and network_timeout > 0:
