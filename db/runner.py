@@ -10,6 +10,7 @@ from __future__ import annotations
 import contextlib
 import functools
 import io
+import logging
 import sys
 import traceback
 import warnings
@@ -254,8 +255,12 @@ def _versions(config: Config) -> Path:
 
 @functools.cache
 def configure_logging(ini: str) -> None:
-    """Logging as alembic.ini sets it up, once per process: a fleet's worker enters env.py
-    for target after target."""
+    """Logging as alembic.ini sets it up, once per process (a fleet's worker enters env.py
+    for target after target), and only where nothing has set logging up yet: fileConfig
+    replaces the root logger's handlers and level, so an app that migrates as it starts
+    lost its own logging after (as ``logging.basicConfig`` does, this leaves it alone)."""
+    if logging.getLogger().handlers:
+        return
     try:
         fileConfig(ini, disable_existing_loggers=False)
     except Exception as exc:  # a section left out or misspelled: KeyError, ValueError...

@@ -150,6 +150,34 @@ def test_app_sessions_on_sqlite_use_aiosqlite(tmp_path: Path, in_tokyo: None) ->
     assert use_the_shop(env) == ["e-books"]
 
 
+APP_START = """
+import logging
+from pathlib import Path
+
+logging.basicConfig(level=logging.INFO, format="bot log: %(name)s: %(message)s")
+from db import commands
+from db.environments import load_environment
+
+commands.migrate(load_environment(Path.cwd(), "t", {}))
+logging.getLogger("bot").info("started")
+"""
+
+
+def test_an_app_that_migrates_as_it_starts_keeps_its_own_logging(tmp_path: Path) -> None:
+    """alembic.ini's logging replaced the root logger's handlers and level: the bot's own
+    INFO lines after the migration were gone, and its warnings in Alembic's format."""
+    import subprocess
+    import sys
+
+    sqlite_env(tmp_path)
+    started = subprocess.run(
+        [sys.executable, "-c", APP_START], cwd=tmp_path, capture_output=True, text=True
+    )
+
+    assert started.returncode == 0, started.stderr
+    assert started.stderr.endswith("bot log: bot: started\n"), started.stderr
+
+
 def handlers_at_once(env: Environment, handlers: int = 50) -> list[str]:
     """Many of the bot's handlers at once, each in one transaction that reads (the shop's
     categories) and then writes (a user): what each one that failed said."""
