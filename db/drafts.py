@@ -40,15 +40,16 @@ def risky(upgrade: UpgradeOps | None) -> list[str]:
         if isinstance(op, DropTableOp):
             found.append(_lost(f"table {op.table_name}", created, "op.rename_table(...)"))
         elif isinstance(op, ModifyTableOps):
-            found += _table_risks(op)
+            found += _table_risks(op, new=op.table_name in created)
         elif isinstance(op, CreateTableOp):
             columns = [each for each in op.columns if isinstance(each, Column)]
             found += [_worded(op.table_name, column) for column in columns]
     return [risk for risk in found if risk] + key_risks(upgrade)
 
 
-def _table_risks(table: ModifyTableOps) -> list[str]:
-    """What in the changes to one table loses data, or fails where it has rows."""
+def _table_risks(table: ModifyTableOps, new: bool = False) -> list[str]:
+    """What in the changes to one table loses data, or fails where it has rows (a ``new``
+    table, made by the same revision, has none)."""
     added = [each.column for each in table.ops if isinstance(each, AddColumnOp)]
     found = []
     for each in table.ops:
@@ -58,8 +59,10 @@ def _table_risks(table: ModifyTableOps) -> list[str]:
             found.append(_lost(what, [column.name for column in added], how))
         elif isinstance(each, AlterColumnOp):
             found += _altered(table.table_name, each)
-        elif isinstance(each, Constraint) and _checks_rows(each, added):
+        elif isinstance(each, Constraint) and not new and _checks_rows(each, added):
             found.append(_constrained(table.table_name, each))
+        if isinstance(each, CreateIndexOp):
+            found.append(_partial(table.table_name, each))
     return found + [
         risk
         for column in added
@@ -99,6 +102,19 @@ def _constrained(table: str, op: Constraint) -> str:
     return (
         f"adds {what} to {table}, which fails where {breaks}: mend those rows first, in "
         "the same revision"
+    )
+
+
+def _partial(table: str, op: CreateIndexOp) -> str:
+    """A unique index partial on PostgreSQL only: on SQLite it covers every row."""
+    options = op.kw
+    if not op.unique or "postgresql_where" not in options or "sqlite_where" in options:
+        return ""
+    return (
+        f"makes unique index {op.index_name} on {table} partial on PostgreSQL only "
+        "(postgresql_where), so on SQLite it covers every row and refuses rows that "
+        "PostgreSQL takes: give the index the same sqlite_where in the models, and make the "
+        "draft again"
     )
 
 

@@ -384,6 +384,62 @@ def test_a_boolean_default_added_or_changed_to_a_word_is_warned_of(project: Proj
     assert drafted.stderr.endswith(changed + added)
 
 
+ACTIVE_CODES = """
+
+class Coupon(Base):
+    __tablename__ = "coupons"
+    __table_args__ = (
+        sa.Index("ix_coupons_code_active", "code", unique=True, postgresql_where=sa.text("active")),
+    )
+
+    id: Mapped[int] = mapped_column(primary_key=True)
+    code: Mapped[str] = mapped_column(String(32))
+    slug: Mapped[str] = mapped_column(String(32), unique=True, index=True)
+    active: Mapped[bool] = mapped_column(server_default=sa.true())
+"""
+PARTIAL = (
+    "warning: the revision makes unique index ix_coupons_code_active on coupons partial on "
+    "PostgreSQL only (postgresql_where), so on SQLite it covers every row and refuses rows "
+    "that PostgreSQL takes: give the index the same sqlite_where in the models, and make the "
+    "draft again\n"
+)
+
+
+def test_a_unique_index_partial_on_postgresql_only_is_warned_of(project: Project) -> None:
+    """One code may be active once, and inactive in any number of rows: on SQLite the
+    index covered every row, so dev refused a second coupon that PostgreSQL took. A unique
+    index on a table the same revision makes (``slug``) has no rows to break: it was
+    warned of as one that fails where rows share a value."""
+    project.migrated()
+    models = project.root / "db" / "models.py"
+    with_sa = "import sqlalchemy as sa\nfrom sqlalchemy import ("
+    models.write_text(
+        models.read_text().replace("from sqlalchemy import (", with_sa) + ACTIVE_CODES
+    )
+
+    drafted = project.ok("makemigration", "coupons")
+
+    assert drafted.stderr.endswith(PARTIAL) and drafted.stderr.count("warning") == 1
+    project.ok("migrate")
+    add = "insert into coupons (code, slug, active) values ('TEN', ?, ?)"
+    with project.sqlite() as db, pytest.raises(sqlite3.IntegrityError, match="coupons.code"):
+        db.executemany(add, [("old", False), ("new", True)])
+    project.ok("rollback")
+    [draft] = project.versions.glob("*_coupons.py")
+    draft.unlink()
+    where = 'postgresql_where=sa.text("active")'
+    models.write_text(models.read_text().replace(where, f'{where}, sqlite_where=sa.text("active")'))
+
+    again = project.ok("makemigration", "coupons")
+
+    assert "warning" not in again.stderr
+    project.ok("migrate")
+    with project.sqlite() as db:
+        db.executemany(add, [("old", False), ("new", True)])
+        with pytest.raises(sqlite3.IntegrityError, match="coupons.code"):
+            db.execute(add, ("newer", True))
+
+
 @pytest.mark.postgres
 def test_a_key_made_bigint_is_warned_of_on_both_dialects_and_the_advice_works(
     pg_project: Project, pg_database: PgDatabase
