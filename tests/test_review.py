@@ -522,6 +522,94 @@ def drafted_on_dev_run_on_ci(project: Project, edit: Callable[[Project], None], 
     assert "check passed" in project.ok("check", "--env=ci").stderr
 
 
+SALES = (
+    'op.execute("CREATE VIEW sales AS SELECT p.name, count(*) AS sold FROM purchases u '
+    'JOIN products p ON p.id = u.product_id GROUP BY p.name")'
+)
+FILE_ID = ("mapped_column(String(255))", "mapped_column(String(300))")
+TITLE = (
+    "name: Mapped[str] = mapped_column(String(200))",
+    "title: Mapped[str] = mapped_column(String(200), server_default='')",
+)
+
+
+def viewed_products(project: Project, change: tuple[str, str], what: str) -> str:
+    """A view of sales by product name on dev, then ``change`` (a line of the models, old
+    and new) made to products and drafted; returns the draft's revision id."""
+    project.migrated()
+    project.add_revision("sales", revision("sales1", head_revision(), SALES, "sales view"))
+    project.ok("migrate")
+    models = project.root / "db" / "models.py"
+    models.write_text(models.read_text().replace(*change))
+    project.ok("makemigration", what)
+    [draft] = project.versions.glob(f"*_{what.replace(' ', '_')}.py")
+    return draft.stem.split("_")[1]
+
+
+def sold(project: Project) -> tuple[list[object], list[tuple[object, ...]]]:
+    """The revision dev is at, and what the view reads once a product is sold."""
+    with project.sqlite() as db:
+        db.execute("insert into users (telegram_id) values (1)")
+        db.execute("insert into categories (name) values ('c')")
+        db.execute("insert into products (category_id, name, price) values (1, 'p', 1)")
+        db.execute(
+            "insert into purchases (user_id, product_id, price, payment_id) values (1, 1, 1, 'x')"
+        )
+        at = [row[0] for row in db.execute("select version_num from alembic_version")]
+        return at, db.execute("select * from sales").fetchall()
+
+
+def test_a_table_a_view_reads_is_changed_on_sqlite_as_on_postgres(project: Project) -> None:
+    """Batch mode drops the table and renames its copy; SQLite refused the rename while a
+    view read the table ('error in view sales: no such table: main.products'), where
+    PostgreSQL makes the change with the view in place."""
+    longer = viewed_products(project, FILE_ID, "longer file ids")
+
+    for task in ("migrate", "rollback", "migrate"):
+        project.ok(task)
+
+    assert sold(project) == ([longer], [("p", 1)])
+    assert "check passed" in project.ok("check").stderr
+
+
+def test_a_view_a_changed_table_breaks_fails_the_revision_with_what_to_do(
+    project: Project,
+) -> None:
+    """A view that reads a column the change takes away would no longer work: PostgreSQL
+    refuses such a change, and so does dev, naming the view and what to do."""
+    titles = viewed_products(project, TITLE, "titles")
+
+    error = project.fails("migrate")
+
+    assert (
+        f"upgrade of revision {titles} (titles) failed: OperationalError: view sales no "
+        "longer works once table products is changed (no such column: p.name): drop the "
+        "view before the change and create it again after, in the same revision"
+    ) in error
+    assert sold(project) == (["sales1"], [("p", 1)])
+
+
+@pytest.mark.postgres
+def test_postgres_changes_a_table_a_view_reads_and_refuses_a_change_that_breaks_it(
+    pg_project: Project, pg_database: PgDatabase
+) -> None:
+    """What dev now does with a view over a changed table is what PostgreSQL does."""
+    project = pg_project
+    project.migrated("ci")
+    viewed_products(project, FILE_ID, "longer file ids")
+    for task in ("migrate", "rollback", "migrate"):
+        project.ok(task, "--env=ci")
+    project.ok("migrate")
+    models = project.root / "db" / "models.py"
+    models.write_text(models.read_text().replace(*TITLE))
+    project.ok("makemigration", "titles")
+
+    error = project.fails("migrate", "--env=ci")
+
+    assert "cannot drop column name of table products because other objects depend on it" in error
+    assert pg_fetch(pg_database.dsn, "select count(*) from sales")[0][0] == 0
+
+
 def failed_check(project: Project) -> str:
     result = project.invoke("check")
     assert result.returncode == 5, result.stderr
