@@ -46,6 +46,14 @@ def sqlite_env(tmp_path: Path) -> Environment:
     return load_environment(tmp_path, "t", {})
 
 
+def pg_env(tmp_path: Path, database: PgDatabase) -> Environment:
+    """A project in ``tmp_path`` (as :func:`sqlite_env`) with the environment ``pg`` on
+    ``database``."""
+    sqlite_env(tmp_path)
+    (tmp_path / "environments" / "pg.env").write_text(f"DATABASE_URL={database.url}\n")
+    return load_environment(tmp_path, "pg", {})
+
+
 def test_env_py_accepts_a_callers_engine(tmp_path: Path) -> None:
     env = sqlite_env(tmp_path)
     engine = create_engine(f"sqlite:///{tmp_path / 'given.sqlite3'}")
@@ -105,9 +113,7 @@ def test_app_sessions_on_a_fleet_are_one_shops(tmp_path: Path) -> None:
 def test_migrate_postgres_from_inside_a_running_event_loop(
     tmp_path: Path, pg_database: PgDatabase
 ) -> None:
-    sqlite_env(tmp_path)
-    (tmp_path / "environments" / "pg.env").write_text(f"DATABASE_URL={pg_database.url}\n")
-    pg = load_environment(tmp_path, "pg", {})
+    pg = pg_env(tmp_path, pg_database)
 
     async def app_startup() -> list[str]:
         commands.migrate(pg)
@@ -219,9 +225,7 @@ def test_the_apps_handlers_that_read_then_write_at_once_all_commit_on_sqlite(
 def test_the_apps_handlers_that_read_then_write_at_once_all_commit_on_postgres(
     tmp_path: Path, pg_database: PgDatabase
 ) -> None:
-    sqlite_env(tmp_path)
-    (tmp_path / "environments" / "pg.env").write_text(f"DATABASE_URL={pg_database.url}\n")
-    pg = load_environment(tmp_path, "pg", {})
+    pg = pg_env(tmp_path, pg_database)
     commands.migrate(pg)
 
     assert handlers_at_once(pg) == []
@@ -231,9 +235,7 @@ def test_the_apps_handlers_that_read_then_write_at_once_all_commit_on_postgres(
 def test_app_sessions_on_postgres_use_asyncpg(
     tmp_path: Path, pg_database: PgDatabase, in_tokyo: None
 ) -> None:
-    sqlite_env(tmp_path)
-    (tmp_path / "environments" / "pg.env").write_text(f"DATABASE_URL={pg_database.url}\n")
-    pg = load_environment(tmp_path, "pg", {})
+    pg = pg_env(tmp_path, pg_database)
     commands.migrate(pg)
     assert use_the_shop(pg) == ["e-books"]
 

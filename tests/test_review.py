@@ -6,6 +6,7 @@ import json
 import sqlite3
 import subprocess
 from collections.abc import Callable
+from pathlib import Path
 
 import asyncpg
 import pytest
@@ -320,6 +321,20 @@ WORDED = (
 )
 
 
+PERCENT = "    percent_off: Mapped[int]\n"
+
+
+def coupons_with_flag(project: Project, default: str) -> Path:
+    """Dev at head, and coupons in the models with an ``active`` flag whose server default
+    is ``default`` (as written in the models); returns the models' path."""
+    project.migrated()
+    add_coupon_model(project)
+    models = project.root / "db" / "models.py"
+    flag = f"    active: Mapped[bool] = mapped_column(server_default={default})\n"
+    models.write_text(models.read_text().replace(PERCENT, PERCENT + flag))
+    return models
+
+
 def active_coupon(project: Project) -> tuple[object, object]:
     """A coupon added with its ``active`` flag left to the server default, read back
     through SQLAlchemy on dev, and whether a filter on false finds it."""
@@ -340,12 +355,7 @@ def test_a_boolean_default_given_as_a_word_is_warned_of_as_sqlite_reads_it_true(
 ) -> None:
     """``server_default="false"`` runs on both dialects, and is false on PostgreSQL; SQLite
     keeps the text 'false', so on dev every coupon was active, and none was found inactive."""
-    project.migrated()
-    add_coupon_model(project)
-    models = project.root / "db" / "models.py"
-    percent = "    percent_off: Mapped[int]\n"
-    flag = '    active: Mapped[bool] = mapped_column(server_default="false")\n'
-    models.write_text(models.read_text().replace(percent, percent + flag))
+    models = coupons_with_flag(project, '"false"')
 
     drafted = project.ok("makemigration", "coupons")
 
@@ -366,17 +376,12 @@ def test_a_boolean_default_given_as_a_word_is_warned_of_as_sqlite_reads_it_true(
 def test_a_boolean_default_added_or_changed_to_a_word_is_warned_of(project: Project) -> None:
     """A column added with "Yes", and a default changed from "1" to "off", are each named
     with what means them on both; "1", a number to SQLite and true to PostgreSQL, is not."""
-    project.migrated()
-    add_coupon_model(project)
-    models = project.root / "db" / "models.py"
-    percent = "    percent_off: Mapped[int]\n"
-    flag = '    active: Mapped[bool] = mapped_column(server_default="1")\n'
-    models.write_text(models.read_text().replace(percent, percent + flag))
+    models = coupons_with_flag(project, '"1"')
     assert "warning" not in project.ok("makemigration", "coupons").stderr
     project.ok("migrate")
     listed = '    listed: Mapped[bool] = mapped_column(server_default="Yes")\n'
     text = models.read_text().replace('default="1"', 'default="off"')
-    models.write_text(text.replace(percent, percent + listed))
+    models.write_text(text.replace(PERCENT, PERCENT + listed))
 
     drafted = project.ok("makemigration", "flags")
 
