@@ -594,6 +594,39 @@ def test_a_view_a_changed_table_breaks_fails_the_revision_with_what_to_do(
     assert sold(project) == (["sales1"], [("p", 1)])
 
 
+PRICE_LOG = (
+    'op.execute("CREATE TABLE price_log (product_id INTEGER, price NUMERIC)")\n'
+    '    op.execute("CREATE TRIGGER log_price AFTER UPDATE OF price ON products BEGIN '
+    'INSERT INTO price_log VALUES (new.id, new.price); END")'
+)
+
+
+def test_a_trigger_on_a_table_batch_mode_copies_is_kept(project: Project) -> None:
+    """Batch mode drops the table it copies, and its triggers with it: after a change to
+    products, dev logged no price change any more, without a word."""
+    project.migrated()
+    project.add_revision("log", revision("log1", head_revision(), PRICE_LOG, "price log"))
+    longer = revision(
+        "longer1",
+        "log1",
+        'with op.batch_alter_table("products") as batch_op:\n'
+        '        batch_op.alter_column("file_id", type_=sa.String(300))',
+        "longer file ids",
+    )
+    project.add_revision("longer", longer)
+
+    for task in ("migrate", "rollback", "migrate"):
+        project.ok(task)
+
+    with project.sqlite() as db:
+        db.execute("insert into categories (name) values ('c')")
+        db.execute("insert into products (category_id, name, price) values (1, 'p', 1)")
+        db.execute("update products set price = 2")
+        assert db.execute("select * from price_log").fetchall() == [(1, 2)]
+        [(made,)] = db.execute("select sql from sqlite_master where name = 'products'")
+        assert "file_id VARCHAR(300)" in made
+
+
 @pytest.mark.postgres
 def test_postgres_changes_a_table_a_view_reads_and_refuses_a_change_that_breaks_it(
     pg_project: Project, pg_database: PgDatabase
