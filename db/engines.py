@@ -13,7 +13,7 @@ from sqlalchemy import Connection, Engine, create_engine, event, pool
 from sqlalchemy.engine import URL
 from sqlalchemy.exc import DBAPIError
 
-from db.batch_copies import keep_views_and_triggers
+from db.batch_copies import keep_dependents
 from db.environments import CONNECT_TIMEOUT, NETWORK_TIMEOUT
 from db.errors import ConfigError, ConnectError
 
@@ -49,7 +49,7 @@ def make_engine(
     engine = create_engine(url, **options)
     _sqlite_transactions(engine, foreign_keys=not migrating)
     if migrating and engine.dialect.name == "sqlite":
-        keep_views_and_triggers(engine)
+        keep_dependents(engine)
     return engine
 
 

@@ -27,6 +27,7 @@ from db.autogen import (
     render_item,
     skip_empty_autogenerate,
 )
+from db.batch_copies import unreflected_indexes_unsaid
 from db.connections import connect, connect_async, run_coroutine
 from db.engines import is_async, make_async_engine, make_engine
 from db.errors import BrokenModels, MigrationFailed
@@ -303,7 +304,8 @@ def run_migrations_online() -> None:
     sync_engine = given or make_engine(
         run.url, connect_timeout=run.connect_timeout, migrating=True, create=run.creates
     )
-    with connect(sync_engine, run.wait, run.stop.check, run.busy_advice) as connection:
+    connected = connect(sync_engine, run.wait, run.stop.check, run.busy_advice)
+    with connected as connection, unreflected_indexes_unsaid():
         if wanted(connection):
             run_on(connection)
     if given is None:
