@@ -7,20 +7,23 @@ models give them, where Alembic's own rendering would not run on the other diale
 
 from __future__ import annotations
 
+import functools
 import re
 from collections.abc import Mapping
-from typing import TYPE_CHECKING
+from typing import TYPE_CHECKING, Any
 
 from alembic.operations import MigrationScript
 from alembic.runtime.migration import MigrationContext
-from sqlalchemy import DateTime, DefaultClause
-from sqlalchemy.sql.elements import False_, True_
+from sqlalchemy import Column, DateTime, DefaultClause, Identity
+from sqlalchemy.sql.elements import False_, TextClause, True_
 from sqlalchemy.types import TypeDecorator
 
 from db.versions import VERSION_TABLE
 
 if TYPE_CHECKING:
     from alembic.autogenerate.api import AutogenContext
+    from alembic.operations.ops import AlterColumnOp
+    from alembic.util import PriorityDispatchResult
 
 
 def skip_empty_autogenerate(
@@ -37,19 +40,60 @@ def include_name(name: str | None, type_: str, _parents: Mapping[str, str | None
     return not (type_ == "table" and name in (VERSION_TABLE, "migration_log"))
 
 
-# Alembic's own comparisons, and its opt-in one of CHECK constraints by name (off by default,
-# as it needs every constraint named: the models' naming convention names them)
-AUTOGENERATE = ["alembic.autogenerate.*", "alembic.ext.checkconstraint_byname"]
+# Alembic's own comparisons, its opt-in one of CHECK constraints by name (off by default,
+# as it needs every constraint named: the models' naming convention names them), and ours
+# of server defaults (see compare_default)
+PLUGIN = "db.server_defaults"
+AUTOGENERATE = ["alembic.autogenerate.*", "alembic.ext.checkconstraint_byname", PLUGIN]
 QUOTED = re.compile(r"\(?'(.*)'\)?", re.DOTALL)  # a string default, as SQLite reads it back
 
 
+@functools.cache
+def register_plugin() -> None:
+    """Our comparison of server defaults, as an Alembic plugin, once per process. It runs
+    before Alembic's own, which env.py turns on with ``compare_server_default=True`` (a
+    function there made Alembic read an identity column's default as text, and fail)."""
+    from alembic.runtime.plugins import Plugin
+    from alembic.util import DispatchPriority
+
+    plugin = Plugin(PLUGIN)
+    plugin.add_autogenerate_comparator(
+        compare_default, "column", "server_default", priority=DispatchPriority.FIRST
+    )
+
+
+def compare_default(
+    autogen_context: AutogenContext,
+    alter_column_op: AlterColumnOp,
+    _schema: object,
+    _table: object,
+    _column: object,
+    conn_col: Column[Any],
+    metadata_col: Column[Any],
+) -> PriorityDispatchResult:
+    """A column's server default, where Alembic's comparison gets it wrong; else Alembic's.
+
+    SQLite has no identity columns (its INTEGER PRIMARY KEY numbers rows): a key the models
+    give ``Identity()`` matches there, where Alembic drafted adding it on every run.
+    """
+    from alembic.util import PriorityDispatchResult
+
+    given, found = metadata_col.server_default, conn_col.server_default
+    if autogen_context.dialect is not None and autogen_context.dialect.name == "sqlite":
+        if isinstance(given, Identity) and found is None:
+            return PriorityDispatchResult.STOP
+    reflected = found.arg if isinstance(found, DefaultClause) else None
+    inspected = reflected.text if isinstance(reflected, TextClause) else None
+    changed = changed_default(autogen_context.migration_context, inspected, given)
+    if changed is None:
+        return PriorityDispatchResult.CONTINUE
+    if changed:
+        alter_column_op.modify_server_default = given
+    return PriorityDispatchResult.STOP
+
+
 def changed_default(
-    context: MigrationContext,
-    _inspected_column: object,
-    _metadata_column: object,
-    inspected: str | None,
-    metadata_default: object,
-    _rendered: str | None,
+    context: MigrationContext, inspected: str | None, metadata_default: object
 ) -> bool | None:
     """Whether a column's server default that the models give as a string changed; None
     leaves it to Alembic. Its SQLite comparison takes an empty string ('') or a quote in

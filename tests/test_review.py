@@ -12,6 +12,7 @@ import asyncpg
 import pytest
 import sqlalchemy as sa
 from conftest import (
+    COUPON_MODEL,
     PgDatabase,
     Project,
     add_coupon_model,
@@ -114,6 +115,43 @@ def test_server_defaults_drafted_against_sqlite_migrate_and_compare_on_postgres(
     result = project.invoke("check", "--env=ci")
     assert result.returncode == 5, result.stderr
     assert "would write: modify_default products label" in result.stderr
+
+
+def identity_coupons(project: Project) -> Path:
+    """Coupons in the models, with a key the database numbers as an identity column;
+    returns the models' path."""
+    models = project.root / "db" / "models.py"
+    with_sa = "import sqlalchemy as sa\nfrom sqlalchemy import ("
+    text = models.read_text().replace("from sqlalchemy import (", with_sa)
+    key = "mapped_column(sa.Identity(), primary_key=True)"
+    models.write_text(text + COUPON_MODEL.replace("mapped_column(primary_key=True)", key))
+    return models
+
+
+@pytest.mark.postgres
+def test_an_identity_key_is_compared_on_both_dialects(
+    pg_project: Project, pg_database: PgDatabase
+) -> None:
+    """A key the models give ``Identity()``: on dev, check failed for good and each draft
+    added it again (SQLite has no identity columns; its INTEGER PRIMARY KEY numbers rows),
+    and on PostgreSQL check and makemigration ended in a traceback ('Identity' object has
+    no attribute 'arg'). A changed identity is a change on PostgreSQL alone."""
+    project = pg_project
+    project.migrated()
+    project.migrated("ci")
+    models = identity_coupons(project)
+    project.ok("makemigration", "coupons")
+
+    for env in ("dev", "ci"):
+        project.ok("migrate", f"--env={env}")
+        assert "check passed" in project.ok("check", f"--env={env}").stderr
+        again = project.ok("makemigration", f"--env={env}", "again")
+        assert "no changes" in again.stderr
+    models.write_text(models.read_text().replace("sa.Identity()", "sa.Identity(start=100)"))
+    assert "check passed" in project.ok("check").stderr
+    result = project.invoke("check", "--env=ci")
+    assert result.returncode == 5, result.stderr
+    assert "would write: modify_default coupons id" in result.stderr
 
 
 PRICE_CHECK = """    __tablename__ = "products"

@@ -22,8 +22,8 @@ from sqlalchemy.exc import DBAPIError
 from db import offline  # noqa: F401  (text compiled with its values)
 from db.autogen import (
     AUTOGENERATE,
-    changed_default,
     include_name,
+    register_plugin,
     render_item,
     skip_empty_autogenerate,
 )
@@ -106,6 +106,7 @@ def options(checks: tuple[OnApply, ...] = (), last: tuple[OnApply, ...] = ()) ->
     Before each revision commits: the foreign key check, ``checks``, the audit row, ``last``.
     """
     audit_row = [run.progress.after_each] if run.progress is not None else []
+    register_plugin()  # named in autogenerate_plugins
     return {
         "target_metadata": target_metadata(),
         "version_table": VERSION_TABLE,
@@ -114,7 +115,7 @@ def options(checks: tuple[OnApply, ...] = (), last: tuple[OnApply, ...] = ()) ->
         "transaction_per_migration": True,
         "process_revision_directives": skip_empty_autogenerate,
         "include_name": include_name,
-        "compare_server_default": changed_default,  # off in Alembic: a changed default unseen
+        "compare_server_default": True,  # off in Alembic: a changed default unseen
         "autogenerate_plugins": AUTOGENERATE,
         "render_item": render_item,
         "on_version_apply": [check_foreign_keys, *checks, *audit_row, *last],
