@@ -16,12 +16,13 @@ from alembic.operations import MigrationScript
 from alembic.runtime.migration import MigrationContext
 from sqlalchemy import Column, DateTime, DefaultClause, Identity
 from sqlalchemy.sql.elements import False_, TextClause, True_
-from sqlalchemy.types import TypeDecorator
+from sqlalchemy.types import TypeDecorator, TypeEngine
 
 from db.versions import VERSION_TABLE
 
 if TYPE_CHECKING:
     from alembic.autogenerate.api import AutogenContext
+    from alembic.ddl.impl import DefaultImpl
     from alembic.operations.ops import AlterColumnOp
     from alembic.util import PriorityDispatchResult
 
@@ -113,21 +114,47 @@ def changed_default(
 
 
 def render_item(type_: str, obj: object, autogen_context: AutogenContext) -> str | bool:
-    """Revisions spell the models' UTCDateTime as the plain type it stores, an enum type
-    that a new table must not make again with its ``create_type=False`` (older SQLAlchemy
-    leaves it out), and a server default as the models give it: Alembic strips a quote
-    that starts or ends a string (``"it's 'new'"`` was written ``"it's 'new"``), and writes
-    ``sa.false()`` as SQLite compiles it, ``sa.text("0")``, which PostgreSQL refuses for a
-    boolean."""
-    if type_ == "type" and isinstance(obj, TypeDecorator) and isinstance(obj.impl, DateTime):
-        return f"sa.DateTime({'timezone=True' if obj.impl.timezone else ''})"
-    if type_ == "type" and getattr(obj, "create_type", True) is False:
-        from db.enum_types import made_elsewhere
-
-        return made_elsewhere(obj, autogen_context) or False
+    """Revisions spell the models' UTCDateTime as the plain type it stores, PostgreSQL's
+    types as they are written against PostgreSQL, an enum type that a new table must not
+    make again with its ``create_type=False`` (older SQLAlchemy leaves it out), and a
+    server default as the models give it: Alembic strips a quote that starts or ends a
+    string (``"it's 'new'"`` was written ``"it's 'new"``), and writes ``sa.false()`` as
+    SQLite compiles it, ``sa.text("0")``, which PostgreSQL refuses for a boolean."""
+    if type_ == "type":
+        return _type(obj, autogen_context) if isinstance(obj, TypeEngine) else False
     default = obj.arg if type_ == "server_default" and isinstance(obj, DefaultClause) else None
     if isinstance(default, str):
         return repr(default)
     if isinstance(default, True_ | False_):
         return "sa.true()" if isinstance(default, True_) else "sa.false()"
     return False
+
+
+def _type(type_: TypeEngine[Any], autogen_context: AutogenContext) -> str | bool:
+    """An enum type made elsewhere (see above); the models' own type decorator (UTCDateTime)
+    as the type it stores; and a type of PostgreSQL's (JSONB, ARRAY: a variant's) as Alembic
+    renders it against PostgreSQL: against dev's SQLite it wrote ``JSONB(astext_type=Text())``,
+    a name the revision never imports. SQLAlchemy's own decorators (``sa.Interval``, which
+    was written ``sa.DateTime()``) are Alembic's to render."""
+    if getattr(type_, "create_type", True) is False:
+        from db.enum_types import made_elsewhere
+
+        return made_elsewhere(type_, autogen_context) or False
+    module = type(type_).__module__
+    if isinstance(type_, TypeDecorator) and not module.startswith("sqlalchemy."):
+        if isinstance(type_.impl, DateTime):
+            return f"sa.DateTime({'timezone=True' if type_.impl.timezone else ''})"
+    dialect = re.match(r"sqlalchemy\.dialects\.(\w+)", module)
+    if dialect is None or autogen_context.dialect is None:
+        return False
+    if dialect.group(1) == autogen_context.dialect.name:
+        return False
+    if autogen_context.imports is not None:
+        autogen_context.imports.add(f"from sqlalchemy.dialects import {dialect.group(1)}")
+    return _impl_of(dialect.group(1)).render_type(type_, autogen_context)
+
+
+@functools.cache
+def _impl_of(dialect: str) -> DefaultImpl:
+    """Alembic's implementation for ``dialect``, as an offline migration would have it."""
+    return MigrationContext.configure(dialect_name=dialect).impl

@@ -117,6 +117,58 @@ def test_server_defaults_drafted_against_sqlite_migrate_and_compare_on_postgres(
     assert "would write: modify_default products label" in result.stderr
 
 
+LISTINGS = """
+
+class Listing(Base):
+    __tablename__ = "listings"
+
+    id: Mapped[int] = mapped_column(primary_key=True)
+    details: Mapped[dict[str, str]] = mapped_column(
+        sa.JSON().with_variant(postgresql.JSONB(), "postgresql")
+    )
+    tags: Mapped[list[str]] = mapped_column(
+        sa.JSON().with_variant(postgresql.ARRAY(sa.Text), "postgresql")
+    )
+    lasts: Mapped[timedelta]
+"""
+
+
+def add_listings(project: Project) -> None:
+    """Listings in the models: PostgreSQL's JSONB and ARRAY where dev has JSON, and an
+    interval (a timedelta)."""
+    models = project.root / "db" / "models.py"
+    imports = "import sqlalchemy as sa\nfrom sqlalchemy.dialects import postgresql\n"
+    text = models.read_text().replace(
+        "from sqlalchemy import (", imports + "from sqlalchemy import ("
+    )
+    text = text.replace(
+        "from decimal import", "from datetime import timedelta\nfrom decimal import"
+    )
+    models.write_text(text + LISTINGS)
+
+
+@pytest.mark.postgres
+def test_postgresql_types_and_an_interval_drafted_against_sqlite_run_on_both(
+    pg_project: Project, pg_database: PgDatabase
+) -> None:
+    """Drafted against dev, JSONB and ARRAY in a variant were written with a bare ``Text()``
+    the revision never imports (NameError on both dialects), and ``sa.Interval`` as
+    ``sa.DateTime()``: a timestamp column on PostgreSQL, where the models hold a timedelta."""
+    project = pg_project
+    drafted_on_dev_run_on_ci(project, add_listings, "listings")
+
+    project.ok("migrate")
+    assert "check passed" in project.ok("check").stderr
+    for env in ("dev", "ci"):
+        assert "no changes" in project.ok("makemigration", f"--env={env}", "again").stderr
+    typed = (
+        "select column_name, udt_name from information_schema.columns "
+        "where table_name = 'listings' and column_name <> 'id' order by column_name"
+    )
+    found = [tuple(row) for row in pg_fetch(pg_database.dsn, typed)]
+    assert found == [("details", "jsonb"), ("lasts", "interval"), ("tags", "_text")]
+
+
 def identity_coupons(project: Project) -> Path:
     """Coupons in the models, with a key the database numbers as an identity column;
     returns the models' path."""
