@@ -14,7 +14,7 @@ from typing import TYPE_CHECKING, Any
 
 from alembic.operations import MigrationScript
 from alembic.runtime.migration import MigrationContext
-from sqlalchemy import Column, DateTime, DefaultClause, Identity
+from sqlalchemy import Column, DefaultClause, Identity
 from sqlalchemy.sql.elements import False_, TextClause, True_
 from sqlalchemy.types import TypeDecorator, TypeEngine
 
@@ -131,19 +131,19 @@ def render_item(type_: str, obj: object, autogen_context: AutogenContext) -> str
 
 
 def _type(type_: TypeEngine[Any], autogen_context: AutogenContext) -> str | bool:
-    """An enum type made elsewhere (see above); the models' own type decorator (UTCDateTime)
-    as the type it stores; and a type of PostgreSQL's (JSONB, ARRAY: a variant's) as Alembic
+    """An enum type made elsewhere (see above); a type decorator of the models' (UTCDateTime)
+    as the types it stores; and a type of PostgreSQL's (JSONB, ARRAY: a variant's) as Alembic
     renders it against PostgreSQL: against dev's SQLite it wrote ``JSONB(astext_type=Text())``,
-    a name the revision never imports. SQLAlchemy's own decorators (``sa.Interval``, which
-    was written ``sa.DateTime()``) are Alembic's to render."""
+    a name the revision never imports."""
     if getattr(type_, "create_type", True) is False:
         from db.enum_types import made_elsewhere
 
         return made_elsewhere(type_, autogen_context) or False
     module = type(type_).__module__
     if isinstance(type_, TypeDecorator) and not module.startswith("sqlalchemy."):
-        if isinstance(type_.impl, DateTime):
-            return f"sa.DateTime({'timezone=True' if type_.impl.timezone else ''})"
+        from alembic.autogenerate.render import _repr_type
+
+        return _repr_type(_stored(type_), autogen_context)
     dialect = re.match(r"sqlalchemy\.dialects\.(\w+)", module)
     if dialect is None or autogen_context.dialect is None:
         return False
@@ -152,6 +152,35 @@ def _type(type_: TypeEngine[Any], autogen_context: AutogenContext) -> str | bool
     if autogen_context.imports is not None:
         autogen_context.imports.add(f"from sqlalchemy.dialects import {dialect.group(1)}")
     return _impl_of(dialect.group(1)).render_type(type_, autogen_context)
+
+
+def _stored(type_: TypeDecorator[Any]) -> TypeEngine[Any]:
+    """What a type decorator of the models' stores, for a revision to name: Alembic wrote
+    the decorator itself (``db.models.Money()``), a name the revision never imports, and
+    one it must not, as the models change after it. Where the decorator stores another
+    type on one of the dialects (``load_dialect_impl``), that is its variant there, as are
+    the variants the models give it. (SQLAlchemy's own decorators, ``sa.Interval``, are
+    Alembic's to render.)"""
+    given: dict[str, TypeEngine[Any]] = getattr(type_, "_variant_mapping", {})
+    stored = type_.impl_instance
+    for name in sorted({"postgresql", "sqlite", *given}):
+        own = given[name] if name in given else type_.load_dialect_impl(_impl_of(name).dialect)
+        if repr(own) != repr(stored):
+            stored = stored.with_variant(_named(own), name)
+    return stored
+
+
+def _named(type_: TypeEngine[Any]) -> TypeEngine[Any]:
+    """``type_`` as a type a revision can name (``sa.UUID``, ``postgresql.JSONB``), where a
+    dialect gave its driver's own (``dialect.type_descriptor(UUID())`` is ``PGUuid``)."""
+    import sqlalchemy
+    from sqlalchemy.dialects import postgresql, sqlite
+
+    namespaces = (sqlalchemy, postgresql, sqlite)  # sa., postgresql., sqlite.
+    for kind in type(type_).__mro__:
+        if any(getattr(names, kind.__name__, None) is kind for names in namespaces):
+            return type_ if kind is type(type_) else type_.adapt(kind)
+    return type_
 
 
 @functools.cache

@@ -136,15 +136,18 @@ class Listing(Base):
 def add_listings(project: Project) -> None:
     """Listings in the models: PostgreSQL's JSONB and ARRAY where dev has JSON, and an
     interval (a timedelta)."""
+    models_with(project, LISTINGS, "from datetime import timedelta")
+
+
+def models_with(project: Project, classes: str, *imports: str) -> None:
+    """The models with ``classes`` added, and ``sa``, ``postgresql`` and ``imports``
+    imported."""
     models = project.root / "db" / "models.py"
-    imports = "import sqlalchemy as sa\nfrom sqlalchemy.dialects import postgresql\n"
+    added = ["import sqlalchemy as sa", "from sqlalchemy.dialects import postgresql", *imports]
     text = models.read_text().replace(
-        "from sqlalchemy import (", imports + "from sqlalchemy import ("
+        "from decimal import", "\n".join(added) + "\nfrom decimal import"
     )
-    text = text.replace(
-        "from decimal import", "from datetime import timedelta\nfrom decimal import"
-    )
-    models.write_text(text + LISTINGS)
+    models.write_text(text + classes)
 
 
 @pytest.mark.postgres
@@ -167,6 +170,63 @@ def test_postgresql_types_and_an_interval_drafted_against_sqlite_run_on_both(
     )
     found = [tuple(row) for row in pg_fetch(pg_database.dsn, typed)]
     assert found == [("details", "jsonb"), ("lasts", "interval"), ("tags", "_text")]
+
+
+DECORATED = """
+
+class Money(TypeDecorator[Decimal]):
+    impl = Numeric(12, 2)
+    cache_ok = True
+
+
+class Guid(TypeDecorator[uuid.UUID]):
+    \"\"\"SQLAlchemy's backend-agnostic GUID recipe: a UUID on PostgreSQL, else CHAR(32).\"\"\"
+
+    impl = sa.CHAR(32)
+    cache_ok = True
+
+    def load_dialect_impl(self, dialect: Dialect) -> sa.types.TypeEngine[uuid.UUID]:
+        if dialect.name == "postgresql":
+            return dialect.type_descriptor(postgresql.UUID())
+        return dialect.type_descriptor(sa.CHAR(32))
+
+
+class Tip(Base):
+    __tablename__ = "tips"
+
+    id: Mapped[int] = mapped_column(primary_key=True)
+    amount: Mapped[Decimal] = mapped_column(Money())
+    token: Mapped[uuid.UUID] = mapped_column(Guid())
+"""
+
+
+@pytest.mark.postgres
+def test_type_decorators_of_the_models_are_drafted_as_the_types_they_store(
+    pg_project: Project, pg_database: PgDatabase
+) -> None:
+    """A column of a type decorator the models define was drafted as the decorator itself,
+    ``db.models.Money(...)``, a name the revision never imports (NameError on both
+    dialects), and which it must not, as the models change after it. The GUID recipe
+    stores a UUID on PostgreSQL: that is its variant there."""
+    project = pg_project
+    drafted_on_dev_run_on_ci(project, lambda p: models_with(p, DECORATED, "import uuid"), "tips")
+
+    project.ok("migrate")
+    assert "check passed" in project.ok("check").stderr
+    for env in ("dev", "ci"):
+        assert "no changes" in project.ok("makemigration", f"--env={env}", "again").stderr
+    [draft] = project.versions.glob("*_tips.py")
+    assert "models" not in draft.read_text()
+    typed = (
+        "select column_name, udt_name, numeric_precision, numeric_scale "
+        "from information_schema.columns where table_name = 'tips' order by column_name"
+    )
+    found = [tuple(row) for row in pg_fetch(pg_database.dsn, typed)]
+    assert found == [
+        ("amount", "numeric", 12, 2),
+        ("id", "int4", 32, 0),
+        ("token", "uuid", None, None),
+    ]
 
 
 def identity_coupons(project: Project) -> Path:
