@@ -22,6 +22,7 @@ from sqlalchemy.exc import DBAPIError
 from db import offline  # noqa: F401  (text compiled with its values)
 from db.autogen import (
     AUTOGENERATE,
+    comparable,
     include_name,
     register_plugin,
     render_item,
@@ -94,7 +95,7 @@ def target_metadata() -> MetaData | None:
         from db.models import Base
     except Exception as exc:
         raise BrokenModels.of(exc) from exc
-    return Base.metadata
+    return comparable(Base.metadata)
 
 
 OnApply = Callable[..., None]  # Alembic's on_version_apply hook: (ctx, step, heads, run_args)
