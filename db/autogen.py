@@ -44,8 +44,8 @@ def include_name(name: str | None, type_: str, _parents: Mapping[str, str | None
 
 # Alembic's own comparisons, its opt-in one of CHECK constraints by name (off by default,
 # as it needs every constraint named: the models' naming convention names them), and ours
-# of server defaults (see compare_default)
-PLUGIN = "db.server_defaults"
+# (see register_plugin)
+PLUGIN = "db.comparisons"
 AUTOGENERATE = ["alembic.autogenerate.*", "alembic.ext.checkconstraint_byname", PLUGIN]
 QUOTED = re.compile(r"\(?'(.*)'\)?", re.DOTALL)  # a string default, as SQLite reads it back
 
@@ -69,15 +69,25 @@ def comparable(metadata: MetaData) -> MetaData:
 
 @functools.cache
 def register_plugin() -> None:
-    """Our comparison of server defaults, as an Alembic plugin, once per process. It runs
-    before Alembic's own, which env.py turns on with ``compare_server_default=True`` (a
-    function there made Alembic read an identity column's default as text, and fail)."""
+    """Our comparisons, as an Alembic plugin, once per process: of server defaults, before
+    Alembic's own, which env.py turns on with ``compare_server_default=True`` (a function
+    there made Alembic read an identity column's default as text, and fail); and of SQLite's
+    indexes on an expression, which Alembic cannot compare (see db.expression_indexes)."""
     from alembic.runtime.plugins import Plugin
     from alembic.util import DispatchPriority
+
+    from db import expression_indexes
 
     plugin = Plugin(PLUGIN)
     plugin.add_autogenerate_comparator(
         compare_default, "column", "server_default", priority=DispatchPriority.FIRST
+    )
+    plugin.add_autogenerate_comparator(
+        expression_indexes.compare,
+        "table",
+        "indexes",
+        qualifier="sqlite",
+        priority=DispatchPriority.LAST,
     )
 
 
