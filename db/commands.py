@@ -208,8 +208,12 @@ def history(env: Environment) -> list[HistoryEntry]:
     return entries
 
 
-def read_state(env: Environment, config: Config, script: ScriptDirectory) -> State:
-    """The revision ids recorded in the database (empty at base) and its audit trail."""
+def read_state(
+    env: Environment, config: Config, script: ScriptDirectory, known: bool = True
+) -> State:
+    """The revision ids recorded in the database (empty at base) and its audit trail;
+    ``known``: each must be a revision of the files (reset, which drops them all, need not
+    know where the database is)."""
     found: list[State] = []
 
     def read(current: tuple[str, ...], context: MigrationContext) -> list[RevisionStep]:
@@ -217,7 +221,8 @@ def read_state(env: Environment, config: Config, script: ScriptDirectory) -> Sta
         return []
 
     run_env(config, script, read, dont_mutate=True)
-    guards.known_revisions(script, found[0].current, env)
+    if known:
+        guards.known_revisions(script, found[0].current, env)
     return found[0]
 
 

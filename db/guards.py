@@ -186,11 +186,12 @@ def known_revisions(script: ScriptDirectory, current: tuple[str, ...], env: Envi
     valid_ids(current)
     for rev in current:
         if not has_revision(script, rev):
+            again = "" if env.protected else f"; or start it again: `invoke reset {env.flags}`"
             raise RevisionError(
                 f"the {env.label} database is at revision {rev}, which is not in "
                 f"{Path(script.versions).relative_to(env.root)}: check out the code that "
                 "matches this database, or restore that revision's file (squashed into a new "
-                f"one? `invoke stamp {env.flags} NEW` records it)"
+                f"one? `invoke stamp {env.flags} NEW` records it){again}"
             )
     for newer in current if len(current) > 1 else ():  # one revision: nothing to overlap
         before = {rev.revision for rev in script.iterate_revisions(newer, "base")} - {newer}

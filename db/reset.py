@@ -37,9 +37,8 @@ def reset(env: Environment, options: RunOptions | None = None) -> list[Step]:
     backups.check_file(env, url, options)
     config = make_config(env, options)
     script = load_scripts(config)
-    state = read_state(env, config, script)
+    state = read_state(env, config, script, known=False)  # a branch's revision: dropped
     guards.same_environment(state.log, env, options.allow_env_mismatch)
-    guards.unchanged_files(state.log, script, env, options.note)
 
     def back_up() -> None:
         options.note(backups.before_change(env, url, options.stop))

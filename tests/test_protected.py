@@ -245,6 +245,30 @@ def test_reset_drops_everything_and_migrates_from_scratch(project: Project) -> N
         assert connection.execute("select count(*) from categories").fetchone() == (0,)
 
 
+def test_reset_starts_again_a_database_at_a_revision_the_files_lack(project: Project) -> None:
+    """A revision applied on another git branch: dev is at a revision the files here lack.
+    reset, which drops every table, refused (it asked where the database was), said so
+    with a warning to restore the file from version control, and was not named as a way
+    out; a protected database is not offered it."""
+    add_notes(project)
+    project.migrated()
+    project.write_env("safe", SAFE)
+    project.migrated("safe")
+    (project.versions / "notes.py").unlink()
+    lacked = "the dev database is at revision notes1, which is not in db/migrations/versions"
+
+    said = project.fails("status")
+    assert lacked in said and said.endswith("; or start it again: `invoke reset --env=dev`\n")
+    assert "invoke reset" not in project.fails("status", "--env=safe")
+
+    result = project.ok("reset")
+
+    assert "warning" not in result.stderr
+    assert f"applied {head_revision()}" in result.stderr
+    assert version(project) == [head_revision()]
+    assert "notes" not in tables(project)
+
+
 def test_a_reset_whose_migration_fails_says_that_it_dropped_the_tables(
     project: Project,
 ) -> None:
