@@ -17,11 +17,14 @@ from alembic.operations.ops import (
     CreateTableOp,
     CreateUniqueConstraintOp,
     DropColumnOp,
+    DropConstraintOp,
+    DropIndexOp,
     DropTableOp,
+    MigrateOperation,
     ModifyTableOps,
     UpgradeOps,
 )
-from sqlalchemy import Boolean, Column
+from sqlalchemy import Boolean, Column, ForeignKeyConstraint, UniqueConstraint
 from sqlalchemy.sql.schema import DefaultClause
 
 from db.casts import type_risks
@@ -51,6 +54,8 @@ def _table_risks(table: ModifyTableOps, new: bool = False) -> list[str]:
     """What in the changes to one table loses data, or fails where it has rows (a ``new``
     table, made by the same revision, has none)."""
     added = [each.column for each in table.ops if isinstance(each, AddColumnOp)]
+    dropped = (each for each in table.ops if isinstance(each, DropConstraintOp | DropIndexOp))
+    held = {rule for rule in map(_rule, dropped) if rule is not None}  # rows kept these already
     found = []
     for each in table.ops:
         if isinstance(each, DropColumnOp):
@@ -60,7 +65,8 @@ def _table_risks(table: ModifyTableOps, new: bool = False) -> list[str]:
         elif isinstance(each, AlterColumnOp):
             found += _altered(table.table_name, each)
         elif isinstance(each, Constraint) and not new and _checks_rows(each, added):
-            found.append(_constrained(table.table_name, each))
+            if _rule(each) not in held:
+                found.append(_constrained(table.table_name, each))
         if isinstance(each, CreateIndexOp):
             found.append(_partial(table.table_name, each))
     return found + [
@@ -83,6 +89,25 @@ def _checks_rows(op: Constraint, added: list[Column[Any]]) -> bool:
     names = op.local_cols if isinstance(op, CreateForeignKeyOp) else op.columns
     empty = {column.name for column in added if column.nullable and not column.server_default}
     return not all(name in empty for name in names)  # an expression is in no set of names
+
+
+def _rule(op: MigrateOperation) -> tuple[str, ...] | None:
+    """What a foreign key, or a unique constraint or index, holds the rows to: one that
+    the same change drops held them to it already (a foreign key made again to change its
+    ``ondelete``). None for any other."""
+    if isinstance(op, DropIndexOp | CreateIndexOp):
+        index = op.to_index()
+        names = tuple(str(getattr(each, "name", each)) for each in index.expressions)
+        return ("unique", *names) if index.unique else None
+    if not isinstance(op, DropConstraintOp | CreateForeignKeyOp | CreateUniqueConstraintOp):
+        return None
+    made = op.to_constraint()
+    if isinstance(made, ForeignKeyConstraint):
+        pairs = [(each.parent.name, each.target_fullname) for each in made.elements]
+        return ("foreign key", *(f"{local}->{remote}" for local, remote in pairs))
+    if isinstance(made, UniqueConstraint):
+        return ("unique", *(column.name for column in made.columns))
+    return None
 
 
 def _constrained(table: str, op: Constraint) -> str:

@@ -21,6 +21,7 @@ from conftest import (
     add_coupon_model,
     add_good_then_bad,
     head_revision,
+    migrated_shop,
     popen,
     revision,
     tables,
@@ -384,6 +385,28 @@ def test_makemigration_warns_of_a_unique_constraint_added(project: Project) -> N
         "revision\n"
     )
     assert result.stderr.count("warning") == 4
+
+
+def test_a_constraint_made_again_on_the_same_columns_is_not_warned_of(project: Project) -> None:
+    """A foreign key made again to change its ``ondelete``, and a unique constraint made a
+    unique index on the same column, hold the rows to what they kept already: each was
+    warned of as failing where a row points at nothing, or where rows share a value."""
+    migrated_shop(project)
+    models = project.root / "db" / "models.py"
+    source = models.read_text()
+    cascade, paid = 'ondelete="CASCADE"), index=True', "String(128), unique=True)"
+    assert cascade in source and paid in source
+    source = source.replace(cascade, cascade.replace("CASCADE", "RESTRICT"))
+    models.write_text(source.replace(paid, "String(128), unique=True, index=True)"))
+
+    result = project.ok("makemigration", "restrict")
+
+    assert "warning" not in result.stderr
+    [draft] = project.versions.glob("*_restrict.py")
+    made = draft.read_text()
+    assert 'ondelete="RESTRICT"' in made and '"ix_purchases_payment_id"' in made
+    project.ok("migrate")
+    assert "check passed" in project.ok("check").stderr
 
 
 def test_makemigration_without_model_changes_writes_nothing(project: Project) -> None:
