@@ -25,7 +25,6 @@ from db.autogen import (
     comparable,
     include_name,
     register_plugin,
-    render_item,
     skip_empty_autogenerate,
 )
 from db.batch_copies import unreflected_indexes_unsaid
@@ -41,6 +40,7 @@ from db.locks import (
     prepare_session,
     sqlite_run,
 )
+from db.rendering import render_item
 from db.runner import Run, configure_logging
 from db.versions import VERSION_TABLE, version_of
 
