@@ -18,6 +18,7 @@ import asyncpg
 import pytest
 import sqlalchemy as sa
 from alembic import command
+from alembic.runtime.migration import MigrationContext
 from conftest import REPO, PgDatabase, cannot, head_revision, wait_until
 from sqlalchemy import create_engine, func, inspect, make_url, select, text
 from sqlalchemy.dialects import postgresql, sqlite
@@ -29,11 +30,12 @@ from db import commands, fleet
 from db.casts import converts_itself, sql_type, using
 from db.engines import make_async_engine, make_engine
 from db.environments import Environment, load_environment
-from db.errors import ConfigError, LockLost
+from db.errors import ConfigError, LockLost, MigrationFailed
 from db.locks import pg_lock, prepare_session, sqlite_run
 from db.models import Category, User, UTCDateTime
 from db.runner import make_config
 from db.schema import differences
+from db.sequences import check_sequences, track_inserts
 from db.session import async_engine, session_factory
 from db.stop import Stop
 
@@ -318,6 +320,54 @@ def test_migration_sessions_keep_no_prepared_statements(
 
     kept = asyncio.run(kept_statements())
     assert kept == 0 if migrating else kept > 0
+
+
+ODD = '"Shop"."Odd ""Table"""'  # a quoted name in a quoted schema
+
+
+def inserted_past_sequences(connection: sa.Connection) -> list[str]:
+    """What check_sequences says after each insert into ODD, the second with its id."""
+    connection.execute(text('CREATE SCHEMA "Shop"'))
+    connection.execute(text(f"CREATE TABLE {ODD} (id serial PRIMARY KEY, n int)"))
+    track_inserts(connection)
+    context = MigrationContext.configure(connection)
+    said = []
+    for insert in (
+        f"INSERT INTO {ODD} (n) VALUES (1)",
+        f"WITH picked AS (SELECT 5 AS id) INSERT INTO {ODD} (id, n) SELECT id, 2 FROM picked",
+    ):
+        connection.execute(text(insert))
+        try:
+            check_sequences(context)
+            said.append("")
+        except MigrationFailed as exc:
+            said.append(str(exc))
+    connection.rollback()
+    return said
+
+
+@pytest.mark.postgres
+def test_ids_inserted_past_a_sequence_are_found_behind_quotes_schemas_and_a_cte(
+    pg_database: PgDatabase,
+) -> None:
+    """The tables a revision inserts into are read from its SQL as written: a quoted name
+    in a quoted schema, after a WITH. A row its sequence numbered passes."""
+
+    async def checked() -> list[str]:
+        engine = make_async_engine(make_url(pg_database.url), migrating=True)
+        try:
+            async with engine.connect() as connection:
+                return await connection.run_sync(inserted_past_sequences)
+        finally:
+            await engine.dispose()
+
+    numbered, given = asyncio.run(checked())
+
+    assert numbered == ""
+    assert given.startswith(
+        f'the revision inserts ids into {ODD} that its sequence "Shop"."Odd ""Table""_id_seq" '
+        "has not given (id reaches 5, the sequence 1)"
+    )
 
 
 @pytest.mark.postgres

@@ -564,3 +564,45 @@ def test_a_data_migration_that_reads_rows_does_not_block_a_protected_migrate(
     assert [row["n"] for row in pg_fetch(pg_database.dsn, "select n from counted")] == [0]
     error = pg_project.fails("offline-sql", "--env=ci")
     assert "revision data01 cannot be rendered as SQL offline" in error
+
+
+REFERENCE_CATEGORIES = (
+    'categories = sa.table("categories", sa.column("id"), sa.column("name"))\n'
+    '    op.bulk_insert(categories, [{"id": 10, "name": "E-books"}, {"id": 11, "name": "Courses"}])'
+)
+SETVAL = "SELECT setval('public.categories_id_seq', (SELECT max(id) FROM categories))"
+
+
+@pytest.mark.postgres
+def test_a_revision_that_inserts_ids_its_sequence_has_not_given_fails_with_the_fix(
+    pg_project: Project, pg_database: PgDatabase
+) -> None:
+    """Reference data inserted with its ids ran on dev, where SQLite numbers a new row after
+    the largest id; on PostgreSQL the sequence stayed at 1, and once it reached 10 each of
+    the app's inserts failed on a duplicate key. Rows the sequence numbered pass."""
+    project = pg_project
+    project.migrated("ci")
+    numbered = "op.execute(\"insert into categories (name) values ('Music')\")"
+    project.add_revision("music", revision("music01", head_revision(), numbered))
+    project.add_revision("books", revision("books01", "music01", REFERENCE_CATEGORIES))
+
+    error = project.fails("migrate", "--env=ci")
+
+    assert (
+        "upgrade of revision books01 (hand written) failed: the revision inserts ids into "
+        "categories that its sequence public.categories_id_seq has not given (id reaches 11, "
+        "the sequence 1), so the app's inserts would fail on a duplicate key: end the "
+        f'revision with op.execute("{SETVAL}"), under if op.get_context().dialect.name == '
+        '"postgresql"\n'
+        "the database is at music01; this run kept music01; books01 was rolled back"
+    ) in error
+    assert versions_of(pg_database.dsn) == ["music01"]
+    project.ok("migrate")  # dev numbers past the largest id by itself
+    fixed = f'{REFERENCE_CATEGORIES}\n    if op.get_context().dialect.name == "postgresql":\n'
+    fixed += f'        op.execute("{SETVAL}")'
+    project.add_revision("books", revision("books01", "music01", fixed))
+
+    project.ok("migrate", "--env=ci")
+
+    rows = pg_fetch(pg_database.dsn, "insert into categories (name) values ('Games') returning id")
+    assert rows[0]["id"] == 12

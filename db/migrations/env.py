@@ -42,6 +42,7 @@ from db.locks import (
 )
 from db.rendering import render_item
 from db.runner import Run, configure_logging
+from db.sequences import check_sequences, track_inserts
 from db.versions import VERSION_TABLE, version_of
 
 if TYPE_CHECKING:
@@ -104,7 +105,8 @@ OnApply = Callable[..., None]  # Alembic's on_version_apply hook: (ctx, step, he
 def options(checks: tuple[OnApply, ...] = (), last: tuple[OnApply, ...] = ()) -> dict[str, Any]:
     """``context.configure`` options shared by every path.
 
-    Before each revision commits: the foreign key check, ``checks``, the audit row, ``last``.
+    Before each revision commits: the foreign key (SQLite) and sequence (PostgreSQL) checks,
+    ``checks``, the audit row, ``last``.
     """
     audit_row = [run.progress.after_each] if run.progress is not None else []
     register_plugin()  # named in autogenerate_plugins
@@ -119,7 +121,7 @@ def options(checks: tuple[OnApply, ...] = (), last: tuple[OnApply, ...] = ()) ->
         "compare_server_default": True,  # off in Alembic: a changed default unseen
         "autogenerate_plugins": AUTOGENERATE,
         "render_item": render_item,
-        "on_version_apply": [check_foreign_keys, *checks, *audit_row, *last],
+        "on_version_apply": [check_foreign_keys, check_sequences, *checks, *audit_row, *last],
     }
 
 
@@ -151,6 +153,8 @@ def do_run_migrations(connection: Connection, fence: Fence | None = None) -> Non
         checks = (lambda ctx, **_kw: fence.check(ctx.connection),)
     if run.schema and run.lock:
         create_schema(connection, run.schema)
+    if connection.dialect.name == "postgresql":
+        track_inserts(connection)
     context.configure(connection=connection, **options(checks))
     guard_blocks(fence)
     with context.begin_transaction(), own_transactions_refused(connection):
