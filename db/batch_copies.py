@@ -16,9 +16,11 @@ changes the table in place, keeping what is built on it; on SQLite two things we
   made, and made again on the copy once it has the table's name.
 
 Then every view must still compile, and each index be made again: one that reads a column
-the change took away or renamed fails the revision, naming it. (PostgreSQL refuses to drop
-a column a view reads, and drops an index with its column; the copy cannot tell a column
-dropped from one renamed, so it drops no index without a word.)
+the change took away or renamed fails the revision, naming it, as does a named CHECK
+constraint that the copy itself cannot be made with (SQLite says only "no such column").
+(PostgreSQL refuses to drop a column a view reads, and drops an index or a CHECK constraint
+with its column; the copy cannot tell a column dropped from one renamed, so it drops
+nothing without a word.)
 """
 
 from __future__ import annotations
@@ -31,9 +33,12 @@ from contextlib import contextmanager
 from typing import Any
 
 from sqlalchemy import Engine, event
+from sqlalchemy.engine import ExceptionContext
 
 _COPY = re.compile(r'\s*CREATE TABLE "?_alembic_tmp_(.+?)"? \(', re.IGNORECASE)
 _RENAME = re.compile(r'\s*ALTER TABLE "?_alembic_tmp_(.+?)"? RENAME TO', re.IGNORECASE)
+_CHECK = re.compile(r"^\s*CONSTRAINT (\S+) CHECK \((.*)\),?\s*$", re.MULTILINE)
+_MISSING = re.compile(r"no such column: (?:\w+\.)?(\w+)")
 _BUILT_ON = (
     "SELECT type, name, sql FROM sqlite_master WHERE tbl_name = ? AND sql IS NOT NULL "
     "AND type IN ('index', 'trigger')"
@@ -54,6 +59,16 @@ def keep_dependents(engine: Engine) -> None:
             conn.info.setdefault("batch_uncopied", {})[table] = _uncopied(cursor.connection, table)
         elif _RENAME.match(statement):
             cursor.execute("PRAGMA legacy_alter_table=ON")
+
+    @event.listens_for(engine, "handle_error")
+    def _explained(context: ExceptionContext) -> None:
+        copied = _COPY.match(context.statement or "")
+        missing = _MISSING.match(str(context.original_exception))
+        if copied and missing:
+            for name, expression in _CHECK.findall(context.statement or ""):
+                if re.search(rf"\b{re.escape(missing.group(1))}\b", expression):
+                    exc = context.original_exception
+                    raise _broken("CHECK constraint", name, copied.group(1), exc) from exc
 
     @event.listens_for(engine, "after_cursor_execute")
     def _after(conn: Any, cursor: Any, statement: str, *_rest: Any) -> None:
@@ -106,7 +121,7 @@ def _views_compile(connection: sqlite3.Connection, table: str) -> None:
             raise _broken("view", view, table, exc) from None
 
 
-def _broken(kind: str, name: str, table: str, exc: Exception) -> sqlite3.OperationalError:
+def _broken(kind: str, name: str, table: str, exc: BaseException) -> sqlite3.OperationalError:
     return sqlite3.OperationalError(
         f"{kind} {name} no longer works once table {table} is changed ({exc}): drop the "
         f"{kind} before the change, in the same revision, and create it again after if it "

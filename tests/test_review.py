@@ -850,6 +850,42 @@ def test_an_index_a_batch_change_breaks_fails_the_revision_with_what_to_do(
         assert db.execute("select version_num from alembic_version").fetchall() == [("built1",)]
 
 
+PRICE_RULE = (
+    'with op.batch_alter_table("products") as batch_op:\n'
+    '        batch_op.create_check_constraint("price_not_negative", "price >= 0")'
+)
+
+
+@pytest.mark.parametrize(
+    "change", ['alter_column("price", new_column_name="amount")', 'drop_column("price")']
+)
+def test_a_check_constraint_a_batch_change_breaks_fails_the_revision_with_what_to_do(
+    project: Project, change: str
+) -> None:
+    """PostgreSQL follows a renamed column into a CHECK constraint, and drops the
+    constraint with a dropped column; SQLite's copy failed with only 'no such column:
+    price', naming none of the revision's own lines."""
+    batch_changed(project, PRICE_RULE, "products", change)
+
+    error = project.fails("migrate")
+
+    assert (
+        "upgrade of revision changed1 (changed products) failed: OperationalError: CHECK "
+        "constraint price_not_negative no longer works once table products is changed (no "
+        "such column: price): drop the CHECK constraint before the change, in the same "
+        "revision, and create it again after if it is still wanted\n"
+        "the database is at built1; this run kept built1; changed1 was rolled back"
+    ) in error
+    dropped = (
+        'with op.batch_alter_table("products") as batch_op:\n'
+        '        batch_op.drop_constraint("price_not_negative", type_="check")\n'
+        f"        batch_op.{change}"
+    )
+    project.add_revision("changed", revision("changed1", "built1", dropped))
+
+    project.ok("migrate")
+
+
 CASELESS_MODEL = (
     '\nsa.Index("ix_users_lower_username", sa.func.lower(User.username), unique=True)\n'
 )
