@@ -11,6 +11,8 @@ has given fails the revision, which names the ``setval`` that sets the sequence 
 from __future__ import annotations
 
 import re
+from collections.abc import Iterator
+from contextlib import contextmanager
 from typing import Any
 
 from alembic.runtime.migration import MigrationContext
@@ -30,11 +32,20 @@ _NUMBERED = text(
 INSERTED = "tables_inserted_into"  # the connection's info key: what this revision inserted into
 
 
-def track_inserts(connection: Connection) -> None:
-    """Note on ``connection``, in its info, each table a statement inserts rows into."""
-    if event.contains(connection, "before_cursor_execute", _noted):
+@contextmanager
+def inserts_noted(connection: Connection) -> Iterator[None]:
+    """Note on a PostgreSQL ``connection``, in its info, each table a statement inserts rows
+    into, while the run lasts (an app that migrates on its own connection keeps using it)."""
+    if connection.dialect.name != "postgresql":
+        yield
         return
     event.listen(connection, "before_cursor_execute", _noted)
+    try:
+        yield
+    finally:
+        event.remove(connection, "before_cursor_execute", _noted)
+        if not connection.invalidated:  # a lost connection's info is gone with it
+            connection.info.pop(INSERTED, None)
 
 
 def _noted(connection: Connection, _cursor: Any, statement: str, *_rest: Any) -> None:

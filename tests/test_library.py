@@ -35,7 +35,7 @@ from db.locks import pg_lock, prepare_session, sqlite_run
 from db.models import Category, User, UTCDateTime
 from db.runner import make_config
 from db.schema import differences
-from db.sequences import check_sequences, track_inserts
+from db.sequences import INSERTED, check_sequences, inserts_noted
 from db.session import async_engine, session_factory
 from db.stop import Stop
 
@@ -326,22 +326,25 @@ ODD = '"Shop"."Odd ""Table"""'  # a quoted name in a quoted schema
 
 
 def inserted_past_sequences(connection: sa.Connection) -> list[str]:
-    """What check_sequences says after each insert into ODD, the second with its id."""
+    """What check_sequences says after each insert into ODD, the second with its id; and
+    what is noted of an insert once the run is over."""
     connection.execute(text('CREATE SCHEMA "Shop"'))
     connection.execute(text(f"CREATE TABLE {ODD} (id serial PRIMARY KEY, n int)"))
-    track_inserts(connection)
     context = MigrationContext.configure(connection)
     said = []
-    for insert in (
-        f"INSERT INTO {ODD} (n) VALUES (1)",
-        f"WITH picked AS (SELECT 5 AS id) INSERT INTO {ODD} (id, n) SELECT id, 2 FROM picked",
-    ):
-        connection.execute(text(insert))
-        try:
-            check_sequences(context)
-            said.append("")
-        except MigrationFailed as exc:
-            said.append(str(exc))
+    with inserts_noted(connection):
+        for insert in (
+            f"INSERT INTO {ODD} (n) VALUES (1)",
+            f"WITH picked AS (SELECT 5 AS id) INSERT INTO {ODD} (id, n) SELECT id, 2 FROM picked",
+        ):
+            connection.execute(text(insert))
+            try:
+                check_sequences(context)
+                said.append("")
+            except MigrationFailed as exc:
+                said.append(str(exc))
+    connection.execute(text(f"INSERT INTO {ODD} (id, n) VALUES (9, 3)"))  # the run is over
+    said.append(str(sorted(connection.info.get(INSERTED, []))))
     connection.rollback()
     return said
 
@@ -361,13 +364,14 @@ def test_ids_inserted_past_a_sequence_are_found_behind_quotes_schemas_and_a_cte(
         finally:
             await engine.dispose()
 
-    numbered, given = asyncio.run(checked())
+    numbered, given, after = asyncio.run(checked())
 
     assert numbered == ""
     assert given.startswith(
         f'the revision inserts ids into {ODD} that its sequence "Shop"."Odd ""Table""_id_seq" '
         "has not given (id reaches 5, the sequence 1)"
     )
+    assert after == "[]"  # nothing is noted once the run is over
 
 
 @pytest.mark.postgres

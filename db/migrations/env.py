@@ -42,7 +42,7 @@ from db.locks import (
 )
 from db.rendering import render_item
 from db.runner import Run, configure_logging
-from db.sequences import check_sequences, track_inserts
+from db.sequences import check_sequences, inserts_noted
 from db.versions import VERSION_TABLE, version_of
 
 if TYPE_CHECKING:
@@ -153,12 +153,11 @@ def do_run_migrations(connection: Connection, fence: Fence | None = None) -> Non
         checks = (lambda ctx, **_kw: fence.check(ctx.connection),)
     if run.schema and run.lock:
         create_schema(connection, run.schema)
-    if connection.dialect.name == "postgresql":
-        track_inserts(connection)
     context.configure(connection=connection, **options(checks))
     guard_blocks(fence)
     with context.begin_transaction(), own_transactions_refused(connection):
-        context.run_migrations()
+        with inserts_noted(connection):
+            context.run_migrations()
 
 
 def sql_string(value: str) -> str:
