@@ -22,8 +22,8 @@ from db.errors import MigrationFailed
 
 _NAME = r'(?:"(?:[^"]|"")+"|[\w$]+)'  # an identifier, quoted or not
 _INSERT = re.compile(rf"\bINSERT\s+INTO\s+({_NAME}(?:\.{_NAME})?)", re.IGNORECASE)
-_NUMBERED = text(
-    "SELECT c.oid::regclass::text, quote_ident(a.attname), "
+_NUMBERED = text(  # a table's numbered columns: its name, the column's (raw, quoted), sequence
+    "SELECT c.oid::regclass::text, a.attname, quote_ident(a.attname), "
     "pg_get_serial_sequence(c.oid::regclass::text, a.attname) "
     "FROM pg_attribute a JOIN pg_class c ON c.oid = a.attrelid "
     "WHERE c.oid = to_regclass(:table) AND a.attnum > 0 AND NOT a.attisdropped "
@@ -63,13 +63,14 @@ def check_sequences(ctx: MigrationContext, **_kw: Any) -> None:
     inserted: set[str] = connection.info.pop(INSERTED, set())
     own = {ctx.version_table, "migration_log"}  # numbered by no one, and by its sequence
     for table in sorted(name for name in inserted if _unqualified(name) not in own):
-        for name, column, sequence in connection.execute(_NUMBERED, {"table": table}):
+        for name, raw, column, sequence in connection.execute(_NUMBERED, {"table": table}):
             top, given = connection.exec_driver_sql(
                 f"SELECT (SELECT max({column}) FROM {name}), "
                 f"CASE WHEN is_called THEN last_value ELSE last_value - 1 END FROM {sequence}"
             ).one()
             if top is not None and top > given:
-                fix = f"SELECT setval('{sequence}', (SELECT max({column}) FROM {name}))"
+                found = f"pg_get_serial_sequence('{name}', '{raw}')"  # in any tenant's schema
+                fix = f"SELECT setval({found}, (SELECT max({column}) FROM {name}))"
                 raise MigrationFailed(
                     f"the revision inserts ids into {name} that its sequence {sequence} has "
                     f"not given ({column} reaches {top}, the sequence {given}), so the app's "

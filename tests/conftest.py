@@ -963,6 +963,17 @@ def log_rows(project: Project, relative: str = "var/dev.sqlite3") -> list[tuple[
         ).fetchall()
 
 
+# A revision that inserts reference rows with their ids, which a sequence never gave, and
+# what ends it so that the app's inserts go on past them (tests of the sequence check)
+REFERENCE_CATEGORIES = (
+    'categories = sa.table("categories", sa.column("id"), sa.column("name"))\n'
+    '    op.bulk_insert(categories, [{"id": 10, "name": "E-books"}, {"id": 11, "name": "Courses"}])'
+)
+SETVAL = (
+    "SELECT setval(pg_get_serial_sequence('categories', 'id'), (SELECT max(id) FROM categories))"
+)
+
+
 def add_notes(project: Project) -> None:
     project.add_revision(
         "notes",

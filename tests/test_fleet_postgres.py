@@ -17,6 +17,8 @@ from pathlib import Path
 import asyncpg
 import pytest
 from conftest import (
+    REFERENCE_CATEGORIES,
+    SETVAL,
     Cluster,
     PgDatabase,
     Project,
@@ -59,6 +61,34 @@ def tenants(project: Project, pg_database: PgDatabase) -> Project:
         "tenants", f"DATABASE_URL={pg_database.url}\nSCHEMA={{target}}\nTARGETS={','.join(SHOPS)}\n"
     )
     return project
+
+
+def test_each_tenant_is_checked_for_ids_its_sequence_has_not_given_and_the_fix_fits_all(
+    tenants: Project, pg_database: PgDatabase
+) -> None:
+    """The sequence check runs in each tenant's schema, and the setval it gives names no
+    schema (a sequence named in the message, alpha.categories_id_seq, would set alpha's
+    alone): the same revision then sets each tenant's own."""
+    tenants.add_revision("books", revision("books01", HEAD, REFERENCE_CATEGORIES))
+
+    result = tenants.invoke("migrate", "--env=tenants", "--jobs=1")
+
+    assert result.returncode == 6, result.stderr
+    assert (
+        "[1/3 alpha] failed: upgrade of revision books01 (hand written) failed: the revision "
+        "inserts ids into categories that its sequence alpha.categories_id_seq has not given"
+    ) in result.stderr
+    assert f'op.execute("{SETVAL}")' in result.stderr
+    fixed = f'{REFERENCE_CATEGORIES}\n    op.execute("{SETVAL}")'
+    tenants.add_revision("books", revision("books01", HEAD, fixed))
+
+    tenants.ok("migrate", "--env=tenants")
+
+    for shop in SHOPS:
+        added = pg_fetch(
+            pg_database.dsn, f"insert into {shop}.categories (name) values ('x') returning id"
+        )
+        assert added[0]["id"] == 12
 
 
 def test_schema_per_tenant_keeps_each_shop_in_its_schema(

@@ -17,6 +17,8 @@ import asyncpg
 import pytest
 from conftest import (
     PG_ADMIN,
+    REFERENCE_CATEGORIES,
+    SETVAL,
     PgDatabase,
     Project,
     head_revision,
@@ -564,13 +566,6 @@ def test_a_data_migration_that_reads_rows_does_not_block_a_protected_migrate(
     assert [row["n"] for row in pg_fetch(pg_database.dsn, "select n from counted")] == [0]
     error = pg_project.fails("offline-sql", "--env=ci")
     assert "revision data01 cannot be rendered as SQL offline" in error
-
-
-REFERENCE_CATEGORIES = (
-    'categories = sa.table("categories", sa.column("id"), sa.column("name"))\n'
-    '    op.bulk_insert(categories, [{"id": 10, "name": "E-books"}, {"id": 11, "name": "Courses"}])'
-)
-SETVAL = "SELECT setval('public.categories_id_seq', (SELECT max(id) FROM categories))"
 
 
 @pytest.mark.postgres
