@@ -69,6 +69,8 @@ def _table_risks(table: ModifyTableOps, new: bool = False) -> list[str]:
                 found.append(_constrained(table.table_name, each))
         if isinstance(each, CreateIndexOp):
             found.append(_partial(table.table_name, each))
+        if isinstance(each, CreateIndexOp | DropIndexOp):
+            found.append(_concurrent(table.table_name, each))
     return found + [
         risk
         for column in added
@@ -140,6 +142,20 @@ def _partial(table: str, op: CreateIndexOp) -> str:
         "(postgresql_where), so on SQLite it covers every row and refuses rows that "
         "PostgreSQL takes: give the index the same sqlite_where in the models, and make the "
         "draft again"
+    )
+
+
+def _concurrent(table: str, op: CreateIndexOp | DropIndexOp) -> str:
+    """An index made or dropped CONCURRENTLY: PostgreSQL refuses that in a transaction,
+    which each revision is, and SQLite ignores the option, so dev passes."""
+    if not op.kw.get("postgresql_concurrently"):
+        return ""
+    how = "creates" if isinstance(op, CreateIndexOp) else "drops"
+    return (
+        f"{how} index {op.index_name} on {table} CONCURRENTLY, which PostgreSQL refuses "
+        "inside a transaction (SQLite ignores it, so dev passes): move it, and its undoing in "
+        "downgrade(), out of the batch block into `with op.get_context().autocommit_block():`, "
+        f'as op.{how[:-1]}_index(..., table_name="{table}")'
     )
 
 

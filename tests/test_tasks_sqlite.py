@@ -409,6 +409,28 @@ def test_a_constraint_made_again_on_the_same_columns_is_not_warned_of(project: P
     assert "check passed" in project.ok("check").stderr
 
 
+def test_an_index_made_concurrently_is_warned_of(project: Project) -> None:
+    """PostgreSQL refuses CREATE INDEX CONCURRENTLY in a transaction, and every revision is
+    one unless it says otherwise; SQLite ignores the option, so the draft passed on dev."""
+    project.migrated()
+    models = project.root / "db" / "models.py"
+    products = '    __tablename__ = "products"\n'
+    index = (
+        '    __table_args__ = (Index("ix_products_name", "name", postgresql_concurrently=True),)\n'
+    )
+    text = models.read_text().replace(products, products + index)
+    models.write_text(text.replace("    ForeignKey,\n", "    ForeignKey,\n    Index,\n"))
+
+    result = project.ok("makemigration", "names")
+
+    assert result.stderr.endswith(
+        "warning: the revision creates index ix_products_name on products CONCURRENTLY, which "
+        "PostgreSQL refuses inside a transaction (SQLite ignores it, so dev passes): move it, "
+        "and its undoing in downgrade(), out of the batch block into `with "
+        'op.get_context().autocommit_block():`, as op.create_index(..., table_name="products")\n'
+    )
+
+
 def test_makemigration_without_model_changes_writes_nothing(project: Project) -> None:
     project.migrated()
     before = sorted(project.versions.iterdir())
