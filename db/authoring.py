@@ -14,6 +14,7 @@ from alembic.runtime.migration import MigrationContext, RevisionStep
 from alembic.script import Script, ScriptDirectory
 from alembic.util import CommandError
 from mako.exceptions import MakoException  # type: ignore[import-untyped]
+from sqlalchemy.exc import CompileError
 
 from db import audit, guards
 from db.casts import add_casts
@@ -21,8 +22,9 @@ from db.commands import plan_steps, read_state
 from db.drafts import risky
 from db.enum_types import add_enum_types, retyped, value_drift
 from db.environments import Environment
-from db.errors import ConfigError, DbError, RevisionError, UsageError
+from db.errors import BrokenModels, ConfigError, DbError, RevisionError, UsageError
 from db.files import write_whole
+from db.rendering import own_blocks
 from db.revision_ids import known_revision, revision_error
 from db.runner import Progress, load_scripts, make_config, run_env
 
@@ -115,6 +117,7 @@ def make_migration(env: Environment, message: str, *, empty: bool = False) -> Dr
             add_enum_types(found[0], context.opts["target_metadata"])
             add_casts(found[0])
             risks.extend(risky(found[0].upgrade_ops) + retyped(found[0].upgrade_ops))
+            own_blocks(found[0])  # last: the risks read each table's changes together
 
     quiet = redirect_stdout(io.StringIO())  # Alembic's "Running post write hook" chatter
     try:
@@ -127,6 +130,8 @@ def make_migration(env: Environment, message: str, *, empty: bool = False) -> Dr
             )
     except CommandError as exc:
         raise revision_error(exc, env.flags) from exc
+    except CompileError as exc:  # writing the draft
+        raise BrokenModels.unwritable(exc) from exc
     if not isinstance(written, Script):
         return Draft(None, by_hand=tuple(by_hand))
     return Draft(parses(Path(written.path)), tuple(risks), tuple(by_hand))

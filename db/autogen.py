@@ -12,7 +12,6 @@ import re
 from collections.abc import Mapping
 from typing import TYPE_CHECKING, Any
 
-from alembic.operations import MigrationScript
 from alembic.runtime.migration import MigrationContext
 from sqlalchemy import Column, DefaultClause, Identity, MetaData
 from sqlalchemy.sql.elements import TextClause
@@ -24,15 +23,6 @@ if TYPE_CHECKING:
     from alembic.autogenerate.api import AutogenContext
     from alembic.operations.ops import AlterColumnOp
     from alembic.util import PriorityDispatchResult
-
-
-def skip_empty_autogenerate(
-    _context: MigrationContext, _revision: object, directives: list[MigrationScript]
-) -> None:
-    """Write no revision file when autogenerate finds no difference."""
-    script = directives[0]
-    if script.upgrade_ops is not None and script.upgrade_ops.is_empty():
-        directives[:] = []
 
 
 def include_name(name: str | None, type_: str, _parents: Mapping[str, str | None]) -> bool:

@@ -75,6 +75,16 @@ class BrokenModels(ConfigError):
             "fix it (makemigration, check and seed use the models)"
         )
 
+    @classmethod
+    def unwritable(cls, exc: Exception) -> BrokenModels:
+        """The error for an expression of the models that SQLAlchemy cannot write as SQL
+        to compare it, or to draft it (``func.to_tsvector("english", ...)``'s REGCONFIG)."""
+        return cls(
+            f"db/models.py has an expression that cannot be written as SQL here "
+            f"({type(exc).__name__}: {first_line(exc)}): give it as sa.text(...) in the "
+            "models, e.g. an index on sa.text(\"to_tsvector('english', name)\")"
+        )
+
 
 class ConnectError(DbError):
     """The database server could not be reached, or it refused the login."""

@@ -6,17 +6,23 @@ out of a draft made against dev, with only a warning that it cannot compare it; 
 ``check`` on PostgreSQL finds it missing there. Its name tells whether the database has
 it: one the models have and the database lacks is drafted, and found by ``check``; so is
 one the database has and the models lack, to be dropped, and made again on rollback from
-the SQL SQLite keeps of it. (A changed expression under the same name is not seen.)
+the SQL SQLite keeps of it. (A changed expression under the same name is not seen.) One
+SQLite cannot build (``to_tsvector(...)``: PostgreSQL's alone) is left out, even of a new
+table, with a warning: dev cannot have it, and a draft that made it failed there.
 """
 
 from __future__ import annotations
 
+import warnings
 from typing import TYPE_CHECKING, Any
 
 from alembic.operations.ops import CreateIndexOp, DropIndexOp
 from alembic.util import PriorityDispatchResult
 from alembic.util.sqla_compat import is_expression_index
-from sqlalchemy import Table, text
+from sqlalchemy import Index, Table, create_engine, text
+from sqlalchemy.exc import CompileError, DBAPIError
+from sqlalchemy.pool import NullPool
+from sqlalchemy.schema import CreateIndex, CreateTable
 
 if TYPE_CHECKING:
     from alembic.autogenerate.api import AutogenContext
@@ -38,18 +44,54 @@ def compare(
     """The indexes on an expression that the models add to a SQLite table, or took out of
     it, drafted."""
     connection = autogen_context.connection
-    if conn_table is None or metadata_table is None or connection is None:
-        return PriorityDispatchResult.CONTINUE  # a table made or dropped: Alembic's
+    if metadata_table is None or connection is None:
+        return PriorityDispatchResult.CONTINUE  # a table dropped: Alembic's
+    on_expressions = sorted(
+        (index for index in metadata_table.indexes if is_expression_index(index)),
+        key=lambda index: str(index.name),
+    )
+    unbuilt = {index.name for index in on_expressions if _unbuilt(index, metadata_table)}
+    if conn_table is None:  # a table made: Alembic drafts its indexes, but for those
+        kept = [op for op in modify_ops.ops if getattr(op, "index_name", None) not in unbuilt]
+        modify_ops.ops[:] = kept
+        return PriorityDispatchResult.CONTINUE
     there: dict[str, str | None] = dict(connection.exec_driver_sql(_INDEXES, (table_name,)).all())
     wanted = {index.name for index in metadata_table.indexes}
-    for index in sorted(metadata_table.indexes, key=lambda each: str(each.name)):
-        if index.name not in there and is_expression_index(index):
+    for index in on_expressions:
+        if index.name not in there and index.name not in unbuilt:
             modify_ops.ops.append(CreateIndexOp.from_index(index))
     for name in sorted(set(there) - wanted):
         made = there[name]
         if made and connection.exec_driver_sql(_ON_EXPRESSION, (name,)).first():
             modify_ops.ops.append(_dropped(name, table_name, made))
     return PriorityDispatchResult.CONTINUE
+
+
+def _unbuilt(index: Index, table: Table) -> bool:
+    """Whether SQLite cannot make ``index`` (a PostgreSQL function or operator class in its
+    expression: ``to_tsvector(...)``), tried on an empty copy of its table in memory; if
+    so, a warning says to make it on PostgreSQL alone, as dev cannot have it."""
+    engine = create_engine("sqlite://", poolclass=NullPool)  # a new database each time
+    try:
+        with engine.begin() as connection:
+            try:
+                connection.execute(CreateTable(table, include_foreign_key_constraints=[]))
+            except CompileError:
+                return False  # the table cannot be made on SQLite either: not the index's doing
+            connection.execute(CreateIndex(index))
+    except (CompileError, DBAPIError) as exc:  # CompileError: to_tsvector's 'english'
+        why = exc.orig if isinstance(exc, DBAPIError) else exc
+        warnings.warn(
+            f"index {index.name} of {table.name} is on an expression SQLite cannot build "
+            f"({why}), so dev cannot have it, and drafts made on dev leave it out: make it in "
+            'the revision under `if op.get_context().dialect.name == "postgresql":`, and drop '
+            "it so in downgrade()",
+            stacklevel=1,
+        )
+        return True
+    finally:
+        engine.dispose()
+    return False
 
 
 def _dropped(name: str, table_name: str, sql: str) -> DropIndexOp:

@@ -10,14 +10,63 @@ import functools
 import re
 from typing import TYPE_CHECKING, Any
 
+from alembic.operations import MigrationScript
+from alembic.operations.ops import (
+    CreateIndexOp,
+    DropIndexOp,
+    MigrateOperation,
+    ModifyTableOps,
+)
 from alembic.runtime.migration import MigrationContext
-from sqlalchemy import DefaultClause
+from sqlalchemy import DefaultClause, Index
 from sqlalchemy.sql.elements import False_, True_
 from sqlalchemy.types import TypeDecorator, TypeEngine
 
 if TYPE_CHECKING:
     from alembic.autogenerate.api import AutogenContext
     from alembic.ddl.impl import DefaultImpl
+
+
+def skip_empty(
+    _context: MigrationContext, _revision: object, directives: list[MigrationScript]
+) -> None:
+    """Write no revision file when autogenerate finds no difference."""
+    script = directives[0]
+    if script.upgrade_ops is not None and script.upgrade_ops.is_empty():
+        directives[:] = []
+
+
+def own_blocks(script: MigrationScript) -> None:
+    """Each index on an expression, or partial on SQLite, made in a batch block of its own
+    after the table's other changes (dropped in one before them). Where SQLite copies the
+    table for those, Alembic's copy cannot make such an index (``KeyError: 'lower(name)'``)
+    and drops its ``sqlite_where`` (its issue #1112); alone, the index is made in place."""
+    for ops in (script.upgrade_ops, script.downgrade_ops):
+        if ops is not None:
+            ops.ops[:] = [split for op in ops.ops for split in _own_blocks(op)]
+
+
+def _own_blocks(op: MigrateOperation) -> list[MigrateOperation]:
+    """``op``, a table's changes, with its drops of such indexes before it, and the indexes
+    it makes after it, each in a block of its own."""
+    if not isinstance(op, ModifyTableOps):
+        return [op]
+    apart = [each for each in op.ops if isinstance(each, CreateIndexOp | DropIndexOp)]
+    apart = [each for each in apart if _copy_breaks(each.to_index())]
+    if not apart or len(apart) == len(op.ops):
+        return [op]
+    rest = [each for each in op.ops if each not in apart]
+    dropped = [each for each in apart if isinstance(each, DropIndexOp)]
+    made = [each for each in apart if isinstance(each, CreateIndexOp)]
+    blocks = [ModifyTableOps(op.table_name, ops, schema=op.schema) for ops in (dropped, rest, made)]
+    return [block for block in blocks if block.ops]
+
+
+def _copy_breaks(index: Index) -> bool:
+    """Whether SQLite's batch copy mishandles ``index``: on an expression, or partial."""
+    from alembic.util.sqla_compat import is_expression_index
+
+    return is_expression_index(index) or index.dialect_kwargs.get("sqlite_where") is not None
 
 
 def render_item(type_: str, obj: object, autogen_context: AutogenContext) -> str | bool:

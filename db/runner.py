@@ -28,12 +28,13 @@ from alembic.runtime.migration import RevisionStep
 from alembic.script import Script, ScriptDirectory
 from alembic.util import CommandError
 from sqlalchemy.engine import URL, Connection
-from sqlalchemy.exc import DBAPIError
+from sqlalchemy.exc import CompileError, DBAPIError
 
 from db import revision_files
 from db.engines import keepalive
 from db.environments import CONNECT_TIMEOUT, ENV_DIR, NETWORK_TIMEOUT, Environment
 from db.errors import (
+    BrokenModels,
     BrokenRevisions,
     ConfigError,
     DbError,
@@ -390,6 +391,8 @@ def run_env(
             elif advice:
                 text += f"\n{advice}"
             raise DbError(text) from exc
+        if isinstance(exc, CompileError) and run.models:  # comparing
+            raise BrokenModels.unwritable(exc) from exc
         broken = _broken_env_py(exc, env_py, root)
         if broken is not None:
             raise broken from exc

@@ -17,6 +17,7 @@ from conftest import (
     Project,
     add_coupon_model,
     head_revision,
+    pg_execute,
     pg_fetch,
     popen,
     revision,
@@ -948,6 +949,101 @@ def test_an_index_on_an_expression_taken_out_of_the_models_is_drafted_and_comes_
     project.ok("rollback", "--yes")
     with project.sqlite() as db:
         assert db.execute(made).fetchall() == [(partial,)]
+
+
+INDEXED = """
+    __table_args__ = (
+        sa.Index("ix_products_lower_name", sa.func.lower(sa.column("name"))),
+        sa.Index("ix_products_cheap", "price", sqlite_where=sa.text("price < 10")),
+    )
+    stock: Mapped[int] = mapped_column(server_default=sa.text("(0)"))
+"""
+
+
+def test_indexes_a_table_copy_cannot_make_are_made_after_it_in_a_block_of_their_own(
+    project: Project,
+) -> None:
+    """An index on an expression, or partial, drafted in the batch block of a change that
+    copies the table on SQLite: the copy failed on the first (KeyError: 'lower(name)') and
+    dropped the WHERE of the second (Alembic's issue #1112). Each is made after the copy."""
+    project.migrated()
+    products = '    __tablename__ = "products"\n'
+    models = project.root / "db" / "models.py"
+    models_with(project, "")
+    models.write_text(models.read_text().replace(products, products + INDEXED.lstrip("\n")))
+
+    project.ok("makemigration", "stock")
+    project.ok("migrate")
+    project.ok("rollback")
+    project.ok("migrate")
+
+    assert "check passed" in project.ok("check").stderr
+    with project.sqlite() as db:
+        made = dict(db.execute("select name, sql from sqlite_master where type = 'index'"))
+    assert made["ix_products_cheap"].endswith("WHERE price < 10")
+    assert "lower(name)" in made["ix_products_lower_name"]
+
+
+SEARCHED = (
+    '    __tablename__ = "products"\n'
+    "    __table_args__ = (\n"
+    '        sa.Index("ix_products_search", {}, postgresql_using="gin"),\n'
+    "    )\n"
+)
+TSVECTOR = 'sa.func.to_tsvector("english", sa.column("name"))'
+
+
+@pytest.mark.parametrize("expression", [TSVECTOR, "sa.text(\"to_tsvector('english', name)\")"])
+def test_an_index_on_an_expression_sqlite_cannot_build_is_left_to_postgresql(
+    project: Project, expression: str
+) -> None:
+    """A full-text index: SQLite has no to_tsvector, so dev cannot have it. Compared by name,
+    it was drafted there, and the draft failed on dev; as a function of SQLAlchemy's, the
+    draft was not even written (a traceback: 'english' as a REGCONFIG has no SQL literal).
+    It is left out, with a warning saying how to make it on PostgreSQL alone."""
+    project.migrated()
+    models_with(project, "")
+    models = project.root / "db" / "models.py"
+    products = '    __tablename__ = "products"\n'
+    models.write_text(models.read_text().replace(products, SEARCHED.format(expression)))
+
+    warned = "warning: index ix_products_search of products is on an expression SQLite cannot "
+    assert warned in project.ok("check").stderr
+    drafted = project.ok("makemigration", "search").stderr
+    assert warned in drafted and "no changes" in drafted
+
+
+@pytest.mark.postgres
+def test_comparing_an_expression_sqlalchemy_cannot_write_is_an_error_not_a_traceback(
+    pg_project: Project, pg_database: PgDatabase
+) -> None:
+    """On PostgreSQL, Alembic compiles the models' index expression to compare it: the
+    REGCONFIG of func.to_tsvector("english", ...) has no SQL literal, and check and
+    makemigration ended in a traceback. The error says to write it as text."""
+    project = pg_project
+    project.migrated("ci")
+    pg_execute(
+        pg_database.dsn,
+        "CREATE INDEX ix_products_search ON products USING gin (to_tsvector('english', name))",
+    )
+    models_with(project, "")
+    models = project.root / "db" / "models.py"
+    products = '    __tablename__ = "products"\n'
+    models.write_text(models.read_text().replace(products, SEARCHED.format(TSVECTOR)))
+
+    for task in (["check", "--env=ci"], ["makemigration", "--env=ci", "search"]):
+        result = project.invoke(*task)
+        assert result.returncode == 2 and "Traceback" not in result.stderr, result.stderr
+        assert result.stderr.endswith(
+            "error: db/models.py has an expression that cannot be written as SQL here "
+            "(CompileError: No literal value renderer is available for literal value "
+            "\"'english'\" with datatype REGCONFIG): give it as sa.text(...) in the models, "
+            "e.g. an index on sa.text(\"to_tsvector('english', name)\")\n"
+        )
+    models.write_text(
+        models.read_text().replace(TSVECTOR, "sa.text(\"to_tsvector('english', name)\")")
+    )
+    assert "check passed" in project.ok("check", "--env=ci").stderr
 
 
 @pytest.mark.postgres

@@ -25,7 +25,6 @@ from db.autogen import (
     comparable,
     include_name,
     register_plugin,
-    skip_empty_autogenerate,
 )
 from db.batch_copies import unreflected_indexes_unsaid
 from db.connections import connect, connect_async, run_coroutine
@@ -40,7 +39,7 @@ from db.locks import (
     prepare_session,
     sqlite_run,
 )
-from db.rendering import render_item
+from db.rendering import render_item, skip_empty
 from db.runner import Run, configure_logging
 from db.sequences import check_sequences, inserts_noted
 from db.versions import VERSION_TABLE, version_of
@@ -116,7 +115,7 @@ def options(checks: tuple[OnApply, ...] = (), last: tuple[OnApply, ...] = ()) ->
         "version_table_schema": run.schema,
         "render_as_batch": True,  # revisions must also run on SQLite, which alters by copying
         "transaction_per_migration": True,
-        "process_revision_directives": skip_empty_autogenerate,
+        "process_revision_directives": skip_empty,
         "include_name": include_name,
         "compare_server_default": True,  # off in Alembic: a changed default unseen
         "autogenerate_plugins": AUTOGENERATE,
