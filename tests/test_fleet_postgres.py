@@ -73,12 +73,12 @@ def test_each_tenant_is_checked_for_ids_its_sequence_has_not_given_and_the_fix_f
 
     result = tenants.invoke("migrate", "--env=tenants", "--jobs=1")
 
-    assert result.returncode == 6, result.stderr
-    assert (
-        "[1/3 alpha] failed: upgrade of revision books01 (hand written) failed: the revision "
-        "inserts ids into categories that its sequence alpha.categories_id_seq has not given"
-    ) in result.stderr
-    assert f'op.execute("{SETVAL}")' in result.stderr
+    lines = result.stderr.splitlines()
+    failed = [line for line in lines if line.startswith("[1/3 alpha] failed: upgrade of")]
+    assert result.returncode == 6 and len(failed) == 1, result.stderr
+    assert "into categories that its sequence alpha.categories_id_seq has not given" in failed[0]
+    dialect = 'under if op.get_context().dialect.name == "postgresql"'
+    assert f'op.execute("{SETVAL}"), {dialect}; the database is at {HEAD}' in failed[0]
     fixed = f'{REFERENCE_CATEGORIES}\n    op.execute("{SETVAL}")'
     tenants.add_revision("books", revision("books01", HEAD, fixed))
 
