@@ -31,6 +31,7 @@ from sqlalchemy import Column, Enum, MetaData, Table, text
 from sqlalchemy.dialects import postgresql
 from sqlalchemy.engine import Connection
 from sqlalchemy.sql.schema import SchemaItem
+from sqlalchemy.types import TypeDecorator
 
 
 class EnumTypeOp(MigrateOperation):
@@ -117,7 +118,8 @@ def retyped(upgrade: OpContainer | None) -> list[str]:
     found = []
     for table in upgrade.ops if upgrade is not None else []:
         for op in table.ops if isinstance(table, ModifyTableOps) else []:
-            new, old = getattr(op, "modify_type", None), getattr(op, "existing_type", None)
+            new = _stored(getattr(op, "modify_type", None))
+            old = _stored(getattr(op, "existing_type", None))
             if isinstance(op, AlterColumnOp) and _native(new) and not isinstance(old, Enum):
                 found.append(
                     f"changes column {op.table_name}.{op.column_name} to the enum type "
@@ -175,7 +177,7 @@ def _place(container: OpContainer, before: set[str | None], after: set[str | Non
 def _made_already(column: SchemaItem, made: set[str | None]) -> SchemaItem:
     """A ``create_table``'s column whose enum type is there already, written so that making
     the table does not make the type again (which fails: "already exists")."""
-    enum = column.type if isinstance(column, Column) else None
+    enum = _stored(column.type) if isinstance(column, Column) else None
     if not isinstance(column, Column) or not isinstance(enum, Enum):
         return column
     if _type_name(column) not in made:
@@ -189,16 +191,25 @@ def _enums(columns: Iterable[tuple[str, Column[Any]]]) -> list[Enum]:
     """The enum types of ``columns``, each once."""
     found: dict[str, Enum] = {}
     for _, column in columns:
-        if (name := _type_name(column)) and name not in found and isinstance(column.type, Enum):
-            found[name] = column.type
+        kind = _stored(column.type)
+        if (name := _type_name(column)) and name not in found and isinstance(kind, Enum):
+            found[name] = kind
     return list(found.values())
+
+
+def _stored(kind: object) -> object:
+    """``kind``, or what a type decorator of the models stores (``Status`` over an enum: its
+    column needs the enum's type as much as a plain ``sa.Enum`` column does)."""
+    while isinstance(kind, TypeDecorator):
+        kind = kind.impl_instance
+    return kind
 
 
 def _type_name(column: Column[Any]) -> str | None:
     """The name of the PostgreSQL type a column's ``sa.Enum`` needs; None for any other
     column, and for an enum kept as a string (``native_enum=False``) or created elsewhere
     (``create_type=False``)."""
-    kind = column.type
+    kind = _stored(column.type)
     if not _native(kind):
         return None
     return kind.name if getattr(kind, "create_type", True) else None

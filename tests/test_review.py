@@ -230,6 +230,34 @@ def test_type_decorators_of_the_models_are_drafted_as_the_types_they_store(
     ]
 
 
+REFUNDS = """
+
+class Status(TypeDecorator[str]):
+    impl = sa.Enum("pending", "refunded", name="refund_status")
+    cache_ok = True
+
+
+class Refund(Base):
+    __tablename__ = "refunds"
+
+    id: Mapped[int] = mapped_column(primary_key=True)
+    status: Mapped[str] = mapped_column(Status())
+"""
+
+
+@pytest.mark.postgres
+def test_an_enum_behind_a_type_decorator_gets_its_type_dropped_with_its_table(
+    pg_project: Project, pg_database: PgDatabase
+) -> None:
+    """A decorator of the models over ``sa.Enum``: making the table made the enum's type
+    on PostgreSQL, but the draft did not drop it with the table, so a rollback left it
+    behind and the next migrate failed (type "refund_status" already exists)."""
+    drafted_on_dev_run_on_ci(pg_project, lambda p: models_with(p, REFUNDS), "refunds")
+
+    typed = "select typname from pg_type where typname = 'refund_status'"
+    assert len(pg_fetch(pg_database.dsn, typed)) == 1
+
+
 def identity_coupons(project: Project) -> Path:
     """Coupons in the models, with a key the database numbers as an identity column;
     returns the models' path."""
