@@ -4,6 +4,7 @@ which of the run's revisions it kept, and what to do."""
 from __future__ import annotations
 
 from errno import EHOSTUNREACH, ENETUNREACH, ETIMEDOUT
+from pathlib import Path
 from typing import TYPE_CHECKING
 
 from alembic.runtime.migration import RevisionStep
@@ -30,6 +31,7 @@ from db.errors import (
 )
 from db.offline import COLON
 from db.progress import Progress, Step, message_of
+from db.revision_files import MODELS, models_imported
 from db.versions import applied_revisions, current_heads
 
 if TYPE_CHECKING:
@@ -40,6 +42,10 @@ _CONNECTION_LOST = "the connection, and with it the migration lock,"
 _SEVERAL_STATEMENTS = (
     "cannot insert multiple commands into a prepared statement",
     "You can only execute one statement at a time",
+)
+_MODELS_HINT = (
+    f"the revision imports {MODELS}, which describe the tables as the newest revision leaves "
+    "them, not as this one finds them: give it its own `sa.table(...)` of the columns it needs"
 )
 _IN_A_BLOCK = "a revision runs such a statement in `with op.get_context().autocommit_block():`"
 
@@ -141,7 +147,13 @@ def _failure(
     if outside is not None:  # nothing to fix in the revision: a limit or the disk ended it
         said, fix = outside
         return MigrationFailed(f"{doing} failed: {said}\n{text}; {fix}")
+    if isinstance(exc, DBAPIError) and _imports_models(step):  # a column the models have
+        cause += f" ({_MODELS_HINT})"
     return MigrationFailed(f"{doing} failed: {cause}\n{text}; fix it and run the task again")
+
+
+def _imports_models(step: RevisionStep) -> bool:
+    return bool(step.revision.path) and models_imported(Path(step.revision.path)) is not None
 
 
 def _went_silent(exc: BaseException, run: Run) -> str | None:

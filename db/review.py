@@ -2,12 +2,14 @@
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any
 
 from alembic.autogenerate import compare_metadata
 from alembic.runtime.migration import MigrationContext, RevisionStep
+from alembic.script import ScriptDirectory
 
-from db import audit, guards
+from db import audit, guards, revision_files
 from db.commands import plan_steps, read_state, unfinished
 from db.enum_types import value_drift
 from db.environments import Environment
@@ -28,6 +30,7 @@ def check(env: Environment, options: RunOptions | None = None) -> list[str]:
         return [f"{heads}: run `invoke merge`"]
     state = read_state(env, config, script)
     problems = guards.changed_files(state.log, script, env)
+    problems += _importing_models(script, env.root)
     problems += [run.said for run in unfinished(state.log, env)]  # migrate refuses: resolve
     unrecorded = guards.unrecorded(state.log, script, state.current)
     if unrecorded:
@@ -53,6 +56,13 @@ def check(env: Environment, options: RunOptions | None = None) -> list[str]:
             + "; ".join(_describe(diff) for diff in diffs)
         )
     return problems + by_hand
+
+
+def _importing_models(script: ScriptDirectory, root: Path) -> list[str]:
+    """The revisions that import the app's models, oldest first."""
+    paths = [Path(rev.path) for rev in script.walk_revisions() if rev.path]
+    found = (revision_files.models_problem(path, root) for path in reversed(paths))
+    return [problem for problem in found if problem is not None]
 
 
 def _unrecorded(revisions: list[str], current: tuple[str, ...], env: Environment) -> str:

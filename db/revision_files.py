@@ -196,6 +196,43 @@ def unreadable(path: Path, root: Path) -> str | None:
     return None
 
 
+MODELS = "db.models"  # the app's models, as autogenerate and the app see them: always at head
+
+
+def models_imported(path: Path) -> int | None:
+    """The line on which a revision file imports the app's models (``from db.models import
+    User``, ``from db import models``), anywhere in it; None if it does not. Such a revision
+    reads its tables as the newest revision leaves them, not as they are at its own turn."""
+    try:
+        data = path.read_bytes()
+        tree = ast.parse(data) if b"models" in data else None
+    except (OSError, SyntaxError, ValueError):
+        return None  # loading it says what is wrong, with its name
+    for node in ast.walk(tree) if tree is not None else ():
+        if isinstance(node, ast.Import):
+            names = [alias.name for alias in node.names]
+        elif isinstance(node, ast.ImportFrom) and node.module and not node.level:
+            names = [node.module, *(f"{node.module}.{alias.name}" for alias in node.names)]
+        else:
+            continue
+        if any(name == MODELS or name.startswith(f"{MODELS}.") for name in names):
+            return node.lineno
+    return None
+
+
+def models_problem(path: Path, root: Path) -> str | None:
+    """What is wrong with a revision that imports the app's models, or None if it does not."""
+    line = models_imported(path)
+    if line is None:
+        return None
+    return (
+        f"{_named(path, root)}, line {line}, imports {MODELS}: the models describe the tables "
+        "as the newest revision leaves them, so once one changes a table this revision "
+        "reads, it fails on every new database; give it its own "
+        '`sa.table("users", sa.column("id"), ...)` of the columns it needs'
+    )
+
+
 def _named(path: Path, root: Path) -> str:
     """A file, named from the project (or whole, if it lies elsewhere)."""
     return str(path.relative_to(root)) if path.is_relative_to(root) else str(path)

@@ -7,7 +7,7 @@ from pathlib import Path
 import pytest
 from conftest import Project, head_revision, revision, version
 
-from db.revision_files import declared
+from db.revision_files import declared, models_imported
 
 HEAD = head_revision()
 AWKWARD = ['say """hi"""', "C:\\Users\\shop", "weird \\N escape", 'ends with "quote"']
@@ -340,3 +340,86 @@ def test_declared_reads_ids_without_importing(tmp_path: object) -> None:
         versions / "b.py": ("bbb1", ("aaa1",)),
         versions / "m.py": ("mmm1", ("aaa1", "bbb1")),
     }
+
+
+# A data migration written against the app's models, as it is tempting to
+BACKFILL_THROUGH_THE_MODELS = """from sqlalchemy.orm import Session
+    from db.models import User
+
+    session = Session(bind=op.get_bind())
+    for user in session.query(User).filter(User.username.is_(None)):
+        user.username = f"user{user.telegram_id}"
+    session.flush()"""
+
+
+def test_a_revision_that_imports_the_models_is_found_by_check_and_named_when_it_fails(
+    project: Project,
+) -> None:
+    """A data migration that reads ``db.models`` passes on every database it has already
+    run on, and fails on each new one (a new shop, a reset) once a later revision adds a
+    column to a table it reads: the models describe the tables at head, not at its turn."""
+    backfill = revision("backfill1", HEAD, BACKFILL_THROUGH_THE_MODELS, "backfill usernames")
+    project.add_revision("backfill", backfill)
+    project.ok("migrate")
+    project.ok("seed")
+    models = project.root / "db" / "models.py"
+    text = models.read_text()
+    first_name = "    first_name: Mapped[str | None] = mapped_column(String(128))\n"
+    language = "    language: Mapped[str | None] = mapped_column(String(8))\n"
+    models.write_text(text.replace(first_name, first_name + language, 1))
+    add = 'op.add_column("users", sa.Column("language", sa.String(8)))'
+    project.add_revision("language", revision("language1", "backfill1", add, "user language"))
+    project.ok("migrate")
+
+    found = project.invoke("check")
+
+    assert found.returncode == 5, found.stderr
+    assert (
+        "db/migrations/versions/backfill.py, line 14, imports db.models: the models describe "
+        "the tables as the newest revision leaves them" in found.stderr
+    )
+    assert 'give it its own `sa.table("users", sa.column("id"), ...)`' in found.stderr
+
+    error = project.fails("reset")  # a new database: the backfill reads users.language
+
+    assert (
+        "upgrade of revision backfill1 (backfill usernames) failed: OperationalError: no such "
+        "column: users.language (the revision imports db.models, which describe the tables "
+        "as the newest revision leaves them, not as this one finds them" in error
+    )
+    assert f"the database is at {HEAD}; this run kept {HEAD}; backfill1 was rolled back" in error
+    assert version(project) == [HEAD]
+
+
+@pytest.mark.parametrize(
+    "line",
+    [
+        "from db.models import User",
+        "from db import models",
+        "import db.models as m",
+        "from db.models.shop import User",
+        "from db import seed, models as m",
+    ],
+)
+def test_each_way_of_importing_the_models_is_found(tmp_path: Path, line: str) -> None:
+    path = tmp_path / "r.py"
+    path.write_text(f'"""a revision"""\n\n\ndef upgrade() -> None:\n    {line}\n')
+
+    assert models_imported(path) == 5
+
+
+@pytest.mark.parametrize(
+    "line",
+    [
+        "from db import modelsx",
+        "import dbx.models",
+        "from .models import User",
+        "x = 1  # not db.models: a column's type is copied instead",
+        "from db.model import User",
+    ],
+)
+def test_what_is_not_importing_the_models_is_not_found(tmp_path: Path, line: str) -> None:
+    path = tmp_path / "r.py"
+    path.write_text(f'"""a revision"""\n\n\ndef upgrade() -> None:\n    {line}\n')
+
+    assert models_imported(path) is None
