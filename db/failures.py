@@ -12,6 +12,7 @@ from alembic.script import ScriptDirectory
 from sqlalchemy.exc import (
     DBAPIError,
     InterfaceError,
+    ObjectNotExecutableError,
     PendingRollbackError,
     ResourceClosedError,
 )
@@ -184,6 +185,8 @@ def _hinted(exc: BaseException) -> str:
         return f"{cause} (give each statement its own op.execute())"
     if "A value is required for bind parameter" in cause:  # a colon in op.execute's SQL
         return f"{cause} ({COLON})"
+    if isinstance(exc, ObjectNotExecutableError) and isinstance(exc.target, str):
+        return f"{cause} (SQLAlchemy 2 executes no plain string: wrap it in `sa.text(...)`)"
     return cause
 
 

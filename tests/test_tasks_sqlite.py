@@ -1144,3 +1144,18 @@ def test_several_statements_in_one_execute_get_a_way_to_split_them(project: Proj
 
     assert "You can only execute one statement at a time. (give each statement its own" in error
     assert version(project) == ["good01"]
+
+
+def test_a_plain_string_given_to_the_connection_gets_the_way_to_run_it(project: Project) -> None:
+    """SQLAlchemy 1.x ran ``connection.execute("UPDATE ...")``; 2 refuses it, in words that
+    do not say what to write instead (data migrations copied from older code do this)."""
+    project.migrated()
+    add_good_then_bad(project, "op.get_bind().execute(\"UPDATE users SET username = 'x'\")")
+
+    error = project.fails("migrate")
+
+    assert (
+        'ObjectNotExecutableError: Not an executable object: "UPDATE users SET username = '
+        "'x'\" (SQLAlchemy 2 executes no plain string: wrap it in `sa.text(...)`)\n" in error
+    )
+    assert version(project) == ["good01"]
