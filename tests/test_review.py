@@ -24,6 +24,8 @@ from conftest import (
     wait_until,
 )
 
+from db.generated_columns import expression
+
 INDEX = 'op.execute("CREATE INDEX ix_users_username ON users (username)")'
 REQUIRED = 'op.add_column("users", sa.Column("email", sa.String(100), nullable=False))'
 
@@ -913,6 +915,71 @@ def test_a_check_constraint_a_batch_change_breaks_fails_the_revision_with_what_t
     project.add_revision("changed", revision("changed1", "built1", dropped))
 
     project.ok("migrate")
+
+
+VAT = "    price_with_vat: Mapped[Decimal] = mapped_column(\n"
+VAT += '        Numeric(10, 2), sa.Computed("price * 1.2")\n    )\n'
+
+
+def test_a_table_with_a_generated_column_is_copied_by_batch_mode_with_it(
+    project: Project,
+) -> None:
+    """Batch mode's copy of a SQLite table wrote its generated column too, which SQLite
+    refuses, so every later change of the table failed on dev; and SQLAlchemy read back
+    the expression of a NUMERIC(10, 2) column empty, so the copy was made ``AS ()`` (a
+    syntax error), and check warned on every run that the expression could not change."""
+    project.migrated()
+    project.ok("seed")
+    models_with(project, "")
+    models = project.root / "db" / "models.py"
+    file_id = "    file_id: Mapped[str | None] = mapped_column(String(255))"
+    text = models.read_text()
+    models.write_text(text.replace(file_id, VAT + file_id, 1))
+    project.ok("makemigration", "price with vat")
+    project.ok("migrate")
+    assert "Computed" not in project.ok("check").stderr
+    models.write_text(models.read_text().replace(*FILE_ID))
+
+    project.ok("makemigration", "longer file ids")  # a change that copies products
+    project.ok("migrate")
+
+    with project.sqlite() as connection:
+        rows = connection.execute("select price, price_with_vat from products").fetchall()
+        [sql] = connection.execute("select sql from sqlite_master where name = 'products'")
+    assert rows and all(vat == pytest.approx(float(price) * 1.2) for price, vat in rows)
+    assert "price_with_vat NUMERIC(10, 2) NOT NULL GENERATED ALWAYS AS (price * 1.2)" in sql[0]
+    assert "file_id VARCHAR(300)" in sql[0]
+    checked = project.ok("check").stderr
+    assert "check passed" in checked and "Computed" not in checked
+    project.ok("rollback")  # copied back
+
+
+@pytest.mark.parametrize(
+    ("name", "found"),
+    [
+        ("price_with_vat", "price * 1.2"),
+        ("PRICE_WITH_VAT", "price * 1.2"),
+        ('odd "name"', "round(price, 2)"),
+        ("br", "'a,b' || name"),
+        ("bt", "CAST(price AS NUMERIC(10, 2))"),
+        ("price", None),
+        ("id", None),
+        ("nowhere", None),
+    ],
+)
+def test_a_generated_columns_expression_is_read_whole(name: str, found: str | None) -> None:
+    sql = (
+        'CREATE TABLE "odd (table" (\n'
+        "  id INTEGER NOT NULL,\n"
+        "  price NUMERIC(10, 2) NOT NULL, price_with_vat NUMERIC(10, 2) AS (price * 1.2),\n"
+        '  "odd ""name""" NUMERIC(10,2) CHECK (price > 0) GENERATED ALWAYS AS (round(price, 2)),\n'
+        "  [br] TEXT AS ('a,b' || name) VIRTUAL,\n"
+        "  `bt` TEXT GENERATED ALWAYS AS ( CAST(price AS NUMERIC(10, 2)) ) STORED,\n"
+        "  CONSTRAINT pk PRIMARY KEY (id)\n"
+        ")"
+    )
+
+    assert expression(sql, name) == found
 
 
 CASELESS_MODEL = (

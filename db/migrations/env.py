@@ -19,7 +19,7 @@ from sqlalchemy import Connection, MetaData, text
 from sqlalchemy.engine import make_url
 from sqlalchemy.exc import DBAPIError
 
-from db import offline  # noqa: F401  (text compiled with its values)
+from db import generated_columns, offline  # noqa: F401  (offline: text compiled with its values)
 from db.autogen import (
     AUTOGENERATE,
     comparable,
@@ -109,6 +109,7 @@ def options(checks: tuple[OnApply, ...] = (), last: tuple[OnApply, ...] = ()) ->
     """
     audit_row = [run.progress.after_each] if run.progress is not None else []
     register_plugin()  # named in autogenerate_plugins
+    generated_columns.register()  # SQLite's batch copies, and reflection, of sa.Computed
     return {
         "target_metadata": target_metadata(),
         "version_table": VERSION_TABLE,
