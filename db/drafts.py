@@ -24,7 +24,15 @@ from alembic.operations.ops import (
     ModifyTableOps,
     UpgradeOps,
 )
-from sqlalchemy import Boolean, Column, ForeignKeyConstraint, UniqueConstraint
+from sqlalchemy import (
+    Boolean,
+    Column,
+    Date,
+    DateTime,
+    ForeignKeyConstraint,
+    Time,
+    UniqueConstraint,
+)
 from sqlalchemy.sql.schema import DefaultClause
 
 from db.casts import type_risks
@@ -161,8 +169,8 @@ def _concurrent(table: str, op: CreateIndexOp | DropIndexOp) -> str:
 
 def _altered(table: str, op: AlterColumnOp) -> list[str]:
     """A column made NOT NULL fails where a row holds NULL in it; a type changed, where
-    rows hold what PostgreSQL does not convert, or what no longer fits; and a boolean's
-    default changed to a word reads otherwise on SQLite."""
+    rows hold what PostgreSQL does not convert, or what no longer fits; and a default
+    changed to a word reads otherwise on one dialect."""
     found = []
     column = f"{table}.{op.column_name}"
     if op.modify_nullable is False and op.existing_nullable is not False:
@@ -193,23 +201,55 @@ WORDS = {word: "true" for word in ("t", "true", "y", "yes", "on")} | {
 
 
 def _worded(table: str, column: Column[Any] | str, kind: Any = None, default: Any = None) -> str:
-    """A boolean's server default given as a word ("false"): SQLite keeps it as text, which
-    SQLAlchemy reads back as True whatever it says, and no filter on the column matches."""
+    """A server default given as a word where SQL was meant, which one dialect reads
+    otherwise: a boolean's ("false"), or a moment's ("now()")."""
     if isinstance(column, Column):
         return _worded(table, column.name, column.type, column.server_default)
-    name = column
     if isinstance(default, DefaultClause):
         default = default.arg
-    if kind is None or kind._type_affinity is not Boolean or not isinstance(default, str):
+    if kind is None or not isinstance(default, str):
         return ""
+    if kind._type_affinity is Boolean:
+        return _boolean_word(f"{table}.{column}", default)
+    if kind._type_affinity in NOW:
+        return _moment_word(f"{table}.{column}", default, NOW[kind._type_affinity])
+    return ""
+
+
+def _boolean_word(column: str, default: str) -> str:
+    """SQLite keeps a boolean's word as text, which SQLAlchemy reads back as True whatever
+    it says, and which no filter on the column matches."""
     if default in ("0", "1"):  # a number to SQLite, and a boolean to PostgreSQL
         return ""
     meant = WORDS.get(default.strip().lower())
     use = f"sa.{meant}()" if meant else "sa.true() or sa.false()"
     return (
-        f"gives column {table}.{name} the server_default {default!r}, which SQLite keeps as "
+        f"gives column {column} the server_default {default!r}, which SQLite keeps as "
         "text, read back as True whatever it says and matched by no filter on true or "
         f"false: give it server_default={use} in the models, and make the draft again"
+    )
+
+
+NOW = {DateTime: "sa.func.now()", Date: "sa.func.current_date()", Time: "sa.func.current_time()"}
+FROZEN = {"now", "today", "tomorrow", "yesterday"}  # PostgreSQL's special input values
+KEYWORDS = {"current_timestamp", "current_date", "current_time", "localtimestamp", "localtime"}
+
+
+def _moment_word(column: str, default: str, use: str) -> str:
+    """A moment's default given as the word for now: PostgreSQL reads "now()" once, when
+    the table is made, so every row gets that moment (and refuses "CURRENT_TIMESTAMP"),
+    while SQLite keeps either as text."""
+    word = default.strip().lower().removesuffix("()").strip()
+    if word not in FROZEN | KEYWORDS:
+        return ""
+    there = (
+        "PostgreSQL reads once, when the table is made, giving every row that moment,"
+        if word in FROZEN
+        else "PostgreSQL refuses (it is no moment),"
+    )
+    return (
+        f"gives column {column} the server_default {default!r}, which {there} and SQLite "
+        f"keeps as text: give it server_default={use} in the models, and make the draft again"
     )
 
 

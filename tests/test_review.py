@@ -600,6 +600,40 @@ def test_a_boolean_default_added_or_changed_to_a_word_is_warned_of(project: Proj
     assert drafted.stderr.endswith(changed + added)
 
 
+@pytest.mark.parametrize(
+    ("default", "there"),
+    [
+        ('"now()"', "PostgreSQL reads once, when the table is made, giving every row that moment,"),
+        ('"CURRENT_TIMESTAMP"', "PostgreSQL refuses (it is no moment),"),
+    ],
+)
+def test_a_moments_default_given_as_the_word_for_now_is_warned_of(
+    project: Project, default: str, there: str
+) -> None:
+    """``server_default="now()"`` is a string: PostgreSQL reads it once, as it makes the
+    table, so every row gets the migration's moment (and refuses "CURRENT_TIMESTAMP"), and
+    SQLite keeps the text. Written as SQL, ``sa.func.now()``, it is no warning."""
+    project.migrated()
+    seen = "    seen_at: Mapped[datetime] = mapped_column(server_default={})\n"
+    first_name = "    first_name: Mapped[str | None] = mapped_column(String(128))\n"
+    models = project.root / "db" / "models.py"
+    text = models.read_text()
+    models.write_text(text.replace(first_name, first_name + seen.format(default)))
+
+    drafted = project.ok("makemigration", "seen at")
+
+    said = default.replace('"', "'")  # as Python writes the string
+    assert drafted.stderr.endswith(
+        f"warning: the revision gives column users.seen_at the server_default {said}, which "
+        f"{there} and SQLite keeps as text: give it server_default=sa.func.now() in the "
+        "models, and make the draft again\n"
+    )
+    [draft] = project.versions.glob("*_seen_at.py")
+    draft.unlink()
+    models.write_text(text.replace(first_name, first_name + seen.format("func.now()")))
+    assert "warning" not in project.ok("makemigration", "seen at").stderr
+
+
 ACTIVE_CODES = """
 
 class Coupon(Base):
