@@ -392,34 +392,24 @@ def test_a_revision_that_imports_the_models_is_found_by_check_and_named_when_it_
 
 
 @pytest.mark.parametrize(
-    "line",
+    ("line", "found"),
     [
-        "from db.models import User",
-        "from db import models",
-        "import db.models as m",
-        "from db.models.shop import User",
-        "from db import seed, models as m",
+        ("from db.models import User", 5),
+        ("from db import models", 5),
+        ("import db.models as m", 5),
+        ("from db.models.shop import User", 5),
+        ("from db import seed, models as m", 5),
+        ("from db import modelsx", None),
+        ("import dbx.models", None),
+        ("from .models import User", None),
+        ("x = 1  # not db.models: a column's type is copied instead", None),
+        ("from db.model import User", None),
     ],
 )
-def test_each_way_of_importing_the_models_is_found(tmp_path: Path, line: str) -> None:
+def test_each_way_of_importing_the_models_is_found_and_nothing_else(
+    tmp_path: Path, line: str, found: int | None
+) -> None:
     path = tmp_path / "r.py"
     path.write_text(f'"""a revision"""\n\n\ndef upgrade() -> None:\n    {line}\n')
 
-    assert models_imported(path) == 5
-
-
-@pytest.mark.parametrize(
-    "line",
-    [
-        "from db import modelsx",
-        "import dbx.models",
-        "from .models import User",
-        "x = 1  # not db.models: a column's type is copied instead",
-        "from db.model import User",
-    ],
-)
-def test_what_is_not_importing_the_models_is_not_found(tmp_path: Path, line: str) -> None:
-    path = tmp_path / "r.py"
-    path.write_text(f'"""a revision"""\n\n\ndef upgrade() -> None:\n    {line}\n')
-
-    assert models_imported(path) is None
+    assert models_imported(path) == found
