@@ -44,6 +44,7 @@ from db.errors import (
 )
 from db.failures import NONE_RUN, describe, failure, not_the_revision, what_to_do
 from db.locks import LOCK_WAIT
+from db.offline import unrenderable
 from db.progress import Progress, Revision, Step
 from db.revision_ids import revision_error
 from db.stop import Stop
@@ -373,9 +374,8 @@ def run_env(
                 raise failure(exc, progress, run, script) from exc
             if progress.running is not None and not isinstance(exc, DbError):
                 rev = progress.running.revision.revision
-                raise MigrationFailed(
-                    f"revision {rev} cannot be rendered as SQL offline: {describe(exc)}"
-                ) from exc
+                said = unrenderable(rev, exc, describe(exc), run.flags)
+                raise MigrationFailed(said) from exc
         if isinstance(exc, DbError):
             raise
         if isinstance(exc, CommandError):

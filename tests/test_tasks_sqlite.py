@@ -1027,6 +1027,30 @@ def test_offline_sql_for_sqlite(project: Project) -> None:
     assert "SET lock_timeout" not in sql
 
 
+def test_offline_sql_of_a_batch_copy_on_sqlite_says_why_not_and_what_instead(
+    project: Project,
+) -> None:
+    """SQLite's batch copy reads the table from the live database, so offline SQL cannot
+    write it; Alembic said so in five lines about ``copy_from``, for a draft of a plain
+    column change, in the task's default environment."""
+    change = (
+        'with op.batch_alter_table("products") as batch_op:\n'
+        '        batch_op.alter_column("name", type_=sa.String(300))'
+    )
+    project.add_revision("longer", revision("longer1", head_revision(), change))
+
+    error = project.fails("offline-sql", f"--from={head_revision()}")
+
+    assert error.endswith(
+        "error: revision longer1 cannot be rendered as SQL offline for SQLite: its batch block "
+        "changes table products by copying it, which takes the live database to read the "
+        "table from; apply it (`invoke migrate --env=dev`), or print its SQL for a PostgreSQL "
+        "environment (`invoke offline-sql --env=prod`)\n"
+    )
+    sql = project.ok("offline-sql", "--env=prod", f"--from={head_revision()}").stdout
+    assert "ALTER TABLE products ALTER COLUMN name TYPE VARCHAR(300);" in sql
+
+
 def test_offline_sql_for_sqlite_records_when_it_is_applied(project: Project) -> None:
     """The audit row's time is the applying's, not the rendering's, as history shows it."""
     sql = project.ok("offline-sql", "--env=dev").stdout
