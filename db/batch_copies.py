@@ -17,7 +17,8 @@ changes the table in place, keeping what is built on it; on SQLite two things we
 
 Then every view must still compile, and each index be made again: one that reads a column
 the change took away or renamed fails the revision, naming it, as does a named CHECK
-constraint that the copy itself cannot be made with (SQLite says only "no such column").
+constraint or a generated column that the copy itself cannot be made with (SQLite says only
+"no such column").
 (PostgreSQL refuses to drop a column a view reads, and drops an index or a CHECK constraint
 with its column; the copy cannot tell a column dropped from one renamed, so it drops
 nothing without a word.)
@@ -34,6 +35,8 @@ from typing import Any
 
 from sqlalchemy import Engine, event
 from sqlalchemy.engine import ExceptionContext
+
+from db.generated_columns import generated
 
 _COPY = re.compile(r'\s*CREATE TABLE "?_alembic_tmp_(.+?)"? \(', re.IGNORECASE)
 _RENAME = re.compile(r'\s*ALTER TABLE "?_alembic_tmp_(.+?)"? RENAME TO', re.IGNORECASE)
@@ -62,13 +65,16 @@ def keep_dependents(engine: Engine) -> None:
 
     @event.listens_for(engine, "handle_error")
     def _explained(context: ExceptionContext) -> None:
-        copied = _COPY.match(context.statement or "")
+        statement = context.statement or ""
+        copied = _COPY.match(statement)
         missing = _MISSING.match(str(context.original_exception))
-        if copied and missing:
-            for name, expression in _CHECK.findall(context.statement or ""):
+        if copied and missing:  # what in the copy reads a column no longer there?
+            reading = [("CHECK constraint", *check) for check in _CHECK.findall(statement)]
+            reading += [("generated column", *each) for each in generated(statement).items()]
+            for kind, name, expression in reading:
                 if re.search(rf"\b{re.escape(missing.group(1))}\b", expression):
                     exc = context.original_exception
-                    raise _broken("CHECK constraint", name, copied.group(1), exc) from exc
+                    raise _broken(kind, name, copied.group(1), exc) from exc
 
     @event.listens_for(engine, "after_cursor_execute")
     def _after(conn: Any, cursor: Any, statement: str, *_rest: Any) -> None:

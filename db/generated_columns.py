@@ -68,6 +68,13 @@ def _read_whole(inspector: Inspector, table: Table, column: dict[str, Any]) -> N
 def expression(sql: str, name: str) -> str | None:
     """The expression of the generated column ``name`` in a ``CREATE TABLE`` statement (the
     parenthesised text after its ``AS``); None if it has no such column."""
+    found = {column.lower(): text for column, text in generated(sql).items()}
+    return found.get(name.lower())
+
+
+def generated(sql: str) -> dict[str, str]:
+    """The generated columns of a ``CREATE TABLE`` statement: each one's expression, by its
+    name."""
     depth, item, items = 0, list[str](), list[list[str]]()
     for token in _TOKEN.findall(sql):
         depth += {"(": 1, ")": -1}.get(token, 0)
@@ -77,11 +84,13 @@ def expression(sql: str, name: str) -> str | None:
         elif depth > 1 or (depth == 1 and token != "("):
             item.append(token)
     items.append(item)
+    found = {}
     for tokens in items:
         first = next((token for token in tokens if token.strip()), "")
-        if _unquoted(first.lstrip()).lower() == name.lower():
-            return _generated(tokens)
-    return None
+        expression = _generated(tokens)
+        if expression is not None:
+            found[_unquoted(first.lstrip())] = expression
+    return found
 
 
 def _unquoted(first: str) -> str:

@@ -921,29 +921,47 @@ PRICE_RULE = (
 )
 
 
+VAT_COLUMN = (
+    'with op.batch_alter_table("products") as batch_op:\n'
+    '        batch_op.add_column(sa.Column("price_with_vat", sa.Numeric(10, 2), '
+    'sa.Computed("price * 1.2")))'
+)
+READERS = {  # what reads products.price, and the batch call that drops it
+    "CHECK constraint price_not_negative": (
+        PRICE_RULE,
+        'drop_constraint("price_not_negative", type_="check")',
+    ),
+    "generated column price_with_vat": (VAT_COLUMN, 'drop_column("price_with_vat")'),
+}
+
+
+@pytest.mark.parametrize("reader", READERS)
 @pytest.mark.parametrize(
     "change", ['alter_column("price", new_column_name="amount")', 'drop_column("price")']
 )
-def test_a_check_constraint_a_batch_change_breaks_fails_the_revision_with_what_to_do(
-    project: Project, change: str
+def test_what_reads_a_column_a_batch_change_breaks_fails_the_revision_with_what_to_do(
+    project: Project, reader: str, change: str
 ) -> None:
     """PostgreSQL follows a renamed column into a CHECK constraint, and drops the
-    constraint with a dropped column; SQLite's copy failed with only 'no such column:
-    price', naming none of the revision's own lines."""
-    batch_changed(project, PRICE_RULE, "products", change)
+    constraint with a dropped column (a generated column it refuses to leave behind);
+    SQLite's copy failed with only 'no such column: price', naming none of the revision's
+    own lines."""
+    built, undo = READERS[reader]
+    batch_changed(project, built, "products", change)
 
     error = project.fails("migrate")
 
+    kind = reader.rsplit(" ", 1)[0]
     assert (
-        "upgrade of revision changed1 (changed products) failed: OperationalError: CHECK "
-        "constraint price_not_negative no longer works once table products is changed (no "
-        "such column: price): drop the CHECK constraint before the change, in the same "
-        "revision, and create it again after if it is still wanted\n"
+        f"upgrade of revision changed1 (changed products) failed: OperationalError: {reader} "
+        "no longer works once table products is changed (no such column: price): drop the "
+        f"{kind} before the change, in the same revision, and create it again after if it "
+        "is still wanted\n"
         "the database is at built1; this run kept built1; changed1 was rolled back"
     ) in error
     dropped = (
         'with op.batch_alter_table("products") as batch_op:\n'
-        '        batch_op.drop_constraint("price_not_negative", type_="check")\n'
+        f"        batch_op.{undo}\n"
         f"        batch_op.{change}"
     )
     project.add_revision("changed", revision("changed1", "built1", dropped))
