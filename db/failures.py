@@ -148,6 +148,11 @@ def _failure(
     if outside is not None:  # nothing to fix in the revision: a limit or the disk ended it
         said, fix = outside
         return MigrationFailed(f"{doing} failed: {said}\n{text}; {fix}")
+    if isinstance(exc, NotImplementedError) and not step.is_upgrade:  # undone on purpose
+        return MigrationFailed(
+            f"{doing} failed: {cause}\n{text}; {step.revision.revision} cannot be undone (its "
+            "downgrade says so): to go back before it, restore a backup taken before it ran"
+        )
     if isinstance(exc, DBAPIError) and _imports_models(step):  # a column the models have
         cause += f" ({_MODELS_HINT})"
     return MigrationFailed(f"{doing} failed: {cause}\n{text}; fix it and run the task again")

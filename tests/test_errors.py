@@ -485,6 +485,29 @@ def test_a_failing_downgrade_names_the_revision_and_changes_nothing(project: Pro
     assert version(project) == ["stuck1"] and "notes" in tables(project)
 
 
+def test_a_downgrade_that_cannot_undo_its_revision_says_what_can(project: Project) -> None:
+    """A revision that cannot be undone raises NotImplementedError in its downgrade, as the
+    files' check asks; rollback said "fix it and run the task again" of it."""
+    upgrade = 'op.execute("UPDATE products SET price = 0")'
+    body = revision("lossy1", head_revision(), upgrade, message="prices to zero")
+    body = body.replace(
+        "def downgrade() -> None:\n    pass",
+        'def downgrade() -> None:\n    raise NotImplementedError("the old prices are gone")',
+    )
+    project.add_revision("lossy", body)
+    project.migrated()
+
+    error = project.fails("rollback")
+
+    assert error.endswith(
+        "error: downgrade of revision lossy1 (prices to zero) failed: NotImplementedError: the "
+        "old prices are gone\nthe database is at lossy1; the downgrade of lossy1 was rolled "
+        "back; lossy1 cannot be undone (its downgrade says so): to go back before it, restore "
+        "a backup taken before it ran\n"
+    )
+    assert version(project) == ["lossy1"]
+
+
 def test_a_rollback_that_fails_on_its_second_step_names_the_first_as_undone(
     project: Project,
 ) -> None:
