@@ -150,7 +150,8 @@ def checksum(path: str | Path) -> str:
 
 def code_checksum(path: str | Path) -> str | None:
     """SHA-256 of what a revision does: its parsed code without docstrings, comments or
-    formatting, so a reformatted file still matches. None if the file does not parse."""
+    formatting, so a reformatted file still matches, written alike by every Python version.
+    None if the file does not parse."""
     return _code_checksum(*_version(path))
 
 
@@ -169,6 +170,21 @@ def _file_checksum(path: str, *_version: int) -> str:
 
 @functools.lru_cache(maxsize=4096)
 def _code_checksum(path: str, *_version: int) -> str | None:
+    tree = _code_of(path)
+    return None if tree is None else hashlib.sha256(_code(tree).encode()).hexdigest()
+
+
+@functools.lru_cache(maxsize=64)
+def _dumped_checksum(path: str, *_version: int) -> str | None:
+    """The code's checksum as the tool wrote it before, which a trail written then holds: of
+    ``ast.dump``'s text, which each Python version writes otherwise (3.12 adds
+    ``type_params=[]``, 3.13 leaves out what is empty)."""
+    tree = _code_of(path)
+    return None if tree is None else hashlib.sha256(ast.dump(tree).encode()).hexdigest()
+
+
+def _code_of(path: str) -> ast.Module | None:
+    """A file's parsed code without its docstrings; None if it does not parse."""
     try:
         tree = ast.parse(Path(path).read_bytes())  # as Python reads it: a BOM, a coding line
     except (SyntaxError, ValueError, UnicodeDecodeError):
@@ -178,14 +194,32 @@ def _code_checksum(path: str, *_version: int) -> str | None:
         if isinstance(body, list) and body and isinstance(body[0], ast.Expr):
             if isinstance(body[0].value, ast.Constant) and isinstance(body[0].value.value, str):
                 node.body = body[1:] or [ast.Pass()]  # type: ignore[attr-defined]
-    return hashlib.sha256(ast.dump(tree).encode()).hexdigest()
+    return tree
+
+
+def _code(node: object) -> str:
+    """A parsed file as text, the same on every Python version: each node with the fields
+    that hold something (a newer Python adds fields that older code leaves empty)."""
+    if isinstance(node, ast.AST):
+        parts = []
+        for name in node._fields:
+            value = getattr(node, name, None)
+            if value is None or (type(value) is list and not value):
+                continue
+            parts.append(f"{name}={_code(value)}")
+        return f"{type(node).__name__}({','.join(parts)})"
+    if type(node) is list:
+        return f"[{','.join([_code(item) for item in node])}]"
+    return repr(node)
 
 
 def unchanged(path: str | Path, recorded: str | None, recorded_code: str | None) -> bool:
     """Whether a file still does what was recorded: the same bytes (fast), or the same code."""
     if recorded is None or recorded == checksum(path):
         return True
-    return recorded_code is not None and recorded_code == code_checksum(path)
+    if recorded_code is None:
+        return False
+    return recorded_code in (code_checksum(path), _dumped_checksum(*_version(path)))
 
 
 def ensure_table(execute: Execute) -> None:
