@@ -68,7 +68,7 @@ def _read_whole(inspector: Inspector, table: Table, column: dict[str, Any]) -> N
 def expression(sql: str, name: str) -> str | None:
     """The expression of the generated column ``name`` in a ``CREATE TABLE`` statement (the
     parenthesised text after its ``AS``); None if it has no such column."""
-    found = {column.lower(): text for column, text in generated(sql).items()}
+    found = {column.lower(): said for column, said in generated(sql).items()}
     return found.get(name.lower())
 
 
