@@ -22,21 +22,33 @@ constraint or a generated column that the copy itself cannot be made with (SQLit
 (PostgreSQL refuses to drop a column a view reads, and drops an index or a CHECK constraint
 with its column; the copy cannot tell a column dropped from one renamed, so it drops
 nothing without a word.)
+
+On PostgreSQL batch mode alters in place, unless a revision says ``recreate="always"``
+(Alembic's docs give it for what SQLite cannot alter): then it copies there too, and the
+copy passed on an empty database and broke a live one. Its key takes a new sequence,
+``_alembic_tmp_purchases_id_seq``, that starts at 1 whatever the rows hold, so every insert
+of the app failed on a duplicate key; and the grants, triggers, comments and policies of
+the table went with it. Such a copy is refused before it starts.
 """
 
 from __future__ import annotations
 
+import functools
 import re
 import sqlite3
 import warnings
 from collections.abc import Iterator
 from contextlib import contextmanager
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
-from sqlalchemy import Engine, event
+from sqlalchemy import Engine, Table, event
 from sqlalchemy.engine import ExceptionContext
 
+from db.errors import MigrationFailed
 from db.generated_columns import generated
+
+if TYPE_CHECKING:
+    from alembic.operations.batch import ApplyBatchImpl
 
 _COPY = re.compile(r'\s*CREATE TABLE "?_alembic_tmp_(.+?)"? \(', re.IGNORECASE)
 _RENAME = re.compile(r'\s*ALTER TABLE "?_alembic_tmp_(.+?)"? RENAME TO', re.IGNORECASE)
@@ -46,6 +58,29 @@ _BUILT_ON = (
     "SELECT type, name, sql FROM sqlite_master WHERE tbl_name = ? AND sql IS NOT NULL "
     "AND type IN ('index', 'trigger')"
 )
+
+
+@functools.cache
+def refuse_postgresql_copies() -> None:
+    """Once per process: Alembic's PostgreSQL operations refuse to copy a table."""
+    from alembic.ddl.postgresql import PostgresqlImpl
+
+    class AltersInPlace(PostgresqlImpl):  # Alembic's registry takes it for "postgresql"
+        __dialect__ = "postgresql"
+
+        def prep_table_for_batch(self, batch_impl: ApplyBatchImpl, table: Table) -> None:
+            raise MigrationFailed(copy_refused(table.name))  # before the copy is made
+
+
+def copy_refused(table: str) -> str:
+    """Why a batch block may not copy ``table`` on PostgreSQL, and what to write instead."""
+    return (
+        f'batch_alter_table("{table}", recreate="always") would copy the table on PostgreSQL '
+        "too, where the copy numbers new rows from 1 again (each insert failing on a "
+        "duplicate key) and loses the table's grants and triggers: leave recreate out "
+        "(SQLite's table is copied whenever a change needs it), or copy on SQLite only: "
+        'recreate="always" if op.get_context().dialect.name == "sqlite" else "auto"'
+    )
 
 
 def keep_dependents(engine: Engine) -> None:

@@ -17,8 +17,10 @@ from sqlalchemy.ext.compiler import compiles
 from sqlalchemy.sql.compiler import SQLCompiler
 from sqlalchemy.sql.elements import TextClause
 
-# Alembic's batch mode copies a SQLite table, and reads it from the database to copy it
-_COPIES = re.compile(r'dialect sqlite requires a live database .* reflect the table "([^"]+)"')
+from db.batch_copies import copy_refused
+
+# Alembic's batch mode copies a table, and reads it from the database to copy it
+_COPIES = re.compile(r'dialect (\w+) requires a live database .* reflect the table "([^"]+)"')
 COLON = (
     "in op.execute's SQL a colon before a word starts a parameter: write \\\\:word for a "
     "colon, or give its value with sa.text(...).bindparams(word=...)"
@@ -44,9 +46,12 @@ def unrenderable(revision: str, exc: BaseException, said: str, flags: str) -> st
     copies = _COPIES.search(str(exc))
     if copies is None:
         return f"revision {revision} cannot be rendered as SQL offline: {said}"
+    dialect, table = copies.groups()
+    if dialect != "sqlite":  # recreate="always", refused online too
+        return f"revision {revision} cannot be rendered as SQL offline: {copy_refused(table)}"
     return (
         f"revision {revision} cannot be rendered as SQL offline for SQLite: its batch block "
-        f"changes table {copies[1]} by copying it, which takes the live database to read "
+        f"changes table {table} by copying it, which takes the live database to read "
         f"the table from; apply it (`invoke migrate {flags}`), or print its SQL for a "
         "PostgreSQL environment (`invoke offline-sql --env=prod`)"
     )

@@ -372,7 +372,9 @@ def run_env(
         if progress is not None and (ran or stopped):  # say where the database is
             if not kw.get("as_sql"):
                 raise failure(exc, progress, run, script) from exc
-            if progress.running is not None and not isinstance(exc, DbError):
+            # a refusal of Alembic's (a table copy on PostgreSQL) knows no revision either
+            named = not isinstance(exc, DbError) or isinstance(exc, MigrationFailed)
+            if progress.running is not None and named:
                 rev = progress.running.revision.revision
                 said = unrenderable(rev, exc, describe(exc), run.flags)
                 raise MigrationFailed(said) from exc

@@ -601,3 +601,57 @@ def test_a_revision_that_inserts_ids_its_sequence_has_not_given_fails_with_the_f
 
     rows = pg_fetch(pg_database.dsn, "insert into categories (name) values ('Games') returning id")
     assert rows[0]["id"] == 12
+
+
+# A batch block told to copy its table whatever the dialect (Alembic's docs give it for
+# what SQLite cannot alter)
+RECREATE = (
+    'with op.batch_alter_table("purchases", recreate={recreate}) as batch_op:\n'
+    '        batch_op.add_column(sa.Column("note", sa.String(100)))'
+)
+ON_SQLITE_ONLY = '"always" if op.get_context().dialect.name == "sqlite" else "auto"'
+
+
+def test_a_batch_block_that_would_copy_a_table_on_postgresql_is_refused_with_the_way_out(
+    pg_project: Project, pg_database: PgDatabase
+) -> None:
+    """``recreate="always"`` copied the table on PostgreSQL too, which passed on an empty
+    database: on one with rows, the copy's key took a new sequence starting at 1, so every
+    insert of the app failed on a duplicate key. It is refused, online and offline, and
+    the form that copies on SQLite only runs on both."""
+    project = pg_project
+    project.migrated("ci")
+    project.ok("seed", "--env=ci")
+    always = RECREATE.format(recreate='"always"')
+    project.add_revision("note", revision("note01", head_revision(), always))
+    project.ok("migrate")  # SQLite copies its table, as it must to change it
+
+    error = project.fails("migrate", "--env=ci")
+    offline = project.fails("offline-sql", "--env=ci", f"--from={head_revision()}")
+
+    refusal = (
+        'batch_alter_table("purchases", recreate="always") would copy the table on '
+        "PostgreSQL too, where the copy numbers new rows from 1 again (each insert failing on "
+        "a duplicate key) and loses the table's grants and triggers: leave recreate out "
+        "(SQLite's table is copied whenever a change needs it), or copy on SQLite only: "
+        f"recreate={ON_SQLITE_ONLY}"
+    )
+    assert (
+        f"error: upgrade of revision note01 (hand written) failed: {refusal}\n"
+        f"the database is at {head_revision()}; note01 was rolled back"
+    ) in error
+    assert f"error: revision note01 cannot be rendered as SQL offline: {refusal}\n" in offline
+    assert versions_of(pg_database.dsn) == [head_revision()]
+    sequence = "select pg_get_serial_sequence('purchases', 'id') as name"
+    assert pg_fetch(pg_database.dsn, sequence)[0]["name"] == "public.purchases_id_seq"
+    only_sqlite = RECREATE.format(recreate=ON_SQLITE_ONLY)
+    project.add_revision("note", revision("note01", head_revision(), only_sqlite))
+
+    project.ok("migrate", "--env=ci")
+    project.ok("rollback")  # and on dev
+    project.ok("migrate")
+
+    top = pg_fetch(pg_database.dsn, "select max(id) from purchases")[0][0]
+    added = "insert into purchases (user_id, product_id, price, payment_id, note) "
+    added += "select user_id, product_id, price, 'new', 'x' from purchases limit 1 returning id"
+    assert pg_fetch(pg_database.dsn, added)[0]["id"] == top + 1

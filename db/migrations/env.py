@@ -26,7 +26,7 @@ from db.autogen import (
     include_name,
     register_plugin,
 )
-from db.batch_copies import unreflected_indexes_unsaid
+from db.batch_copies import refuse_postgresql_copies, unreflected_indexes_unsaid
 from db.connections import connect, connect_async, run_coroutine
 from db.engines import is_async, make_async_engine, make_engine
 from db.errors import BrokenModels, MigrationFailed
@@ -110,6 +110,7 @@ def options(checks: tuple[OnApply, ...] = (), last: tuple[OnApply, ...] = ()) ->
     audit_row = [run.progress.after_each] if run.progress is not None else []
     register_plugin()  # named in autogenerate_plugins
     generated_columns.register()  # SQLite's batch copies, and reflection, of sa.Computed
+    refuse_postgresql_copies()  # recreate="always" on PostgreSQL
     return {
         "target_metadata": target_metadata(),
         "version_table": VERSION_TABLE,
