@@ -14,6 +14,8 @@ from typing import TYPE_CHECKING, Any
 
 from alembic.runtime.migration import MigrationContext
 from sqlalchemy import Column, DefaultClause, Identity, MetaData
+from sqlalchemy.engine import make_url
+from sqlalchemy.exc import UnsupportedCompilationError
 from sqlalchemy.sql.elements import TextClause
 
 from db.errors import BrokenModels
@@ -43,7 +45,10 @@ def comparable(metadata: MetaData) -> MetaData:
     (``sa.Boolean(create_constraint=True)``), which CHECK constraints compared by name
     cannot follow: unnamed, the comparison ended in a traceback; named, it found a change
     on every run, as a revision names it apart from the naming convention, and PostgreSQL
-    makes none for a boolean."""
+    makes none for a boolean. Nor may a column's type be one that SQLite or PostgreSQL does
+    not have (PostgreSQL's ``ARRAY``, on SQLite): its draft was written without a word, and
+    failed on dev."""
+    dialects = [make_url(f"{name}://").get_dialect()() for name in ("sqlite", "postgresql+asyncpg")]
     for table in metadata.sorted_tables:
         for column in table.columns:
             if getattr(column.type, "create_constraint", False):
@@ -52,7 +57,37 @@ def comparable(metadata: MetaData) -> MetaData:
                     "constraint (create_constraint=True), which check cannot compare: leave it "
                     "out, and give the table a named sa.CheckConstraint if it needs one"
                 )
+            for dialect in dialects:
+                try:
+                    column.type.compile(dialect=dialect)
+                except UnsupportedCompilationError as exc:
+                    name, lacks, way = missing_type(exc)
+                    raise BrokenModels(
+                        f"db/models.py: {table.name}.{column.name} is of type {name}, which "
+                        f"{lacks} does not have, so a revision that makes it fails there: {way}"
+                    ) from exc
     return metadata
+
+
+def missing_type(exc: UnsupportedCompilationError) -> tuple[str, str, str]:
+    """The column type a dialect cannot make, that dialect's name, and the way out: a type
+    both have, with PostgreSQL's as its variant (a list is JSON on SQLite)."""
+    from sqlalchemy import ARRAY, JSON
+    from sqlalchemy.dialects.postgresql import HSTORE
+
+    element = exc.element_type
+    name = type(element).__name__
+    if exc.compiler.dialect.name != "sqlite":
+        return name, "PostgreSQL", "give the column a type that both have"
+    if name == "INTERVAL":
+        way = "give the column sa.Interval(), which is INTERVAL on PostgreSQL"
+    else:
+        both = "sa.JSON()" if isinstance(element, ARRAY | JSON | HSTORE) else "sa.Text()"
+        way = (
+            f"give the column a type SQLite has too, with {name} as PostgreSQL's variant: "
+            f'{both}.with_variant(postgresql.{name}(...), "postgresql")'
+        )
+    return name, "SQLite", way
 
 
 @functools.cache

@@ -3,6 +3,7 @@ which of the run's revisions it kept, and what to do."""
 
 from __future__ import annotations
 
+import re
 from errno import EHOSTUNREACH, ENETUNREACH, ETIMEDOUT
 from pathlib import Path
 from typing import TYPE_CHECKING
@@ -15,8 +16,11 @@ from sqlalchemy.exc import (
     ObjectNotExecutableError,
     PendingRollbackError,
     ResourceClosedError,
+    UnsupportedCompilationError,
 )
+from sqlalchemy.types import TypeEngine
 
+from db.autogen import missing_type
 from db.backups import repair
 from db.errors import (
     DbError,
@@ -192,7 +196,25 @@ def _hinted(exc: BaseException) -> str:
         return f"{cause} ({COLON})"
     if isinstance(exc, ObjectNotExecutableError) and isinstance(exc.target, str):
         return f"{cause} (SQLAlchemy 2 executes no plain string: wrap it in `sa.text(...)`)"
+    unmade = _unmade_type(exc)
+    if unmade is not None:  # SQLAlchemy's words name its compiler object, at its address
+        name, lacks, way = missing_type(unmade)
+        where = _IN_TABLE.match(str(exc))
+        column = f"column {where[1]}.{where[2]}" if where else "a column"
+        return f"{column} is of type {name}, which {lacks} does not have: {way} (in the models too)"
     return cause
+
+
+_IN_TABLE = re.compile(r"\(in table '([^']+)', column '([^']+)'\)")  # SQLAlchemy's CREATE TABLE
+
+
+def _unmade_type(exc: BaseException | None) -> UnsupportedCompilationError | None:
+    """The error of a column type that the dialect cannot make, under the one that says where."""
+    while exc is not None:
+        if isinstance(exc, UnsupportedCompilationError):
+            return exc if isinstance(exc.element_type, TypeEngine) else None
+        exc = exc.__cause__
+    return None
 
 
 def not_the_revision(exc: BaseException, run: Run) -> tuple[str, str] | None:

@@ -398,6 +398,33 @@ def test_a_check_constraint_a_columns_type_makes_is_refused_with_what_to_do(
     assert "check passed" in project.ok("check").stderr
 
 
+def test_a_column_type_sqlite_does_not_have_is_refused_with_the_variant_that_works(
+    project: Project,
+) -> None:
+    """A list column as PostgreSQL's ARRAY was drafted without a word, and the draft failed
+    on dev in SQLAlchemy's words (``Compiler <...SQLiteTypeCompiler object at 0x7f...>
+    can't render element of type ARRAY``). check and makemigration refuse it, naming the
+    variant that works on both; that one is drafted, migrated and matches."""
+    project.migrated()
+    stock_as(project, "ARRAY(sa.String(40))", "list[str]")
+
+    for task in (["check"], ["makemigration", "in stock"]):
+        result = project.invoke(*task)
+        assert (result.returncode, result.stderr.splitlines()[-1]) == (
+            2,
+            "error: db/models.py: products.stock is of type ARRAY, which SQLite does not "
+            "have, so a revision that makes it fails there: give the column a type SQLite "
+            "has too, with ARRAY as PostgreSQL's variant: sa.JSON().with_variant("
+            'postgresql.ARRAY(...), "postgresql")',
+        )
+    assert not list(project.versions.glob("*_in_stock.py"))
+
+    stock_as(project, 'JSON().with_variant(sa.ARRAY(sa.String(40)), "postgresql")', "list[str]")
+    project.ok("makemigration", "in stock")
+    project.ok("migrate")
+    assert "check passed" in project.ok("check").stderr
+
+
 def stocked(project: Project, kind: str, python: str) -> None:
     """Products get a stock column of ``kind``, drafted and migrated on dev."""
     stock_as(project, kind, python)

@@ -1183,3 +1183,39 @@ def test_a_plain_string_given_to_the_connection_gets_the_way_to_run_it(project: 
         "'x'\" (SQLAlchemy 2 executes no plain string: wrap it in `sa.text(...)`)\n" in error
     )
     assert version(project) == ["good01"]
+
+
+@pytest.mark.parametrize(
+    ("change", "said"),
+    [
+        (
+            'op.create_table("hosts", sa.Column("ip", postgresql.INET()))',
+            "column hosts.ip is of type INET, which SQLite does not have: give the column a "
+            "type SQLite has too, with INET as PostgreSQL's variant: sa.Text().with_variant("
+            'postgresql.INET(...), "postgresql")',
+        ),
+        (
+            'op.add_column("users", sa.Column("tags", postgresql.ARRAY(sa.Text())))',
+            "a column is of type ARRAY, which SQLite does not have: give the column a type "
+            "SQLite has too, with ARRAY as PostgreSQL's variant: sa.JSON().with_variant("
+            'postgresql.ARRAY(...), "postgresql")',
+        ),
+        (
+            'op.add_column("users", sa.Column("idle", postgresql.INTERVAL()))',
+            "a column is of type INTERVAL, which SQLite does not have: give the column "
+            "sa.Interval(), which is INTERVAL on PostgreSQL",
+        ),
+    ],
+)
+def test_a_column_type_sqlite_does_not_have_gets_the_variant_that_works(
+    project: Project, change: str, said: str
+) -> None:
+    """SQLAlchemy said only that its compiler (named by its address in memory) could not
+    render the type."""
+    project.migrated()
+    add_good_then_bad(project, f"from sqlalchemy.dialects import postgresql\n    {change}")
+
+    error = project.fails("migrate")
+
+    assert f"failed: {said} (in the models too)\n" in error
+    assert version(project) == ["good01"]
