@@ -343,9 +343,10 @@ def _columns(connection: Connection) -> set[str]:
     return set(connection.execute(select(text("*")).select_from(LOG).where(false())).keys())
 
 
-def entries(connection: Connection) -> list[Entry]:
-    """Every row, oldest first; none where the table does not exist yet."""
-    if not inspect(connection).has_table(LOG.name):
+def entries(connection: Connection, schema: str | None = None) -> list[Entry]:
+    """Every row, oldest first; none where the table does not exist yet in ``schema``
+    (``SCHEMA``: a shared schema after it on the search path may have another database's)."""
+    if not inspect(connection).has_table(LOG.name, schema=schema):
         return []
     columns = _ours(_columns(connection))
     code = LOG.c.code_checksum if "code_checksum" in columns else null()

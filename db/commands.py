@@ -217,7 +217,7 @@ def read_state(
     found: list[State] = []
 
     def read(current: tuple[str, ...], context: MigrationContext) -> list[RevisionStep]:
-        found.append(State(tuple(current), audit.entries(connection_of(context))))
+        found.append(State(tuple(current), audit.entries(connection_of(context), env.schema)))
         return []
 
     run_env(config, script, read, dont_mutate=True)
@@ -253,7 +253,7 @@ def _change(
         with refused_at(current):  # a refusal here leaves the database where it was
             guards.known_revisions(script, current, env)
             connection = connection_of(context)
-            log = audit.entries(connection)
+            log = audit.entries(connection, env.schema)
             renamed = guards.same_environment(log, env, options.allow_env_mismatch)
             guards.unchanged_files(log, script, env, options.note)
             guards.all_finished(log, env, connection)

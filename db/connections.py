@@ -10,7 +10,7 @@ import socket
 import sqlite3
 import ssl
 import time
-from collections.abc import AsyncIterator, Callable, Coroutine, Iterator
+from collections.abc import AsyncIterator, Callable, Coroutine, Iterator, Sequence
 from contextlib import asynccontextmanager, contextmanager, suppress
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, TypeVar
@@ -254,20 +254,20 @@ def with_connection(
     *,
     connect_timeout: float = CONNECT_TIMEOUT,
     wait: float = 0,
-    schema: str | None = None,
+    search_path: Sequence[str] = (),
     stopped: Callable[[], None] = lambda: None,
     network_timeout: float = NETWORK_TIMEOUT,
 ) -> T:
     """Run ``fn`` on a new connection to ``url``, through the sync or async driver it names;
     retry connecting for ``wait`` seconds, unless ``stopped`` raises (a signal: as for
-    :func:`connect_async`). ``schema``: as for :func:`make_async_engine`.
+    :func:`connect_async`). ``search_path``: as for :func:`make_async_engine`.
     What ``fn`` does (a read, mostly: status goes through ``DATABASE_URL`` where there is
     no ``MIGRATION_URL``) works through a pooler in transaction mode too."""
     if is_async(url):
         engine = make_async_engine(
             url,
             connect_timeout=connect_timeout,
-            schema=schema,
+            search_path=search_path,
             pooler=True,
             network_timeout=network_timeout,
         )
@@ -283,12 +283,13 @@ def with_connection(
 def with_database(
     env: Environment, fn: Callable[[Connection], T], stopped: Callable[[], None] = lambda: None
 ) -> T:
-    """:func:`with_connection` to ``env``'s database, in its ``SCHEMA``, with its timeouts."""
+    """:func:`with_connection` to ``env``'s database, in its ``SCHEMA`` alone (what it reads
+    is the tenant's, never a shared schema's), with its timeouts."""
     return with_connection(
         env.url(),
         fn,
         connect_timeout=env.connect_timeout,
-        schema=env.schema,
+        search_path=env.search_path[:1],
         stopped=stopped,
         network_timeout=env.network_timeout,
     )

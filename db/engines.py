@@ -5,7 +5,7 @@ from __future__ import annotations
 
 import asyncio
 import socket
-from collections.abc import Mapping
+from collections.abc import Mapping, Sequence
 from pathlib import Path
 from typing import TYPE_CHECKING, Any, TypeVar
 
@@ -59,7 +59,7 @@ def make_async_engine(
     connect_timeout: float = CONNECT_TIMEOUT,
     migrating: bool = False,
     pool: Mapping[str, float] | None = None,
-    schema: str | None = None,
+    search_path: Sequence[str] = (),
     pooler: bool = False,
     network_timeout: float = NETWORK_TIMEOUT,
 ) -> AsyncEngine:
@@ -70,10 +70,10 @@ def make_async_engine(
     SQLite the app's transactions begin ``IMMEDIATE``: two that read and then write at once
     would otherwise each wait for the other's read lock, and SQLite fails one at once
     (``database is locked``) where PostgreSQL runs both; now the second waits its turn.
-    ``schema`` (PostgreSQL) puts that schema alone on each connection's ``search_path``.
+    ``search_path`` (PostgreSQL: ``SCHEMA``, then ``SHARED_SCHEMAS``) is each connection's.
     ``pooler``: ``url`` may be a pooler in transaction mode (PgBouncer), which hands the
     server connection to another client between transactions. Then no prepared statement
-    is named (the next server connection lacks it), and ``schema`` is set in each
+    is named (the next server connection lacks it), and ``search_path`` is set in each
     transaction, never on the connection, which the next client would get with it.
     ``network_timeout``: see :func:`keepalive`.
     """
@@ -91,10 +91,10 @@ def make_async_engine(
     _sqlite_transactions(engine.sync_engine, foreign_keys=not migrating)
     if url.get_driver_name() == "asyncpg" and network_timeout > 0:
         _keepalive(engine.sync_engine, network_timeout)
-    if schema is not None and pooler:
-        _search_path_each_transaction(engine.sync_engine, schema)
-    elif schema is not None:
-        _search_path(engine.sync_engine, schema)
+    if search_path and pooler:
+        _search_path_each_transaction(engine.sync_engine, search_path)
+    elif search_path:
+        _search_path(engine.sync_engine, search_path)
     return engine
 
 
@@ -133,11 +133,12 @@ def _keepalive(engine: Engine, seconds: float) -> None:
                 sock.setsockopt(level, getattr(socket, name), value)
 
 
-def _search_path(engine: Engine, schema: str) -> None:
-    """Every connection works in ``schema``: unqualified names (the revisions' tables, the
-    audit trail) are created and found there. A plain ``SET``, so PgBouncer in session mode
-    keeps it (it refuses ``search_path`` as a startup parameter)."""
-    quoted = '"' + schema.replace('"', '""') + '"'
+def _search_path(engine: Engine, search_path: Sequence[str]) -> None:
+    """Every connection works in the first schema of ``search_path``: unqualified names (the
+    revisions' tables, the audit trail) are created there, and found there first. A plain
+    ``SET``, so PgBouncer in session mode keeps it (it refuses ``search_path`` as a startup
+    parameter)."""
+    quoted = _quoted(search_path)
 
     @event.listens_for(engine, "connect", insert=True)  # before the dialect reads its schema
     def _connect(dbapi_connection: Any, _record: Any) -> None:
@@ -147,12 +148,12 @@ def _search_path(engine: Engine, schema: str) -> None:
         dbapi_connection.commit()  # the driver began a transaction: a rollback would undo it
 
 
-def _search_path_each_transaction(engine: Engine, schema: str) -> None:
-    """Each transaction works in ``schema`` (``SET LOCAL``, gone at its end): behind a
+def _search_path_each_transaction(engine: Engine, search_path: Sequence[str]) -> None:
+    """Each transaction works in ``search_path`` (``SET LOCAL``, gone at its end): behind a
     pooler in transaction mode, a transaction is all that one server connection serves.
     So AUTOCOMMIT, with no transaction to set it in, is refused: it would run in whatever
     schema the server connection had."""
-    statement = 'SET LOCAL search_path TO "' + schema.replace('"', '""') + '"'
+    schema, statement = search_path[0], f"SET LOCAL search_path TO {_quoted(search_path)}"
 
     @event.listens_for(engine, "begin")
     def _begin(connection: Connection) -> None:
@@ -162,6 +163,10 @@ def _search_path_each_transaction(engine: Engine, schema: str) -> None:
                 "transaction mode the schema is set in each transaction; run it in one"
             )
         connection.exec_driver_sql(statement)
+
+
+def _quoted(search_path: Sequence[str]) -> str:
+    return ", ".join('"' + schema.replace('"', '""') + '"' for schema in search_path)
 
 
 def _options(

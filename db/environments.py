@@ -25,7 +25,8 @@ SECRET_KEYS = ("DATABASE_URL", "MIGRATION_URL", "DATABASE_PASSWORD")
 # every key the tasks and the app's sessions read from an env file (README, "Environments")
 SETTINGS = (
     *SECRET_KEYS,
-    *("CONNECT_TIMEOUT", "CONNECT_WAIT", "PROTECTED", "SCHEMA", "BACKUP", "BACKUP_KEEP"),
+    *("CONNECT_TIMEOUT", "CONNECT_WAIT", "PROTECTED", "SCHEMA", "SHARED_SCHEMAS"),
+    *("BACKUP", "BACKUP_KEEP"),
     *(
         "NETWORK_TIMEOUT",
         "LOCK_TIMEOUT",
@@ -88,6 +89,24 @@ class Environment:
             where = self.relative(self.sources.get("SCHEMA", self.root))
             raise ConfigError(f"{where}: SCHEMA {SCHEMA_RULE}, not {name!r}")
         return name
+
+    @property
+    def search_path(self) -> tuple[str, ...]:
+        """Each connection's search path on PostgreSQL: ``SCHEMA``, then ``SHARED_SCHEMAS``
+        (commas or whitespace), where what every tenant uses and none owns lives: an
+        extension's types, functions and operator classes. (): the server's own."""
+        shared = self.get("SHARED_SCHEMAS").replace(",", " ").split()
+        where = self.relative(self.sources.get("SHARED_SCHEMAS", self.root))
+        for name in shared:
+            if not SCHEMA_NAME.fullmatch(name):
+                raise ConfigError(f"{where}: each of SHARED_SCHEMAS {SCHEMA_RULE}, not {name!r}")
+        schema = self.schema
+        if shared and schema is None:  # the server's search path has public already
+            raise ConfigError(
+                f"{where}: SHARED_SCHEMAS goes after SCHEMA on the search path: set SCHEMA "
+                "(the schema the tables live in), or remove SHARED_SCHEMAS"
+            )
+        return (schema, *shared) if schema else ()
 
     def get(self, key: str, default: str = "") -> str:
         return self.values.get(key, default)
@@ -420,9 +439,10 @@ def _database_url(env: Environment, key: str) -> URL:
         raise ConfigError(f"{where}: SQLite has no passwords: remove DATABASE_PASSWORD")
     if "DATABASE_PASSWORD" in env.values and (key == "DATABASE_URL" or url.password is None):
         url = url.set(password=env.get("DATABASE_PASSWORD"))
-    if url.get_backend_name() == "sqlite" and env.get("SCHEMA").strip():
-        where = env.relative(env.sources["SCHEMA"])
-        raise ConfigError(f"{where}: SQLite has no schemas: remove SCHEMA, or use PostgreSQL")
+    for key in ("SCHEMA", "SHARED_SCHEMAS"):
+        if url.get_backend_name() == "sqlite" and env.get(key).strip():
+            where = env.relative(env.sources[key])
+            raise ConfigError(f"{where}: SQLite has no schemas: remove {key}, or use PostgreSQL")
     return _sqlite_path(env, url)
 
 

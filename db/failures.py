@@ -159,7 +159,23 @@ def _failure(
         )
     if isinstance(exc, DBAPIError) and _imports_models(step):  # a column the models have
         cause += f" ({_MODELS_HINT})"
+    elif _unseen(exc, run):
+        cause += f" ({_SHARED_HINT})"
     return MigrationFailed(f"{doing} failed: {cause}\n{text}; fix it and run the task again")
+
+
+# type, function or operator class does not exist (42704, 42883)
+_UNDEFINED = ("42704", "42883")
+_SHARED_HINT = (
+    "with SCHEMA, the search path holds that schema alone: if an extension installed in "
+    "another schema (public?) has it, name that schema in SHARED_SCHEMAS in the env file"
+)
+
+
+def _unseen(exc: BaseException, run: Run) -> bool:
+    """What an extension has may be missing only from the search path that SCHEMA made."""
+    state = getattr(cause_of(exc), "sqlstate", None)
+    return state in _UNDEFINED and run.schema is not None and not run.shared_schemas
 
 
 def _imports_models(step: RevisionStep) -> bool:

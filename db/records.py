@@ -131,7 +131,7 @@ def stamp(
         replaced.extend(rev for rev in current if not has_revision(script, rev))
         if not replaced:  # else the schema matched (or --force): the files' history wins
             guards.known_revisions(script, current, env)
-        log = audit.entries(connection)
+        log = audit.entries(connection, env.schema)
         guards.same_environment(log, env, options.allow_env_mismatch)
         guards.all_finished(log, env, connection)
         before = set() if replaced else applied_revisions(script, current)
@@ -246,7 +246,8 @@ def accept_changes(env: Environment, revision: str, options: RunOptions | None =
         found = by_id(script, revision, env.flags, "accept-changes")
         if found is None or found.revision not in applied_revisions(script, current):
             raise NotApplied(f"revision {revision} is not applied to the {env.label} database")
-        sums = audit.applied_checksums(audit.entries(connection)).get(found.revision, (None, None))
+        log = audit.entries(connection, env.schema)
+        sums = audit.applied_checksums(log).get(found.revision, (None, None))
         first = sums[0] is None
         changed = first or not audit.unchanged(found.path, *sums)
         if changed:
@@ -287,7 +288,8 @@ def resolve(
 
     def settle(script: ScriptDirectory, _current: tuple[str, ...], context: Context) -> Resolved:
         connection = connection_of(context)
-        found = [e for e in audit.unfinished(audit.entries(connection)) if e.revision == revision]
+        log = audit.entries(connection, env.schema)
+        found = [e for e in audit.unfinished(log) if e.revision == revision]
         if not found:
             raise RevisionError(
                 f"revision {revision} has no unfinished run on the {env.label} database: "

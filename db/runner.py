@@ -92,6 +92,7 @@ class Run:
     url: URL
     flags: str = ""  # --env=NAME (and --only=TARGET), for the commands messages suggest
     schema: str | None = None  # SCHEMA: where the tables, version table and audit trail live
+    shared_schemas: tuple[str, ...] = ()  # SHARED_SCHEMAS: on the search path after it
     env_file: str = ""  # where the URL came from, for messages
     connect_timeout: float = CONNECT_TIMEOUT
     network_timeout: float = NETWORK_TIMEOUT
@@ -106,6 +107,15 @@ class Run:
     stop: Stop = field(default_factory=Stop)
     before_lock: Callable[[tuple[str, ...], Connection], bool] | None = None  # see RunOptions
     progress: Progress | None = None  # set by run_env for runs that apply steps
+
+    @property
+    def search_path(self) -> tuple[str, ...]:
+        """Each connection's search path on PostgreSQL: () leaves the server's. A run that
+        compares with the models reads its schema alone: on the path, the shared schemas'
+        tables would read as the tenant's (and be drafted as dropped)."""
+        if not self.schema:
+            return ()
+        return (self.schema,) if self.models else (self.schema, *self.shared_schemas)
 
     @property
     def lock_name(self) -> str:
@@ -138,6 +148,7 @@ def make_config(
         url=url,
         flags=env.flags,
         schema=env.schema,
+        shared_schemas=env.search_path[1:],
         env_file=env_file,
         connect_timeout=env.connect_timeout,
         network_timeout=env.network_timeout,

@@ -31,7 +31,7 @@ def async_engine(env: Environment, target: str = "") -> AsyncEngine:
         url,
         connect_timeout=env.connect_timeout,
         pool=pool,
-        schema=env.schema,
+        search_path=env.search_path,
         pooler=pooler,
         network_timeout=env.network_timeout,
     )

@@ -36,7 +36,7 @@ def current_heads(
         read,
         connect_timeout=connect_timeout,
         wait=wait,
-        schema=schema,
+        search_path=(schema,) if schema else (),
         stopped=stopped,
         network_timeout=network_timeout,
     )

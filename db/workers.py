@@ -201,7 +201,8 @@ def _read(
     def read(connection: Connection) -> tuple[tuple[str, ...], list[audit.Entry]]:
         if bounded:
             lock_timeout_for_this_read(connection, session_settings(env))
-        return version_of(connection, env.schema), audit.entries(connection) if trail else []
+        log = audit.entries(connection, env.schema) if trail else []
+        return version_of(connection, env.schema), log
 
     current, log = with_database(env, read, stopped)
     found = _at(env, script, current, to)
@@ -248,7 +249,9 @@ def _migrate(env: Environment, args: TaskArgs) -> Outcome:
 
     def behind(current: tuple[str, ...], connection: Connection) -> bool:
         seen.append(_at(env, script, current, _wanted(args)))
-        return bool(seen[0].pending) or _guards_act(env, script, audit.entries(connection), args)
+        if seen[0].pending:  # the trail is read under the lock, then
+            return True
+        return _guards_act(env, script, audit.entries(connection, env.schema), args)
 
     steps = commands.migrate(env, to, replace(_options(args, env), before_lock=behind))
     before = seen[0]

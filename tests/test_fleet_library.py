@@ -261,6 +261,23 @@ def test_schema_per_target_and_what_a_fleet_must_name(project: Project) -> None:
         fleet.environment(sqlite, fleet.targets(sqlite)[0]).url()
 
 
+def test_shared_schemas_follow_a_targets_schema_on_the_search_path(project: Project) -> None:
+    url = "DATABASE_URL=postgresql+asyncpg://s@h/shops\n"
+    env = shops(project, f"{url}SCHEMA={{target}}\nTARGETS=a1\nSHARED_SCHEMAS=public, ext\n")
+    assert fleet.environment(env, fleet.targets(env)[0]).search_path == ("a1", "public", "ext")
+    assert shops(project, url).search_path == ()  # the server's own
+
+    alone = shops(project, f"{url}SHARED_SCHEMAS=public\n")
+    with pytest.raises(ConfigError, match="SHARED_SCHEMAS goes after SCHEMA on the search path"):
+        _ = alone.search_path  # the server's path has public already
+    odd = shops(project, f"{url}SCHEMA=a\nSHARED_SCHEMAS=public ext-1\n")
+    with pytest.raises(ConfigError, match=r"each of SHARED_SCHEMAS must start .*'ext-1'"):
+        _ = odd.search_path
+    sqlite = shops(project, "DATABASE_URL=sqlite:///var/x.db\nSHARED_SCHEMAS=public\n")
+    with pytest.raises(ConfigError, match="SQLite has no schemas: remove SHARED_SCHEMAS"):
+        sqlite.url()
+
+
 def test_what_is_said_of_a_target_is_written_as_of_the_fleet(project: Project) -> None:
     """How a protected fleet's plan says once what it says of many targets alike: the
     target's name whole, never the start of another's."""

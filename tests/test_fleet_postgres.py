@@ -726,3 +726,57 @@ def test_fleet_status_names_a_target_whose_run_never_finished(
             assert "tenants: 3 targets: 2 up to date, 1 failed" in migrated.stderr
     plan = "1 target(s): a non-transactional run never finished: refused until resolved  [beta]"
     assert plan in migrated.stderr
+
+
+# A column of the type an extension has (citext: text compared whatever its case)
+CITEXT_EMAIL = (
+    "from sqlalchemy.dialects import postgresql\n"
+    '    op.add_column("users", sa.Column("email", postgresql.CITEXT()))'
+)
+SHARED_HINT = (
+    "(with SCHEMA, the search path holds that schema alone: if an extension installed in "
+    "another schema (public?) has it, name that schema in SHARED_SCHEMAS in the env file)"
+)
+
+
+def test_an_extension_in_a_shared_schema_serves_every_tenant_whose_tables_stay_its_own(
+    tenants: Project, pg_database: PgDatabase
+) -> None:
+    """Each tenant's search path is its schema alone, so a type that an extension installed
+    in public has was not found, in every tenant (and creating the extension in a revision
+    puts it in the first tenant's schema, where no other sees it). SHARED_SCHEMAS puts
+    public after the tenant's schema; what public holds besides is not the tenant's: the
+    platform's own tables are drafted as nothing, and its audit trail (another
+    environment's) stops no new tenant."""
+    dsn = pg_database.dsn
+    pg_execute(dsn, "create extension citext")
+    tenants.write_env("platform", f"DATABASE_URL={pg_database.url}\n")
+    tenants.ok("migrate", "--env=platform")  # public: the platform's tables and trail
+    pg_execute(dsn, "create table public.shops (id int primary key)")
+    tenants.add_revision("email", revision("email1", HEAD, CITEXT_EMAIL))
+
+    error = tenants.fails("migrate", "--env=tenants", "--only=alpha")
+
+    assert f'failed: ProgrammingError: type "citext" does not exist {SHARED_HINT}' in error
+    assert schema_versions(dsn, "alpha") == [HEAD]
+    tenants.extend_env("tenants", "SHARED_SCHEMAS=public\n")
+
+    tenants.ok("migrate", "--env=tenants")
+
+    for shop in SHOPS:
+        assert schema_versions(dsn, shop) == ["email1"]
+        typed = "select udt_schema, udt_name from information_schema.columns where "
+        typed += f"table_schema = '{shop}' and table_name = 'users' and column_name = 'email'"
+        assert [tuple(row) for row in pg_fetch(dsn, typed)] == [("public", "citext")]
+        trail = pg_fetch(dsn, f"select distinct environment from {shop}.migration_log")
+        assert [row["environment"] for row in trail] == ["tenants"]
+    sql = tenants.ok("offline-sql", "--env=tenants", "--only=beta").stdout
+    assert 'SET search_path TO "beta", "public";' in sql
+    models = tenants.root / "db" / "models.py"
+    first_name = "    first_name: Mapped[str | None] = mapped_column(String(128))\n"
+    citext = 'Text().with_variant(CITEXT(), "postgresql")'
+    email = f"    email: Mapped[str | None] = mapped_column({citext})\n"
+    text = models.read_text().replace(first_name, first_name + email)
+    imported = "from sqlalchemy.dialects.postgresql import CITEXT\nfrom decimal import"
+    models.write_text(text.replace("from decimal import", imported))
+    assert tenants.ok("check", "--env=tenants").stderr.count("check passed") == 3

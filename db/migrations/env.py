@@ -141,7 +141,8 @@ def run_migrations_offline() -> None:
                 f"DO $$BEGIN IF NOT EXISTS (SELECT FROM pg_namespace WHERE nspname = "
                 f"'{run.schema}') THEN CREATE SCHEMA \"{run.schema}\"; END IF; END$$"
             )
-            context.execute(f'SET search_path TO "{run.schema}"')
+            path = ", ".join(f'"{schema}"' for schema in run.search_path)
+            context.execute(f"SET search_path TO {path}")
     with context.begin_transaction():
         context.run_migrations()
 
@@ -302,7 +303,7 @@ def run_migrations_online() -> None:
             run.url,
             connect_timeout=run.connect_timeout,
             migrating=True,
-            schema=run.schema,
+            search_path=run.search_path,
             network_timeout=run.network_timeout,
         )
         run_coroutine(run_async_migrations(engine, owned=True))
