@@ -35,6 +35,7 @@ from db.errors import (
     DbError,
     GuardRefused,
     Interrupted,
+    MigrationFailed,
     NotApplied,
     RevisionError,
 )
@@ -180,6 +181,15 @@ def scratch_schema(
         scratch = replace(env, values=values, sources=sources, missing={})
         try:
             migrate(scratch, revision, RunOptions(backup=False, stop=stop or Stop()))
+        except MigrationFailed as exc:  # its "the database is at" is the scratch database's
+            failed = str(exc).splitlines()[0]
+            raise MigrationFailed(
+                f"stamp builds what {revision} produces in a scratch database, to compare, and "
+                f"the revisions failed there: {failed}\nnothing was recorded; the {env.label} "
+                "database is as it was. A revision that needs what a new database lacks (an "
+                "extension: CREATE EXTENSION IF NOT EXISTS ...) must make it, as each new "
+                "database needs; or pass --force to record it without comparing"
+            ) from exc
         except ConnectError as exc:  # made a moment ago: what stands between does not know it
             raise ConnectError(
                 f"{exc}; stamp had just made that scratch database to compare with: a pooler "

@@ -249,6 +249,42 @@ def test_stamp_on_postgres_compares_with_a_scratch_database(
     assert pg_fetch(pg_server, scratch_of(pg_database)) == []
 
 
+# A column of the type an extension has, which a DBA installed (not a revision)
+CITEXT_EMAIL = (
+    "from sqlalchemy.dialects import postgresql\n"
+    '    op.add_column("users", sa.Column("email", postgresql.CITEXT()))'
+)
+
+
+@pytest.mark.postgres
+def test_a_stamp_whose_scratch_migration_fails_says_where_the_database_really_is(
+    project: Project, pg_database: PgDatabase, pg_server: str
+) -> None:
+    """The scratch database has none of the database's extensions; its migration's failure
+    was told as the database's own ("the database is at f3af...; email1 was rolled back")
+    while the database stood at email1, untouched."""
+    pg_execute(pg_database.dsn, "create extension citext")
+    project.add_revision("email", revision("email1", HEAD, CITEXT_EMAIL))
+    project.write_env("ci", f"DATABASE_URL={pg_database.url}\n")
+    project.ok("migrate", "--env=ci")
+
+    error = project.fails("stamp", "email1", "--env=ci")
+
+    assert error.endswith(
+        "error: stamp builds what email1 produces in a scratch database, to compare, and the "
+        "revisions failed there: upgrade of revision email1 (hand written) failed: "
+        'ProgrammingError: type "citext" does not exist\n'
+        "nothing was recorded; the ci database is as it was. A revision that needs what a new "
+        "database lacks (an extension: CREATE EXTENSION IF NOT EXISTS ...) must make it, as "
+        "each new database needs; or pass --force to record it without comparing\n"
+    )
+    assert versions_of(pg_database.dsn) == ["email1"]
+    assert pg_fetch(pg_server, scratch_of(pg_database)) == []
+    made = f'op.execute("CREATE EXTENSION IF NOT EXISTS citext")\n    {CITEXT_EMAIL}'
+    project.add_revision("email", revision("email1", HEAD, made))
+    project.ok("stamp", "email1", "--env=ci")
+
+
 @pytest.mark.postgres
 @pytest.mark.parametrize("debug", [False, True], ids=["plain", "debug"])
 def test_a_signal_while_stamp_compares_records_nothing_and_says_so(
