@@ -8,6 +8,7 @@ from errno import EHOSTUNREACH, ENETUNREACH, ETIMEDOUT
 from pathlib import Path
 from typing import TYPE_CHECKING
 
+from alembic.ddl.base import ColumnComment
 from alembic.runtime.migration import RevisionStep
 from alembic.script import ScriptDirectory
 from sqlalchemy.exc import (
@@ -212,25 +213,56 @@ def _hinted(exc: BaseException) -> str:
         return f"{cause} ({COLON})"
     if isinstance(exc, ObjectNotExecutableError) and isinstance(exc.target, str):
         return f"{cause} (SQLAlchemy 2 executes no plain string: wrap it in `sa.text(...)`)"
-    unmade = _unmade_type(exc)
-    if unmade is not None:  # SQLAlchemy's words name its compiler object, at its address
-        name, lacks, way = missing_type(unmade)
+    in_place = _in_place(str(getattr(exc, "statement", None) or ""))
+    if "syntax error" in cause and in_place is not None:
+        return f"{cause} ({in_place})"
+    unmade = _unmade(exc)
+    if unmade is not None and unmade.element_type is ColumnComment:  # op.alter_column's
+        return _batched("keep a comment", "alter_column(..., comment=...)")
+    if unmade is not None and isinstance(unmade.element_type, TypeEngine):
+        name, lacks, way = missing_type(unmade)  # SQLAlchemy's words name its compiler
         where = _IN_TABLE.match(str(exc))
         column = f"column {where[1]}.{where[2]}" if where else "a column"
         return f"{column} is of type {name}, which {lacks} does not have: {way} (in the models too)"
     return cause
 
 
+# what Alembic's operations outside a batch block ask of SQLite, which it cannot do
+_ALTER_COLUMN = re.compile(r"\s*ALTER TABLE (\S+) ALTER COLUMN", re.IGNORECASE)
+_COMMENT = re.compile(r"\s*COMMENT ON (TABLE|COLUMN) ([^\s.]+)", re.IGNORECASE)
+
+
+def _in_place(statement: str) -> str | None:
+    """Why SQLite refused an operation written outside a batch block, and the batch form."""
+    altered, commented = _ALTER_COLUMN.match(statement), _COMMENT.match(statement)
+    if altered is not None:
+        return _batched("alter a column in place", "alter_column(...)", altered[1])
+    if commented is not None and commented[1].upper() == "COLUMN":
+        return _batched("keep a comment", "alter_column(..., comment=...)", commented[2])
+    if commented is not None:
+        return _batched("keep a comment", "create_table_comment(...)", commented[2])
+    return None
+
+
+def _batched(cannot: str, call: str, table: str = "...") -> str:
+    named = table if table == "..." else f'"{table.strip(QUOTE)}"'
+    return (
+        f"SQLite cannot {cannot}: write it in a batch block, as drafts are (on SQLite it "
+        f"copies the table): with op.batch_alter_table({named}) as batch_op: batch_op.{call}"
+    )
+
+
+QUOTE = '"'
+
+
 _IN_TABLE = re.compile(r"\(in table '([^']+)', column '([^']+)'\)")  # SQLAlchemy's CREATE TABLE
 
 
-def _unmade_type(exc: BaseException | None) -> UnsupportedCompilationError | None:
-    """The error of a column type that the dialect cannot make, under the one that says where."""
-    while exc is not None:
-        if isinstance(exc, UnsupportedCompilationError):
-            return exc if isinstance(exc.element_type, TypeEngine) else None
+def _unmade(exc: BaseException | None) -> UnsupportedCompilationError | None:
+    """What the dialect cannot write (a column type, a comment), under what says where."""
+    while exc is not None and not isinstance(exc, UnsupportedCompilationError):
         exc = exc.__cause__
-    return None
+    return exc
 
 
 def not_the_revision(exc: BaseException, run: Run) -> tuple[str, str] | None:

@@ -1219,3 +1219,48 @@ def test_a_column_type_sqlite_does_not_have_gets_the_variant_that_works(
 
     assert f"failed: {said} (in the models too)\n" in error
     assert version(project) == ["good01"]
+
+
+BATCHED = "write it in a batch block, as drafts are (on SQLite it copies the table): with "
+
+
+@pytest.mark.parametrize(
+    ("change", "said"),
+    [
+        (
+            'op.alter_column("users", "username", nullable=False)',
+            'OperationalError: near "ALTER": syntax error (SQLite cannot alter a column in '
+            f'place: {BATCHED}op.batch_alter_table("users") as batch_op: '
+            "batch_op.alter_column(...))",
+        ),
+        (
+            'op.alter_column("users", "username", type_=sa.String(100))',
+            'OperationalError: near "ALTER": syntax error (SQLite cannot alter a column in '
+            f'place: {BATCHED}op.batch_alter_table("users") as batch_op: '
+            "batch_op.alter_column(...))",
+        ),
+        (
+            'op.create_table_comment("users", "who buys")',
+            'OperationalError: near "COMMENT": syntax error (SQLite cannot keep a comment: '
+            f'{BATCHED}op.batch_alter_table("users") as batch_op: '
+            "batch_op.create_table_comment(...))",
+        ),
+        (
+            'op.alter_column("users", "username", comment="their @name")',
+            f"SQLite cannot keep a comment: {BATCHED}op.batch_alter_table(...) as batch_op: "
+            "batch_op.alter_column(..., comment=...)",
+        ),
+    ],
+)
+def test_an_alteration_written_outside_a_batch_block_gets_the_batch_form(
+    project: Project, change: str, said: str
+) -> None:
+    """A revision written by hand, as on PostgreSQL, failed on dev with SQLite's "near
+    ALTER: syntax error", or with SQLAlchemy's words about its compiler's address."""
+    project.migrated()
+    add_good_then_bad(project, change)
+
+    error = project.fails("migrate")
+
+    assert f"failed: {said}\n" in error
+    assert version(project) == ["good01"]
