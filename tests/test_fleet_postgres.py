@@ -35,7 +35,11 @@ from conftest import (
     sqlite_catalog,
     wait_until,
 )
+from sqlalchemy import text
 from sqlalchemy.engine import make_url
+
+from db.environments import load_environment
+from db.session import session_factory
 
 HEAD = head_revision()
 SHOPS = ("alpha", "beta", "gamma")
@@ -780,3 +784,27 @@ def test_an_extension_in_a_shared_schema_serves_every_tenant_whose_tables_stay_i
     imported = "from sqlalchemy.dialects.postgresql import CITEXT\nfrom decimal import"
     models.write_text(text.replace("from decimal import", imported))
     assert tenants.ok("check", "--env=tenants").stderr.count("check passed") == 3
+
+
+@pytest.mark.parametrize("pooler", [False, True], ids=["direct", "pooler"])
+def test_the_apps_sessions_have_the_shared_schemas_after_the_shops(
+    project: Project, pg_database: PgDatabase, pooler: bool
+) -> None:
+    """The app's engine, set on connecting or (behind a pooler in transaction mode, where
+    MIGRATION_URL is set) in each transaction."""
+    migration = f"MIGRATION_URL={pg_database.url}\n" if pooler else ""
+    project.write_env(
+        "tenants",
+        f"DATABASE_URL={pg_database.url}\n{migration}SCHEMA={{target}}\nTARGETS=alpha\n"
+        "SHARED_SCHEMAS=public\n",
+    )
+    env = load_environment(project.root, "tenants", {})
+
+    async def search_path() -> str | None:
+        sessions = session_factory(env, "alpha")
+        async with sessions() as session, session.begin():
+            found = await session.scalar(text("show search_path"))
+        await sessions.kw["bind"].dispose()
+        return found
+
+    assert asyncio.run(search_path()) == "alpha, public"
