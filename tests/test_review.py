@@ -425,6 +425,34 @@ def test_a_column_type_sqlite_does_not_have_is_refused_with_the_variant_that_wor
     assert "check passed" in project.ok("check").stderr
 
 
+VISITS = """
+
+class Visit(Base):
+    __tablename__ = "visits"
+    __table_args__ = {"schema": "analytics"}
+
+    id: Mapped[int] = mapped_column(primary_key=True)
+"""
+
+
+def test_a_table_that_names_its_schema_is_refused(project: Project) -> None:
+    """Its draft failed on dev (``unknown database analytics``), and on PostgreSQL, where
+    check reads the environment's schema alone, check drafted it again on every run."""
+    project.migrated()
+    models_with(project, VISITS)
+
+    for task in (["check"], ["makemigration", "visits"]):
+        result = project.invoke(*task)
+        assert (result.returncode, result.stderr.splitlines()[-1]) == (
+            2,
+            "error: db/models.py: table visits names its schema (analytics), which SQLite has "
+            "not, and which check would never find on PostgreSQL (it compares the "
+            "environment's schema): leave it out, and SCHEMA in the env file places every "
+            "table",
+        )
+    assert not list(project.versions.glob("*_visits.py"))
+
+
 def stocked(project: Project, kind: str, python: str) -> None:
     """Products get a stock column of ``kind``, drafted and migrated on dev."""
     stock_as(project, kind, python)
