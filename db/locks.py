@@ -13,11 +13,17 @@ refused before anything runs: session settings and session locks do not survive 
 
 SQLite: the whole run is one ``BEGIN IMMEDIATE`` transaction, with a savepoint per revision,
 so a second run waits (busy timeout) and then finds the work done.
+
+Tenants of one database migrate at once, each under its own lock; what they share, the
+database's extensions, is made one revision at a time: ``CREATE EXTENSION IF NOT EXISTS``
+in two tenants' revisions at once failed all but one (a duplicate key in
+``pg_extension``), since neither saw the other's before it committed.
 """
 
 from __future__ import annotations
 
 import asyncio
+import re
 import sqlite3
 import threading
 import time
@@ -34,6 +40,7 @@ from sqlalchemy import (
     TextClause,
     and_,
     column,
+    event,
     func,
     select,
     text,
@@ -95,6 +102,33 @@ class Fence:
                 "moved its session, or a revision released the lock), so it stopped before "
                 "committing"
             )
+
+
+_CREATE_EXTENSION = re.compile(r"\s*CREATE\s+EXTENSION\b", re.IGNORECASE)
+# a key no version table has: the database's extensions, made by one revision at a time
+_EXTENSIONS = (
+    f"select pg_advisory_xact_lock({NAMESPACE}, hashtext(current_database() || ' extensions'))"
+)
+
+
+@contextmanager
+def extensions_in_turn(connection: Connection) -> Iterator[None]:
+    """While the run lasts, a revision that creates an extension on PostgreSQL first waits
+    for any other's that did (a tenant's of the same database) to commit, so its ``IF NOT
+    EXISTS`` sees that one; the lock ends with the revision's transaction."""
+    if connection.dialect.name != "postgresql":
+        yield
+        return
+
+    def in_turn(_conn: Connection, cursor: Any, statement: str, *_rest: Any) -> None:
+        if _CREATE_EXTENSION.match(statement):
+            cursor.execute(_EXTENSIONS)
+
+    event.listen(connection, "before_cursor_execute", in_turn)
+    try:
+        yield
+    finally:
+        event.remove(connection, "before_cursor_execute", in_turn)
 
 
 def lock_timeout_for_this_read(connection: Connection, settings: Mapping[str, str]) -> None:

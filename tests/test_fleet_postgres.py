@@ -786,6 +786,32 @@ def test_an_extension_in_a_shared_schema_serves_every_tenant_whose_tables_stay_i
     assert tenants.ok("check", "--env=tenants").stderr.count("check passed") == 3
 
 
+# A revision that makes the extension it needs, where all tenants share it, and takes a
+# moment after: the others' run meanwhile
+TRIGRAMS = (
+    'op.execute("CREATE EXTENSION IF NOT EXISTS pg_trgm SCHEMA public")\n'
+    '    op.execute("SELECT pg_sleep(1)")'
+)
+
+
+def test_tenants_that_make_one_extension_at_once_make_it_in_turn(
+    tenants: Project, pg_database: PgDatabase
+) -> None:
+    """Each tenant's revision ran CREATE EXTENSION IF NOT EXISTS at once: none saw another's
+    before it committed, so all but one failed on a duplicate key in pg_extension."""
+    tenants.extend_env("tenants", "SHARED_SCHEMAS=public\n")
+    tenants.add_revision("trigrams", revision("trgm01", HEAD, TRIGRAMS))
+
+    result = tenants.ok("migrate", "--env=tenants", f"--jobs={len(SHOPS)}")
+
+    assert f"{len(SHOPS)} migrated" in result.stderr
+    for shop in SHOPS:
+        assert schema_versions(pg_database.dsn, shop) == ["trgm01"]
+    made = "select n.nspname from pg_extension e join pg_namespace n on n.oid = e.extnamespace "
+    made += "where e.extname = 'pg_trgm'"
+    assert [row["nspname"] for row in pg_fetch(pg_database.dsn, made)] == ["public"]
+
+
 @pytest.mark.parametrize("pooler", [False, True], ids=["direct", "pooler"])
 def test_the_apps_sessions_have_the_shared_schemas_after_the_shops(
     project: Project, pg_database: PgDatabase, pooler: bool

@@ -34,6 +34,7 @@ from db.failures import describe
 from db.locks import (
     Fence,
     canceller,
+    extensions_in_turn,
     lock_timeout_for_this_read,
     pg_lock,
     prepare_session,
@@ -158,7 +159,7 @@ def do_run_migrations(connection: Connection, fence: Fence | None = None) -> Non
     context.configure(connection=connection, **options(checks))
     guard_blocks(fence)
     with context.begin_transaction(), own_transactions_refused(connection):
-        with inserts_noted(connection):
+        with inserts_noted(connection), extensions_in_turn(connection):
             context.run_migrations()
 
 
