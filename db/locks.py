@@ -49,7 +49,7 @@ from sqlalchemy.engine import URL
 from sqlalchemy.exc import DBAPIError, OperationalError
 
 from db.connections import with_connection
-from db.errors import ConfigError, Halted, LockLost, LockTimeout, first_line
+from db.errors import ConfigError, Halted, LockLost, LockTimeout, MigrationFailed, first_line
 
 if TYPE_CHECKING:
     from sqlalchemy.ext.asyncio import AsyncConnection, AsyncEngine
@@ -105,6 +105,7 @@ class Fence:
 
 
 _CREATE_EXTENSION = re.compile(r"\s*CREATE\s+EXTENSION\b", re.IGNORECASE)
+_SCHEMA_NAMED = re.compile(r"\bSCHEMA\b", re.IGNORECASE)
 # a key no version table has: the database's extensions, made by one revision at a time
 _EXTENSIONS = (
     f"select pg_advisory_xact_lock({NAMESPACE}, hashtext(current_database() || ' extensions'))"
@@ -112,16 +113,27 @@ _EXTENSIONS = (
 
 
 @contextmanager
-def extensions_in_turn(connection: Connection) -> Iterator[None]:
+def extensions_in_turn(connection: Connection, tenant: str | None = None) -> Iterator[None]:
     """While the run lasts, a revision that creates an extension on PostgreSQL first waits
     for any other's that did (a tenant's of the same database) to commit, so its ``IF NOT
-    EXISTS`` sees that one; the lock ends with the revision's transaction."""
+    EXISTS`` sees that one; the lock ends with the revision's transaction. In the schema of
+    a ``tenant`` that shares others (SHARED_SCHEMAS), one that names no schema is refused:
+    it would go into that tenant's schema, where no other tenant sees it (a database has
+    each extension once)."""
     if connection.dialect.name != "postgresql":
         yield
         return
 
     def in_turn(_conn: Connection, cursor: Any, statement: str, *_rest: Any) -> None:
-        if _CREATE_EXTENSION.match(statement):
+        made = _CREATE_EXTENSION.match(statement)
+        if made and tenant is not None and not _SCHEMA_NAMED.search(statement):
+            raise MigrationFailed(
+                f"{' '.join(statement.split())} would make the extension in schema {tenant}, "
+                "this tenant's, where no other tenant sees it (a database has each extension "
+                "once): name a schema of SHARED_SCHEMAS, CREATE EXTENSION IF NOT EXISTS ... "
+                "SCHEMA public"
+            )
+        if made:
             cursor.execute(_EXTENSIONS)
 
     event.listen(connection, "before_cursor_execute", in_turn)

@@ -798,8 +798,23 @@ def test_tenants_that_make_one_extension_at_once_make_it_in_turn(
     tenants: Project, pg_database: PgDatabase
 ) -> None:
     """Each tenant's revision ran CREATE EXTENSION IF NOT EXISTS at once: none saw another's
-    before it committed, so all but one failed on a duplicate key in pg_extension."""
+    before it committed, so all but one failed on a duplicate key in pg_extension. One that
+    names no schema would make it in the first tenant's alone: refused, before it runs."""
     tenants.extend_env("tenants", "SHARED_SCHEMAS=public\n")
+    unshared = TRIGRAMS.replace(" SCHEMA public", "")
+    tenants.add_revision("trigrams", revision("trgm01", HEAD, unshared))
+
+    refused = tenants.invoke("migrate", "--env=tenants", "--only=alpha")
+
+    assert refused.returncode == 6
+    assert (
+        "upgrade of revision trgm01 (hand written) failed: CREATE EXTENSION IF NOT EXISTS "
+        "pg_trgm would make the extension in schema alpha, this tenant's, where no other "
+        "tenant sees it (a database has each extension once): name a schema of "
+        "SHARED_SCHEMAS, CREATE EXTENSION IF NOT EXISTS ... SCHEMA public; the database is "
+        f"at {HEAD}"
+    ) in refused.stderr
+    assert not pg_fetch(pg_database.dsn, "select 1 from pg_extension where extname = 'pg_trgm'")
     tenants.add_revision("trigrams", revision("trgm01", HEAD, TRIGRAMS))
 
     result = tenants.ok("migrate", "--env=tenants", f"--jobs={len(SHOPS)}")

@@ -159,7 +159,8 @@ def do_run_migrations(connection: Connection, fence: Fence | None = None) -> Non
     context.configure(connection=connection, **options(checks))
     guard_blocks(fence)
     with context.begin_transaction(), own_transactions_refused(connection):
-        with inserts_noted(connection), extensions_in_turn(connection):
+        tenant = run.schema if run.shared_schemas else None
+        with inserts_noted(connection), extensions_in_turn(connection, tenant):
             context.run_migrations()
 
 
